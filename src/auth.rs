@@ -1,0 +1,380 @@
+//! Capability tokens (biscuit): the node's root key, minting, and verification.
+//!
+//! A token's authority block carries `sub(DID)`, one `scope(S)` per scope, `exp(DATE)` and a
+//! check that the request time is before it. Holders may attenuate a token by appending blocks
+//! with checks over the request facts the verifier supplies: `time`, `operation("read"|"write")`
+//! and `doc_type(TYPE)`. Subject and scopes are read from the authority block only, so an appended
+//! block can narrow a token but never widen it.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use biscuit_auth::builder::{Fact, date, fact, string};
+use biscuit_auth::builder_ext::AuthorizerExt;
+use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, error as berror};
+
+use crate::acl::is_did;
+
+/// Where the root key lives, relative to the data dir.
+const ROOT_KEY_FILE: &str = "keys/root.key";
+
+/// Datalog budget per verification; generous enough for debug builds (biscuit's 1 ms default is not).
+const LIMITS: AuthorizerLimits = AuthorizerLimits {
+    max_facts: 1000,
+    max_iterations: 100,
+    max_time: Duration::from_millis(50),
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read or create the root key at {path}: {source}")]
+    KeyFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the root key file {0} is not a valid key")]
+    BadKeyFile(String),
+    #[error("invalid scope {0:?}: expected `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`")]
+    BadScope(String),
+    #[error("invalid subject {0:?}: expected a DID (did:<method>:<id>)")]
+    BadSubject(String),
+    #[error("token could not be built: {0}")]
+    Mint(berror::Token),
+    /// The token is malformed, not signed by this node's key, or fails its own checks.
+    #[error("invalid token")]
+    Invalid,
+    #[error("token expired")]
+    Expired,
+}
+
+/// What a token lets its holder do.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    All,
+    Read(TypeSelector),
+    Write(TypeSelector),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TypeSelector {
+    Any,
+    Type(String),
+}
+
+/// The access a request needs, also given to the token's own checks as request facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+impl Access {
+    fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = AuthError;
+    fn from_str(s: &str) -> Result<Self, AuthError> {
+        if s == "*" {
+            return Ok(Scope::All);
+        }
+        let bad = || AuthError::BadScope(s.to_owned());
+        let (access, target) = s.split_once(':').ok_or_else(bad)?;
+        let selector = match target {
+            "*" => TypeSelector::Any,
+            t if crate::doc_type::is_valid(t) => TypeSelector::Type(t.to_owned()),
+            _ => return Err(bad()),
+        };
+        match access {
+            "read" => Ok(Scope::Read(selector)),
+            "write" => Ok(Scope::Write(selector)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (access, selector) = match self {
+            Scope::All => return f.write_str("*"),
+            Scope::Read(s) => ("read", s),
+            Scope::Write(s) => ("write", s),
+        };
+        match selector {
+            TypeSelector::Any => write!(f, "{access}:*"),
+            TypeSelector::Type(t) => write!(f, "{access}:{t}"),
+        }
+    }
+}
+
+/// A verified token's contents.
+#[derive(Debug, Clone)]
+pub struct Claims {
+    pub subject: String,
+    pub scopes: Vec<Scope>,
+    pub expires_at: SystemTime,
+}
+
+impl Claims {
+    /// Does any scope grant `access` to documents of `doc_type`?
+    pub fn permits(&self, access: Access, doc_type: &str) -> bool {
+        self.scopes.iter().any(|scope| {
+            let selector = match (scope, access) {
+                (Scope::All, _) => return true,
+                (Scope::Read(s), Access::Read) | (Scope::Write(s), Access::Write) => s,
+                _ => return false,
+            };
+            match selector {
+                TypeSelector::Any => true,
+                TypeSelector::Type(t) => t == doc_type,
+            }
+        })
+    }
+}
+
+/// The node's token root key: mints and verifies tokens.
+pub struct TokenAuthority {
+    keypair: KeyPair,
+}
+
+impl fmt::Debug for TokenAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the private key.
+        f.debug_struct("TokenAuthority")
+            .field("public_key", &self.keypair.public().to_bytes_hex())
+            .finish()
+    }
+}
+
+impl TokenAuthority {
+    /// Loads `<data_dir>/keys/root.key`, creating it (mode 0600, folder 0700) on first run.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, AuthError> {
+        let path = data_dir.join(ROOT_KEY_FILE);
+        let io_err = |source| AuthError::KeyFile {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let private = text
+                    .trim()
+                    .parse::<PrivateKey>()
+                    .map_err(|_| AuthError::BadKeyFile(path.display().to_string()))?;
+                Ok(Self {
+                    keypair: KeyPair::from(&private),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let keypair = KeyPair::new();
+                write_secret(&path, keypair.private().to_prefixed_string().as_bytes())
+                    .map_err(io_err)?;
+                tracing::info!(path = %path.display(), "created token root key");
+                Ok(Self { keypair })
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// Mints a token for `subject` with `scopes`, valid for `ttl` from now.
+    pub fn mint(&self, subject: &str, scopes: &[Scope], ttl: Duration) -> Result<String, AuthError> {
+        if !is_did(subject) {
+            return Err(AuthError::BadSubject(subject.to_owned()));
+        }
+        let expires_at = SystemTime::now() + ttl;
+        let mut builder = Biscuit::builder()
+            .fact(fact("sub", &[string(subject)]))
+            .and_then(|b| b.fact(fact("exp", &[date(&expires_at)])))
+            .and_then(|b| {
+                b.code_with_params(
+                    "check if time($t), $t <= {exp}",
+                    std::collections::HashMap::from([("exp".to_owned(), date(&expires_at))]),
+                    Default::default(),
+                )
+            })
+            .map_err(AuthError::Mint)?;
+        for scope in scopes {
+            builder = builder
+                .fact(fact("scope", &[string(&scope.to_string())]))
+                .map_err(AuthError::Mint)?;
+        }
+        let token = builder.build(&self.keypair).map_err(AuthError::Mint)?;
+        token.to_base64().map_err(AuthError::Mint)
+    }
+
+    /// Verifies `token` for a request needing `access` to `doc_type` (None: no type involved).
+    pub fn verify(
+        &self,
+        token: &str,
+        access: Access,
+        doc_type: Option<&str>,
+    ) -> Result<Claims, AuthError> {
+        let biscuit =
+            Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
+        let now = SystemTime::now();
+        let mut facts: Vec<Fact> = vec![fact("operation", &[string(access.as_str())])];
+        if let Some(t) = doc_type {
+            facts.push(fact("doc_type", &[string(t)]));
+        }
+        let mut builder = biscuit_auth::AuthorizerBuilder::new().time();
+        for f in facts {
+            builder = builder.fact(f).map_err(|_| AuthError::Invalid)?;
+        }
+        let mut authorizer = builder
+            .allow_all()
+            .set_limits(LIMITS)
+            .build(&biscuit)
+            .map_err(|_| AuthError::Invalid)?;
+        let expires: Vec<(SystemTime,)> = authorizer
+            .query("data($t) <- exp($t)")
+            .map_err(|_| AuthError::Invalid)?;
+        let expires_at = match expires.as_slice() {
+            [(t,)] => *t,
+            _ => return Err(AuthError::Invalid),
+        };
+        if expires_at < now {
+            return Err(AuthError::Expired);
+        }
+        authorizer.authorize().map_err(|_| AuthError::Invalid)?;
+        let subjects: Vec<(String,)> = authorizer
+            .query("data($s) <- sub($s)")
+            .map_err(|_| AuthError::Invalid)?;
+        let subject = match subjects.as_slice() {
+            [(s,)] => s.clone(),
+            _ => return Err(AuthError::Invalid),
+        };
+        let raw_scopes: Vec<(String,)> = authorizer
+            .query("data($s) <- scope($s)")
+            .map_err(|_| AuthError::Invalid)?;
+        let scopes = raw_scopes
+            .into_iter()
+            .map(|(s,)| s.parse())
+            .collect::<Result<Vec<Scope>, _>>()
+            .map_err(|_| AuthError::Invalid)?;
+        Ok(Claims {
+            subject,
+            scopes,
+            expires_at,
+        })
+    }
+}
+
+/// Writes a secret file readable by its owner only, creating its folder with mode 0700.
+fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use biscuit_auth::macros::block;
+
+    const ALICE: &str = "did:key:zAlice";
+
+    fn authority() -> (tempfile::TempDir, TokenAuthority) {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = TokenAuthority::load_or_create(dir.path()).unwrap();
+        (dir, auth)
+    }
+
+    #[test]
+    fn key_is_created_once_with_tight_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, auth) = authority();
+        let meta = std::fs::metadata(dir.path().join(ROOT_KEY_FILE)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let again = TokenAuthority::load_or_create(dir.path()).unwrap();
+        let token = auth
+            .mint(ALICE, &[Scope::All], Duration::from_secs(60))
+            .unwrap();
+        assert!(again.verify(&token, Access::Read, Some("posts")).is_ok());
+    }
+
+    #[test]
+    fn round_trip_and_scopes() {
+        let (_dir, auth) = authority();
+        let scopes = vec!["read:posts".parse().unwrap(), "write:*".parse().unwrap()];
+        let token = auth.mint(ALICE, &scopes, Duration::from_secs(60)).unwrap();
+        let claims = auth.verify(&token, Access::Read, Some("posts")).unwrap();
+        assert_eq!(claims.subject, ALICE);
+        assert_eq!(claims.scopes, scopes);
+        assert!(claims.permits(Access::Read, "posts"));
+        assert!(!claims.permits(Access::Read, "notes"));
+        assert!(claims.permits(Access::Write, "notes"));
+    }
+
+    #[test]
+    fn expired_forged_and_garbage_tokens_fail() {
+        let (_dir, auth) = authority();
+        let (_dir2, other) = authority();
+        let expired = auth.mint(ALICE, &[Scope::All], Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(1100)); // biscuit dates have 1 s resolution
+        assert!(matches!(
+            auth.verify(&expired, Access::Read, None),
+            Err(AuthError::Expired)
+        ));
+        let forged = other.mint(ALICE, &[Scope::All], Duration::from_secs(60)).unwrap();
+        assert!(matches!(
+            auth.verify(&forged, Access::Read, None),
+            Err(AuthError::Invalid)
+        ));
+        assert!(matches!(
+            auth.verify("not-a-token", Access::Read, None),
+            Err(AuthError::Invalid)
+        ));
+    }
+
+    #[test]
+    fn attenuation_narrows_but_never_widens() {
+        let (_dir, auth) = authority();
+        let token = auth
+            .mint(ALICE, &["read:posts".parse().unwrap()], Duration::from_secs(60))
+            .unwrap();
+        let biscuit = Biscuit::from_base64(&token, auth.keypair.public()).unwrap();
+        let narrowed = biscuit
+            .append(block!(r#"check if operation("read"), doc_type("posts"); scope("*");"#))
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let claims = auth.verify(&narrowed, Access::Read, Some("posts")).unwrap();
+        // The appended `scope("*")` is not trusted: only the authority's scopes count.
+        assert_eq!(claims.scopes, vec!["read:posts".parse::<Scope>().unwrap()]);
+        assert!(matches!(
+            auth.verify(&narrowed, Access::Read, Some("notes")),
+            Err(AuthError::Invalid)
+        ));
+        assert!(matches!(
+            auth.verify(&narrowed, Access::Write, Some("posts")),
+            Err(AuthError::Invalid)
+        ));
+    }
+
+    #[test]
+    fn scope_syntax() {
+        for ok in ["*", "read:posts", "write:*", "read:chat.messages"] {
+            assert_eq!(ok.parse::<Scope>().unwrap().to_string(), ok);
+        }
+        for bad in ["", "read", "read:", "delete:posts", "read:Posts", "write:a b"] {
+            assert!(bad.parse::<Scope>().is_err(), "{bad}");
+        }
+    }
+}

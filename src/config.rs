@@ -1,0 +1,201 @@
+//! Configuration: the built-in defaults (`config/default.toml`), an optional file, and `VIBE_*`
+//! environment variables, layered with figment and validated once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// The defaults, compiled in so that `vibe serve` runs with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Why the configuration could not be loaded. The message names the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong type or an unknown key.
+    #[error("invalid configuration: {0}")]
+    Layer(Box<figment::Error>),
+    /// A value parsed but is out of its allowed range.
+    #[error("invalid configuration: key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key path, e.g. `http.max_body_bytes`.
+        key: &'static str,
+        /// What is wrong with the value.
+        problem: String,
+    },
+}
+
+/// The whole node configuration. Field docs live in `config/default.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub database: DatabaseConfig,
+    pub http: HttpConfig,
+    pub tokens: TokensConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub max_body_bytes: usize,
+    pub max_page_size: u32,
+    pub default_page_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_figment(Self::figment(file))
+    }
+
+    /// The layered sources, before extraction. Tests add their own overrides on top.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            // The conventional variable, below the explicit VIBE_ one.
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(Env::prefixed("VIBE_").split("__"))
+    }
+
+    /// Extracts and validates a configuration from any figment.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Layer(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if !self.database_url.is_empty()
+            && !(self.database_url.starts_with("postgres://")
+                || self.database_url.starts_with("postgresql://"))
+        {
+            return invalid(
+                "database_url",
+                "must start with postgres:// or postgresql:// (or be empty for the embedded database)",
+            );
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return invalid("http.max_body_bytes", "must be at least 1024");
+        }
+        if self.http.max_page_size == 0 {
+            return invalid("http.max_page_size", "must be at least 1");
+        }
+        if self.http.default_page_size == 0 || self.http.default_page_size > self.http.max_page_size
+        {
+            return invalid(
+                "http.default_page_size",
+                "must be between 1 and http.max_page_size",
+            );
+        }
+        if self.tokens.default_ttl.is_zero() {
+            return invalid("tokens.default_ttl", "must be longer than zero");
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                problem: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn with(key: &str, value: impl serde::Serialize) -> Result<Config, ConfigError> {
+        Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default(key, value)),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = with("listen", "127.0.0.1:8080").unwrap();
+        assert_eq!(config.http.max_body_bytes, 1024 * 1024);
+        assert!(config.database_url.is_empty());
+        assert_eq!(config.tokens.default_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = with("http.max_body_bytes", "lots").unwrap_err().to_string();
+        assert!(err.contains("max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = with("http.max_bodybytes", 5).unwrap_err().to_string();
+        assert!(err.contains("max_bodybytes"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_the_key() {
+        let err = with("http.default_page_size", 5000).unwrap_err().to_string();
+        assert!(err.contains("http.default_page_size"), "{err}");
+        let err = with("database_url", "mysql://x").unwrap_err().to_string();
+        assert!(err.contains("database_url"), "{err}");
+        let err = with("listen", "nowhere").unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+}

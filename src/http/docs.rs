@@ -1,0 +1,229 @@
+//! `/v1/docs/{type}` and `/v1/docs/{type}/{id}`: document CRUD and the caller's list.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::DateTime;
+use http::{HeaderValue, Request, StatusCode, header};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{ApiError, HttpResponse, authorize, json, read_json};
+use crate::app::App;
+use crate::auth::Access;
+use crate::store::ListCursor;
+use crate::wire::{Document, DocumentPage, NewDocument, ReplaceDocument};
+
+const JSON: &[&str] = &["application/json"];
+const MERGE_PATCH: &[&str] = &["application/merge-patch+json", "application/json"];
+
+pub(super) async fn create(app: &App, doc_type: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    check_type(doc_type)?;
+    let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
+    let body: NewDocument = read_json(app, req, JSON).await?;
+    check_data(&body.data)?;
+    let acl = body.acl.unwrap_or_default();
+    let doc = app
+        .store
+        .create(&claims.subject, doc_type, body.id, &acl, &body.data)
+        .await?;
+    let mut response = document_response(StatusCode::CREATED, &doc);
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/docs/{}/{}", doc.doc_type, doc.id)) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+pub(super) async fn get(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    check_type(doc_type)?;
+    let claims = authorize(app, req.headers(), Access::Read, doc_type)?;
+    let id = parse_id(id)?;
+    let doc = app.store.get(&claims.subject, doc_type, id).await?;
+    Ok(document_response(StatusCode::OK, &doc))
+}
+
+pub(super) async fn replace(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    check_type(doc_type)?;
+    let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
+    let id = parse_id(id)?;
+    let expected_rev = if_match(&req)?;
+    let body: ReplaceDocument = read_json(app, req, JSON).await?;
+    check_data(&body.data)?;
+    let doc = app
+        .store
+        .modify(&claims.subject, doc_type, id, expected_rev, |current| {
+            Ok::<_, ApiError>((body.data, body.acl.unwrap_or_else(|| current.acl.clone())))
+        })
+        .await??;
+    Ok(document_response(StatusCode::OK, &doc))
+}
+
+/// RFC 7396 JSON Merge Patch over the writable part of the document, `{"data": ..., "acl": ...}`.
+pub(super) async fn patch(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    check_type(doc_type)?;
+    let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
+    let id = parse_id(id)?;
+    let expected_rev = if_match(&req)?;
+    let patch: serde_json::Value = read_json(app, req, MERGE_PATCH).await?;
+    let Some(fields) = patch.as_object() else {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "a merge patch for a document is a JSON object",
+        ));
+    };
+    if let Some(key) = fields.keys().find(|k| !matches!(k.as_str(), "data" | "acl")) {
+        return Err(ApiError::bad_request(
+            "read_only_field",
+            format!("`{key}` cannot be patched; only `data` and `acl` are writable"),
+        ));
+    }
+    let doc = app
+        .store
+        .modify(&claims.subject, doc_type, id, expected_rev, |current| {
+            let mut writable = serde_json::json!({ "data": current.data, "acl": current.acl });
+            json_patch::merge(&mut writable, &patch);
+            let data = writable["data"].take();
+            check_data(&data)?;
+            // A patch that removes `acl` (sets it to null) restores the default, owner-only ACL.
+            let acl = match writable["acl"].take() {
+                serde_json::Value::Null => serde_json::json!({}),
+                acl => acl,
+            };
+            let acl = serde_json::from_value(acl)
+                .map_err(|e| ApiError::bad_request("invalid_body", format!("acl: {e}")))?;
+            Ok::<_, ApiError>((data, acl))
+        })
+        .await??;
+    Ok(document_response(StatusCode::OK, &doc))
+}
+
+pub(super) async fn delete(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    check_type(doc_type)?;
+    let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
+    let id = parse_id(id)?;
+    let expected_rev = if_match(&req)?;
+    app.store.delete(&claims.subject, doc_type, id, expected_rev).await?;
+    let mut response = HttpResponse::new(Default::default());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+pub(super) async fn list(app: &App, doc_type: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    check_type(doc_type)?;
+    let claims = authorize(app, req.headers(), Access::Read, doc_type)?;
+    let params: ListParams = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let http = &app.config.http;
+    let limit = params.limit.unwrap_or(http.default_page_size);
+    if limit == 0 || limit > http.max_page_size {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {}", http.max_page_size),
+        ));
+    }
+    let cursor = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    // One extra row tells whether a next page exists.
+    let mut docs = app
+        .store
+        .list_own(&claims.subject, doc_type, limit + 1, cursor)
+        .await?;
+    let next = if docs.len() > limit as usize {
+        docs.truncate(limit as usize);
+        docs.last().map(|d| {
+            encode_cursor(ListCursor {
+                created_at: d.created_at,
+                id: d.id,
+            })
+        })
+    } else {
+        None
+    };
+    Ok(json(StatusCode::OK, &DocumentPage { docs, next }))
+}
+
+fn document_response(status: StatusCode, doc: &Document) -> HttpResponse {
+    let mut response = json(status, doc);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", doc.rev)) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
+}
+
+fn check_type(doc_type: &str) -> Result<(), ApiError> {
+    if crate::doc_type::is_valid(doc_type) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_type",
+            "a type name matches ^[a-z][a-z0-9_.-]{0,63}$",
+        ))
+    }
+}
+
+fn check_data(data: &serde_json::Value) -> Result<(), ApiError> {
+    if data.is_object() {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_body",
+            "`data` must be a JSON object",
+        ))
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(id).map_err(|_| ApiError::bad_request("invalid_id", "a document id is a UUID"))
+}
+
+/// `If-Match: "<rev>"` (quotes optional); `*` or no header means any revision.
+fn if_match(req: &Request<Incoming>) -> Result<Option<i64>, ApiError> {
+    let Some(value) = req.headers().get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.trim_matches('"')
+        .parse::<i64>()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("bad_if_match", "If-Match takes a revision, e.g. \"3\""))
+}
+
+fn encode_cursor(c: ListCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}.{}", c.created_at.timestamp_micros(), c.id.simple()))
+}
+
+fn decode_cursor(s: &str) -> Result<ListCursor, ApiError> {
+    let bad = || ApiError::bad_request("invalid_cursor", "the cursor is not one this server issued");
+    let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
+    let text = std::str::from_utf8(&raw).map_err(|_| bad())?;
+    let (micros, id) = text.split_once('.').ok_or_else(bad)?;
+    Ok(ListCursor {
+        created_at: DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?,
+        id: Uuid::try_parse(id).map_err(|_| bad())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip() {
+        let c = ListCursor {
+            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(c)).unwrap(), c);
+        assert!(decode_cursor("garbage!").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("12.notauuid")).is_err());
+    }
+}

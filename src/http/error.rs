@@ -1,0 +1,132 @@
+//! The one error type every HTTP handler returns, and its JSON rendering. Internal causes are
+//! logged here and never sent to clients.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::auth::AuthError;
+use crate::store::StoreError;
+use crate::wire::{ErrorBody, ErrorDetail};
+
+/// An error answer: status, stable code, message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// For 405: the methods the route does support.
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred",
+        )
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        // Serialising two strings cannot fail.
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(bytes)));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"vibe\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "document not found")
+            }
+            StoreError::AlreadyExists => ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                "a document with this id already exists",
+            ),
+            StoreError::RevMismatch { current } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "rev_mismatch",
+                format!("the document is at rev {current}"),
+            ),
+            StoreError::Forbidden => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the document's ACL does not allow this",
+            ),
+            StoreError::AclOwnerOnly => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "acl_owner_only",
+                "only the owner may change a document's ACL",
+            ),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database is unavailable; retry later",
+                )
+            }
+            e => {
+                tracing::error!(error = %e, "store error");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Expired => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "token_expired", "the token has expired")
+            }
+            AuthError::Invalid => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "the token is malformed, not issued by this server, or its checks fail",
+            ),
+            e => {
+                tracing::error!(error = %e, "token error");
+                ApiError::internal()
+            }
+        }
+    }
+}

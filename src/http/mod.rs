@@ -1,0 +1,355 @@
+//! The HTTP edge: accept loop with graceful shutdown, routing, request ids, per-route metrics,
+//! and the helpers handlers share (auth, JSON bodies, responses).
+
+mod docs;
+pub mod error;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::auth::{Access, Claims};
+pub use error::ApiError;
+
+/// What every handler returns.
+pub type HttpResponse = Response<Full<Bytes>>;
+type HandlerResult = Result<HttpResponse, ApiError>;
+
+/// The routes; the pattern string doubles as the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Metrics,
+    DocsCollection,
+    DocsItem,
+}
+
+impl Route {
+    const ALL: [(&'static str, Route); 4] = [
+        ("/health", Route::Health),
+        ("/metrics", Route::Metrics),
+        ("/v1/docs/{type}", Route::DocsCollection),
+        ("/v1/docs/{type}/{id}", Route::DocsItem),
+    ];
+
+    fn pattern(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, r)| *r == self)
+            .map_or("unknown", |(p, _)| p)
+    }
+}
+
+/// Builds the route table.
+pub fn router() -> matchit::Router<Route> {
+    let mut router = matchit::Router::new();
+    for (pattern, route) in Route::ALL {
+        // The patterns are constants without conflicts; the router test covers them.
+        #[allow(clippy::expect_used)]
+        router.insert(pattern, route).expect("valid route pattern");
+    }
+    router
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("stopped accepting; waiting for in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "in-flight requests still running after the grace period");
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let matched = app
+        .router
+        .at(&path)
+        .map(|m| (*m.value, m.params.iter().map(|(_, v)| v.to_owned()).collect::<Vec<_>>()));
+    let (label, result) = match matched {
+        Ok((route, params)) => (route.pattern(), dispatch(&app, route, &params, req).await),
+        Err(_) => (
+            "unmatched",
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                format!("no route for {path}"),
+            )),
+        ),
+    };
+    let mut response = result.unwrap_or_else(ApiError::into_response);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let status = response.status();
+    let elapsed = started.elapsed();
+    metrics::counter!(
+        "vibe_http_requests_total",
+        "route" => label,
+        "method" => method.to_string(),
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!(
+        "vibe_http_request_duration_seconds",
+        "route" => label,
+        "method" => method.to_string()
+    )
+    .record(elapsed.as_secs_f64());
+    tracing::debug!(
+        %request_id, %peer, %method, %path, status = status.as_u16(),
+        micros = elapsed.as_micros() as u64, "request"
+    );
+    Ok(response)
+}
+
+/// Keeps a caller's `x-request-id` if it is short printable ASCII, else makes a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::now_v7().simple().to_string(), str::to_owned)
+}
+
+async fn dispatch(app: &App, route: Route, params: &[String], req: Request<Incoming>) -> HandlerResult {
+    let method = req.method().clone();
+    match (route, params) {
+        (Route::Health, _) if method == Method::GET => health(app).await,
+        (Route::Metrics, _) if method == Method::GET => Ok(text(app.metrics.render())),
+        (Route::DocsCollection, [doc_type]) => match method {
+            Method::GET => docs::list(app, doc_type, req).await,
+            Method::POST => docs::create(app, doc_type, req).await,
+            _ => Err(method_not_allowed("GET, POST")),
+        },
+        (Route::DocsItem, [doc_type, id]) => match method {
+            Method::GET => docs::get(app, doc_type, id, req).await,
+            Method::PUT => docs::replace(app, doc_type, id, req).await,
+            Method::PATCH => docs::patch(app, doc_type, id, req).await,
+            Method::DELETE => docs::delete(app, doc_type, id, req).await,
+            _ => Err(method_not_allowed("GET, PUT, PATCH, DELETE")),
+        },
+        _ => Err(method_not_allowed("GET")),
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this route supports {allow}"),
+    );
+    e.allow = Some(allow);
+    e
+}
+
+async fn health(app: &App) -> HandlerResult {
+    let db_ok = tokio::time::timeout(Duration::from_secs(2), app.store.ping())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let body = serde_json::json!({
+        "status": if db_ok { "ok" } else { "degraded" },
+        "database": if db_ok { "ok" } else { "unavailable" },
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let status = if db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok(json(status, &body))
+}
+
+/// The verified claims of the bearer token, for a request needing `access` to `doc_type`, with
+/// the matching scope required.
+pub fn authorize(app: &App, headers: &HeaderMap, access: Access, doc_type: &str) -> Result<Claims, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send a token as `Authorization: Bearer <token>`",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "the Authorization header must be `Bearer <token>`",
+            )
+        })?;
+    let claims = app.tokens.verify(token, access, Some(doc_type))?;
+    if !claims.permits(access, doc_type) {
+        let verb = match access {
+            Access::Read => "read",
+            Access::Write => "write",
+        };
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "missing_scope",
+            format!("the token lacks the scope {verb}:{doc_type}"),
+        ));
+    }
+    Ok(claims)
+}
+
+/// Reads a JSON body of one of the `content_types`, bounded by the configured size.
+pub async fn read_json<T: DeserializeOwned>(
+    app: &App,
+    req: Request<Incoming>,
+    content_types: &[&str],
+) -> Result<T, ApiError> {
+    let limit = app.config.http.max_body_bytes;
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    if !ct.as_deref().is_some_and(|ct| content_types.contains(&ct)) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("the body must be sent as {}", content_types.join(" or ")),
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::bad_request("bad_body", "the request body could not be read")
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
+            _ => ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}")),
+        }
+    })
+}
+
+pub fn json(status: StatusCode, value: &impl Serialize) -> HttpResponse {
+    let bytes = match serde_json::to_vec(value) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "response serialisation failed");
+            return ApiError::internal().into_response();
+        }
+    };
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn text(body: String) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve() {
+        let r = router();
+        assert_eq!(*r.at("/v1/docs/posts").unwrap().value, Route::DocsCollection);
+        assert_eq!(*r.at("/v1/docs/posts/abc").unwrap().value, Route::DocsItem);
+        assert!(r.at("/v1/docs").is_err());
+        assert!(r.at("/v1/docs/posts/abc/def").is_err());
+        for (pattern, route) in Route::ALL {
+            assert_eq!(route.pattern(), pattern);
+        }
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+    }
+}

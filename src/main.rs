@@ -1,0 +1,104 @@
+//! The `vibe` command line: serve, migrate, mint tokens.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vibe::auth::{Scope, TokenAuthority};
+use vibe::config::Config;
+
+/// Vibe: a realtime backend on PostgreSQL — documents, live queries, identity, files and calls
+/// in one server.
+///
+/// Configuration comes from built-in defaults, then `--config FILE`, then `VIBE_*` environment
+/// variables (e.g. VIBE_LISTEN, VIBE_DATABASE_URL, VIBE_DATA_DIR; DATABASE_URL is honoured too).
+/// With no database URL, `vibe serve` runs a private PostgreSQL inside the data dir.
+#[derive(Debug, Parser)]
+#[command(name = "vibe", version, propagate_version = true)]
+struct Cli {
+    /// A TOML file layered over the defaults (see config/default.toml for every key).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server until SIGINT or SIGTERM.
+    Serve,
+    /// Apply pending database migrations, then exit.
+    Migrate,
+    /// Manage capability tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new token signed with this node's root key (the operator's way in).
+    Mint {
+        /// Subject: the DID the token acts as, e.g. did:key:z6Mk...
+        #[arg(long, value_name = "DID")]
+        sub: String,
+        /// A scope: `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`. Repeat for more.
+        #[arg(long = "scope", value_name = "SCOPE", required = true)]
+        scopes: Vec<Scope>,
+        /// Lifetime, e.g. `30m`, `12h`, `7d` (default: tokens.default_ttl).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        ttl: Option<Duration>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    vibe::telemetry::init_logging(&config.log);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            vibe::server::prepare_data_dir(&config)?;
+            let db = vibe::server::Database::open(&config).await?;
+            let result = db.store.migrate().await;
+            db.close().await?;
+            result?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Token(TokenCommand::Mint { sub, scopes, ttl }) => {
+            vibe::server::prepare_data_dir(&config)?;
+            let authority = TokenAuthority::load_or_create(&config.data_dir)?;
+            let token = authority.mint(&sub, &scopes, ttl.unwrap_or(config.tokens.default_ttl))?;
+            #[allow(clippy::print_stdout)] // the token is this command's output
+            {
+                println!("{token}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = vibe::server::start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The JSON shapes Vibe speaks, in one place for the server, the SDK and the benchmarks.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::acl::Acl;
+
+/// A stored document as every API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Document {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub doc_type: String,
+    /// The owner's DID.
+    pub owner: String,
+    /// Starts at 1 and grows by one with every write; the ETag and `If-Match` value.
+    pub rev: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub acl: Acl,
+    pub data: serde_json::Value,
+}
+
+/// The body of `POST /v1/docs/{type}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDocument {
+    /// Client-chosen id; the server assigns a UUIDv7 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<Acl>,
+    pub data: serde_json::Value,
+}
+
+/// The body of `PUT /v1/docs/{type}/{id}`: replaces `data`, and `acl` when given.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<Acl>,
+    pub data: serde_json::Value,
+}
+
+/// One page of `GET /v1/docs/{type}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DocumentPage {
+    pub docs: Vec<Document>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// Every error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (`rev_mismatch`, `missing_scope`, ...); see docs/protocol.md.
+    pub code: String,
+    /// For people; may change between versions.
+    pub message: String,
+}
