@@ -123,6 +123,11 @@ impl From<AuthError> for ApiError {
                 "invalid_token",
                 "the token is malformed, not issued by this server, or its checks fail",
             ),
+            AuthError::Restricted => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "token_restricted",
+                "the token's own checks (an attenuation) do not allow this request",
+            ),
             e => {
                 tracing::error!(error = %e, "token error");
                 ApiError::internal()
