@@ -184,6 +184,11 @@ impl TokenAuthority {
         }
     }
 
+    /// The key that verifies this node's tokens; holders need it to attenuate offline.
+    pub fn public_key(&self) -> biscuit_auth::PublicKey {
+        self.keypair.public()
+    }
+
     /// Mints a token for `subject` with `scopes`, valid for `ttl` from now.
     pub fn mint(&self, subject: &str, scopes: &[Scope], ttl: Duration) -> Result<String, AuthError> {
         self.mint_until(subject, scopes, SystemTime::now() + ttl)
