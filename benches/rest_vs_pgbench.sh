@@ -109,8 +109,12 @@ TOKEN="$("$VIBE_BIN" token mint --sub "$SUBJECT" --scope '*' --ttl 24h | tail -n
 
 # --- pgbench scripts ---------------------------------------------------------------------------
 
+# pgbench reads `:name` anywhere in a statement as a variable (`-M prepared` turns it into a
+# parameter), so no colon may be followed by a name character: the owner DID spells its colons
+# as E'\x3a' escapes and the JSON has a space after each colon. Both are the same constants.
+PG_SUBJECT="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
 cat >"$WORK/create.sql" <<SQL
-INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), '$SUBJECT', '$DOC_TYPE', '{}', '{"title":"bench","n":1}');
+INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$PG_SUBJECT', '$DOC_TYPE', '{}', '{"title": "bench", "n": 1}');
 SQL
 
 # pgbench variables cannot hold a uuid, so the script draws a row number and looks the id up in
@@ -196,7 +200,7 @@ done
 
 CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
 PG_VERSION="$(psql_admin -At -c 'SHOW server_version')"
-DOCS="$(psql_bench -At -c "SELECT count(*) FROM documents")"
+DOCS="$(psql_bench -At -c "SELECT count(*) || ' (owners: ' || string_agg(DISTINCT owner_did, ', ') || '; types: ' || string_agg(DISTINCT type, ', ') || ')' FROM documents")"
 
 cat <<EOF
 

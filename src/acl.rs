@@ -118,9 +118,11 @@ impl<'de> Deserialize<'de> for Entry {
             Raw::Text(s) => Err(D::Error::custom(format!(
                 "ACL entry {s:?} is neither \"*\" nor a DID (did:<method>:<id>)"
             ))),
-            Raw::Predicates(p) if p.is_empty() || p.len() > MAX_PREDICATES => Err(D::Error::custom(
-                format!("a predicate list holds 1 to {MAX_PREDICATES} predicates"),
-            )),
+            Raw::Predicates(p) if p.is_empty() || p.len() > MAX_PREDICATES => {
+                Err(D::Error::custom(format!(
+                    "a predicate list holds 1 to {MAX_PREDICATES} predicates"
+                )))
+            }
             Raw::Predicates(p) => {
                 if let Some(bad) = p.iter().find(|p| !is_did(&p.issuer)) {
                     return Err(D::Error::custom(format!(
@@ -232,9 +234,19 @@ mod tests {
 
     #[test]
     fn did_syntax() {
-        assert!(is_did("did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK"));
+        assert!(is_did(
+            "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK"
+        ));
         assert!(is_did("did:web:example.com:user:alice"));
-        for bad in ["did:", "did:key", "did:key:", "did:Key:x", "dog:key:x", "did:key:a b", "did:key:x:"] {
+        for bad in [
+            "did:",
+            "did:key",
+            "did:key:",
+            "did:Key:x",
+            "dog:key:x",
+            "did:key:a b",
+            "did:key:x:",
+        ] {
             assert!(!is_did(bad), "{bad}");
         }
     }

@@ -16,7 +16,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, store: Store, tokens: TokenAuthority, metrics: PrometheusHandle) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        tokens: TokenAuthority,
+        metrics: PrometheusHandle,
+    ) -> Self {
         Self {
             config,
             store,

@@ -35,7 +35,9 @@ pub enum AuthError {
     },
     #[error("the root key file {0} is not a valid key")]
     BadKeyFile(String),
-    #[error("invalid scope {0:?}: expected `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`")]
+    #[error(
+        "invalid scope {0:?}: expected `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`"
+    )]
     BadScope(String),
     #[error("invalid subject {0:?}: expected a DID (did:<method>:<id>)")]
     BadSubject(String),
@@ -120,6 +122,7 @@ impl fmt::Display for Scope {
 #[derive(Debug, Clone)]
 pub struct Claims {
     pub subject: String,
+    /// Sorted, without duplicates.
     pub scopes: Vec<Scope>,
     pub expires_at: SystemTime,
 }
@@ -190,7 +193,12 @@ impl TokenAuthority {
     }
 
     /// Mints a token for `subject` with `scopes`, valid for `ttl` from now.
-    pub fn mint(&self, subject: &str, scopes: &[Scope], ttl: Duration) -> Result<String, AuthError> {
+    pub fn mint(
+        &self,
+        subject: &str,
+        scopes: &[Scope],
+        ttl: Duration,
+    ) -> Result<String, AuthError> {
         self.mint_until(subject, scopes, SystemTime::now() + ttl)
     }
 
@@ -268,11 +276,13 @@ impl TokenAuthority {
         let raw_scopes: Vec<(String,)> = authorizer
             .query("data($s) <- scope($s)")
             .map_err(|_| AuthError::Invalid)?;
-        let scopes = raw_scopes
+        let mut scopes = raw_scopes
             .into_iter()
             .map(|(s,)| s.parse())
             .collect::<Result<Vec<Scope>, _>>()
             .map_err(|_| AuthError::Invalid)?;
+        scopes.sort();
+        scopes.dedup();
         Ok(Claims {
             subject,
             scopes,
@@ -329,8 +339,10 @@ mod tests {
     #[test]
     fn round_trip_and_scopes() {
         let (_dir, auth) = authority();
-        let scopes = vec!["read:posts".parse().unwrap(), "write:*".parse().unwrap()];
+        let scopes = vec!["write:*".parse().unwrap(), "read:posts".parse().unwrap()];
         let token = auth.mint(ALICE, &scopes, Duration::from_secs(60)).unwrap();
+        let mut scopes = scopes;
+        scopes.sort();
         let claims = auth.verify(&token, Access::Read, Some("posts")).unwrap();
         assert_eq!(claims.subject, ALICE);
         assert_eq!(claims.scopes, scopes);
@@ -344,13 +356,19 @@ mod tests {
         let (_dir, auth) = authority();
         let (_dir2, other) = authority();
         let expired = auth
-            .mint_until(ALICE, &[Scope::All], SystemTime::now() - Duration::from_secs(5))
+            .mint_until(
+                ALICE,
+                &[Scope::All],
+                SystemTime::now() - Duration::from_secs(5),
+            )
             .unwrap();
         assert!(matches!(
             auth.verify(&expired, Access::Read, None),
             Err(AuthError::Expired)
         ));
-        let forged = other.mint(ALICE, &[Scope::All], Duration::from_secs(60)).unwrap();
+        let forged = other
+            .mint(ALICE, &[Scope::All], Duration::from_secs(60))
+            .unwrap();
         assert!(matches!(
             auth.verify(&forged, Access::Read, None),
             Err(AuthError::Invalid)
@@ -365,11 +383,17 @@ mod tests {
     fn attenuation_narrows_but_never_widens() {
         let (_dir, auth) = authority();
         let token = auth
-            .mint(ALICE, &["read:posts".parse().unwrap()], Duration::from_secs(60))
+            .mint(
+                ALICE,
+                &["read:posts".parse().unwrap()],
+                Duration::from_secs(60),
+            )
             .unwrap();
         let biscuit = Biscuit::from_base64(&token, auth.keypair.public()).unwrap();
         let narrowed = biscuit
-            .append(block!(r#"check if operation("read"), doc_type("posts"); scope("*");"#))
+            .append(block!(
+                r#"check if operation("read"), doc_type("posts"); scope("*");"#
+            ))
             .unwrap()
             .to_base64()
             .unwrap();
@@ -391,7 +415,14 @@ mod tests {
         for ok in ["*", "read:posts", "write:*", "read:chat.messages"] {
             assert_eq!(ok.parse::<Scope>().unwrap().to_string(), ok);
         }
-        for bad in ["", "read", "read:", "delete:posts", "read:Posts", "write:a b"] {
+        for bad in [
+            "",
+            "read",
+            "read:",
+            "delete:posts",
+            "read:Posts",
+            "write:a b",
+        ] {
             assert!(bad.parse::<Scope>().is_err(), "{bad}");
         }
     }

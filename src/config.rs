@@ -15,9 +15,9 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Why the configuration could not be loaded. The message names the key and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A layer could not be read or a value has the wrong type or an unknown key.
+    /// A layer could not be read, or a value has the wrong type, or a key is unknown.
     #[error("invalid configuration: {0}")]
-    Layer(Box<figment::Error>),
+    Layer(String),
     /// A value parsed but is out of its allowed range.
     #[error("invalid configuration: key `{key}`: {problem}")]
     Invalid {
@@ -103,7 +103,7 @@ impl Config {
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let config: Config = figment
             .extract()
-            .map_err(|e| ConfigError::Layer(Box::new(e)))?;
+            .map_err(|e| ConfigError::Layer(describe(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -118,10 +118,8 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
         }
-        if !self.database_url.is_empty()
-            && !(self.database_url.starts_with("postgres://")
-                || self.database_url.starts_with("postgresql://"))
-        {
+        let url = &self.database_url;
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return invalid(
                 "database_url",
                 "must start with postgres:// or postgresql:// (or be empty for the embedded database)",
@@ -154,6 +152,31 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// One line per problem: the dotted key (lowercase, as in the file), what is wrong, and where
+/// the value came from.
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(source) => format!(" (from {} {source})", m.name),
+                    None => format!(" (from {})", m.name),
+                })
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("key `{key}`: {}{source}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
@@ -191,7 +214,9 @@ mod tests {
 
     #[test]
     fn out_of_range_names_the_key() {
-        let err = with("http.default_page_size", 5000).unwrap_err().to_string();
+        let err = with("http.default_page_size", 5000)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("http.default_page_size"), "{err}");
         let err = with("database_url", "mysql://x").unwrap_err().to_string();
         assert!(err.contains("database_url"), "{err}");

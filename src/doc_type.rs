@@ -23,7 +23,16 @@ mod tests {
         for ok in ["posts", "a", "chat.messages", "x_1-2", &"a".repeat(64)] {
             assert!(is_valid(ok), "{ok}");
         }
-        for bad in ["", "Posts", "1posts", "_x", "po sts", "pöst", "a/b", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "Posts",
+            "1posts",
+            "_x",
+            "po sts",
+            "pöst",
+            "a/b",
+            &"a".repeat(65),
+        ] {
             assert!(!is_valid(bad), "{bad}");
         }
     }

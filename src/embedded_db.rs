@@ -193,14 +193,21 @@ impl EmbeddedPostgres {
     }
 
     async fn ensure_database(&self) -> Result<(), EmbeddedDbError> {
-        let mut conn = self.connect_options().database("postgres").connect().await?;
-        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
-            .bind(DATABASE_NAME)
-            .fetch_optional(&mut conn)
+        let mut conn = self
+            .connect_options()
+            .database("postgres")
+            .connect()
             .await?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(DATABASE_NAME)
+                .fetch_optional(&mut conn)
+                .await?;
         if exists.is_none() {
             // The name is a constant: no user input reaches this statement.
-            sqlx::query("CREATE DATABASE vibe").execute(&mut conn).await?;
+            sqlx::query("CREATE DATABASE vibe")
+                .execute(&mut conn)
+                .await?;
         }
         conn.close().await?;
         Ok(())
@@ -226,7 +233,11 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 /// The folder holding `pg_ctl`, `initdb` and `postgres`: next to a `pg_ctl` on PATH (through
 /// symlinks), else the newest `/usr/lib/postgresql/<version>/bin`.
 pub fn find_bin_dir() -> Option<PathBuf> {
-    let complete = |dir: &Path| ["pg_ctl", "initdb", "postgres"].iter().all(|b| dir.join(b).is_file());
+    let complete = |dir: &Path| {
+        ["pg_ctl", "initdb", "postgres"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+    };
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             let candidate = dir.join("pg_ctl");

@@ -25,9 +25,15 @@ pub enum ServerError {
     #[error(transparent)]
     Keys(#[from] AuthError),
     #[error("cannot prepare data_dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The database a node uses: the configured URL, or the embedded cluster it owns.
@@ -44,8 +50,10 @@ impl Database {
             let db = EmbeddedPostgres::start(&config.data_dir).await?;
             (db.connect_options(), Some(db))
         } else {
-            let options: PgConnectOptions =
-                config.database_url.parse().map_err(ServerError::DatabaseUrl)?;
+            let options: PgConnectOptions = config
+                .database_url
+                .parse()
+                .map_err(ServerError::DatabaseUrl)?;
             (options, None)
         };
         let store = Store::connect(

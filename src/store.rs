@@ -131,10 +131,12 @@ impl Store {
         doc_type: &str,
         id: Uuid,
     ) -> Result<Document, StoreError> {
-        let row = sqlx::query(
-            concat!("SELECT ", doc_columns!(), " \
-             FROM documents WHERE id = $1 AND type = $2"),
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            doc_columns!(),
+            " \
+             FROM documents WHERE id = $1 AND type = $2"
+        ))
         .bind(id)
         .bind(doc_type)
         .fetch_optional(&self.pool)
@@ -208,11 +210,13 @@ impl Store {
     ) -> Result<Vec<Document>, StoreError> {
         let rows = match cursor {
             None => {
-                sqlx::query(
-                    concat!("SELECT ", doc_columns!(), " \
+                sqlx::query(concat!(
+                    "SELECT ",
+                    doc_columns!(),
+                    " \
                      FROM documents WHERE owner_did = $1 AND type = $2 \
-                     ORDER BY created_at DESC, id DESC LIMIT $3"),
-                )
+                     ORDER BY created_at DESC, id DESC LIMIT $3"
+                ))
                 .bind(owner)
                 .bind(doc_type)
                 .bind(i64::from(limit))
@@ -220,12 +224,14 @@ impl Store {
                 .await?
             }
             Some(c) => {
-                sqlx::query(
-                    concat!("SELECT ", doc_columns!(), " \
+                sqlx::query(concat!(
+                    "SELECT ",
+                    doc_columns!(),
+                    " \
                      FROM documents WHERE owner_did = $1 AND type = $2 \
                      AND (created_at, id) < ($4, $5) \
-                     ORDER BY created_at DESC, id DESC LIMIT $3"),
-                )
+                     ORDER BY created_at DESC, id DESC LIMIT $3"
+                ))
                 .bind(owner)
                 .bind(doc_type)
                 .bind(i64::from(limit))
@@ -247,10 +253,12 @@ async fn lock(
     id: Uuid,
     expected_rev: Option<i64>,
 ) -> Result<Document, StoreError> {
-    let row = sqlx::query(
-        concat!("SELECT ", doc_columns!(), " \
-         FROM documents WHERE id = $1 AND type = $2 FOR UPDATE"),
-    )
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        doc_columns!(),
+        " \
+         FROM documents WHERE id = $1 AND type = $2 FOR UPDATE"
+    ))
     .bind(id)
     .bind(doc_type)
     .fetch_optional(&mut *tx)

@@ -1,5 +1,6 @@
 //! The bad-input matrix: every route answers malformed or unauthorised requests with the right
 //! status and stable error code, and the database is left exactly as it was.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 
@@ -34,7 +35,13 @@ struct Case {
     code: &'static str,
 }
 
-fn case(name: &'static str, method: Method, path: &str, status: StatusCode, code: &'static str) -> Case {
+fn case(
+    name: &'static str,
+    method: Method,
+    path: &str,
+    status: StatusCode,
+    code: &'static str,
+) -> Case {
     Case {
         name,
         method,
@@ -53,7 +60,8 @@ impl Case {
         self
     }
     fn json(mut self, body: &str) -> Self {
-        self.headers.push(("content-type", "application/json".to_owned()));
+        self.headers
+            .push(("content-type", "application/json".to_owned()));
         self.body = Some(body.to_owned());
         self
     }
@@ -86,7 +94,11 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
         use biscuit_auth::{Biscuit, macros::block};
         let public = s.server.as_ref().unwrap().app().tokens.public_key();
         let biscuit = Biscuit::from_base64(&alice, public).unwrap();
-        biscuit.append(block!(r#"check if operation("read");"#)).unwrap().to_base64().unwrap()
+        biscuit
+            .append(block!(r#"check if operation("read");"#))
+            .unwrap()
+            .to_base64()
+            .unwrap()
     };
 
     let r = s
@@ -105,46 +117,288 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
     use StatusCode as S;
     let mut cases = vec![
         // Body problems on the write routes.
-        case("malformed json", M::POST, "/v1/docs/posts", S::BAD_REQUEST, "bad_json").token(&alice).json(r#"{"data": {"#),
-        case("not json at all", M::PUT, &item, S::BAD_REQUEST, "bad_json").token(&alice).json("hello"),
-        case("malformed patch", M::PATCH, &item, S::BAD_REQUEST, "bad_json").token(&alice).json("{,}"),
-        case("wrong content type", M::POST, "/v1/docs/posts", S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            .token(&alice).header("content-type", "text/plain").raw_body(r#"{"data": {}}"#.into()),
-        case("no content type", M::PUT, &item, S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            .token(&alice).raw_body(r#"{"data": {}}"#.into()),
-        case("patch as text", M::PATCH, &item, S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            .token(&alice).header("content-type", "text/plain").raw_body("{}".into()),
-        case("oversized create", M::POST, "/v1/docs/posts", S::PAYLOAD_TOO_LARGE, "body_too_large").token(&alice).json(&big),
-        case("oversized put", M::PUT, &item, S::PAYLOAD_TOO_LARGE, "body_too_large").token(&alice).json(&big),
-        case("oversized patch", M::PATCH, &item, S::PAYLOAD_TOO_LARGE, "body_too_large").token(&alice).json(&big),
-        case("data not an object", M::POST, "/v1/docs/posts", S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"data": [1]}"#),
-        case("missing data", M::POST, "/v1/docs/posts", S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"acl": {}}"#),
-        case("unknown field", M::POST, "/v1/docs/posts", S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"data": {}, "owner": "x"}"#),
-        case("bad acl entry", M::POST, "/v1/docs/posts", S::BAD_REQUEST, "invalid_body").token(&alice)
-            .json(r#"{"data": {}, "acl": {"read": {"allow": ["everyone"]}}}"#),
-        case("bad client id", M::POST, "/v1/docs/posts", S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"id": "nope", "data": {}}"#),
-        case("put data not an object", M::PUT, &item, S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"data": "x"}"#),
-        case("patch not an object", M::PATCH, &item, S::BAD_REQUEST, "invalid_body").token(&alice).json("[1]"),
-        case("patch read-only field", M::PATCH, &item, S::BAD_REQUEST, "read_only_field").token(&alice).json(r#"{"rev": 9}"#),
-        case("patch removes data", M::PATCH, &item, S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"data": null}"#),
-        case("patch breaks acl", M::PATCH, &item, S::BAD_REQUEST, "invalid_body").token(&alice).json(r#"{"acl": {"read": 1}}"#),
-        case("bad if-match", M::PUT, &item, S::BAD_REQUEST, "bad_if_match").token(&alice).header("if-match", "W/\"x\"").json(r#"{"data": {}}"#),
-        case("stale if-match delete", M::DELETE, &item, S::PRECONDITION_FAILED, "rev_mismatch").token(&alice).header("if-match", "\"5\""),
-        case("stale if-match patch", M::PATCH, &item, S::PRECONDITION_FAILED, "rev_mismatch").token(&alice).header("if-match", "\"0\"").json(r#"{"data": {"x": 1}}"#),
+        case(
+            "malformed json",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "bad_json",
+        )
+        .token(&alice)
+        .json(r#"{"data": {"#),
+        case("not json at all", M::PUT, &item, S::BAD_REQUEST, "bad_json")
+            .token(&alice)
+            .json("hello"),
+        case(
+            "malformed patch",
+            M::PATCH,
+            &item,
+            S::BAD_REQUEST,
+            "bad_json",
+        )
+        .token(&alice)
+        .json("{,}"),
+        case(
+            "wrong content type",
+            M::POST,
+            "/v1/docs/posts",
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .token(&alice)
+        .header("content-type", "text/plain")
+        .raw_body(r#"{"data": {}}"#.into()),
+        case(
+            "no content type",
+            M::PUT,
+            &item,
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .token(&alice)
+        .raw_body(r#"{"data": {}}"#.into()),
+        case(
+            "patch as text",
+            M::PATCH,
+            &item,
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .token(&alice)
+        .header("content-type", "text/plain")
+        .raw_body("{}".into()),
+        case(
+            "oversized create",
+            M::POST,
+            "/v1/docs/posts",
+            S::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        )
+        .token(&alice)
+        .json(&big),
+        case(
+            "oversized put",
+            M::PUT,
+            &item,
+            S::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        )
+        .token(&alice)
+        .json(&big),
+        case(
+            "oversized patch",
+            M::PATCH,
+            &item,
+            S::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        )
+        .token(&alice)
+        .json(&big),
+        case(
+            "data not an object",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": [1]}"#),
+        case(
+            "missing data",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"acl": {}}"#),
+        case(
+            "unknown field",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": {}, "owner": "x"}"#),
+        case(
+            "bad acl entry",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": {}, "acl": {"read": {"allow": ["everyone"]}}}"#),
+        case(
+            "bad client id",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"id": "nope", "data": {}}"#),
+        case(
+            "put data not an object",
+            M::PUT,
+            &item,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": "x"}"#),
+        case(
+            "patch not an object",
+            M::PATCH,
+            &item,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json("[1]"),
+        case(
+            "patch read-only field",
+            M::PATCH,
+            &item,
+            S::BAD_REQUEST,
+            "read_only_field",
+        )
+        .token(&alice)
+        .json(r#"{"rev": 9}"#),
+        case(
+            "patch removes data",
+            M::PATCH,
+            &item,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": null}"#),
+        case(
+            "patch breaks acl",
+            M::PATCH,
+            &item,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"acl": {"read": 1}}"#),
+        case(
+            "bad if-match",
+            M::PUT,
+            &item,
+            S::BAD_REQUEST,
+            "bad_if_match",
+        )
+        .token(&alice)
+        .header("if-match", "W/\"x\"")
+        .json(r#"{"data": {}}"#),
+        case(
+            "stale if-match delete",
+            M::DELETE,
+            &item,
+            S::PRECONDITION_FAILED,
+            "rev_mismatch",
+        )
+        .token(&alice)
+        .header("if-match", "\"5\""),
+        case(
+            "stale if-match patch",
+            M::PATCH,
+            &item,
+            S::PRECONDITION_FAILED,
+            "rev_mismatch",
+        )
+        .token(&alice)
+        .header("if-match", "\"0\"")
+        .json(r#"{"data": {"x": 1}}"#),
         // Names and ids.
-        case("list bad limit", M::GET, "/v1/docs/posts?limit=0", S::BAD_REQUEST, "invalid_query").token(&alice),
-        case("list huge limit", M::GET, "/v1/docs/posts?limit=100000", S::BAD_REQUEST, "invalid_query").token(&alice),
-        case("list unknown param", M::GET, "/v1/docs/posts?sort=up", S::BAD_REQUEST, "invalid_query").token(&alice),
-        case("list bad cursor", M::GET, "/v1/docs/posts?cursor=zzz", S::BAD_REQUEST, "invalid_cursor").token(&alice),
+        case(
+            "list bad limit",
+            M::GET,
+            "/v1/docs/posts?limit=0",
+            S::BAD_REQUEST,
+            "invalid_query",
+        )
+        .token(&alice),
+        case(
+            "list huge limit",
+            M::GET,
+            "/v1/docs/posts?limit=100000",
+            S::BAD_REQUEST,
+            "invalid_query",
+        )
+        .token(&alice),
+        case(
+            "list unknown param",
+            M::GET,
+            "/v1/docs/posts?sort=up",
+            S::BAD_REQUEST,
+            "invalid_query",
+        )
+        .token(&alice),
+        case(
+            "list bad cursor",
+            M::GET,
+            "/v1/docs/posts?cursor=zzz",
+            S::BAD_REQUEST,
+            "invalid_cursor",
+        )
+        .token(&alice),
         case("not found", M::GET, &missing, S::NOT_FOUND, "not_found").token(&alice),
-        case("put not found", M::PUT, &missing, S::NOT_FOUND, "not_found").token(&alice).json(r#"{"data": {}}"#),
-        case("delete not found", M::DELETE, &missing, S::NOT_FOUND, "not_found").token(&alice),
+        case("put not found", M::PUT, &missing, S::NOT_FOUND, "not_found")
+            .token(&alice)
+            .json(r#"{"data": {}}"#),
+        case(
+            "delete not found",
+            M::DELETE,
+            &missing,
+            S::NOT_FOUND,
+            "not_found",
+        )
+        .token(&alice),
         // Routing.
-        case("unknown route", M::GET, "/v1/nothing", S::NOT_FOUND, "route_not_found").token(&alice),
-        case("too deep", M::GET, &format!("{item}/extra"), S::NOT_FOUND, "route_not_found").token(&alice),
-        case("wrong method on item", M::POST, &item, S::METHOD_NOT_ALLOWED, "method_not_allowed").token(&alice).json("{}"),
-        case("wrong method on collection", M::DELETE, "/v1/docs/posts", S::METHOD_NOT_ALLOWED, "method_not_allowed").token(&alice),
-        case("wrong method on health", M::POST, "/health", S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        case(
+            "unknown route",
+            M::GET,
+            "/v1/nothing",
+            S::NOT_FOUND,
+            "route_not_found",
+        )
+        .token(&alice),
+        case(
+            "too deep",
+            M::GET,
+            &format!("{item}/extra"),
+            S::NOT_FOUND,
+            "route_not_found",
+        )
+        .token(&alice),
+        case(
+            "wrong method on item",
+            M::POST,
+            &item,
+            S::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        )
+        .token(&alice)
+        .json("{}"),
+        case(
+            "wrong method on collection",
+            M::DELETE,
+            "/v1/docs/posts",
+            S::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        )
+        .token(&alice),
+        case(
+            "wrong method on health",
+            M::POST,
+            "/health",
+            S::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
     ];
     // Bad type names and ids, on every document route.
     let routes = [
@@ -159,22 +413,133 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
         let path = |t: &str, id: &str| pattern.replace("{type}", t).replace("{id}", id);
         let good = path("posts", &victim.id.to_string());
         let body = r#"{"data": {"changed": true}}"#;
-        let with_body = |c: Case| if *method == M::POST || *method == M::PUT || *method == M::PATCH { c.json(body) } else { c };
-        cases.push(with_body(case("bad type", method.clone(), &path("Bad%20Type", &victim.id.to_string()), S::BAD_REQUEST, "invalid_type").token(&alice)));
-        cases.push(with_body(case("type too long", method.clone(), &path(&"a".repeat(65), &victim.id.to_string()), S::BAD_REQUEST, "invalid_type").token(&alice)));
+        let with_body = |c: Case| {
+            if *method == M::POST || *method == M::PUT || *method == M::PATCH {
+                c.json(body)
+            } else {
+                c
+            }
+        };
+        cases.push(with_body(
+            case(
+                "bad type",
+                method.clone(),
+                &path("Bad%20Type", &victim.id.to_string()),
+                S::BAD_REQUEST,
+                "invalid_type",
+            )
+            .token(&alice),
+        ));
+        cases.push(with_body(
+            case(
+                "type too long",
+                method.clone(),
+                &path(&"a".repeat(65), &victim.id.to_string()),
+                S::BAD_REQUEST,
+                "invalid_type",
+            )
+            .token(&alice),
+        ));
         if *has_id {
-            cases.push(with_body(case("bad uuid", method.clone(), &path("posts", "not-a-uuid"), S::BAD_REQUEST, "invalid_id").token(&alice)));
-            cases.push(with_body(case("another user's document", method.clone(), &good, S::FORBIDDEN, "forbidden").token(&bob)));
+            cases.push(with_body(
+                case(
+                    "bad uuid",
+                    method.clone(),
+                    &path("posts", "not-a-uuid"),
+                    S::BAD_REQUEST,
+                    "invalid_id",
+                )
+                .token(&alice),
+            ));
+            cases.push(with_body(
+                case(
+                    "another user's document",
+                    method.clone(),
+                    &good,
+                    S::FORBIDDEN,
+                    "forbidden",
+                )
+                .token(&bob),
+            ));
         }
-        cases.push(with_body(case("no token", method.clone(), &good, S::UNAUTHORIZED, "unauthenticated")));
-        cases.push(with_body(case("not bearer", method.clone(), &good, S::UNAUTHORIZED, "invalid_token").header("authorization", "Basic YWxpY2U6eA==")));
-        cases.push(with_body(case("garbage token", method.clone(), &good, S::UNAUTHORIZED, "invalid_token").token("garbage")));
-        cases.push(with_body(case("expired token", method.clone(), &good, S::UNAUTHORIZED, "token_expired").token(&expired)));
-        cases.push(with_body(case("forged token", method.clone(), &good, S::UNAUTHORIZED, "invalid_token").token(&forged)));
-        cases.push(with_body(case("wrong type scope", method.clone(), &good, S::FORBIDDEN, "missing_scope").token(&notes_only)));
+        cases.push(with_body(case(
+            "no token",
+            method.clone(),
+            &good,
+            S::UNAUTHORIZED,
+            "unauthenticated",
+        )));
+        cases.push(with_body(
+            case(
+                "not bearer",
+                method.clone(),
+                &good,
+                S::UNAUTHORIZED,
+                "invalid_token",
+            )
+            .header("authorization", "Basic YWxpY2U6eA=="),
+        ));
+        cases.push(with_body(
+            case(
+                "garbage token",
+                method.clone(),
+                &good,
+                S::UNAUTHORIZED,
+                "invalid_token",
+            )
+            .token("garbage"),
+        ));
+        cases.push(with_body(
+            case(
+                "expired token",
+                method.clone(),
+                &good,
+                S::UNAUTHORIZED,
+                "token_expired",
+            )
+            .token(&expired),
+        ));
+        cases.push(with_body(
+            case(
+                "forged token",
+                method.clone(),
+                &good,
+                S::UNAUTHORIZED,
+                "invalid_token",
+            )
+            .token(&forged),
+        ));
+        cases.push(with_body(
+            case(
+                "wrong type scope",
+                method.clone(),
+                &good,
+                S::FORBIDDEN,
+                "missing_scope",
+            )
+            .token(&notes_only),
+        ));
         if *method != M::GET {
-            cases.push(with_body(case("read-only token writes", method.clone(), &good, S::FORBIDDEN, "missing_scope").token(&read_only)));
-            cases.push(with_body(case("attenuated to reads", method.clone(), &good, S::FORBIDDEN, "token_restricted").token(&attenuated)));
+            cases.push(with_body(
+                case(
+                    "read-only token writes",
+                    method.clone(),
+                    &good,
+                    S::FORBIDDEN,
+                    "missing_scope",
+                )
+                .token(&read_only),
+            ));
+            cases.push(with_body(
+                case(
+                    "attenuated to reads",
+                    method.clone(),
+                    &good,
+                    S::FORBIDDEN,
+                    "token_restricted",
+                )
+                .token(&attenuated),
+            ));
         }
     }
 
@@ -203,7 +568,13 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
             c.method,
             c.path
         );
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", c.name);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            c.name
+        );
         if status == S::METHOD_NOT_ALLOWED {
             assert!(allow.is_some(), "405 names the allowed methods");
         }
@@ -212,7 +583,11 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
             assert!(!body.to_string().contains("garbage"));
         }
     }
-    assert_eq!(fingerprint(&pool).await, before, "a rejected request changed the database");
+    assert_eq!(
+        fingerprint(&pool).await,
+        before,
+        "a rejected request changed the database"
+    );
     pool.close().await;
     s.finish().await;
 }
@@ -240,7 +615,10 @@ async fn chunked_oversized_body_is_refused() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("body_too_large"), "{text}");
     let pool = s.sql().await;
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM documents").fetch_one(&pool).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM documents")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(count, 0);
     pool.close().await;
     s.finish().await;
@@ -250,16 +628,42 @@ async fn chunked_oversized_body_is_refused() {
 #[tokio::test]
 async fn health_and_metrics() {
     let s = TestServer::start().await;
-    let health: Value = s.client.get(s.url("/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = s
+        .client
+        .get(s.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["database"], "ok");
     let alice = s.token(ALICE, &["*"]);
-    s.client.get(s.url("/v1/docs/posts")).bearer_auth(&alice).send().await.unwrap();
-    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    s.client
+        .get(s.url("/v1/docs/posts"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
-        metrics.contains(r#"vibe_http_requests_total{route="/v1/docs/{type}",method="GET",status="200"}"#),
+        metrics.contains(
+            r#"vibe_http_requests_total{route="/v1/docs/{type}",method="GET",status="200"}"#
+        ),
         "{metrics}"
     );
-    assert!(metrics.contains("vibe_http_request_duration_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("vibe_http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     s.finish().await;
 }

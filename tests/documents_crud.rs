@@ -1,5 +1,6 @@
 //! Document CRUD over real HTTP against a real PostgreSQL: round trips, optimistic concurrency,
 //! merge-patch semantics, ACL enforcement, the global index, and keyset pagination.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 
@@ -19,7 +20,12 @@ async fn create(s: &TestServer, token: &str, body: Value) -> Document {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
     r.json().await.unwrap()
 }
 
@@ -42,7 +48,14 @@ async fn create_get_round_trip() {
     let created: Document = r.json().await.unwrap();
     assert_eq!(location, format!("/v1/docs/posts/{}", created.id));
     assert_eq!(created.id.get_version_num(), 7, "server ids are UUIDv7");
-    assert_eq!((created.rev, created.owner.as_str(), created.doc_type.as_str()), (1, ALICE, "posts"));
+    assert_eq!(
+        (
+            created.rev,
+            created.owner.as_str(),
+            created.doc_type.as_str()
+        ),
+        (1, ALICE, "posts")
+    );
     assert_eq!(created.created_at, created.updated_at);
 
     let fetched: Document = s
@@ -93,7 +106,11 @@ async fn replace_with_if_match() {
     let url = s.url(&format!("/v1/docs/posts/{}", doc.id));
 
     let put = |rev: Option<&str>, v: i64| {
-        let mut b = s.client.put(&url).bearer_auth(&alice).json(&json!({"data": {"v": v}}));
+        let mut b = s
+            .client
+            .put(&url)
+            .bearer_auth(&alice)
+            .json(&json!({"data": {"v": v}}));
         if let Some(rev) = rev {
             b = b.header("if-match", rev);
         }
@@ -110,14 +127,35 @@ async fn replace_with_if_match() {
     // A stale revision is refused and changes nothing.
     let r = put(Some("1"), 3).await.unwrap();
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "rev_mismatch");
-    let now: Document = s.client.get(&url).bearer_auth(&alice).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "rev_mismatch"
+    );
+    let now: Document = s
+        .client
+        .get(&url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!((now.rev, &now.data), (2, &json!({"v": 2})));
 
     // No If-Match (or `*`): last writer wins.
     assert_eq!(put(None, 4).await.unwrap().status(), StatusCode::OK);
     assert_eq!(put(Some("*"), 5).await.unwrap().status(), StatusCode::OK);
-    let now: Document = s.client.get(&url).bearer_auth(&alice).send().await.unwrap().json().await.unwrap();
+    let now: Document = s
+        .client
+        .get(&url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!((now.rev, &now.data), (4, &json!({"v": 5})));
     s.finish().await;
 }
@@ -139,12 +177,28 @@ async fn concurrent_writers_at_the_same_revision_one_wins() {
         attempts.spawn(async move { request.send().await.unwrap().status() });
     }
     let statuses = attempts.join_all().await;
-    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 1, "{statuses:?}");
     assert_eq!(
-        statuses.iter().filter(|s| **s == StatusCode::PRECONDITION_FAILED).count(),
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::PRECONDITION_FAILED)
+            .count(),
         11
     );
-    let now: Document = s.client.get(&url).bearer_auth(&alice).send().await.unwrap().json().await.unwrap();
+    let now: Document = s
+        .client
+        .get(&url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(now.rev, 2);
     s.finish().await;
 }
@@ -212,13 +266,33 @@ async fn delete_removes_and_respects_if_match() {
     let alice = s.token(ALICE, &["*"]);
     let doc = create(&s, &alice, json!({"data": {}})).await;
     let url = s.url(&format!("/v1/docs/posts/{}", doc.id));
-    let r = s.client.delete(&url).bearer_auth(&alice).header("if-match", "\"7\"").send().await.unwrap();
+    let r = s
+        .client
+        .delete(&url)
+        .bearer_auth(&alice)
+        .header("if-match", "\"7\"")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
-    let r = s.client.delete(&url).bearer_auth(&alice).header("if-match", "\"1\"").send().await.unwrap();
+    let r = s
+        .client
+        .delete(&url)
+        .bearer_auth(&alice)
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let r = s.client.get(&url).bearer_auth(&alice).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = s.client.delete(&url).bearer_auth(&alice).send().await.unwrap();
+    let r = s
+        .client
+        .delete(&url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     s.finish().await;
 }
@@ -238,15 +312,31 @@ async fn acl_governs_other_users_and_the_global_index() {
     )
     .await;
     let get = |id: uuid::Uuid, token: &str| {
-        s.client.get(s.url(&format!("/v1/docs/posts/{id}"))).bearer_auth(token.to_owned()).send()
+        s.client
+            .get(s.url(&format!("/v1/docs/posts/{id}")))
+            .bearer_auth(token.to_owned())
+            .send()
     };
-    assert_eq!(get(private.id, &bob).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(private.id, &bob).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(get(shared.id, &bob).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(get(shared.id, &carol).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(shared.id, &carol).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
 
     // Bob may write the shared document but not change its ACL.
     let url = s.url(&format!("/v1/docs/posts/{}", shared.id));
-    let r = s.client.put(&url).bearer_auth(&bob).json(&json!({"data": {"title": "edited"}})).send().await.unwrap();
+    let r = s
+        .client
+        .put(&url)
+        .bearer_auth(&bob)
+        .json(&json!({"data": {"title": "edited"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let r = s
         .client
@@ -257,15 +347,30 @@ async fn acl_governs_other_users_and_the_global_index() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "acl_owner_only");
-    let r = s.client.delete(s.url(&format!("/v1/docs/posts/{}", private.id))).bearer_auth(&bob).send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "acl_owner_only"
+    );
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/docs/posts/{}", private.id)))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // The global index lists exactly the public document, and follows ACL changes.
     let pool = s.sql().await;
     let refs: Vec<(uuid::Uuid, String)> =
-        sqlx::query_as("SELECT doc_id, ref FROM doc_refs ORDER BY doc_id").fetch_all(&pool).await.unwrap();
-    assert_eq!(refs, vec![(shared.id, format!("{ALICE}/posts/{}", shared.id))]);
+        sqlx::query_as("SELECT doc_id, ref FROM doc_refs ORDER BY doc_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        refs,
+        vec![(shared.id, format!("{ALICE}/posts/{}", shared.id))]
+    );
     let summary: (bool, Vec<String>, Vec<String>) = sqlx::query_as(
         "SELECT read_public, read_allow_dids, read_deny_dids FROM documents WHERE id = $1",
     )
@@ -274,11 +379,24 @@ async fn acl_governs_other_users_and_the_global_index() {
     .await
     .unwrap();
     assert_eq!(summary, (true, vec![], vec![CAROL.to_owned()]));
-    let r = s.client.put(&url).bearer_auth(&alice).json(&json!({"data": {}, "acl": {}})).send().await.unwrap();
+    let r = s
+        .client
+        .put(&url)
+        .bearer_auth(&alice)
+        .json(&json!({"data": {}, "acl": {}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM doc_refs").fetch_one(&pool).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM doc_refs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(count, 0);
-    assert_eq!(get(shared.id, &bob).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        get(shared.id, &bob).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
     pool.close().await;
     s.finish().await;
 }
@@ -301,7 +419,13 @@ async fn pagination_has_no_duplicates_or_gaps_under_concurrent_inserts() {
         let alice = alice.clone();
         tokio::spawn(async move {
             for i in 0..60 {
-                let r = client.post(&url).bearer_auth(&alice).json(&json!({"data": {"late": i}})).send().await.unwrap();
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&alice)
+                    .json(&json!({"data": {"late": i}}))
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), StatusCode::CREATED);
             }
         })
@@ -313,7 +437,16 @@ async fn pagination_has_no_duplicates_or_gaps_under_concurrent_inserts() {
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
-        let page: DocumentPage = s.client.get(&url).bearer_auth(&alice).send().await.unwrap().json().await.unwrap();
+        let page: DocumentPage = s
+            .client
+            .get(&url)
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert!(page.docs.len() <= 25);
         seen.extend(page.docs);
         match page.next {
@@ -325,10 +458,17 @@ async fn pagination_has_no_duplicates_or_gaps_under_concurrent_inserts() {
     let ids: Vec<_> = seen.iter().map(|d| d.id).collect();
     let unique: HashSet<_> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "a document appeared twice");
-    assert!(existing.is_subset(&unique), "a document that existed before paging was skipped");
-    assert!(seen.iter().all(|d| d.owner == ALICE), "only the caller's documents are listed");
     assert!(
-        seen.windows(2).all(|w| (w[0].created_at, w[0].id) > (w[1].created_at, w[1].id)),
+        existing.is_subset(&unique),
+        "a document that existed before paging was skipped"
+    );
+    assert!(
+        seen.iter().all(|d| d.owner == ALICE),
+        "only the caller's documents are listed"
+    );
+    assert!(
+        seen.windows(2)
+            .all(|w| (w[0].created_at, w[0].id) > (w[1].created_at, w[1].id)),
         "newest first, strictly"
     );
     s.finish().await;

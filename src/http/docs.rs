@@ -17,7 +17,11 @@ use crate::wire::{Document, DocumentPage, NewDocument, ReplaceDocument};
 const JSON: &[&str] = &["application/json"];
 const MERGE_PATCH: &[&str] = &["application/merge-patch+json", "application/json"];
 
-pub(super) async fn create(app: &App, doc_type: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn create(
+    app: &App,
+    doc_type: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let body: NewDocument = read_json(app, req, JSON).await?;
@@ -34,7 +38,12 @@ pub(super) async fn create(app: &App, doc_type: &str, req: Request<Incoming>) ->
     Ok(response)
 }
 
-pub(super) async fn get(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn get(
+    app: &App,
+    doc_type: &str,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Read, doc_type)?;
     let id = parse_id(id)?;
@@ -42,7 +51,12 @@ pub(super) async fn get(app: &App, doc_type: &str, id: &str, req: Request<Incomi
     Ok(document_response(StatusCode::OK, &doc))
 }
 
-pub(super) async fn replace(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn replace(
+    app: &App,
+    doc_type: &str,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
@@ -59,7 +73,12 @@ pub(super) async fn replace(app: &App, doc_type: &str, id: &str, req: Request<In
 }
 
 /// RFC 7396 JSON Merge Patch over the writable part of the document, `{"data": ..., "acl": ...}`.
-pub(super) async fn patch(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn patch(
+    app: &App,
+    doc_type: &str,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
@@ -71,7 +90,10 @@ pub(super) async fn patch(app: &App, doc_type: &str, id: &str, req: Request<Inco
             "a merge patch for a document is a JSON object",
         ));
     };
-    if let Some(key) = fields.keys().find(|k| !matches!(k.as_str(), "data" | "acl")) {
+    if let Some(key) = fields
+        .keys()
+        .find(|k| !matches!(k.as_str(), "data" | "acl"))
+    {
         return Err(ApiError::bad_request(
             "read_only_field",
             format!("`{key}` cannot be patched; only `data` and `acl` are writable"),
@@ -97,12 +119,19 @@ pub(super) async fn patch(app: &App, doc_type: &str, id: &str, req: Request<Inco
     Ok(document_response(StatusCode::OK, &doc))
 }
 
-pub(super) async fn delete(app: &App, doc_type: &str, id: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn delete(
+    app: &App,
+    doc_type: &str,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
     let expected_rev = if_match(&req)?;
-    app.store.delete(&claims.subject, doc_type, id, expected_rev).await?;
+    app.store
+        .delete(&claims.subject, doc_type, id, expected_rev)
+        .await?;
     let mut response = HttpResponse::new(Default::default());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
@@ -115,7 +144,11 @@ struct ListParams {
     cursor: Option<String>,
 }
 
-pub(super) async fn list(app: &App, doc_type: &str, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn list(
+    app: &App,
+    doc_type: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Read, doc_type)?;
     let params: ListParams = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
@@ -198,16 +231,22 @@ fn if_match(req: &Request<Incoming>) -> Result<Option<i64>, ApiError> {
 }
 
 fn encode_cursor(c: ListCursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}.{}", c.created_at.timestamp_micros(), c.id.simple()))
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}.{}",
+        c.created_at.timestamp_micros(),
+        c.id.simple()
+    ))
 }
 
 fn decode_cursor(s: &str) -> Result<ListCursor, ApiError> {
-    let bad = || ApiError::bad_request("invalid_cursor", "the cursor is not one this server issued");
+    let bad =
+        || ApiError::bad_request("invalid_cursor", "the cursor is not one this server issued");
     let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
     let text = std::str::from_utf8(&raw).map_err(|_| bad())?;
     let (micros, id) = text.split_once('.').ok_or_else(bad)?;
     Ok(ListCursor {
-        created_at: DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?,
+        created_at: DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?)
+            .ok_or_else(bad)?,
         id: Uuid::try_parse(id).map_err(|_| bad())?,
     })
 }

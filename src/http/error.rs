@@ -115,9 +115,11 @@ impl From<StoreError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::Expired => {
-                ApiError::new(StatusCode::UNAUTHORIZED, "token_expired", "the token has expired")
-            }
+            AuthError::Expired => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                "the token has expired",
+            ),
             AuthError::Invalid => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_token",

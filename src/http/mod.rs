@@ -102,8 +102,14 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("stopped accepting; waiting for in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "in-flight requests still running after the grace period");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "in-flight requests still running after the grace period"
+        );
     }
 }
 
@@ -116,10 +122,15 @@ async fn handle(
     let request_id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let matched = app
-        .router
-        .at(&path)
-        .map(|m| (*m.value, m.params.iter().map(|(_, v)| v.to_owned()).collect::<Vec<_>>()));
+    let matched = app.router.at(&path).map(|m| {
+        (
+            *m.value,
+            m.params
+                .iter()
+                .map(|(_, v)| v.to_owned())
+                .collect::<Vec<_>>(),
+        )
+    });
     let (label, result) = match matched {
         Ok((route, params)) => (route.pattern(), dispatch(&app, route, &params, req).await),
         Err(_) => (
@@ -166,7 +177,12 @@ fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(|| uuid::Uuid::now_v7().simple().to_string(), str::to_owned)
 }
 
-async fn dispatch(app: &App, route: Route, params: &[String], req: Request<Incoming>) -> HandlerResult {
+async fn dispatch(
+    app: &App,
+    route: Route,
+    params: &[String],
+    req: Request<Incoming>,
+) -> HandlerResult {
     let method = req.method().clone();
     match (route, params) {
         (Route::Health, _) if method == Method::GET => health(app).await,
@@ -206,13 +222,22 @@ async fn health(app: &App) -> HandlerResult {
         "database": if db_ok { "ok" } else { "unavailable" },
         "version": env!("CARGO_PKG_VERSION"),
     });
-    let status = if db_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if db_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     Ok(json(status, &body))
 }
 
 /// The verified claims of the bearer token, for a request needing `access` to `doc_type`, with
 /// the matching scope required.
-pub fn authorize(app: &App, headers: &HeaderMap, access: Access, doc_type: &str) -> Result<Claims, ApiError> {
+pub fn authorize(
+    app: &App,
+    headers: &HeaderMap,
+    access: Access,
+    doc_type: &str,
+) -> Result<Claims, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -259,7 +284,13 @@ pub async fn read_json<T: DeserializeOwned>(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
     if !ct.as_deref().is_some_and(|ct| content_types.contains(&ct)) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -312,9 +343,10 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> HttpResponse {
     };
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -334,7 +366,10 @@ mod tests {
     #[test]
     fn routes_resolve() {
         let r = router();
-        assert_eq!(*r.at("/v1/docs/posts").unwrap().value, Route::DocsCollection);
+        assert_eq!(
+            *r.at("/v1/docs/posts").unwrap().value,
+            Route::DocsCollection
+        );
         assert_eq!(*r.at("/v1/docs/posts/abc").unwrap().value, Route::DocsItem);
         assert!(r.at("/v1/docs").is_err());
         assert!(r.at("/v1/docs/posts/abc/def").is_err());

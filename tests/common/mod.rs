@@ -19,7 +19,9 @@ pub fn admin_url() -> String {
 /// Creates an empty database with a unique name and returns its URL.
 pub async fn fresh_database() -> (String, String) {
     let name = format!("vibe_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.expect("connect to the test PostgreSQL");
+    let mut conn = sqlx::PgConnection::connect(&admin_url())
+        .await
+        .expect("connect to the test PostgreSQL");
     // The name is generated above from a UUID: no outside input reaches the statement.
     conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await
@@ -36,7 +38,9 @@ pub async fn fresh_database() -> (String, String) {
 pub async fn drop_database(name: &str) {
     if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url()).await {
         let _ = conn
-            .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
             .await;
     }
 }
@@ -94,7 +98,11 @@ impl TestServer {
 
     /// A token for `subject` with `scopes`, valid for an hour.
     pub fn token(&self, subject: &str, scopes: &[&str]) -> String {
-        self.token_until(subject, scopes, SystemTime::now() + Duration::from_secs(3600))
+        self.token_until(
+            subject,
+            scopes,
+            SystemTime::now() + Duration::from_secs(3600),
+        )
     }
 
     pub fn token_until(&self, subject: &str, scopes: &[&str], until: SystemTime) -> String {
@@ -108,7 +116,9 @@ impl TestServer {
 
     /// A direct connection pool to this test's database.
     pub async fn sql(&self) -> PgPool {
-        PgPool::connect(&self.db_url).await.expect("connect to test db")
+        PgPool::connect(&self.db_url)
+            .await
+            .expect("connect to test db")
     }
 
     /// Stops the server and drops the database.

@@ -1,0 +1,182 @@
+//! `vibe serve` with no database URL: it initialises and starts a private PostgreSQL in its data
+//! dir, serves a write, stops the cluster on SIGTERM, and on the next start still has the write.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const VIBE: &str = env!("CARGO_BIN_EXE_vibe");
+
+fn vibe(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(VIBE);
+    cmd.env("VIBE_DATA_DIR", data_dir)
+        .env("VIBE_LISTEN", "127.0.0.1:0")
+        .env("VIBE_LOG__FORMAT", "json")
+        .env_remove("DATABASE_URL")
+        .env_remove("VIBE_DATABASE_URL")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// Starts `vibe serve` and returns it with its base URL, read from its "listening" log line.
+fn serve(data_dir: &Path) -> (Child, String) {
+    let mut child = vibe(data_dir)
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("vibe serve exited before listening")
+            .unwrap();
+        let entry: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if let Some(addr) = entry["fields"]["addr"].as_str() {
+            break format!("http://{addr}");
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
+fn stop(mut child: Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "vibe serve exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_without_url_runs_a_private_postgres_that_persists() {
+    if vibe::embedded_db::find_bin_dir().is_none() {
+        panic!(
+            "PostgreSQL server binaries are required for this test (apt-get install postgresql)"
+        );
+    }
+    let root = tempfile::tempdir().unwrap();
+    // As root the cluster runs as `postgres`, which must be able to enter the folder.
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let data_dir = root.path().join("data");
+
+    let (child, base) = tokio::task::spawn_blocking({
+        let d = data_dir.clone();
+        move || serve(&d)
+    })
+    .await
+    .unwrap();
+    let cluster = data_dir.join("postgres");
+    assert!(
+        cluster.join("PG_VERSION").exists(),
+        "initdb ran in the data dir"
+    );
+    assert!(
+        cluster.join("postmaster.pid").exists(),
+        "the cluster is running"
+    );
+    // No TCP listener: the only way in is the socket inside the cluster folder.
+    let conf = std::fs::read_to_string(cluster.join("postgresql.conf")).unwrap();
+    assert!(conf.contains("listen_addresses = ''"));
+
+    let out = vibe(&data_dir)
+        .args([
+            "token",
+            "mint",
+            "--sub",
+            "did:key:zAlice",
+            "--scope",
+            "write:notes",
+            "--scope",
+            "read:notes",
+            "--ttl",
+            "10m",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let key = data_dir.join("keys/root.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "root key is private");
+
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{base}/v1/docs/notes"))
+        .bearer_auth(&token)
+        .json(&json!({"data": {"text": "survives restarts"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    assert!(
+        !cluster.join("postmaster.pid").exists(),
+        "the cluster was stopped cleanly"
+    );
+
+    let (child, base) = tokio::task::spawn_blocking({
+        let d = data_dir.clone();
+        move || serve(&d)
+    })
+    .await
+    .unwrap();
+    let r = client
+        .get(format!("{base}/v1/docs/notes/{id}"))
+        .bearer_auth(&token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let fetched: Value = r.json().await.unwrap();
+    assert_eq!(fetched["data"]["text"], "survives restarts");
+    tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn invalid_config_fails_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vibe(dir.path())
+        .env("VIBE_HTTP__MAX_BODY_BYTES", "lots")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_body_bytes"), "{err}");
+
+    let file = dir.path().join("vibe.toml");
+    std::fs::write(&file, "[http]\ndefault_page_size = 0\n").unwrap();
+    let out = vibe(dir.path())
+        .args(["--config"])
+        .arg(&file)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.default_page_size"), "{err}");
+}
