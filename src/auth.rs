@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use biscuit_auth::builder::{Fact, date, fact, string};
@@ -25,6 +26,9 @@ const LIMITS: AuthorizerLimits = AuthorizerLimits {
     max_iterations: 100,
     max_time: Duration::from_millis(50),
 };
+
+/// Verified tokens remembered per node (a few hundred bytes each).
+const VERIFIED_CACHE_CAPACITY: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -147,6 +151,11 @@ impl Claims {
 /// The node's token root key: mints and verifies tokens.
 pub struct TokenAuthority {
     keypair: KeyPair,
+    /// Verified single-block tokens. Such a token is signed by this node and was minted by
+    /// [`TokenAuthority::mint_until`], so its only check is the expiry, which every hit re-checks:
+    /// its verdict cannot depend on the request. Attenuated tokens (more blocks) carry checks
+    /// over request facts and are verified in full every time.
+    verified: quick_cache::sync::Cache<String, Arc<Claims>>,
 }
 
 impl fmt::Debug for TokenAuthority {
@@ -159,6 +168,13 @@ impl fmt::Debug for TokenAuthority {
 }
 
 impl TokenAuthority {
+    fn new(keypair: KeyPair) -> Self {
+        Self {
+            keypair,
+            verified: quick_cache::sync::Cache::new(VERIFIED_CACHE_CAPACITY),
+        }
+    }
+
     /// Loads `<data_dir>/keys/root.key`, creating it (mode 0600, folder 0700) on first run.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, AuthError> {
         let path = data_dir.join(ROOT_KEY_FILE);
@@ -172,16 +188,14 @@ impl TokenAuthority {
                     .trim()
                     .parse::<PrivateKey>()
                     .map_err(|_| AuthError::BadKeyFile(path.display().to_string()))?;
-                Ok(Self {
-                    keypair: KeyPair::from(&private),
-                })
+                Ok(Self::new(KeyPair::from(&private)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let keypair = KeyPair::new();
                 write_secret(&path, keypair.private().to_prefixed_string().as_bytes())
                     .map_err(io_err)?;
                 tracing::info!(path = %path.display(), "created token root key");
-                Ok(Self { keypair })
+                Ok(Self::new(keypair))
             }
             Err(e) => Err(io_err(e)),
         }
@@ -238,22 +252,56 @@ impl TokenAuthority {
         token: &str,
         access: Access,
         doc_type: Option<&str>,
-    ) -> Result<Claims, AuthError> {
+    ) -> Result<Arc<Claims>, AuthError> {
+        self.verify_at(token, access, doc_type, SystemTime::now())
+    }
+
+    /// [`TokenAuthority::verify`] as of `now`.
+    pub fn verify_at(
+        &self,
+        token: &str,
+        access: Access,
+        doc_type: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Arc<Claims>, AuthError> {
+        if let Some(claims) = self.verified.get(token) {
+            if claims.expires_at < now {
+                self.verified.remove(token);
+                return Err(AuthError::Expired);
+            }
+            return Ok(claims);
+        }
         let biscuit =
             Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
-        let now = SystemTime::now();
-        let mut facts: Vec<Fact> = vec![fact("operation", &[string(access.as_str())])];
+        let claims = Arc::new(self.authorize(&biscuit, now, access, doc_type)?);
+        if biscuit.block_count() == 1 {
+            self.verified.insert(token.to_owned(), claims.clone());
+        }
+        Ok(claims)
+    }
+
+    fn authorize(
+        &self,
+        biscuit: &Biscuit,
+        now: SystemTime,
+        access: Access,
+        doc_type: Option<&str>,
+    ) -> Result<Claims, AuthError> {
+        let mut facts: Vec<Fact> = vec![
+            fact("time", &[date(&now)]),
+            fact("operation", &[string(access.as_str())]),
+        ];
         if let Some(t) = doc_type {
             facts.push(fact("doc_type", &[string(t)]));
         }
-        let mut builder = biscuit_auth::AuthorizerBuilder::new().time();
+        let mut builder = biscuit_auth::AuthorizerBuilder::new();
         for f in facts {
             builder = builder.fact(f).map_err(|_| AuthError::Invalid)?;
         }
         let mut authorizer = builder
             .allow_all()
             .set_limits(LIMITS)
-            .build(&biscuit)
+            .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
         let expires: Vec<(SystemTime,)> = authorizer
             .query("data($t) <- exp($t)")
@@ -407,6 +455,24 @@ mod tests {
         assert!(matches!(
             auth.verify(&narrowed, Access::Write, Some("posts")),
             Err(AuthError::Restricted)
+        ));
+    }
+
+    #[test]
+    fn remembered_tokens_still_expire() {
+        let (_dir, auth) = authority();
+        let now = SystemTime::now();
+        let token = auth
+            .mint_until(ALICE, &[Scope::All], now + Duration::from_secs(10))
+            .unwrap();
+        assert!(auth.verify_at(&token, Access::Read, None, now).is_ok());
+        assert!(
+            auth.verified.get(&token).is_some(),
+            "a single-block token is remembered"
+        );
+        assert!(matches!(
+            auth.verify_at(&token, Access::Read, None, now + Duration::from_secs(20)),
+            Err(AuthError::Expired)
         ));
     }
 

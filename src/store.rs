@@ -74,6 +74,10 @@ impl Store {
         acquire_timeout: Duration,
     ) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
+            // sqlx pings a pooled connection before every use by default: one extra round trip
+            // per request. A connection broken by a database restart fails its next query
+            // instead (answered 503, and the pool discards it).
+            .test_before_acquire(false)
             .max_connections(max_connections)
             .acquire_timeout(acquire_timeout)
             .connect_with(options)

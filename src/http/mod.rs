@@ -237,7 +237,7 @@ pub fn authorize(
     headers: &HeaderMap,
     access: Access,
     doc_type: &str,
-) -> Result<Claims, ApiError> {
+) -> Result<Arc<Claims>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
