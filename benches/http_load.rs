@@ -8,8 +8,11 @@
 //!
 //! Modes:
 //! - `create`: `POST /v1/docs/{type}` with `{"data":{"title":"bench","n":<counter>}}`.
-//! - `read`: first creates `--read-docs` documents (not measured), then
-//!   `GET /v1/docs/{type}/{id}` on ids drawn uniformly at random among them.
+//! - `read`: first creates `--read-docs` documents (not measured) with deterministic ids, then
+//!   `GET /v1/docs/{type}/{id}` on ids drawn uniformly at random among them. Document n
+//!   (1..=`--read-docs`) has the id `00000000-0000-4000-8000-` followed by n as 12 zero-padded
+//!   decimal digits (see [`read_doc_id`]), so other tools (pgbench) can read the same rows. A
+//!   document that already exists (409, e.g. a rerun on the same database) is kept as it is.
 //!
 //! Only loopback URLs are accepted: this is a benchmark for a local server.
 //!
@@ -62,9 +65,10 @@ struct Args {
     /// Document type the requests use.
     #[arg(long = "type", default_value = "benchdocs")]
     doc_type: String,
-    /// Documents created before a read run; reads pick among them.
+    /// Documents created before a read run (numbered 1..=N, see the module docs); reads pick among
+    /// them.
     #[arg(long, default_value_t = 1000)]
-    read_docs: usize,
+    read_docs: u64,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -144,7 +148,8 @@ impl Tally {
 
 /// The outcome of one request.
 enum Outcome {
-    Ok(Bytes),
+    /// A 2xx answer (its body read in full and dropped).
+    Ok,
     /// A non-2xx answer: status and body.
     Status(u16, Bytes),
     /// The connection failed; the worker reconnects.
@@ -186,7 +191,7 @@ impl Conn {
             Err(e) => return Outcome::Transport(format!("reading the body failed: {e}")),
         };
         if status.is_success() {
-            Outcome::Ok(body)
+            Outcome::Ok
         } else {
             Outcome::Status(status.as_u16(), body)
         }
@@ -220,6 +225,23 @@ impl Target {
         let body = format!(r#"{{"data":{{"title":"bench","n":{n}}}}}"#);
         self.request(Method::POST, &self.collection_path, Some(body))
     }
+
+    /// `POST` creating read document `n` under its deterministic id.
+    fn seed_request(&self, n: u64) -> anyhow::Result<Request<Full<Bytes>>> {
+        let id = read_doc_id(n);
+        let body = format!(r#"{{"id":"{id}","data":{{"title":"bench","n":{n}}}}}"#);
+        self.request(Method::POST, &self.collection_path, Some(body))
+    }
+}
+
+/// The largest read document number: [`read_doc_id`] has 12 decimal digits for it.
+const MAX_READ_DOCS: u64 = 999_999_999_999;
+
+/// The id of read document `n` (1..=[`MAX_READ_DOCS`]): `00000000-0000-4000-8000-` followed by
+/// `n` as 12 zero-padded decimal digits, a valid (version 4, RFC 4122 variant) UUID string.
+/// `benches/rest_vs_pgbench.sh` builds the same ids in SQL.
+fn read_doc_id(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
 }
 
 /// Parses `http://HOST:PORT` (no path) and refuses anything but a loopback address.
@@ -260,50 +282,51 @@ fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{name} must be a non-negative number of seconds"))
 }
 
-/// Creates `count` documents over `concurrency` connections; returns their ids.
-async fn seed(
-    target: &Arc<Target>,
-    count: usize,
-    concurrency: usize,
-) -> anyhow::Result<Vec<String>> {
-    let next = Arc::new(AtomicU64::new(0));
+/// Creates read documents 1..=`count` over `concurrency` connections; returns how many were
+/// created and how many already existed (409).
+async fn seed(target: &Arc<Target>, count: u64, concurrency: usize) -> anyhow::Result<(u64, u64)> {
+    let next = Arc::new(AtomicU64::new(1));
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let target = target.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::open(target.addr).await?;
-            let mut ids = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < count as u64 {
-                match conn.send(target.create_request()?).await {
-                    Outcome::Ok(body) => {
-                        let doc: serde_json::Value = serde_json::from_slice(&body)
-                            .context("the create response is not JSON")?;
-                        let id = doc["id"]
-                            .as_str()
-                            .context("the create response has no string `id`")?;
-                        ids.push(id.to_owned());
-                    }
+            let (mut created, mut existing) = (0_u64, 0_u64);
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n > count {
+                    break;
+                }
+                match conn.send(target.seed_request(n)?).await {
+                    Outcome::Ok => created += 1,
+                    Outcome::Status(409, _) => existing += 1,
                     Outcome::Status(status, body) => {
-                        bail!("seeding: HTTP {status}: {}", String::from_utf8_lossy(&body))
+                        bail!(
+                            "seeding {}: HTTP {status}: {}",
+                            read_doc_id(n),
+                            String::from_utf8_lossy(&body)
+                        )
                     }
-                    Outcome::Transport(e) => bail!("seeding: {e}"),
+                    Outcome::Transport(e) => bail!("seeding {}: {e}", read_doc_id(n)),
                 }
             }
-            anyhow::Ok(ids)
+            anyhow::Ok((created, existing))
         }));
     }
-    let mut ids = Vec::with_capacity(count);
+    let (mut created, mut existing) = (0, 0);
     for task in tasks {
-        ids.extend(task.await.context("a seeding task panicked")??);
+        let (c, e) = task.await.context("a seeding task panicked")??;
+        created += c;
+        existing += e;
     }
-    Ok(ids)
+    Ok((created, existing))
 }
 
 async fn worker(
     target: Arc<Target>,
     mode: Mode,
-    ids: Arc<Vec<String>>,
+    read_docs: u64,
     seed: u64,
     measure_from: Instant,
     stop_at: Instant,
@@ -320,7 +343,7 @@ async fn worker(
         let req = match mode {
             Mode::Create => target.create_request()?,
             Mode::Read => {
-                let id = &ids[rng.random_range(0..ids.len())];
+                let id = read_doc_id(rng.random_range(1..=read_docs));
                 target.request(Method::GET, &format!("{item_prefix}{id}"), None)?
             }
         };
@@ -329,7 +352,7 @@ async fn worker(
         let measured = sent >= measure_from && done <= stop_at;
         let in_window = done >= measure_from && done <= stop_at;
         match outcome {
-            Outcome::Ok(_) => {
+            Outcome::Ok => {
                 if in_window {
                     tally.ok += 1;
                 }
@@ -385,24 +408,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         counter: AtomicU64::new(0),
     });
 
-    let ids = match args.mode {
-        Mode::Create => Vec::new(),
-        Mode::Read => {
-            if args.read_docs == 0 {
-                bail!("--read-docs must be at least 1");
-            }
-            let started = Instant::now();
-            let ids = seed(&target, args.read_docs, args.concurrency).await?;
-            println!(
-                "seeded {} documents of type {} in {:.1}s",
-                ids.len(),
-                args.doc_type,
-                started.elapsed().as_secs_f64()
-            );
-            ids
+    if args.mode == Mode::Read {
+        if !(1..=MAX_READ_DOCS).contains(&args.read_docs) {
+            bail!("--read-docs must be between 1 and {MAX_READ_DOCS}");
         }
-    };
-    let ids = Arc::new(ids);
+        let started = Instant::now();
+        let (created, existing) = seed(&target, args.read_docs, args.concurrency).await?;
+        println!(
+            "seeded {} documents of type {} ({created} created, {existing} already there) in {:.1}s",
+            args.read_docs,
+            args.doc_type,
+            started.elapsed().as_secs_f64()
+        );
+    }
 
     let start = Instant::now();
     let measure_from = start + warmup;
@@ -412,7 +430,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(worker(
             target.clone(),
             args.mode,
-            ids.clone(),
+            args.read_docs,
             0x5eed_0000 + i as u64,
             measure_from,
             stop_at,

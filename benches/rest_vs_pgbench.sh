@@ -10,6 +10,8 @@
 # concurrency C runs:
 #   create: Vibe POST /v1/docs/benchdocs          vs pgbench INSERT INTO documents ... (1 row)
 #   read:   Vibe GET  /v1/docs/benchdocs/{id}     vs pgbench SELECT ... WHERE id = ... (1 row)
+# The read runs share READ_ROWS documents that the first REST read run creates with
+# deterministic ids: document n is 00000000-0000-4000-8000-<n as 12 zero-padded digits>.
 # pgbench runs in both -M simple and -M prepared (Vibe's sqlx uses prepared statements).
 # Everything is loopback-only; the database, server and data dir are removed on exit.
 #
@@ -112,17 +114,20 @@ TOKEN="$("$VIBE_BIN" token mint --sub "$SUBJECT" --scope '*' --ttl 24h | tail -n
 # pgbench reads `:name` anywhere in a statement as a variable (`-M prepared` turns it into a
 # parameter), so no colon may be followed by a name character: the owner DID spells its colons
 # as E'\x3a' escapes and the JSON has a space after each colon. Both are the same constants.
+# (`::` casts are fine: pgbench skips a run of colons not followed by a name character.)
 PG_SUBJECT="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
 cat >"$WORK/create.sql" <<SQL
 INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$PG_SUBJECT', '$DOC_TYPE', '{}', '{"title": "bench", "n": 1}');
 SQL
 
-# pgbench variables cannot hold a uuid, so the script draws a row number and looks the id up in
-# bench_ids (primary key on n): two primary-key index lookups per transaction where Vibe does one.
+# pgbench variables cannot hold a uuid, so the script draws a document number n and builds its id
+# the way http_load does (read_id_sql): one primary-key lookup per transaction, like Vibe's GET.
 # The column list and the type filter are the ones Vibe's GET uses.
+READ_ID_PREFIX=00000000-0000-4000-8000-
+read_id_sql() { echo "('$READ_ID_PREFIX' || lpad($1::text, 12, '0'))::uuid"; }
 cat >"$WORK/read.sql" <<SQL
 \set n random(1, $READ_ROWS)
-SELECT id, owner_did, type, created_at, updated_at, rev, acl, data FROM documents WHERE id = (SELECT id FROM bench_ids WHERE n = :n) AND type = '$DOC_TYPE';
+SELECT id, owner_did, type, created_at, updated_at, rev, acl, data FROM documents WHERE id = $(read_id_sql :n) AND type = '$DOC_TYPE';
 SQL
 
 # --- runs --------------------------------------------------------------------------------------
@@ -168,28 +173,22 @@ row() { # op c rest_line simple_line prepared_line
     return 0
 }
 
-BENCH_IDS_READY=""
+READ_ROWS_READY=""
 for c in $CONCURRENCY; do
     rest_create="$(rest create "$c")"
     pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
     pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
     row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
 
+    # The REST read run first creates (or, on later runs, finds) documents 1..READ_ROWS, so it
+    # must come before the pgbench read runs, which read the same rows.
     rest_read="$(rest read "$c")"
-    if [[ -z "$BENCH_IDS_READY" ]]; then
-        # READ_ROWS existing benchdocs ids, numbered 1..READ_ROWS for pgbench's \set.
-        psql_bench <<SQL
-CREATE TABLE bench_ids (n int PRIMARY KEY, id uuid NOT NULL);
-INSERT INTO bench_ids (n, id)
-SELECT row_number() OVER (), id FROM (
-    SELECT id FROM documents WHERE type = '$DOC_TYPE' ORDER BY random() LIMIT $READ_ROWS
-) AS sample;
-ANALYZE bench_ids;
-ANALYZE documents;
-SQL
-        have="$(psql_bench -At -c 'SELECT count(*) FROM bench_ids')"
-        [[ "$have" == "$READ_ROWS" ]] || { echo "error: bench_ids has $have rows, expected $READ_ROWS" >&2; exit 1; }
-        BENCH_IDS_READY=1
+    if [[ -z "$READ_ROWS_READY" ]]; then
+        have="$(psql_bench -At -c "SELECT count(*) FROM documents WHERE type = '$DOC_TYPE' AND id IN (
+            SELECT $(read_id_sql n) FROM generate_series(1, $READ_ROWS) AS n)")"
+        [[ "$have" == "$READ_ROWS" ]] || { echo "error: $have of the $READ_ROWS read documents exist" >&2; exit 1; }
+        psql_bench -c 'ANALYZE documents'
+        READ_ROWS_READY=1
     fi
     pg_read_s="$(pg "$WORK/read.sql" "$c" simple)"
     pg_read_p="$(pg "$WORK/read.sql" "$c" prepared)"
@@ -212,9 +211,10 @@ cat <<EOF
 - REST: one keep-alive HTTP/1.1 connection per concurrent client; req/s counts 2xx answers only
 - pgbench: \`-n -c C -j min(2,C) -T $DURATION\`, one statement per transaction (autocommit)
 - create: REST \`POST /v1/docs/$DOC_TYPE\` vs pgbench \`INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), ...)\`
-- read: REST \`GET /v1/docs/$DOC_TYPE/{id}\` on $READ_ROWS random ids vs pgbench \`SELECT ... FROM documents WHERE id = (SELECT id FROM bench_ids WHERE n = :n)\`
-  with \`\\set n random(1, $READ_ROWS)\`: pgbench variables cannot hold a uuid, so pgbench does two
-  primary-key lookups (bench_ids, then documents) per read where Vibe does one
+- read: both pick n uniformly in 1..$READ_ROWS and fetch the document with the deterministic id
+  \`$READ_ID_PREFIX\` + n as 12 zero-padded digits (seeded by the first REST read run, not measured):
+  REST \`GET /v1/docs/$DOC_TYPE/{id}\` vs pgbench \`SELECT ... FROM documents WHERE id = $(read_id_sql :n) AND type = '$DOC_TYPE'\`
+  with \`\\set n random(1, $READ_ROWS)\`; one primary-key lookup per read on both sides
 - ratio = Vibe REST req/s / pgbench tps (prepared)
 - documents in the table at the end: $DOCS
 
