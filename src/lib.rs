@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod doc_type;
 pub mod embedded_db;
+pub mod feed;
 pub mod http;
 pub mod server;
 pub mod store;
