@@ -1,15 +1,14 @@
 //! Vibe: a realtime personal-data backend on PostgreSQL. This library is the server; the `vibe`
 //! binary is its command line. See ARCHITECTURE.md for the map.
 
-pub mod acl;
 pub mod app;
 pub mod auth;
 pub mod config;
-pub mod doc_type;
 pub mod embedded_db;
 pub mod feed;
 pub mod http;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod wire;
+
+pub use vibe_actors::{acl, doc_type, wire};

@@ -42,7 +42,8 @@ async fn drain(feed: &Feed, cursor: &mut Cursor) -> Vec<vibe::feed::Change> {
     }
 }
 
-const INSERT: &str = "INSERT INTO documents (id, owner_did, type, data) VALUES ($1, 'did:key:zA', 'posts', '{}')";
+const INSERT: &str =
+    "INSERT INTO documents (id, owner_did, type, data) VALUES ($1, 'did:key:zA', 'posts', '{}')";
 
 /// The interleaving from the BRIEF that a `seq > last` cursor (even with an `xid < xmin`
 /// filter) gets wrong: T2 takes its xid first, T3 logs seq 1, T2 logs seq 2 and commits, the
@@ -59,11 +60,17 @@ async fn late_committing_older_transaction_is_not_skipped() {
     sqlx::query("BEGIN").execute(&mut t2).await.unwrap();
     sqlx::query("BEGIN").execute(&mut t3).await.unwrap();
     // T2 takes its xid first, writing elsewhere.
-    let t2_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut t2).await.unwrap();
+    let t2_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut t2)
+        .await
+        .unwrap();
     let (d2, d3) = (Uuid::new_v4(), Uuid::new_v4());
     // T3 logs a change first (lower seq, higher xid).
     sqlx::query(INSERT).bind(d3).execute(&mut t3).await.unwrap();
-    let t3_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut t3).await.unwrap();
+    let t3_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut t3)
+        .await
+        .unwrap();
     assert!(t2_xid.parse::<u64>().unwrap() < t3_xid.parse::<u64>().unwrap());
     // T2 logs (higher seq) and commits.
     sqlx::query(INSERT).bind(d2).execute(&mut t2).await.unwrap();
@@ -74,9 +81,16 @@ async fn late_committing_older_transaction_is_not_skipped() {
 
     sqlx::query("COMMIT").execute(&mut t3).await.unwrap();
     let second = drain(&feed, &mut cursor).await;
-    assert_eq!(second.iter().map(|c| c.doc_id).collect::<Vec<_>>(), vec![d3], "T3's change was skipped");
+    assert_eq!(
+        second.iter().map(|c| c.doc_id).collect::<Vec<_>>(),
+        vec![d3],
+        "T3's change was skipped"
+    );
     assert!(first[0].cursor < second[0].cursor);
-    assert!(drain(&feed, &mut cursor).await.is_empty(), "nothing is delivered twice");
+    assert!(
+        drain(&feed, &mut cursor).await.is_empty(),
+        "nothing is delivered twice"
+    );
 
     pool.close().await;
     common::drop_database(&name).await;
@@ -111,16 +125,22 @@ async fn concurrent_writers_every_change_exactly_once_in_order() {
                     for _ in 0..rng.random_range(1..=2) {
                         if rng.random_bool(0.3) {
                             let id = Uuid::new_v4();
-                            sqlx::query(INSERT).bind(id).execute(&mut *tx).await.unwrap();
-                            writes.push((id, Op::Insert));
-                        } else {
-                            let id = docs[rng.random_range(0..docs.len())];
-                            sqlx::query("UPDATE documents SET rev = rev + 1, data = $2 WHERE id = $1")
+                            sqlx::query(INSERT)
                                 .bind(id)
-                                .bind(serde_json::json!({"w": w, "i": i}))
                                 .execute(&mut *tx)
                                 .await
                                 .unwrap();
+                            writes.push((id, Op::Insert));
+                        } else {
+                            let id = docs[rng.random_range(0..docs.len())];
+                            sqlx::query(
+                                "UPDATE documents SET rev = rev + 1, data = $2 WHERE id = $1",
+                            )
+                            .bind(id)
+                            .bind(serde_json::json!({"w": w, "i": i}))
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
                             writes.push((id, Op::Update));
                         }
                         let pause = rng.random_range(0..3);
@@ -153,8 +173,15 @@ async fn concurrent_writers_every_change_exactly_once_in_order() {
     received.extend(drain(&feed, &mut cursor).await);
 
     assert!(committed.len() >= 2000, "only {} writes", committed.len());
-    assert_eq!(received.len(), committed.len(), "lost or duplicated changes");
-    assert!(received.windows(2).all(|w| w[0].cursor < w[1].cursor), "out of cursor order");
+    assert_eq!(
+        received.len(),
+        committed.len(),
+        "lost or duplicated changes"
+    );
+    assert!(
+        received.windows(2).all(|w| w[0].cursor < w[1].cursor),
+        "out of cursor order"
+    );
     let mut expected: HashMap<(Uuid, &str), usize> = HashMap::new();
     for (id, op) in &committed {
         *expected.entry((*id, op.as_str())).or_default() += 1;
@@ -168,7 +195,11 @@ async fn concurrent_writers_every_change_exactly_once_in_order() {
     let mut last_rev: HashMap<Uuid, i64> = HashMap::new();
     for c in &received {
         let prev = last_rev.insert(c.doc_id, c.rev);
-        assert!(prev.is_none_or(|p| p < c.rev), "revisions of {} out of order", c.doc_id);
+        assert!(
+            prev.is_none_or(|p| p < c.rev),
+            "revisions of {} out of order",
+            c.doc_id
+        );
     }
     let ids: HashSet<_> = received.iter().map(|c| c.cursor).collect();
     assert_eq!(ids.len(), received.len());

@@ -12,17 +12,13 @@
 //!
 //! Invariant: values are bound parameters; no NOTIFY is ever sent from a writer's transaction.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
-use uuid::Uuid;
+pub use vibe_actors::change::{BadCursor, Change, Cursor, Image, Op, SnapshotView};
 
-use crate::acl::{Acl, Operation};
-use crate::wire::Document;
+pub mod listener;
 
 /// Serialises tick creation across all nodes sharing the database.
 const TICK_LOCK: i64 = 0x7669_6265_7469_636b; // "vibetick"
@@ -37,117 +33,6 @@ pub enum FeedError {
     CursorExpired,
     #[error("change feed database error: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-/// A position in the feed: everything in batches before `tick`, and batch `tick` up to `seq`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cursor {
-    pub tick: i64,
-    pub seq: i64,
-}
-
-impl Cursor {
-    /// The position after every change of batch `tick`.
-    pub fn after_batch(tick: i64) -> Self {
-        Self {
-            tick: tick + 1,
-            seq: 0,
-        }
-    }
-}
-
-impl fmt::Display for Cursor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.tick, self.seq)
-    }
-}
-
-/// A cursor string that is not `<tick>-<seq>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a cursor looks like `<tick>-<seq>`, e.g. `42-1007`")]
-pub struct BadCursor;
-
-impl FromStr for Cursor {
-    type Err = BadCursor;
-    fn from_str(s: &str) -> Result<Self, BadCursor> {
-        let (tick, seq) = s.split_once('-').ok_or(BadCursor)?;
-        let tick: i64 = tick.parse().map_err(|_| BadCursor)?;
-        let seq: i64 = seq.parse().map_err(|_| BadCursor)?;
-        if tick < 1 || seq < 0 {
-            return Err(BadCursor);
-        }
-        Ok(Self { tick, seq })
-    }
-}
-
-/// What happened to a document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Insert,
-    Update,
-    Delete,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Delete => "delete",
-        }
-    }
-}
-
-/// The ACL and data of a document at one revision.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Image {
-    pub acl: Acl,
-    pub data: serde_json::Value,
-}
-
-/// One committed document write.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    pub cursor: Cursor,
-    pub op: Op,
-    pub doc_id: Uuid,
-    pub doc_type: String,
-    pub owner: String,
-    pub rev: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// When the trigger ran (inside the writer's transaction): the start of feed latency.
-    pub logged_at: DateTime<Utc>,
-    /// After the write (insert, update).
-    pub new: Option<Image>,
-    /// Before the write (update, delete).
-    pub old: Option<Image>,
-}
-
-impl Change {
-    /// The document after the change, if it still exists.
-    pub fn document(&self) -> Option<Document> {
-        self.new.as_ref().map(|image| Document {
-            id: self.doc_id,
-            doc_type: self.doc_type.clone(),
-            owner: self.owner.clone(),
-            rev: self.rev,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            acl: image.acl.clone(),
-            data: image.data.clone(),
-        })
-    }
-
-    /// May `caller` read the document before / after this change?
-    pub fn readable(&self, caller: Option<&str>) -> (bool, bool) {
-        let can = |image: &Option<Image>| {
-            image
-                .as_ref()
-                .is_some_and(|i| i.acl.allows(Operation::Read, caller, &self.owner))
-        };
-        (can(&self.old), can(&self.new))
-    }
 }
 
 /// The changes read after a cursor, and the position to continue from.
@@ -232,7 +117,12 @@ impl Feed {
     }
 
     /// Up to `limit` changes after `after` in feed order, across as many ticks as it takes.
-    pub async fn read(&self, after: Cursor, filter: &Filter, limit: u32) -> Result<Page, FeedError> {
+    pub async fn read(
+        &self,
+        after: Cursor,
+        filter: &Filter,
+        limit: u32,
+    ) -> Result<Page, FeedError> {
         // Batch `after.tick` is cut by the tick before it; that tick must still be retained.
         let rows = sqlx::query(
             "WITH base AS (SELECT max(tick) AS tick FROM feed_ticks WHERE tick < $1), \
@@ -240,7 +130,7 @@ impl Feed {
                  SELECT tick, snapshot, lag(snapshot) OVER (ORDER BY tick) AS prev \
                  FROM feed_ticks WHERE tick >= (SELECT tick FROM base) \
                  ORDER BY tick LIMIT 1001) \
-             SELECT (SELECT tick FROM base) AS base, t.tick, c.seq, c.op, c.doc_id, c.type, c.owner_did, c.rev, \
+             SELECT (SELECT tick FROM base) AS base, t.tick, c.seq, c.xid::text AS xid, c.op, c.doc_id, c.type, c.owner_did, c.rev, \
                     c.created_at, c.updated_at, c.logged_at, c.new_acl, c.new_data, c.old_acl, c.old_data \
              FROM t LEFT JOIN LATERAL ( \
                  SELECT * FROM changes c \
@@ -361,8 +251,11 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
             .unwrap_or_default();
         Ok(Some(Image { acl, data }))
     };
+    let xid: String = row.try_get("xid")?;
+    let xid = xid.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     Ok(Some(Change {
         cursor: Cursor { tick, seq },
+        xid,
         op,
         doc_id: row.try_get("doc_id")?,
         doc_type: row.try_get("type")?,
@@ -374,21 +267,4 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
         new: image("new_acl", "new_data")?,
         old: image("old_acl", "old_data")?,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursor_syntax_and_order() {
-        let c: Cursor = "42-1007".parse().unwrap();
-        assert_eq!(c, Cursor { tick: 42, seq: 1007 });
-        assert_eq!(c.to_string(), "42-1007");
-        for bad in ["", "42", "42-", "-1", "a-b", "0-0", "5--1", "1-2-3"] {
-            assert!(bad.parse::<Cursor>().is_err(), "{bad}");
-        }
-        assert!(Cursor { tick: 3, seq: 900 } < Cursor::after_batch(3));
-        assert!(Cursor::after_batch(3) < Cursor { tick: 4, seq: 1 });
-    }
 }

@@ -1,0 +1,190 @@
+//! Changes: one committed document write, its position in the feed (a cursor), and the
+//! snapshot arithmetic that tells whether a database snapshot already saw it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::acl::{Acl, Operation};
+use crate::wire::Document;
+
+/// A position in the feed: everything in batches before `tick`, and batch `tick` up to `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor {
+    pub tick: i64,
+    pub seq: i64,
+}
+
+impl Cursor {
+    /// The position after every change of batch `tick`.
+    pub fn after_batch(tick: i64) -> Self {
+        Self {
+            tick: tick + 1,
+            seq: 0,
+        }
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.tick, self.seq)
+    }
+}
+
+/// A cursor string that is not `<tick>-<seq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a cursor looks like `<tick>-<seq>`, e.g. `42-1007`")]
+pub struct BadCursor;
+
+impl FromStr for Cursor {
+    type Err = BadCursor;
+    fn from_str(s: &str) -> Result<Self, BadCursor> {
+        let (tick, seq) = s.split_once('-').ok_or(BadCursor)?;
+        let tick: i64 = tick.parse().map_err(|_| BadCursor)?;
+        let seq: i64 = seq.parse().map_err(|_| BadCursor)?;
+        if tick < 1 || seq < 0 {
+            return Err(BadCursor);
+        }
+        Ok(Self { tick, seq })
+    }
+}
+
+/// What happened to a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// The ACL and data of a document at one revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub acl: Acl,
+    pub data: serde_json::Value,
+}
+
+/// One committed document write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub cursor: Cursor,
+    /// The writing transaction's id (`xid8`).
+    pub xid: u64,
+    pub op: Op,
+    pub doc_id: Uuid,
+    pub doc_type: String,
+    pub owner: String,
+    pub rev: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When the trigger ran (inside the writer's transaction): the start of feed latency.
+    pub logged_at: DateTime<Utc>,
+    /// After the write (insert, update).
+    pub new: Option<Image>,
+    /// Before the write (update, delete).
+    pub old: Option<Image>,
+}
+
+impl Change {
+    /// The document after the change, if it still exists.
+    pub fn document(&self) -> Option<Document> {
+        self.new.as_ref().map(|image| Document {
+            id: self.doc_id,
+            doc_type: self.doc_type.clone(),
+            owner: self.owner.clone(),
+            rev: self.rev,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            acl: image.acl.clone(),
+            data: image.data.clone(),
+        })
+    }
+
+    /// May `caller` read the document before / after this change?
+    pub fn readable(&self, caller: Option<&str>) -> (bool, bool) {
+        let can = |image: &Option<Image>| {
+            image
+                .as_ref()
+                .is_some_and(|i| i.acl.allows(Operation::Read, caller, &self.owner))
+        };
+        (can(&self.old), can(&self.new))
+    }
+}
+
+/// A PostgreSQL snapshot (`xmin:xmax:xip,...`): which transactions it saw as committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotView {
+    pub xmin: u64,
+    pub xmax: u64,
+    /// In progress when the snapshot was taken (sorted).
+    pub xip: Vec<u64>,
+}
+
+impl SnapshotView {
+    /// Parses `pg_current_snapshot()::text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let mut xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        xip.sort_unstable();
+        parts.next().is_none().then_some(Self { xmin, xmax, xip })
+    }
+
+    /// Did a reader with this snapshot see the (committed) writes of transaction `xid`?
+    pub fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_visibility() {
+        let s = SnapshotView::parse("100:105:101,103").unwrap();
+        assert!(s.sees(99) && s.sees(100) && s.sees(102) && s.sees(104));
+        assert!(!s.sees(101) && !s.sees(103) && !s.sees(105) && !s.sees(200));
+        assert_eq!(SnapshotView::parse("7:7:").unwrap().xip, Vec::<u64>::new());
+        for bad in ["", "1:2", "a:2:", "1:2:x", "1:2:3:4"] {
+            assert!(SnapshotView::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cursor_syntax_and_order() {
+        let c: Cursor = "42-1007".parse().unwrap();
+        assert_eq!(
+            c,
+            Cursor {
+                tick: 42,
+                seq: 1007
+            }
+        );
+        assert_eq!(c.to_string(), "42-1007");
+        for bad in ["", "42", "42-", "-1", "a-b", "0-0", "5--1", "1-2-3"] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad}");
+        }
+        assert!(Cursor { tick: 3, seq: 900 } < Cursor::after_batch(3));
+        assert!(Cursor::after_batch(3) < Cursor { tick: 4, seq: 1 });
+    }
+}

@@ -1,0 +1,11 @@
+//! Vibe's actor tree and the pure cores it drives. Pure modules (`acl`, `doc_type`, `wire`,
+//! `change`, `query`, `window`) take time and input as arguments and do no IO; the actors feed
+//! them and carry out their outputs. IO the actors need (database snapshots) comes in through
+//! traits implemented by the server crate.
+
+pub mod acl;
+pub mod change;
+pub mod doc_type;
+pub mod query;
+pub mod window;
+pub mod wire;

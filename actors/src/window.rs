@@ -1,0 +1,287 @@
+//! A live query's result window: the first `limit` matching documents in sort order, kept in
+//! memory and updated change by change. It says what each change did to the window (a document
+//! entered, changed in place or moved, or left), and when it can no longer tell — the window
+//! shrank below the limit while unseen matches may exist — it asks for a refill.
+
+use uuid::Uuid;
+
+use crate::change::Change;
+use crate::query::QuerySpec;
+use crate::wire::Document;
+
+/// What one change did to the window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WindowEvent {
+    /// The document entered the window.
+    Add(Document),
+    /// The document was in the window and still is (possibly at another position); `old` is the
+    /// previous version (its ACL decides who could see it before).
+    Change { doc: Document, old: Document },
+    /// The document left the window; `old` is the last version the window held.
+    Remove(Document),
+}
+
+#[derive(Debug, Clone)]
+pub struct Window {
+    spec: QuerySpec,
+    /// Sorted by `spec.order`; at most `spec.limit` documents.
+    docs: Vec<Document>,
+    /// True when every matching document is in `docs` (the last load found fewer than the
+    /// limit, and nothing has been pushed out since).
+    complete: bool,
+}
+
+/// The outcome of applying one change.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Applied {
+    pub events: Vec<WindowEvent>,
+    /// The window cannot be known without reading the database again.
+    pub needs_refill: bool,
+}
+
+impl Window {
+    /// A window over `loaded`: the query's first `limit` documents (and one more, if the
+    /// database has it, so we know whether the window is complete).
+    pub fn new(spec: QuerySpec, mut loaded: Vec<Document>) -> Self {
+        loaded.sort_by(|a, b| spec.order(a, b));
+        let complete = loaded.len() <= spec.limit as usize;
+        loaded.truncate(spec.limit as usize);
+        Self {
+            spec,
+            docs: loaded,
+            complete,
+        }
+    }
+
+    pub fn spec(&self) -> &QuerySpec {
+        &self.spec
+    }
+
+    pub fn docs(&self) -> &[Document] {
+        &self.docs
+    }
+
+    /// Applies one change of this query's type.
+    pub fn apply(&mut self, change: &Change) -> Applied {
+        let mut applied = Applied::default();
+        let old = self
+            .docs
+            .iter()
+            .position(|d| d.id == change.doc_id)
+            .map(|i| self.docs.remove(i));
+        let new = change.document().filter(|d| self.spec.matches(d));
+        let mut placed = false;
+        if let Some(doc) = new {
+            let at = self
+                .docs
+                .partition_point(|d| self.spec.order(d, &doc).is_lt());
+            // Past the last held document of an incomplete window, unseen matches may come
+            // first: the document's place is unknown, so it is not in the window.
+            if at < self.docs.len() || self.complete {
+                self.docs.insert(at, doc.clone());
+                placed = true;
+                match &old {
+                    Some(old) => applied.events.push(WindowEvent::Change {
+                        doc,
+                        old: old.clone(),
+                    }),
+                    None => applied.events.push(WindowEvent::Add(doc)),
+                }
+                if self.docs.len() > self.spec.limit as usize
+                    && let Some(pushed) = self.docs.pop()
+                {
+                    self.complete = false;
+                    applied.events.push(WindowEvent::Remove(pushed));
+                }
+            }
+        }
+        if !placed && let Some(old) = old {
+            applied.events.push(WindowEvent::Remove(old));
+        }
+        applied.needs_refill = !self.complete && self.docs.len() < self.spec.limit as usize;
+        applied
+    }
+
+    /// Replaces the window with a fresh load and returns the events that turn the old window
+    /// into the new one.
+    pub fn refill(&mut self, loaded: Vec<Document>) -> Vec<WindowEvent> {
+        let fresh = Window::new(self.spec.clone(), loaded);
+        let mut events = Vec::new();
+        for old in &self.docs {
+            if !fresh.docs.iter().any(|d| d.id == old.id) {
+                events.push(WindowEvent::Remove(old.clone()));
+            }
+        }
+        for doc in &fresh.docs {
+            match self.docs.iter().find(|d| d.id == doc.id) {
+                Some(old) if old.rev == doc.rev && old == doc => {}
+                Some(old) => events.push(WindowEvent::Change {
+                    doc: doc.clone(),
+                    old: old.clone(),
+                }),
+                None => events.push(WindowEvent::Add(doc.clone())),
+            }
+        }
+        *self = fresh;
+        events
+    }
+
+    /// Whether a document is in the window.
+    pub fn contains(&self, id: Uuid) -> bool {
+        self.docs.iter().any(|d| d.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Change, Cursor, Image, Op};
+    use crate::query::{QueryLimits, QueryRequest};
+    use chrono::{DateTime, Duration, Utc};
+    use serde_json::json;
+
+    const OWNER: &str = "did:key:zA";
+
+    fn spec(limit: u32) -> QuerySpec {
+        let request: QueryRequest = serde_json::from_value(
+            json!({"type": "posts", "where": {"data.on": true}, "limit": limit}),
+        )
+        .unwrap();
+        QuerySpec::parse(
+            &request,
+            OWNER,
+            QueryLimits {
+                default_limit: 10,
+                max_limit: 100,
+            },
+        )
+        .unwrap()
+    }
+
+    fn at(n: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap() + Duration::seconds(n)
+    }
+
+    /// Document `n` (created at second n), matching when `on`.
+    fn doc(n: u128, on: bool, rev: i64) -> Document {
+        Document {
+            id: Uuid::from_u128(n),
+            doc_type: "posts".into(),
+            owner: OWNER.into(),
+            rev,
+            created_at: at(n as i64),
+            updated_at: at(n as i64),
+            acl: Default::default(),
+            data: json!({"on": on}),
+        }
+    }
+
+    fn change(op: Op, old: Option<&Document>, new: Option<&Document>) -> Change {
+        let base = new.or(old).unwrap();
+        let image = |d: &Document| Image {
+            acl: d.acl.clone(),
+            data: d.data.clone(),
+        };
+        Change {
+            cursor: Cursor { tick: 1, seq: 1 },
+            xid: 1,
+            op,
+            doc_id: base.id,
+            doc_type: base.doc_type.clone(),
+            owner: base.owner.clone(),
+            rev: base.rev,
+            created_at: base.created_at,
+            updated_at: base.updated_at,
+            logged_at: Utc::now(),
+            new: new.map(image),
+            old: old.map(image),
+        }
+    }
+
+    fn ids(w: &Window) -> Vec<u128> {
+        w.docs().iter().map(|d| d.id.as_u128()).collect()
+    }
+
+    #[test]
+    fn enters_changes_and_leaves() {
+        let mut w = Window::new(spec(3), vec![doc(1, true, 1), doc(2, true, 1)]);
+        assert_eq!(ids(&w), [2, 1], "newest first");
+        // A new match enters at its place.
+        let a = w.apply(&change(Op::Insert, None, Some(&doc(3, true, 1))));
+        assert_eq!(a.events, vec![WindowEvent::Add(doc(3, true, 1))]);
+        assert_eq!(ids(&w), [3, 2, 1]);
+        // A non-match does nothing.
+        assert_eq!(
+            w.apply(&change(Op::Insert, None, Some(&doc(9, false, 1)))),
+            Applied::default()
+        );
+        // An update that still matches is a change.
+        let a = w.apply(&change(
+            Op::Update,
+            Some(&doc(2, true, 1)),
+            Some(&doc(2, true, 2)),
+        ));
+        assert_eq!(
+            a.events,
+            vec![WindowEvent::Change {
+                doc: doc(2, true, 2),
+                old: doc(2, true, 1)
+            }]
+        );
+        // A fourth, newer match pushes the oldest out: the window is now incomplete.
+        let a = w.apply(&change(Op::Insert, None, Some(&doc(4, true, 1))));
+        assert_eq!(
+            a.events,
+            vec![
+                WindowEvent::Add(doc(4, true, 1)),
+                WindowEvent::Remove(doc(1, true, 1))
+            ]
+        );
+        assert!(!a.needs_refill);
+        assert_eq!(ids(&w), [4, 3, 2]);
+        // An update that stops matching leaves, and the incomplete window needs a refill.
+        let a = w.apply(&change(
+            Op::Update,
+            Some(&doc(3, true, 1)),
+            Some(&doc(3, false, 2)),
+        ));
+        assert_eq!(a.events, vec![WindowEvent::Remove(doc(3, true, 1))]);
+        assert!(a.needs_refill);
+        // The refill brings the pushed-out document back.
+        let events = w.refill(vec![doc(4, true, 1), doc(2, true, 2), doc(1, true, 1)]);
+        assert_eq!(events, vec![WindowEvent::Add(doc(1, true, 1))]);
+        assert_eq!(ids(&w), [4, 2, 1]);
+    }
+
+    #[test]
+    fn an_incomplete_window_does_not_guess_beyond_its_end() {
+        // The database had more than the limit: 5 and 4 are held, 3 and older unseen.
+        let mut w = Window::new(
+            spec(2),
+            vec![doc(5, true, 1), doc(4, true, 1), doc(3, true, 1)],
+        );
+        assert_eq!(ids(&w), [5, 4]);
+        // Document 2 sorts after everything held: unseen 3 comes first, so 2 is not added.
+        let a = w.apply(&change(
+            Op::Update,
+            Some(&doc(2, false, 1)),
+            Some(&doc(2, true, 2)),
+        ));
+        assert_eq!(a, Applied::default());
+        // Deleting a held document leaves and asks for a refill.
+        let a = w.apply(&change(Op::Delete, Some(&doc(4, true, 1)), None));
+        assert_eq!(a.events, vec![WindowEvent::Remove(doc(4, true, 1))]);
+        assert!(a.needs_refill);
+    }
+
+    #[test]
+    fn a_complete_window_takes_matches_anywhere() {
+        let mut w = Window::new(spec(5), vec![doc(5, true, 1)]);
+        let a = w.apply(&change(Op::Insert, None, Some(&doc(1, true, 1))));
+        assert_eq!(a.events, vec![WindowEvent::Add(doc(1, true, 1))]);
+        let a = w.apply(&change(Op::Delete, Some(&doc(5, true, 1)), None));
+        assert_eq!(a.events, vec![WindowEvent::Remove(doc(5, true, 1))]);
+        assert!(!a.needs_refill, "nothing unseen: no refill");
+        assert_eq!(ids(&w), [1]);
+    }
+}

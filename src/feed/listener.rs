@@ -1,0 +1,184 @@
+//! The node's feed reader: turns committed writes into an ordered stream of changes for this
+//! node. It wakes on three things and depends on none of them arriving:
+//!
+//! - in-process, when this node's own write has committed ([`FeedWaker`]): it makes a tick;
+//! - a doorbell NOTIFY from another node, sent after that node made a tick: it reads;
+//! - a poll timer, which finds writes made straight in SQL: it makes a tick if one is due.
+//!
+//! After making a tick it rings the doorbell itself (one NOTIFY per tick, from a pool
+//! connection, never inside a writer's transaction). A lost LISTEN connection (notifications
+//! sent meanwhile are gone) just triggers a read; a database outage delays reads and loses
+//! nothing, because the position is a cursor into the log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, watch};
+
+use super::{Change, Cursor, DOORBELL_CHANNEL, Feed, FeedError, Filter};
+
+/// How many changes one read fetches.
+const PAGE: u32 = 1000;
+
+/// Lets writers wake the node's feed reader after their transaction committed.
+#[derive(Debug, Clone, Default)]
+pub struct FeedWaker(Arc<Notify>);
+
+impl FeedWaker {
+    /// Call after a document write has committed.
+    pub fn committed(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Listener timing; see `[feed]` in config/default.toml.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerSettings {
+    pub poll_interval: Duration,
+    pub min_tick_interval: Duration,
+}
+
+/// What the listener publishes: ordered pages of changes, and the position reached.
+pub trait ChangeSink: Send + 'static {
+    /// Called with each page of changes, in feed order; `position` is where the next page starts.
+    fn publish(&mut self, changes: Vec<Change>, position: Cursor);
+}
+
+/// Runs until `stop` resolves. `position` is where to start (usually [`Feed::head`]); `head`
+/// receives every position reached, for long-polling readers.
+pub async fn run(
+    feed: Feed,
+    listen_pool: PgPool,
+    waker: FeedWaker,
+    settings: ListenerSettings,
+    mut position: Cursor,
+    head: watch::Sender<Cursor>,
+    mut sink: impl ChangeSink,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut listener: Option<PgListener> = None;
+    let mut last_tick = Instant::now() - settings.min_tick_interval;
+    let mut poll = tokio::time::interval(settings.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Duration::from_millis(50);
+    let mut must_tick = true;
+    loop {
+        // Read (and tick first if asked to) until caught up; on error, back off and retry.
+        let result = async {
+            if must_tick {
+                let wait = settings
+                    .min_tick_interval
+                    .saturating_sub(last_tick.elapsed());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                last_tick = Instant::now();
+                if feed.tick().await?.is_some() {
+                    metrics::counter!("vibe_feed_ticks_total").increment(1);
+                    feed.ring_doorbell().await?;
+                }
+            }
+            loop {
+                let page = feed.read(position, &Filter::default(), PAGE).await?;
+                let n = page.changes.len();
+                if let Some(next) = page.next {
+                    position = next;
+                }
+                if n > 0 {
+                    observe_lag(&page.changes);
+                    sink.publish(page.changes, position);
+                }
+                head.send_if_modified(|h| {
+                    let moved = *h != position;
+                    *h = position;
+                    moved
+                });
+                if n < PAGE as usize {
+                    return Ok::<(), FeedError>(());
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                must_tick = false;
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "change feed read failed; retrying");
+                metrics::counter!("vibe_feed_errors_total").increment(1);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut stop => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        }
+
+        if listener.is_none() {
+            listener = connect_listener(&listen_pool).await;
+            // Anything rung while we were not listening is found by this read.
+            if listener.is_some() {
+                continue;
+            }
+        }
+        tokio::select! {
+            () = waker.0.notified() => must_tick = true,
+            _ = poll.tick() => must_tick = true,
+            bell = doorbell(&mut listener) => {
+                if !bell {
+                    // Connection lost: notifications sent meanwhile are gone; read the log.
+                    listener = None;
+                }
+            }
+            () = &mut stop => return,
+        }
+    }
+}
+
+/// Resolves when a doorbell rings (true) or the LISTEN connection is lost (false); pends forever
+/// without a connection.
+async fn doorbell(listener: &mut Option<PgListener>) -> bool {
+    let Some(l) = listener else {
+        return std::future::pending().await;
+    };
+    match l.try_recv().await {
+        Ok(Some(_)) => {
+            // Ring once for everything already buffered.
+            while l.next_buffered().is_some() {}
+            true
+        }
+        Ok(None) | Err(_) => false,
+    }
+}
+
+async fn connect_listener(pool: &PgPool) -> Option<PgListener> {
+    let mut listener = match PgListener::connect_with(pool).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the doorbell LISTEN connection; polling only");
+            return None;
+        }
+    };
+    match listener.listen(DOORBELL_CHANNEL).await {
+        Ok(()) => Some(listener),
+        Err(e) => {
+            tracing::warn!(error = %e, "LISTEN failed; polling only");
+            None
+        }
+    }
+}
+
+fn observe_lag(changes: &[Change]) {
+    let now = chrono::Utc::now();
+    let lag = metrics::histogram!("vibe_feed_lag_seconds");
+    for change in changes {
+        let micros = (now - change.logged_at).num_microseconds().unwrap_or(0);
+        lag.record(micros.max(0) as f64 / 1e6);
+    }
+    metrics::counter!("vibe_feed_changes_total").increment(changes.len() as u64);
+}
