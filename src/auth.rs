@@ -280,6 +280,36 @@ impl TokenAuthority {
         Ok(claims)
     }
 
+    /// Checks signature and expiry and reads the claims, without running the checks of
+    /// appended blocks (they depend on each request; [`TokenAuthority::verify`] runs them).
+    pub fn identify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        let now = SystemTime::now();
+        if let Some(claims) = self.verified.get(token) {
+            return if claims.expires_at < now {
+                Err(AuthError::Expired)
+            } else {
+                Ok(claims)
+            };
+        }
+        let biscuit =
+            Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
+        match self.authorize(&biscuit, now, Access::Read, None) {
+            Ok(claims) => Ok(Arc::new(claims)),
+            Err(AuthError::Restricted) => self.claims_unchecked(&biscuit, now).map(Arc::new),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn claims_unchecked(&self, biscuit: &Biscuit, now: SystemTime) -> Result<Claims, AuthError> {
+        let mut authorizer = biscuit_auth::AuthorizerBuilder::new()
+            .fact(fact("time", &[date(&now)]))
+            .map_err(|_| AuthError::Invalid)?
+            .set_limits(LIMITS)
+            .build(biscuit)
+            .map_err(|_| AuthError::Invalid)?;
+        read_claims(&mut authorizer, now)
+    }
+
     fn authorize(
         &self,
         biscuit: &Biscuit,
@@ -303,40 +333,49 @@ impl TokenAuthority {
             .set_limits(LIMITS)
             .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
-        let expires: Vec<(SystemTime,)> = authorizer
-            .query("data($t) <- exp($t)")
-            .map_err(|_| AuthError::Invalid)?;
-        let expires_at = match expires.as_slice() {
-            [(t,)] => *t,
-            _ => return Err(AuthError::Invalid),
-        };
-        if expires_at < now {
-            return Err(AuthError::Expired);
-        }
+        let claims = read_claims(&mut authorizer, now)?;
         authorizer.authorize().map_err(|_| AuthError::Restricted)?;
-        let subjects: Vec<(String,)> = authorizer
-            .query("data($s) <- sub($s)")
-            .map_err(|_| AuthError::Invalid)?;
-        let subject = match subjects.as_slice() {
-            [(s,)] => s.clone(),
-            _ => return Err(AuthError::Invalid),
-        };
-        let raw_scopes: Vec<(String,)> = authorizer
-            .query("data($s) <- scope($s)")
-            .map_err(|_| AuthError::Invalid)?;
-        let mut scopes = raw_scopes
-            .into_iter()
-            .map(|(s,)| s.parse())
-            .collect::<Result<Vec<Scope>, _>>()
-            .map_err(|_| AuthError::Invalid)?;
-        scopes.sort();
-        scopes.dedup();
-        Ok(Claims {
-            subject,
-            scopes,
-            expires_at,
-        })
+        Ok(claims)
     }
+}
+
+/// Subject, scopes and expiry from the authority block (queries see only trusted facts).
+fn read_claims(
+    authorizer: &mut biscuit_auth::Authorizer,
+    now: SystemTime,
+) -> Result<Claims, AuthError> {
+    let expires: Vec<(SystemTime,)> = authorizer
+        .query("data($t) <- exp($t)")
+        .map_err(|_| AuthError::Invalid)?;
+    let expires_at = match expires.as_slice() {
+        [(t,)] => *t,
+        _ => return Err(AuthError::Invalid),
+    };
+    if expires_at < now {
+        return Err(AuthError::Expired);
+    }
+    let subjects: Vec<(String,)> = authorizer
+        .query("data($s) <- sub($s)")
+        .map_err(|_| AuthError::Invalid)?;
+    let subject = match subjects.as_slice() {
+        [(s,)] => s.clone(),
+        _ => return Err(AuthError::Invalid),
+    };
+    let raw_scopes: Vec<(String,)> = authorizer
+        .query("data($s) <- scope($s)")
+        .map_err(|_| AuthError::Invalid)?;
+    let mut scopes = raw_scopes
+        .into_iter()
+        .map(|(s,)| s.parse())
+        .collect::<Result<Vec<Scope>, _>>()
+        .map_err(|_| AuthError::Invalid)?;
+    scopes.sort();
+    scopes.dedup();
+    Ok(Claims {
+        subject,
+        scopes,
+        expires_at,
+    })
 }
 
 /// Writes a secret file readable by its owner only, creating its folder with mode 0700.

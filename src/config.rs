@@ -37,6 +37,8 @@ pub struct Config {
     pub database_url: String,
     pub database: DatabaseConfig,
     pub http: HttpConfig,
+    pub feed: FeedConfig,
+    pub ws: WsConfig,
     pub tokens: TokensConfig,
     pub log: LogConfig,
 }
@@ -58,6 +60,33 @@ pub struct HttpConfig {
     pub default_page_size: u32,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub min_tick_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsConfig {
+    pub max_frame_bytes: usize,
+    pub outbound_queue: usize,
+    pub max_subscriptions: usize,
+    pub requests_per_second: u32,
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    pub default_limit: u32,
+    pub max_limit: u32,
+    pub replay_buffer: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +169,30 @@ impl Config {
                 "http.default_page_size",
                 "must be between 1 and http.max_page_size",
             );
+        }
+        if self.feed.poll_interval < Duration::from_millis(1) {
+            return invalid("feed.poll_interval", "must be at least 1ms");
+        }
+        if self.feed.retention < Duration::from_secs(1) {
+            return invalid("feed.retention", "must be at least 1s");
+        }
+        if self.feed.prune_interval < Duration::from_secs(1) {
+            return invalid("feed.prune_interval", "must be at least 1s");
+        }
+        if self.ws.max_frame_bytes < 1024 {
+            return invalid("ws.max_frame_bytes", "must be at least 1024");
+        }
+        if self.ws.outbound_queue == 0 {
+            return invalid("ws.outbound_queue", "must be at least 1");
+        }
+        if self.ws.requests_per_second == 0 {
+            return invalid("ws.requests_per_second", "must be at least 1");
+        }
+        if self.ws.max_limit == 0
+            || self.ws.default_limit == 0
+            || self.ws.default_limit > self.ws.max_limit
+        {
+            return invalid("ws.default_limit", "must be between 1 and ws.max_limit");
         }
         if self.tokens.default_ttl.is_zero() {
             return invalid("tokens.default_ttl", "must be longer than zero");

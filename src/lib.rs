@@ -10,5 +10,6 @@ pub mod http;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod ws;
 
 pub use vibe_actors::{acl, doc_type, wire};

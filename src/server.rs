@@ -3,15 +3,20 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use sqlx::postgres::PgConnectOptions;
+use ractor::{Actor, ActorRef};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use vibe_actors::change::Cursor;
+use vibe_actors::realtime::{Realtime, RealtimeConfig, RealtimeMsg};
 
-use crate::app::App;
+use crate::app::{App, AppParts};
 use crate::auth::{AuthError, TokenAuthority};
 use crate::config::Config;
 use crate::embedded_db::{EmbeddedDbError, EmbeddedPostgres};
+use crate::feed::listener::{ChangeSink, FeedListener, ListenerSettings};
+use crate::feed::{Feed, FeedError};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,10 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Keys(#[from] AuthError),
+    #[error(transparent)]
+    Feed(#[from] FeedError),
+    #[error("cannot start the realtime actors: {0}")]
+    Actors(String),
     #[error("cannot prepare data_dir {path}: {source}")]
     DataDir {
         path: String,
@@ -91,6 +100,10 @@ pub struct RunningServer {
     app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<()>,
+    /// Tells WebSockets and background tasks the node is stopping.
+    shutting_down: watch::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
+    realtime: JoinHandle<()>,
     embedded: Option<EmbeddedPostgres>,
 }
 
@@ -109,6 +122,12 @@ impl RunningServer {
             let _ = stop.send(());
         }
         let _ = (&mut self.serving).await;
+        let _ = self.shutting_down.send(true);
+        for task in self.background.drain(..) {
+            let _ = task.await;
+        }
+        self.app.realtime.stop(None);
+        let _ = (&mut self.realtime).await;
         self.app.store.pool().close().await;
         if let Some(db) = self.embedded.take() {
             db.stop().await?;
@@ -138,6 +157,41 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         store.migrate().await?;
     }
     let tokens = TokenAuthority::load_or_create(&config.data_dir)?;
+    let feed = Feed::new(store.pool().clone());
+    let position = feed.head().await?;
+    let (head_tx, feed_head) = watch::channel(position);
+    let (shutting_down, shutdown) = watch::channel(false);
+    let realtime_config = RealtimeConfig {
+        source: Arc::new(store.clone()),
+        replay_capacity: config.ws.replay_buffer,
+    };
+    let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position))
+        .await
+        .map_err(|e| ServerError::Actors(e.to_string()))?;
+    // The LISTEN connection lives in its own pool, apart from request traffic.
+    let listen_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*store.pool().connect_options()).clone());
+    let listener = FeedListener {
+        feed: feed.clone(),
+        listen_pool,
+        waker: store.waker().clone(),
+        settings: ListenerSettings {
+            poll_interval: config.feed.poll_interval,
+            min_tick_interval: config.feed.min_tick_interval,
+        },
+        position,
+        head: head_tx,
+    };
+    let background = vec![
+        tokio::spawn(listener.run(RealtimeSink(realtime.clone()), stopped(shutdown.clone()))),
+        tokio::spawn(prune(
+            feed.clone(),
+            config.feed.retention,
+            config.feed.prune_interval,
+            stopped(shutdown.clone()),
+        )),
+    ];
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -149,7 +203,18 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         source,
     })?;
     let grace = config.http.shutdown_grace;
-    let app = Arc::new(App::new(config, store, tokens, crate::telemetry::metrics()));
+    let app = Arc::new(App::new(
+        config,
+        AppParts {
+            store,
+            feed,
+            tokens,
+            metrics: crate::telemetry::metrics(),
+            realtime,
+            feed_head,
+            shutdown,
+        },
+    ));
     let (stop, stopped) = oneshot::channel::<()>();
     let serving = tokio::spawn(crate::http::serve(
         listener,
@@ -165,8 +230,48 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         app,
         stop: Some(stop),
         serving,
+        shutting_down,
+        background,
+        realtime: realtime_task,
         embedded: None,
     })
+}
+
+/// Delivers the feed reader's pages to the realtime tree, one at a time.
+struct RealtimeSink(ActorRef<RealtimeMsg>);
+
+impl ChangeSink for RealtimeSink {
+    async fn publish(&mut self, changes: Vec<vibe_actors::change::Change>, position: Cursor) {
+        if let Err(e) = ractor::call!(self.0, RealtimeMsg::Changes, changes, position) {
+            tracing::error!(error = %e, "realtime tree unreachable; changes not delivered live");
+        }
+    }
+}
+
+/// Resolves when `signal` turns true (or its sender is gone).
+async fn stopped(mut signal: watch::Receiver<bool>) {
+    let _ = signal.wait_for(|stop| *stop).await;
+}
+
+/// Deletes changes past retention, now and then.
+async fn prune(
+    feed: Feed,
+    retention: std::time::Duration,
+    every: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut timer = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = timer.tick() => match feed.prune(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "pruned the change log"),
+                Err(e) => tracing::warn!(error = %e, "pruning the change log failed"),
+            },
+            () = &mut stop => return,
+        }
+    }
 }
 
 /// Creates the data dir with mode 0711: other users may pass through (the embedded PostgreSQL

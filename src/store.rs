@@ -10,7 +10,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use vibe_actors::change::SnapshotView;
+use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource};
+use vibe_actors::query::{Field, QuerySpec, Scope, SortKey};
+
 use crate::acl::{Acl, Operation};
+use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -64,6 +69,8 @@ macro_rules! doc_columns {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Told after every committed write, so this node's feed reader makes a tick at once.
+    waker: FeedWaker,
 }
 
 impl Store {
@@ -83,7 +90,15 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            waker: FeedWaker::default(),
+        })
+    }
+
+    /// The waker this store rings after each committed write.
+    pub fn waker(&self) -> &FeedWaker {
+        &self.waker
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -123,9 +138,12 @@ impl Store {
         .bind(data)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| document(&r))
+        let doc = row
+            .map(|r| document(&r))
             .transpose()?
-            .ok_or(StoreError::AlreadyExists)
+            .ok_or(StoreError::AlreadyExists)?;
+        self.waker.committed();
+        Ok(doc)
     }
 
     /// The document, if `caller` may read it.
@@ -184,6 +202,7 @@ impl Store {
         .await?;
         let doc = document(&row)?;
         tx.commit().await?;
+        self.waker.committed();
         Ok(Ok(doc))
     }
 
@@ -201,6 +220,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.waker.committed();
         Ok(())
     }
 
@@ -247,6 +267,162 @@ impl Store {
         };
         rows.iter().map(document).collect()
     }
+}
+
+impl Store {
+    /// The first `spec.limit + extra` documents of a query, in its order.
+    pub async fn query(&self, spec: &QuerySpec, extra: u32) -> Result<Vec<Document>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        query_docs(&mut conn, spec, extra).await
+    }
+
+    /// A query's first `limit + 1` documents and the snapshot they were read in, so a live query
+    /// can tell which later changes the load already saw.
+    pub async fn snapshot(&self, spec: &QuerySpec) -> Result<Snapshot, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        // The first statement fixes the transaction's snapshot; the query below reads in it.
+        let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        let view = SnapshotView::parse(&text).ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Protocol(format!(
+                "unreadable snapshot {text:?}"
+            )))
+        })?;
+        let docs = query_docs(&mut tx, spec, 1).await?;
+        tx.commit().await?;
+        Ok(Snapshot { docs, view })
+    }
+}
+
+impl SnapshotSource for Store {
+    fn load(&self, spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
+        let store = self.clone();
+        Box::pin(async move { store.snapshot(&spec).await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// Compiles `spec` to SQL: static fragments only, every value bound. Scalar `data` filters
+/// become one containment (`data @> $n`, served by the GIN index); object and array values
+/// compare whole (`data #> path = value`), as the in-memory matcher does.
+async fn query_docs(
+    conn: &mut sqlx::PgConnection,
+    spec: &QuerySpec,
+    extra: u32,
+) -> Result<Vec<Document>, StoreError> {
+    let mut sql = String::from(concat!(
+        "SELECT ",
+        doc_columns!(),
+        " FROM documents WHERE type = $1"
+    ));
+    let mut n = 1;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    let owner_param = match &spec.scope {
+        Scope::Own(owner) => {
+            sql.push_str(&format!(" AND owner_did = ${}", next()));
+            Some(owner.clone())
+        }
+        Scope::Global => {
+            sql.push_str(" AND read_public");
+            None
+        }
+    };
+    let mut containment = serde_json::Map::new();
+    let mut binds: Vec<Bind> = Vec::new();
+    for (field, value) in &spec.filters {
+        let value = value.value();
+        match field {
+            Field::Id => {
+                sql.push_str(&format!(" AND id = ${}::uuid", next()));
+                binds.push(Bind::Text(value.as_str().unwrap_or_default().to_owned()));
+            }
+            Field::Owner => {
+                sql.push_str(&format!(" AND owner_did = ${}", next()));
+                binds.push(Bind::Text(value.as_str().unwrap_or_default().to_owned()));
+            }
+            Field::Data(path) if !value.is_object() && !value.is_array() => {
+                if !insert_path(&mut containment, path, value) {
+                    // `data.a = 1` and `data.a.b = 2` cannot both hold (the matcher agrees).
+                    sql.push_str(" AND false");
+                }
+            }
+            Field::Data(path) => {
+                let (p, v) = (next(), next());
+                sql.push_str(&format!(" AND data #> ${p}::text[] = ${v}::jsonb"));
+                binds.push(Bind::Path(path.clone()));
+                binds.push(Bind::Json(value));
+            }
+        }
+    }
+    if !containment.is_empty() {
+        sql.push_str(&format!(" AND data @> ${}", next()));
+        binds.push(Bind::Json(serde_json::Value::Object(containment)));
+    }
+    let column = match spec.sort.key {
+        SortKey::CreatedAt => "created_at",
+        SortKey::UpdatedAt => "updated_at",
+    };
+    let dir = if spec.sort.descending { "DESC" } else { "ASC" };
+    sql.push_str(&format!(
+        " ORDER BY {column} {dir}, id {dir} LIMIT ${}",
+        next()
+    ));
+    // Every fragment above is a constant of this function; values travel as parameters.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&spec.doc_type);
+    if let Some(owner) = owner_param {
+        query = query.bind(owner);
+    }
+    for bind in binds {
+        query = match bind {
+            Bind::Text(t) => query.bind(t),
+            Bind::Path(p) => query.bind(p),
+            Bind::Json(j) => query.bind(j),
+        };
+    }
+    let rows = query
+        .bind(i64::from(spec.limit) + i64::from(extra))
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(document).collect()
+}
+
+enum Bind {
+    Text(String),
+    Path(Vec<String>),
+    Json(serde_json::Value),
+}
+
+/// Sets `value` at `path` in a nested object (`["a","b"]` → `{"a":{"b":value}}`). False when
+/// another filter already put a value on the way (the filters contradict each other).
+fn insert_path(
+    root: &mut serde_json::Map<String, serde_json::Value>,
+    path: &[String],
+    value: serde_json::Value,
+) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = root;
+    for segment in parents {
+        let entry = node
+            .entry(segment.clone())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        let serde_json::Value::Object(map) = entry else {
+            return false;
+        };
+        node = map;
+    }
+    if node.contains_key(last) {
+        return false;
+    }
+    node.insert(last.clone(), value);
+    true
 }
 
 /// Locks the row and checks that `caller` may write it at `expected_rev`.

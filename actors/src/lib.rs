@@ -6,6 +6,9 @@
 pub mod acl;
 pub mod change;
 pub mod doc_type;
+pub mod live_query;
+pub mod outbox;
 pub mod query;
+pub mod realtime;
 pub mod window;
 pub mod wire;

@@ -40,15 +40,58 @@ pub struct ListenerSettings {
     pub min_tick_interval: Duration,
 }
 
-/// What the listener publishes: ordered pages of changes, and the position reached.
+/// What the listener publishes to: ordered pages of changes, and the position reached.
 pub trait ChangeSink: Send + 'static {
-    /// Called with each page of changes, in feed order; `position` is where the next page starts.
-    fn publish(&mut self, changes: Vec<Change>, position: Cursor);
+    /// Called with each page of changes, in feed order; `position` is where the next page
+    /// starts. The listener reads no further until this returns (backpressure).
+    fn publish(
+        &mut self,
+        changes: Vec<Change>,
+        position: Cursor,
+    ) -> impl std::future::Future<Output = ()> + Send;
 }
 
-/// Runs until `stop` resolves. `position` is where to start (usually [`Feed::head`]); `head`
-/// receives every position reached, for long-polling readers.
-pub async fn run(
+/// The node's feed reader and what it needs.
+#[derive(Debug)]
+pub struct FeedListener {
+    pub feed: Feed,
+    /// A pool for the LISTEN connection, apart from the request pool.
+    pub listen_pool: PgPool,
+    pub waker: FeedWaker,
+    pub settings: ListenerSettings,
+    /// Where to start (usually [`Feed::head`]).
+    pub position: Cursor,
+    /// Receives every position reached, for long-polling readers.
+    pub head: watch::Sender<Cursor>,
+}
+
+impl FeedListener {
+    /// Runs until `stop` resolves.
+    pub async fn run(self, sink: impl ChangeSink, stop: impl std::future::Future<Output = ()>) {
+        let FeedListener {
+            feed,
+            listen_pool,
+            waker,
+            settings,
+            position,
+            head,
+        } = self;
+        run(
+            feed,
+            listen_pool,
+            waker,
+            settings,
+            position,
+            head,
+            sink,
+            stop,
+        )
+        .await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // unpacked from FeedListener, its only caller
+async fn run(
     feed: Feed,
     listen_pool: PgPool,
     waker: FeedWaker,
@@ -89,7 +132,7 @@ pub async fn run(
                 }
                 if n > 0 {
                     observe_lag(&page.changes);
-                    sink.publish(page.changes, position);
+                    sink.publish(page.changes, position).await;
                 }
                 head.send_if_modified(|h| {
                     let moved = *h != position;

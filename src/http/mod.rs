@@ -1,6 +1,7 @@
 //! The HTTP edge: accept loop with graceful shutdown, routing, request ids, per-route metrics,
 //! and the helpers handlers share (auth, JSON bodies, responses).
 
+mod changes;
 mod docs;
 pub mod error;
 
@@ -35,14 +36,18 @@ pub enum Route {
     Metrics,
     DocsCollection,
     DocsItem,
+    Changes,
+    WebSocket,
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 4] = [
+    const ALL: [(&'static str, Route); 6] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
         ("/v1/docs/{type}/{id}", Route::DocsItem),
+        ("/v1/changes", Route::Changes),
+        ("/v1/ws", Route::WebSocket),
     ];
 
     fn pattern(self) -> &'static str {
@@ -178,13 +183,15 @@ fn request_id(headers: &HeaderMap) -> String {
 }
 
 async fn dispatch(
-    app: &App,
+    app: &Arc<App>,
     route: Route,
     params: &[String],
     req: Request<Incoming>,
 ) -> HandlerResult {
     let method = req.method().clone();
     match (route, params) {
+        (Route::WebSocket, _) if method == Method::GET => crate::ws::upgrade(app.clone(), req),
+        (Route::Changes, _) if method == Method::GET => changes::changes(app, req).await,
         (Route::Health, _) if method == Method::GET => health(app).await,
         (Route::Metrics, _) if method == Method::GET => Ok(text(app.metrics.render())),
         (Route::DocsCollection, [doc_type]) => match method {
@@ -238,6 +245,46 @@ pub fn authorize(
     access: Access,
     doc_type: &str,
 ) -> Result<Arc<Claims>, ApiError> {
+    let token = bearer_token(headers)?;
+    let claims = app.tokens.verify(token, access, Some(doc_type))?;
+    require_scope(&claims, access, doc_type)?;
+    Ok(claims)
+}
+
+/// The bearer token's claims (signature and expiry checked, attenuations not yet).
+pub fn bearer(app: &App, headers: &HeaderMap) -> Result<Arc<Claims>, ApiError> {
+    Ok(app.tokens.identify(bearer_token(headers)?)?)
+}
+
+/// Checks the token (attenuations included) and its scopes for `access` to `doc_type`.
+pub fn check_scope(
+    app: &App,
+    claims: &Claims,
+    headers: &HeaderMap,
+    access: Access,
+    doc_type: &str,
+) -> Result<(), ApiError> {
+    app.tokens
+        .verify(bearer_token(headers)?, access, Some(doc_type))?;
+    require_scope(claims, access, doc_type)
+}
+
+fn require_scope(claims: &Claims, access: Access, doc_type: &str) -> Result<(), ApiError> {
+    if claims.permits(access, doc_type) {
+        return Ok(());
+    }
+    let verb = match access {
+        Access::Read => "read",
+        Access::Write => "write",
+    };
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "missing_scope",
+        format!("the token lacks the scope {verb}:{doc_type}"),
+    ))
+}
+
+fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -258,19 +305,7 @@ pub fn authorize(
                 "the Authorization header must be `Bearer <token>`",
             )
         })?;
-    let claims = app.tokens.verify(token, access, Some(doc_type))?;
-    if !claims.permits(access, doc_type) {
-        let verb = match access {
-            Access::Read => "read",
-            Access::Write => "write",
-        };
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "missing_scope",
-            format!("the token lacks the scope {verb}:{doc_type}"),
-        ));
-    }
-    Ok(claims)
+    Ok(token)
 }
 
 /// Reads a JSON body of one of the `content_types`, bounded by the configured size.

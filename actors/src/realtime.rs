@@ -1,0 +1,433 @@
+//! The realtime tree above the live queries: the root (`Realtime`) routes each page of changes
+//! to the document-type actors and subscriptions to the right type; a type actor (`DocType`)
+//! owns the live queries of its type — one per distinct normalised query — and supervises them.
+//!
+//! Supervision: a live query that fails is restarted one-for-one with its subscribers (which
+//! the type actor keeps) and re-syncs them with a `reset`; more than `RESTARTS` failures within
+//! `RESTART_WINDOW` end the query and its subscribers get an `error` event. Ordering: the root
+//! forwards pages in feed order and answers the listener only after forwarding, so the listener
+//! never runs more than one page ahead of the routing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::change::{Change, Cursor};
+use crate::live_query::{LiveQuery, LiveQueryArgs, LiveQueryMsg, SnapshotSource, Subscriber};
+use crate::query::QuerySpec;
+
+/// Restart budget per live query.
+const RESTARTS: usize = 3;
+const RESTART_WINDOW: Duration = Duration::from_secs(10);
+
+/// Settings shared by the whole tree.
+#[derive(Debug, Clone)]
+pub struct RealtimeConfig {
+    pub source: Arc<dyn SnapshotSource>,
+    /// Events each live query keeps for resuming clients.
+    pub replay_capacity: usize,
+}
+
+/// A subscription request on its way to a live query.
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    pub spec: QuerySpec,
+    pub subscriber: Subscriber,
+    pub request_id: serde_json::Value,
+    pub since: Option<Cursor>,
+    /// The subscription id, or why the query could not start.
+    pub reply: RpcReplyPort<Result<Arc<str>, String>>,
+}
+
+#[derive(Debug)]
+pub struct Realtime;
+
+#[derive(Debug)]
+pub enum RealtimeMsg {
+    /// A page of changes in feed order and the position after it; answered once routed.
+    Changes(Vec<Change>, Cursor, RpcReplyPort<()>),
+    Subscribe(SubscribeRequest),
+    Unsubscribe {
+        spec: QuerySpec,
+        conn_id: u64,
+    },
+    /// Fault injection for tests: make the live query for `spec` fail.
+    CrashQuery(QuerySpec),
+    /// Distinct live queries and subscriptions, for metrics and tests.
+    Stats(RpcReplyPort<(usize, usize)>),
+}
+
+impl ractor::Message for RealtimeMsg {}
+
+#[derive(Debug)]
+pub struct RealtimeState {
+    config: RealtimeConfig,
+    position: Cursor,
+    types: HashMap<String, ActorRef<DocTypeMsg>>,
+    next_sub: Arc<AtomicU64>,
+}
+
+impl Actor for Realtime {
+    type Msg = RealtimeMsg;
+    type State = RealtimeState;
+    type Arguments = (RealtimeConfig, Cursor);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        (config, position): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RealtimeState {
+            config,
+            position,
+            types: HashMap::new(),
+            next_sub: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RealtimeMsg::Changes(changes, position, done) => {
+                state.position = position;
+                let mut by_type: HashMap<&str, Vec<Change>> = HashMap::new();
+                for change in &changes {
+                    if state.types.contains_key(&change.doc_type) {
+                        by_type
+                            .entry(&change.doc_type)
+                            .or_default()
+                            .push(change.clone());
+                    }
+                }
+                for (doc_type, actor) in &state.types {
+                    let page = by_type.remove(doc_type.as_str()).map(Arc::from);
+                    let _ = actor.cast(DocTypeMsg::Changes(page, position));
+                }
+                let _ = done.send(());
+            }
+            RealtimeMsg::Subscribe(request) => {
+                let actor = match state.types.get(&request.spec.doc_type) {
+                    Some(actor) => actor.clone(),
+                    None => {
+                        let args = DocTypeArgs {
+                            config: state.config.clone(),
+                            position: state.position,
+                            next_sub: state.next_sub.clone(),
+                        };
+                        let (actor, _) =
+                            Actor::spawn_linked(None, DocType, args, myself.get_cell()).await?;
+                        state
+                            .types
+                            .insert(request.spec.doc_type.clone(), actor.clone());
+                        actor
+                    }
+                };
+                let _ = actor.cast(DocTypeMsg::Subscribe(request));
+            }
+            RealtimeMsg::Unsubscribe { spec, conn_id } => {
+                if let Some(actor) = state.types.get(&spec.doc_type) {
+                    let _ = actor.cast(DocTypeMsg::Unsubscribe { spec, conn_id });
+                }
+            }
+            RealtimeMsg::CrashQuery(spec) => {
+                if let Some(actor) = state.types.get(&spec.doc_type) {
+                    let _ = actor.cast(DocTypeMsg::CrashQuery(spec));
+                }
+            }
+            RealtimeMsg::Stats(reply) => {
+                let mut totals = (0, 0);
+                for actor in state.types.values() {
+                    if let Ok((q, s)) = ractor::call!(actor, DocTypeMsg::Stats) {
+                        totals.0 += q;
+                        totals.1 += s;
+                    }
+                }
+                let _ = reply.send(totals);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let stopped = match &event {
+            SupervisionEvent::ActorFailed(cell, error) => Some((cell, error.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                Some((cell, reason.clone().unwrap_or_default()))
+            }
+            _ => None,
+        };
+        if let Some((cell, reason)) = stopped {
+            // A type actor holds no state worth rebuilding beyond its queries, which stopped
+            // with it; the next subscription of that type starts a fresh one.
+            tracing::error!(actor = %cell.get_id(), %reason, "document-type actor stopped");
+            state.types.retain(|_, a| a.get_id() != cell.get_id());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct DocType;
+
+#[derive(Debug)]
+pub struct DocTypeArgs {
+    config: RealtimeConfig,
+    position: Cursor,
+    next_sub: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+pub enum DocTypeMsg {
+    /// This type's changes in the page (None: the page had none) and the position after it.
+    Changes(Option<Arc<[Change]>>, Cursor),
+    Subscribe(SubscribeRequest),
+    Unsubscribe {
+        spec: QuerySpec,
+        conn_id: u64,
+    },
+    CrashQuery(QuerySpec),
+    Stats(RpcReplyPort<(usize, usize)>),
+}
+
+impl ractor::Message for DocTypeMsg {}
+
+#[derive(Debug)]
+struct Entry {
+    actor: ActorRef<LiveQueryMsg>,
+    sub_id: Arc<str>,
+    /// Per connection: the subscriber and how many `read`s of this query it holds.
+    subscribers: HashMap<u64, (Subscriber, usize)>,
+    failures: VecDeque<Instant>,
+}
+
+#[derive(Debug)]
+pub struct DocTypeState {
+    config: RealtimeConfig,
+    position: Cursor,
+    next_sub: Arc<AtomicU64>,
+    queries: HashMap<QuerySpec, Entry>,
+    by_actor: HashMap<ActorId, QuerySpec>,
+}
+
+impl Actor for DocType {
+    type Msg = DocTypeMsg;
+    type State = DocTypeState;
+    type Arguments = DocTypeArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: DocTypeArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(DocTypeState {
+            config: args.config,
+            position: args.position,
+            next_sub: args.next_sub,
+            queries: HashMap::new(),
+            by_actor: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            DocTypeMsg::Changes(page, position) => {
+                state.position = position;
+                if let Some(page) = page {
+                    for entry in state.queries.values() {
+                        let _ = entry
+                            .actor
+                            .cast(LiveQueryMsg::Changes(page.clone(), position));
+                    }
+                }
+            }
+            DocTypeMsg::Subscribe(request) => state.subscribe(&myself, request).await,
+            DocTypeMsg::Unsubscribe { spec, conn_id } => {
+                let Some(entry) = state.queries.get_mut(&spec) else {
+                    return Ok(());
+                };
+                if let Some((_, refs)) = entry.subscribers.get_mut(&conn_id) {
+                    *refs -= 1;
+                    if *refs == 0 {
+                        entry.subscribers.remove(&conn_id);
+                        let _ = entry.actor.cast(LiveQueryMsg::Unsubscribe { conn_id });
+                    }
+                }
+                if entry.subscribers.is_empty()
+                    && let Some(entry) = state.queries.remove(&spec)
+                {
+                    state.by_actor.remove(&entry.actor.get_id());
+                    entry.actor.stop(None);
+                }
+            }
+            DocTypeMsg::CrashQuery(spec) => {
+                if let Some(entry) = state.queries.get(&spec) {
+                    let _ = entry.actor.cast(LiveQueryMsg::Crash);
+                }
+            }
+            DocTypeMsg::Stats(reply) => {
+                let subs = state.queries.values().map(|e| e.subscribers.len()).sum();
+                let _ = reply.send((state.queries.len(), subs));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, error) = event {
+            let Some(spec) = state.by_actor.remove(&cell.get_id()) else {
+                return Ok(());
+            };
+            tracing::warn!(doc_type = %spec.doc_type, %error, "live query failed; restarting");
+            metrics::counter!("vibe_live_query_restarts_total").increment(1);
+            state.restart(&myself, spec).await;
+        }
+        Ok(())
+    }
+}
+
+impl DocTypeState {
+    async fn spawn(
+        &self,
+        myself: &ActorRef<DocTypeMsg>,
+        spec: QuerySpec,
+        sub_id: Arc<str>,
+        resync: Vec<Subscriber>,
+    ) -> Result<ActorRef<LiveQueryMsg>, String> {
+        let args = LiveQueryArgs {
+            spec,
+            sub_id,
+            start: self.position,
+            resync,
+            source: self.config.source.clone(),
+            replay_capacity: self.config.replay_capacity,
+        };
+        Actor::spawn_linked(None, LiveQuery, args, myself.get_cell())
+            .await
+            .map(|(actor, _)| actor)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn subscribe(&mut self, myself: &ActorRef<DocTypeMsg>, request: SubscribeRequest) {
+        let SubscribeRequest {
+            spec,
+            subscriber,
+            request_id,
+            since,
+            reply,
+        } = request;
+        if !self.queries.contains_key(&spec) {
+            let sub_id: Arc<str> =
+                format!("q{}", self.next_sub.fetch_add(1, Ordering::Relaxed)).into();
+            match self
+                .spawn(myself, spec.clone(), sub_id.clone(), Vec::new())
+                .await
+            {
+                Ok(actor) => {
+                    self.by_actor.insert(actor.get_id(), spec.clone());
+                    self.queries.insert(
+                        spec.clone(),
+                        Entry {
+                            actor,
+                            sub_id,
+                            subscribers: HashMap::new(),
+                            failures: VecDeque::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "live query could not start");
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
+        let Some(entry) = self.queries.get_mut(&spec) else {
+            return;
+        };
+        entry
+            .subscribers
+            .entry(subscriber.outbox.conn_id)
+            .and_modify(|(_, refs)| *refs += 1)
+            .or_insert_with(|| (subscriber.clone(), 1));
+        let result = ractor::call!(entry.actor, |port| LiveQueryMsg::Subscribe {
+            subscriber,
+            request_id,
+            since,
+            position: self.position,
+            reply: port,
+        });
+        let _ = reply.send(result.map_err(|e| e.to_string()));
+    }
+
+    async fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, spec: QuerySpec) {
+        let Some(mut entry) = self.queries.remove(&spec) else {
+            return;
+        };
+        let now = Instant::now();
+        entry
+            .failures
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        entry.failures.push_back(now);
+        let subscribers: Vec<Subscriber> =
+            entry.subscribers.values().map(|(s, _)| s.clone()).collect();
+        if entry.failures.len() > RESTARTS {
+            tracing::error!(doc_type = %spec.doc_type, "live query keeps failing; giving up");
+            fail_subscribers(&entry.sub_id, &subscribers);
+            return;
+        }
+        match self
+            .spawn(
+                myself,
+                spec.clone(),
+                entry.sub_id.clone(),
+                subscribers.clone(),
+            )
+            .await
+        {
+            Ok(actor) => {
+                entry.actor = actor;
+                self.by_actor.insert(entry.actor.get_id(), spec.clone());
+                self.queries.insert(spec, entry);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "live query restart failed");
+                fail_subscribers(&entry.sub_id, &subscribers);
+            }
+        }
+    }
+}
+
+/// Tells subscribers their subscription ended for good.
+fn fail_subscribers(sub_id: &str, subscribers: &[Subscriber]) {
+    let frame = serde_json::json!({
+        "sub": sub_id,
+        "event": "error",
+        "error": {"code": "subscription_failed", "message": "the live query failed repeatedly; subscribe again"},
+    });
+    let bytes = bytes::Bytes::from(frame.to_string());
+    for s in subscribers {
+        let _ = s.outbox.send(bytes.clone());
+    }
+}

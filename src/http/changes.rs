@@ -1,0 +1,170 @@
+//! `GET /v1/changes`: the change feed over HTTP, CouchDB `_changes` style, filtered by the
+//! caller's scopes and by each document's ACL, with long-polling.
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{ApiError, HttpResponse, json};
+use crate::app::App;
+use crate::auth::Access;
+use crate::feed::{Cursor, FeedError, Filter, Op};
+use crate::wire::Document;
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    since: Option<String>,
+    types: Option<String>,
+    limit: Option<u32>,
+    wait: Option<f64>,
+    global: Option<bool>,
+}
+
+/// One entry of the feed as the caller may see it.
+#[derive(Debug, Serialize)]
+struct Entry {
+    cursor: String,
+    /// `insert`, `update`, `delete`, or `remove` (the caller could read the document before this
+    /// change and no longer can).
+    op: &'static str,
+    id: Uuid,
+    #[serde(rename = "type")]
+    doc_type: String,
+    rev: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    doc: Option<Document>,
+}
+
+#[derive(Debug, Serialize)]
+struct Body {
+    changes: Vec<Entry>,
+    /// Pass as `since` to continue.
+    cursor: String,
+}
+
+pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let params: Params = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let types: Vec<String> = params
+        .types
+        .as_deref()
+        .map(|t| {
+            t.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(bad) = types.iter().find(|t| !crate::doc_type::is_valid(t)) {
+        return Err(ApiError::bad_request(
+            "invalid_type",
+            format!("{bad:?} is not a type name"),
+        ));
+    }
+    let claims = super::bearer(app, req.headers())?;
+    // Every named type needs read scope; without names, each change is checked below.
+    for t in &types {
+        super::check_scope(app, &claims, req.headers(), Access::Read, t)?;
+    }
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit is 1 to {MAX_LIMIT}"),
+        ));
+    }
+    let wait = match params.wait {
+        Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_WAIT),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "wait is seconds, 0 to 60",
+            ));
+        }
+        None => Duration::ZERO,
+    };
+    let global = params.global.unwrap_or(false);
+    let mut cursor = match params.since.as_deref() {
+        None | Some("0") => app.feed.tail().await.map_err(feed_error)?,
+        Some("now") => app.feed.head().await.map_err(feed_error)?,
+        Some(s) => s
+            .parse::<Cursor>()
+            .map_err(|e| ApiError::bad_request("invalid_cursor", e.to_string()))?,
+    };
+    let filter = Filter {
+        types,
+        owner: (!global).then(|| claims.subject.clone()),
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut head = app.feed_head.clone();
+    loop {
+        let page = app
+            .feed
+            .read(cursor, &filter, limit)
+            .await
+            .map_err(feed_error)?;
+        if let Some(next) = page.next {
+            cursor = next;
+        }
+        let caller = Some(claims.subject.as_str());
+        let entries: Vec<Entry> = page
+            .changes
+            .into_iter()
+            .filter(|c| claims.permits(Access::Read, &c.doc_type))
+            .filter_map(|c| {
+                let (before, after) = c.readable(caller);
+                let op = match (c.op, before, after) {
+                    (Op::Delete, true, _) => "delete",
+                    (_, _, true) => c.op.as_str(),
+                    (_, true, false) => "remove",
+                    _ => return None,
+                };
+                let doc = if after { c.document() } else { None };
+                Some(Entry {
+                    cursor: c.cursor.to_string(),
+                    op,
+                    id: c.doc_id,
+                    doc_type: c.doc_type,
+                    rev: c.rev,
+                    doc,
+                })
+            })
+            .collect();
+        if !entries.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(json(
+                StatusCode::OK,
+                &Body {
+                    changes: entries,
+                    cursor: cursor.to_string(),
+                },
+            ));
+        }
+        // Nothing (visible) yet: wait for this node's feed reader to move, or the deadline.
+        head.mark_unchanged();
+        if tokio::time::timeout_at(deadline, head.changed())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+    }
+}
+
+fn feed_error(e: FeedError) -> ApiError {
+    match e {
+        FeedError::CursorExpired => ApiError::new(
+            StatusCode::GONE,
+            "cursor_expired",
+            "the cursor is older than the feed's retention; start again without `since`",
+        ),
+        FeedError::Database(e) => crate::store::StoreError::from(e).into(),
+    }
+}

@@ -1,0 +1,520 @@
+//! The connection actor: one per WebSocket. It holds the session (who is connected, which
+//! subscriptions it has), answers each request in order, and queues every reply on the
+//! connection's bounded outbox. Live-query events reach the outbox directly, not through here.
+//!
+//! Guarantees: requests of one connection are handled one at a time, in arrival order; a bad
+//! request gets an error frame naming its id (or `null` when it had none) and the session goes
+//! on; when the connection ends every subscription is released.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use uuid::Uuid;
+use vibe_actors::acl::{Acl, Operation};
+use vibe_actors::change::Cursor;
+use vibe_actors::live_query::Subscriber;
+use vibe_actors::outbox::Outbox;
+use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec, Scope};
+use vibe_actors::realtime::{RealtimeMsg, SubscribeRequest};
+
+use crate::app::App;
+use crate::auth::{Access, AuthError};
+use crate::http::ApiError;
+use crate::store::StoreError;
+
+/// Who a connection acts as.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: String,
+    /// Kept to re-check scopes and attenuations per request.
+    token: String,
+}
+
+/// Checks a token's signature and expiry (its attenuations are checked per request).
+pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
+    let claims = app.tokens.identify(token)?;
+    Ok(Identity {
+        subject: claims.subject.clone(),
+        token: token.to_owned(),
+    })
+}
+
+#[derive(Debug)]
+pub struct Connection;
+
+#[derive(Debug)]
+pub struct ConnectionArgs {
+    pub app: Arc<App>,
+    pub outbox: Outbox,
+    pub identity: Option<Identity>,
+    /// Read by the reader task to decide whether the auth deadline still applies.
+    pub authenticated: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+pub enum ConnectionMsg {
+    /// One text frame; answered when handled, so the reader sends one request at a time.
+    Request(Bytes, RpcReplyPort<()>),
+    /// The connection ended: release every subscription.
+    Close(RpcReplyPort<()>),
+}
+
+impl ractor::Message for ConnectionMsg {}
+
+#[derive(Debug)]
+pub struct ConnectionState {
+    app: Arc<App>,
+    outbox: Outbox,
+    identity: Option<Identity>,
+    authenticated: Arc<AtomicBool>,
+    /// Subscription id → its query and how many `read`s of it this connection holds.
+    subs: HashMap<Arc<str>, (QuerySpec, usize)>,
+}
+
+impl Actor for Connection {
+    type Msg = ConnectionMsg;
+    type State = ConnectionState;
+    type Arguments = ConnectionArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ConnectionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ConnectionState {
+            app: args.app,
+            outbox: args.outbox,
+            identity: args.identity,
+            authenticated: args.authenticated,
+            subs: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConnectionMsg::Request(text, done) => {
+                state.request(&text).await;
+                let _ = done.send(());
+            }
+            ConnectionMsg::Close(done) => {
+                for (_, (spec, refs)) in state.subs.drain() {
+                    for _ in 0..refs {
+                        let _ = state.app.realtime.cast(RealtimeMsg::Unsubscribe {
+                            spec: spec.clone(),
+                            conn_id: state.outbox.conn_id,
+                        });
+                    }
+                }
+                let _ = done.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error frame: `{"re": id, "error": {"code", "message"}}`.
+pub fn error_frame(id: &Value, code: &str, message: &str) -> Bytes {
+    Bytes::from(json!({"re": id, "error": {"code": code, "message": message}}).to_string())
+}
+
+fn ok_frame(id: &Value, mut body: serde_json::Map<String, Value>) -> Bytes {
+    body.insert("re".into(), id.clone());
+    body.insert("ok".into(), Value::Bool(true));
+    Bytes::from(Value::Object(body).to_string())
+}
+
+/// A failed request: the code and message sent back.
+struct Failure(&'static str, String);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e.code, e.message)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+impl From<AuthError> for Failure {
+    fn from(e: AuthError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthArgs {
+    token: String,
+}
+
+struct ReadArgs {
+    query: QueryRequest,
+    since: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteArgs {
+    #[serde(rename = "type")]
+    doc_type: String,
+    doc: WriteDoc,
+    #[serde(default)]
+    rev: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteDoc {
+    #[serde(default)]
+    id: Option<Uuid>,
+    #[serde(default)]
+    acl: Option<Acl>,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveArgs {
+    #[serde(rename = "type")]
+    doc_type: String,
+    id: Uuid,
+    #[serde(default)]
+    rev: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubArgs {
+    sub: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+fn args<T: DeserializeOwned>(rest: serde_json::Map<String, Value>) -> Result<T, Failure> {
+    serde_json::from_value(Value::Object(rest))
+        .map_err(|e| Failure("invalid_request", e.to_string()))
+}
+
+impl ConnectionState {
+    async fn request(&mut self, text: &[u8]) {
+        let mut request = match serde_json::from_slice::<Value>(text) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => {
+                return self.fail(
+                    &Value::Null,
+                    Failure("invalid_request", "a request is a JSON object".into()),
+                );
+            }
+            Err(e) => {
+                return self.fail(&Value::Null, Failure("bad_json", format!("not JSON: {e}")));
+            }
+        };
+        let id = match request.remove("id") {
+            Some(id @ (Value::String(_) | Value::Number(_))) => id,
+            Some(_) => {
+                return self.fail(
+                    &Value::Null,
+                    Failure("invalid_request", "`id` is a string or a number".into()),
+                );
+            }
+            None => {
+                return self.fail(
+                    &Value::Null,
+                    Failure("missing_id", "every request carries an `id`".into()),
+                );
+            }
+        };
+        let op = match request.remove("op") {
+            Some(Value::String(op)) => op,
+            _ => {
+                return self.fail(
+                    &id,
+                    Failure("missing_op", "every request names an `op`".into()),
+                );
+            }
+        };
+        let result = match op.as_str() {
+            "auth" => match args::<AuthArgs>(request) {
+                Ok(a) => self.auth(&a.token),
+                Err(e) => Err(e),
+            },
+            "ping" => args::<NoArgs>(request).map(|_| Some(json!({"pong": true}))),
+            "read" => {
+                let since = match request.remove("since") {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s)),
+                    Some(_) => Err(Failure(
+                        "invalid_cursor",
+                        "`since` is a cursor string".into(),
+                    )),
+                };
+                match (since, args::<QueryRequest>(request)) {
+                    (Ok(since), Ok(query)) => self.read(&id, ReadArgs { query, since }).await,
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
+            }
+            "readOnce" => match args::<QueryRequest>(request) {
+                Ok(q) => self.read_once(q).await,
+                Err(e) => Err(e),
+            },
+            "write" => match args::<WriteArgs>(request) {
+                Ok(a) => self.write(a).await,
+                Err(e) => Err(e),
+            },
+            "remove" => match args::<RemoveArgs>(request) {
+                Ok(a) => self.remove(a).await,
+                Err(e) => Err(e),
+            },
+            "unsub" => match args::<UnsubArgs>(request) {
+                Ok(a) => self.unsub(&a.sub),
+                Err(e) => Err(e),
+            },
+            other => Err(Failure(
+                "unknown_op",
+                format!("unknown op {other:?}: auth, read, readOnce, write, remove, unsub, ping"),
+            )),
+        };
+        match result {
+            // `read` queues its own reply, ahead of the subscription's first event.
+            Ok(None) => {}
+            Ok(Some(Value::Object(body))) => {
+                let _ = self.outbox.send(ok_frame(&id, body));
+            }
+            Ok(Some(_)) => {
+                let _ = self.outbox.send(ok_frame(&id, Default::default()));
+            }
+            Err(failure) => self.fail(&id, failure),
+        }
+    }
+
+    fn fail(&self, id: &Value, Failure(code, message): Failure) {
+        let _ = self.outbox.send(error_frame(id, code, &message));
+    }
+
+    fn auth(&mut self, token: &str) -> Result<Option<Value>, Failure> {
+        let identity = identify(&self.app, token)?;
+        if let Some(current) = &self.identity
+            && current.subject != identity.subject
+        {
+            return Err(Failure(
+                "already_authenticated",
+                "this connection acts for another DID; open a new one".into(),
+            ));
+        }
+        let did = identity.subject.clone();
+        self.identity = Some(identity);
+        self.authenticated.store(true, Ordering::Relaxed);
+        Ok(Some(json!({"did": did})))
+    }
+
+    /// The caller, allowed `access` to `doc_type` by its token.
+    fn permit(&self, access: Access, doc_type: &str) -> Result<String, Failure> {
+        let Some(identity) = &self.identity else {
+            return Err(Failure(
+                "unauthenticated",
+                "send `auth` with a token first".into(),
+            ));
+        };
+        if !crate::doc_type::is_valid(doc_type) {
+            return Err(Failure(
+                "invalid_type",
+                "a type name matches ^[a-z][a-z0-9_.-]{0,63}$".into(),
+            ));
+        }
+        let claims = self
+            .app
+            .tokens
+            .verify(&identity.token, access, Some(doc_type))?;
+        if !claims.permits(access, doc_type) {
+            let verb = if access == Access::Read {
+                "read"
+            } else {
+                "write"
+            };
+            return Err(Failure(
+                "missing_scope",
+                format!("the token lacks the scope {verb}:{doc_type}"),
+            ));
+        }
+        Ok(claims.subject.clone())
+    }
+
+    fn spec(&self, caller: &str, query: &QueryRequest) -> Result<QuerySpec, Failure> {
+        let ws = &self.app.config.ws;
+        QuerySpec::parse(
+            query,
+            caller,
+            QueryLimits {
+                default_limit: ws.default_limit,
+                max_limit: ws.max_limit,
+            },
+        )
+        .map_err(|e| Failure("invalid_query", format!("{}: {}", e.part, e.message)))
+    }
+
+    async fn read(&mut self, id: &Value, args: ReadArgs) -> Result<Option<Value>, Failure> {
+        let caller = self.permit(Access::Read, &args.query.doc_type)?;
+        let spec = self.spec(&caller, &args.query)?;
+        let since = args
+            .since
+            .as_deref()
+            .map(|s| {
+                s.parse::<Cursor>()
+                    .map_err(|e| Failure("invalid_cursor", e.to_string()))
+            })
+            .transpose()?;
+        let held: usize = self.subs.values().map(|(_, refs)| refs).sum();
+        if held >= self.app.config.ws.max_subscriptions {
+            return Err(Failure(
+                "too_many_subscriptions",
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.app.config.ws.max_subscriptions
+                ),
+            ));
+        }
+        let subscriber = Subscriber {
+            outbox: self.outbox.clone(),
+            caller,
+        };
+        let reply = ractor::call!(self.app.realtime, |port| RealtimeMsg::Subscribe(
+            SubscribeRequest {
+                spec: spec.clone(),
+                subscriber,
+                request_id: id.clone(),
+                since,
+                reply: port,
+            }
+        ));
+        match reply {
+            Ok(Ok(sub)) => {
+                self.subs.entry(sub).or_insert_with(|| (spec, 0)).1 += 1;
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "subscription failed");
+                Err(Failure(
+                    "unavailable",
+                    "the live query could not start; retry".into(),
+                ))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "realtime tree unreachable");
+                Err(Failure(
+                    "unavailable",
+                    "the live query could not start; retry".into(),
+                ))
+            }
+        }
+    }
+
+    async fn read_once(&self, query: QueryRequest) -> Result<Option<Value>, Failure> {
+        let caller = self.permit(Access::Read, &query.doc_type)?;
+        let spec = self.spec(&caller, &query)?;
+        let own = matches!(spec.scope, Scope::Own(_));
+        let docs: Vec<_> = self
+            .app
+            .store
+            .query(&spec, 0)
+            .await?
+            .into_iter()
+            .filter(|d| own || d.acl.allows(Operation::Read, Some(&caller), &d.owner))
+            .collect();
+        Ok(Some(json!({"docs": docs})))
+    }
+
+    async fn write(&self, args: WriteArgs) -> Result<Option<Value>, Failure> {
+        let caller = self.permit(Access::Write, &args.doc_type)?;
+        if !args.doc.data.is_object() {
+            return Err(Failure(
+                "invalid_request",
+                "`doc.data` must be a JSON object".into(),
+            ));
+        }
+        let store = &self.app.store;
+        let WriteDoc { id, acl, data } = args.doc;
+        let doc = match id {
+            Some(id) => {
+                let replaced = store
+                    .modify(&caller, &args.doc_type, id, args.rev, |current| {
+                        Ok::<_, Failure>((
+                            data.clone(),
+                            acl.clone().unwrap_or_else(|| current.acl.clone()),
+                        ))
+                    })
+                    .await;
+                match replaced {
+                    Ok(result) => result?,
+                    Err(StoreError::NotFound) if args.rev.is_none() => {
+                        store
+                            .create(
+                                &caller,
+                                &args.doc_type,
+                                Some(id),
+                                &acl.unwrap_or_default(),
+                                &data,
+                            )
+                            .await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => {
+                store
+                    .create(
+                        &caller,
+                        &args.doc_type,
+                        None,
+                        &acl.unwrap_or_default(),
+                        &data,
+                    )
+                    .await?
+            }
+        };
+        Ok(Some(json!({"doc": doc})))
+    }
+
+    async fn remove(&self, args: RemoveArgs) -> Result<Option<Value>, Failure> {
+        let caller = self.permit(Access::Write, &args.doc_type)?;
+        self.app
+            .store
+            .delete(&caller, &args.doc_type, args.id, args.rev)
+            .await?;
+        Ok(Some(json!({})))
+    }
+
+    fn unsub(&mut self, sub: &str) -> Result<Option<Value>, Failure> {
+        let Some((spec, refs)) = self.subs.get_mut(sub) else {
+            return Err(Failure(
+                "unknown_subscription",
+                format!("no subscription {sub:?} on this connection"),
+            ));
+        };
+        *refs -= 1;
+        let spec = spec.clone();
+        if *refs == 0 {
+            self.subs.remove(sub);
+        }
+        let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
+            spec,
+            conn_id: self.outbox.conn_id,
+        });
+        Ok(Some(json!({})))
+    }
+}
