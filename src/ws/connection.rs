@@ -191,7 +191,9 @@ struct WriteDoc {
 struct RemoveArgs {
     #[serde(rename = "type")]
     doc_type: String,
-    id: Uuid,
+    /// Not `id`: that is the request's own id.
+    #[serde(rename = "docId")]
+    doc_id: Uuid,
     #[serde(default)]
     rev: Option<i64>,
 }
@@ -494,7 +496,7 @@ impl ConnectionState {
         let caller = self.permit(Access::Write, &args.doc_type)?;
         self.app
             .store
-            .delete(&caller, &args.doc_type, args.id, args.rev)
+            .delete(&caller, &args.doc_type, args.doc_id, args.rev)
             .await?;
         Ok(Some(json!({})))
     }

@@ -133,3 +133,122 @@ impl TestServer {
 pub const ALICE: &str = "did:key:zAlice";
 pub const BOB: &str = "did:key:zBob";
 pub const CAROL: &str = "did:key:zCarol";
+
+/// A WebSocket client speaking the Vibe protocol, over a real socket (tokio-tungstenite).
+pub struct Ws {
+    stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    /// Frames that arrived while waiting for something else.
+    pub pending: std::collections::VecDeque<serde_json::Value>,
+    next_id: u64,
+}
+
+/// How long a test waits for any one frame before failing.
+pub const FRAME_WAIT: Duration = Duration::from_secs(15);
+
+impl Ws {
+    /// Connects with the `vibe.v1` subprotocol and, if given, a token as the second value.
+    pub async fn connect(base: &str, token: Option<&str>) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/v1/ws", base.replace("http://", "ws://"));
+        let mut request = url.into_client_request().unwrap();
+        let protocols = match token {
+            Some(t) => format!("vibe.v1, {}", t.trim_end_matches('=')),
+            None => "vibe.v1".to_owned(),
+        };
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().unwrap());
+        let (stream, response) = tokio_tungstenite::connect_async(request).await.expect("WebSocket connects");
+        assert_eq!(response.headers()["sec-websocket-protocol"], "vibe.v1");
+        Self {
+            stream,
+            pending: Default::default(),
+            next_id: 1,
+        }
+    }
+
+    pub async fn send_raw(&mut self, message: tokio_tungstenite::tungstenite::Message) {
+        use futures_util::SinkExt;
+        self.stream.send(message).await.expect("send");
+    }
+
+    pub async fn send(&mut self, value: serde_json::Value) {
+        self.send_raw(tokio_tungstenite::tungstenite::Message::text(value.to_string())).await;
+    }
+
+    /// The next frame from the server (a pending one first). Panics after [`FRAME_WAIT`].
+    pub async fn next(&mut self) -> serde_json::Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
+        self.next_from_socket().await.expect("the connection closed")
+    }
+
+    /// The next frame off the socket; None when the server closed the connection.
+    pub async fn next_from_socket(&mut self) -> Option<serde_json::Value> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let message = tokio::time::timeout(FRAME_WAIT, self.stream.next())
+                .await
+                .expect("a frame within the wait")?;
+            match message {
+                Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The close frame's code, reading past any data frames.
+    pub async fn closed_with(&mut self) -> Option<u16> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            match tokio::time::timeout(FRAME_WAIT, self.stream.next()).await.ok()?? {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends `op` with a fresh id and returns the reply (`re` equal to that id); other frames
+    /// received meanwhile stay pending.
+    pub async fn request(&mut self, mut body: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        body["id"] = id.into();
+        self.send(body).await;
+        let mut skipped = Vec::new();
+        loop {
+            let frame = match self.pending.iter().position(|f| f["re"] == id) {
+                Some(i) => self.pending.remove(i).unwrap(),
+                None => self.next_from_socket().await.expect("the connection closed"),
+            };
+            if frame["re"] == id {
+                self.pending.extend(skipped);
+                return frame;
+            }
+            skipped.push(frame);
+        }
+    }
+
+    /// The next event for subscription `sub`, keeping other frames pending.
+    pub async fn event(&mut self, sub: &serde_json::Value) -> serde_json::Value {
+        if let Some(i) = self.pending.iter().position(|f| &f["sub"] == sub) {
+            return self.pending.remove(i).unwrap();
+        }
+        loop {
+            let frame = self.next_from_socket().await.expect("the connection closed");
+            if &frame["sub"] == sub {
+                return frame;
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+}

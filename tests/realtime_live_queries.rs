@@ -1,0 +1,212 @@
+//! Live queries over a real WebSocket against the real database: events as documents enter,
+//! change in and leave a result; shared live queries; ACLs per subscriber; SQL-made writes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use common::{ALICE, BOB, CAROL, TestServer, Ws};
+use serde_json::{Value, json};
+
+async fn post(s: &TestServer, token: &str, body: Value) -> Value {
+    let r = s
+        .client
+        .post(s.url("/v1/docs/posts"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn events_follow_documents_into_and_out_of_the_result() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let existing = post(&s, &alice, json!({"data": {"status": "open", "n": 0}})).await;
+    post(&s, &alice, json!({"data": {"status": "closed"}})).await;
+
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = ws
+        .request(json!({"op": "read", "type": "posts", "where": {"data.status": "open"}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let sub = reply["sub"].clone();
+    assert_eq!(reply["docs"].as_array().unwrap().len(), 1);
+    assert_eq!(reply["docs"][0]["id"], existing["id"]);
+    let mut last_cursor: vibe::feed::Cursor = reply["cursor"].as_str().unwrap().parse().unwrap();
+    let mut check_cursor = |event: &Value| {
+        let c: vibe::feed::Cursor = event["cursor"].as_str().unwrap().parse().unwrap();
+        assert!(c > last_cursor, "cursors grow: {c} after {last_cursor}");
+        last_cursor = c;
+    };
+
+    // A write over REST that matches: add.
+    let created = post(&s, &alice, json!({"data": {"status": "open", "n": 1}})).await;
+    let event = ws.event(&sub).await;
+    assert_eq!((event["event"].as_str(), &event["doc"]["id"]), (Some("add"), &created["id"]));
+    check_cursor(&event);
+
+    // A write over the WebSocket that matches: add, with the write's own reply.
+    let written = ws
+        .request(json!({"op": "write", "type": "posts", "doc": {"data": {"status": "open", "n": 2}}}))
+        .await;
+    assert_eq!(written["ok"], true, "{written}");
+    let event = ws.event(&sub).await;
+    assert_eq!((event["event"].as_str(), &event["doc"]["id"]), (Some("add"), &written["doc"]["id"]));
+    check_cursor(&event);
+
+    // Still matching after an update: change. No longer matching: remove. Deleted: remove.
+    let id = created["id"].as_str().unwrap();
+    let r = s
+        .client
+        .patch(s.url(&format!("/v1/docs/posts/{id}")))
+        .bearer_auth(&alice)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"data": {"n": 10}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let event = ws.event(&sub).await;
+    assert_eq!((event["event"].as_str(), &event["doc"]["data"]["n"]), (Some("change"), &json!(10)));
+    check_cursor(&event);
+    let r = s
+        .client
+        .patch(s.url(&format!("/v1/docs/posts/{id}")))
+        .bearer_auth(&alice)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"data": {"status": "closed"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let event = ws.event(&sub).await;
+    assert_eq!((event["event"].as_str(), event["id"].as_str()), (Some("remove"), Some(id)));
+    check_cursor(&event);
+    let removed = ws
+        .request(json!({"op": "remove", "type": "posts", "docId": written["doc"]["id"]}))
+        .await;
+    assert_eq!(removed["ok"], true, "{removed}");
+    let event = ws.event(&sub).await;
+    assert_eq!((event["event"].as_str(), &event["id"]), (Some("remove"), &written["doc"]["id"]));
+    check_cursor(&event);
+
+    // A non-matching write produces nothing: the next event is for the next matching one.
+    post(&s, &alice, json!({"data": {"status": "closed"}})).await;
+    let last = post(&s, &alice, json!({"data": {"status": "open", "n": 3}})).await;
+    let event = ws.event(&sub).await;
+    assert_eq!(event["doc"]["id"], last["id"]);
+
+    // After unsub, nothing more arrives for it.
+    let r = ws.request(json!({"op": "unsub", "sub": sub})).await;
+    assert_eq!(r["ok"], true);
+    post(&s, &alice, json!({"data": {"status": "open"}})).await;
+    let pong = ws.request(json!({"op": "ping"})).await;
+    assert_eq!(pong["pong"], true);
+    assert!(ws.pending.iter().all(|f| f["sub"] != sub), "{:?}", ws.pending);
+    ws.close().await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn identical_queries_share_one_live_query() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let bob = s.token(BOB, &["*"]);
+    let query = json!({"op": "read", "type": "posts", "global": true, "sort": "-createdAt", "limit": 10});
+    let mut a = Ws::connect(&s.base, Some(&alice)).await;
+    let mut b = Ws::connect(&s.base, Some(&bob)).await;
+    let ra = a.request(query.clone()).await;
+    let rb = b.request(query.clone()).await;
+    assert_eq!(ra["sub"], rb["sub"], "one live query, one subscription id");
+    let (queries, subscribers) = ractor::call!(s.server.as_ref().unwrap().app().realtime, vibe_actors::realtime::RealtimeMsg::Stats).unwrap();
+    assert_eq!((queries, subscribers), (1, 2));
+
+    let doc = post(&s, &alice, json!({"acl": {"read": {"allow": ["*"]}}, "data": {"hello": 1}})).await;
+    let ea = a.event(&ra["sub"]).await;
+    let eb = b.event(&rb["sub"]).await;
+    assert_eq!(ea, eb, "the same event, encoded once");
+    assert_eq!(ea["doc"]["id"], doc["id"]);
+    a.close().await;
+    b.close().await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn global_queries_respect_each_subscribers_access() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let bob = s.token(BOB, &["*"]);
+    let carol = s.token(CAROL, &["*"]);
+    let query = json!({"op": "read", "type": "posts", "global": true});
+    let mut b = Ws::connect(&s.base, Some(&bob)).await;
+    let mut c = Ws::connect(&s.base, Some(&carol)).await;
+    let sub = b.request(query.clone()).await["sub"].clone();
+    assert_eq!(c.request(query.clone()).await["sub"], sub);
+
+    // Public but denied to Carol: Bob gets it, Carol does not.
+    let denied = post(&s, &alice, json!({"acl": {"read": {"allow": ["*"], "deny": [CAROL]}}, "data": {"n": 1}})).await;
+    // Private: nobody subscribed sees it.
+    post(&s, &alice, json!({"data": {"n": 2}})).await;
+    let open = post(&s, &alice, json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 3}})).await;
+    let e = b.event(&sub).await;
+    assert_eq!((e["event"].as_str(), &e["doc"]["id"]), (Some("add"), &denied["id"]));
+    let e = b.event(&sub).await;
+    assert_eq!(e["doc"]["id"], open["id"]);
+    let e = c.event(&sub).await;
+    assert_eq!(e["doc"]["id"], open["id"], "Carol's first event skips the denied document");
+
+    // Lifting the deny: Carol gets an add, Bob a change.
+    let id = denied["id"].as_str().unwrap();
+    let r = s
+        .client
+        .put(s.url(&format!("/v1/docs/posts/{id}")))
+        .bearer_auth(&alice)
+        .json(&json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.event(&sub).await["event"], "add");
+    assert_eq!(b.event(&sub).await["event"], "change");
+    // Making it private: both get a remove.
+    let r = s
+        .client
+        .put(s.url(&format!("/v1/docs/posts/{id}")))
+        .bearer_auth(&alice)
+        .json(&json!({"acl": {}, "data": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(b.event(&sub).await["event"], "remove");
+    assert_eq!(c.event(&sub).await["event"], "remove");
+    b.close().await;
+    c.close().await;
+    s.finish().await;
+}
+
+/// Writes made straight in SQL (no Vibe node woken) are found by the poll.
+#[tokio::test]
+async fn writes_made_in_sql_are_delivered() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let sub = ws.request(json!({"op": "read", "type": "posts"})).await["sub"].clone();
+    let pool = s.sql().await;
+    let id = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO documents (id, owner_did, type, data) VALUES ($1, $2, 'posts', '{\"by\": \"sql\"}')")
+        .bind(id)
+        .bind(ALICE)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = ws.event(&sub).await;
+    assert_eq!((e["event"].as_str(), e["doc"]["id"].as_str()), (Some("add"), Some(id.to_string().as_str())));
+    pool.close().await;
+    ws.close().await;
+    s.finish().await;
+}
