@@ -1,0 +1,163 @@
+//! Bad input over the WebSocket: each gets a structured error with a stable code, and the
+//! connection stays usable afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use common::{ALICE, TestServer, Ws};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn expect_error(ws: &mut Ws, code: &str, re: Value) {
+    let frame = ws.next().await;
+    assert_eq!(frame["error"]["code"], code, "{frame}");
+    assert_eq!(frame["re"], re, "{frame}");
+    assert!(frame["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    // Still usable.
+    assert_eq!(ws.request(json!({"op": "ping"})).await["pong"], true);
+}
+
+#[tokio::test]
+async fn bad_requests_get_errors_and_the_connection_lives_on() {
+    let s = TestServer::start_with(&[("ws.max_frame_bytes", "2048"), ("ws.max_limit", "50"), ("ws.default_limit", "20")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let notes_only = s.token(ALICE, &["read:notes"]);
+    let mut ws = Ws::connect(&s.base, None).await;
+
+    // Before auth: reads are refused, ping works.
+    let r = ws.request(json!({"op": "read", "type": "posts"})).await;
+    assert_eq!(r["error"]["code"], "unauthenticated");
+    let r = ws.request(json!({"op": "auth", "token": "garbage"})).await;
+    assert_eq!(r["error"]["code"], "invalid_token");
+    let r = ws.request(json!({"op": "auth", "token": notes_only})).await;
+    assert_eq!(r["did"], ALICE);
+
+    // A type without scope.
+    let r = ws.request(json!({"op": "read", "type": "posts"})).await;
+    assert_eq!(r["error"]["code"], "missing_scope");
+    let r = ws.request(json!({"op": "write", "type": "notes", "doc": {"data": {}}})).await;
+    assert_eq!(r["error"]["code"], "missing_scope");
+    let r = ws.request(json!({"op": "auth", "token": alice})).await;
+    assert_eq!(r["ok"], true);
+
+    ws.send_raw(Message::text("{not json")).await;
+    expect_error(&mut ws, "bad_json", Value::Null).await;
+    ws.send_raw(Message::text("[1, 2]")).await;
+    expect_error(&mut ws, "invalid_request", Value::Null).await;
+    ws.send(json!({"op": "ping"})).await;
+    expect_error(&mut ws, "missing_id", Value::Null).await;
+    ws.send(json!({"id": {"x": 1}, "op": "ping"})).await;
+    expect_error(&mut ws, "invalid_request", Value::Null).await;
+    ws.send(json!({"id": 7})).await;
+    expect_error(&mut ws, "missing_op", json!(7)).await;
+    ws.send(json!({"id": 8, "op": "teleport"})).await;
+    expect_error(&mut ws, "unknown_op", json!(8)).await;
+    ws.send(json!({"id": "s", "op": "read"})).await;
+    expect_error(&mut ws, "invalid_request", json!("s")).await;
+    ws.send(json!({"id": 9, "op": "ping", "extra": true})).await;
+    expect_error(&mut ws, "invalid_request", json!(9)).await;
+    ws.send(json!({"id": 10, "op": "read", "type": "Bad Type"})).await;
+    expect_error(&mut ws, "invalid_type", json!(10)).await;
+    ws.send(json!({"id": 11, "op": "read", "type": "posts", "where": {"title": 1}})).await;
+    expect_error(&mut ws, "invalid_query", json!(11)).await;
+    ws.send(json!({"id": 12, "op": "read", "type": "posts", "limit": 51})).await;
+    expect_error(&mut ws, "invalid_query", json!(12)).await;
+    ws.send(json!({"id": 13, "op": "read", "type": "posts", "since": "yesterday"})).await;
+    expect_error(&mut ws, "invalid_cursor", json!(13)).await;
+    ws.send(json!({"id": 14, "op": "unsub", "sub": "q999"})).await;
+    expect_error(&mut ws, "unknown_subscription", json!(14)).await;
+    ws.send(json!({"id": 15, "op": "write", "type": "posts", "doc": {"data": [1]}})).await;
+    expect_error(&mut ws, "invalid_request", json!(15)).await;
+    ws.send(json!({"id": 16, "op": "remove", "type": "posts", "docId": uuid::Uuid::new_v4()})).await;
+    expect_error(&mut ws, "not_found", json!(16)).await;
+    ws.send(json!({"id": 17, "op": "write", "type": "posts", "doc": {"data": {}, "acl": {"read": {"allow": ["nobody"]}}}})).await;
+    expect_error(&mut ws, "invalid_request", json!(17)).await;
+    ws.send_raw(Message::binary(vec![1u8, 2, 3])).await;
+    expect_error(&mut ws, "binary_not_supported", Value::Null).await;
+    ws.send_raw(Message::text(format!(r#"{{"id": 1, "op": "ping", "pad": "{}"}}"#, "x".repeat(3000)))).await;
+    expect_error(&mut ws, "frame_too_large", Value::Null).await;
+
+    // After all that, the session still reads and writes.
+    let r = ws.request(json!({"op": "read", "type": "posts"})).await;
+    assert_eq!(r["ok"], true);
+    let w = ws.request(json!({"op": "write", "type": "posts", "doc": {"data": {"fine": true}}})).await;
+    assert_eq!(w["ok"], true);
+    let e = ws.event(&r["sub"]).await;
+    assert_eq!(e["event"], "add");
+    ws.close().await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn upgrade_rejects_bad_tokens_and_protocols() {
+    let s = TestServer::start().await;
+    // A bad token offered with the upgrade: a plain 401 before upgrading.
+    let r = s
+        .client
+        .get(s.url("/v1/ws"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", "vibe.v1, garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .get(s.url("/v1/ws"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-protocol", "chat.v2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_protocol");
+    // Not an upgrade at all.
+    let r = s.client.get(s.url("/v1/ws")).send().await.unwrap();
+    assert_eq!(r.status(), 426);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn limits_on_rate_subscriptions_and_auth_time() {
+    let s = TestServer::start_with(&[
+        ("ws.requests_per_second", "5"),
+        ("ws.max_subscriptions", "2"),
+        ("ws.auth_timeout", "\"300ms\""),
+    ])
+    .await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let a = ws.request(json!({"op": "read", "type": "posts"})).await;
+    let b = ws.request(json!({"op": "read", "type": "notes"})).await;
+    assert_eq!((a["ok"].as_bool(), b["ok"].as_bool()), (Some(true), Some(true)));
+    let c = ws.request(json!({"op": "read", "type": "other"})).await;
+    assert_eq!(c["error"]["code"], "too_many_subscriptions");
+    // Burst past the rate: some requests are refused with `rate_limited`.
+    for i in 0..10 {
+        ws.send(json!({"id": 100 + i, "op": "ping"})).await;
+    }
+    let mut limited = 0;
+    let mut answered = 0;
+    while answered + limited < 10 {
+        let f = ws.next().await;
+        if f["error"]["code"] == "rate_limited" {
+            limited += 1;
+        } else if f["pong"] == true {
+            answered += 1;
+        }
+    }
+    assert!(limited >= 1, "the burst was not limited");
+    ws.close().await;
+
+    // A connection that never authenticates is closed after the auth timeout.
+    let mut idle = Ws::connect(&s.base, None).await;
+    assert_eq!(idle.closed_with().await, Some(4001));
+    s.finish().await;
+}
