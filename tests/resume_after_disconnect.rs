@@ -1,0 +1,98 @@
+//! A client that reconnects with its last cursor gets exactly the events it missed while they
+//! are retained, and a fresh snapshot marked as such when they are not.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use common::{ALICE, BOB, TestServer, Ws};
+use serde_json::{Value, json};
+
+async fn write(ws: &mut Ws, n: i64) -> Value {
+    let r = ws
+        .request(json!({"op": "write", "type": "posts", "doc": {"acl": {"read": {"allow": ["*"]}}, "data": {"n": n}}}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    r["doc"].clone()
+}
+
+#[tokio::test]
+async fn resume_gets_exactly_the_missed_events() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let bob = s.token(BOB, &["*"]);
+    let query = json!({"op": "read", "type": "posts", "global": true});
+    // Bob keeps the live query alive while Alice's client is away.
+    let mut keeper = Ws::connect(&s.base, Some(&bob)).await;
+    let sub = keeper.request(query.clone()).await["sub"].clone();
+
+    let mut client = Ws::connect(&s.base, Some(&alice)).await;
+    assert_eq!(client.request(query.clone()).await["sub"], sub);
+    let mut writer = Ws::connect(&s.base, Some(&alice)).await;
+    write(&mut writer, 1).await;
+    let seen = client.event(&sub).await;
+    let cursor = seen["cursor"].as_str().unwrap().to_owned();
+    client.close().await;
+
+    // Missed while away: two adds and an update.
+    let d2 = write(&mut writer, 2).await;
+    let d3 = write(&mut writer, 3).await;
+    let r = writer
+        .request(json!({"op": "write", "type": "posts", "doc": {"id": d2["id"], "acl": {"read": {"allow": ["*"]}}, "data": {"n": 22}}}))
+        .await;
+    assert_eq!(r["ok"], true);
+    // The keeper has seen all three, so the live query has applied them.
+    for _ in 0..3 {
+        keeper.event(&sub).await;
+    }
+
+    let mut back = Ws::connect(&s.base, Some(&alice)).await;
+    let mut resume = query.clone();
+    resume["since"] = cursor.clone().into();
+    let reply = back.request(resume).await;
+    assert_eq!((reply["ok"].as_bool(), reply["resumed"].as_bool()), (Some(true), Some(true)), "{reply}");
+    assert!(reply.get("docs").is_none(), "no snapshot when resuming");
+    let missed: Vec<Value> = vec![back.event(&sub).await, back.event(&sub).await, back.event(&sub).await];
+    let summary: Vec<(String, Value)> = missed
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap().to_owned(), e["doc"]["id"].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![("add".to_owned(), d2["id"].clone()), ("add".to_owned(), d3["id"].clone()), ("change".to_owned(), d2["id"].clone())]
+    );
+    assert!(missed.iter().all(|e| e["cursor"].as_str().unwrap().parse::<vibe::feed::Cursor>().unwrap() > cursor.parse().unwrap()));
+    // And then live again, with nothing repeated.
+    let d4 = write(&mut writer, 4).await;
+    let next = back.event(&sub).await;
+    assert_eq!((next["event"].as_str(), &next["doc"]["id"]), (Some("add"), &d4["id"]));
+    back.close().await;
+    keeper.close().await;
+    writer.close().await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_cursor_past_retention_gets_a_reset_snapshot() {
+    let s = TestServer::start_with(&[("ws.replay_buffer", "2")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let query = json!({"op": "read", "type": "posts"});
+    let mut keeper = Ws::connect(&s.base, Some(&alice)).await;
+    let first = keeper.request(query.clone()).await;
+    let sub = first["sub"].clone();
+    let old_cursor = first["cursor"].as_str().unwrap().to_owned();
+    let mut writer = Ws::connect(&s.base, Some(&alice)).await;
+    for n in 0..5 {
+        write(&mut writer, n).await;
+        keeper.event(&sub).await;
+    }
+    let mut back = Ws::connect(&s.base, Some(&alice)).await;
+    let mut resume = query.clone();
+    resume["since"] = old_cursor.into();
+    let reply = back.request(resume).await;
+    assert_eq!(reply["resumed"], false, "{reply}");
+    assert_eq!(reply["docs"].as_array().unwrap().len(), 5, "a full snapshot instead");
+    back.close().await;
+    keeper.close().await;
+    writer.close().await;
+    s.finish().await;
+}
