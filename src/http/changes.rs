@@ -103,6 +103,10 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         types,
         owner: (!global).then(|| claims.subject.clone()),
     };
+    // Cut a tick first, so the caller's own committed writes are in what it reads.
+    if let Err(e) = app.feed.tick().await {
+        tracing::warn!(error = %e, "tick before a changes read failed");
+    }
     let deadline = tokio::time::Instant::now() + wait;
     let mut head = app.feed_head.clone();
     loop {

@@ -1,0 +1,148 @@
+//! `GET /v1/changes`: the change feed over HTTP, filtered by scope and ACL, paged by cursor,
+//! long-polled, and honest about expired cursors.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{ALICE, BOB, TestServer};
+use serde_json::{Value, json};
+
+async fn post(s: &TestServer, token: &str, doc_type: &str, body: Value) -> Value {
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/docs/{doc_type}")))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+async fn changes(s: &TestServer, token: &str, query: &str) -> (u16, Value) {
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/changes?{query}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn ids(body: &Value) -> Vec<String> {
+    body["changes"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_feed_shows_what_the_caller_may_read() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let bob = s.token(BOB, &["*"]);
+    let a1 = post(&s, &alice, "posts", json!({"data": {"n": 1}})).await;
+    let b_public = post(&s, &bob, "posts", json!({"acl": {"read": {"allow": ["*"]}}, "data": {}})).await;
+    post(&s, &bob, "posts", json!({"data": {"private": true}})).await;
+    let a_note = post(&s, &alice, "notes", json!({"data": {}})).await;
+
+    // Own documents by default, from the start of retention.
+    let (status, own) = changes(&s, &alice, "since=0").await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&own), vec![a1["id"].as_str().unwrap(), a_note["id"].as_str().unwrap()]);
+    assert_eq!(own["changes"][0]["op"], "insert");
+    assert_eq!(own["changes"][0]["doc"]["data"]["n"], 1);
+    // Global: plus what others made readable, never their private documents.
+    let (_, global) = changes(&s, &alice, "since=0&global=true").await;
+    assert_eq!(ids(&global).len(), 3);
+    assert!(ids(&global).contains(&b_public["id"].as_str().unwrap().to_owned()));
+    // Type filter, and scope: a posts-only token sees no notes and may not ask for them.
+    let posts_only = s.token(ALICE, &["read:posts"]);
+    let (_, only_posts) = changes(&s, &posts_only, "since=0").await;
+    assert_eq!(ids(&only_posts), vec![a1["id"].as_str().unwrap()]);
+    let (status, denied) = changes(&s, &posts_only, "since=0&types=notes").await;
+    assert_eq!((status, denied["error"]["code"].as_str()), (403, Some("missing_scope")));
+
+    // Losing access shows up as `remove`; deletes as `delete`.
+    let cursor = global["cursor"].as_str().unwrap().to_owned();
+    let id = b_public["id"].as_str().unwrap();
+    s.client
+        .put(s.url(&format!("/v1/docs/posts/{id}")))
+        .bearer_auth(&bob)
+        .json(&json!({"acl": {}, "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    s.client.delete(s.url(&format!("/v1/docs/posts/{}", a1["id"].as_str().unwrap()))).bearer_auth(&alice).send().await.unwrap();
+    let (_, later) = changes(&s, &alice, &format!("since={cursor}&global=true")).await;
+    let ops: Vec<&str> = later["changes"].as_array().unwrap().iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, vec!["remove", "delete"]);
+    assert!(later["changes"][0].get("doc").is_none());
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn pages_cover_everything_once_and_long_polls_wake_on_writes() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut written = HashSet::new();
+    for n in 0..7 {
+        written.insert(post(&s, &alice, "posts", json!({"data": {"n": n}})).await["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut cursor = "0".to_owned();
+    loop {
+        let (_, page) = changes(&s, &alice, &format!("since={cursor}&limit=2")).await;
+        cursor = page["cursor"].as_str().unwrap().to_owned();
+        if page["changes"].as_array().unwrap().is_empty() {
+            break;
+        }
+        seen.extend(ids(&page));
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), written);
+
+    // A long poll from the head returns as soon as a write lands, long before its wait.
+    let poll = {
+        let client = s.client.clone();
+        let url = s.url(&format!("/v1/changes?since={cursor}&wait=30"));
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let body: Value = client.get(url).bearer_auth(alice).send().await.unwrap().json().await.unwrap();
+            (body, started.elapsed())
+        })
+    };
+    // Make sure the poll is waiting before the write (it may also catch it on its first read).
+    tokio::task::yield_now().await;
+    let late = post(&s, &alice, "posts", json!({"data": {"late": true}})).await;
+    let (body, took) = poll.await.unwrap();
+    assert_eq!(ids(&body), vec![late["id"].as_str().unwrap()]);
+    assert!(took < Duration::from_secs(30));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn bad_and_expired_cursors() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let (status, body) = changes(&s, &alice, "since=yesterday").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_cursor")));
+    let (status, body) = changes(&s, &alice, "since=0&limit=0").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")));
+    let (_, start) = changes(&s, &alice, "since=now").await;
+    let old = start["cursor"].as_str().unwrap().to_owned();
+    post(&s, &alice, "posts", json!({"data": {}})).await;
+    // Make sure a newer tick exists, then prune everything but it.
+    let (_, after) = changes(&s, &alice, &format!("since={old}&wait=10")).await;
+    assert_eq!(after["changes"].as_array().unwrap().len(), 1);
+    let app = s.server.as_ref().unwrap().app().clone();
+    post(&s, &alice, "posts", json!({"data": {}})).await;
+    let (_, _) = changes(&s, &alice, &format!("since={}&wait=10", after["cursor"].as_str().unwrap())).await;
+    app.feed.prune(Duration::ZERO).await.unwrap();
+    let (status, body) = changes(&s, &alice, &format!("since={old}")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("cursor_expired")), "{body}");
+    s.finish().await;
+}
