@@ -97,6 +97,30 @@ impl EmbeddedPostgres {
             .database(DATABASE_NAME)
     }
 
+    /// A URL for the `vibe` database over the private socket.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/{DATABASE_NAME}?host={}",
+            self.cluster_dir.display()
+        )
+    }
+
+    /// Restarts the cluster (fast shutdown, then start): every session is cut, nothing
+    /// committed is lost. For fault tests and operators.
+    pub async fn restart(&self) -> Result<(), EmbeddedDbError> {
+        let out = self
+            .command("pg_ctl")
+            .arg("restart")
+            .arg("-D")
+            .arg(&self.cluster_dir)
+            .arg("-l")
+            .arg(self.cluster_dir.join("server.log"))
+            .args(["-m", "fast", "-w", "-t", "120"])
+            .output()
+            .await?;
+        check("pg_ctl restart", out)
+    }
+
     /// Stops the cluster (fast shutdown: open sessions are ended, committed data is flushed).
     pub async fn stop(self) -> Result<(), EmbeddedDbError> {
         let out = self
