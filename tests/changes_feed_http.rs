@@ -35,7 +35,12 @@ async fn changes(s: &TestServer, token: &str, query: &str) -> (u16, Value) {
 }
 
 fn ids(body: &Value) -> Vec<String> {
-    body["changes"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_owned()).collect()
+    body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test]
@@ -44,14 +49,23 @@ async fn the_feed_shows_what_the_caller_may_read() {
     let alice = s.token(ALICE, &["*"]);
     let bob = s.token(BOB, &["*"]);
     let a1 = post(&s, &alice, "posts", json!({"data": {"n": 1}})).await;
-    let b_public = post(&s, &bob, "posts", json!({"acl": {"read": {"allow": ["*"]}}, "data": {}})).await;
+    let b_public = post(
+        &s,
+        &bob,
+        "posts",
+        json!({"acl": {"read": {"allow": ["*"]}}, "data": {}}),
+    )
+    .await;
     post(&s, &bob, "posts", json!({"data": {"private": true}})).await;
     let a_note = post(&s, &alice, "notes", json!({"data": {}})).await;
 
     // Own documents by default, from the start of retention.
     let (status, own) = changes(&s, &alice, "since=0").await;
     assert_eq!(status, 200);
-    assert_eq!(ids(&own), vec![a1["id"].as_str().unwrap(), a_note["id"].as_str().unwrap()]);
+    assert_eq!(
+        ids(&own),
+        vec![a1["id"].as_str().unwrap(), a_note["id"].as_str().unwrap()]
+    );
     assert_eq!(own["changes"][0]["op"], "insert");
     assert_eq!(own["changes"][0]["doc"]["data"]["n"], 1);
     // Global: plus what others made readable, never their private documents.
@@ -63,7 +77,10 @@ async fn the_feed_shows_what_the_caller_may_read() {
     let (_, only_posts) = changes(&s, &posts_only, "since=0").await;
     assert_eq!(ids(&only_posts), vec![a1["id"].as_str().unwrap()]);
     let (status, denied) = changes(&s, &posts_only, "since=0&types=notes").await;
-    assert_eq!((status, denied["error"]["code"].as_str()), (403, Some("missing_scope")));
+    assert_eq!(
+        (status, denied["error"]["code"].as_str()),
+        (403, Some("missing_scope"))
+    );
 
     // Losing access shows up as `remove`; deletes as `delete`.
     let cursor = global["cursor"].as_str().unwrap().to_owned();
@@ -75,9 +92,19 @@ async fn the_feed_shows_what_the_caller_may_read() {
         .send()
         .await
         .unwrap();
-    s.client.delete(s.url(&format!("/v1/docs/posts/{}", a1["id"].as_str().unwrap()))).bearer_auth(&alice).send().await.unwrap();
+    s.client
+        .delete(s.url(&format!("/v1/docs/posts/{}", a1["id"].as_str().unwrap())))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
     let (_, later) = changes(&s, &alice, &format!("since={cursor}&global=true")).await;
-    let ops: Vec<&str> = later["changes"].as_array().unwrap().iter().map(|c| c["op"].as_str().unwrap()).collect();
+    let ops: Vec<&str> = later["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["op"].as_str().unwrap())
+        .collect();
     assert_eq!(ops, vec!["remove", "delete"]);
     assert!(later["changes"][0].get("doc").is_none());
     s.finish().await;
@@ -89,7 +116,12 @@ async fn pages_cover_everything_once_and_long_polls_wake_on_writes() {
     let alice = s.token(ALICE, &["*"]);
     let mut written = HashSet::new();
     for n in 0..7 {
-        written.insert(post(&s, &alice, "posts", json!({"data": {"n": n}})).await["id"].as_str().unwrap().to_owned());
+        written.insert(
+            post(&s, &alice, "posts", json!({"data": {"n": n}})).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let mut seen = Vec::new();
     let mut cursor = "0".to_owned();
@@ -111,7 +143,15 @@ async fn pages_cover_everything_once_and_long_polls_wake_on_writes() {
         let alice = alice.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let body: Value = client.get(url).bearer_auth(alice).send().await.unwrap().json().await.unwrap();
+            let body: Value = client
+                .get(url)
+                .bearer_auth(alice)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             (body, started.elapsed())
         })
     };
@@ -129,9 +169,15 @@ async fn bad_and_expired_cursors() {
     let s = TestServer::start().await;
     let alice = s.token(ALICE, &["*"]);
     let (status, body) = changes(&s, &alice, "since=yesterday").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_cursor")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_cursor"))
+    );
     let (status, body) = changes(&s, &alice, "since=0&limit=0").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
     let (_, start) = changes(&s, &alice, "since=now").await;
     let old = start["cursor"].as_str().unwrap().to_owned();
     post(&s, &alice, "posts", json!({"data": {}})).await;
@@ -140,9 +186,18 @@ async fn bad_and_expired_cursors() {
     assert_eq!(after["changes"].as_array().unwrap().len(), 1);
     let app = s.server.as_ref().unwrap().app().clone();
     post(&s, &alice, "posts", json!({"data": {}})).await;
-    let (_, _) = changes(&s, &alice, &format!("since={}&wait=10", after["cursor"].as_str().unwrap())).await;
+    let (_, _) = changes(
+        &s,
+        &alice,
+        &format!("since={}&wait=10", after["cursor"].as_str().unwrap()),
+    )
+    .await;
     app.feed.prune(Duration::ZERO).await.unwrap();
     let (status, body) = changes(&s, &alice, &format!("since={old}")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (410, Some("cursor_expired")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (410, Some("cursor_expired")),
+        "{body}"
+    );
     s.finish().await;
 }

@@ -99,14 +99,18 @@ async fn every_subscriber_gets_every_committed_change_once_in_order() {
     }
     assert!(total >= 2000, "only {total} writes");
     // What the database ended with: each document's final revision.
-    let finals: HashMap<Uuid, i64> = sqlx::query_as::<_, (Uuid, i64)>("SELECT id, rev FROM documents")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let finals: HashMap<Uuid, i64> =
+        sqlx::query_as::<_, (Uuid, i64)>("SELECT id, rev FROM documents")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
     let expected_events: i64 = finals.values().sum();
-    assert_eq!(expected_events as usize, total, "every committed write is one revision");
+    assert_eq!(
+        expected_events as usize, total,
+        "every committed write is one revision"
+    );
 
     for (ws, sub) in &mut subscribers {
         let mut revs: HashMap<Uuid, Vec<i64>> = HashMap::new();
@@ -116,10 +120,15 @@ async fn every_subscriber_gets_every_committed_change_once_in_order() {
             let kind = e["event"].as_str().unwrap();
             assert!(kind == "add" || kind == "change", "{e}");
             let cursor: vibe::feed::Cursor = e["cursor"].as_str().unwrap().parse().unwrap();
-            assert!(last.is_none_or(|l| l < cursor), "out of order: {cursor} after {last:?}");
+            assert!(
+                last.is_none_or(|l| l < cursor),
+                "out of order: {cursor} after {last:?}"
+            );
             last = Some(cursor);
             let id: Uuid = e["doc"]["id"].as_str().unwrap().parse().unwrap();
-            revs.entry(id).or_default().push(e["doc"]["rev"].as_i64().unwrap());
+            revs.entry(id)
+                .or_default()
+                .push(e["doc"]["rev"].as_i64().unwrap());
         }
         // Exactly revisions 1..=final of every document, each once, in order.
         assert_eq!(revs.len(), finals.len());
@@ -129,7 +138,10 @@ async fn every_subscriber_gets_every_committed_change_once_in_order() {
         }
         let extra = ws.request(json!({"op": "ping"})).await;
         assert_eq!(extra["pong"], true);
-        assert!(ws.pending.iter().all(|f| f["sub"] != *sub), "an extra event arrived");
+        assert!(
+            ws.pending.iter().all(|f| f["sub"] != *sub),
+            "an extra event arrived"
+        );
     }
     pool.close().await;
     for (ws, _) in subscribers {

@@ -16,11 +16,21 @@ async fn crashed_live_query_resets_its_subscribers_and_continues() {
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let reply = ws.request(json!({"op": "read", "type": "posts"})).await;
     let sub = reply["sub"].clone();
-    let w = ws.request(json!({"op": "write", "type": "posts", "doc": {"data": {"n": 1}}})).await;
+    let w = ws
+        .request(json!({"op": "write", "type": "posts", "doc": {"data": {"n": 1}}}))
+        .await;
     assert_eq!(ws.event(&sub).await["event"], "add");
 
     let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
-    let spec = QuerySpec::parse(&request, ALICE, QueryLimits { default_limit: 100, max_limit: 1000 }).unwrap();
+    let spec = QuerySpec::parse(
+        &request,
+        ALICE,
+        QueryLimits {
+            default_limit: 100,
+            max_limit: 1000,
+        },
+    )
+    .unwrap();
     let realtime = s.server.as_ref().unwrap().app().realtime.clone();
     realtime.cast(RealtimeMsg::CrashQuery(spec)).unwrap();
 
@@ -31,9 +41,14 @@ async fn crashed_live_query_resets_its_subscribers_and_continues() {
     assert_eq!(docs[0]["id"], w["doc"]["id"]);
 
     // The restarted query goes on.
-    let w2 = ws.request(json!({"op": "write", "type": "posts", "doc": {"data": {"n": 2}}})).await;
+    let w2 = ws
+        .request(json!({"op": "write", "type": "posts", "doc": {"data": {"n": 2}}}))
+        .await;
     let e = ws.event(&sub).await;
-    assert_eq!((e["event"].as_str(), &e["doc"]["id"]), (Some("add"), &w2["doc"]["id"]));
+    assert_eq!(
+        (e["event"].as_str(), &e["doc"]["id"]),
+        (Some("add"), &w2["doc"]["id"])
+    );
     let (queries, subscribers) = ractor::call!(realtime, RealtimeMsg::Stats).unwrap();
     assert_eq!((queries, subscribers), (1, 1));
     ws.close().await;

@@ -46,16 +46,24 @@ async fn events_follow_documents_into_and_out_of_the_result() {
     // A write over REST that matches: add.
     let created = post(&s, &alice, json!({"data": {"status": "open", "n": 1}})).await;
     let event = ws.event(&sub).await;
-    assert_eq!((event["event"].as_str(), &event["doc"]["id"]), (Some("add"), &created["id"]));
+    assert_eq!(
+        (event["event"].as_str(), &event["doc"]["id"]),
+        (Some("add"), &created["id"])
+    );
     check_cursor(&event);
 
     // A write over the WebSocket that matches: add, with the write's own reply.
     let written = ws
-        .request(json!({"op": "write", "type": "posts", "doc": {"data": {"status": "open", "n": 2}}}))
+        .request(
+            json!({"op": "write", "type": "posts", "doc": {"data": {"status": "open", "n": 2}}}),
+        )
         .await;
     assert_eq!(written["ok"], true, "{written}");
     let event = ws.event(&sub).await;
-    assert_eq!((event["event"].as_str(), &event["doc"]["id"]), (Some("add"), &written["doc"]["id"]));
+    assert_eq!(
+        (event["event"].as_str(), &event["doc"]["id"]),
+        (Some("add"), &written["doc"]["id"])
+    );
     check_cursor(&event);
 
     // Still matching after an update: change. No longer matching: remove. Deleted: remove.
@@ -71,7 +79,10 @@ async fn events_follow_documents_into_and_out_of_the_result() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let event = ws.event(&sub).await;
-    assert_eq!((event["event"].as_str(), &event["doc"]["data"]["n"]), (Some("change"), &json!(10)));
+    assert_eq!(
+        (event["event"].as_str(), &event["doc"]["data"]["n"]),
+        (Some("change"), &json!(10))
+    );
     check_cursor(&event);
     let r = s
         .client
@@ -84,14 +95,20 @@ async fn events_follow_documents_into_and_out_of_the_result() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let event = ws.event(&sub).await;
-    assert_eq!((event["event"].as_str(), event["id"].as_str()), (Some("remove"), Some(id)));
+    assert_eq!(
+        (event["event"].as_str(), event["id"].as_str()),
+        (Some("remove"), Some(id))
+    );
     check_cursor(&event);
     let removed = ws
         .request(json!({"op": "remove", "type": "posts", "docId": written["doc"]["id"]}))
         .await;
     assert_eq!(removed["ok"], true, "{removed}");
     let event = ws.event(&sub).await;
-    assert_eq!((event["event"].as_str(), &event["id"]), (Some("remove"), &written["doc"]["id"]));
+    assert_eq!(
+        (event["event"].as_str(), &event["id"]),
+        (Some("remove"), &written["doc"]["id"])
+    );
     check_cursor(&event);
 
     // A non-matching write produces nothing: the next event is for the next matching one.
@@ -106,7 +123,11 @@ async fn events_follow_documents_into_and_out_of_the_result() {
     post(&s, &alice, json!({"data": {"status": "open"}})).await;
     let pong = ws.request(json!({"op": "ping"})).await;
     assert_eq!(pong["pong"], true);
-    assert!(ws.pending.iter().all(|f| f["sub"] != sub), "{:?}", ws.pending);
+    assert!(
+        ws.pending.iter().all(|f| f["sub"] != sub),
+        "{:?}",
+        ws.pending
+    );
     ws.close().await;
     s.finish().await;
 }
@@ -116,16 +137,26 @@ async fn identical_queries_share_one_live_query() {
     let s = TestServer::start().await;
     let alice = s.token(ALICE, &["*"]);
     let bob = s.token(BOB, &["*"]);
-    let query = json!({"op": "read", "type": "posts", "global": true, "sort": "-createdAt", "limit": 10});
+    let query =
+        json!({"op": "read", "type": "posts", "global": true, "sort": "-createdAt", "limit": 10});
     let mut a = Ws::connect(&s.base, Some(&alice)).await;
     let mut b = Ws::connect(&s.base, Some(&bob)).await;
     let ra = a.request(query.clone()).await;
     let rb = b.request(query.clone()).await;
     assert_eq!(ra["sub"], rb["sub"], "one live query, one subscription id");
-    let (queries, subscribers) = ractor::call!(s.server.as_ref().unwrap().app().realtime, vibe_actors::realtime::RealtimeMsg::Stats).unwrap();
+    let (queries, subscribers) = ractor::call!(
+        s.server.as_ref().unwrap().app().realtime,
+        vibe_actors::realtime::RealtimeMsg::Stats
+    )
+    .unwrap();
     assert_eq!((queries, subscribers), (1, 2));
 
-    let doc = post(&s, &alice, json!({"acl": {"read": {"allow": ["*"]}}, "data": {"hello": 1}})).await;
+    let doc = post(
+        &s,
+        &alice,
+        json!({"acl": {"read": {"allow": ["*"]}}, "data": {"hello": 1}}),
+    )
+    .await;
     let ea = a.event(&ra["sub"]).await;
     let eb = b.event(&rb["sub"]).await;
     assert_eq!(ea, eb, "the same event, encoded once");
@@ -148,16 +179,32 @@ async fn global_queries_respect_each_subscribers_access() {
     assert_eq!(c.request(query.clone()).await["sub"], sub);
 
     // Public but denied to Carol: Bob gets it, Carol does not.
-    let denied = post(&s, &alice, json!({"acl": {"read": {"allow": ["*"], "deny": [CAROL]}}, "data": {"n": 1}})).await;
+    let denied = post(
+        &s,
+        &alice,
+        json!({"acl": {"read": {"allow": ["*"], "deny": [CAROL]}}, "data": {"n": 1}}),
+    )
+    .await;
     // Private: nobody subscribed sees it.
     post(&s, &alice, json!({"data": {"n": 2}})).await;
-    let open = post(&s, &alice, json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 3}})).await;
+    let open = post(
+        &s,
+        &alice,
+        json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 3}}),
+    )
+    .await;
     let e = b.event(&sub).await;
-    assert_eq!((e["event"].as_str(), &e["doc"]["id"]), (Some("add"), &denied["id"]));
+    assert_eq!(
+        (e["event"].as_str(), &e["doc"]["id"]),
+        (Some("add"), &denied["id"])
+    );
     let e = b.event(&sub).await;
     assert_eq!(e["doc"]["id"], open["id"]);
     let e = c.event(&sub).await;
-    assert_eq!(e["doc"]["id"], open["id"], "Carol's first event skips the denied document");
+    assert_eq!(
+        e["doc"]["id"], open["id"],
+        "Carol's first event skips the denied document"
+    );
 
     // Lifting the deny: Carol gets an add, Bob a change.
     let id = denied["id"].as_str().unwrap();
@@ -205,7 +252,10 @@ async fn writes_made_in_sql_are_delivered() {
         .await
         .unwrap();
     let e = ws.event(&sub).await;
-    assert_eq!((e["event"].as_str(), e["doc"]["id"].as_str()), (Some("add"), Some(id.to_string().as_str())));
+    assert_eq!(
+        (e["event"].as_str(), e["doc"]["id"].as_str()),
+        (Some("add"), Some(id.to_string().as_str()))
+    );
     pool.close().await;
     ws.close().await;
     s.finish().await;

@@ -49,22 +49,49 @@ async fn resume_gets_exactly_the_missed_events() {
     let mut resume = query.clone();
     resume["since"] = cursor.clone().into();
     let reply = back.request(resume).await;
-    assert_eq!((reply["ok"].as_bool(), reply["resumed"].as_bool()), (Some(true), Some(true)), "{reply}");
+    assert_eq!(
+        (reply["ok"].as_bool(), reply["resumed"].as_bool()),
+        (Some(true), Some(true)),
+        "{reply}"
+    );
     assert!(reply.get("docs").is_none(), "no snapshot when resuming");
-    let missed: Vec<Value> = vec![back.event(&sub).await, back.event(&sub).await, back.event(&sub).await];
+    let missed: Vec<Value> = vec![
+        back.event(&sub).await,
+        back.event(&sub).await,
+        back.event(&sub).await,
+    ];
     let summary: Vec<(String, Value)> = missed
         .iter()
-        .map(|e| (e["event"].as_str().unwrap().to_owned(), e["doc"]["id"].clone()))
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_owned(),
+                e["doc"]["id"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
-        vec![("add".to_owned(), d2["id"].clone()), ("add".to_owned(), d3["id"].clone()), ("change".to_owned(), d2["id"].clone())]
+        vec![
+            ("add".to_owned(), d2["id"].clone()),
+            ("add".to_owned(), d3["id"].clone()),
+            ("change".to_owned(), d2["id"].clone())
+        ]
     );
-    assert!(missed.iter().all(|e| e["cursor"].as_str().unwrap().parse::<vibe::feed::Cursor>().unwrap() > cursor.parse().unwrap()));
+    assert!(missed.iter().all(|e| {
+        e["cursor"]
+            .as_str()
+            .unwrap()
+            .parse::<vibe::feed::Cursor>()
+            .unwrap()
+            > cursor.parse().unwrap()
+    }));
     // And then live again, with nothing repeated.
     let d4 = write(&mut writer, 4).await;
     let next = back.event(&sub).await;
-    assert_eq!((next["event"].as_str(), &next["doc"]["id"]), (Some("add"), &d4["id"]));
+    assert_eq!(
+        (next["event"].as_str(), &next["doc"]["id"]),
+        (Some("add"), &d4["id"])
+    );
     back.close().await;
     keeper.close().await;
     writer.close().await;
@@ -90,7 +117,11 @@ async fn a_cursor_past_retention_gets_a_reset_snapshot() {
     resume["since"] = old_cursor.into();
     let reply = back.request(resume).await;
     assert_eq!(reply["resumed"], false, "{reply}");
-    assert_eq!(reply["docs"].as_array().unwrap().len(), 5, "a full snapshot instead");
+    assert_eq!(
+        reply["docs"].as_array().unwrap().len(),
+        5,
+        "a full snapshot instead"
+    );
     back.close().await;
     keeper.close().await;
     writer.close().await;

@@ -34,7 +34,9 @@ async fn a_stalled_client_is_cut_off_and_the_healthy_one_gets_everything() {
     });
     for n in 0..writes {
         let r = writer
-            .request(json!({"op": "write", "type": "posts", "doc": {"data": {"n": n, "blob": blob}}}))
+            .request(
+                json!({"op": "write", "type": "posts", "doc": {"data": {"n": n, "blob": blob}}}),
+            )
             .await;
         assert_eq!(r["ok"], true);
     }
@@ -42,8 +44,19 @@ async fn a_stalled_client_is_cut_off_and_the_healthy_one_gets_everything() {
 
     // The stalled connection was closed for overflowing, after whatever fit in its buffers.
     assert_eq!(stalled.closed_with().await, Some(4008));
-    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("vibe_ws_queue_overflows_total"), "{metrics}");
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vibe_ws_queue_overflows_total"),
+        "{metrics}"
+    );
     healthy.close().await;
     writer.close().await;
     s.finish().await;

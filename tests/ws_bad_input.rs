@@ -12,14 +12,23 @@ async fn expect_error(ws: &mut Ws, code: &str, re: Value) {
     let frame = ws.next().await;
     assert_eq!(frame["error"]["code"], code, "{frame}");
     assert_eq!(frame["re"], re, "{frame}");
-    assert!(frame["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        frame["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     // Still usable.
     assert_eq!(ws.request(json!({"op": "ping"})).await["pong"], true);
 }
 
 #[tokio::test]
 async fn bad_requests_get_errors_and_the_connection_lives_on() {
-    let s = TestServer::start_with(&[("ws.max_frame_bytes", "2048"), ("ws.max_limit", "50"), ("ws.default_limit", "20")]).await;
+    let s = TestServer::start_with(&[
+        ("ws.max_frame_bytes", "2048"),
+        ("ws.max_limit", "50"),
+        ("ws.default_limit", "20"),
+    ])
+    .await;
     let alice = s.token(ALICE, &["*"]);
     let notes_only = s.token(ALICE, &["read:notes"]);
     let mut ws = Ws::connect(&s.base, None).await;
@@ -35,7 +44,9 @@ async fn bad_requests_get_errors_and_the_connection_lives_on() {
     // A type without scope.
     let r = ws.request(json!({"op": "read", "type": "posts"})).await;
     assert_eq!(r["error"]["code"], "missing_scope");
-    let r = ws.request(json!({"op": "write", "type": "notes", "doc": {"data": {}}})).await;
+    let r = ws
+        .request(json!({"op": "write", "type": "notes", "doc": {"data": {}}}))
+        .await;
     assert_eq!(r["error"]["code"], "missing_scope");
     let r = ws.request(json!({"op": "auth", "token": alice})).await;
     assert_eq!(r["ok"], true);
@@ -56,31 +67,44 @@ async fn bad_requests_get_errors_and_the_connection_lives_on() {
     expect_error(&mut ws, "invalid_request", json!("s")).await;
     ws.send(json!({"id": 9, "op": "ping", "extra": true})).await;
     expect_error(&mut ws, "invalid_request", json!(9)).await;
-    ws.send(json!({"id": 10, "op": "read", "type": "Bad Type"})).await;
+    ws.send(json!({"id": 10, "op": "read", "type": "Bad Type"}))
+        .await;
     expect_error(&mut ws, "invalid_type", json!(10)).await;
-    ws.send(json!({"id": 11, "op": "read", "type": "posts", "where": {"title": 1}})).await;
+    ws.send(json!({"id": 11, "op": "read", "type": "posts", "where": {"title": 1}}))
+        .await;
     expect_error(&mut ws, "invalid_query", json!(11)).await;
-    ws.send(json!({"id": 12, "op": "read", "type": "posts", "limit": 51})).await;
+    ws.send(json!({"id": 12, "op": "read", "type": "posts", "limit": 51}))
+        .await;
     expect_error(&mut ws, "invalid_query", json!(12)).await;
-    ws.send(json!({"id": 13, "op": "read", "type": "posts", "since": "yesterday"})).await;
+    ws.send(json!({"id": 13, "op": "read", "type": "posts", "since": "yesterday"}))
+        .await;
     expect_error(&mut ws, "invalid_cursor", json!(13)).await;
-    ws.send(json!({"id": 14, "op": "unsub", "sub": "q999"})).await;
+    ws.send(json!({"id": 14, "op": "unsub", "sub": "q999"}))
+        .await;
     expect_error(&mut ws, "unknown_subscription", json!(14)).await;
-    ws.send(json!({"id": 15, "op": "write", "type": "posts", "doc": {"data": [1]}})).await;
+    ws.send(json!({"id": 15, "op": "write", "type": "posts", "doc": {"data": [1]}}))
+        .await;
     expect_error(&mut ws, "invalid_request", json!(15)).await;
-    ws.send(json!({"id": 16, "op": "remove", "type": "posts", "docId": uuid::Uuid::new_v4()})).await;
+    ws.send(json!({"id": 16, "op": "remove", "type": "posts", "docId": uuid::Uuid::new_v4()}))
+        .await;
     expect_error(&mut ws, "not_found", json!(16)).await;
     ws.send(json!({"id": 17, "op": "write", "type": "posts", "doc": {"data": {}, "acl": {"read": {"allow": ["nobody"]}}}})).await;
     expect_error(&mut ws, "invalid_request", json!(17)).await;
     ws.send_raw(Message::binary(vec![1u8, 2, 3])).await;
     expect_error(&mut ws, "binary_not_supported", Value::Null).await;
-    ws.send_raw(Message::text(format!(r#"{{"id": 1, "op": "ping", "pad": "{}"}}"#, "x".repeat(3000)))).await;
+    ws.send_raw(Message::text(format!(
+        r#"{{"id": 1, "op": "ping", "pad": "{}"}}"#,
+        "x".repeat(3000)
+    )))
+    .await;
     expect_error(&mut ws, "frame_too_large", Value::Null).await;
 
     // After all that, the session still reads and writes.
     let r = ws.request(json!({"op": "read", "type": "posts"})).await;
     assert_eq!(r["ok"], true);
-    let w = ws.request(json!({"op": "write", "type": "posts", "doc": {"data": {"fine": true}}})).await;
+    let w = ws
+        .request(json!({"op": "write", "type": "posts", "doc": {"data": {"fine": true}}}))
+        .await;
     assert_eq!(w["ok"], true);
     let e = ws.event(&r["sub"]).await;
     assert_eq!(e["event"], "add");
@@ -136,7 +160,10 @@ async fn limits_on_rate_subscriptions_and_auth_time() {
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let a = ws.request(json!({"op": "read", "type": "posts"})).await;
     let b = ws.request(json!({"op": "read", "type": "notes"})).await;
-    assert_eq!((a["ok"].as_bool(), b["ok"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(
+        (a["ok"].as_bool(), b["ok"].as_bool()),
+        (Some(true), Some(true))
+    );
     let c = ws.request(json!({"op": "read", "type": "other"})).await;
     assert_eq!(c["error"]["code"], "too_many_subscriptions");
     // Burst past the rate: some requests are refused with `rate_limited`.

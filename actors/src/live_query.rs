@@ -313,7 +313,7 @@ impl Encoded {
     fn new(sub_id: Arc<str>, event: WindowEvent, cursor: Cursor) -> Self {
         let (doc, old) = match event {
             WindowEvent::Add(doc) => (Some(doc), None),
-            WindowEvent::Change { doc, old } => (Some(doc), Some(old)),
+            WindowEvent::Change { doc, old } => (Some(doc), Some(*old)),
             WindowEvent::Remove(old) => (None, Some(old)),
         };
         let any = doc.as_ref().or(old.as_ref());

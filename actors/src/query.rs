@@ -159,7 +159,7 @@ impl QuerySpec {
             let part = format!("where.{name}");
             let field = match name.as_str() {
                 "id" => {
-                    if !value.as_str().is_some_and(|s| Uuid::try_parse(s).is_ok()) {
+                    if value.as_str().is_none_or(|s| Uuid::try_parse(s).is_err()) {
                         return Err(invalid(part, "`id` is compared with a UUID string"));
                     }
                     Field::Id

@@ -16,7 +16,7 @@ pub enum WindowEvent {
     Add(Document),
     /// The document was in the window and still is (possibly at another position); `old` is the
     /// previous version (its ACL decides who could see it before).
-    Change { doc: Document, old: Document },
+    Change { doc: Document, old: Box<Document> },
     /// The document left the window; `old` is the last version the window held.
     Remove(Document),
 }
@@ -83,7 +83,7 @@ impl Window {
                 match &old {
                     Some(old) => applied.events.push(WindowEvent::Change {
                         doc,
-                        old: old.clone(),
+                        old: Box::new(old.clone()),
                     }),
                     None => applied.events.push(WindowEvent::Add(doc)),
                 }
@@ -117,7 +117,7 @@ impl Window {
                 Some(old) if old.rev == doc.rev && old == doc => {}
                 Some(old) => events.push(WindowEvent::Change {
                     doc: doc.clone(),
-                    old: old.clone(),
+                    old: Box::new(old.clone()),
                 }),
                 None => events.push(WindowEvent::Add(doc.clone())),
             }
@@ -225,7 +225,7 @@ mod tests {
             a.events,
             vec![WindowEvent::Change {
                 doc: doc(2, true, 2),
-                old: doc(2, true, 1)
+                old: Box::new(doc(2, true, 1))
             }]
         );
         // A fourth, newer match pushes the oldest out: the window is now incomplete.

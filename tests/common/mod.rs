@@ -62,6 +62,15 @@ impl TestServer {
     /// Starts a server; `overrides` are `(dotted key, TOML value)` pairs over the defaults.
     pub async fn start_with(overrides: &[(&str, &str)]) -> Self {
         let (db_name, db_url) = fresh_database().await;
+        Self::start_at(db_name, db_url, overrides).await
+    }
+
+    /// Starts a server on a database the test owns (it is not dropped by `finish`).
+    pub async fn start_on(db_url: &str, overrides: &[(&str, &str)]) -> Self {
+        Self::start_at(String::new(), db_url.to_owned(), overrides).await
+    }
+
+    async fn start_at(db_name: String, db_url: String, overrides: &[(&str, &str)]) -> Self {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let mut figment = figment::Figment::new()
             .merge(Toml::string(DEFAULT_TOML))
@@ -126,7 +135,9 @@ impl TestServer {
         if let Some(server) = self.server.take() {
             server.shutdown().await.expect("clean shutdown");
         }
-        drop_database(&self.db_name).await;
+        if !self.db_name.is_empty() {
+            drop_database(&self.db_name).await;
+        }
     }
 }
 
@@ -136,7 +147,9 @@ pub const CAROL: &str = "did:key:zCarol";
 
 /// A WebSocket client speaking the Vibe protocol, over a real socket (tokio-tungstenite).
 pub struct Ws {
-    stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    stream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     /// Frames that arrived while waiting for something else.
     pub pending: std::collections::VecDeque<serde_json::Value>,
     next_id: u64,
@@ -158,7 +171,9 @@ impl Ws {
         request
             .headers_mut()
             .insert("sec-websocket-protocol", protocols.parse().unwrap());
-        let (stream, response) = tokio_tungstenite::connect_async(request).await.expect("WebSocket connects");
+        let (stream, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("WebSocket connects");
         assert_eq!(response.headers()["sec-websocket-protocol"], "vibe.v1");
         Self {
             stream,
@@ -173,7 +188,10 @@ impl Ws {
     }
 
     pub async fn send(&mut self, value: serde_json::Value) {
-        self.send_raw(tokio_tungstenite::tungstenite::Message::text(value.to_string())).await;
+        self.send_raw(tokio_tungstenite::tungstenite::Message::text(
+            value.to_string(),
+        ))
+        .await;
     }
 
     /// The next frame from the server (a pending one first). Panics after [`FRAME_WAIT`].
@@ -181,7 +199,9 @@ impl Ws {
         if let Some(v) = self.pending.pop_front() {
             return v;
         }
-        self.next_from_socket().await.expect("the connection closed")
+        self.next_from_socket()
+            .await
+            .expect("the connection closed")
     }
 
     /// The next frame off the socket; None when the server closed the connection.
@@ -205,7 +225,10 @@ impl Ws {
         use futures_util::StreamExt;
         use tokio_tungstenite::tungstenite::Message;
         loop {
-            match tokio::time::timeout(FRAME_WAIT, self.stream.next()).await.ok()?? {
+            match tokio::time::timeout(FRAME_WAIT, self.stream.next())
+                .await
+                .ok()??
+            {
                 Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
                 Ok(_) => {}
                 Err(_) => return None,
@@ -224,7 +247,10 @@ impl Ws {
         loop {
             let frame = match self.pending.iter().position(|f| f["re"] == id) {
                 Some(i) => self.pending.remove(i).unwrap(),
-                None => self.next_from_socket().await.expect("the connection closed"),
+                None => self
+                    .next_from_socket()
+                    .await
+                    .expect("the connection closed"),
             };
             if frame["re"] == id {
                 self.pending.extend(skipped);
@@ -240,7 +266,10 @@ impl Ws {
             return self.pending.remove(i).unwrap();
         }
         loop {
-            let frame = self.next_from_socket().await.expect("the connection closed");
+            let frame = self
+                .next_from_socket()
+                .await
+                .expect("the connection closed");
             if &frame["sub"] == sub {
                 return frame;
             }
