@@ -73,6 +73,7 @@ pub struct FeedConfig {
     pub retention: Duration,
     #[serde(with = "humantime_serde")]
     pub prune_interval: Duration,
+    pub max_pages_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +179,9 @@ impl Config {
         }
         if self.feed.prune_interval < Duration::from_secs(1) {
             return invalid("feed.prune_interval", "must be at least 1s");
+        }
+        if self.feed.max_pages_in_flight == 0 {
+            return invalid("feed.max_pages_in_flight", "must be at least 1");
         }
         if self.ws.max_frame_bytes < 1024 {
             return invalid("ws.max_frame_bytes", "must be at least 1024");

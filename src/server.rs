@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use vibe_actors::change::Cursor;
-use vibe_actors::realtime::{Realtime, RealtimeConfig, RealtimeMsg};
+use vibe_actors::realtime::{InFlight, Realtime, RealtimeConfig, RealtimeMsg};
 
 use crate::app::{App, AppParts};
 use crate::auth::{AuthError, TokenAuthority};
@@ -184,7 +184,13 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         head: head_tx,
     };
     let background = vec![
-        tokio::spawn(listener.run(RealtimeSink(realtime.clone()), stopped(shutdown.clone()))),
+        tokio::spawn(listener.run(
+            RealtimeSink {
+                realtime: realtime.clone(),
+                in_flight: Arc::new(tokio::sync::Semaphore::new(config.feed.max_pages_in_flight)),
+            },
+            stopped(shutdown.clone()),
+        )),
         tokio::spawn(prune(
             feed.clone(),
             config.feed.retention,
@@ -237,12 +243,27 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     })
 }
 
-/// Delivers the feed reader's pages to the realtime tree, one at a time.
-struct RealtimeSink(ActorRef<RealtimeMsg>);
+/// Delivers the feed reader's pages to the realtime tree, holding back when too many pages are
+/// still being handled by live queries.
+struct RealtimeSink {
+    realtime: ActorRef<RealtimeMsg>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
 
 impl ChangeSink for RealtimeSink {
     async fn publish(&mut self, changes: Vec<vibe_actors::change::Change>, position: Cursor) {
-        if let Err(e) = ractor::call!(self.0, RealtimeMsg::Changes, changes, position) {
+        // The semaphore is never closed, so acquiring only waits.
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let in_flight = InFlight::new(permit);
+        if let Err(e) = ractor::call!(
+            self.realtime,
+            RealtimeMsg::Changes,
+            changes,
+            position,
+            in_flight
+        ) {
             tracing::error!(error = %e, "realtime tree unreachable; changes not delivered live");
         }
     }
@@ -253,7 +274,8 @@ async fn stopped(mut signal: watch::Receiver<bool>) {
     let _ = signal.wait_for(|stop| *stop).await;
 }
 
-/// Deletes changes past retention, now and then.
+/// Deletes changes past retention now and then, and reports the oldest open writer
+/// transaction (it widens every batch's scan; see ARCHITECTURE.md).
 async fn prune(
     feed: Feed,
     retention: std::time::Duration,
@@ -261,13 +283,23 @@ async fn prune(
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
-    let mut timer = tokio::time::interval(every);
+    let mut prune_timer = tokio::time::interval(every);
+    let mut report_timer = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
-            _ = timer.tick() => match feed.prune(retention).await {
+            _ = prune_timer.tick() => match feed.prune(retention).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(deleted = n, "pruned the change log"),
                 Err(e) => tracing::warn!(error = %e, "pruning the change log failed"),
+            },
+            _ = report_timer.tick() => match feed.oldest_xact_age().await {
+                Ok(age) => {
+                    metrics::gauge!("vibe_feed_oldest_xact_age_seconds").set(age);
+                    if age > 60.0 {
+                        tracing::warn!(age_seconds = age, "a long-running writer transaction is widening every change-feed read");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot read transaction ages"),
             },
             () = &mut stop => return,
         }

@@ -68,7 +68,7 @@ pub struct LiveQueryArgs {
 
 pub enum LiveQueryMsg {
     /// Changes of this query's type, in feed order, and the position after them.
-    Changes(Arc<[Change]>, Cursor),
+    Changes(Arc<[Change]>, Cursor, crate::realtime::InFlight),
     /// Adds a subscriber (or re-sends its snapshot), queueing the reply frame for `request_id`.
     Subscribe {
         subscriber: Subscriber,
@@ -90,7 +90,7 @@ impl ractor::Message for LiveQueryMsg {}
 impl std::fmt::Debug for LiveQueryMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LiveQueryMsg::Changes(c, p) => write!(f, "Changes({} up to {p})", c.len()),
+            LiveQueryMsg::Changes(c, p, _) => write!(f, "Changes({} up to {p})", c.len()),
             LiveQueryMsg::Subscribe { since, .. } => write!(f, "Subscribe(since {since:?})"),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
             LiveQueryMsg::Crash => f.write_str("Crash"),
@@ -163,7 +163,7 @@ impl Actor for LiveQuery {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            LiveQueryMsg::Changes(changes, position) => {
+            LiveQueryMsg::Changes(changes, position, _in_flight) => {
                 for change in changes.iter() {
                     state.apply(change).await?;
                 }

@@ -23,6 +23,18 @@ use crate::query::QuerySpec;
 const RESTARTS: usize = 3;
 const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
+/// A page's claim on the tree's budget of pages in flight: the feed reader takes one permit per
+/// page and every message carrying (part of) the page holds a clone, so the permit returns when
+/// the last live query has handled it. This bounds the actors' (unbounded) mailboxes.
+#[derive(Debug, Clone)]
+pub struct InFlight(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+impl InFlight {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(permit))
+    }
+}
+
 /// Settings shared by the whole tree.
 #[derive(Debug, Clone)]
 pub struct RealtimeConfig {
@@ -48,7 +60,7 @@ pub struct Realtime;
 #[derive(Debug)]
 pub enum RealtimeMsg {
     /// A page of changes in feed order and the position after it; answered once routed.
-    Changes(Vec<Change>, Cursor, RpcReplyPort<()>),
+    Changes(Vec<Change>, Cursor, InFlight, RpcReplyPort<()>),
     Subscribe(SubscribeRequest),
     Unsubscribe {
         spec: QuerySpec,
@@ -95,7 +107,7 @@ impl Actor for Realtime {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            RealtimeMsg::Changes(changes, position, done) => {
+            RealtimeMsg::Changes(changes, position, in_flight, done) => {
                 state.position = position;
                 let mut by_type: HashMap<&str, Vec<Change>> = HashMap::new();
                 for change in &changes {
@@ -108,7 +120,7 @@ impl Actor for Realtime {
                 }
                 for (doc_type, actor) in &state.types {
                     let page = by_type.remove(doc_type.as_str()).map(Arc::from);
-                    let _ = actor.cast(DocTypeMsg::Changes(page, position));
+                    let _ = actor.cast(DocTypeMsg::Changes(page, position, in_flight.clone()));
                 }
                 let _ = done.send(());
             }
@@ -191,7 +203,7 @@ pub struct DocTypeArgs {
 #[derive(Debug)]
 pub enum DocTypeMsg {
     /// This type's changes in the page (None: the page had none) and the position after it.
-    Changes(Option<Arc<[Change]>>, Cursor),
+    Changes(Option<Arc<[Change]>>, Cursor, InFlight),
     Subscribe(SubscribeRequest),
     Unsubscribe {
         spec: QuerySpec,
@@ -247,13 +259,15 @@ impl Actor for DocType {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            DocTypeMsg::Changes(page, position) => {
+            DocTypeMsg::Changes(page, position, in_flight) => {
                 state.position = position;
                 if let Some(page) = page {
                     for entry in state.queries.values() {
-                        let _ = entry
-                            .actor
-                            .cast(LiveQueryMsg::Changes(page.clone(), position));
+                        let _ = entry.actor.cast(LiveQueryMsg::Changes(
+                            page.clone(),
+                            position,
+                            in_flight.clone(),
+                        ));
                     }
                 }
             }

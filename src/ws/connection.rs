@@ -109,6 +109,7 @@ impl Actor for Connection {
             }
             ConnectionMsg::Close(done) => {
                 for (_, (spec, refs)) in state.subs.drain() {
+                    metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
                     for _ in 0..refs {
                         let _ = state.app.realtime.cast(RealtimeMsg::Unsubscribe {
                             spec: spec.clone(),
@@ -407,6 +408,7 @@ impl ConnectionState {
         match reply {
             Ok(Ok(sub)) => {
                 self.subs.entry(sub).or_insert_with(|| (spec, 0)).1 += 1;
+                metrics::gauge!("vibe_ws_subscriptions").increment(1.0);
                 Ok(None)
             }
             Ok(Err(e)) => {
@@ -509,6 +511,7 @@ impl ConnectionState {
             ));
         };
         *refs -= 1;
+        metrics::gauge!("vibe_ws_subscriptions").decrement(1.0);
         let spec = spec.clone();
         if *refs == 0 {
             self.subs.remove(sub);
