@@ -43,6 +43,8 @@ const CLOSE_TOO_BIG: u16 = 1009;
 
 /// Frames written per flush at most, so one busy connection cannot hog its writer's buffer.
 const WRITE_BATCH: usize = 256;
+/// Bytes buffered per connection before a write reaches the socket (larger frames bypass it).
+const WRITE_BUFFER: usize = 4096;
 
 /// Answers the upgrade request and starts the connection.
 pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -119,7 +121,11 @@ async fn run(
     ws.set_max_message_size(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
     ws.set_auto_close(true);
     ws.set_auto_pong(true);
-    let (read, write) = ws.split(tokio::io::split);
+    // Frames go through a small buffer and reach the socket once per flushed batch.
+    let (read, write) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
+    });
     let (outbox, receiver) = outbox(conn_id, config.outbound_queue);
     // Pongs and close replies the reader owes, handed to the writer.
     let (control_tx, control_rx) = mpsc::channel::<Frame<'static>>(8);
@@ -264,7 +270,7 @@ async fn read_loop(
 }
 
 async fn write_loop(
-    mut write: fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<Upgraded>>,
+    mut write: fastwebsockets::WebSocketWrite<tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>>,
     outbox: OutboxReceiver,
     mut control: mpsc::Receiver<Frame<'static>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
