@@ -10,19 +10,6 @@ use std::time::Duration;
 use common::{ALICE, BOB, TestServer};
 use serde_json::{Value, json};
 
-async fn post(s: &TestServer, token: &str, doc_type: &str, body: Value) -> Value {
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/docs/{doc_type}")))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
-}
-
 async fn changes(s: &TestServer, token: &str, query: &str) -> (u16, Value) {
     let r = s
         .client
@@ -48,16 +35,17 @@ async fn the_feed_shows_what_the_caller_may_read() {
     let s = TestServer::start().await;
     let alice = s.token(ALICE, &["*"]);
     let bob = s.token(BOB, &["*"]);
-    let a1 = post(&s, &alice, "posts", json!({"data": {"n": 1}})).await;
-    let b_public = post(
-        &s,
-        &bob,
-        "posts",
-        json!({"acl": {"read": {"allow": ["*"]}}, "data": {}}),
-    )
-    .await;
-    post(&s, &bob, "posts", json!({"data": {"private": true}})).await;
-    let a_note = post(&s, &alice, "notes", json!({"data": {}})).await;
+    let a1 = s.post(&alice, "posts", json!({"data": {"n": 1}})).await;
+    let b_public = s
+        .post(
+            &bob,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"]}}, "data": {}}),
+        )
+        .await;
+    s.post(&bob, "posts", json!({"data": {"private": true}}))
+        .await;
+    let a_note = s.post(&alice, "notes", json!({"data": {}})).await;
 
     // Own documents by default, from the start of retention.
     let (status, own) = changes(&s, &alice, "since=0").await;
@@ -117,7 +105,7 @@ async fn pages_cover_everything_once_and_long_polls_wake_on_writes() {
     let mut written = HashSet::new();
     for n in 0..7 {
         written.insert(
-            post(&s, &alice, "posts", json!({"data": {"n": n}})).await["id"]
+            s.post(&alice, "posts", json!({"data": {"n": n}})).await["id"]
                 .as_str()
                 .unwrap()
                 .to_owned(),
@@ -157,7 +145,9 @@ async fn pages_cover_everything_once_and_long_polls_wake_on_writes() {
     };
     // Make sure the poll is waiting before the write (it may also catch it on its first read).
     tokio::task::yield_now().await;
-    let late = post(&s, &alice, "posts", json!({"data": {"late": true}})).await;
+    let late = s
+        .post(&alice, "posts", json!({"data": {"late": true}}))
+        .await;
     let (body, took) = poll.await.unwrap();
     assert_eq!(ids(&body), vec![late["id"].as_str().unwrap()]);
     assert!(took < Duration::from_secs(30));
@@ -180,12 +170,12 @@ async fn bad_and_expired_cursors() {
     );
     let (_, start) = changes(&s, &alice, "since=now").await;
     let old = start["cursor"].as_str().unwrap().to_owned();
-    post(&s, &alice, "posts", json!({"data": {}})).await;
+    s.post(&alice, "posts", json!({"data": {}})).await;
     // Make sure a newer tick exists, then prune everything but it.
     let (_, after) = changes(&s, &alice, &format!("since={old}&wait=10")).await;
     assert_eq!(after["changes"].as_array().unwrap().len(), 1);
     let app = s.server.as_ref().unwrap().app().clone();
-    post(&s, &alice, "posts", json!({"data": {}})).await;
+    s.post(&alice, "posts", json!({"data": {}})).await;
     let (_, _) = changes(
         &s,
         &alice,

@@ -12,21 +12,7 @@ use serde_json::{Value, json};
 use vibe::wire::{Document, DocumentPage};
 
 async fn create(s: &TestServer, token: &str, body: Value) -> Document {
-    let r = s
-        .client
-        .post(s.url("/v1/docs/posts"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "{}",
-        r.text().await.unwrap()
-    );
-    r.json().await.unwrap()
+    serde_json::from_value(s.post(token, "posts", body).await).unwrap()
 }
 
 #[tokio::test]

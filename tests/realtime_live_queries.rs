@@ -8,25 +8,15 @@ mod common;
 use common::{ALICE, BOB, CAROL, TestServer, Ws};
 use serde_json::{Value, json};
 
-async fn post(s: &TestServer, token: &str, body: Value) -> Value {
-    let r = s
-        .client
-        .post(s.url("/v1/docs/posts"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
-}
-
 #[tokio::test]
 async fn events_follow_documents_into_and_out_of_the_result() {
     let s = TestServer::start().await;
     let alice = s.token(ALICE, &["*"]);
-    let existing = post(&s, &alice, json!({"data": {"status": "open", "n": 0}})).await;
-    post(&s, &alice, json!({"data": {"status": "closed"}})).await;
+    let existing = s
+        .post(&alice, "posts", json!({"data": {"status": "open", "n": 0}}))
+        .await;
+    s.post(&alice, "posts", json!({"data": {"status": "closed"}}))
+        .await;
 
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let reply = ws
@@ -44,7 +34,9 @@ async fn events_follow_documents_into_and_out_of_the_result() {
     };
 
     // A write over REST that matches: add.
-    let created = post(&s, &alice, json!({"data": {"status": "open", "n": 1}})).await;
+    let created = s
+        .post(&alice, "posts", json!({"data": {"status": "open", "n": 1}}))
+        .await;
     let event = ws.event(&sub).await;
     assert_eq!(
         (event["event"].as_str(), &event["doc"]["id"]),
@@ -112,15 +104,19 @@ async fn events_follow_documents_into_and_out_of_the_result() {
     check_cursor(&event);
 
     // A non-matching write produces nothing: the next event is for the next matching one.
-    post(&s, &alice, json!({"data": {"status": "closed"}})).await;
-    let last = post(&s, &alice, json!({"data": {"status": "open", "n": 3}})).await;
+    s.post(&alice, "posts", json!({"data": {"status": "closed"}}))
+        .await;
+    let last = s
+        .post(&alice, "posts", json!({"data": {"status": "open", "n": 3}}))
+        .await;
     let event = ws.event(&sub).await;
     assert_eq!(event["doc"]["id"], last["id"]);
 
     // After unsub, nothing more arrives for it.
     let r = ws.request(json!({"op": "unsub", "sub": sub})).await;
     assert_eq!(r["ok"], true);
-    post(&s, &alice, json!({"data": {"status": "open"}})).await;
+    s.post(&alice, "posts", json!({"data": {"status": "open"}}))
+        .await;
     let pong = ws.request(json!({"op": "ping"})).await;
     assert_eq!(pong["pong"], true);
     assert!(
@@ -151,12 +147,13 @@ async fn identical_queries_share_one_live_query() {
     .unwrap();
     assert_eq!((queries, subscribers), (1, 2));
 
-    let doc = post(
-        &s,
-        &alice,
-        json!({"acl": {"read": {"allow": ["*"]}}, "data": {"hello": 1}}),
-    )
-    .await;
+    let doc = s
+        .post(
+            &alice,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"]}}, "data": {"hello": 1}}),
+        )
+        .await;
     let ea = a.event(&ra["sub"]).await;
     let eb = b.event(&rb["sub"]).await;
     assert_eq!(ea, eb, "the same event, encoded once");
@@ -179,20 +176,22 @@ async fn global_queries_respect_each_subscribers_access() {
     assert_eq!(c.request(query.clone()).await["sub"], sub);
 
     // Public but denied to Carol: Bob gets it, Carol does not.
-    let denied = post(
-        &s,
-        &alice,
-        json!({"acl": {"read": {"allow": ["*"], "deny": [CAROL]}}, "data": {"n": 1}}),
-    )
-    .await;
+    let denied = s
+        .post(
+            &alice,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"], "deny": [CAROL]}}, "data": {"n": 1}}),
+        )
+        .await;
     // Private: nobody subscribed sees it.
-    post(&s, &alice, json!({"data": {"n": 2}})).await;
-    let open = post(
-        &s,
-        &alice,
-        json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 3}}),
-    )
-    .await;
+    s.post(&alice, "posts", json!({"data": {"n": 2}})).await;
+    let open = s
+        .post(
+            &alice,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 3}}),
+        )
+        .await;
     let e = b.event(&sub).await;
     assert_eq!(
         (e["event"].as_str(), &e["doc"]["id"]),

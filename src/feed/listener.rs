@@ -67,118 +67,94 @@ pub struct FeedListener {
 
 impl FeedListener {
     /// Runs until `stop` resolves.
-    pub async fn run(self, sink: impl ChangeSink, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run(self, mut sink: impl ChangeSink, stop: impl std::future::Future<Output = ()>) {
         let FeedListener {
             feed,
             listen_pool,
             waker,
             settings,
-            position,
+            mut position,
             head,
         } = self;
-        run(
-            feed,
-            listen_pool,
-            waker,
-            settings,
-            position,
-            head,
-            sink,
-            stop,
-        )
-        .await;
-    }
-}
+        tokio::pin!(stop);
+        let mut listener: Option<PgListener> = None;
+        let mut last_tick = Instant::now() - settings.min_tick_interval;
+        let mut poll = tokio::time::interval(settings.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Duration::from_millis(50);
+        let mut must_tick = true;
+        loop {
+            // Read (and tick first if asked to) until caught up; on error, back off and retry.
+            let result = async {
+                if must_tick {
+                    let wait = settings
+                        .min_tick_interval
+                        .saturating_sub(last_tick.elapsed());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    last_tick = Instant::now();
+                    if feed.tick().await?.is_some() {
+                        metrics::counter!("vibe_feed_ticks_total").increment(1);
+                        feed.ring_doorbell().await?;
+                    }
+                }
+                loop {
+                    let page = feed.read(position, &Filter::default(), PAGE).await?;
+                    let n = page.changes.len();
+                    if let Some(next) = page.next {
+                        position = next;
+                    }
+                    if n > 0 {
+                        observe_lag(&page.changes);
+                        sink.publish(page.changes, position).await;
+                    }
+                    head.send_if_modified(|h| {
+                        let moved = *h != position;
+                        *h = position;
+                        moved
+                    });
+                    if n < PAGE as usize {
+                        return Ok::<(), FeedError>(());
+                    }
+                }
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    must_tick = false;
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "change feed read failed; retrying");
+                    metrics::counter!("vibe_feed_errors_total").increment(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut stop => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
 
-#[allow(clippy::too_many_arguments)] // unpacked from FeedListener, its only caller
-async fn run(
-    feed: Feed,
-    listen_pool: PgPool,
-    waker: FeedWaker,
-    settings: ListenerSettings,
-    mut position: Cursor,
-    head: watch::Sender<Cursor>,
-    mut sink: impl ChangeSink,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    let mut listener: Option<PgListener> = None;
-    let mut last_tick = Instant::now() - settings.min_tick_interval;
-    let mut poll = tokio::time::interval(settings.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backoff = Duration::from_millis(50);
-    let mut must_tick = true;
-    loop {
-        // Read (and tick first if asked to) until caught up; on error, back off and retry.
-        let result = async {
-            if must_tick {
-                let wait = settings
-                    .min_tick_interval
-                    .saturating_sub(last_tick.elapsed());
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                last_tick = Instant::now();
-                if feed.tick().await?.is_some() {
-                    metrics::counter!("vibe_feed_ticks_total").increment(1);
-                    feed.ring_doorbell().await?;
+            if listener.is_none() {
+                listener = connect_listener(&listen_pool).await;
+                // Anything rung while we were not listening is found by this read.
+                if listener.is_some() {
+                    continue;
                 }
             }
-            loop {
-                let page = feed.read(position, &Filter::default(), PAGE).await?;
-                let n = page.changes.len();
-                if let Some(next) = page.next {
-                    position = next;
+            tokio::select! {
+                () = waker.0.notified() => must_tick = true,
+                _ = poll.tick() => must_tick = true,
+                bell = doorbell(&mut listener) => {
+                    if !bell {
+                        // Connection lost: notifications sent meanwhile are gone; read the log.
+                        listener = None;
+                    }
                 }
-                if n > 0 {
-                    observe_lag(&page.changes);
-                    sink.publish(page.changes, position).await;
-                }
-                head.send_if_modified(|h| {
-                    let moved = *h != position;
-                    *h = position;
-                    moved
-                });
-                if n < PAGE as usize {
-                    return Ok::<(), FeedError>(());
-                }
+                () = &mut stop => return,
             }
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                must_tick = false;
-                backoff = Duration::from_millis(50);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "change feed read failed; retrying");
-                metrics::counter!("vibe_feed_errors_total").increment(1);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = &mut stop => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        }
-
-        if listener.is_none() {
-            listener = connect_listener(&listen_pool).await;
-            // Anything rung while we were not listening is found by this read.
-            if listener.is_some() {
-                continue;
-            }
-        }
-        tokio::select! {
-            () = waker.0.notified() => must_tick = true,
-            _ = poll.tick() => must_tick = true,
-            bell = doorbell(&mut listener) => {
-                if !bell {
-                    // Connection lost: notifications sent meanwhile are gone; read the log.
-                    listener = None;
-                }
-            }
-            () = &mut stop => return,
         }
     }
 }

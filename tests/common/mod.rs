@@ -123,6 +123,25 @@ impl TestServer {
             .expect("mint")
     }
 
+    /// Creates a document over REST (expecting 201) and returns it as JSON.
+    pub async fn post(
+        &self,
+        token: &str,
+        doc_type: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let r = self
+            .client
+            .post(self.url(&format!("/v1/docs/{doc_type}")))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "create failed");
+        r.json().await.unwrap()
+    }
+
     /// A direct connection pool to this test's database.
     pub async fn sql(&self) -> PgPool {
         PgPool::connect(&self.db_url)
