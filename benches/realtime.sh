@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Vibe realtime benchmarks: WebSocket fan-out latency, and what the change-log trigger costs
+# PostgreSQL on inserts.
+#
+#   benches/realtime.sh                                   # SUBSCRIBERS=1000 RATE=100 DURATION=20
+#   SUBSCRIBERS=50 RATE=20 DURATION=3 benches/realtime.sh # a quick smoke run
+#
+# Needs: cargo, psql, pgbench, curl, jq, python3, and a PostgreSQL 13+ at 127.0.0.1:5432 that
+# lets user `postgres` in without a password (trust). Creates a throwaway database
+# vibe_bench_<random>, starts a release `vibe serve` on it at a free 127.0.0.1 port, and runs:
+#   (a) feed latency: benches/feed_latency.rs opens SUBSCRIBERS WebSockets that all subscribe to
+#       the same live query (type benchfeed, global, limit 10); one writer creates RATE documents
+#       per second through REST; each subscriber times write sent -> `add` event received.
+#   (b) feed write overhead: the server is stopped, then pgbench runs single-row inserts into
+#       `documents` (the create statement of rest_vs_pgbench.sh) with the change-log trigger
+#       (documents_change_log) enabled and disabled, PG_ROUNDS rounds, alternating which goes
+#       first (on/off, off/on, ...).
+# Everything is loopback-only; the database, server and data dir are removed on exit.
+#
+# Env knobs: SUBSCRIBERS (default 1000), RATE (writes/s, default 100), DURATION (seconds per
+# measured run, default 20; used by (a) and by each pgbench run of (b)), WARMUP (unmeasured
+# seconds of writing before (a) measures, default 3), PG_ROUNDS (default 3), PG_CLIENTS (pgbench
+# -c, default 8), CARGO_TARGET_DIR (where the release build goes, default ./target).
+
+set -euo pipefail
+shopt -s inherit_errexit
+
+SUBSCRIBERS="${SUBSCRIBERS:-1000}"
+RATE="${RATE:-100}"
+DURATION="${DURATION:-20}"
+WARMUP="${WARMUP:-3}"
+PG_ROUNDS="${PG_ROUNDS:-3}"
+PG_CLIENTS="${PG_CLIENTS:-8}"
+PG_JOBS=2
+FEED_TYPE=benchfeed
+INSERT_TYPE=benchdocs
+TRIGGER=documents_change_log
+SUBJECT=did:key:zBench
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_USER=postgres
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+COMMAND="SUBSCRIBERS=$SUBSCRIBERS RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP PG_ROUNDS=$PG_ROUNDS PG_CLIENTS=$PG_CLIENTS benches/realtime.sh"
+
+for tool in cargo psql pgbench curl jq python3; do
+    command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 1; }
+done
+
+psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres "$@"; }
+psql_bench() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$DB" "$@"; }
+
+# --- build -------------------------------------------------------------------------------------
+
+echo "==> building release binaries (cargo build --release --bins --benches)" >&2
+BUILD_LOG="$(cargo build --release --bins --benches --message-format=json-render-diagnostics)"
+VIBE_BIN="$TARGET_DIR/release/vibe"
+FEED_BIN="$(jq -r 'select(.reason == "compiler-artifact" and .target.name == "feed_latency"
+                          and (.target.kind | index("bench"))) | .executable // empty' <<<"$BUILD_LOG" | tail -n 1)"
+[[ -x "$VIBE_BIN" ]] || { echo "error: $VIBE_BIN was not built" >&2; exit 1; }
+[[ -n "$FEED_BIN" && -x "$FEED_BIN" ]] || { echo "error: the feed_latency bench binary was not built" >&2; exit 1; }
+
+# --- database, server, token -------------------------------------------------------------------
+
+DB="vibe_bench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')"
+WORK="$(mktemp -d -t vibe-bench.XXXXXX)"
+DATA_DIR="$(mktemp -d -t vibe-bench-data.XXXXXX)"
+SERVER_PID=""
+DB_CREATED=""
+
+stop_server() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+
+cleanup() {
+    local status=$?
+    set +e
+    stop_server
+    if [[ -n "$DB_CREATED" ]]; then
+        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null
+    fi
+    rm -rf "$WORK" "$DATA_DIR"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+psql_admin -c "CREATE DATABASE \"$DB\"" >/dev/null
+DB_CREATED=1
+
+PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+URL="http://127.0.0.1:$PORT"
+export VIBE_DATABASE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB"
+export VIBE_LISTEN="127.0.0.1:$PORT"
+export VIBE_DATA_DIR="$DATA_DIR"
+export VIBE_LOG__LEVEL=warn
+unset RUST_LOG DATABASE_URL
+
+# The server holds one socket per subscriber too: give it the hard open-files limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+echo "==> starting vibe serve on $URL (database $DB)" >&2
+"$VIBE_BIN" serve >"$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 1 300); do
+    if curl -fsS "$URL/health" >/dev/null 2>&1; then
+        break
+    fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "error: vibe serve exited; its log:" >&2
+        cat "$WORK/server.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+curl -fsS "$URL/health" >/dev/null || { echo "error: $URL/health never answered" >&2; cat "$WORK/server.log" >&2; exit 1; }
+
+# The server's log goes to stdout too; the token is the command's last line.
+TOKEN="$("$VIBE_BIN" token mint --sub "$SUBJECT" --scope '*' --ttl 24h | tail -n 1)"
+[[ -n "$TOKEN" ]] || { echo "error: token mint printed nothing" >&2; exit 1; }
+
+# --- (a) feed latency --------------------------------------------------------------------------
+
+FEED_JSON="$WORK/feed_latency.json"
+FEED_ARGS=(--url "$URL" --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION"
+           --warmup "$WARMUP" --type "$FEED_TYPE")
+echo "==> feed latency: $SUBSCRIBERS subscribers, $RATE writes/s, ${WARMUP}s warmup + ${DURATION}s" >&2
+VIBE_BENCH_TOKEN="$TOKEN" "$FEED_BIN" "${FEED_ARGS[@]}" --json "$FEED_JSON" | sed 's/^/    /' >&2
+if grep -qiE 'error|panic' "$WORK/server.log"; then
+    echo "    server log (warnings and errors):" >&2
+    sed 's/^/    | /' "$WORK/server.log" | tail -n 20 >&2
+fi
+
+# Only pgbench may run during (b).
+echo "==> stopping vibe serve" >&2
+stop_server
+
+# --- (b) change-log trigger overhead on inserts ------------------------------------------------
+
+# pgbench reads `:name` anywhere in a statement as a variable (`-M prepared` turns it into a
+# parameter), so no colon may be followed by a name character: the owner DID spells its colons
+# as E'\x3a' escapes and the JSON has a space after each colon (as in rest_vs_pgbench.sh).
+PG_SUBJECT="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
+INSERT_SQL="INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$PG_SUBJECT', '$INSERT_TYPE', '{}', '{\"title\": \"bench\", \"n\": 1}');"
+printf '%s\n' "$INSERT_SQL" >"$WORK/create.sql"
+PGBENCH_ARGS=(-h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -n -c "$PG_CLIENTS" -j "$PG_JOBS" -T "$DURATION" -M prepared)
+
+# insert_run on|off -> prints tps
+insert_run() {
+    local state=$1 out enabled
+    if [[ "$state" == on ]]; then
+        psql_bench -c "ALTER TABLE documents ENABLE TRIGGER $TRIGGER"
+    else
+        psql_bench -c "ALTER TABLE documents DISABLE TRIGGER $TRIGGER"
+    fi
+    enabled="$(psql_bench -At -c "SELECT tgenabled FROM pg_trigger WHERE tgname = '$TRIGGER' AND tgrelid = 'documents'::regclass")"
+    [[ ( "$state" == on && "$enabled" == O ) || ( "$state" == off && "$enabled" == D ) ]] \
+        || { echo "error: trigger $TRIGGER is in state '$enabled', wanted $state" >&2; exit 1; }
+    psql_bench -c 'CHECKPOINT'
+    echo "==> pgbench insert, trigger $state, -c $PG_CLIENTS -j $PG_JOBS -T $DURATION -M prepared" >&2
+    out="$(pgbench "${PGBENCH_ARGS[@]}" -f "$WORK/create.sql" "$DB" 2>&1)" \
+        || { echo "$out" >&2; echo "error: pgbench failed" >&2; exit 1; }
+    grep -E '^(latency average|tps|number of failed)' <<<"$out" | sed 's/^/    /' >&2
+    local tps failed
+    tps="$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' <<<"$out")"
+    failed="$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' <<<"$out")"
+    (( ${failed:-0} == 0 )) || { echo "error: pgbench reported $failed failed transactions" >&2; exit 1; }
+    [[ -n "$tps" ]] || { echo "$out" >&2; echo "error: no tps in pgbench's output" >&2; exit 1; }
+    echo "$tps"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else printf "n/a" }'; }
+int() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
+f2() { awk -v x="$1" 'BEGIN { printf "%.2f", x }'; }
+
+PG_ROWS=()
+ON_SUM=0
+OFF_SUM=0
+RATIO_SUM=0
+for round in $(seq 1 "$PG_ROUNDS"); do
+    if (( round % 2 == 1 )); then
+        tps_on="$(insert_run on)"
+        tps_off="$(insert_run off)"
+        order="on, off"
+    else
+        tps_off="$(insert_run off)"
+        tps_on="$(insert_run on)"
+        order="off, on"
+    fi
+    r="$(ratio "$tps_on" "$tps_off")"
+    PG_ROWS+=("| $round ($order) | $(int "$tps_on") | $(int "$tps_off") | $r |")
+    ON_SUM="$(awk -v s="$ON_SUM" -v x="$tps_on" 'BEGIN { print s + x }')"
+    OFF_SUM="$(awk -v s="$OFF_SUM" -v x="$tps_off" 'BEGIN { print s + x }')"
+    RATIO_SUM="$(awk -v s="$RATIO_SUM" -v x="$r" 'BEGIN { print s + x }')"
+done
+# Leave the database as the server expects it (it is dropped anyway).
+psql_bench -c "ALTER TABLE documents ENABLE TRIGGER $TRIGGER"
+ON_MEAN="$(awk -v s="$ON_SUM" -v n="$PG_ROUNDS" 'BEGIN { print s / n }')"
+OFF_MEAN="$(awk -v s="$OFF_SUM" -v n="$PG_ROUNDS" 'BEGIN { print s / n }')"
+RATIO_MEAN="$(awk -v s="$RATIO_SUM" -v n="$PG_ROUNDS" 'BEGIN { printf "%.3f", s / n }')"
+
+# --- report ------------------------------------------------------------------------------------
+
+CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
+PG_VERSION="$(psql_admin -At -c 'SHOW server_version')"
+feed() { jq -r "$1" "$FEED_JSON"; }
+
+cat <<EOF
+
+## Vibe realtime benchmarks
+
+- machine: $(nproc) CPUs, ${CPU_MODEL:-unknown CPU}; PostgreSQL $PG_VERSION at $PG_HOST:$PG_PORT
+- Vibe: $("$VIBE_BIN" --version), release build; load client, server and PostgreSQL share this machine
+- command: \`$COMMAND\`
+
+### Fan-out latency (one live query, $SUBSCRIBERS subscribers)
+
+- \`feed_latency --url $URL --token <token> ${FEED_ARGS[*]:2}\` (the client is benches/feed_latency.rs)
+- $SUBSCRIBERS WebSocket connections (subprotocol \`vibe.v1\`, token as the second protocol value), each
+  sending \`{"op":"read","type":"$FEED_TYPE","global":true,"limit":10}\`: $(feed .live_queries) live query on the server,
+  set up in $(f2 "$(feed .setup_secs)")s
+- one writer: \`POST /v1/docs/$FEED_TYPE\` at $RATE/s on a fixed-interval ticker (open loop), body
+  \`{"acl":{"read":{"allow":["*"]}},"data":{"sent_us":<unix µs just before sending>}}\`;
+  ${WARMUP}s of warmup writes, then ${DURATION}s measured; POST round trip p50 $(f2 "$(feed .post_latency_ms.p50)") ms, p99 $(f2 "$(feed .post_latency_ms.p99)") ms
+- latency = subscriber's clock on receiving the \`add\` event − \`sent_us\` (REST write, commit, change
+  feed, live query, WebSocket), all subscribers' samples merged
+- expected events = measured writes answered 2xx × subscribers; anything not received within 5s after
+  the last write is missing
+
+| subscribers | writes/s | writes (measured) | events expected | received | missing | delivered events/s | p50 | p90 | p99 | p99.9 | max | connect errors | disconnects |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| $SUBSCRIBERS | $RATE | $(feed .writes_ok) | $(feed .events_expected) | $(feed .events_received) | $(feed .events_missing) | $(int "$(feed .events_per_sec)") | $(f2 "$(feed .latency_ms.p50)") ms | $(f2 "$(feed .latency_ms.p90)") ms | $(f2 "$(feed .latency_ms.p99)") ms | $(f2 "$(feed .latency_ms.p99_9)") ms | $(f2 "$(feed .latency_ms.max)") ms | $(feed .connect_errors) | $(feed .disconnected) |
+
+### Change-log trigger overhead on inserts (pgbench, server stopped)
+
+- \`pgbench ${PGBENCH_ARGS[*]:6} -f create.sql\` with create.sql:
+  \`$INSERT_SQL\`
+- before each run: \`ALTER TABLE documents ENABLE|DISABLE TRIGGER $TRIGGER\` (the AFTER ... FOR EACH ROW
+  trigger that copies every write into \`changes\`), then \`CHECKPOINT\`
+- ratio = tps with the trigger / tps without; the mean row averages the rounds (ratio: mean of the
+  per-round ratios)
+
+| round (order) | trigger on, tps | trigger off, tps | ratio on/off |
+|---|---|---|---|
+EOF
+printf '%s\n' "${PG_ROWS[@]}"
+echo "| mean | $(int "$ON_MEAN") | $(int "$OFF_MEAN") | $RATIO_MEAN |"
+
+NOTES=()
+(( $(feed .write_errors) + $(feed .warmup_write_errors) > 0 )) \
+    && NOTES+=("- feed: $(feed .write_errors) measured and $(feed .warmup_write_errors) warmup writes failed.")
+(( $(feed .resets) + $(feed .bad_frames) > 0 )) \
+    && NOTES+=("- feed: $(feed .resets) reset events, $(feed .bad_frames) unreadable frames.")
+(( $(feed .late_ticks) > 0 )) \
+    && NOTES+=("- feed: the writer sent $(feed .late_ticks) writes more than one interval late (the client could not keep the rate).")
+first_error="$(feed '.first_error // .first_connect_error // empty')"
+[[ -n "$first_error" ]] && NOTES+=("- feed, first error: $first_error")
+if (( ${#NOTES[@]} > 0 )); then
+    echo
+    printf '%s\n' "${NOTES[@]}"
+fi
