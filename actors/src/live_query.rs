@@ -48,6 +48,9 @@ pub struct Subscriber {
     pub outbox: Outbox,
     /// The DID whose read access decides what this subscriber sees.
     pub caller: String,
+    /// Events at or before this cursor are not sent: a client resuming from a cursor this node
+    /// has not reached yet (it came from a node further ahead) already has them.
+    pub seen_up_to: Option<Cursor>,
 }
 
 #[derive(Debug)]
@@ -229,13 +232,15 @@ impl LiveQueryState {
 
     fn subscribe(
         &mut self,
-        subscriber: Subscriber,
+        mut subscriber: Subscriber,
         request_id: &serde_json::Value,
         since: Option<Cursor>,
     ) {
+        subscriber.seen_up_to = since.filter(|s| *s > self.position);
         let frame = match since {
             Some(since) if since >= self.replay_from => {
-                let frame = reply_frame(request_id, &self.sub_id, self.position, None, true);
+                let cursor = self.position.max(since);
+                let frame = reply_frame(request_id, &self.sub_id, cursor, None, true);
                 let _ = subscriber.outbox.send(frame);
                 for event in self.replay.iter().filter(|e| e.cursor > since) {
                     deliver(event, &subscriber, self.window.spec());
@@ -353,6 +358,12 @@ impl Encoded {
 /// Sends `event` to `subscriber` as what it is from their point of view: a document they could
 /// not see and now can is an `add`, one they could see and no longer can is a `remove`.
 fn deliver(event: &Encoded, subscriber: &Subscriber, spec: &QuerySpec) {
+    if subscriber
+        .seen_up_to
+        .is_some_and(|seen| event.cursor <= seen)
+    {
+        return;
+    }
     let own = matches!(spec.scope, Scope::Own(_));
     let can = |acl: &Option<Acl>| {
         acl.as_ref().is_some_and(|acl| {

@@ -395,6 +395,7 @@ impl ConnectionState {
         let subscriber = Subscriber {
             outbox: self.outbox.clone(),
             caller,
+            seen_up_to: None,
         };
         let reply = ractor::call!(self.app.realtime, |port| RealtimeMsg::Subscribe(
             SubscribeRequest {
