@@ -241,33 +241,65 @@ struct Finish {
     deadline: Instant,
 }
 
-/// Opens one WebSocket and subscribes; returns the stream, the subscription id and any frames
-/// that arrived before the reply.
+/// Runs the connection tasks of hyper's client handshakes on the tokio runtime.
+#[derive(Debug, Clone, Copy)]
+struct SpawnExecutor;
+
+impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
+where
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn execute(&self, fut: Fut) {
+        tokio::spawn(fut);
+    }
+}
+
+/// Describes a close frame's payload (status code and reason) for error messages.
+fn close_reason(payload: &[u8]) -> String {
+    match payload {
+        [hi, lo, reason @ ..] => format!(
+            "code {}, reason {:?}",
+            u16::from_be_bytes([*hi, *lo]),
+            String::from_utf8_lossy(reason)
+        ),
+        _ => "no status code".to_owned(),
+    }
+}
+
+/// Opens one WebSocket to `authority` (`host:port`) and subscribes; returns the stream, the
+/// subscription id and the payloads of any frames that arrived before the reply.
 async fn connect(
-    ws_url: &str,
+    authority: &str,
     token: &str,
     doc_type: &str,
-) -> anyhow::Result<(Ws, String, Vec<String>)> {
-    let mut request = ws_url
-        .into_client_request()
-        .context("invalid WebSocket URL")?;
+) -> anyhow::Result<(Ws, String, Vec<Vec<u8>>)> {
     let protocols = format!("vibe.v1, {}", token.trim().trim_end_matches('='));
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        protocols
-            .parse()
-            .context("the token is not a valid header value")?,
-    );
-    let (mut stream, response) = tokio_tungstenite::connect_async(request)
+    let request = hyper::Request::builder()
+        .method("GET")
+        .uri(WS_PATH)
+        .header("host", authority)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header(
+            "sec-websocket-key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", protocols)
+        .body(Empty::<Bytes>::new())
+        .context(
+            "cannot build the WebSocket upgrade request (is the token a valid header value?)",
+        )?;
+    let socket = TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    socket.set_nodelay(true).context("cannot set TCP_NODELAY")?;
+    let (ws, response) = fastwebsockets::handshake::client(&SpawnExecutor, request, socket)
         .await
         .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(r) => {
-                let body = r
-                    .body()
-                    .as_deref()
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default();
-                anyhow::anyhow!("WebSocket upgrade refused: HTTP {}: {body}", r.status())
+            WebSocketError::InvalidStatusCode(status) => {
+                anyhow::anyhow!("WebSocket upgrade refused: HTTP {status}")
             }
             e => anyhow::anyhow!("WebSocket connect failed: {e}"),
         })?;
@@ -278,6 +310,7 @@ async fn connect(
     if chosen != Some("vibe.v1") {
         bail!("the server chose the subprotocol {chosen:?}, not vibe.v1");
     }
+    let mut stream = FragmentCollector::new(ws);
     let read = serde_json::json!({
         "id": READ_ID,
         "op": "read",
@@ -286,26 +319,28 @@ async fn connect(
         "limit": 10,
     });
     stream
-        .send(Message::text(read.to_string()))
+        .write_frame(Frame::text(Payload::from(read.to_string().into_bytes())))
         .await
         .context("cannot send the read request")?;
     // Frames other than the reply (none are expected before the writer starts) are kept aside.
     let mut early = Vec::new();
     loop {
-        let message = stream
-            .next()
+        let frame = stream
+            .read_frame()
             .await
-            .context("the connection closed before the read reply")?
             .context("the connection failed before the read reply")?;
-        let text = match message {
-            Message::Text(text) => text,
-            Message::Close(frame) => bail!("the server closed the connection: {frame:?}"),
+        match frame.opcode {
+            OpCode::Text => {}
+            OpCode::Close => bail!(
+                "the server closed the connection: {}",
+                close_reason(&frame.payload)
+            ),
             _ => continue,
-        };
-        let reply: serde_json::Value = serde_json::from_str(text.as_str())
+        }
+        let reply: serde_json::Value = serde_json::from_slice(&frame.payload)
             .context("the server sent a frame that is not JSON")?;
         if reply["re"] != READ_ID {
-            early.push(text.as_str().to_owned());
+            early.push(frame.payload.to_vec());
             continue;
         }
         if reply["ok"] != true {
@@ -320,7 +355,8 @@ async fn connect(
 }
 
 struct SubscriberSetup {
-    ws_url: Arc<str>,
+    /// `host:port` of the server.
+    authority: Arc<str>,
     token: Arc<str>,
     doc_type: Arc<str>,
     connect_slots: Arc<Semaphore>,
@@ -341,7 +377,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 async fn subscriber(setup: SubscriberSetup) -> anyhow::Result<SubTally> {
     let SubscriberSetup {
-        ws_url,
+        authority,
         token,
         doc_type,
         connect_slots,
@@ -355,7 +391,7 @@ async fn subscriber(setup: SubscriberSetup) -> anyhow::Result<SubTally> {
             .acquire()
             .await
             .context("the connect semaphore closed")?;
-        tokio::time::timeout(CONNECT_TIMEOUT, connect(&ws_url, &token, &doc_type)).await
+        tokio::time::timeout(CONNECT_TIMEOUT, connect(&authority, &token, &doc_type)).await
     };
     let (mut stream, early) = match connected {
         Ok(Ok((stream, sub, early))) => {
@@ -378,55 +414,71 @@ async fn subscriber(setup: SubscriberSetup) -> anyhow::Result<SubTally> {
         }
     };
     drop(ready);
-    for text in &early {
-        tally.on_frame(text, unix_micros(), measure_from.load(Ordering::Acquire));
+    for payload in &early {
+        tally.on_frame(payload, unix_micros(), measure_from.load(Ordering::Acquire));
     }
 
     let mut done: Option<Finish> = None;
-    loop {
+    'run: loop {
         if let Some(f) = done
             && tally.received >= f.expected
         {
             break;
         }
-        tokio::select! {
-            message = stream.next() => {
-                // The receive time, taken before any parsing.
-                let now_us = unix_micros();
-                match message {
-                    Some(Ok(Message::Text(text))) => {
-                        let measure_from_us = measure_from.load(Ordering::Acquire);
-                        tally.on_frame(text.as_str(), now_us, measure_from_us);
+        // `read_frame` is not cancel-safe (a frame read halfway would be lost), so the read stays
+        // pinned across the other branches and is only dropped when the loop ends.
+        let read = stream.read_frame();
+        tokio::pin!(read);
+        let result = loop {
+            tokio::select! {
+                result = &mut read => break result,
+                changed = finish.changed(), if done.is_none() => {
+                    if changed.is_err() {
+                        // The run is being abandoned.
+                        break 'run;
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        tally.disconnected = true;
-                        tally.error(format!("the server closed the connection: {frame:?}"));
-                        return Ok(tally);
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        tally.disconnected = true;
-                        tally.error(format!("the connection failed: {e}"));
-                        return Ok(tally);
-                    }
-                    None => {
-                        tally.disconnected = true;
-                        tally.error("the connection ended".to_owned());
-                        return Ok(tally);
+                    done = *finish.borrow_and_update();
+                    if let Some(f) = done
+                        && tally.received >= f.expected
+                    {
+                        break 'run;
                     }
                 }
+                () = sleep_until(done.map(|f| f.deadline)) => break 'run,
             }
-            changed = finish.changed(), if done.is_none() => {
-                if changed.is_err() {
-                    // The run is being abandoned.
-                    break;
+        };
+        // The receive time, taken before any parsing.
+        let now_us = unix_micros();
+        match result {
+            Ok(frame) => match frame.opcode {
+                OpCode::Text => {
+                    let measure_from_us = measure_from.load(Ordering::Acquire);
+                    tally.on_frame(&frame.payload, now_us, measure_from_us);
                 }
-                done = *finish.borrow_and_update();
+                OpCode::Close => {
+                    tally.disconnected = true;
+                    tally.error(format!(
+                        "the server closed the connection: {}",
+                        close_reason(&frame.payload)
+                    ));
+                    return Ok(tally);
+                }
+                _ => {}
+            },
+            Err(WebSocketError::UnexpectedEOF) => {
+                tally.disconnected = true;
+                tally.error("the connection ended".to_owned());
+                return Ok(tally);
             }
-            () = sleep_until(done.map(|f| f.deadline)) => break,
+            Err(e) => {
+                tally.disconnected = true;
+                tally.error(format!("the connection failed: {e}"));
+                return Ok(tally);
+            }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), stream.close(None)).await;
+    let close = Frame::close_raw(Payload::from(Vec::new()));
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_frame(close)).await;
     Ok(tally)
 }
 
@@ -549,7 +601,7 @@ async fn writer(
 }
 
 /// Parses `http://HOST:PORT` (no path), refuses anything but a loopback address, and returns the
-/// base URL and the WebSocket URL.
+/// base URL and the authority (`HOST:PORT`, where the WebSocket connections go).
 fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
     let uri: http::Uri = url
         .parse()
@@ -577,10 +629,8 @@ fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
     if !ip.is_loopback() {
         bail!("--url must point at a loopback address; {ip} is not one");
     }
-    Ok((
-        format!("http://{authority}"),
-        format!("ws://{authority}/v1/ws"),
-    ))
+    let port = authority.port_u16().unwrap_or(80);
+    Ok((format!("http://{authority}"), format!("{host}:{port}")))
 }
 
 fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {
@@ -608,7 +658,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if duration.is_zero() {
         bail!("--duration must be positive");
     }
-    let (base_url, ws_url) = parse_url(&args.url)?;
+    let (base_url, authority) = parse_url(&args.url)?;
 
     // One socket per subscriber, plus the writer's: lift the soft limit as far as allowed.
     let nofile = rlimit::increase_nofile_limit(u64::MAX)
@@ -628,13 +678,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (ready_tx, mut ready_rx) = mpsc::channel(args.subscribers);
     let (finish_tx, finish_rx) = watch::channel(None::<Finish>);
     let measure_from = Arc::new(AtomicU64::new(u64::MAX));
-    let ws_url: Arc<str> = ws_url.into();
+    let authority: Arc<str> = authority.into();
     let token: Arc<str> = args.token.as_str().into();
     let doc_type: Arc<str> = args.doc_type.as_str().into();
     let mut subscribers = JoinSet::new();
     for _ in 0..args.subscribers {
         subscribers.spawn(subscriber(SubscriberSetup {
-            ws_url: ws_url.clone(),
+            authority: authority.clone(),
             token: token.clone(),
             doc_type: doc_type.clone(),
             connect_slots: connect_slots.clone(),
