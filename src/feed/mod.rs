@@ -78,10 +78,10 @@ impl Feed {
              INSERT INTO feed_ticks (snapshot) \
              SELECT pg_current_snapshot() FROM last WHERE EXISTS ( \
                  SELECT 1 FROM changes c \
-                 WHERE c.xid >= pg_snapshot_xmin(last.snapshot) \
-                   AND c.xid < pg_snapshot_xmax(pg_current_snapshot()) \
-                   AND NOT pg_visible_in_snapshot(c.xid, last.snapshot) \
-                   AND pg_visible_in_snapshot(c.xid, pg_current_snapshot())) \
+                 WHERE c.xid >= pg_snapshot_xmin(last.snapshot)::text::bigint \
+                   AND c.xid < pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
+                   AND NOT pg_visible_in_snapshot(c.xid::text::xid8, last.snapshot) \
+                   AND pg_visible_in_snapshot(c.xid::text::xid8, pg_current_snapshot())) \
              RETURNING tick",
         )
         .fetch_optional(&mut *tx)
@@ -130,13 +130,14 @@ impl Feed {
                  SELECT tick, snapshot, lag(snapshot) OVER (ORDER BY tick) AS prev \
                  FROM feed_ticks WHERE tick >= (SELECT tick FROM base) \
                  ORDER BY tick LIMIT 1001) \
-             SELECT (SELECT tick FROM base) AS base, t.tick, c.seq, c.xid::text AS xid, c.op, c.doc_id, c.type, c.owner_did, c.rev, \
+             SELECT (SELECT tick FROM base) AS base, t.tick, c.seq, c.xid, c.op, c.doc_id, c.type, c.owner_did, c.rev, \
                     c.created_at, c.updated_at, c.logged_at, c.new_acl, c.new_data, c.old_acl, c.old_data \
              FROM t LEFT JOIN LATERAL ( \
                  SELECT * FROM changes c \
-                 WHERE c.xid >= pg_snapshot_xmin(t.prev) AND c.xid < pg_snapshot_xmax(t.snapshot) \
-                   AND pg_visible_in_snapshot(c.xid, t.snapshot) \
-                   AND NOT pg_visible_in_snapshot(c.xid, t.prev) \
+                 WHERE c.xid >= pg_snapshot_xmin(t.prev)::text::bigint \
+                   AND c.xid < pg_snapshot_xmax(t.snapshot)::text::bigint \
+                   AND pg_visible_in_snapshot(c.xid::text::xid8, t.snapshot) \
+                   AND NOT pg_visible_in_snapshot(c.xid::text::xid8, t.prev) \
                    AND (t.tick > $1 OR c.seq > $2) \
                    AND (cardinality($3::text[]) = 0 OR c.type = ANY($3)) \
                    AND ($4::text IS NULL OR c.owner_did = $4) \
@@ -210,7 +211,7 @@ impl Feed {
         // Rows below the oldest tick's xmin are visible in it: they belong to pruned batches.
         let deleted = sqlx::query(
             "DELETE FROM changes WHERE xid < ( \
-                 SELECT pg_snapshot_xmin(snapshot) FROM feed_ticks ORDER BY tick LIMIT 1)",
+                 SELECT pg_snapshot_xmin(snapshot)::text::bigint FROM feed_ticks ORDER BY tick LIMIT 1)",
         )
         .execute(&mut *tx)
         .await?
@@ -251,8 +252,8 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
             .unwrap_or_default();
         Ok(Some(Image { acl, data }))
     };
-    let xid: String = row.try_get("xid")?;
-    let xid = xid.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let xid = u64::try_from(row.try_get::<i64, _>("xid")?)
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     Ok(Some(Change {
         cursor: Cursor { tick, seq },
         xid,
