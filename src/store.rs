@@ -80,6 +80,9 @@ impl Store {
         max_connections: u32,
         acquire_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        // JIT compiles a plan in tens to hundreds of milliseconds once its cost estimate is
+        // high (the change-feed reads can be): a latency cliff no OLTP query here wants.
+        let options = options.options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             // sqlx pings a pooled connection before every use by default: one extra round trip
             // per request. A connection broken by a database restart fails its next query
