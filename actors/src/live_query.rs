@@ -214,10 +214,13 @@ impl LiveQueryState {
 
     fn emit(&mut self, event: WindowEvent, cursor: Cursor) {
         let encoded = Arc::new(Encoded::new(self.sub_id.clone(), event, cursor));
+        let mut delivered = 0;
         self.subscribers.retain(|_, s| {
-            deliver(&encoded, s, self.window.spec());
+            delivered += u64::from(deliver(&encoded, s, self.window.spec()));
             !s.outbox.is_closed()
         });
+        // Once per event, not per subscriber: a metrics update is a registry lookup.
+        metrics::counter!("vibe_ws_events_total").increment(delivered);
         if self.replay.len() >= self.replay_capacity
             && let Some(evicted) = self.replay.pop_front()
         {
@@ -243,7 +246,7 @@ impl LiveQueryState {
                 let frame = reply_frame(request_id, &self.sub_id, cursor, None, true);
                 let _ = subscriber.outbox.send(frame);
                 for event in self.replay.iter().filter(|e| e.cursor > since) {
-                    deliver(event, &subscriber, self.window.spec());
+                    let _ = deliver(event, &subscriber, self.window.spec());
                 }
                 None
             }
@@ -356,13 +359,14 @@ impl Encoded {
 }
 
 /// Sends `event` to `subscriber` as what it is from their point of view: a document they could
-/// not see and now can is an `add`, one they could see and no longer can is a `remove`.
-fn deliver(event: &Encoded, subscriber: &Subscriber, spec: &QuerySpec) {
+/// not see and now can is an `add`, one they could see and no longer can is a `remove`. True if
+/// a frame was queued.
+fn deliver(event: &Encoded, subscriber: &Subscriber, spec: &QuerySpec) -> bool {
     if subscriber
         .seen_up_to
         .is_some_and(|seen| event.cursor <= seen)
     {
-        return;
+        return false;
     }
     let own = matches!(spec.scope, Scope::Own(_));
     let can = |acl: &Option<Acl>| {
@@ -374,10 +378,9 @@ fn deliver(event: &Encoded, subscriber: &Subscriber, spec: &QuerySpec) {
         (false, true) => Kind::Add,
         (true, true) => Kind::Change,
         (true, false) => Kind::Remove,
-        (false, false) => return,
+        (false, false) => return false,
     };
-    let _ = subscriber.outbox.send(event.frame(kind));
-    metrics::counter!("vibe_ws_events_total").increment(1);
+    subscriber.outbox.send(event.frame(kind)).is_ok()
 }
 
 #[derive(Serialize)]
