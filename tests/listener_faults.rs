@@ -62,11 +62,19 @@ async fn terminated_listener_and_restarted_postgres_lose_nothing() {
         .await
         .unwrap();
     let url = pg.url();
-    let s = common::TestServer::start_on(&url, &[("feed.poll_interval", "\"20ms\"")]).await;
+    let s = common::TestServer::start_on(
+        &url,
+        &[
+            ("feed.poll_interval", "\"20ms\""),
+            ("ws.max_limit", "100000"),
+            ("ws.outbound_queue", "1000000"),
+        ],
+    )
+    .await;
     let alice = s.token(ALICE, &["*"]);
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let sub = ws
-        .request(json!({"op": "read", "type": "posts", "limit": 1000}))
+        .request(json!({"op": "read", "type": "posts", "limit": 100000}))
         .await["sub"]
         .clone();
 

@@ -147,7 +147,7 @@ impl FeedListener {
             tokio::select! {
                 () = waker.0.notified() => must_tick = true,
                 _ = poll.tick() => must_tick = true,
-                bell = doorbell(&mut listener) => {
+                bell = doorbell(&mut listener, feed.node()) => {
                     if !bell {
                         // Connection lost: notifications sent meanwhile are gone; read the log.
                         listener = None;
@@ -159,19 +159,26 @@ impl FeedListener {
     }
 }
 
-/// Resolves when a doorbell rings (true) or the LISTEN connection is lost (false); pends forever
-/// without a connection.
-async fn doorbell(listener: &mut Option<PgListener>) -> bool {
+/// Resolves when another node's doorbell rings (true) or the LISTEN connection is lost (false);
+/// pends forever without a connection. This node's own rings are ignored: it has read already.
+async fn doorbell(listener: &mut Option<PgListener>, own: &str) -> bool {
     let Some(l) = listener else {
         return std::future::pending().await;
     };
-    match l.try_recv().await {
-        Ok(Some(_)) => {
-            // Ring once for everything already buffered.
-            while l.next_buffered().is_some() {}
-            true
+    loop {
+        match l.try_recv().await {
+            Ok(Some(first)) => {
+                // One wake-up for everything already buffered.
+                let mut foreign = first.payload() != own;
+                while let Some(next) = l.next_buffered() {
+                    foreign |= next.payload() != own;
+                }
+                if foreign {
+                    return true;
+                }
+            }
+            Ok(None) | Err(_) => return false,
         }
-        Ok(None) | Err(_) => false,
     }
 }
 

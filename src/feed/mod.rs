@@ -58,11 +58,21 @@ pub struct Filter {
 #[derive(Debug, Clone)]
 pub struct Feed {
     pool: PgPool,
+    /// This node's name on the doorbell channel, so it can ignore its own rings.
+    node: String,
 }
 
 impl Feed {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            node: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// The payload of this node's doorbells.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// Creates a tick if some change became visible since the newest one. Returns its id.
@@ -95,8 +105,9 @@ impl Feed {
 
     /// Wakes every node listening for ticks (sent from a pool connection, never a writer's).
     pub async fn ring_doorbell(&self) -> Result<(), FeedError> {
-        sqlx::query("SELECT pg_notify($1, '')")
+        sqlx::query("SELECT pg_notify($1, $2)")
             .bind(DOORBELL_CHANNEL)
+            .bind(&self.node)
             .execute(&self.pool)
             .await?;
         Ok(())
