@@ -129,7 +129,7 @@ async fn run(
     let (outbox, receiver) = outbox(conn_id, config.outbound_queue);
     // Pongs and close replies the reader owes, handed to the writer.
     let (control_tx, control_rx) = mpsc::channel::<Frame<'static>>(8);
-    let writer = tokio::spawn(write_loop(
+    let mut writer = tokio::spawn(write_loop(
         write,
         receiver,
         control_rx,
@@ -151,7 +151,7 @@ async fn run(
     };
     metrics::gauge!("vibe_ws_connections").increment(1.0);
     let auth_deadline = Instant::now() + config.auth_timeout;
-    read_loop(
+    let reading = read_loop(
         &app,
         read,
         &actor,
@@ -159,14 +159,20 @@ async fn run(
         control_tx.clone(),
         &authenticated,
         auth_deadline,
-    )
-    .await;
-    // The session ends: subscriptions are dropped, then the writer drains and closes.
+    );
+    // Whichever side ends first ends the connection: a writer that closed for overflow or
+    // shutdown must not leave a client that never reads holding its subscriptions.
+    let writer_done = tokio::select! {
+        () = reading => false,
+        _ = &mut writer => true,
+    };
     let _ = ractor::call!(actor, ConnectionMsg::Close);
     actor.stop(None);
     drop(control_tx);
     drop(outbox);
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
     metrics::gauge!("vibe_ws_connections").decrement(1.0);
 }
 
