@@ -88,6 +88,8 @@ pub struct WsConfig {
     pub default_limit: u32,
     pub max_limit: u32,
     pub replay_buffer: usize,
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

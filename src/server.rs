@@ -164,6 +164,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     let realtime_config = RealtimeConfig {
         source: Arc::new(store.clone()),
         replay_capacity: config.ws.replay_buffer,
+        linger: config.ws.linger,
     };
     let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position))
         .await

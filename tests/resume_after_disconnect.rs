@@ -127,3 +127,58 @@ async fn a_cursor_past_retention_gets_a_reset_snapshot() {
     writer.close().await;
     s.finish().await;
 }
+
+/// The only subscriber leaves; its live query lingers (`ws.linger`), keeps applying changes, and
+/// the client that comes back within it gets exactly what it missed. With no linger it gets a
+/// fresh snapshot instead.
+#[tokio::test]
+async fn a_lingering_live_query_resumes_its_last_subscriber_exactly() {
+    for (linger, resumed) in [("\"30s\"", true), ("\"0s\"", false)] {
+        let s = TestServer::start_with(&[("ws.linger", linger)]).await;
+        let alice = s.token(ALICE, &["*"]);
+        let query = json!({"op": "read", "type": "posts"});
+        let mut client = Ws::connect(&s.base, Some(&alice)).await;
+        let sub = client.request(query.clone()).await["sub"].clone();
+        let first = s.post(&alice, "posts", json!({"data": {"n": 1}})).await;
+        let seen = client.event(&sub).await;
+        assert_eq!(seen["doc"]["id"], first["id"]);
+        let cursor = seen["cursor"].as_str().unwrap().to_owned();
+        client.close().await;
+        // The server notices the close on its own time; nothing signals it, so watch for it.
+        let realtime = s.server.as_ref().unwrap().app().realtime.clone();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ractor::call!(realtime, vibe_actors::realtime::RealtimeMsg::Stats)
+            .unwrap()
+            .1
+            > 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the subscription was never released"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+
+        let missed = s.post(&alice, "posts", json!({"data": {"n": 2}})).await;
+        let mut back = Ws::connect(&s.base, Some(&alice)).await;
+        let mut resume = query.clone();
+        resume["since"] = cursor.into();
+        let reply = back.request(resume).await;
+        assert_eq!(reply["resumed"], resumed, "linger {linger}: {reply}");
+        if resumed {
+            let e = back.event(&reply["sub"]).await;
+            assert_eq!(
+                (e["event"].as_str(), &e["doc"]["id"]),
+                (Some("add"), &missed["id"])
+            );
+        } else {
+            assert_eq!(
+                reply["docs"].as_array().unwrap().len(),
+                2,
+                "a fresh snapshot"
+            );
+        }
+        back.close().await;
+        s.finish().await;
+    }
+}

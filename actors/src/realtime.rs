@@ -41,6 +41,9 @@ pub struct RealtimeConfig {
     pub source: Arc<dyn SnapshotSource>,
     /// Events each live query keeps for resuming clients.
     pub replay_capacity: usize,
+    /// How long a live query outlives its last subscriber, so a client that reconnects within
+    /// it resumes exactly (its events kept flowing into the replay buffer).
+    pub linger: Duration,
 }
 
 /// A subscription request on its way to a live query.
@@ -211,6 +214,11 @@ pub enum DocTypeMsg {
     },
     CrashQuery(QuerySpec),
     Stats(RpcReplyPort<(usize, usize)>),
+    /// The linger after the last unsubscribe ended; `generation` tells stale timers apart.
+    Expire {
+        spec: QuerySpec,
+        generation: u64,
+    },
 }
 
 impl ractor::Message for DocTypeMsg {}
@@ -222,6 +230,8 @@ struct Entry {
     /// Per connection: the subscriber and how many `read`s of this query it holds.
     subscribers: HashMap<u64, (Subscriber, usize)>,
     failures: VecDeque<Instant>,
+    /// Bumped each time the query loses its last subscriber.
+    idle_generation: u64,
 }
 
 #[derive(Debug)]
@@ -283,13 +293,21 @@ impl Actor for DocType {
                         let _ = entry.actor.cast(LiveQueryMsg::Unsubscribe { conn_id });
                     }
                 }
-                if entry.subscribers.is_empty()
-                    && let Some(entry) = state.queries.remove(&spec)
-                {
-                    state.by_actor.remove(&entry.actor.get_id());
-                    entry.actor.stop(None);
+                if entry.subscribers.is_empty() {
+                    entry.idle_generation += 1;
+                    let generation = entry.idle_generation;
+                    let linger = state.config.linger;
+                    if linger.is_zero() {
+                        state.expire(&spec, generation);
+                    } else {
+                        myself.send_after(linger, move || DocTypeMsg::Expire {
+                            spec: spec.clone(),
+                            generation,
+                        });
+                    }
                 }
             }
+            DocTypeMsg::Expire { spec, generation } => state.expire(&spec, generation),
             DocTypeMsg::CrashQuery(spec) => {
                 if let Some(entry) = state.queries.get(&spec) {
                     let _ = entry.actor.cast(LiveQueryMsg::Crash);
@@ -322,6 +340,18 @@ impl Actor for DocType {
 }
 
 impl DocTypeState {
+    /// Stops a live query that has had no subscriber since `generation` began.
+    fn expire(&mut self, spec: &QuerySpec, generation: u64) {
+        let idle = self
+            .queries
+            .get(spec)
+            .is_some_and(|e| e.subscribers.is_empty() && e.idle_generation == generation);
+        if idle && let Some(entry) = self.queries.remove(spec) {
+            self.by_actor.remove(&entry.actor.get_id());
+            entry.actor.stop(None);
+        }
+    }
+
     async fn spawn(
         &self,
         myself: &ActorRef<DocTypeMsg>,
@@ -367,6 +397,7 @@ impl DocTypeState {
                             sub_id,
                             subscribers: HashMap::new(),
                             failures: VecDeque::new(),
+                            idle_generation: 0,
                         },
                     );
                 }
