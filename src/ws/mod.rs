@@ -282,6 +282,11 @@ async fn write_loop(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let OutboxReceiver { mut rx, overflow } = outbox;
+    // Created once, not per loop turn: each creation registers a waiter (the shutdown signal is
+    // one channel shared by every connection, so that would be a contended lock per event).
+    let overflowed = overflow.wait();
+    let shutting_down = shutdown.changed();
+    tokio::pin!(overflowed, shutting_down);
     let result: Result<(), WebSocketError> = async {
         loop {
             tokio::select! {
@@ -298,12 +303,12 @@ async fn write_loop(
                     // The reader is gone: the connection is over.
                     None => return Ok(()),
                 },
-                () = overflow.wait() => {
+                () = &mut overflowed => {
                     write.write_frame(Frame::close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since")).await?;
                     write.flush().await?;
                     return Ok(());
                 }
-                _ = shutdown.changed() => {
+                _ = &mut shutting_down => {
                     write.write_frame(Frame::close(CLOSE_GOING_AWAY, b"server shutting down")).await?;
                     write.flush().await?;
                     return Ok(());
