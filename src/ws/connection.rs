@@ -1,6 +1,6 @@
-//! The connection actor: one per WebSocket. It holds the session (who is connected, which
-//! subscriptions it has), answers each request in order, and queues every reply on the
-//! connection's bounded outbox. Live-query events reach the outbox directly, not through here.
+//! A connection's session — the state of the connection actor (see ws/mod.rs): who is
+//! connected, which subscriptions it has; it answers each request in order and queues every
+//! reply on the connection's bounded outbox. Live-query events reach the outbox directly.
 //!
 //! Guarantees: requests of one connection are handled one at a time, in arrival order; a bad
 //! request gets an error frame naming its id (or `null` when it had none) and the session goes
@@ -8,10 +8,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -45,82 +43,42 @@ pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
     })
 }
 
+/// A connection's session: who is connected and which subscriptions it holds. Owned by the
+/// connection's task, which hands it one request at a time.
 #[derive(Debug)]
-pub struct Connection;
-
-#[derive(Debug)]
-pub struct ConnectionArgs {
-    pub app: Arc<App>,
-    pub outbox: Outbox,
-    pub identity: Option<Identity>,
-    /// Read by the reader task to decide whether the auth deadline still applies.
-    pub authenticated: Arc<AtomicBool>,
-}
-
-#[derive(Debug)]
-pub enum ConnectionMsg {
-    /// One text frame; answered when handled, so the reader sends one request at a time.
-    Request(Bytes, RpcReplyPort<()>),
-    /// The connection ended: release every subscription.
-    Close(RpcReplyPort<()>),
-}
-
-impl ractor::Message for ConnectionMsg {}
-
-#[derive(Debug)]
-pub struct ConnectionState {
+pub struct Session {
     app: Arc<App>,
     outbox: Outbox,
     identity: Option<Identity>,
-    authenticated: Arc<AtomicBool>,
     /// Subscription id → its query and how many `read`s of it this connection holds.
     subs: HashMap<Arc<str>, (QuerySpec, usize)>,
 }
 
-impl Actor for Connection {
-    type Msg = ConnectionMsg;
-    type State = ConnectionState;
-    type Arguments = ConnectionArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: ConnectionArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(ConnectionState {
-            app: args.app,
-            outbox: args.outbox,
-            identity: args.identity,
-            authenticated: args.authenticated,
+impl Session {
+    pub fn new(app: Arc<App>, outbox: Outbox, identity: Option<Identity>) -> Self {
+        Self {
+            app,
+            outbox,
+            identity,
             subs: HashMap::new(),
-        })
+        }
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            ConnectionMsg::Request(text, done) => {
-                state.request(&text).await;
-                let _ = done.send(());
-            }
-            ConnectionMsg::Close(done) => {
-                for (_, (spec, refs)) in state.subs.drain() {
-                    metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
-                    for _ in 0..refs {
-                        let _ = state.app.realtime.cast(RealtimeMsg::Unsubscribe {
-                            spec: spec.clone(),
-                            conn_id: state.outbox.conn_id,
-                        });
-                    }
-                }
-                let _ = done.send(());
+    pub fn is_authenticated(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// The connection ended: releases every subscription.
+    pub fn close(&mut self) {
+        for (_, (spec, refs)) in self.subs.drain() {
+            metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
+            for _ in 0..refs {
+                let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
+                    spec: spec.clone(),
+                    conn_id: self.outbox.conn_id,
+                });
             }
         }
-        Ok(())
     }
 }
 
@@ -214,8 +172,9 @@ fn args<T: DeserializeOwned>(rest: serde_json::Map<String, Value>) -> Result<T, 
         .map_err(|e| Failure("invalid_request", e.to_string()))
 }
 
-impl ConnectionState {
-    async fn request(&mut self, text: &[u8]) {
+impl Session {
+    /// Handles one text frame; every answer goes to the outbox.
+    pub async fn request(&mut self, text: &[u8]) {
         let mut request = match serde_json::from_slice::<Value>(text) {
             Ok(Value::Object(map)) => map,
             Ok(_) => {
@@ -322,7 +281,6 @@ impl ConnectionState {
         }
         let did = identity.subject.clone();
         self.identity = Some(identity);
-        self.authenticated.store(true, Ordering::Relaxed);
         Ok(Some(json!({"did": did})))
     }
 

@@ -1,21 +1,25 @@
 //! The WebSocket edge, `/v1/ws` (subprotocol `vibe.v1`, JSON text frames): the upgrade, and per
-//! connection one reader task, one writer task and one connection actor.
+//! connection one task — the connection actor. Its mailbox is the connection's bounded outbox
+//! (replies and live-query events, already encoded) plus the socket; its state is the session
+//! (connection.rs). In one loop it
 //!
-//! - The **writer** owns the socket's write half and drains the connection's bounded outbox
-//!   (frames from the connection actor and from live queries), writing every frame that is ready
-//!   and flushing once per batch. If the outbox overflows it closes the socket (4008).
-//! - The **reader** reads frames, answers what needs no state (binary frames, oversized frames,
-//!   rate limit) and hands each text frame to the connection actor, one at a time: a client
-//!   cannot queue unbounded work.
-//! - The **connection actor** (connection.rs) holds the session: identity, subscriptions.
+//! - drains the outbox, writing every frame that is ready and flushing once per batch; closes the
+//!   socket if the outbox overflowed (4008) or the server is stopping (1001);
+//! - reads the next frame, answers what needs no session (binary, oversized, over the rate),
+//!   and runs each request to completion before reading another: a client cannot queue
+//!   unbounded work, and outbound frames keep flowing while a request waits on the database.
 //!
-//! Invariant: only the writer task writes to the socket (pongs and closes included).
+//! It is a task, not a ractor actor: it never crosses nodes and ends with its socket, and a
+//! ractor actor (its own task and four channels) would more than double a connection's memory.
+//!
+//! Invariant: only this task writes to its socket (pongs and closes included).
 
 pub mod connection;
 pub mod limits;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,13 +28,12 @@ use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use ractor::Actor;
 use tokio::sync::mpsc;
 use vibe_actors::outbox::{OutboxReceiver, outbox};
 
 use crate::app::App;
 use crate::http::{ApiError, HttpResponse};
-use connection::{Connection, ConnectionArgs, ConnectionMsg, error_frame};
+use connection::{Session, error_frame};
 
 /// The protocol this server speaks.
 pub const SUBPROTOCOL: &str = "vibe.v1";
@@ -107,6 +110,24 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
 }
 
 type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
+type Reader = fastwebsockets::FragmentCollectorRead<tokio::io::ReadHalf<Upgraded>>;
+
+/// A frame read off the socket, owned.
+struct Inbound {
+    opcode: OpCode,
+    payload: Vec<u8>,
+}
+
+type ReadFuture = Pin<Box<dyn Future<Output = (Reader, Result<Inbound, WebSocketError>)> + Send>>;
+type RequestFuture = Pin<Box<dyn Future<Output = Session> + Send>>;
+
+/// Why the connection loop ended.
+enum End {
+    /// The client closed, went away, or broke the protocol.
+    Client,
+    /// We closed it with this code and reason.
+    Close(u16, &'static [u8]),
+}
 
 async fn run(
     app: Arc<App>,
@@ -114,80 +135,159 @@ async fn run(
     identity: Option<connection::Identity>,
 ) {
     let config = &app.config.ws;
-    let conn_id = app.next_connection_id();
     let mut ws = ws;
     // The transport refuses frames past 4x the limit (and closes); between the limit and that,
-    // the reader answers `frame_too_large` and the connection lives on.
+    // the loop answers `frame_too_large` and the connection lives on.
     ws.set_max_message_size(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
     ws.set_auto_close(true);
     ws.set_auto_pong(true);
     // Frames go through a small buffer and reach the socket once per flushed batch.
-    let (read, write) = ws.split(|io| {
+    let (read, mut write) = ws.split(|io| {
         let (r, w) = tokio::io::split(io);
         (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
     });
-    let (outbox, receiver) = outbox(conn_id, config.outbound_queue);
-    // Pongs and close replies the reader owes, handed to the writer.
-    let (control_tx, control_rx) = mpsc::channel::<Frame<'static>>(8);
-    let mut writer = tokio::spawn(write_loop(
-        write,
-        receiver,
-        control_rx,
-        app.shutdown_signal(),
-    ));
-    let authenticated = Arc::new(AtomicBool::new(identity.is_some()));
-    let args = ConnectionArgs {
-        app: app.clone(),
-        outbox: outbox.clone(),
-        identity,
-        authenticated: authenticated.clone(),
-    };
-    let actor = match Actor::spawn(None, Connection, args).await {
-        Ok((actor, _)) => actor,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start a connection actor");
-            return;
-        }
-    };
+    let (outbox, receiver) = outbox(app.next_connection_id(), config.outbound_queue);
+    let OutboxReceiver { mut rx, overflow } = receiver;
+    // Pongs and close replies the reader owes.
+    let (control_tx, mut control_rx) = mpsc::channel::<Frame<'static>>(8);
+    let mut session = Some(Session::new(app.clone(), outbox.clone(), identity));
+    let mut reader = Some(fastwebsockets::FragmentCollectorRead::new(read));
+    let mut reading: Option<ReadFuture> = None;
+    let mut handling: Option<RequestFuture> = None;
+    let mut bucket = limits::TokenBucket::new(config.requests_per_second, Instant::now());
+    let auth_deadline = tokio::time::Instant::now() + config.auth_timeout;
+    let mut shutdown = app.shutdown_signal();
+    // Created once: each creation would register a waiter (the shutdown channel is shared by
+    // every connection, so that would be a contended lock per event).
+    let overflowed = overflow.wait();
+    let shutting_down = shutdown.changed();
+    tokio::pin!(overflowed, shutting_down);
     metrics::gauge!("vibe_ws_connections").increment(1.0);
-    let auth_deadline = Instant::now() + config.auth_timeout;
-    let reading = read_loop(
-        &app,
-        read,
-        &actor,
-        &outbox,
-        control_tx.clone(),
-        &authenticated,
-        auth_deadline,
-    );
-    // Whichever side ends first ends the connection: a writer that closed for overflow or
-    // shutdown must not leave a client that never reads holding its subscriptions.
-    let writer_done = tokio::select! {
-        () = reading => false,
-        _ = &mut writer => true,
-    };
-    let _ = ractor::call!(actor, ConnectionMsg::Close);
-    actor.stop(None);
-    drop(control_tx);
-    drop(outbox);
-    if !writer_done {
-        let _ = writer.await;
+
+    let end: Result<End, WebSocketError> = async {
+        loop {
+            // One request at a time: read the next frame only when none is being handled.
+            if handling.is_none()
+                && reading.is_none()
+                && let Some(r) = reader.take()
+            {
+                reading = Some(Box::pin(read_one(r, control_tx.clone())));
+            }
+            let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
+            tokio::select! {
+                biased;
+                Some(frame) = control_rx.recv() => {
+                    let close = frame.opcode == OpCode::Close;
+                    write.write_frame(frame).await?;
+                    write.flush().await?;
+                    if close {
+                        return Ok(End::Client);
+                    }
+                }
+                () = &mut overflowed => {
+                    return Ok(End::Close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since"));
+                }
+                _ = &mut shutting_down => return Ok(End::Close(CLOSE_GOING_AWAY, b"server shutting down")),
+                () = tokio::time::sleep_until(auth_deadline), if !authenticated => {
+                    return Ok(End::Close(CLOSE_AUTH_TIMEOUT, b"authenticate within the auth timeout"));
+                }
+                frame = rx.recv() => {
+                    // Never None: this loop holds an Outbox itself.
+                    let Some(frame) = frame else { return Ok(End::Client) };
+                    write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    write.flush().await?;
+                }
+                done = next_of(&mut handling), if handling.is_some() => {
+                    handling = None;
+                    session = Some(done);
+                }
+                read = next_of(&mut reading), if reading.is_some() => {
+                    reading = None;
+                    let (r, frame) = read;
+                    reader = Some(r);
+                    let frame = match frame {
+                        Ok(frame) => frame,
+                        Err(WebSocketError::FrameTooLarge) => return Ok(End::Close(CLOSE_TOO_BIG, b"frame too large")),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "WebSocket read ended");
+                            return Ok(End::Client);
+                        }
+                    };
+                    match frame.opcode {
+                        OpCode::Close => return Ok(End::Client),
+                        OpCode::Text => {}
+                        OpCode::Binary => {
+                            let _ = outbox.send(error_frame(&serde_json::Value::Null, "binary_not_supported", "send JSON text frames"));
+                            continue;
+                        }
+                        _ => continue,
+                    }
+                    if frame.payload.len() > config.max_frame_bytes {
+                        let _ = outbox.send(error_frame(
+                            &serde_json::Value::Null,
+                            "frame_too_large",
+                            &format!("frames are limited to {} bytes", config.max_frame_bytes),
+                        ));
+                        continue;
+                    }
+                    if !bucket.allow(Instant::now()) {
+                        let _ = outbox.send(error_frame(
+                            &serde_json::Value::Null,
+                            "rate_limited",
+                            &format!("at most {} requests per second; retry in {:?}", config.requests_per_second, bucket.retry_after()),
+                        ));
+                        continue;
+                    }
+                    if let Some(mut s) = session.take() {
+                        let text = frame.payload;
+                        handling = Some(Box::pin(async move {
+                            s.request(&text).await;
+                            s
+                        }));
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    match end {
+        Ok(End::Close(code, reason)) => {
+            let _ = write.write_frame(Frame::close(code, reason)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), write.flush()).await;
+        }
+        Ok(End::Client) => {}
+        Err(e) => tracing::debug!(error = %e, "WebSocket write ended"),
+    }
+    // A request still running finishes first, so its subscription (if any) is released too.
+    if let Some(pending) = handling.take() {
+        session = Some(pending.await);
+    }
+    if let Some(mut s) = session {
+        s.close();
     }
     metrics::gauge!("vibe_ws_connections").decrement(1.0);
 }
 
-async fn read_loop(
-    app: &App,
-    read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>,
-    actor: &ractor::ActorRef<ConnectionMsg>,
-    outbox: &vibe_actors::outbox::Outbox,
+/// The output of the future in `slot` (pending forever when there is none: select! evaluates a
+/// disabled branch's future, it just does not poll it).
+async fn next_of<T>(slot: &mut Option<Pin<Box<dyn Future<Output = T> + Send>>>) -> T {
+    match slot {
+        Some(future) => future.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads one frame, handing pongs and close replies owed to the peer to `control`.
+async fn read_one(
+    mut reader: Reader,
     control: mpsc::Sender<Frame<'static>>,
-    authenticated: &AtomicBool,
-    auth_deadline: Instant,
-) {
-    let config = &app.config.ws;
-    let mut read = fastwebsockets::FragmentCollectorRead::new(read);
-    let mut bucket = limits::TokenBucket::new(config.requests_per_second, Instant::now());
+) -> (Reader, Result<Inbound, WebSocketError>) {
     let mut send_control = |frame: Frame<'_>| {
         let control = control.clone();
         let owned = Frame::new(
@@ -203,136 +303,12 @@ async fn read_loop(
                 .map_err(|_| WebSocketError::ConnectionClosed)
         }
     };
-    loop {
-        let frame = if authenticated.load(Ordering::Relaxed) {
-            read.read_frame(&mut send_control).await
-        } else {
-            match tokio::time::timeout_at(auth_deadline.into(), read.read_frame(&mut send_control))
-                .await
-            {
-                Ok(frame) => frame,
-                Err(_) => {
-                    let _ = control
-                        .send(Frame::close(
-                            CLOSE_AUTH_TIMEOUT,
-                            b"authenticate within the auth timeout",
-                        ))
-                        .await;
-                    return;
-                }
-            }
-        };
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(WebSocketError::FrameTooLarge) => {
-                let _ = control
-                    .send(Frame::close(CLOSE_TOO_BIG, b"frame too large"))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "WebSocket read ended");
-                return;
-            }
-        };
-        match frame.opcode {
-            OpCode::Close => return,
-            OpCode::Text => {}
-            OpCode::Binary => {
-                let _ = outbox.send(error_frame(
-                    &serde_json::Value::Null,
-                    "binary_not_supported",
-                    "send JSON text frames",
-                ));
-                continue;
-            }
-            _ => continue,
-        }
-        if frame.payload.len() > config.max_frame_bytes {
-            let _ = outbox.send(error_frame(
-                &serde_json::Value::Null,
-                "frame_too_large",
-                &format!("frames are limited to {} bytes", config.max_frame_bytes),
-            ));
-            continue;
-        }
-        if !bucket.allow(Instant::now()) {
-            let _ = outbox.send(error_frame(
-                &serde_json::Value::Null,
-                "rate_limited",
-                &format!(
-                    "at most {} requests per second; retry in {:?}",
-                    config.requests_per_second,
-                    bucket.retry_after()
-                ),
-            ));
-            continue;
-        }
-        let text = Bytes::from(frame.payload.to_vec());
-        if ractor::call!(actor, ConnectionMsg::Request, text).is_err() {
-            return;
-        }
-    }
-}
-
-async fn write_loop(
-    mut write: fastwebsockets::WebSocketWrite<tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>>,
-    outbox: OutboxReceiver,
-    mut control: mpsc::Receiver<Frame<'static>>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let OutboxReceiver { mut rx, overflow } = outbox;
-    // Created once, not per loop turn: each creation registers a waiter (the shutdown signal is
-    // one channel shared by every connection, so that would be a contended lock per event).
-    let overflowed = overflow.wait();
-    let shutting_down = shutdown.changed();
-    tokio::pin!(overflowed, shutting_down);
-    let result: Result<(), WebSocketError> = async {
-        loop {
-            tokio::select! {
-                biased;
-                frame = control.recv() => match frame {
-                    Some(frame) => {
-                        let close = frame.opcode == OpCode::Close;
-                        write.write_frame(frame).await?;
-                        write.flush().await?;
-                        if close {
-                            return Ok(());
-                        }
-                    }
-                    // The reader is gone: the connection is over.
-                    None => return Ok(()),
-                },
-                () = &mut overflowed => {
-                    write.write_frame(Frame::close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since")).await?;
-                    write.flush().await?;
-                    return Ok(());
-                }
-                _ = &mut shutting_down => {
-                    write.write_frame(Frame::close(CLOSE_GOING_AWAY, b"server shutting down")).await?;
-                    write.flush().await?;
-                    return Ok(());
-                }
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { return Ok(()) };
-                    write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
-                    for _ in 1..WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
-                            Err(_) => break,
-                        }
-                    }
-                    write.flush().await?;
-                }
-            }
-        }
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "WebSocket write ended");
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = write.flush().await;
-    })
-    .await;
+    let result = reader
+        .read_frame(&mut send_control)
+        .await
+        .map(|frame| Inbound {
+            opcode: frame.opcode,
+            payload: frame.payload.to_vec(),
+        });
+    (reader, result)
 }
