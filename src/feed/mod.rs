@@ -76,30 +76,12 @@ impl Feed {
     }
 
     /// Creates a tick if some change became visible since the newest one. Returns its id.
+    /// One statement (`vibe_tick`, migration 0005): lock, fresh snapshot, insert, commit.
     pub async fn tick(&self) -> Result<Option<i64>, FeedError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        let tick: Option<i64> = sqlx::query_scalar("SELECT vibe_tick($1)")
             .bind(TICK_LOCK)
-            .execute(&mut *tx)
+            .fetch_one(&self.pool)
             .await?;
-        // A new statement, so a new snapshot taken after the lock: never older than the last tick.
-        let tick: Option<i64> = sqlx::query_scalar(
-            // The last tick's bounds are InitPlans (constants for the scan), so the BRIN index
-            // on `changes.xid` serves the range.
-            "INSERT INTO feed_ticks (snapshot) \
-             SELECT pg_current_snapshot() WHERE EXISTS ( \
-                 SELECT 1 FROM changes c \
-                 WHERE c.xid >= (SELECT pg_snapshot_xmin(snapshot)::text::bigint \
-                                 FROM feed_ticks ORDER BY tick DESC LIMIT 1) \
-                   AND c.xid < pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
-                   AND NOT pg_visible_in_snapshot(c.xid::text::xid8, \
-                         (SELECT snapshot FROM feed_ticks ORDER BY tick DESC LIMIT 1)) \
-                   AND pg_visible_in_snapshot(c.xid::text::xid8, pg_current_snapshot())) \
-             RETURNING tick",
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
         Ok(tick)
     }
 
