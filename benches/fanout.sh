@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Vibe WebSocket fan-out benchmarks: one scenario of benches/fanout.rs against Vibe and, for
-# broadcast and idle, against the bare transport peer (benches/peers/bare.rs) in the same run.
+# broadcast and idle, against the bare transport peer (benches/peers/bare.rs) and the Node.js
+# LISTEN/NOTIFY peer (benches/peers/node, when node and npm are installed) in the same run.
 #
 #   SCENARIO=broadcast CONNECTIONS=1000 RATE=100 DURATION=10 benches/fanout.sh
 #   SCENARIO=idle CONNECTIONS=10000 DURATION=5 SOURCE_ADDRS=4 benches/fanout.sh
@@ -8,6 +9,9 @@
 #   SCENARIO=churn CONNECTIONS=1000 CHURN_RATE=100 RATE=20 benches/fanout.sh
 #   SMOKE=1 benches/fanout.sh   # every scenario with tiny numbers; non-zero exit on missing
 #                               # events or errors (for CI)
+#   SCENARIO=broadcast SWEEP="100 500 1000" RATE=50 DURATION=5 benches/fanout.sh
+#                               # broadcast once per N for every server, then an SVG chart
+#                               # (benches/plot.rs) of p50/p99 latency and events/s vs N
 #
 # Scenarios (details in benches/fanout.rs):
 #   broadcast  CONNECTIONS subscribers of one global live query, one writer at RATE/s
@@ -17,14 +21,19 @@
 #   churn      CHURN_RATE connections per second close and resume with `since`
 #
 # Needs: cargo, psql, curl, jq, python3, and a PostgreSQL 13+ at 127.0.0.1:5432 that lets user
-# `postgres` in without a password (trust). Creates a throwaway database vibe_bench_<random>,
-# starts a release `vibe serve` on it (and `bare_peer`) at free 127.0.0.1 ports; everything is
-# removed on exit. Server CPU is the server process only (Vibe's PostgreSQL work is not in it).
+# `postgres` in without a password (trust); node 18+ and npm for the Node peer (skipped, saying
+# why, without them). Creates a throwaway database vibe_bench_<random>, starts a release
+# `vibe serve` on it (and `bare_peer`, and `node server.js` on the same database after one
+# `npm ci` in benches/peers/node) at free 127.0.0.1 ports; everything is removed on exit. Server
+# CPU is the server process only (the PostgreSQL work of Vibe and of the Node peer is not in it).
 #
 # Env knobs: SCENARIO (default broadcast), CONNECTIONS (1000), RATE (writes/s, 100; churn 20),
 # DURATION (measured seconds, 10), WARMUP (2), DRAIN (5), SOURCE_ADDRS (1..254, 1),
 # CHURN_RATE (connections per second, default CONNECTIONS/10), NO_SUBSCRIBE (idle, 0),
-# SMOKE (0), CARGO_TARGET_DIR (default ./target).
+# SMOKE (0), NO_NODE (1: skip the Node peer), SWEEP (space-separated connection counts; broadcast
+# only), RESULTS_DIR (where the JSON results, and a sweep's fanout-sweep.svg, are kept; default:
+# a temporary folder removed on exit, for a sweep $CARGO_TARGET_DIR/fanout/sweep-<UTC time>),
+# SAVE_PLOT (1: also copy a sweep's chart to docs/fanout-sweep.svg), CARGO_TARGET_DIR (./target).
 
 set -euo pipefail
 shopt -s inherit_errexit
@@ -39,6 +48,10 @@ DRAIN="${DRAIN:-5}"
 SOURCE_ADDRS="${SOURCE_ADDRS:-1}"
 CHURN_RATE="${CHURN_RATE:-}"
 NO_SUBSCRIBE="${NO_SUBSCRIBE:-0}"
+NO_NODE="${NO_NODE:-0}"
+SWEEP="${SWEEP:-}"
+SAVE_PLOT="${SAVE_PLOT:-0}"
+RESULTS_DIR="${RESULTS_DIR:-}"
 SUBJECT=did:key:zBench
 PG_HOST=127.0.0.1
 PG_PORT=5432
@@ -54,10 +67,21 @@ else
     esac
 fi
 CHURN_RATE="${CHURN_RATE:-$(( CONNECTIONS / 10 > 0 ? CONNECTIONS / 10 : 1 ))}"
+SWEEP_NS=()
+if [[ -n "$SWEEP" ]]; then
+    if [[ "$SMOKE" == 1 || "$SCENARIO" != broadcast ]]; then
+        echo "error: SWEEP needs SCENARIO=broadcast (and no SMOKE)" >&2
+        exit 2
+    fi
+    read -r -a SWEEP_NS <<<"$SWEEP"
+    for n in "${SWEEP_NS[@]}"; do
+        [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: SWEEP must be positive connection counts (got '$n')" >&2; exit 2; }
+    done
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS benches/fanout.sh"
+COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO ${SWEEP:+SWEEP=\"$SWEEP\" }CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS benches/fanout.sh"
 
 for tool in cargo psql curl jq python3; do
     command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 1; }
@@ -77,9 +101,13 @@ bench_bin() {
 }
 FANOUT_BIN="$(bench_bin fanout)"
 BARE_BIN="$(bench_bin bare_peer)"
+PLOT_BIN="$(bench_bin plot)"
 [[ -x "$VIBE_BIN" ]] || { echo "error: $VIBE_BIN was not built" >&2; exit 1; }
 [[ -n "$FANOUT_BIN" && -x "$FANOUT_BIN" ]] || { echo "error: the fanout bench binary was not built" >&2; exit 1; }
 [[ -n "$BARE_BIN" && -x "$BARE_BIN" ]] || { echo "error: the bare_peer bench binary was not built" >&2; exit 1; }
+if (( ${#SWEEP_NS[@]} > 0 )); then
+    [[ -n "$PLOT_BIN" && -x "$PLOT_BIN" ]] || { echo "error: the plot bench binary was not built" >&2; exit 1; }
+fi
 
 # --- database, servers, token ------------------------------------------------------------------
 
@@ -88,7 +116,14 @@ WORK="$(mktemp -d -t vibe-fanout.XXXXXX)"
 DATA_DIR="$(mktemp -d -t vibe-fanout-data.XXXXXX)"
 SERVER_PID=""
 BARE_PID=""
+NODE_PID=""
 DB_CREATED=""
+if [[ -z "$RESULTS_DIR" && ${#SWEEP_NS[@]} -gt 0 ]]; then
+    RESULTS_DIR="$TARGET_DIR/fanout/sweep-$(date -u +%Y%m%dT%H%M%SZ)"
+fi
+RESULTS="${RESULTS_DIR:-$WORK}"
+mkdir -p "$RESULTS"
+RESULTS="$(cd "$RESULTS" && pwd)"
 
 stop_pid() {
     local pid=$1
@@ -103,6 +138,7 @@ cleanup() {
     set +e
     stop_pid "$SERVER_PID"
     stop_pid "$BARE_PID"
+    stop_pid "$NODE_PID"
     if [[ -n "$DB_CREATED" ]]; then
         psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null
     fi
@@ -170,15 +206,53 @@ if (( needs_bare )); then
     echo "==> bare_peer on $BARE_URL" >&2
 fi
 
+# The Node.js peer: `npm ci` once per run (exactly package-lock.json), then `node server.js` on
+# the same throwaway database (its own table node_docs). Without node or npm its rows are skipped.
+NODE_URL=""
+NODE_SKIP=""
+NODE_DIR="$ROOT/benches/peers/node"
+if (( needs_bare )); then
+    if [[ "$NO_NODE" == 1 ]]; then
+        NODE_SKIP="NO_NODE=1"
+    elif ! command -v node >/dev/null; then
+        NODE_SKIP="node is not installed"
+    elif ! command -v npm >/dev/null; then
+        NODE_SKIP="npm is not installed"
+    else
+        echo "==> npm ci in benches/peers/node (node $(node --version), npm $(npm --version))" >&2
+        if ! (cd "$NODE_DIR" && npm ci --no-audit --no-fund) >"$WORK/npm.log" 2>&1; then
+            sed 's/^/    | /' "$WORK/npm.log" | tail -n 20 >&2
+            NODE_SKIP="npm ci failed in benches/peers/node"
+        fi
+    fi
+    if [[ -z "$NODE_SKIP" ]]; then
+        DATABASE_URL="$VIBE_DATABASE_URL" PORT=0 node "$NODE_DIR/server.js" >"$WORK/node.log" 2>&1 &
+        NODE_PID=$!
+        for _ in $(seq 1 150); do
+            NODE_URL="$(sed -nE 's/^listening on (http:\/\/[0-9.:]+)$/\1/p' "$WORK/node.log" | head -n 1)"
+            [[ -n "$NODE_URL" ]] && break
+            kill -0 "$NODE_PID" 2>/dev/null || { cat "$WORK/node.log" >&2; echo "error: the Node peer exited" >&2; exit 1; }
+            sleep 0.1
+        done
+        [[ -n "$NODE_URL" ]] || { cat "$WORK/node.log" >&2; echo "error: the Node peer never printed its address" >&2; exit 1; }
+        wait_health "$NODE_URL" "$NODE_PID" "$WORK/node.log"
+        echo "==> Node peer on $NODE_URL" >&2
+    else
+        echo "==> skipping the Node peer: $NODE_SKIP" >&2
+    fi
+fi
+PEERS=(bare)
+if [[ -n "$NODE_URL" ]]; then PEERS+=(node); fi
+
 # --- runs --------------------------------------------------------------------------------------
 
 FAILED=()
 
-# run SCENARIO SERVER URL PID -> writes $WORK/<scenario>-<server>.json
+# run SCENARIO SERVER URL PID [CONNECTIONS SUFFIX] -> $RESULTS/<scenario>-<server><suffix>.json
 run() {
-    local scenario=$1 server=$2 url=$3 pid=$4 rate json
-    json="$WORK/$scenario-$server.json"
-    local args=(--url "$url" --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP"
+    local scenario=$1 server=$2 url=$3 pid=$4 connections=${5:-$CONNECTIONS} suffix=${6:-} json
+    json="$RESULTS/$scenario-$server$suffix.json"
+    local args=(--url "$url" --connections "$connections" --duration "$DURATION" --warmup "$WARMUP"
                 --drain "$DRAIN" --source-addrs "$SOURCE_ADDRS" --server-pid "$pid" --json "$json")
     case "$scenario" in
         broadcast|distinct) args+=(--rate "${RATE:-100}") ;;
@@ -191,19 +265,36 @@ run() {
     errors="$(jq -r '.errors' "$json")"
     missing="$(jq -r '.events_missing' "$json")"
     if (( errors > 0 || missing > 0 )); then
-        FAILED+=("$scenario against $server: $errors errors, $missing missing events; first error: $(jq -r '.first_error // "none"' "$json")")
+        FAILED+=("$scenario${suffix:+ (N=$connections)} against $server: $errors errors, $missing missing events; first error: $(jq -r '.first_error // "none"' "$json")")
     fi
 }
 
-for s in "${SCENARIOS[@]}"; do
-    run "$s" vibe "$VIBE_URL" "$SERVER_PID"
-    if [[ "$s" == broadcast || "$s" == idle ]]; then
-        run "$s" bare "$BARE_URL" "$BARE_PID"
-    fi
-done
+url_of() { case "$1" in vibe) echo "$VIBE_URL" ;; bare) echo "$BARE_URL" ;; node) echo "$NODE_URL" ;; esac; }
+pid_of() { case "$1" in vibe) echo "$SERVER_PID" ;; bare) echo "$BARE_PID" ;; node) echo "$NODE_PID" ;; esac; }
+
+if (( ${#SWEEP_NS[@]} > 0 )); then
+    for n in "${SWEEP_NS[@]}"; do
+        for srv in vibe "${PEERS[@]}"; do
+            run broadcast "$srv" "$(url_of "$srv")" "$(pid_of "$srv")" "$n" "-$n"
+        done
+    done
+else
+    for s in "${SCENARIOS[@]}"; do
+        run "$s" vibe "$VIBE_URL" "$SERVER_PID"
+        if [[ "$s" == broadcast || "$s" == idle ]]; then
+            for srv in "${PEERS[@]}"; do
+                run "$s" "$srv" "$(url_of "$srv")" "$(pid_of "$srv")"
+            done
+        fi
+    done
+fi
 if grep -qiE 'error|panic' "$WORK/vibe.log"; then
     echo "    vibe server log (warnings and errors):" >&2
     sed 's/^/    | /' "$WORK/vibe.log" | tail -n 20 >&2
+fi
+if [[ -n "$NODE_PID" ]] && grep -qiE 'error|failed' "$WORK/node.log"; then
+    echo "    Node peer log (errors):" >&2
+    sed 's/^/    | /' "$WORK/node.log" | tail -n 20 >&2
 fi
 
 # --- report ------------------------------------------------------------------------------------
@@ -212,9 +303,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; 
 f0() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.0f", x }'; }
 f1() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.1f", x }'; }
 f2() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.2f", x }'; }
-j() { jq -r "$2" "$WORK/$1.json"; }
+j() { jq -r "$2" "$RESULTS/$1.json"; }
 mib() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.1f", x / 1024 }'; }
 
+NODE_VERSION="$(node --version 2>/dev/null || true)"
 CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
 cat <<EOF
 
@@ -224,8 +316,10 @@ cat <<EOF
 - Vibe: $("$VIBE_BIN" --version), release build; load client (benches/fanout.rs), servers and PostgreSQL share this machine
 - command: \`$COMMAND\`
 - bare = benches/peers/bare.rs (hyper + fastwebsockets, no database: the transport's ceiling);
-  server CPU is the server process only (% of one core, over the writing window; Vibe's
-  PostgreSQL backends are not included)
+  node = benches/peers/node (Node.js ${NODE_VERSION:-n/a}, ws + pg, one LISTEN connection fed by a
+  per-row NOTIFY trigger; no auth, no ACLs, no resume)${NODE_SKIP:+ — not run: $NODE_SKIP};
+  server CPU is the server process only (% of one core, over the writing window; the PostgreSQL
+  backends of Vibe and of the Node peer are not included)
 EOF
 
 load_row() { # file label
@@ -237,18 +331,38 @@ load_header() {
     echo "| server | connections | live queries | writes/s | writes | events expected | received | missing | events/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | server CPU | server RSS MiB | client CPU |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 }
-# ratio_of FIELD -> Vibe / bare of one field of the broadcast runs
-ratio_of() { ratio "$(j "$1-vibe" "$2")" "$(j "$1-bare" "$2")"; }
+# ratio_of SCENARIO FIELD [PEER] -> Vibe / PEER (default bare) of one field of that scenario's runs
+ratio_of() { ratio "$(j "$1-vibe" "$2")" "$(j "$1-${3:-bare}" "$2")"; }
+label_of() { case "$1" in vibe) echo Vibe ;; *) echo "$1" ;; esac; }
+# load_ratio_row SCENARIO PEER [SUFFIX] -> the "Vibe / PEER" row of a load table
+load_ratio_row() {
+    local s=$1 peer=$2 suffix=${3:-} field r=()
+    for field in .events_per_sec .latency_ms.p50 .latency_ms.p90 .latency_ms.p99 .latency_ms.p99_9 \
+                 .latency_ms.max .cpu.server_cpu_percent .cpu.server_rss_kib .cpu.client_cpu_percent; do
+        r+=("$(ratio "$(j "$s-vibe$suffix" "$field")" "$(j "$s-$peer$suffix" "$field")")")
+    done
+    echo "| Vibe / $peer | ${suffix#-} | | | | | | | ${r[0]} | ${r[1]} | ${r[2]} | ${r[3]} | ${r[4]} | ${r[5]} | | ${r[6]} | ${r[7]} | ${r[8]} |"
+}
 
 for s in "${SCENARIOS[@]}"; do
     case "$s" in
         broadcast)
+            if (( ${#SWEEP_NS[@]} > 0 )); then
+                echo
+                echo "### broadcast sweep: N = ${SWEEP_NS[*]} subscribers of one live query"
+                load_header
+                for n in "${SWEEP_NS[@]}"; do
+                    for srv in vibe "${PEERS[@]}"; do load_row "broadcast-$srv-$n" "$(label_of "$srv")"; done
+                    for srv in "${PEERS[@]}"; do load_ratio_row broadcast "$srv" "-$n"; done
+                done
+                continue
+            fi
             echo
             echo "### broadcast: $CONNECTIONS subscribers of one live query"
             load_header
             load_row broadcast-vibe Vibe
-            load_row broadcast-bare bare
-            echo "| Vibe / bare | | | | | | | | $(ratio_of broadcast .events_per_sec) | $(ratio_of broadcast .latency_ms.p50) | $(ratio_of broadcast .latency_ms.p90) | $(ratio_of broadcast .latency_ms.p99) | $(ratio_of broadcast .latency_ms.p99_9) | $(ratio_of broadcast .latency_ms.max) | | $(ratio_of broadcast .cpu.server_cpu_percent) | $(ratio_of broadcast .cpu.server_rss_kib) | $(ratio_of broadcast .cpu.client_cpu_percent) |"
+            for srv in "${PEERS[@]}"; do load_row "broadcast-$srv" "$srv"; done
+            for srv in "${PEERS[@]}"; do load_ratio_row broadcast "$srv"; done
             ;;
         distinct)
             echo
@@ -264,11 +378,13 @@ for s in "${SCENARIOS[@]}"; do
             echo
             echo "| server | connections | opened | connect s | connects/s | connect errors | dropped | server RSS before MiB | server RSS with all open MiB | server bytes / connection | client bytes / connection |"
             echo "|---|---|---|---|---|---|---|---|---|---|---|"
-            for srv in vibe bare; do
+            for srv in vibe "${PEERS[@]}"; do
                 f="idle-$srv"
-                echo "| $([[ $srv == vibe ]] && echo Vibe || echo bare) | $(j "$f" .connections) | $(j "$f" .opened) | $(f2 "$(j "$f" .connect_secs)") | $(f0 "$(j "$f" .connects_per_sec)") | $(j "$f" .connect_errors) | $(j "$f" .disconnected) | $(mib "$(j "$f" .server_rss_before_kib)") | $(mib "$(j "$f" .server_rss_after_kib)") | $(f0 "$(j "$f" .server_bytes_per_connection)") | $(f0 "$(j "$f" .client_bytes_per_connection)") |"
+                echo "| $(label_of "$srv") | $(j "$f" .connections) | $(j "$f" .opened) | $(f2 "$(j "$f" .connect_secs)") | $(f0 "$(j "$f" .connects_per_sec)") | $(j "$f" .connect_errors) | $(j "$f" .disconnected) | $(mib "$(j "$f" .server_rss_before_kib)") | $(mib "$(j "$f" .server_rss_after_kib)") | $(f0 "$(j "$f" .server_bytes_per_connection)") | $(f0 "$(j "$f" .client_bytes_per_connection)") |"
             done
-            echo "| Vibe / bare | | | $(ratio_of idle .connect_secs) | $(ratio_of idle .connects_per_sec) | | | | | $(ratio_of idle .server_bytes_per_connection) | |"
+            for srv in "${PEERS[@]}"; do
+                echo "| Vibe / $srv | | | $(ratio_of idle .connect_secs "$srv") | $(ratio_of idle .connects_per_sec "$srv") | | | | | $(ratio_of idle .server_bytes_per_connection "$srv") | |"
+            done
             ;;
         churn)
             f=churn-vibe
@@ -281,6 +397,30 @@ for s in "${SCENARIOS[@]}"; do
             ;;
     esac
 done
+
+# --- sweep chart ---------------------------------------------------------------------------------
+
+if (( ${#SWEEP_NS[@]} > 0 )); then
+    PLOT="$RESULTS/fanout-sweep.svg"
+    plot_args=(--out "$PLOT" --title "Vibe WebSocket fan-out: broadcast, ${RATE:-100} writes/s, $(nproc) CPUs")
+    for srv in vibe "${PEERS[@]}"; do
+        for n in "${SWEEP_NS[@]}"; do plot_args+=("$srv=$RESULTS/broadcast-$srv-$n.json"); done
+    done
+    "$PLOT_BIN" "${plot_args[@]}" >/dev/null
+    echo
+    echo "JSON results: $RESULTS"
+    echo "chart: $PLOT"
+    if command -v rsvg-convert >/dev/null && rsvg-convert -b white "$PLOT" -o "${PLOT%.svg}.png"; then
+        echo "chart as PNG: ${PLOT%.svg}.png"
+    fi
+    if [[ "$SAVE_PLOT" == 1 ]]; then
+        cp "$PLOT" "$ROOT/docs/fanout-sweep.svg"
+        echo "copied to docs/fanout-sweep.svg"
+    fi
+elif [[ -n "$RESULTS_DIR" ]]; then
+    echo
+    echo "JSON results: $RESULTS"
+fi
 
 if (( ${#FAILED[@]} > 0 )); then
     echo
