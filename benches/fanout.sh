@@ -37,6 +37,7 @@
 
 set -euo pipefail
 shopt -s inherit_errexit
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SMOKE="${SMOKE:-0}"
 SCENARIO="${SCENARIO:-broadcast}"
@@ -83,41 +84,23 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO ${SWEEP:+SWEEP=\"$SWEEP\" }CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS benches/fanout.sh"
 
-for tool in cargo psql curl jq python3; do
-    command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 1; }
-done
-
-psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres "$@"; }
+require_tools cargo psql curl jq python3
 
 # --- build -------------------------------------------------------------------------------------
 
-echo "==> building release binaries (cargo build --release --bins --benches)" >&2
-BUILD_LOG="$(cargo build --release --bins --benches --message-format=json-render-diagnostics)"
-TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)"
-VIBE_BIN="$TARGET_DIR/release/vibe"
-bench_bin() {
-    jq -r --arg name "$1" 'select(.reason == "compiler-artifact" and .target.name == $name
-                               and (.target.kind | index("bench"))) | .executable // empty' <<<"$BUILD_LOG" | tail -n 1
-}
-FANOUT_BIN="$(bench_bin fanout)"
-BARE_BIN="$(bench_bin bare_peer)"
+build_release
+FANOUT_BIN="$(require_bench_bin fanout)"
+BARE_BIN="$(require_bench_bin bare_peer)"
 PLOT_BIN="$(bench_bin plot)"
-[[ -x "$VIBE_BIN" ]] || { echo "error: $VIBE_BIN was not built" >&2; exit 1; }
-[[ -n "$FANOUT_BIN" && -x "$FANOUT_BIN" ]] || { echo "error: the fanout bench binary was not built" >&2; exit 1; }
-[[ -n "$BARE_BIN" && -x "$BARE_BIN" ]] || { echo "error: the bare_peer bench binary was not built" >&2; exit 1; }
 if (( ${#SWEEP_NS[@]} > 0 )); then
     [[ -n "$PLOT_BIN" && -x "$PLOT_BIN" ]] || { echo "error: the plot bench binary was not built" >&2; exit 1; }
 fi
 
 # --- database, servers, token ------------------------------------------------------------------
 
-DB="vibe_bench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')"
-WORK="$(mktemp -d -t vibe-fanout.XXXXXX)"
-DATA_DIR="$(mktemp -d -t vibe-fanout-data.XXXXXX)"
-SERVER_PID=""
 BARE_PID=""
 NODE_PID=""
-DB_CREATED=""
+create_bench_db vibe-fanout BARE_PID NODE_PID
 if [[ -z "$RESULTS_DIR" && ${#SWEEP_NS[@]} -gt 0 ]]; then
     RESULTS_DIR="$TARGET_DIR/fanout/sweep-$(date -u +%Y%m%dT%H%M%SZ)"
 fi
@@ -125,68 +108,12 @@ RESULTS="${RESULTS_DIR:-$WORK}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
 
-stop_pid() {
-    local pid=$1
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        wait "$pid" 2>/dev/null || true
-    fi
-}
-
-cleanup() {
-    local status=$?
-    set +e
-    stop_pid "$SERVER_PID"
-    stop_pid "$BARE_PID"
-    stop_pid "$NODE_PID"
-    if [[ -n "$DB_CREATED" ]]; then
-        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null
-    fi
-    rm -rf "$WORK" "$DATA_DIR"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-psql_admin -c "CREATE DATABASE \"$DB\"" >/dev/null
-DB_CREATED=1
-
-PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-VIBE_URL="http://127.0.0.1:$PORT"
-export VIBE_DATABASE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB"
-export VIBE_LISTEN="127.0.0.1:$PORT"
-export VIBE_DATA_DIR="$DATA_DIR"
-export VIBE_LOG__LEVEL=warn
-unset RUST_LOG DATABASE_URL
-
 # Servers and client hold one socket per connection: give everyone the hard open-files limit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-wait_health() {
-    local url=$1 pid=$2 log=$3
-    for _ in $(seq 1 300); do
-        curl -fsS "$url/health" >/dev/null 2>&1 && return 0
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "error: the server at $url exited; its log:" >&2
-            cat "$log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    echo "error: $url/health never answered" >&2
-    cat "$log" >&2
-    exit 1
-}
-
-echo "==> starting vibe serve on $VIBE_URL (database $DB)" >&2
-"$VIBE_BIN" serve >"$WORK/vibe.log" 2>&1 &
-SERVER_PID=$!
-wait_health "$VIBE_URL" "$SERVER_PID" "$WORK/vibe.log"
-
-# The server's log goes to stdout too; the token is the command's last line.
-TOKEN="$("$VIBE_BIN" token mint --sub "$SUBJECT" --scope '*' --ttl 24h | tail -n 1)"
-[[ -n "$TOKEN" ]] || { echo "error: token mint printed nothing" >&2; exit 1; }
+start_vibe vibe.log
+VIBE_URL="$URL"
+mint_token
 export VIBE_BENCH_TOKEN="$TOKEN"
 
 BARE_URL=""
@@ -307,12 +234,11 @@ j() { jq -r "$2" "$RESULTS/$1.json"; }
 mib() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.1f", x / 1024 }'; }
 
 NODE_VERSION="$(node --version 2>/dev/null || true)"
-CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
 cat <<EOF
 
 ## Vibe WebSocket fan-out benchmarks
 
-- machine: $(nproc) CPUs, ${CPU_MODEL:-unknown CPU}; PostgreSQL $(psql_admin -At -c 'SHOW server_version') at $PG_HOST:$PG_PORT
+$(machine_line)
 - Vibe: $("$VIBE_BIN" --version), release build; load client (benches/fanout.rs), servers and PostgreSQL share this machine
 - command: \`$COMMAND\`
 - bare = benches/peers/bare.rs (hyper + fastwebsockets, no database: the transport's ceiling);

@@ -21,12 +21,15 @@
 // Printing the results is this tool's job.
 #![allow(clippy::print_stdout)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -120,9 +123,7 @@ struct Tally {
 impl Tally {
     fn new() -> anyhow::Result<Self> {
         Ok(Self {
-            // 1 µs to 10 min, 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .context("cannot create the latency histogram")?,
+            latency_us: common::histogram()?,
             ok: 0,
             errors: BTreeMap::new(),
             warmup_errors: 0,
@@ -244,44 +245,6 @@ fn read_doc_id(n: u64) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
 
-/// Parses `http://HOST:PORT` (no path) and refuses anything but a loopback address.
-fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, HeaderValue)> {
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("invalid --url {url:?}"))?;
-    if uri.scheme_str() != Some("http") {
-        bail!("--url must start with http:// (got {url:?})");
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        bail!("--url takes no path or query (got {url:?})");
-    }
-    let authority = uri
-        .authority()
-        .with_context(|| format!("--url has no host: {url:?}"))?;
-    let host = authority.host();
-    let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .with_context(|| {
-                format!("--url host must be a loopback IP address or localhost (got {host:?})")
-            })?
-    };
-    if !ip.is_loopback() {
-        bail!("--url must point at a loopback address; {ip} is not one");
-    }
-    let port = authority.port_u16().unwrap_or(80);
-    let host_header = HeaderValue::from_str(authority.as_str()).context("invalid host in --url")?;
-    Ok((SocketAddr::new(ip, port), host_header))
-}
-
-fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value)
-        .with_context(|| format!("--{name} must be a non-negative number of seconds"))
-}
-
 /// Creates read documents 1..=`count` over `concurrency` connections; returns how many were
 /// created and how many already existed (409).
 async fn seed(target: &Arc<Target>, count: u64, concurrency: usize) -> anyhow::Result<(u64, u64)> {
@@ -392,16 +355,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let warmup = seconds(args.warmup, "warmup")?;
-    let duration = seconds(args.duration, "duration")?;
+    let warmup = common::seconds(args.warmup, "warmup")?;
+    let duration = common::seconds(args.duration, "duration")?;
     if duration.is_zero() {
         bail!("--duration must be positive");
     }
-    let (addr, host) = parse_url(&args.url)?;
+    let url = common::parse_url(&args.url)?;
+    let host = HeaderValue::from_str(&url.authority).context("invalid host in --url")?;
     let authorization = HeaderValue::from_str(&format!("Bearer {}", args.token.trim()))
         .context("--token is not a valid header value")?;
     let target = Arc::new(Target {
-        addr,
+        addr: url.addr,
         host,
         authorization,
         collection_path: format!("/v1/docs/{}", args.doc_type),

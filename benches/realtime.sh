@@ -24,6 +24,7 @@
 
 set -euo pipefail
 shopt -s inherit_errexit
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SUBSCRIBERS="${SUBSCRIBERS:-1000}"
 RATE="${RATE:-100}"
@@ -42,89 +43,24 @@ PG_USER=postgres
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 COMMAND="SUBSCRIBERS=$SUBSCRIBERS RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP PG_ROUNDS=$PG_ROUNDS PG_CLIENTS=$PG_CLIENTS benches/realtime.sh"
 
-for tool in cargo psql pgbench curl jq python3; do
-    command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 1; }
-done
-
-psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres "$@"; }
-psql_bench() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$DB" "$@"; }
+require_tools cargo psql pgbench curl jq python3
 
 # --- build -------------------------------------------------------------------------------------
 
-echo "==> building release binaries (cargo build --release --bins --benches)" >&2
-BUILD_LOG="$(cargo build --release --bins --benches --message-format=json-render-diagnostics)"
-VIBE_BIN="$TARGET_DIR/release/vibe"
-FEED_BIN="$(jq -r 'select(.reason == "compiler-artifact" and .target.name == "feed_latency"
-                          and (.target.kind | index("bench"))) | .executable // empty' <<<"$BUILD_LOG" | tail -n 1)"
-[[ -x "$VIBE_BIN" ]] || { echo "error: $VIBE_BIN was not built" >&2; exit 1; }
-[[ -n "$FEED_BIN" && -x "$FEED_BIN" ]] || { echo "error: the feed_latency bench binary was not built" >&2; exit 1; }
+build_release
+FEED_BIN="$(require_bench_bin feed_latency)"
 
 # --- database, server, token -------------------------------------------------------------------
 
-DB="vibe_bench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')"
-WORK="$(mktemp -d -t vibe-bench.XXXXXX)"
-DATA_DIR="$(mktemp -d -t vibe-bench-data.XXXXXX)"
-SERVER_PID=""
-DB_CREATED=""
-
-stop_server() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID"
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=""
-}
-
-cleanup() {
-    local status=$?
-    set +e
-    stop_server
-    if [[ -n "$DB_CREATED" ]]; then
-        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null
-    fi
-    rm -rf "$WORK" "$DATA_DIR"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-psql_admin -c "CREATE DATABASE \"$DB\"" >/dev/null
-DB_CREATED=1
-
-PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-URL="http://127.0.0.1:$PORT"
-export VIBE_DATABASE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB"
-export VIBE_LISTEN="127.0.0.1:$PORT"
-export VIBE_DATA_DIR="$DATA_DIR"
-export VIBE_LOG__LEVEL=warn
-unset RUST_LOG DATABASE_URL
+create_bench_db vibe-bench
 
 # The server holds one socket per subscriber too: give it the hard open-files limit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-echo "==> starting vibe serve on $URL (database $DB)" >&2
-"$VIBE_BIN" serve >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 300); do
-    if curl -fsS "$URL/health" >/dev/null 2>&1; then
-        break
-    fi
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "error: vibe serve exited; its log:" >&2
-        cat "$WORK/server.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-curl -fsS "$URL/health" >/dev/null || { echo "error: $URL/health never answered" >&2; cat "$WORK/server.log" >&2; exit 1; }
-
-# The server's log goes to stdout too; the token is the command's last line.
-TOKEN="$("$VIBE_BIN" token mint --sub "$SUBJECT" --scope '*' --ttl 24h | tail -n 1)"
-[[ -n "$TOKEN" ]] || { echo "error: token mint printed nothing" >&2; exit 1; }
+start_vibe server.log "vibe serve"
+mint_token
 
 # --- (a) feed latency --------------------------------------------------------------------------
 
@@ -140,15 +76,13 @@ fi
 
 # Only pgbench may run during (b).
 echo "==> stopping vibe serve" >&2
-stop_server
+stop_vibe
 
 # --- (b) change-log trigger overhead on inserts ------------------------------------------------
 
-# pgbench reads `:name` anywhere in a statement as a variable (`-M prepared` turns it into a
-# parameter), so no colon may be followed by a name character: the owner DID spells its colons
-# as E'\x3a' escapes and the JSON has a space after each colon (as in rest_vs_pgbench.sh).
-PG_SUBJECT="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
-INSERT_SQL="INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$PG_SUBJECT', '$INSERT_TYPE', '{}', '{\"title\": \"bench\", \"n\": 1}');"
+# The create statement of rest_vs_pgbench.sh (see insert_sql in lib.sh for how it keeps pgbench
+# off its colons).
+INSERT_SQL="$(insert_sql "$INSERT_TYPE")"
 printf '%s\n' "$INSERT_SQL" >"$WORK/create.sql"
 PGBENCH_ARGS=(-h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -n -c "$PG_CLIENTS" -j "$PG_JOBS" -T "$DURATION" -M prepared)
 
@@ -167,13 +101,10 @@ insert_run() {
     echo "==> pgbench insert, trigger $state, -c $PG_CLIENTS -j $PG_JOBS -T $DURATION -M prepared" >&2
     out="$(pgbench "${PGBENCH_ARGS[@]}" -f "$WORK/create.sql" "$DB" 2>&1)" \
         || { echo "$out" >&2; echo "error: pgbench failed" >&2; exit 1; }
-    grep -E '^(latency average|tps|number of failed)' <<<"$out" | sed 's/^/    /' >&2
-    local tps failed
-    tps="$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' <<<"$out")"
-    failed="$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' <<<"$out")"
-    (( ${failed:-0} == 0 )) || { echo "error: pgbench reported $failed failed transactions" >&2; exit 1; }
-    [[ -n "$tps" ]] || { echo "$out" >&2; echo "error: no tps in pgbench's output" >&2; exit 1; }
-    echo "$tps"
+    pgbench_summary "$out"
+    (( ${PGBENCH_FAILED:-0} == 0 )) || { echo "error: pgbench reported $PGBENCH_FAILED failed transactions" >&2; exit 1; }
+    [[ -n "$PGBENCH_TPS" ]] || { echo "$out" >&2; echo "error: no tps in pgbench's output" >&2; exit 1; }
+    echo "$PGBENCH_TPS"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else printf "n/a" }'; }
@@ -208,15 +139,14 @@ RATIO_MEAN="$(awk -v s="$RATIO_SUM" -v n="$PG_ROUNDS" 'BEGIN { printf "%.3f", s 
 
 # --- report ------------------------------------------------------------------------------------
 
-CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
-PG_VERSION="$(psql_admin -At -c 'SHOW server_version')"
+MACHINE="$(machine_line)"
 feed() { jq -r "$1" "$FEED_JSON"; }
 
 cat <<EOF
 
 ## Vibe realtime benchmarks
 
-- machine: $(nproc) CPUs, ${CPU_MODEL:-unknown CPU}; PostgreSQL $PG_VERSION at $PG_HOST:$PG_PORT
+$MACHINE
 - Vibe: $("$VIBE_BIN" --version), release build; load client, server and PostgreSQL share this machine
 - command: \`$COMMAND\`
 

@@ -21,6 +21,7 @@
 
 set -euo pipefail
 shopt -s inherit_errexit
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
@@ -34,91 +35,24 @@ READ_ROWS=1000
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
-for tool in cargo psql pgbench curl jq python3; do
-    command -v "$tool" >/dev/null || { echo "error: $tool is not installed" >&2; exit 1; }
-done
-
-psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres "$@"; }
-psql_bench() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$DB" "$@"; }
+require_tools cargo psql pgbench curl jq python3
 
 # --- build -------------------------------------------------------------------------------------
 
-echo "==> building release binaries (cargo build --release --bins --benches)" >&2
-BUILD_LOG="$(cargo build --release --bins --benches --message-format=json-render-diagnostics)"
-VIBE_BIN="$TARGET_DIR/release/vibe"
-LOAD_BIN="$(jq -r 'select(.reason == "compiler-artifact" and .target.name == "http_load"
-                          and (.target.kind | index("bench"))) | .executable // empty' <<<"$BUILD_LOG" | tail -n 1)"
-[[ -x "$VIBE_BIN" ]] || { echo "error: $VIBE_BIN was not built" >&2; exit 1; }
-[[ -n "$LOAD_BIN" && -x "$LOAD_BIN" ]] || { echo "error: the http_load bench binary was not built" >&2; exit 1; }
+build_release
+LOAD_BIN="$(require_bench_bin http_load)"
 
 # --- database, server, token -------------------------------------------------------------------
 
-DB="vibe_bench_$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')"
-WORK="$(mktemp -d -t vibe-bench.XXXXXX)"
-DATA_DIR="$(mktemp -d -t vibe-bench-data.XXXXXX)"
-SERVER_PID=""
-DB_CREATED=""
-
-cleanup() {
-    local status=$?
-    set +e
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID"
-        wait "$SERVER_PID" 2>/dev/null
-    fi
-    if [[ -n "$DB_CREATED" ]]; then
-        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null
-    fi
-    rm -rf "$WORK" "$DATA_DIR"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-psql_admin -c "CREATE DATABASE \"$DB\"" >/dev/null
-DB_CREATED=1
-
-PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-URL="http://127.0.0.1:$PORT"
-export VIBE_DATABASE_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$DB"
-export VIBE_LISTEN="127.0.0.1:$PORT"
-export VIBE_DATA_DIR="$DATA_DIR"
-export VIBE_LOG__LEVEL=warn
-unset RUST_LOG DATABASE_URL
-
-echo "==> starting vibe serve on $URL (database $DB)" >&2
-"$VIBE_BIN" serve >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 300); do
-    if curl -fsS "$URL/health" >/dev/null 2>&1; then
-        break
-    fi
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "error: vibe serve exited; its log:" >&2
-        cat "$WORK/server.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-curl -fsS "$URL/health" >/dev/null || { echo "error: $URL/health never answered" >&2; cat "$WORK/server.log" >&2; exit 1; }
-
-# The server's log goes to stdout too; the token is the command's last line.
-TOKEN="$("$VIBE_BIN" token mint --sub "$SUBJECT" --scope '*' --ttl 24h | tail -n 1)"
-[[ -n "$TOKEN" ]] || { echo "error: token mint printed nothing" >&2; exit 1; }
+create_bench_db vibe-bench
+start_vibe server.log "vibe serve"
+mint_token
 
 # --- pgbench scripts ---------------------------------------------------------------------------
 
-# pgbench reads `:name` anywhere in a statement as a variable (`-M prepared` turns it into a
-# parameter), so no colon may be followed by a name character: the owner DID spells its colons
-# as E'\x3a' escapes and the JSON has a space after each colon. Both are the same constants.
-# (`::` casts are fine: pgbench skips a run of colons not followed by a name character.)
-PG_SUBJECT="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
-cat >"$WORK/create.sql" <<SQL
-INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$PG_SUBJECT', '$DOC_TYPE', '{}', '{"title": "bench", "n": 1}');
-SQL
+# The create statement (see insert_sql in lib.sh for how it keeps pgbench off its colons).
+insert_sql "$DOC_TYPE" >"$WORK/create.sql"
 
 # pgbench variables cannot hold a uuid, so the script draws a document number n and builds its id
 # the way http_load does (read_id_sql): one primary-key lookup per transaction, like Vibe's GET.
@@ -149,11 +83,8 @@ pg() {
     echo "==> pgbench $(basename "$script" .sql), -M $protocol, -c $c -j $jobs -T $DURATION" >&2
     out="$(pgbench -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -n -c "$c" -j "$jobs" -T "$DURATION" \
         -M "$protocol" -f "$script" "$DB" 2>&1)" || { echo "$out" >&2; echo "error: pgbench failed" >&2; exit 1; }
-    grep -E '^(latency average|tps|number of failed)' <<<"$out" | sed 's/^/    /' >&2
-    local tps failed
-    tps="$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' <<<"$out")"
-    failed="$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' <<<"$out")"
-    echo "${tps:-0} ${failed:-0}"
+    pgbench_summary "$out"
+    echo "${PGBENCH_TPS:-0} ${PGBENCH_FAILED:-0}"
 }
 
 ms() { awk -v us="$1" 'BEGIN { printf "%.2f", us / 1000 }'; }
@@ -197,15 +128,14 @@ done
 
 # --- report ------------------------------------------------------------------------------------
 
-CPU_MODEL="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
-PG_VERSION="$(psql_admin -At -c 'SHOW server_version')"
+MACHINE="$(machine_line)"
 DOCS="$(psql_bench -At -c "SELECT count(*) || ' (owners: ' || string_agg(DISTINCT owner_did, ', ') || '; types: ' || string_agg(DISTINCT type, ', ') || ')' FROM documents")"
 
 cat <<EOF
 
 ## Vibe REST vs pgbench
 
-- machine: $(nproc) CPUs, ${CPU_MODEL:-unknown CPU}; PostgreSQL $PG_VERSION at $PG_HOST:$PG_PORT
+$MACHINE
 - Vibe: $("$VIBE_BIN" --version), release build; load client, server and PostgreSQL share this machine
 - each run: ${DURATION}s measured (REST runs add ${WARMUP}s of unmeasured warmup; pgbench runs have none)
 - REST: one keep-alive HTTP/1.1 connection per concurrent client; req/s counts 2xx answers only

@@ -1,7 +1,8 @@
 //! Code shared by the WebSocket load clients `feed_latency` and `fanout`: opening and subscribing
 //! a `vibe.v1` connection (fastwebsockets, optionally from a chosen 127.0.0.x source address),
 //! the subscriber task that times `add` events, the open-loop REST writer, URL checks, the
-//! open-files limit, `/proc` CPU and RSS samples and a once-a-second progress line.
+//! open-files limit, `/proc` CPU and RSS samples and a once-a-second progress line. The REST load
+//! client `http_load` uses its URL check, `seconds` and `histogram`.
 //!
 //! Included by each bench binary with `#[path = "common/mod.rs"] mod common;`.
 
