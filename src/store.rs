@@ -82,7 +82,12 @@ impl Store {
     ) -> Result<Self, StoreError> {
         // JIT compiles a plan in tens to hundreds of milliseconds once its cost estimate is
         // high (the change-feed reads can be): a latency cliff no OLTP query here wants.
-        let options = options.options([("jit", "off")]);
+        // `vibe_tick` relies on READ COMMITTED (a fresh snapshot per statement); pin it against
+        // a database whose default isolation is stricter.
+        let options = options.options([
+            ("jit", "off"),
+            ("default_transaction_isolation", "read committed"),
+        ]);
         let pool = PgPoolOptions::new()
             // sqlx pings a pooled connection before every use by default: one extra round trip
             // per request. A connection broken by a database restart fails its next query
@@ -304,7 +309,17 @@ impl Store {
 impl SnapshotSource for Store {
     fn load(&self, spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
         let store = self.clone();
-        Box::pin(async move { store.snapshot(&spec).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            // The pool does not test connections before use: after a database restart the first
+            // one may be dead. It is discarded; a second attempt gets a fresh one.
+            match store.snapshot(&spec).await {
+                Err(StoreError::Unavailable(e)) => {
+                    tracing::debug!(error = %e, "snapshot on a dead connection; retrying once");
+                    store.snapshot(&spec).await.map_err(|e| e.to_string())
+                }
+                other => other.map_err(|e| e.to_string()),
+            }
+        })
     }
 }
 

@@ -70,6 +70,21 @@ async fn the_feed_shows_what_the_caller_may_read() {
         (403, Some("missing_scope"))
     );
 
+    // An attenuated token (posts only) sees no notes either, even without naming types.
+    let attenuated = {
+        use biscuit_auth::{Biscuit, macros::block};
+        let public = s.server.as_ref().unwrap().app().tokens.public_key();
+        Biscuit::from_base64(&alice, public)
+            .unwrap()
+            .append(block!(r#"check if doc_type("posts");"#))
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    };
+    let (status, narrowed) = changes(&s, &attenuated, "since=0").await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&narrowed), vec![a1["id"].as_str().unwrap()]);
+
     // Losing access shows up as `remove`; deletes as `delete`.
     let cursor = global["cursor"].as_str().unwrap().to_owned();
     let id = b_public["id"].as_str().unwrap();

@@ -346,6 +346,26 @@ async fn acl_governs_other_users_and_the_global_index() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
+    // Write access alone does not reveal content: a write-only caller gets no body back.
+    let write_only = create(
+        &s,
+        &alice,
+        json!({"acl": {"write": {"allow": [BOB]}}, "data": {"secret": 1}}),
+    )
+    .await;
+    let r = s
+        .client
+        .patch(s.url(&format!("/v1/docs/posts/{}", write_only.id)))
+        .bearer_auth(&bob)
+        .header("content-type", "application/merge-patch+json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(r.headers()["etag"], "\"2\"");
+    assert!(r.text().await.unwrap().is_empty());
+
     // The global index lists exactly the public document, and follows ACL changes.
     let pool = s.sql().await;
     let refs: Vec<(uuid::Uuid, String)> =

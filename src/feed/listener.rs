@@ -102,6 +102,7 @@ impl FeedListener {
                 loop {
                     let page = feed.read(position, &Filter::default(), PAGE).await?;
                     let n = page.changes.len();
+                    let full = page.full;
                     if let Some(next) = page.next {
                         position = next;
                     }
@@ -114,7 +115,7 @@ impl FeedListener {
                         *h = position;
                         moved
                     });
-                    if n < PAGE as usize {
+                    if !full {
                         return Ok::<(), FeedError>(());
                     }
                 }

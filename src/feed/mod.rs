@@ -42,6 +42,8 @@ pub struct Page {
     /// Pass back to continue exactly after what this page covered (also when every change was
     /// filtered out).
     pub next: Option<Cursor>,
+    /// The page hit its limit: more may follow at once.
+    pub full: bool,
 }
 
 /// Which changes a read returns; filtering happens in SQL, the cursor still advances past
@@ -156,10 +158,7 @@ impl Feed {
                     .fetch_one(&self.pool)
                     .await?;
             return match base {
-                Some(_) => Ok(Page {
-                    changes: Vec::new(),
-                    next: None,
-                }),
+                Some(_) => Ok(Page::default()),
                 None => Err(FeedError::CursorExpired),
             };
         }
@@ -182,7 +181,11 @@ impl Feed {
             Some(last) if full => Some(last.cursor),
             _ => Some(Cursor::after_batch(last_tick)),
         };
-        Ok(Page { changes, next })
+        Ok(Page {
+            changes,
+            next,
+            full,
+        })
     }
 
     /// Deletes ticks older than `retention` (keeping the newest) and the changes only they cover.

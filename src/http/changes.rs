@@ -1,6 +1,7 @@
 //! `GET /v1/changes`: the change feed over HTTP, CouchDB `_changes` style, filtered by the
 //! caller's scopes and by each document's ACL, with long-polling.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use http::{Request, StatusCode};
@@ -103,13 +104,34 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         types,
         owner: (!global).then(|| claims.subject.clone()),
     };
-    // Cut a tick first, so the caller's own committed writes are in what it reads.
-    if let Err(e) = app.feed.tick().await {
-        tracing::warn!(error = %e, "tick before a changes read failed");
+    // Cut a tick first, so the caller's own committed writes are in what it reads; other nodes
+    // learn of it through the doorbell.
+    match app.feed.tick().await {
+        Ok(Some(_)) => {
+            if let Err(e) = app.feed.ring_doorbell().await {
+                tracing::warn!(error = %e, "doorbell after a changes tick failed");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "tick before a changes read failed"),
     }
+    // Whether the token (attenuations included) lets the caller read a type, asked once per type.
+    let token = super::bearer_token(req.headers())?;
+    let mut readable_types: HashMap<String, bool> = HashMap::new();
+    let mut may_read = |doc_type: &str| {
+        *readable_types
+            .entry(doc_type.to_owned())
+            .or_insert_with(|| {
+                app.tokens
+                    .verify(token, Access::Read, Some(doc_type))
+                    .is_ok_and(|c| c.permits(Access::Read, doc_type))
+            })
+    };
     let deadline = tokio::time::Instant::now() + wait;
     let mut head = app.feed_head.clone();
     loop {
+        // Marked seen before reading, so a move during the read wakes the wait below.
+        head.borrow_and_update();
         let page = app
             .feed
             .read(cursor, &filter, limit)
@@ -119,10 +141,11 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
             cursor = next;
         }
         let caller = Some(claims.subject.as_str());
+        let full = page.full;
         let entries: Vec<Entry> = page
             .changes
             .into_iter()
-            .filter(|c| claims.permits(Access::Read, &c.doc_type))
+            .filter(|c| may_read(&c.doc_type))
             .filter_map(|c| {
                 let (before, after) = c.readable(caller);
                 let op = match (c.op, before, after) {
@@ -151,13 +174,16 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
                 },
             ));
         }
-        // Nothing (visible) yet: wait for this node's feed reader to move, or the deadline.
-        head.mark_unchanged();
-        if tokio::time::timeout_at(deadline, head.changed())
-            .await
-            .is_err()
-        {
+        // A full page of changes the caller cannot see: read on at once.
+        if full {
             continue;
+        }
+        // Nothing (visible) yet: wait for this node's feed reader to move, or the deadline (also
+        // when the reader is gone: then only the deadline remains).
+        match tokio::time::timeout_at(deadline, head.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tokio::time::sleep_until(deadline).await,
+            Err(_) => {}
         }
     }
 }

@@ -69,7 +69,7 @@ pub(super) async fn replace(
             Ok::<_, ApiError>((body.data, body.acl.unwrap_or_else(|| current.acl.clone())))
         })
         .await??;
-    Ok(document_response(StatusCode::OK, &doc))
+    Ok(written_response(&claims.subject, &doc))
 }
 
 /// RFC 7396 JSON Merge Patch over the writable part of the document, `{"data": ..., "acl": ...}`.
@@ -116,7 +116,7 @@ pub(super) async fn patch(
             Ok::<_, ApiError>((data, acl))
         })
         .await??;
-    Ok(document_response(StatusCode::OK, &doc))
+    Ok(written_response(&claims.subject, &doc))
 }
 
 pub(super) async fn delete(
@@ -179,6 +179,23 @@ pub(super) async fn list(
         None
     };
     Ok(json(StatusCode::OK, &DocumentPage { docs, next }))
+}
+
+/// The written document, or (for a writer the ACL does not let read it) just its new ETag: write
+/// access must not reveal the content.
+fn written_response(caller: &str, doc: &Document) -> HttpResponse {
+    if doc
+        .acl
+        .allows(crate::acl::Operation::Read, Some(caller), &doc.owner)
+    {
+        return document_response(StatusCode::OK, doc);
+    }
+    let mut response = HttpResponse::new(Default::default());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", doc.rev)) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
 }
 
 fn document_response(status: StatusCode, doc: &Document) -> HttpResponse {

@@ -450,7 +450,12 @@ impl Session {
                     .await?
             }
         };
-        Ok(Some(json!({"doc": doc})))
+        // Write access does not reveal content the ACL does not let the caller read.
+        if doc.acl.allows(Operation::Read, Some(&caller), &doc.owner) {
+            Ok(Some(json!({"doc": doc})))
+        } else {
+            Ok(Some(json!({"id": doc.id, "rev": doc.rev})))
+        }
     }
 
     async fn remove(&self, args: RemoveArgs) -> Result<Option<Value>, Failure> {
