@@ -188,3 +188,47 @@ async fn limits_on_rate_subscriptions_and_auth_time() {
     assert_eq!(idle.closed_with().await, Some(4001));
     s.finish().await;
 }
+
+/// Fragmented messages are reassembled, and their total size is capped like a frame's.
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_capped() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let s = TestServer::start_with(&[("ws.max_frame_bytes", "16384")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let ping = br#"{"id": 1, "op": "ping"}"#;
+    let (head, tail) = ping.split_at(10);
+    ws.send_raw(Message::Frame(Frame::message(
+        head.to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    ws.send_raw(Message::Frame(Frame::message(
+        tail.to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await;
+    assert_eq!(ws.next().await["pong"], true, "two fragments, one request");
+
+    // Fragments past 4x the limit in total: the connection is closed (1009), not buffered on.
+    let chunk = vec![b' '; 16 * 1024];
+    ws.send_raw(Message::Frame(Frame::message(
+        chunk.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    for _ in 0..4 {
+        ws.send_raw(Message::Frame(Frame::message(
+            chunk.clone(),
+            OpCode::Data(Data::Continue),
+            false,
+        )))
+        .await;
+    }
+    assert_eq!(ws.closed_with().await, Some(1009));
+    s.finish().await;
+}

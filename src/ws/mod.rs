@@ -48,6 +48,9 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const WRITE_BATCH: usize = 256;
 /// Bytes buffered per connection before a write reaches the socket (larger frames bypass it).
 const WRITE_BUFFER: usize = 4096;
+/// A write to a client that does not read blocks; past this the connection is dropped, so the
+/// loop never stops watching overflow, shutdown and its session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers the upgrade request and starts the connection.
 pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -110,7 +113,7 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
 }
 
 type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
-type Reader = fastwebsockets::FragmentCollectorRead<tokio::io::ReadHalf<Upgraded>>;
+type Reader = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
 
 /// A frame read off the socket, owned.
 struct Inbound {
@@ -123,10 +126,14 @@ type RequestFuture = Pin<Box<dyn Future<Output = Session> + Send>>;
 
 /// Why the connection loop ended.
 enum End {
-    /// The client closed, went away, or broke the protocol.
+    /// The client went away or broke the protocol.
     Client,
-    /// We closed it with this code and reason.
+    /// The client sent a close frame: echo it (the reply is queued on the control channel).
+    ClientClosed,
+    /// We close it with this code and reason.
     Close(u16, &'static [u8]),
+    /// A write did not complete within `WRITE_TIMEOUT`: the client stopped reading.
+    Stalled,
 }
 
 async fn run(
@@ -151,7 +158,9 @@ async fn run(
     // Pongs and close replies the reader owes.
     let (control_tx, mut control_rx) = mpsc::channel::<Frame<'static>>(8);
     let mut session = Some(Session::new(app.clone(), outbox.clone(), identity));
-    let mut reader = Some(fastwebsockets::FragmentCollectorRead::new(read));
+    let mut reader = Some(read);
+    // A whole message (its fragments together) may not exceed what one frame may.
+    let message_cap = config.max_frame_bytes.saturating_mul(4).max(64 * 1024);
     let mut reading: Option<ReadFuture> = None;
     let mut handling: Option<RequestFuture> = None;
     let mut bucket = limits::TokenBucket::new(config.requests_per_second, Instant::now());
@@ -171,15 +180,22 @@ async fn run(
                 && reading.is_none()
                 && let Some(r) = reader.take()
             {
-                reading = Some(Box::pin(read_one(r, control_tx.clone())));
+                reading = Some(Box::pin(read_one(r, control_tx.clone(), message_cap)));
             }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
             tokio::select! {
                 biased;
                 Some(frame) = control_rx.recv() => {
                     let close = frame.opcode == OpCode::Close;
-                    write.write_frame(frame).await?;
-                    write.flush().await?;
+                    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                        write.write_frame(frame).await?;
+                        write.flush().await
+                    })
+                    .await;
+                    match written {
+                        Ok(result) => result?,
+                        Err(_) => return Ok(End::Stalled),
+                    }
                     if close {
                         return Ok(End::Client);
                     }
@@ -190,18 +206,6 @@ async fn run(
                 _ = &mut shutting_down => return Ok(End::Close(CLOSE_GOING_AWAY, b"server shutting down")),
                 () = tokio::time::sleep_until(auth_deadline), if !authenticated => {
                     return Ok(End::Close(CLOSE_AUTH_TIMEOUT, b"authenticate within the auth timeout"));
-                }
-                frame = rx.recv() => {
-                    // Never None: this loop holds an Outbox itself.
-                    let Some(frame) = frame else { return Ok(End::Client) };
-                    write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
-                    for _ in 1..WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
-                            Err(_) => break,
-                        }
-                    }
-                    write.flush().await?;
                 }
                 done = next_of(&mut handling), if handling.is_some() => {
                     handling = None;
@@ -220,7 +224,7 @@ async fn run(
                         }
                     };
                     match frame.opcode {
-                        OpCode::Close => return Ok(End::Client),
+                        OpCode::Close => return Ok(End::ClientClosed),
                         OpCode::Text => {}
                         OpCode::Binary => {
                             let _ = outbox.send(error_frame(&serde_json::Value::Null, "binary_not_supported", "send JSON text frames"));
@@ -252,17 +256,47 @@ async fn run(
                         }));
                     }
                 }
+                // Last in the biased order: a busy outbox must not starve a running request
+                // (it may hold a row lock) or the reader.
+                frame = rx.recv() => {
+                    // Never None: this loop holds an Outbox itself.
+                    let Some(frame) = frame else { return Ok(End::Client) };
+                    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                        write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
+                        for _ in 1..WRITE_BATCH {
+                            match rx.try_recv() {
+                                Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
+                                Err(_) => break,
+                            }
+                        }
+                        write.flush().await
+                    })
+                    .await;
+                    match written {
+                        Ok(result) => result?,
+                        Err(_) => return Ok(End::Stalled),
+                    }
+                }
             }
         }
     }
     .await;
-    match end {
-        Ok(End::Close(code, reason)) => {
-            let _ = write.write_frame(Frame::close(code, reason)).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), write.flush()).await;
+    // Last words, each bounded in time: our close frame, or the echo of the client's.
+    let last = match end {
+        Ok(End::Close(code, reason)) => Some(Frame::close(code, reason)),
+        Ok(End::ClientClosed) => control_rx.try_recv().ok(),
+        Ok(End::Client | End::Stalled) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket write ended");
+            None
         }
-        Ok(End::Client) => {}
-        Err(e) => tracing::debug!(error = %e, "WebSocket write ended"),
+    };
+    if let Some(frame) = last {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            write.write_frame(frame).await?;
+            write.flush().await
+        })
+        .await;
     }
     // A request still running finishes first, so its subscription (if any) is released too.
     if let Some(pending) = handling.take() {
@@ -283,10 +317,12 @@ async fn next_of<T>(slot: &mut Option<Pin<Box<dyn Future<Output = T> + Send>>>) 
     }
 }
 
-/// Reads one frame, handing pongs and close replies owed to the peer to `control`.
+/// Reads one message (reassembling fragments up to `cap` bytes in all), handing pongs and close
+/// replies owed to the peer to `control`. Pings and pongs are consumed here.
 async fn read_one(
     mut reader: Reader,
     control: mpsc::Sender<Frame<'static>>,
+    cap: usize,
 ) -> (Reader, Result<Inbound, WebSocketError>) {
     let mut send_control = |frame: Frame<'_>| {
         let control = control.clone();
@@ -303,12 +339,44 @@ async fn read_one(
                 .map_err(|_| WebSocketError::ConnectionClosed)
         }
     };
-    let result = reader
-        .read_frame(&mut send_control)
-        .await
-        .map(|frame| Inbound {
-            opcode: frame.opcode,
-            payload: frame.payload.to_vec(),
-        });
+    let mut message: Option<Inbound> = None;
+    let result = loop {
+        let frame = match reader.read_frame(&mut send_control).await {
+            Ok(frame) => frame,
+            Err(e) => break Err(e),
+        };
+        match frame.opcode {
+            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Close => {
+                break Ok(Inbound {
+                    opcode: OpCode::Close,
+                    payload: Vec::new(),
+                });
+            }
+            OpCode::Continuation => {
+                let Some(partial) = message.as_mut() else {
+                    break Err(WebSocketError::InvalidContinuationFrame);
+                };
+                if partial.payload.len() + frame.payload.len() > cap {
+                    break Err(WebSocketError::FrameTooLarge);
+                }
+                partial.payload.extend_from_slice(&frame.payload);
+            }
+            opcode => {
+                if message.is_some() {
+                    break Err(WebSocketError::InvalidFragment);
+                }
+                message = Some(Inbound {
+                    opcode,
+                    payload: frame.payload.to_vec(),
+                });
+            }
+        }
+        if frame.fin
+            && let Some(done) = message.take()
+        {
+            break Ok(done);
+        }
+    };
     (reader, result)
 }
