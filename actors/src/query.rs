@@ -157,11 +157,14 @@ impl QuerySpec {
         let mut filters = Vec::with_capacity(request.filter.len());
         for (name, value) in &request.filter {
             let part = format!("where.{name}");
+            let mut value = value.clone();
             let field = match name.as_str() {
                 "id" => {
-                    if value.as_str().is_none_or(|s| Uuid::try_parse(s).is_err()) {
+                    let Some(id) = value.as_str().and_then(|s| Uuid::try_parse(s).ok()) else {
                         return Err(invalid(part, "`id` is compared with a UUID string"));
-                    }
+                    };
+                    // One spelling, so matching compares like the database's uuid type.
+                    value = serde_json::Value::String(id.to_string());
                     Field::Id
                 }
                 "owner" => {
@@ -178,6 +181,13 @@ impl QuerySpec {
                         ));
                     };
                     let segments: Vec<String> = rest.split('.').map(str::to_owned).collect();
+                    // A numeric segment would index arrays in SQL (`#>`) but not in memory.
+                    if segments.iter().any(|s| s.parse::<i64>().is_ok()) {
+                        return Err(invalid(
+                            part,
+                            "path segments are object keys, not array indexes",
+                        ));
+                    }
                     if segments.len() > MAX_PATH_DEPTH || segments.iter().any(String::is_empty) {
                         return Err(invalid(
                             part,
@@ -187,7 +197,7 @@ impl QuerySpec {
                     Field::Data(segments)
                 }
             };
-            filters.push((field, CanonicalValue::new(value)));
+            filters.push((field, CanonicalValue::new(&value)));
         }
         filters.sort();
         let sort = match request.sort.as_deref().unwrap_or("-createdAt") {
@@ -374,6 +384,14 @@ mod tests {
             !global.matches(&doc("did:key:zA", json!({}), false)),
             "global is public documents only"
         );
+    }
+
+    #[test]
+    fn ids_match_however_they_are_spelled() {
+        let d = doc("did:key:zA", json!({}), false);
+        let upper = d.id.simple().to_string().to_uppercase();
+        let q = spec(json!({"type": "posts", "where": {"id": upper}}), "did:key:zA").unwrap();
+        assert!(q.matches(&d));
     }
 
     #[test]

@@ -416,6 +416,7 @@ impl DocTypeState {
             .entry(subscriber.outbox.conn_id)
             .and_modify(|(_, refs)| *refs += 1)
             .or_insert_with(|| (subscriber.clone(), 1));
+        let conn_id = subscriber.outbox.conn_id;
         let result = ractor::call!(entry.actor, |port| LiveQueryMsg::Subscribe {
             subscriber,
             request_id,
@@ -423,6 +424,15 @@ impl DocTypeState {
             position: self.position,
             reply: port,
         });
+        if result.is_err()
+            && let Some((_, refs)) = entry.subscribers.get_mut(&conn_id)
+        {
+            // The client is told the subscription failed: it will not unsubscribe.
+            *refs -= 1;
+            if *refs == 0 {
+                entry.subscribers.remove(&conn_id);
+            }
+        }
         let _ = reply.send(result.map_err(|e| e.to_string()));
     }
 
