@@ -162,7 +162,10 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     let (head_tx, feed_head) = watch::channel(position);
     let (shutting_down, shutdown) = watch::channel(false);
     let realtime_config = RealtimeConfig {
-        source: Arc::new(store.clone()),
+        source: Arc::new(crate::feed::LiveSnapshots {
+            store: store.clone(),
+            feed: feed.clone(),
+        }),
         replay_capacity: config.ws.replay_buffer,
         linger: config.ws.linger,
     };

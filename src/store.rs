@@ -11,7 +11,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use vibe_actors::change::SnapshotView;
-use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource};
+use vibe_actors::live_query::Snapshot;
 use vibe_actors::query::{Field, QuerySpec, Scope, SortKey};
 
 use crate::acl::{Acl, Operation};
@@ -302,23 +302,11 @@ impl Store {
         })?;
         let docs = query_docs(&mut tx, spec, 1).await?;
         tx.commit().await?;
-        Ok(Snapshot { docs, view })
-    }
-}
-
-impl SnapshotSource for Store {
-    fn load(&self, spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
-        let store = self.clone();
-        Box::pin(async move {
-            // The pool does not test connections before use: after a database restart the first
-            // one may be dead. It is discarded; a second attempt gets a fresh one.
-            match store.snapshot(&spec).await {
-                Err(StoreError::Unavailable(e)) => {
-                    tracing::debug!(error = %e, "snapshot on a dead connection; retrying once");
-                    store.snapshot(&spec).await.map_err(|e| e.to_string())
-                }
-                other => other.map_err(|e| e.to_string()),
-            }
+        Ok(Snapshot {
+            docs,
+            view,
+            // Filled in by the caller that knows the feed (feed::LiveSnapshots).
+            settled: vibe_actors::change::Cursor { tick: 1, seq: 0 },
         })
     }
 }

@@ -35,6 +35,9 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub struct Snapshot {
     pub docs: Vec<Document>,
     pub view: SnapshotView,
+    /// A feed position by which every change this snapshot saw has been cut into a batch: a
+    /// client resuming from before it may have missed a change the snapshot absorbed.
+    pub settled: Cursor,
 }
 
 /// Where live queries load their windows from (the server's store implements it).
@@ -135,7 +138,7 @@ impl Actor for LiveQuery {
             snapshot: snapshot.view,
             subscribers: HashMap::new(),
             replay: VecDeque::new(),
-            replay_from: args.start,
+            replay_from: args.start.max(snapshot.settled),
             replay_capacity: args.replay_capacity,
             source: args.source,
         };
@@ -204,6 +207,8 @@ impl LiveQueryState {
         if applied.needs_refill {
             let snapshot = self.source.load(self.window.spec().clone()).await?;
             self.snapshot = snapshot.view;
+            // Changes this load absorbed produce no events: resumes from before it are not exact.
+            self.replay_from = self.replay_from.max(snapshot.settled);
             for event in self.window.refill(snapshot.docs) {
                 self.emit(event, change.cursor);
             }

@@ -390,7 +390,11 @@ mod tests {
     fn ids_match_however_they_are_spelled() {
         let d = doc("did:key:zA", json!({}), false);
         let upper = d.id.simple().to_string().to_uppercase();
-        let q = spec(json!({"type": "posts", "where": {"id": upper}}), "did:key:zA").unwrap();
+        let q = spec(
+            json!({"type": "posts", "where": {"id": upper}}),
+            "did:key:zA",
+        )
+        .unwrap();
         assert!(q.matches(&d));
     }
 

@@ -23,15 +23,16 @@ const BOB: &str = "did:key:zBob";
 /// A snapshot held in memory: these documents, as seen by a snapshot where xids below 100 are
 /// committed.
 #[derive(Debug)]
-struct Memory(Vec<Document>);
+struct Memory(Vec<Document>, Cursor);
 
 impl SnapshotSource for Memory {
     fn load(&self, _spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
-        let docs = self.0.clone();
+        let (docs, settled) = (self.0.clone(), self.1);
         Box::pin(async move {
             Ok(Snapshot {
                 docs,
                 view: SnapshotView::parse("100:100:").unwrap(),
+                settled,
             })
         })
     }
@@ -101,7 +102,7 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
             sub_id: Arc::from("q1"),
             start: Cursor { tick: 2, seq: 0 },
             resync: Vec::new(),
-            source: Arc::new(Memory(vec![loaded.clone()])),
+            source: Arc::new(Memory(vec![loaded.clone()], Cursor { tick: 2, seq: 0 })),
             replay_capacity: 16,
         },
     )
@@ -177,5 +178,56 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
     );
     // Encoded once: the same event reaches both as the same bytes.
     assert_eq!(a2, b1);
+    actor.stop(None);
+}
+
+/// A freshly loaded live query cannot vouch for a cursor from before its snapshot settled: the
+/// snapshot may have absorbed changes after it, which then produce no events.
+#[tokio::test]
+async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
+    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
+    let spec = QuerySpec::parse(
+        &request,
+        OWNER,
+        QueryLimits {
+            default_limit: 10,
+            max_limit: 10,
+        },
+    )
+    .unwrap();
+    let (actor, _) = Actor::spawn(
+        None,
+        LiveQuery,
+        LiveQueryArgs {
+            spec,
+            sub_id: Arc::from("q1"),
+            start: Cursor { tick: 2, seq: 0 },
+            resync: Vec::new(),
+            source: Arc::new(Memory(vec![doc(1, json!({}))], Cursor { tick: 5, seq: 0 })),
+            replay_capacity: 16,
+        },
+    )
+    .await
+    .unwrap();
+    for (since, resumed) in [
+        (Cursor { tick: 3, seq: 7 }, false),
+        (Cursor { tick: 5, seq: 0 }, true),
+    ] {
+        let (out, mut rx) = outbox(since.tick as u64, 4);
+        ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
+            subscriber: Subscriber {
+                outbox: out,
+                caller: OWNER.into(),
+                seen_up_to: None
+            },
+            request_id: json!(1),
+            since: Some(since),
+            position: Cursor { tick: 2, seq: 0 },
+            reply,
+        })
+        .unwrap();
+        let reply = next(&mut rx);
+        assert_eq!(reply["resumed"], json!(resumed), "since {since}: {reply}");
+    }
     actor.stop(None);
 }

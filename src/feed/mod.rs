@@ -17,6 +17,10 @@ use std::time::Duration;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 pub use vibe_actors::change::{BadCursor, Change, Cursor, Image, Op, SnapshotView};
+use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource};
+use vibe_actors::query::QuerySpec;
+
+use crate::store::{Store, StoreError};
 
 pub mod listener;
 
@@ -228,6 +232,41 @@ impl Feed {
         .fetch_one(&self.pool)
         .await?;
         Ok(age.unwrap_or(0.0))
+    }
+}
+
+/// Live queries' snapshots: the store's read, then a tick, so the snapshot says by which feed
+/// position everything it saw has been cut into batches.
+#[derive(Debug, Clone)]
+pub struct LiveSnapshots {
+    pub store: Store,
+    pub feed: Feed,
+}
+
+impl LiveSnapshots {
+    async fn load(&self, spec: &QuerySpec) -> Result<Snapshot, String> {
+        let mut snapshot = match self.store.snapshot(spec).await {
+            // The pool does not test connections before use: after a database restart the first
+            // one may be dead. It is discarded; a second attempt gets a fresh one.
+            Err(StoreError::Unavailable(e)) => {
+                tracing::debug!(error = %e, "snapshot on a dead connection; retrying once");
+                self.store.snapshot(spec).await
+            }
+            other => other,
+        }
+        .map_err(|e| e.to_string())?;
+        // A tick taken now contains every change committed before the snapshot; without a new
+        // tick, the newest one already does.
+        self.feed.tick().await.map_err(|e| e.to_string())?;
+        snapshot.settled = self.feed.head().await.map_err(|e| e.to_string())?;
+        Ok(snapshot)
+    }
+}
+
+impl SnapshotSource for LiveSnapshots {
+    fn load(&self, spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
+        let this = self.clone();
+        Box::pin(async move { this.load(&spec).await })
     }
 }
 
