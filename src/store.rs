@@ -306,7 +306,7 @@ impl Store {
             docs,
             view,
             // Filled in by the caller that knows the feed (feed::LiveSnapshots).
-            settled: vibe_actors::change::Cursor { tick: 1, seq: 0 },
+            settled: vibe_actors::change::Cursor::new(1, 0),
         })
     }
 }

@@ -11,43 +11,61 @@ use crate::acl::{Acl, Operation};
 use crate::wire::Document;
 
 /// A position in the feed: everything in batches before `tick`, and batch `tick` up to `seq`.
+/// `sub` orders the several events one change can cause in a live query (a document added, another
+/// pushed out of a full window): a client that got only the first resumes after it, not after
+/// the change. Changes themselves have `sub` 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cursor {
     pub tick: i64,
     pub seq: i64,
+    pub sub: u32,
 }
 
 impl Cursor {
+    pub fn new(tick: i64, seq: i64) -> Self {
+        Self { tick, seq, sub: 0 }
+    }
+
     /// The position after every change of batch `tick`.
     pub fn after_batch(tick: i64) -> Self {
-        Self {
-            tick: tick + 1,
-            seq: 0,
-        }
+        Self::new(tick + 1, 0)
+    }
+
+    /// The `sub`-th event caused by the change at this position.
+    pub fn event(self, sub: u32) -> Self {
+        Self { sub, ..self }
     }
 }
 
 impl fmt::Display for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.tick, self.seq)
+        write!(f, "{}-{}", self.tick, self.seq)?;
+        if self.sub > 0 {
+            write!(f, ".{}", self.sub)?;
+        }
+        Ok(())
     }
 }
 
-/// A cursor string that is not `<tick>-<seq>`.
+/// A cursor string that is not `<tick>-<seq>[.<sub>]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a cursor looks like `<tick>-<seq>`, e.g. `42-1007`")]
+#[error("a cursor looks like `<tick>-<seq>` or `<tick>-<seq>.<n>`, e.g. `42-1007`")]
 pub struct BadCursor;
 
 impl FromStr for Cursor {
     type Err = BadCursor;
     fn from_str(s: &str) -> Result<Self, BadCursor> {
-        let (tick, seq) = s.split_once('-').ok_or(BadCursor)?;
+        let (tick, rest) = s.split_once('-').ok_or(BadCursor)?;
+        let (seq, sub) = match rest.split_once('.') {
+            Some((seq, sub)) => (seq, sub.parse::<u32>().map_err(|_| BadCursor)?),
+            None => (rest, 0),
+        };
         let tick: i64 = tick.parse().map_err(|_| BadCursor)?;
         let seq: i64 = seq.parse().map_err(|_| BadCursor)?;
         if tick < 1 || seq < 0 {
             return Err(BadCursor);
         }
-        Ok(Self { tick, seq })
+        Ok(Self { tick, seq, sub })
     }
 }
 
@@ -173,18 +191,18 @@ mod tests {
     #[test]
     fn cursor_syntax_and_order() {
         let c: Cursor = "42-1007".parse().unwrap();
-        assert_eq!(
-            c,
-            Cursor {
-                tick: 42,
-                seq: 1007
-            }
-        );
+        assert_eq!(c, Cursor::new(42, 1007));
         assert_eq!(c.to_string(), "42-1007");
-        for bad in ["", "42", "42-", "-1", "a-b", "0-0", "5--1", "1-2-3"] {
+        let e: Cursor = "42-1007.2".parse().unwrap();
+        assert_eq!(e, Cursor::new(42, 1007).event(2));
+        assert_eq!(e.to_string(), "42-1007.2");
+        assert!(c < e && e < Cursor::new(42, 1008));
+        for bad in [
+            "", "42", "42-", "-1", "a-b", "0-0", "5--1", "1-2-3", "1-2.", "1-2.x", "1-2.-1",
+        ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad}");
         }
-        assert!(Cursor { tick: 3, seq: 900 } < Cursor::after_batch(3));
-        assert!(Cursor::after_batch(3) < Cursor { tick: 4, seq: 1 });
+        assert!(Cursor::new(3, 900) < Cursor::after_batch(3));
+        assert!(Cursor::after_batch(3) < Cursor::new(4, 1));
     }
 }

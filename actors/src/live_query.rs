@@ -201,8 +201,12 @@ impl LiveQueryState {
             return Ok(());
         }
         let applied = self.window.apply(change);
+        // Each event of this change gets its own position, so a client that received only the
+        // first ones resumes right after them.
+        let mut sub = 0;
         for event in applied.events {
-            self.emit(event, change.cursor);
+            self.emit(event, change.cursor.event(sub));
+            sub += 1;
         }
         if applied.needs_refill {
             let snapshot = self.source.load(self.window.spec().clone()).await?;
@@ -210,7 +214,8 @@ impl LiveQueryState {
             // Changes this load absorbed produce no events: resumes from before it are not exact.
             self.replay_from = self.replay_from.max(snapshot.settled);
             for event in self.window.refill(snapshot.docs) {
-                self.emit(event, change.cursor);
+                self.emit(event, change.cursor.event(sub));
+                sub += 1;
             }
         }
         self.position = change.cursor;

@@ -183,7 +183,7 @@ mod tests {
             data: d.data.clone(),
         };
         Change {
-            cursor: Cursor { tick: 1, seq: 1 },
+            cursor: Cursor::new(1, 1),
             xid: 1,
             op,
             doc_id: base.id,

@@ -57,7 +57,7 @@ fn doc(n: u128, acl: Value) -> Document {
 
 fn insert(d: &Document, xid: u64, seq: i64) -> Change {
     Change {
-        cursor: Cursor { tick: 2, seq },
+        cursor: Cursor::new(2, seq),
         xid,
         op: Op::Insert,
         doc_id: d.id,
@@ -100,9 +100,9 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
         LiveQueryArgs {
             spec,
             sub_id: Arc::from("q1"),
-            start: Cursor { tick: 2, seq: 0 },
+            start: Cursor::new(2, 0),
             resync: Vec::new(),
-            source: Arc::new(Memory(vec![loaded.clone()], Cursor { tick: 2, seq: 0 })),
+            source: Arc::new(Memory(vec![loaded.clone()], Cursor::new(2, 0))),
             replay_capacity: 16,
         },
     )
@@ -120,7 +120,7 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
             },
             request_id: json!(id),
             since: None,
-            position: Cursor { tick: 2, seq: 0 },
+            position: Cursor::new(2, 0),
             reply,
         })
         .unwrap();
@@ -150,11 +150,7 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
     let in_flight =
         vibe_actors::realtime::InFlight::new(budget.clone().acquire_owned().await.unwrap());
     actor
-        .cast(LiveQueryMsg::Changes(
-            page,
-            Cursor { tick: 3, seq: 0 },
-            in_flight,
-        ))
+        .cast(LiveQueryMsg::Changes(page, Cursor::new(3, 0), in_flight))
         .unwrap();
     // Once the page is handled its permit returns: wait for that instead of sleeping.
     let _permit = budget.acquire().await.unwrap();
@@ -201,18 +197,15 @@ async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
         LiveQueryArgs {
             spec,
             sub_id: Arc::from("q1"),
-            start: Cursor { tick: 2, seq: 0 },
+            start: Cursor::new(2, 0),
             resync: Vec::new(),
-            source: Arc::new(Memory(vec![doc(1, json!({}))], Cursor { tick: 5, seq: 0 })),
+            source: Arc::new(Memory(vec![doc(1, json!({}))], Cursor::new(5, 0))),
             replay_capacity: 16,
         },
     )
     .await
     .unwrap();
-    for (since, resumed) in [
-        (Cursor { tick: 3, seq: 7 }, false),
-        (Cursor { tick: 5, seq: 0 }, true),
-    ] {
+    for (since, resumed) in [(Cursor::new(3, 7), false), (Cursor::new(5, 0), true)] {
         let (out, mut rx) = outbox(since.tick as u64, 4);
         ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
             subscriber: Subscriber {
@@ -222,12 +215,95 @@ async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
             },
             request_id: json!(1),
             since: Some(since),
-            position: Cursor { tick: 2, seq: 0 },
+            position: Cursor::new(2, 0),
             reply,
         })
         .unwrap();
         let reply = next(&mut rx);
         assert_eq!(reply["resumed"], json!(resumed), "since {since}: {reply}");
     }
+    actor.stop(None);
+}
+
+/// One change, two events (a document enters a full window and pushes another out): each has its
+/// own position, and a client that got only the first resumes with exactly the second.
+#[tokio::test]
+async fn events_of_one_change_have_their_own_positions() {
+    let request: QueryRequest =
+        serde_json::from_value(json!({"type": "posts", "limit": 1})).unwrap();
+    let spec = QuerySpec::parse(
+        &request,
+        OWNER,
+        QueryLimits {
+            default_limit: 10,
+            max_limit: 10,
+        },
+    )
+    .unwrap();
+    let older = doc(1, json!({}));
+    let (actor, _) = Actor::spawn(
+        None,
+        LiveQuery,
+        LiveQueryArgs {
+            spec,
+            sub_id: Arc::from("q1"),
+            start: Cursor::new(2, 0),
+            resync: Vec::new(),
+            source: Arc::new(Memory(vec![older.clone()], Cursor::new(2, 0))),
+            replay_capacity: 16,
+        },
+    )
+    .await
+    .unwrap();
+    let subscribe = async |conn: u64, since: Option<Cursor>| {
+        let (out, rx) = outbox(conn, 8);
+        ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
+            subscriber: Subscriber {
+                outbox: out,
+                caller: OWNER.into(),
+                seen_up_to: None
+            },
+            request_id: json!(1),
+            since,
+            position: Cursor::new(2, 0),
+            reply,
+        })
+        .unwrap();
+        rx
+    };
+    let mut first = subscribe(1, None).await;
+    next(&mut first);
+    let newer = doc(2, json!({}));
+    let budget = Arc::new(tokio::sync::Semaphore::new(1));
+    let in_flight =
+        vibe_actors::realtime::InFlight::new(budget.clone().acquire_owned().await.unwrap());
+    actor
+        .cast(LiveQueryMsg::Changes(
+            Arc::from(vec![insert(&newer, 101, 5)]),
+            Cursor::new(3, 0),
+            in_flight,
+        ))
+        .unwrap();
+    let _permit = budget.acquire().await.unwrap();
+    let added = next(&mut first);
+    let pushed_out = next(&mut first);
+    assert_eq!(
+        (added["event"].as_str(), added["cursor"].as_str()),
+        (Some("add"), Some("2-5"))
+    );
+    assert_eq!(
+        (pushed_out["event"].as_str(), pushed_out["cursor"].as_str()),
+        (Some("remove"), Some("2-5.1"))
+    );
+
+    // Got the add, lost the remove: resuming from the add's cursor replays just the remove.
+    let mut back = subscribe(2, Some("2-5".parse().unwrap())).await;
+    assert_eq!(next(&mut back)["resumed"], true);
+    let replayed = next(&mut back);
+    assert_eq!(
+        (replayed["event"].as_str(), replayed["id"].clone()),
+        (Some("remove"), json!(older.id))
+    );
+    assert!(back.rx.try_recv().is_err());
     actor.stop(None);
 }

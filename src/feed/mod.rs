@@ -293,7 +293,7 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
     let xid = u64::try_from(row.try_get::<i64, _>("xid")?)
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     Ok(Some(Change {
-        cursor: Cursor { tick, seq },
+        cursor: Cursor::new(tick, seq),
         xid,
         op,
         doc_id: row.try_get("doc_id")?,
