@@ -157,6 +157,17 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         store.migrate().await?;
     }
     let tokens = TokenAuthority::load_or_create(&config.data_dir)?;
+    // Bind before starting anything that would have to be stopped again if binding fails.
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = tcp.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let feed = Feed::new(store.pool().clone());
     let position = feed.head().await?;
     let (head_tx, feed_head) = watch::channel(position);
@@ -202,16 +213,6 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             stopped(shutdown.clone()),
         )),
     ];
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
     let grace = config.http.shutdown_grace;
     let app = Arc::new(App::new(
         config,
@@ -227,7 +228,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     ));
     let (stop, stopped) = oneshot::channel::<()>();
     let serving = tokio::spawn(crate::http::serve(
-        listener,
+        tcp,
         app.clone(),
         async move {
             let _ = stopped.await;

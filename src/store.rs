@@ -291,6 +291,11 @@ impl Store {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
+        // A live query's load runs inside its actor: bound it, so one pathological query cannot
+        // hold up its document type (and, through the page budget, the feed) for long.
+        sqlx::query("SET LOCAL statement_timeout = '10s'")
+            .execute(&mut *tx)
+            .await?;
         // The first statement fixes the transaction's snapshot; the query below reads in it.
         let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
             .fetch_one(&mut *tx)

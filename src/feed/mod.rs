@@ -226,8 +226,11 @@ impl Feed {
     /// Age of the oldest transaction holding an xid (it widens every batch's scan), in seconds.
     pub async fn oldest_xact_age(&self) -> Result<f64, FeedError> {
         let age: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
-             WHERE backend_xid IS NOT NULL",
+            // Open transactions holding an xid, and prepared ones (they hold theirs until
+            // COMMIT/ROLLBACK PREPARED, with no session at all).
+            "SELECT extract(epoch FROM now() - min(started))::float8 FROM ( \
+                 SELECT xact_start AS started FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+                 UNION ALL SELECT prepared FROM pg_prepared_xacts) open",
         )
         .fetch_one(&self.pool)
         .await?;
