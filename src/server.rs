@@ -256,6 +256,10 @@ struct RealtimeSink {
 }
 
 impl ChangeSink for RealtimeSink {
+    async fn resync(&mut self, position: Cursor) {
+        let _ = self.realtime.cast(RealtimeMsg::Resync(position));
+    }
+
     async fn publish(&mut self, changes: Vec<vibe_actors::change::Change>, position: Cursor) {
         // The semaphore is never closed, so acquiring only waits.
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {

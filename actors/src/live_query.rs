@@ -88,6 +88,8 @@ pub enum LiveQueryMsg {
         conn_id: u64,
     },
     /// Fault injection for tests: the handler fails, as a bug would.
+    /// Changes before this position were lost to this node: reload, and reset every subscriber.
+    Resync(Cursor),
     Crash,
 }
 
@@ -99,6 +101,7 @@ impl std::fmt::Debug for LiveQueryMsg {
             LiveQueryMsg::Changes(c, p, _) => write!(f, "Changes({} up to {p})", c.len()),
             LiveQueryMsg::Subscribe { since, .. } => write!(f, "Subscribe(since {since:?})"),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
+            LiveQueryMsg::Resync(p) => write!(f, "Resync({p})"),
             LiveQueryMsg::Crash => f.write_str("Crash"),
         }
     }
@@ -188,6 +191,18 @@ impl Actor for LiveQuery {
             }
             LiveQueryMsg::Unsubscribe { conn_id } => {
                 state.subscribers.remove(&conn_id);
+            }
+            LiveQueryMsg::Resync(position) => {
+                let snapshot = state.source.load(state.window.spec().clone()).await?;
+                state.window = Window::new(state.window.spec().clone(), snapshot.docs);
+                state.snapshot = snapshot.view;
+                state.position = position;
+                state.replay.clear();
+                state.replay_from = position.max(snapshot.settled);
+                for subscriber in state.subscribers.values() {
+                    let frame = state.reset_frame(&subscriber.caller, position);
+                    let _ = subscriber.outbox.send(frame);
+                }
             }
             LiveQueryMsg::Crash => return Err("live query crash requested".into()),
         }

@@ -73,6 +73,9 @@ pub enum RealtimeMsg {
     CrashQuery(QuerySpec),
     /// Distinct live queries and subscriptions, for metrics and tests.
     Stats(RpcReplyPort<(usize, usize)>),
+    /// The feed skipped ahead to this position (changes were lost to this node): every live
+    /// query reloads and resets its subscribers.
+    Resync(Cursor),
 }
 
 impl ractor::Message for RealtimeMsg {}
@@ -156,6 +159,12 @@ impl Actor for Realtime {
                     let _ = actor.cast(DocTypeMsg::CrashQuery(spec));
                 }
             }
+            RealtimeMsg::Resync(position) => {
+                state.position = position;
+                for actor in state.types.values() {
+                    let _ = actor.cast(DocTypeMsg::Resync(position));
+                }
+            }
             RealtimeMsg::Stats(reply) => {
                 let mut totals = (0, 0);
                 for actor in state.types.values() {
@@ -219,6 +228,8 @@ pub enum DocTypeMsg {
         spec: QuerySpec,
         generation: u64,
     },
+    /// See [`RealtimeMsg::Resync`].
+    Resync(Cursor),
 }
 
 impl ractor::Message for DocTypeMsg {}
@@ -308,6 +319,12 @@ impl Actor for DocType {
                 }
             }
             DocTypeMsg::Expire { spec, generation } => state.expire(&spec, generation),
+            DocTypeMsg::Resync(position) => {
+                state.position = position;
+                for entry in state.queries.values() {
+                    let _ = entry.actor.cast(LiveQueryMsg::Resync(position));
+                }
+            }
             DocTypeMsg::CrashQuery(spec) => {
                 if let Some(entry) = state.queries.get(&spec) {
                     let _ = entry.actor.cast(LiveQueryMsg::Crash);

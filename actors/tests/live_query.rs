@@ -307,3 +307,69 @@ async fn events_of_one_change_have_their_own_positions() {
     assert!(back.rx.try_recv().is_err());
     actor.stop(None);
 }
+
+/// After the feed skipped ahead (this node fell behind retention), a resync reloads the window
+/// and every subscriber gets a `reset` at the new position.
+#[tokio::test]
+async fn a_resync_reloads_and_resets_every_subscriber() {
+    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
+    let spec = QuerySpec::parse(
+        &request,
+        OWNER,
+        QueryLimits {
+            default_limit: 10,
+            max_limit: 10,
+        },
+    )
+    .unwrap();
+    let (actor, _) = Actor::spawn(
+        None,
+        LiveQuery,
+        LiveQueryArgs {
+            spec,
+            sub_id: Arc::from("q1"),
+            start: Cursor::new(2, 0),
+            resync: Vec::new(),
+            source: Arc::new(Memory(vec![doc(1, json!({}))], Cursor::new(2, 0))),
+            replay_capacity: 16,
+        },
+    )
+    .await
+    .unwrap();
+    let (out, mut rx) = outbox(1, 8);
+    ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
+        subscriber: Subscriber {
+            outbox: out,
+            caller: OWNER.into(),
+            seen_up_to: None
+        },
+        request_id: json!(1),
+        since: None,
+        position: Cursor::new(2, 0),
+        reply,
+    })
+    .unwrap();
+    next(&mut rx);
+    actor.cast(LiveQueryMsg::Resync(Cursor::new(9, 0))).unwrap();
+    // Messages are handled in order: once this call returns, the resync has been handled.
+    let (out2, _rx2) = outbox(2, 8);
+    ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
+        subscriber: Subscriber {
+            outbox: out2,
+            caller: OWNER.into(),
+            seen_up_to: None
+        },
+        request_id: json!(2),
+        since: None,
+        position: Cursor::new(9, 0),
+        reply,
+    })
+    .unwrap();
+    let reset = next(&mut rx);
+    assert_eq!(
+        (reset["event"].as_str(), reset["cursor"].as_str()),
+        (Some("reset"), Some("9-0"))
+    );
+    assert_eq!(reset["docs"].as_array().unwrap().len(), 1);
+    actor.stop(None);
+}

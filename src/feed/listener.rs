@@ -49,6 +49,10 @@ pub trait ChangeSink: Send + 'static {
         changes: Vec<Change>,
         position: Cursor,
     ) -> impl std::future::Future<Output = ()> + Send;
+
+    /// The feed lost changes this node had not read yet (it fell behind retention): reading goes
+    /// on from `position`; everything built from the feed must reload.
+    fn resync(&mut self, position: Cursor) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// The node's feed reader and what it needs.
@@ -125,6 +129,18 @@ impl FeedListener {
                 Ok(()) => {
                     must_tick = false;
                     backoff = Duration::from_millis(50);
+                }
+                Err(FeedError::CursorExpired) => {
+                    tracing::error!(%position, "this node fell behind the feed's retention; resyncing every live query");
+                    metrics::counter!("vibe_feed_resyncs_total").increment(1);
+                    match feed.head().await {
+                        Ok(new_position) => {
+                            position = new_position;
+                            sink.resync(position).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot read the feed head"),
+                    }
+                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, ?backoff, "change feed read failed; retrying");
