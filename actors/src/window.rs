@@ -64,6 +64,12 @@ impl Window {
     /// Applies one change of this query's type.
     pub fn apply(&mut self, change: &Change) -> Applied {
         let mut applied = Applied::default();
+        // In an incomplete window every unseen match sorts after the last held document.
+        let boundary = if self.complete {
+            None
+        } else {
+            self.docs.last().cloned()
+        };
         let old = self
             .docs
             .iter()
@@ -76,8 +82,12 @@ impl Window {
                 .docs
                 .partition_point(|d| self.spec.order(d, &doc).is_lt());
             // Past the last held document of an incomplete window, unseen matches may come
-            // first: the document's place is unknown, so it is not in the window.
-            if at < self.docs.len() || self.complete {
+            // first: the document's place is unknown, so it is not in the window. Not sorting
+            // after the boundary (as when the last document is edited in place) is known.
+            let before_boundary = boundary
+                .as_ref()
+                .is_some_and(|b| !self.spec.order(&doc, b).is_gt());
+            if at < self.docs.len() || self.complete || before_boundary {
                 self.docs.insert(at, doc.clone());
                 placed = true;
                 match &old {
@@ -272,6 +282,28 @@ mod tests {
         let a = w.apply(&change(Op::Delete, Some(&doc(4, true, 1)), None));
         assert_eq!(a.events, vec![WindowEvent::Remove(doc(4, true, 1))]);
         assert!(a.needs_refill);
+    }
+
+    #[test]
+    fn editing_the_last_document_of_an_incomplete_window_is_a_change() {
+        let mut w = Window::new(
+            spec(2),
+            vec![doc(5, true, 1), doc(4, true, 1), doc(3, true, 1)],
+        );
+        let a = w.apply(&change(
+            Op::Update,
+            Some(&doc(4, true, 1)),
+            Some(&doc(4, true, 2)),
+        ));
+        assert_eq!(
+            a.events,
+            vec![WindowEvent::Change {
+                doc: doc(4, true, 2),
+                old: Box::new(doc(4, true, 1))
+            }]
+        );
+        assert!(!a.needs_refill, "its place is known: no database load");
+        assert_eq!(ids(&w), [5, 4]);
     }
 
     #[test]
