@@ -1,11 +1,12 @@
 //! The state every request handler and connection shares: configuration, store, feed, the
 //! realtime tree, the token authority, metrics.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use ractor::ActorRef;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use vibe_actors::change::Cursor;
 use vibe_actors::realtime::RealtimeMsg;
 
@@ -28,7 +29,12 @@ pub struct App {
     pub(crate) router: matchit::Router<crate::http::Route>,
     next_connection: AtomicU64,
     shutdown: watch::Receiver<bool>,
+    /// One permit held by each open WebSocket, so shutdown can wait for them to close.
+    open_sockets: Arc<Semaphore>,
 }
+
+/// More sockets than any node holds: shutdown takes them all to know every socket closed.
+const SOCKET_PERMITS: u32 = 1 << 24;
 
 /// What [`App::new`] needs beyond configuration.
 #[derive(Debug)]
@@ -55,12 +61,23 @@ impl App {
             router: crate::http::router(),
             next_connection: AtomicU64::new(1),
             shutdown: parts.shutdown,
+            open_sockets: Arc::new(Semaphore::new(SOCKET_PERMITS as usize)),
         }
     }
 
     /// A connection id unique on this node.
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Held by a WebSocket for its lifetime (None: shutting down, refuse the socket).
+    pub fn open_socket(&self) -> Option<OwnedSemaphorePermit> {
+        self.open_sockets.clone().try_acquire_owned().ok()
+    }
+
+    /// Resolves when every WebSocket has closed (they close with 1001 once shutdown is signalled).
+    pub async fn sockets_closed(&self) {
+        let _ = self.open_sockets.acquire_many(SOCKET_PERMITS).await;
     }
 
     /// Changes to true when the node begins shutting down.

@@ -123,6 +123,14 @@ impl RunningServer {
         }
         let _ = (&mut self.serving).await;
         let _ = self.shutting_down.send(true);
+        // WebSockets answer the signal with a 1001 close; give them the grace period to do so.
+        let grace = self.app.config.http.shutdown_grace;
+        if tokio::time::timeout(grace, self.app.sockets_closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "WebSockets still open after the grace period");
+        }
         for task in self.background.drain(..) {
             let _ = task.await;
         }

@@ -103,7 +103,16 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
             HeaderValue::from_static(SUBPROTOCOL),
         );
     }
+    let Some(open) = app.open_socket() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is shutting down",
+        ));
+    };
     tokio::spawn(async move {
+        // Held until the connection ends: shutdown waits for every socket to close.
+        let _open = open;
         match upgraded.await {
             Ok(ws) => run(app, ws, identity).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
