@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
@@ -79,53 +79,79 @@ fn next(rx: &mut OutboxReceiver) -> Value {
     serde_json::from_slice(&rx.rx.try_recv().expect("a frame is queued")).unwrap()
 }
 
+/// A live query over `query` for `caller`, started at 2-0, whose loads return `docs` settled at
+/// `settled`.
+async fn start(
+    query: Value,
+    caller: &str,
+    docs: Vec<Document>,
+    settled: Cursor,
+) -> ActorRef<LiveQueryMsg> {
+    let request: QueryRequest = serde_json::from_value(query).unwrap();
+    let limits = QueryLimits {
+        default_limit: 10,
+        max_limit: 10,
+    };
+    let spec = QuerySpec::parse(&request, caller, limits).unwrap();
+    let args = LiveQueryArgs {
+        spec,
+        sub_id: Arc::from("q1"),
+        start: Cursor::new(2, 0),
+        resync: Vec::new(),
+        source: Arc::new(Memory(docs, settled)),
+        replay_capacity: 16,
+    };
+    Actor::spawn(None, LiveQuery, args).await.unwrap().0
+}
+
+/// Subscribes connection `conn` as `caller` (request id = `conn`) and returns its outbox.
+async fn subscribe(
+    actor: &ActorRef<LiveQueryMsg>,
+    conn: u64,
+    caller: &str,
+    since: Option<Cursor>,
+    position: Cursor,
+) -> OutboxReceiver {
+    let (out, rx) = outbox(conn, 16);
+    let sub = ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
+        subscriber: Subscriber {
+            outbox: out,
+            caller: caller.into(),
+            seen_up_to: None,
+        },
+        request_id: json!(conn),
+        since,
+        position,
+        reply,
+    })
+    .unwrap();
+    assert_eq!(&*sub, "q1");
+    rx
+}
+
+/// Hands the actor one page and waits until it was handled (its in-flight permit came back).
+async fn feed_page(actor: &ActorRef<LiveQueryMsg>, changes: Vec<Change>, position: Cursor) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(1));
+    let permit = budget.clone().acquire_owned().await.unwrap();
+    let in_flight = vibe_actors::realtime::InFlight::new(permit);
+    actor
+        .cast(LiveQueryMsg::Changes(
+            Arc::from(changes),
+            position,
+            in_flight,
+        ))
+        .unwrap();
+    let _handled = budget.acquire().await.unwrap();
+}
+
 #[tokio::test]
 async fn snapshot_events_acl_and_snapshot_skipping() {
     let public = json!({"read": {"allow": ["*"]}});
-    let request: QueryRequest =
-        serde_json::from_value(json!({"type": "posts", "global": true, "limit": 10})).unwrap();
-    let spec = QuerySpec::parse(
-        &request,
-        ALICE,
-        QueryLimits {
-            default_limit: 10,
-            max_limit: 10,
-        },
-    )
-    .unwrap();
     let loaded = doc(1, public.clone());
-    let (actor, _) = Actor::spawn(
-        None,
-        LiveQuery,
-        LiveQueryArgs {
-            spec,
-            sub_id: Arc::from("q1"),
-            start: Cursor::new(2, 0),
-            resync: Vec::new(),
-            source: Arc::new(Memory(vec![loaded.clone()], Cursor::new(2, 0))),
-            replay_capacity: 16,
-        },
-    )
-    .await
-    .unwrap();
-
-    let (alice_out, mut alice) = outbox(1, 16);
-    let (bob_out, mut bob) = outbox(2, 16);
-    for (out, caller, id) in [(alice_out, ALICE, 1), (bob_out, BOB, 2)] {
-        let sub = ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
-            subscriber: Subscriber {
-                outbox: out,
-                caller: caller.into(),
-                seen_up_to: None
-            },
-            request_id: json!(id),
-            since: None,
-            position: Cursor::new(2, 0),
-            reply,
-        })
-        .unwrap();
-        assert_eq!(&*sub, "q1");
-    }
+    let query = json!({"type": "posts", "global": true, "limit": 10});
+    let actor = start(query, ALICE, vec![loaded.clone()], Cursor::new(2, 0)).await;
+    let mut alice = subscribe(&actor, 1, ALICE, None, Cursor::new(2, 0)).await;
+    let mut bob = subscribe(&actor, 2, BOB, None, Cursor::new(2, 0)).await;
     let reply = next(&mut alice);
     assert_eq!(
         (reply["re"].clone(), reply["docs"][0]["id"].clone()),
@@ -135,25 +161,15 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
 
     // A change the snapshot already saw (xid 50 < xmin 100) is not applied twice; a document
     // denied to Bob reaches Alice only; a private one reaches nobody.
-    let seen_by_snapshot = insert(&doc(9, public.clone()), 50, 1);
     let denied = doc(2, json!({"read": {"allow": ["*"], "deny": [BOB]}}));
-    let private = doc(3, json!({}));
     let open = doc(4, public.clone());
-    let page: Arc<[Change]> = Arc::from(vec![
-        seen_by_snapshot,
+    let page = vec![
+        insert(&doc(9, public.clone()), 50, 1),
         insert(&denied, 101, 2),
-        insert(&private, 102, 3),
+        insert(&doc(3, json!({})), 102, 3),
         insert(&open, 103, 4),
-    ]);
-    // Changes carry a claim on the tree's in-flight budget.
-    let budget = Arc::new(tokio::sync::Semaphore::new(1));
-    let in_flight =
-        vibe_actors::realtime::InFlight::new(budget.clone().acquire_owned().await.unwrap());
-    actor
-        .cast(LiveQueryMsg::Changes(page, Cursor::new(3, 0), in_flight))
-        .unwrap();
-    // Once the page is handled its permit returns: wait for that instead of sleeping.
-    let _permit = budget.acquire().await.unwrap();
+    ];
+    feed_page(&actor, page, Cursor::new(3, 0)).await;
 
     let a1 = next(&mut alice);
     let a2 = next(&mut alice);
@@ -181,44 +197,10 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
 /// snapshot may have absorbed changes after it, which then produce no events.
 #[tokio::test]
 async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
-    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
-    let spec = QuerySpec::parse(
-        &request,
-        OWNER,
-        QueryLimits {
-            default_limit: 10,
-            max_limit: 10,
-        },
-    )
-    .unwrap();
-    let (actor, _) = Actor::spawn(
-        None,
-        LiveQuery,
-        LiveQueryArgs {
-            spec,
-            sub_id: Arc::from("q1"),
-            start: Cursor::new(2, 0),
-            resync: Vec::new(),
-            source: Arc::new(Memory(vec![doc(1, json!({}))], Cursor::new(5, 0))),
-            replay_capacity: 16,
-        },
-    )
-    .await
-    .unwrap();
-    for (since, resumed) in [(Cursor::new(3, 7), false), (Cursor::new(5, 0), true)] {
-        let (out, mut rx) = outbox(since.tick as u64, 4);
-        ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
-            subscriber: Subscriber {
-                outbox: out,
-                caller: OWNER.into(),
-                seen_up_to: None
-            },
-            request_id: json!(1),
-            since: Some(since),
-            position: Cursor::new(2, 0),
-            reply,
-        })
-        .unwrap();
+    let docs = vec![doc(1, json!({}))];
+    let actor = start(json!({"type": "posts"}), OWNER, docs, Cursor::new(5, 0)).await;
+    for (conn, since, resumed) in [(1, Cursor::new(3, 7), false), (2, Cursor::new(5, 0), true)] {
+        let mut rx = subscribe(&actor, conn, OWNER, Some(since), Cursor::new(2, 0)).await;
         let reply = next(&mut rx);
         assert_eq!(reply["resumed"], json!(resumed), "since {since}: {reply}");
     }
@@ -229,62 +211,17 @@ async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
 /// own position, and a client that got only the first resumes with exactly the second.
 #[tokio::test]
 async fn events_of_one_change_have_their_own_positions() {
-    let request: QueryRequest =
-        serde_json::from_value(json!({"type": "posts", "limit": 1})).unwrap();
-    let spec = QuerySpec::parse(
-        &request,
-        OWNER,
-        QueryLimits {
-            default_limit: 10,
-            max_limit: 10,
-        },
-    )
-    .unwrap();
     let older = doc(1, json!({}));
-    let (actor, _) = Actor::spawn(
-        None,
-        LiveQuery,
-        LiveQueryArgs {
-            spec,
-            sub_id: Arc::from("q1"),
-            start: Cursor::new(2, 0),
-            resync: Vec::new(),
-            source: Arc::new(Memory(vec![older.clone()], Cursor::new(2, 0))),
-            replay_capacity: 16,
-        },
-    )
-    .await
-    .unwrap();
-    let subscribe = async |conn: u64, since: Option<Cursor>| {
-        let (out, rx) = outbox(conn, 8);
-        ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
-            subscriber: Subscriber {
-                outbox: out,
-                caller: OWNER.into(),
-                seen_up_to: None
-            },
-            request_id: json!(1),
-            since,
-            position: Cursor::new(2, 0),
-            reply,
-        })
-        .unwrap();
-        rx
-    };
-    let mut first = subscribe(1, None).await;
+    let query = json!({"type": "posts", "limit": 1});
+    let actor = start(query, OWNER, vec![older.clone()], Cursor::new(2, 0)).await;
+    let mut first = subscribe(&actor, 1, OWNER, None, Cursor::new(2, 0)).await;
     next(&mut first);
-    let newer = doc(2, json!({}));
-    let budget = Arc::new(tokio::sync::Semaphore::new(1));
-    let in_flight =
-        vibe_actors::realtime::InFlight::new(budget.clone().acquire_owned().await.unwrap());
-    actor
-        .cast(LiveQueryMsg::Changes(
-            Arc::from(vec![insert(&newer, 101, 5)]),
-            Cursor::new(3, 0),
-            in_flight,
-        ))
-        .unwrap();
-    let _permit = budget.acquire().await.unwrap();
+    feed_page(
+        &actor,
+        vec![insert(&doc(2, json!({})), 101, 5)],
+        Cursor::new(3, 0),
+    )
+    .await;
     let added = next(&mut first);
     let pushed_out = next(&mut first);
     assert_eq!(
@@ -297,7 +234,8 @@ async fn events_of_one_change_have_their_own_positions() {
     );
 
     // Got the add, lost the remove: resuming from the add's cursor replays just the remove.
-    let mut back = subscribe(2, Some("2-5".parse().unwrap())).await;
+    let since = Some("2-5".parse().unwrap());
+    let mut back = subscribe(&actor, 2, OWNER, since, Cursor::new(2, 0)).await;
     assert_eq!(next(&mut back)["resumed"], true);
     let replayed = next(&mut back);
     assert_eq!(
@@ -312,59 +250,13 @@ async fn events_of_one_change_have_their_own_positions() {
 /// and every subscriber gets a `reset` at the new position.
 #[tokio::test]
 async fn a_resync_reloads_and_resets_every_subscriber() {
-    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
-    let spec = QuerySpec::parse(
-        &request,
-        OWNER,
-        QueryLimits {
-            default_limit: 10,
-            max_limit: 10,
-        },
-    )
-    .unwrap();
-    let (actor, _) = Actor::spawn(
-        None,
-        LiveQuery,
-        LiveQueryArgs {
-            spec,
-            sub_id: Arc::from("q1"),
-            start: Cursor::new(2, 0),
-            resync: Vec::new(),
-            source: Arc::new(Memory(vec![doc(1, json!({}))], Cursor::new(2, 0))),
-            replay_capacity: 16,
-        },
-    )
-    .await
-    .unwrap();
-    let (out, mut rx) = outbox(1, 8);
-    ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
-        subscriber: Subscriber {
-            outbox: out,
-            caller: OWNER.into(),
-            seen_up_to: None
-        },
-        request_id: json!(1),
-        since: None,
-        position: Cursor::new(2, 0),
-        reply,
-    })
-    .unwrap();
+    let docs = vec![doc(1, json!({}))];
+    let actor = start(json!({"type": "posts"}), OWNER, docs, Cursor::new(2, 0)).await;
+    let mut rx = subscribe(&actor, 1, OWNER, None, Cursor::new(2, 0)).await;
     next(&mut rx);
     actor.cast(LiveQueryMsg::Resync(Cursor::new(9, 0))).unwrap();
-    // Messages are handled in order: once this call returns, the resync has been handled.
-    let (out2, _rx2) = outbox(2, 8);
-    ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
-        subscriber: Subscriber {
-            outbox: out2,
-            caller: OWNER.into(),
-            seen_up_to: None
-        },
-        request_id: json!(2),
-        since: None,
-        position: Cursor::new(9, 0),
-        reply,
-    })
-    .unwrap();
+    // Messages are handled in order: once this subscribe returns, the resync has been handled.
+    let _later = subscribe(&actor, 2, OWNER, None, Cursor::new(9, 0)).await;
     let reset = next(&mut rx);
     assert_eq!(
         (reset["event"].as_str(), reset["cursor"].as_str()),
