@@ -11,6 +11,12 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use vibe::wire::{Document, DocumentPage};
 
+/// GET a document URL, expecting it to parse as a document.
+async fn fetch(s: &TestServer, token: &str, url: &str) -> Document {
+    let r = s.client.get(url).bearer_auth(token).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
 async fn create(s: &TestServer, token: &str, body: Value) -> Document {
     serde_json::from_value(s.post(token, "posts", body).await).unwrap()
 }
@@ -117,31 +123,13 @@ async fn replace_with_if_match() {
         r.json::<Value>().await.unwrap()["error"]["code"],
         "rev_mismatch"
     );
-    let now: Document = s
-        .client
-        .get(&url)
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let now = fetch(&s, &alice, &url).await;
     assert_eq!((now.rev, &now.data), (2, &json!({"v": 2})));
 
     // No If-Match (or `*`): last writer wins.
     assert_eq!(put(None, 4).await.unwrap().status(), StatusCode::OK);
     assert_eq!(put(Some("*"), 5).await.unwrap().status(), StatusCode::OK);
-    let now: Document = s
-        .client
-        .get(&url)
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let now = fetch(&s, &alice, &url).await;
     assert_eq!((now.rev, &now.data), (4, &json!({"v": 5})));
     s.finish().await;
 }
@@ -175,16 +163,7 @@ async fn concurrent_writers_at_the_same_revision_one_wins() {
             .count(),
         11
     );
-    let now: Document = s
-        .client
-        .get(&url)
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let now = fetch(&s, &alice, &url).await;
     assert_eq!(now.rev, 2);
     s.finish().await;
 }
