@@ -39,6 +39,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub feed: FeedConfig,
     pub ws: WsConfig,
+    pub query: QueryConfig,
     pub tokens: TokensConfig,
     pub log: LogConfig,
 }
@@ -85,11 +86,29 @@ pub struct WsConfig {
     pub requests_per_second: u32,
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
-    pub default_limit: u32,
-    pub max_limit: u32,
     pub replay_buffer: usize,
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    pub default_limit: u32,
+    pub max_limit: u32,
+    pub max_depth: usize,
+    pub max_clauses: usize,
+}
+
+impl QueryConfig {
+    pub fn limits(&self) -> vibe_actors::query::QueryLimits {
+        vibe_actors::query::QueryLimits {
+            default_limit: self.default_limit,
+            max_limit: self.max_limit,
+            max_depth: self.max_depth,
+            max_clauses: self.max_clauses,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,11 +213,20 @@ impl Config {
         if self.ws.requests_per_second == 0 {
             return invalid("ws.requests_per_second", "must be at least 1");
         }
-        if self.ws.max_limit == 0
-            || self.ws.default_limit == 0
-            || self.ws.default_limit > self.ws.max_limit
+        if self.query.max_limit == 0
+            || self.query.default_limit == 0
+            || self.query.default_limit > self.query.max_limit
         {
-            return invalid("ws.default_limit", "must be between 1 and ws.max_limit");
+            return invalid(
+                "query.default_limit",
+                "must be between 1 and query.max_limit",
+            );
+        }
+        if self.query.max_depth == 0 {
+            return invalid("query.max_depth", "must be at least 1");
+        }
+        if self.query.max_clauses == 0 {
+            return invalid("query.max_clauses", "must be at least 1");
         }
         if self.tokens.default_ttl.is_zero() {
             return invalid("tokens.default_ttl", "must be longer than zero");

@@ -7,6 +7,7 @@ pub mod config;
 pub mod embedded_db;
 pub mod feed;
 pub mod http;
+pub mod oneshot;
 pub mod server;
 pub mod store;
 pub mod telemetry;

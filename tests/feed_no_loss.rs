@@ -16,7 +16,7 @@ use uuid::Uuid;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subscriber_gets_every_committed_change_once_in_order() {
     let s = TestServer::start_with(&[
-        ("ws.max_limit", "5000"),
+        ("query.max_limit", "5000"),
         ("ws.outbound_queue", "100000"),
         ("feed.poll_interval", "\"5ms\""),
     ])

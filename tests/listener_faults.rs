@@ -66,7 +66,7 @@ async fn terminated_listener_and_restarted_postgres_lose_nothing() {
         &url,
         &[
             ("feed.poll_interval", "\"20ms\""),
-            ("ws.max_limit", "100000"),
+            ("query.max_limit", "100000"),
             ("ws.outbound_queue", "1000000"),
         ],
     )

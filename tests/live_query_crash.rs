@@ -22,15 +22,7 @@ async fn crashed_live_query_resets_its_subscribers_and_continues() {
     assert_eq!(ws.event(&sub).await["event"], "add");
 
     let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
-    let spec = QuerySpec::parse(
-        &request,
-        ALICE,
-        QueryLimits {
-            default_limit: 100,
-            max_limit: 1000,
-        },
-    )
-    .unwrap();
+    let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
     let realtime = s.server.as_ref().unwrap().app().realtime.clone();
     realtime.cast(RealtimeMsg::CrashQuery(spec)).unwrap();
 

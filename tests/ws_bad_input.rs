@@ -25,8 +25,8 @@ async fn expect_error(ws: &mut Ws, code: &str, re: Value) {
 async fn bad_requests_get_errors_and_the_connection_lives_on() {
     let s = TestServer::start_with(&[
         ("ws.max_frame_bytes", "2048"),
-        ("ws.max_limit", "50"),
-        ("ws.default_limit", "20"),
+        ("query.max_limit", "50"),
+        ("query.default_limit", "20"),
     ])
     .await;
     let alice = s.token(ALICE, &["*"]);

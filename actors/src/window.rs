@@ -163,6 +163,7 @@ mod tests {
             QueryLimits {
                 default_limit: 10,
                 max_limit: 100,
+                ..QueryLimits::default()
             },
         )
         .unwrap()

@@ -91,6 +91,7 @@ async fn start(
     let limits = QueryLimits {
         default_limit: 10,
         max_limit: 10,
+        ..QueryLimits::default()
     };
     let spec = QuerySpec::parse(&request, caller, limits).unwrap();
     let args = LiveQueryArgs {

@@ -70,6 +70,22 @@ impl ApiError {
     }
 }
 
+impl From<crate::oneshot::OneShotError> for ApiError {
+    fn from(e: crate::oneshot::OneShotError) -> Self {
+        match e {
+            crate::oneshot::OneShotError::Query(e) => {
+                let code = if e.part == "cursor" {
+                    "invalid_cursor"
+                } else {
+                    "invalid_query"
+                };
+                ApiError::bad_request(code, e.to_string())
+            }
+            crate::oneshot::OneShotError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

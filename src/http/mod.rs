@@ -4,6 +4,7 @@
 mod changes;
 mod docs;
 pub mod error;
+mod query;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,16 +38,18 @@ pub enum Route {
     DocsCollection,
     DocsItem,
     Changes,
+    Query,
     WebSocket,
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 6] = [
+    const ALL: [(&'static str, Route); 7] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
         ("/v1/docs/{type}/{id}", Route::DocsItem),
         ("/v1/changes", Route::Changes),
+        ("/v1/query", Route::Query),
         ("/v1/ws", Route::WebSocket),
     ];
 
@@ -192,6 +195,8 @@ async fn dispatch(
     match (route, params) {
         (Route::WebSocket, _) if method == Method::GET => crate::ws::upgrade(app.clone(), req),
         (Route::Changes, _) if method == Method::GET => changes::changes(app, req).await,
+        (Route::Query, _) if method == Method::POST => query::query(app, req).await,
+        (Route::Query, _) => Err(method_not_allowed("POST")),
         (Route::Health, _) if method == Method::GET => health(app).await,
         (Route::Metrics, _) if method == Method::GET => Ok(text(app.metrics.render())),
         (Route::DocsCollection, [doc_type]) => match method {

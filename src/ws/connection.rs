@@ -18,11 +18,11 @@ use vibe_actors::acl::{Acl, Operation};
 use vibe_actors::change::Cursor;
 use vibe_actors::live_query::Subscriber;
 use vibe_actors::outbox::Outbox;
-use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec, Scope};
+use vibe_actors::query::{QueryRequest, QuerySpec};
 use vibe_actors::realtime::{RealtimeMsg, SubscribeRequest};
 
 use crate::app::App;
-use crate::auth::{Access, AuthError};
+use crate::auth::{Access, AuthError, Claims};
 use crate::http::ApiError;
 use crate::store::StoreError;
 
@@ -104,6 +104,12 @@ impl From<ApiError> for Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+impl From<crate::oneshot::OneShotError> for Failure {
+    fn from(e: crate::oneshot::OneShotError) -> Self {
         ApiError::from(e).into()
     }
 }
@@ -286,6 +292,11 @@ impl Session {
 
     /// The caller, allowed `access` to `doc_type` by its token.
     fn permit(&self, access: Access, doc_type: &str) -> Result<String, Failure> {
+        Ok(self.claims(access, doc_type)?.subject.clone())
+    }
+
+    /// The caller's verified claims, which allow `access` to `doc_type`.
+    fn claims(&self, access: Access, doc_type: &str) -> Result<Arc<Claims>, Failure> {
         let Some(identity) = &self.identity else {
             return Err(Failure(
                 "unauthenticated",
@@ -313,20 +324,20 @@ impl Session {
                 format!("the token lacks the scope {verb}:{doc_type}"),
             ));
         }
-        Ok(claims.subject.clone())
+        Ok(claims)
     }
 
     fn spec(&self, caller: &str, query: &QueryRequest) -> Result<QuerySpec, Failure> {
-        let ws = &self.app.config.ws;
-        QuerySpec::parse(
-            query,
-            caller,
-            QueryLimits {
-                default_limit: ws.default_limit,
-                max_limit: ws.max_limit,
-            },
-        )
-        .map_err(|e| Failure("invalid_query", format!("{}: {}", e.part, e.message)))
+        if query.cursor.is_some() || !query.expand.is_empty() {
+            return Err(Failure(
+                "invalid_query",
+                "`cursor` and `expand` apply to one-shot queries (`readOnce`); a live query \
+                 resumes with `since`"
+                    .into(),
+            ));
+        }
+        QuerySpec::parse(query, caller, self.app.config.query.limits())
+            .map_err(|e| Failure("invalid_query", format!("{}: {}", e.part, e.message)))
     }
 
     async fn read(&mut self, id: &Value, args: ReadArgs) -> Result<Option<Value>, Failure> {
@@ -388,18 +399,9 @@ impl Session {
     }
 
     async fn read_once(&self, query: QueryRequest) -> Result<Option<Value>, Failure> {
-        let caller = self.permit(Access::Read, &query.doc_type)?;
-        let spec = self.spec(&caller, &query)?;
-        let own = matches!(spec.scope, Scope::Own(_));
-        let docs: Vec<_> = self
-            .app
-            .store
-            .query(&spec, 0)
-            .await?
-            .into_iter()
-            .filter(|d| own || d.acl.allows(Operation::Read, Some(&caller), &d.owner))
-            .collect();
-        Ok(Some(json!({"docs": docs})))
+        let claims = self.claims(Access::Read, &query.doc_type)?;
+        let page = crate::oneshot::query_page(&self.app, &claims, &query).await?;
+        Ok(Some(json!(page)))
     }
 
     async fn write(&self, args: WriteArgs) -> Result<Option<Value>, Failure> {

@@ -12,11 +12,14 @@ use uuid::Uuid;
 
 use vibe_actors::change::SnapshotView;
 use vibe_actors::live_query::Snapshot;
-use vibe_actors::query::{Field, QuerySpec, Scope, SortKey};
+use vibe_actors::query::QuerySpec;
+use vibe_actors::query::keyset::Keyset;
 
 use crate::acl::{Acl, Operation};
 use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
+
+mod query;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
@@ -64,6 +67,8 @@ macro_rules! doc_columns {
         "id, owner_did, type, created_at, updated_at, rev, acl, data"
     };
 }
+
+const DOC_COLUMNS: &str = doc_columns!();
 
 /// Pool and statements over the documents schema.
 #[derive(Debug, Clone)]
@@ -281,7 +286,38 @@ impl Store {
     /// The first `spec.limit + extra` documents of a query, in its order.
     pub async fn query(&self, spec: &QuerySpec, extra: u32) -> Result<Vec<Document>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        query_docs(&mut conn, spec, extra).await
+        let limit = i64::from(spec.limit) + i64::from(extra);
+        query::run(&mut conn, &query::compile(spec, None, None, limit)).await
+    }
+
+    /// One page of a one-shot query for `caller`: up to `spec.limit` documents after `after`,
+    /// and whether more follow. Global queries leave out documents whose ACL denies the caller.
+    pub async fn query_page(
+        &self,
+        spec: &QuerySpec,
+        caller: &str,
+        after: Option<&Keyset>,
+    ) -> Result<(Vec<Document>, bool), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let limit = i64::from(spec.limit);
+        let compiled = query::compile(spec, Some(caller), after, limit + 1);
+        let mut docs = query::run(&mut conn, &compiled).await?;
+        let more = docs.len() as i64 > limit;
+        docs.truncate(spec.limit as usize);
+        Ok((docs, more))
+    }
+
+    /// The documents with these ids (any type, any owner; callers apply the ACL).
+    pub async fn fetch_many(&self, ids: &[Uuid]) -> Result<Vec<Document>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            doc_columns!(),
+            " FROM documents WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(document).collect()
     }
 
     /// A query's first `limit + 1` documents and the snapshot they were read in, so a live query
@@ -305,7 +341,8 @@ impl Store {
                 "unreadable snapshot {text:?}"
             )))
         })?;
-        let docs = query_docs(&mut tx, spec, 1).await?;
+        let limit = i64::from(spec.limit) + 1;
+        let docs = query::run(&mut tx, &query::compile(spec, None, None, limit)).await?;
         tx.commit().await?;
         Ok(Snapshot {
             docs,
@@ -314,126 +351,6 @@ impl Store {
             settled: vibe_actors::change::Cursor::new(1, 0),
         })
     }
-}
-
-/// Compiles `spec` to SQL: static fragments only, every value bound. Scalar `data` filters
-/// become one containment (`data @> $n`, served by the GIN index); object and array values
-/// compare whole (`data #> path = value`), as the in-memory matcher does.
-async fn query_docs(
-    conn: &mut sqlx::PgConnection,
-    spec: &QuerySpec,
-    extra: u32,
-) -> Result<Vec<Document>, StoreError> {
-    let mut sql = String::from(concat!(
-        "SELECT ",
-        doc_columns!(),
-        " FROM documents WHERE type = $1"
-    ));
-    let mut n = 1;
-    let mut next = || {
-        n += 1;
-        n
-    };
-    let owner_param = match &spec.scope {
-        Scope::Own(owner) => {
-            sql.push_str(&format!(" AND owner_did = ${}", next()));
-            Some(owner.clone())
-        }
-        Scope::Global => {
-            sql.push_str(" AND read_public");
-            None
-        }
-    };
-    let mut containment = serde_json::Map::new();
-    let mut binds: Vec<Bind> = Vec::new();
-    for (field, value) in &spec.filters {
-        let value = value.value();
-        match field {
-            Field::Id => {
-                sql.push_str(&format!(" AND id = ${}::uuid", next()));
-                binds.push(Bind::Text(value.as_str().unwrap_or_default().to_owned()));
-            }
-            Field::Owner => {
-                sql.push_str(&format!(" AND owner_did = ${}", next()));
-                binds.push(Bind::Text(value.as_str().unwrap_or_default().to_owned()));
-            }
-            Field::Data(path) if !value.is_object() && !value.is_array() => {
-                if !insert_path(&mut containment, path, value) {
-                    // `data.a = 1` and `data.a.b = 2` cannot both hold (the matcher agrees).
-                    sql.push_str(" AND false");
-                }
-            }
-            Field::Data(path) => {
-                let (p, v) = (next(), next());
-                sql.push_str(&format!(" AND data #> ${p}::text[] = ${v}::jsonb"));
-                binds.push(Bind::Path(path.clone()));
-                binds.push(Bind::Json(value));
-            }
-        }
-    }
-    if !containment.is_empty() {
-        sql.push_str(&format!(" AND data @> ${}", next()));
-        binds.push(Bind::Json(serde_json::Value::Object(containment)));
-    }
-    let column = match spec.sort.key {
-        SortKey::CreatedAt => "created_at",
-        SortKey::UpdatedAt => "updated_at",
-    };
-    let dir = if spec.sort.descending { "DESC" } else { "ASC" };
-    sql.push_str(&format!(
-        " ORDER BY {column} {dir}, id {dir} LIMIT ${}",
-        next()
-    ));
-    // Every fragment above is a constant of this function; values travel as parameters.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&spec.doc_type);
-    if let Some(owner) = owner_param {
-        query = query.bind(owner);
-    }
-    for bind in binds {
-        query = match bind {
-            Bind::Text(t) => query.bind(t),
-            Bind::Path(p) => query.bind(p),
-            Bind::Json(j) => query.bind(j),
-        };
-    }
-    let rows = query
-        .bind(i64::from(spec.limit) + i64::from(extra))
-        .fetch_all(conn)
-        .await?;
-    rows.iter().map(document).collect()
-}
-
-enum Bind {
-    Text(String),
-    Path(Vec<String>),
-    Json(serde_json::Value),
-}
-
-/// Sets `value` at `path` in a nested object (`["a","b"]` → `{"a":{"b":value}}`). False when
-/// another filter already put a value on the way (the filters contradict each other).
-fn insert_path(
-    root: &mut serde_json::Map<String, serde_json::Value>,
-    path: &[String],
-    value: serde_json::Value,
-) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
-    let mut node = root;
-    for segment in parents {
-        let entry = node
-            .entry(segment.clone())
-            .or_insert_with(|| serde_json::Value::Object(Default::default()));
-        let serde_json::Value::Object(map) = entry else {
-            return false;
-        };
-        node = map;
-    }
-    if node.contains_key(last) {
-        return false;
-    }
-    node.insert(last.clone(), value);
-    true
 }
 
 /// Locks the row and checks that `caller` may write it at `expected_rev`.

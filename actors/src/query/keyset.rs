@@ -1,0 +1,138 @@
+//! Keyset cursors for one-shot queries: the sort-key values of a page's last document, so the
+//! next page starts strictly after it, whatever was written in between (no offsets, no skipped
+//! or repeated documents). Opaque to clients: base64url of a JSON array.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::eval::{DataSortValue, data_sort_value};
+use super::{Field, QueryError, QuerySpec, invalid};
+use crate::wire::Document;
+
+/// Longest cursor accepted (four sort keys with 64-byte strings fit many times over).
+const MAX_CURSOR_LEN: usize = 4096;
+
+/// One sort key's value, as the SQL compiler binds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyValue {
+    /// A data path: kind rank (0 missing … 5 container), the number as decimal text (booleans
+    /// 0 / 1, other kinds 0), the string (other kinds empty). Mirrors the SQL sort expressions.
+    Data {
+        rank: i16,
+        number: String,
+        text: String,
+    },
+    Text(String),
+    Id(Uuid),
+    Time(DateTime<Utc>),
+}
+
+/// The position after a document: its sort-key values, then its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keyset {
+    pub values: Vec<KeyValue>,
+    pub id: Uuid,
+}
+
+impl Keyset {
+    /// The position just after `doc` in `spec`'s order.
+    pub fn after(spec: &QuerySpec, doc: &Document) -> Self {
+        let values = spec
+            .sort
+            .iter()
+            .map(|key| match &key.field {
+                Field::Data(path) => {
+                    let value = data_sort_value(doc, path);
+                    let (number, text) = match value {
+                        DataSortValue::Bool(b) => (u8::from(b).to_string(), String::new()),
+                        DataSortValue::Number(n) => (n.to_string(), String::new()),
+                        DataSortValue::Text(s) => ("0".to_owned(), s.to_owned()),
+                        _ => ("0".to_owned(), String::new()),
+                    };
+                    KeyValue::Data {
+                        rank: i16::from(value.rank()),
+                        number,
+                        text,
+                    }
+                }
+                Field::Id => KeyValue::Id(doc.id),
+                Field::Owner => KeyValue::Text(doc.owner.clone()),
+                Field::Type => KeyValue::Text(doc.doc_type.clone()),
+                Field::CreatedAt => KeyValue::Time(doc.created_at),
+                Field::UpdatedAt => KeyValue::Time(doc.updated_at),
+            })
+            .collect();
+        Self { values, id: doc.id }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut items: Vec<Value> = self
+            .values
+            .iter()
+            .map(|v| match v {
+                KeyValue::Data { rank, number, text } => json!([rank, number, text]),
+                KeyValue::Text(s) => json!(s),
+                KeyValue::Id(id) => json!(id),
+                KeyValue::Time(t) => json!(t.timestamp_micros()),
+            })
+            .collect();
+        items.push(json!(self.id));
+        URL_SAFE_NO_PAD.encode(Value::Array(items).to_string())
+    }
+
+    /// Reads a cursor made by [`Keyset::encode`] for a query sorted like `spec`.
+    pub fn decode(spec: &QuerySpec, cursor: &str) -> Result<Self, QueryError> {
+        let bad = || {
+            invalid(
+                "cursor",
+                "not a cursor of this query; pass `next` as returned",
+            )
+        };
+        if cursor.len() > MAX_CURSOR_LEN {
+            return Err(bad());
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+        let Ok(Value::Array(mut items)) = serde_json::from_slice::<Value>(&bytes) else {
+            return Err(bad());
+        };
+        if items.len() != spec.sort.len() + 1 {
+            return Err(bad());
+        }
+        let id = items
+            .pop()
+            .and_then(|v| v.as_str().and_then(|s| Uuid::try_parse(s).ok()))
+            .ok_or_else(bad)?;
+        let values = spec
+            .sort
+            .iter()
+            .zip(items)
+            .map(|(key, item)| {
+                Some(match &key.field {
+                    Field::Data(_) => {
+                        let [rank, number, text] =
+                            <[Value; 3]>::try_from(item.as_array()?.clone()).ok()?;
+                        let rank = i16::try_from(rank.as_u64()?).ok().filter(|r| *r <= 5)?;
+                        let number = number.as_str()?;
+                        // Decimal text only: it is bound as numeric.
+                        number.parse::<f64>().ok().filter(|n| n.is_finite())?;
+                        KeyValue::Data {
+                            rank,
+                            number: number.to_owned(),
+                            text: text.as_str()?.to_owned(),
+                        }
+                    }
+                    Field::Id => KeyValue::Id(Uuid::try_parse(item.as_str()?).ok()?),
+                    Field::Owner | Field::Type => KeyValue::Text(item.as_str()?.to_owned()),
+                    Field::CreatedAt | Field::UpdatedAt => {
+                        KeyValue::Time(DateTime::from_timestamp_micros(item.as_i64()?)?)
+                    }
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+        Ok(Self { values, id })
+    }
+}
