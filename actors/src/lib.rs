@@ -9,6 +9,7 @@ pub mod doc_type;
 pub mod live_query;
 pub mod outbox;
 pub mod query;
+pub mod query_index;
 pub mod realtime;
 pub mod window;
 pub mod wire;

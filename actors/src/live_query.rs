@@ -73,8 +73,9 @@ pub struct LiveQueryArgs {
 }
 
 pub enum LiveQueryMsg {
-    /// Changes of this query's type, in feed order, and the position after them.
-    Changes(Arc<[Change]>, Cursor, crate::realtime::InFlight),
+    /// A page of changes of this query's type in feed order, the indexes of those that concern
+    /// this query, and the position after the page.
+    Changes(Arc<[Change]>, Vec<u32>, Cursor, crate::realtime::InFlight),
     /// Adds a subscriber (or re-sends its snapshot), queueing the reply frame for `request_id`.
     Subscribe {
         subscriber: Subscriber,
@@ -98,7 +99,9 @@ impl ractor::Message for LiveQueryMsg {}
 impl std::fmt::Debug for LiveQueryMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LiveQueryMsg::Changes(c, p, _) => write!(f, "Changes({} up to {p})", c.len()),
+            LiveQueryMsg::Changes(_, only, p, _) => {
+                write!(f, "Changes({} up to {p})", only.len())
+            }
             LiveQueryMsg::Subscribe { since, .. } => write!(f, "Subscribe(since {since:?})"),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
             LiveQueryMsg::Resync(p) => write!(f, "Resync({p})"),
@@ -172,9 +175,11 @@ impl Actor for LiveQuery {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            LiveQueryMsg::Changes(changes, position, _in_flight) => {
-                for change in changes.iter() {
-                    state.apply(change).await?;
+            LiveQueryMsg::Changes(changes, only, position, _in_flight) => {
+                for i in only {
+                    if let Some(change) = changes.get(i as usize) {
+                        state.apply(change).await?;
+                    }
                 }
                 state.position = state.position.max(position);
             }

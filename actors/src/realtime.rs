@@ -1,6 +1,9 @@
 //! The realtime tree above the live queries: the root (`Realtime`) routes each page of changes
 //! to the document-type actors and subscriptions to the right type; a type actor (`DocType`)
 //! owns the live queries of its type — one per distinct normalised query — and supervises them.
+//! It routes each change only to the live queries it concerns: candidates from the type's
+//! [`QueryIndex`], then [`QuerySpec::concerns`]; the time this takes per change is the
+//! `vibe_live_query_match_seconds` histogram.
 //!
 //! Supervision: a live query that fails is restarted one-for-one with its subscribers (which
 //! the type actor keeps) and re-syncs them with a `reset`; more than `RESTARTS` failures within
@@ -18,6 +21,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use crate::change::{Change, Cursor};
 use crate::live_query::{LiveQuery, LiveQueryArgs, LiveQueryMsg, SnapshotSource, Subscriber};
 use crate::query::QuerySpec;
+use crate::query_index::{QueryId, QueryIndex};
 
 /// Restart budget per live query.
 const RESTARTS: usize = 3;
@@ -236,6 +240,7 @@ impl ractor::Message for DocTypeMsg {}
 
 #[derive(Debug)]
 struct Entry {
+    id: QueryId,
     actor: ActorRef<LiveQueryMsg>,
     sub_id: Arc<str>,
     /// Per connection: the subscriber and how many `read`s of this query it holds.
@@ -245,13 +250,26 @@ struct Entry {
     idle_generation: u64,
 }
 
+/// What routing needs of a live query, by its id.
+#[derive(Debug)]
+struct Route {
+    spec: Arc<QuerySpec>,
+    actor: ActorRef<LiveQueryMsg>,
+}
+
 #[derive(Debug)]
 pub struct DocTypeState {
     config: RealtimeConfig,
     position: Cursor,
     next_sub: Arc<AtomicU64>,
-    queries: HashMap<QuerySpec, Entry>,
-    by_actor: HashMap<ActorId, QuerySpec>,
+    queries: HashMap<Arc<QuerySpec>, Entry>,
+    by_actor: HashMap<ActorId, Arc<QuerySpec>>,
+    routes: HashMap<QueryId, Route>,
+    index: QueryIndex,
+    next_id: QueryId,
+    /// Reused across changes: the index's candidates for one change.
+    candidates: Vec<QueryId>,
+    match_seconds: metrics::Histogram,
 }
 
 impl Actor for DocType {
@@ -270,6 +288,11 @@ impl Actor for DocType {
             next_sub: args.next_sub,
             queries: HashMap::new(),
             by_actor: HashMap::new(),
+            routes: HashMap::new(),
+            index: QueryIndex::default(),
+            next_id: 1,
+            candidates: Vec::new(),
+            match_seconds: metrics::histogram!("vibe_live_query_match_seconds"),
         })
     }
 
@@ -283,13 +306,7 @@ impl Actor for DocType {
             DocTypeMsg::Changes(page, position, in_flight) => {
                 state.position = position;
                 if let Some(page) = page {
-                    for entry in state.queries.values() {
-                        let _ = entry.actor.cast(LiveQueryMsg::Changes(
-                            page.clone(),
-                            position,
-                            in_flight.clone(),
-                        ));
-                    }
+                    state.route(&page, position, &in_flight);
                 }
             }
             DocTypeMsg::Subscribe(request) => state.subscribe(&myself, request).await,
@@ -357,6 +374,34 @@ impl Actor for DocType {
 }
 
 impl DocTypeState {
+    /// Sends each live query the changes of `page` that concern it (and nothing when none do).
+    fn route(&mut self, page: &Arc<[Change]>, position: Cursor, in_flight: &InFlight) {
+        let mut per_query: HashMap<QueryId, Vec<u32>> = HashMap::new();
+        let mut candidates = std::mem::take(&mut self.candidates);
+        for (i, change) in page.iter().enumerate() {
+            let started = Instant::now();
+            self.index.candidates(change, &mut candidates);
+            for id in &candidates {
+                if self.routes.get(id).is_some_and(|r| r.spec.concerns(change)) {
+                    // Pages hold at most a few thousand changes.
+                    per_query.entry(*id).or_default().push(i as u32);
+                }
+            }
+            self.match_seconds.record(started.elapsed());
+        }
+        self.candidates = candidates;
+        for (id, only) in per_query {
+            if let Some(route) = self.routes.get(&id) {
+                let _ = route.actor.cast(LiveQueryMsg::Changes(
+                    page.clone(),
+                    only,
+                    position,
+                    in_flight.clone(),
+                ));
+            }
+        }
+    }
+
     /// Stops a live query that has had no subscriber since `generation` began.
     fn expire(&mut self, spec: &QuerySpec, generation: u64) {
         let idle = self
@@ -365,6 +410,8 @@ impl DocTypeState {
             .is_some_and(|e| e.subscribers.is_empty() && e.idle_generation == generation);
         if idle && let Some(entry) = self.queries.remove(spec) {
             self.by_actor.remove(&entry.actor.get_id());
+            self.routes.remove(&entry.id);
+            self.index.remove(entry.id);
             entry.actor.stop(None);
         }
     }
@@ -406,10 +453,22 @@ impl DocTypeState {
                 .await
             {
                 Ok(actor) => {
+                    let spec = Arc::new(spec.clone());
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.index.insert(id, &spec);
+                    self.routes.insert(
+                        id,
+                        Route {
+                            spec: spec.clone(),
+                            actor: actor.clone(),
+                        },
+                    );
                     self.by_actor.insert(actor.get_id(), spec.clone());
                     self.queries.insert(
-                        spec.clone(),
+                        spec,
                         Entry {
+                            id,
                             actor,
                             sub_id,
                             subscribers: HashMap::new(),
@@ -453,7 +512,7 @@ impl DocTypeState {
         let _ = reply.send(result.map_err(|e| e.to_string()));
     }
 
-    async fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, spec: QuerySpec) {
+    async fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, spec: Arc<QuerySpec>) {
         let Some(mut entry) = self.queries.remove(&spec) else {
             return;
         };
@@ -466,13 +525,15 @@ impl DocTypeState {
             entry.subscribers.values().map(|(s, _)| s.clone()).collect();
         if entry.failures.len() > RESTARTS {
             tracing::error!(doc_type = %spec.doc_type, "live query keeps failing; giving up");
+            self.routes.remove(&entry.id);
+            self.index.remove(entry.id);
             fail_subscribers(&entry.sub_id, &subscribers);
             return;
         }
         match self
             .spawn(
                 myself,
-                spec.clone(),
+                QuerySpec::clone(&spec),
                 entry.sub_id.clone(),
                 subscribers.clone(),
             )
@@ -480,11 +541,16 @@ impl DocTypeState {
         {
             Ok(actor) => {
                 entry.actor = actor;
+                if let Some(route) = self.routes.get_mut(&entry.id) {
+                    route.actor = entry.actor.clone();
+                }
                 self.by_actor.insert(entry.actor.get_id(), spec.clone());
                 self.queries.insert(spec, entry);
             }
             Err(e) => {
                 tracing::error!(error = %e, "live query restart failed");
+                self.routes.remove(&entry.id);
+                self.index.remove(entry.id);
                 fail_subscribers(&entry.sub_id, &subscribers);
             }
         }

@@ -135,9 +135,12 @@ async fn feed_page(actor: &ActorRef<LiveQueryMsg>, changes: Vec<Change>, positio
     let budget = Arc::new(tokio::sync::Semaphore::new(1));
     let permit = budget.clone().acquire_owned().await.unwrap();
     let in_flight = vibe_actors::realtime::InFlight::new(permit);
+    // The whole page: these tests exercise the live query, not the type actor's routing.
+    let all = (0..changes.len() as u32).collect();
     actor
         .cast(LiveQueryMsg::Changes(
             Arc::from(changes),
+            all,
             position,
             in_flight,
         ))

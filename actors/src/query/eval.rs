@@ -5,10 +5,10 @@ use std::cmp::Ordering;
 
 use serde_json::Value;
 
-use super::{Field, Filter, Operand, Predicate};
+use super::{DocRef, Field, Filter, Operand, Predicate};
 use crate::wire::Document;
 
-pub(super) fn filter(filter: &Filter, doc: &Document) -> bool {
+pub(super) fn filter(filter: &Filter, doc: &DocRef<'_>) -> bool {
     match filter {
         Filter::All(members) => members.iter().all(|m| self::filter(m, doc)),
         Filter::Any(members) => members.iter().any(|m| self::filter(m, doc)),
@@ -18,7 +18,7 @@ pub(super) fn filter(filter: &Filter, doc: &Document) -> bool {
 }
 
 /// The value at a data path, walking objects only (jsonb `#>` with non-numeric keys).
-pub(super) fn lookup<'a>(data: &'a Value, path: &[String]) -> Option<&'a Value> {
+pub fn lookup<'a>(data: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(data, |v, segment| match v {
         Value::Object(map) => map.get(segment),
         _ => None,
@@ -32,11 +32,11 @@ enum Core<'a> {
     Time(chrono::DateTime<chrono::Utc>),
 }
 
-fn core<'a>(field: &Field, doc: &'a Document) -> Option<Core<'a>> {
+fn core<'a>(field: &Field, doc: &DocRef<'a>) -> Option<Core<'a>> {
     Some(match field {
         Field::Id => Core::Id(doc.id),
-        Field::Owner => Core::Text(&doc.owner),
-        Field::Type => Core::Text(&doc.doc_type),
+        Field::Owner => Core::Text(doc.owner),
+        Field::Type => Core::Text(doc.doc_type),
         Field::CreatedAt => Core::Time(doc.created_at),
         Field::UpdatedAt => Core::Time(doc.updated_at),
         Field::Data(_) => return None,
@@ -44,10 +44,10 @@ fn core<'a>(field: &Field, doc: &'a Document) -> Option<Core<'a>> {
 }
 
 /// Field against operand, when they are of one kind.
-fn compare(field: &Field, operand: &Operand, doc: &Document) -> Option<Ordering> {
+fn compare(field: &Field, operand: &Operand, doc: &DocRef<'_>) -> Option<Ordering> {
     match (field, operand) {
         (Field::Data(path), Operand::Json(expected)) => {
-            let found = lookup(&doc.data, path)?;
+            let found = lookup(doc.data, path)?;
             match (found, expected.value()) {
                 (Value::Number(a), Value::Number(b)) => Some(compare_numbers(a, b)),
                 (Value::String(a), Value::String(b)) => Some(a.as_str().cmp(b.as_str())),
@@ -63,29 +63,29 @@ fn compare(field: &Field, operand: &Operand, doc: &Document) -> Option<Ordering>
     }
 }
 
-fn equals(field: &Field, operand: &Operand, doc: &Document) -> bool {
+fn equals(field: &Field, operand: &Operand, doc: &DocRef<'_>) -> bool {
     match (field, operand) {
         (Field::Data(path), Operand::Json(expected)) => {
-            lookup(&doc.data, path).is_some_and(|found| json_eq(found, expected.value()))
+            lookup(doc.data, path).is_some_and(|found| json_eq(found, expected.value()))
         }
         _ => compare(field, operand, doc).is_some_and(Ordering::is_eq),
     }
 }
 
-fn holds(predicate: &Predicate, doc: &Document) -> bool {
+fn holds(predicate: &Predicate, doc: &DocRef<'_>) -> bool {
     match predicate {
         Predicate::Eq(field, operand) => equals(field, operand, doc),
         Predicate::In(field, operands) => operands.iter().any(|o| equals(field, o, doc)),
         Predicate::Compare(field, comparison, operand) => {
             compare(field, operand, doc).is_some_and(|ord| comparison.holds(ord))
         }
-        Predicate::Exists(path) => lookup(&doc.data, path).is_some(),
+        Predicate::Exists(path) => lookup(doc.data, path).is_some(),
         Predicate::Contains(path, expected) => {
-            lookup(&doc.data, path).is_some_and(|found| contains_top(found, expected.value()))
+            lookup(doc.data, path).is_some_and(|found| contains_top(found, expected.value()))
         }
         Predicate::StartsWith(field, prefix) => match field {
             Field::Data(path) => {
-                matches!(lookup(&doc.data, path), Some(Value::String(s)) if s.starts_with(prefix.as_str()))
+                matches!(lookup(doc.data, path), Some(Value::String(s)) if s.starts_with(prefix.as_str()))
             }
             _ => matches!(core(field, doc), Some(Core::Text(s)) if s.starts_with(prefix.as_str())),
         },

@@ -26,8 +26,11 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use uuid::Uuid;
 
+pub use eval::lookup;
 pub use parse::QueryLimits;
 
+use crate::acl::Acl;
+use crate::change::Change;
 use crate::wire::Document;
 
 /// Segments per JSON path.
@@ -127,6 +130,16 @@ impl CanonicalValue {
     pub fn is_container(&self) -> bool {
         self.value.is_object() || self.value.is_array()
     }
+
+    /// The canonical text: equal for values jsonb holds equal.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// The canonical text of any JSON value (see [`CanonicalValue::text`]).
+pub fn canonical_text(value: &serde_json::Value) -> String {
+    canonical(value)
 }
 
 impl PartialEq for CanonicalValue {
@@ -306,6 +319,54 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// Whether any condition looks at `field`.
+    pub fn mentions(&self, field: &Field) -> bool {
+        match self {
+            Filter::All(members) | Filter::Any(members) => {
+                members.iter().any(|m| m.mentions(field))
+            }
+            Filter::Not(inner) => inner.mentions(field),
+            Filter::Is(
+                Predicate::Eq(f, _)
+                | Predicate::In(f, _)
+                | Predicate::Compare(f, _, _)
+                | Predicate::StartsWith(f, _),
+            ) => f == field,
+            Filter::Is(Predicate::Exists(path) | Predicate::Contains(path, _)) => {
+                matches!(field, Field::Data(p) if p == path)
+            }
+        }
+    }
+}
+
+/// The parts of a document a query looks at, borrowed from a stored document or from one side
+/// of a change.
+#[derive(Debug, Clone, Copy)]
+pub struct DocRef<'a> {
+    pub id: Uuid,
+    pub doc_type: &'a str,
+    pub owner: &'a str,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub acl: &'a Acl,
+    pub data: &'a serde_json::Value,
+}
+
+impl<'a> From<&'a Document> for DocRef<'a> {
+    fn from(doc: &'a Document) -> Self {
+        Self {
+            id: doc.id,
+            doc_type: &doc.doc_type,
+            owner: &doc.owner,
+            created_at: doc.created_at,
+            updated_at: doc.updated_at,
+            acl: &doc.acl,
+            data: &doc.data,
+        }
+    }
+}
+
 /// One sort key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sort {
@@ -367,14 +428,34 @@ impl QuerySpec {
 
     /// Does `doc` belong in this query's result (ignoring the limit)?
     pub fn matches(&self, doc: &Document) -> bool {
+        self.matches_ref(&DocRef::from(doc))
+    }
+
+    pub fn matches_ref(&self, doc: &DocRef<'_>) -> bool {
         if doc.doc_type != self.doc_type {
             return false;
         }
         let in_scope = match &self.scope {
-            Scope::Own(owner) => &doc.owner == owner,
+            Scope::Own(owner) => doc.owner == owner,
             Scope::Global => doc.acl.is_public(),
         };
         in_scope && eval::filter(&self.filter, doc)
+    }
+
+    /// May `change` alter this query's result? True when the new version matches, or the old
+    /// one did. A change does not carry the old version's `updatedAt`, so a query that filters
+    /// on it counts every old version as a possible match.
+    pub fn concerns(&self, change: &Change) -> bool {
+        if change.doc_type != self.doc_type {
+            return false;
+        }
+        change
+            .new
+            .as_ref()
+            .is_some_and(|new| self.matches_ref(&side(change, new)))
+            || change.old.as_ref().is_some_and(|old| {
+                self.matches_ref(&side(change, old)) || self.filter.mentions(&Field::UpdatedAt)
+            })
     }
 
     /// The order of the result: `Less` means `a` comes first.
@@ -400,6 +481,19 @@ impl QuerySpec {
     }
 }
 
+/// One version of a changed document (its `updatedAt` is the change's).
+fn side<'a>(change: &'a Change, image: &'a crate::change::Image) -> DocRef<'a> {
+    DocRef {
+        id: change.doc_id,
+        doc_type: &change.doc_type,
+        owner: &change.owner,
+        created_at: change.created_at,
+        updated_at: change.updated_at,
+        acl: &image.acl,
+        data: &image.data,
+    }
+}
+
 /// Validates `expand`: data paths, at most [`MAX_EXPAND`].
 pub fn parse_expand(paths: &[String]) -> Result<Vec<Vec<String>>, QueryError> {
     if paths.len() > MAX_EXPAND {
@@ -421,7 +515,7 @@ pub fn parse_expand(paths: &[String]) -> Result<Vec<Vec<String>>, QueryError> {
 /// The ids a document refers to at `path`: a UUID string, or a list of them (others ignored).
 pub fn referenced_ids(doc: &Document, path: &[String]) -> Vec<Uuid> {
     let parse = |v: &serde_json::Value| v.as_str().and_then(|s| Uuid::try_parse(s).ok());
-    match eval::lookup(&doc.data, path) {
+    match lookup(&doc.data, path) {
         Some(serde_json::Value::Array(items)) => items.iter().filter_map(parse).collect(),
         Some(value) => parse(value).into_iter().collect(),
         None => Vec::new(),
