@@ -2,7 +2,7 @@
 //! query for a caller, the cursor of the next page, and the documents its `expand` paths refer
 //! to — each of those checked against its own ACL and the caller's token scopes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -37,9 +37,11 @@ pub enum OneShotError {
     Store(#[from] StoreError),
 }
 
-/// Runs `request` for the holder of `claims` (who may read its type: the caller checked).
+/// Runs `request` for the holder of `token` and its `claims` (who may read its type: the
+/// caller checked).
 pub async fn query_page(
     app: &App,
+    token: &str,
     claims: &Claims,
     request: &QueryRequest,
 ) -> Result<QueryPage, OneShotError> {
@@ -74,16 +76,25 @@ pub async fn query_page(
         // Bounded: a page holds at most `query.max_limit` documents, each path a list of ids.
         ids.truncate(app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND);
         let found = app.store.fetch_many(&ids).await?;
-        Some(
-            found
-                .into_iter()
-                .filter(|d| {
-                    claims.permits(Access::Read, &d.doc_type)
-                        && d.acl.allows(Operation::Read, Some(caller), &d.owner)
-                })
-                .map(|d| (d.id, d))
-                .collect(),
-        )
+        // Per referenced type: the token's scopes and its attenuation checks, as a query of that
+        // type would be checked.
+        let mut readable_types: HashMap<String, bool> = HashMap::new();
+        let mut expanded = BTreeMap::new();
+        for doc in found {
+            let readable = *readable_types
+                .entry(doc.doc_type.clone())
+                .or_insert_with(|| {
+                    claims.permits(Access::Read, &doc.doc_type)
+                        && app
+                            .tokens
+                            .verify(token, Access::Read, Some(&doc.doc_type))
+                            .is_ok()
+                });
+            if readable && doc.acl.allows(Operation::Read, Some(caller), &doc.owner) {
+                expanded.insert(doc.id, doc);
+            }
+        }
+        Some(expanded)
     };
     Ok(QueryPage {
         docs,

@@ -14,6 +14,21 @@ const LATENCY_BUCKETS: &[f64] = &[
     10.0,
 ];
 
+/// Routing one change to its live queries takes microseconds: buckets from 1 µs to 10 ms.
+const MATCH_BUCKETS: &[f64] = &[
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.01,
+];
+
 /// Installs the global log subscriber. `RUST_LOG` overrides the configured level.
 pub fn init_logging(config: &LogConfig) {
     let filter =
@@ -32,9 +47,16 @@ pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            // Fails only for an empty bucket list, which LATENCY_BUCKETS is not.
+            // Fails only for an empty bucket list, which neither list is.
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                // Full matchers take precedence over suffix ones in the exporter.
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("vibe_live_query_match_seconds".into()),
+                        MATCH_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

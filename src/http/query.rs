@@ -21,6 +21,7 @@ pub(super) async fn query(app: &App, req: Request<Incoming>) -> Result<HttpRespo
         ));
     }
     check_scope(app, &claims, &headers, Access::Read, &request.doc_type)?;
-    let page = crate::oneshot::query_page(app, &claims, &request).await?;
+    let token = super::bearer_token(&headers)?;
+    let page = crate::oneshot::query_page(app, token, &claims, &request).await?;
     Ok(json(StatusCode::OK, &page))
 }

@@ -400,7 +400,8 @@ impl Session {
 
     async fn read_once(&self, query: QueryRequest) -> Result<Option<Value>, Failure> {
         let claims = self.claims(Access::Read, &query.doc_type)?;
-        let page = crate::oneshot::query_page(&self.app, &claims, &query).await?;
+        let token = self.identity.as_ref().map_or("", |i| i.token.as_str());
+        let page = crate::oneshot::query_page(&self.app, token, &claims, &query).await?;
         Ok(Some(json!(page)))
     }
 
