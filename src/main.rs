@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use vibe::auth::{Scope, TokenAuthority};
 use vibe::config::Config;
 
+/// mimalloc: a node holds hundreds of thousands of small, long-lived objects (live queries,
+/// subscriptions); glibc malloc's per-thread arenas fragment them (benches/live_queries.sh).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Vibe: a realtime backend on PostgreSQL — documents, live queries, identity, files and calls
 /// in one server.
 ///

@@ -10,14 +10,16 @@
 //! reconnects with a cursor inside it gets exactly the events it missed; older cursors get a
 //! `reset`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use futures_channel::{mpsc, oneshot};
+use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
+use std::panic::AssertUnwindSafe;
 use uuid::Uuid;
 
 use crate::acl::{Acl, Operation};
@@ -42,7 +44,7 @@ pub struct Snapshot {
 
 /// Where live queries load their windows from (the server's store implements it).
 pub trait SnapshotSource: Send + Sync + std::fmt::Debug + 'static {
-    fn load(&self, spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>>;
+    fn load(&self, spec: Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>>;
 }
 
 /// A connection subscribed to a live query.
@@ -56,53 +58,138 @@ pub struct Subscriber {
     pub seen_up_to: Option<Cursor>,
 }
 
-#[derive(Debug)]
-pub struct LiveQuery;
+/// A running live query's address. Messages queue without bound (the page budget bounds what the
+/// feed can queue; subscriptions are bounded per connection) and its task handles them one at a
+/// time. A plain task rather than a ractor actor: an idle live query is a few hundred bytes this
+/// way, about 10 KB as an actor, and a node holds hundreds of thousands of them.
+#[derive(Debug, Clone)]
+pub struct LiveQueryRef {
+    mailbox: mpsc::UnboundedSender<LiveQueryMsg>,
+}
+
+/// The live query's task has ended.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the live query has stopped")]
+pub struct Stopped;
+
+impl LiveQueryRef {
+    pub fn cast(&self, message: LiveQueryMsg) -> Result<(), Stopped> {
+        self.mailbox.unbounded_send(message).map_err(|_| Stopped)
+    }
+
+    /// Stops the query once the messages already queued are handled.
+    pub fn stop(&self) {
+        self.mailbox.close_channel();
+    }
+
+    /// Adds a subscriber (see [`SubscribeMsg`]) and waits for its subscription id.
+    pub async fn subscribe(
+        &self,
+        subscriber: Arc<Subscriber>,
+        request_id: serde_json::Value,
+        since: Option<Cursor>,
+        position: Cursor,
+    ) -> Result<Arc<str>, Stopped> {
+        let (reply, answer) = oneshot::channel();
+        self.cast(LiveQueryMsg::Subscribe(Box::new(SubscribeMsg {
+            subscriber,
+            request_id,
+            since,
+            position,
+            reply,
+        })))?;
+        answer.await.map_err(|_| Stopped)
+    }
+}
+
+/// How a live query's task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop, or every address was dropped.
+    Stopped,
+    /// A message failed (a load error, a panic): the supervisor restarts it.
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveQueryError {
+    #[error("loading the window failed: {0}")]
+    Load(String),
+    #[error("live query crash requested")]
+    CrashRequested,
+}
 
 #[derive(Debug)]
 pub struct LiveQueryArgs {
-    pub spec: QuerySpec,
+    pub spec: Arc<QuerySpec>,
     /// The id events carry; stays the same across restarts.
     pub sub_id: Arc<str>,
     /// The feed position the window must be consistent with.
     pub start: Cursor,
     /// On a restart: the subscribers to re-sync with a `reset`.
-    pub resync: Vec<Subscriber>,
+    pub resync: Vec<Arc<Subscriber>>,
     pub source: Arc<dyn SnapshotSource>,
     pub replay_capacity: usize,
 }
 
+/// A message to a live query. Large payloads are boxed: an idle query's mailbox keeps one
+/// message-sized node.
 pub enum LiveQueryMsg {
-    /// A page of changes of this query's type in feed order, the indexes of those that concern
-    /// this query, and the position after the page.
-    Changes(Arc<[Change]>, Vec<u32>, Cursor, crate::realtime::InFlight),
-    /// Adds a subscriber (or re-sends its snapshot), queueing the reply frame for `request_id`.
-    Subscribe {
-        subscriber: Subscriber,
-        request_id: serde_json::Value,
-        since: Option<Cursor>,
-        /// The type actor's position: no change of this type lies between it and ours.
-        position: Cursor,
-        reply: RpcReplyPort<Arc<str>>,
-    },
+    Changes(Box<ChangesMsg>),
+    Subscribe(Box<SubscribeMsg>),
     Unsubscribe {
         conn_id: u64,
     },
-    /// Fault injection for tests: the handler fails, as a bug would.
     /// Changes before this position were lost to this node: reload, and reset every subscriber.
     Resync(Cursor),
+    /// Fault injection for tests: the handler fails, as a bug would.
     Crash,
 }
 
-impl ractor::Message for LiveQueryMsg {}
+/// A page of changes of this query's type in feed order, the indexes of those that concern
+/// this query, and the position after the page.
+#[derive(Debug)]
+pub struct ChangesMsg {
+    pub page: Arc<[Change]>,
+    pub only: Vec<u32>,
+    pub position: Cursor,
+    pub in_flight: crate::realtime::InFlight,
+}
+
+/// Adds a subscriber (or re-sends its snapshot), queueing the reply frame for `request_id`.
+#[derive(Debug)]
+pub struct SubscribeMsg {
+    pub subscriber: Arc<Subscriber>,
+    pub request_id: serde_json::Value,
+    pub since: Option<Cursor>,
+    /// The type actor's position: no change that concerns this query lies between it and ours.
+    pub position: Cursor,
+    pub reply: oneshot::Sender<Arc<str>>,
+}
+
+impl LiveQueryMsg {
+    pub fn changes(
+        page: Arc<[Change]>,
+        only: Vec<u32>,
+        position: Cursor,
+        in_flight: crate::realtime::InFlight,
+    ) -> Self {
+        LiveQueryMsg::Changes(Box::new(ChangesMsg {
+            page,
+            only,
+            position,
+            in_flight,
+        }))
+    }
+}
 
 impl std::fmt::Debug for LiveQueryMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LiveQueryMsg::Changes(_, only, p, _) => {
-                write!(f, "Changes({} up to {p})", only.len())
+            LiveQueryMsg::Changes(c) => {
+                write!(f, "Changes({} up to {})", c.only.len(), c.position)
             }
-            LiveQueryMsg::Subscribe { since, .. } => write!(f, "Subscribe(since {since:?})"),
+            LiveQueryMsg::Subscribe(s) => write!(f, "Subscribe(since {:?})", s.since),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
             LiveQueryMsg::Resync(p) => write!(f, "Resync({p})"),
             LiveQueryMsg::Crash => f.write_str("Crash"),
@@ -118,7 +205,7 @@ pub struct LiveQueryState {
     position: Cursor,
     /// Changes this snapshot saw are already in the window.
     snapshot: SnapshotView,
-    subscribers: HashMap<u64, Subscriber>,
+    subscribers: ByConnection<Arc<Subscriber>>,
     /// Recent events, oldest first; together they cover every event after `replay_from`.
     replay: VecDeque<Arc<Encoded>>,
     replay_from: Cursor,
@@ -126,23 +213,112 @@ pub struct LiveQueryState {
     source: Arc<dyn SnapshotSource>,
 }
 
-impl Actor for LiveQuery {
-    type Msg = LiveQueryMsg;
-    type State = LiveQueryState;
-    type Arguments = LiveQueryArgs;
+/// Per-connection entries of one live query, in a vector: most live queries have one
+/// subscriber, and a hash map's smallest table has room for four.
+#[derive(Debug, Clone)]
+pub(crate) struct ByConnection<T>(Vec<(u64, T)>);
 
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: LiveQueryArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let snapshot = args.source.load(args.spec.clone()).await?;
+impl<T> Default for ByConnection<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> ByConnection<T> {
+    pub(crate) fn get_mut(&mut self, conn_id: u64) -> Option<&mut T> {
+        self.0
+            .iter_mut()
+            .find(|(c, _)| *c == conn_id)
+            .map(|(_, v)| v)
+    }
+
+    pub(crate) fn insert(&mut self, conn_id: u64, value: T) {
+        if let Some(slot) = self.get_mut(conn_id) {
+            *slot = value;
+            return;
+        }
+        // Exact room while small; doubling beyond (broadcast queries have thousands).
+        if self.0.len() == self.0.capacity() && self.0.len() < 4 {
+            self.0.reserve_exact(1);
+        }
+        self.0.push((conn_id, value));
+    }
+
+    pub(crate) fn remove(&mut self, conn_id: u64) -> Option<T> {
+        let at = self.0.iter().position(|(c, _)| *c == conn_id)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.0.retain(|(_, v)| keep(v));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Loads the query's window, re-syncs `args.resync`, and starts the query's task; `on_exit`
+/// runs when the task ends.
+pub async fn start(
+    args: LiveQueryArgs,
+    on_exit: impl FnOnce(Exit) + Send + 'static,
+) -> Result<LiveQueryRef, LiveQueryError> {
+    let state = LiveQueryState::load(args).await?;
+    let (mailbox, messages) = mpsc::unbounded();
+    metrics::gauge!("vibe_live_queries").increment(1.0);
+    // A panicking handler must not take the node down, nor leave its subscribers waiting for
+    // events that never come: it fails like an error, and the supervisor restarts it. Built from
+    // combinators rather than an async block, which would hold the loop's state twice.
+    let task = AssertUnwindSafe(run(state, messages))
+        .catch_unwind()
+        .map(move |result| {
+            let exit = match result {
+                Ok(Ok(())) => Exit::Stopped,
+                Ok(Err(e)) => Exit::Failed(e.to_string()),
+                Err(_) => Exit::Failed("the live query panicked".into()),
+            };
+            metrics::gauge!("vibe_live_queries").decrement(1.0);
+            on_exit(exit);
+        });
+    tokio::spawn(task);
+    Ok(LiveQueryRef { mailbox })
+}
+
+/// The query's task: one message at a time until every address is gone or one fails.
+async fn run(
+    mut state: LiveQueryState,
+    mut messages: mpsc::UnboundedReceiver<LiveQueryMsg>,
+) -> Result<(), LiveQueryError> {
+    while let Some(message) = messages.next().await {
+        // Boxed per message, so the task an idle query keeps is small: handling a page (with
+        // its snapshot reload) needs far more room than waiting does.
+        Box::pin(state.handle(message)).await?;
+    }
+    Ok(())
+}
+
+impl LiveQueryState {
+    async fn load(args: LiveQueryArgs) -> Result<Self, LiveQueryError> {
+        let snapshot = args
+            .source
+            .load(args.spec.clone())
+            .await
+            .map_err(LiveQueryError::Load)?;
         let mut state = LiveQueryState {
             sub_id: args.sub_id,
             window: Window::new(args.spec, snapshot.docs),
             position: args.start,
             snapshot: snapshot.view,
-            subscribers: HashMap::new(),
+            subscribers: ByConnection::default(),
             replay: VecDeque::new(),
             replay_from: args.start.max(snapshot.settled),
             replay_capacity: args.replay_capacity,
@@ -155,68 +331,59 @@ impl Actor for LiveQuery {
                 .subscribers
                 .insert(subscriber.outbox.conn_id, subscriber);
         }
-        metrics::gauge!("vibe_live_queries").increment(1.0);
         Ok(state)
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        metrics::gauge!("vibe_live_queries").decrement(1.0);
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        message: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&mut self, message: LiveQueryMsg) -> Result<(), LiveQueryError> {
         match message {
-            LiveQueryMsg::Changes(changes, only, position, _in_flight) => {
+            LiveQueryMsg::Changes(message) => {
+                let ChangesMsg {
+                    page,
+                    only,
+                    position,
+                    ..
+                } = *message;
                 for i in only {
-                    if let Some(change) = changes.get(i as usize) {
-                        state.apply(change).await?;
+                    if let Some(change) = page.get(i as usize) {
+                        self.apply(change).await?;
                     }
                 }
-                state.position = state.position.max(position);
+                self.position = self.position.max(position);
             }
-            LiveQueryMsg::Subscribe {
-                subscriber,
-                request_id,
-                since,
-                position,
-                reply,
-            } => {
-                state.position = state.position.max(position);
-                state.subscribe(subscriber, &request_id, since);
-                let _ = reply.send(state.sub_id.clone());
+            LiveQueryMsg::Subscribe(message) => {
+                let SubscribeMsg {
+                    subscriber,
+                    request_id,
+                    since,
+                    position,
+                    reply,
+                } = *message;
+                self.position = self.position.max(position);
+                self.subscribe(subscriber, &request_id, since);
+                let _ = reply.send(self.sub_id.clone());
             }
             LiveQueryMsg::Unsubscribe { conn_id } => {
-                state.subscribers.remove(&conn_id);
+                self.subscribers.remove(conn_id);
             }
             LiveQueryMsg::Resync(position) => {
-                let snapshot = state.source.load(state.window.spec().clone()).await?;
-                state.window = Window::new(state.window.spec().clone(), snapshot.docs);
-                state.snapshot = snapshot.view;
-                state.position = position;
-                state.replay.clear();
-                state.replay_from = position.max(snapshot.settled);
-                for subscriber in state.subscribers.values() {
-                    let frame = state.reset_frame(&subscriber.caller, position);
+                let spec = self.window.spec().clone();
+                let snapshot = self.source.load(spec).await.map_err(LiveQueryError::Load)?;
+                self.window = Window::new(self.window.spec().clone(), snapshot.docs);
+                self.snapshot = snapshot.view;
+                self.position = position;
+                self.replay.clear();
+                self.replay_from = position.max(snapshot.settled);
+                for subscriber in self.subscribers.values() {
+                    let frame = self.reset_frame(&subscriber.caller, position);
                     let _ = subscriber.outbox.send(frame);
                 }
             }
-            LiveQueryMsg::Crash => return Err("live query crash requested".into()),
+            LiveQueryMsg::Crash => return Err(LiveQueryError::CrashRequested),
         }
         Ok(())
     }
-}
 
-impl LiveQueryState {
-    async fn apply(&mut self, change: &Change) -> Result<(), ActorProcessingErr> {
+    async fn apply(&mut self, change: &Change) -> Result<(), LiveQueryError> {
         if change.cursor <= self.position || self.snapshot.sees(change.xid) {
             return Ok(());
         }
@@ -229,7 +396,11 @@ impl LiveQueryState {
             sub += 1;
         }
         if applied.needs_refill {
-            let snapshot = self.source.load(self.window.spec().clone()).await?;
+            let snapshot = self
+                .source
+                .load(self.window.spec().clone())
+                .await
+                .map_err(LiveQueryError::Load)?;
             self.snapshot = snapshot.view;
             // Changes this load absorbed produce no events: resumes from before it are not exact.
             self.replay_from = self.replay_from.max(snapshot.settled);
@@ -245,7 +416,7 @@ impl LiveQueryState {
     fn emit(&mut self, event: WindowEvent, cursor: Cursor) {
         let encoded = Arc::new(Encoded::new(self.sub_id.clone(), event, cursor));
         let mut delivered = 0;
-        self.subscribers.retain(|_, s| {
+        self.subscribers.retain(|s| {
             delivered += u64::from(deliver(&encoded, s, self.window.spec()));
             !s.outbox.is_closed()
         });
@@ -265,11 +436,17 @@ impl LiveQueryState {
 
     fn subscribe(
         &mut self,
-        mut subscriber: Subscriber,
+        mut subscriber: Arc<Subscriber>,
         request_id: &serde_json::Value,
         since: Option<Cursor>,
     ) {
-        subscriber.seen_up_to = since.filter(|s| *s > self.position);
+        let seen_up_to = since.filter(|s| *s > self.position);
+        if seen_up_to != subscriber.seen_up_to {
+            subscriber = Arc::new(Subscriber {
+                seen_up_to,
+                ..Subscriber::clone(&subscriber)
+            });
+        }
         let frame = match since {
             Some(since) if since >= self.replay_from => {
                 let cursor = self.position.max(since);

@@ -18,13 +18,14 @@ use crate::query::{Field, Operand, QuerySpec, Scope, canonical_text, lookup};
 /// A live query's number within its document type.
 pub type QueryId = u64;
 
+/// The index holds ids only; the caller keeps the specs (and gives one back to remove it), so
+/// an indexed query costs a few dozen bytes.
 #[derive(Debug, Default)]
 pub struct QueryIndex {
     /// Anchored field → the anchor value's key → queries.
     anchored: HashMap<Field, HashMap<String, Vec<QueryId>>>,
     unanchored: Vec<QueryId>,
-    /// Where each query is filed, to remove it.
-    filed: HashMap<QueryId, Option<(Field, String)>>,
+    len: usize,
 }
 
 /// The anchor of `spec`, as (field, key).
@@ -60,48 +61,61 @@ fn key_of(field: &Field, change: &Change, image: &Image) -> Option<String> {
 }
 
 impl QueryIndex {
+    /// Files query `id` (not already filed) under its anchor.
     pub fn insert(&mut self, id: QueryId, spec: &QuerySpec) {
-        self.remove(id);
-        let anchor = anchor(spec);
-        match &anchor {
+        let ids = match anchor(spec) {
             Some((field, key)) => self
                 .anchored
-                .entry(field.clone())
+                .entry(field)
                 .or_default()
-                .entry(key.clone())
-                .or_default()
-                .push(id),
-            None => self.unanchored.push(id),
-        }
-        self.filed.insert(id, anchor);
+                .entry(key)
+                .or_default(),
+            None => &mut self.unanchored,
+        };
+        // Most anchors hold one query: no room for more until a second arrives.
+        ids.reserve_exact(1);
+        ids.push(id);
+        self.len += 1;
     }
 
-    pub fn remove(&mut self, id: QueryId) {
-        match self.filed.remove(&id) {
-            Some(Some((field, key))) => {
-                if let Some(values) = self.anchored.get_mut(&field) {
-                    if let Some(ids) = values.get_mut(&key) {
-                        ids.retain(|q| *q != id);
-                        if ids.is_empty() {
-                            values.remove(&key);
-                        }
-                    }
-                    if values.is_empty() {
-                        self.anchored.remove(&field);
-                    }
+    /// Removes query `id`, filed with `spec`.
+    pub fn remove(&mut self, id: QueryId, spec: &QuerySpec) {
+        let removed = match anchor(spec) {
+            Some((field, key)) => {
+                let Some(values) = self.anchored.get_mut(&field) else {
+                    return;
+                };
+                let Some(ids) = values.get_mut(&key) else {
+                    return;
+                };
+                let before = ids.len();
+                ids.retain(|q| *q != id);
+                let removed = ids.len() < before;
+                if ids.is_empty() {
+                    values.remove(&key);
                 }
+                if values.is_empty() {
+                    self.anchored.remove(&field);
+                }
+                removed
             }
-            Some(None) => self.unanchored.retain(|q| *q != id),
-            None => {}
+            None => {
+                let before = self.unanchored.len();
+                self.unanchored.retain(|q| *q != id);
+                self.unanchored.len() < before
+            }
+        };
+        if removed {
+            self.len -= 1;
         }
     }
 
     pub fn len(&self) -> usize {
-        self.filed.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.filed.is_empty()
+        self.len == 0
     }
 
     /// The queries `change` may concern, sorted and without duplicates, into `out` (cleared
@@ -199,8 +213,8 @@ mod tests {
         assert_eq!(out, vec![0, 2, 4, 5]);
         index.candidates(&change("did:key:zB", None, Some(json!({}))), &mut out);
         assert_eq!(out, vec![3, 4, 5]);
-        index.remove(4);
-        index.remove(0);
+        index.remove(4, &queries[4]);
+        index.remove(0, &queries[0]);
         index.candidates(
             &change("did:key:zA", Some(json!({"room": "a"})), None),
             &mut out,

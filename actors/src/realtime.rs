@@ -16,10 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::change::{Change, Cursor};
-use crate::live_query::{LiveQuery, LiveQueryArgs, LiveQueryMsg, SnapshotSource, Subscriber};
+use crate::live_query::{
+    ByConnection, Exit, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, SnapshotSource, Subscriber,
+};
 use crate::query::QuerySpec;
 use crate::query_index::{QueryId, QueryIndex};
 
@@ -53,7 +55,7 @@ pub struct RealtimeConfig {
 /// A subscription request on its way to a live query.
 #[derive(Debug)]
 pub struct SubscribeRequest {
-    pub spec: QuerySpec,
+    pub spec: Arc<QuerySpec>,
     pub subscriber: Subscriber,
     pub request_id: serde_json::Value,
     pub since: Option<Cursor>,
@@ -70,7 +72,7 @@ pub enum RealtimeMsg {
     Changes(Vec<Change>, Cursor, InFlight, RpcReplyPort<()>),
     Subscribe(SubscribeRequest),
     Unsubscribe {
-        spec: QuerySpec,
+        spec: Arc<QuerySpec>,
         conn_id: u64,
     },
     /// Fault injection for tests: make the live query for `spec` fail.
@@ -222,39 +224,43 @@ pub enum DocTypeMsg {
     Changes(Option<Arc<[Change]>>, Cursor, InFlight),
     Subscribe(SubscribeRequest),
     Unsubscribe {
-        spec: QuerySpec,
+        spec: Arc<QuerySpec>,
         conn_id: u64,
     },
     CrashQuery(QuerySpec),
     Stats(RpcReplyPort<(usize, usize)>),
     /// The linger after the last unsubscribe ended; `generation` tells stale timers apart.
     Expire {
-        spec: QuerySpec,
+        id: QueryId,
         generation: u64,
     },
     /// See [`RealtimeMsg::Resync`].
     Resync(Cursor),
+    /// The task `instance` of live query `id` failed: restart it (if it is still the current
+    /// one).
+    QueryFailed {
+        id: QueryId,
+        instance: u64,
+        error: String,
+    },
 }
 
 impl ractor::Message for DocTypeMsg {}
 
+/// One live query of the type. Kept small: a node holds hundreds of thousands.
 #[derive(Debug)]
 struct Entry {
-    id: QueryId,
-    actor: ActorRef<LiveQueryMsg>,
+    spec: Arc<QuerySpec>,
+    actor: LiveQueryRef,
+    /// The running task's number: a failure report from an earlier one is stale.
+    instance: u64,
     sub_id: Arc<str>,
-    /// Per connection: the subscriber and how many `read`s of this query it holds.
-    subscribers: HashMap<u64, (Subscriber, usize)>,
+    /// Per connection: the subscriber (shared with the live query) and how many `read`s of this
+    /// query it holds.
+    subscribers: ByConnection<(Arc<Subscriber>, usize)>,
     failures: VecDeque<Instant>,
     /// Bumped each time the query loses its last subscriber.
     idle_generation: u64,
-}
-
-/// What routing needs of a live query, by its id.
-#[derive(Debug)]
-struct Route {
-    spec: Arc<QuerySpec>,
-    actor: ActorRef<LiveQueryMsg>,
 }
 
 #[derive(Debug)]
@@ -262,11 +268,12 @@ pub struct DocTypeState {
     config: RealtimeConfig,
     position: Cursor,
     next_sub: Arc<AtomicU64>,
-    queries: HashMap<Arc<QuerySpec>, Entry>,
-    by_actor: HashMap<ActorId, Arc<QuerySpec>>,
-    routes: HashMap<QueryId, Route>,
+    /// Live queries by id, and the id of each distinct spec.
+    entries: HashMap<QueryId, Entry>,
+    ids: HashMap<Arc<QuerySpec>, QueryId>,
     index: QueryIndex,
     next_id: QueryId,
+    next_instance: u64,
     /// Reused across changes: the index's candidates for one change.
     candidates: Vec<QueryId>,
     match_seconds: metrics::Histogram,
@@ -286,11 +293,11 @@ impl Actor for DocType {
             config: args.config,
             position: args.position,
             next_sub: args.next_sub,
-            queries: HashMap::new(),
-            by_actor: HashMap::new(),
-            routes: HashMap::new(),
+            entries: HashMap::new(),
+            ids: HashMap::new(),
             index: QueryIndex::default(),
             next_id: 1,
+            next_instance: 1,
             candidates: Vec::new(),
             match_seconds: metrics::histogram!("vibe_live_query_match_seconds"),
         })
@@ -311,13 +318,16 @@ impl Actor for DocType {
             }
             DocTypeMsg::Subscribe(request) => state.subscribe(&myself, request).await,
             DocTypeMsg::Unsubscribe { spec, conn_id } => {
-                let Some(entry) = state.queries.get_mut(&spec) else {
+                let Some(id) = state.ids.get(&spec).copied() else {
                     return Ok(());
                 };
-                if let Some((_, refs)) = entry.subscribers.get_mut(&conn_id) {
+                let Some(entry) = state.entries.get_mut(&id) else {
+                    return Ok(());
+                };
+                if let Some((_, refs)) = entry.subscribers.get_mut(conn_id) {
                     *refs -= 1;
                     if *refs == 0 {
-                        entry.subscribers.remove(&conn_id);
+                        entry.subscribers.remove(conn_id);
                         let _ = entry.actor.cast(LiveQueryMsg::Unsubscribe { conn_id });
                     }
                 }
@@ -326,48 +336,43 @@ impl Actor for DocType {
                     let generation = entry.idle_generation;
                     let linger = state.config.linger;
                     if linger.is_zero() {
-                        state.expire(&spec, generation);
+                        state.expire(id, generation);
                     } else {
-                        myself.send_after(linger, move || DocTypeMsg::Expire {
-                            spec: spec.clone(),
-                            generation,
-                        });
+                        myself.send_after(linger, move || DocTypeMsg::Expire { id, generation });
                     }
                 }
             }
-            DocTypeMsg::Expire { spec, generation } => state.expire(&spec, generation),
+            DocTypeMsg::Expire { id, generation } => state.expire(id, generation),
             DocTypeMsg::Resync(position) => {
                 state.position = position;
-                for entry in state.queries.values() {
+                for entry in state.entries.values() {
                     let _ = entry.actor.cast(LiveQueryMsg::Resync(position));
                 }
             }
             DocTypeMsg::CrashQuery(spec) => {
-                if let Some(entry) = state.queries.get(&spec) {
+                if let Some(entry) = state.ids.get(&spec).and_then(|id| state.entries.get(id)) {
                     let _ = entry.actor.cast(LiveQueryMsg::Crash);
                 }
             }
             DocTypeMsg::Stats(reply) => {
-                let subs = state.queries.values().map(|e| e.subscribers.len()).sum();
-                let _ = reply.send((state.queries.len(), subs));
+                let subs = state.entries.values().map(|e| e.subscribers.len()).sum();
+                let _ = reply.send((state.entries.len(), subs));
             }
-        }
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(cell, error) = event {
-            let Some(spec) = state.by_actor.remove(&cell.get_id()) else {
-                return Ok(());
-            };
-            tracing::warn!(doc_type = %spec.doc_type, %error, "live query failed; restarting");
-            metrics::counter!("vibe_live_query_restarts_total").increment(1);
-            state.restart(&myself, spec).await;
+            DocTypeMsg::QueryFailed {
+                id,
+                instance,
+                error,
+            } => {
+                let Some(entry) = state.entries.get(&id) else {
+                    return Ok(());
+                };
+                if entry.instance != instance {
+                    return Ok(());
+                }
+                tracing::warn!(doc_type = %entry.spec.doc_type, %error, "live query failed; restarting");
+                metrics::counter!("vibe_live_query_restarts_total").increment(1);
+                state.restart(&myself, id).await;
+            }
         }
         Ok(())
     }
@@ -382,7 +387,11 @@ impl DocTypeState {
             let started = Instant::now();
             self.index.candidates(change, &mut candidates);
             for id in &candidates {
-                if self.routes.get(id).is_some_and(|r| r.spec.concerns(change)) {
+                if self
+                    .entries
+                    .get(id)
+                    .is_some_and(|e| e.spec.concerns(change))
+                {
                     // Pages hold at most a few thousand changes.
                     per_query.entry(*id).or_default().push(i as u32);
                 }
@@ -391,8 +400,8 @@ impl DocTypeState {
         }
         self.candidates = candidates;
         for (id, only) in per_query {
-            if let Some(route) = self.routes.get(&id) {
-                let _ = route.actor.cast(LiveQueryMsg::Changes(
+            if let Some(entry) = self.entries.get(&id) {
+                let _ = entry.actor.cast(LiveQueryMsg::changes(
                     page.clone(),
                     only,
                     position,
@@ -402,27 +411,35 @@ impl DocTypeState {
         }
     }
 
+    /// Forgets live query `id` (its task stops once its queue is handled).
+    fn forget(&mut self, id: QueryId) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        self.ids.remove(&entry.spec);
+        self.index.remove(id, &entry.spec);
+        entry.actor.stop();
+        Some(entry)
+    }
+
     /// Stops a live query that has had no subscriber since `generation` began.
-    fn expire(&mut self, spec: &QuerySpec, generation: u64) {
+    fn expire(&mut self, id: QueryId, generation: u64) {
         let idle = self
-            .queries
-            .get(spec)
+            .entries
+            .get(&id)
             .is_some_and(|e| e.subscribers.is_empty() && e.idle_generation == generation);
-        if idle && let Some(entry) = self.queries.remove(spec) {
-            self.by_actor.remove(&entry.actor.get_id());
-            self.routes.remove(&entry.id);
-            self.index.remove(entry.id);
-            entry.actor.stop(None);
+        if idle {
+            self.forget(id);
         }
     }
 
+    /// Starts a live query task; its failure comes back as [`DocTypeMsg::QueryFailed`].
     async fn spawn(
-        &self,
+        &mut self,
         myself: &ActorRef<DocTypeMsg>,
-        spec: QuerySpec,
+        id: QueryId,
+        spec: Arc<QuerySpec>,
         sub_id: Arc<str>,
-        resync: Vec<Subscriber>,
-    ) -> Result<ActorRef<LiveQueryMsg>, String> {
+        resync: Vec<Arc<Subscriber>>,
+    ) -> Result<(LiveQueryRef, u64), String> {
         let args = LiveQueryArgs {
             spec,
             sub_id,
@@ -431,9 +448,21 @@ impl DocTypeState {
             source: self.config.source.clone(),
             replay_capacity: self.config.replay_capacity,
         };
-        Actor::spawn_linked(None, LiveQuery, args, myself.get_cell())
+        let instance = self.next_instance;
+        self.next_instance += 1;
+        let supervisor = myself.clone();
+        let on_exit = move |exit| {
+            if let Exit::Failed(error) = exit {
+                let _ = supervisor.cast(DocTypeMsg::QueryFailed {
+                    id,
+                    instance,
+                    error,
+                });
+            }
+        };
+        crate::live_query::start(args, on_exit)
             .await
-            .map(|(actor, _)| actor)
+            .map(|actor| (actor, instance))
             .map_err(|e| e.to_string())
     }
 
@@ -445,120 +474,113 @@ impl DocTypeState {
             since,
             reply,
         } = request;
-        if !self.queries.contains_key(&spec) {
-            let sub_id: Arc<str> =
-                format!("q{}", self.next_sub.fetch_add(1, Ordering::Relaxed)).into();
-            match self
-                .spawn(myself, spec.clone(), sub_id.clone(), Vec::new())
-                .await
-            {
-                Ok(actor) => {
-                    let spec = Arc::new(spec.clone());
-                    let id = self.next_id;
-                    self.next_id += 1;
-                    self.index.insert(id, &spec);
-                    self.routes.insert(
-                        id,
-                        Route {
-                            spec: spec.clone(),
-                            actor: actor.clone(),
-                        },
-                    );
-                    self.by_actor.insert(actor.get_id(), spec.clone());
-                    self.queries.insert(
-                        spec,
-                        Entry {
+        let id = match self.ids.get(&spec) {
+            Some(id) => *id,
+            None => {
+                let id = self.next_id;
+                let sub_id: Arc<str> =
+                    format!("q{}", self.next_sub.fetch_add(1, Ordering::Relaxed)).into();
+                match self
+                    .spawn(myself, id, spec.clone(), sub_id.clone(), Vec::new())
+                    .await
+                {
+                    Ok((actor, instance)) => {
+                        self.next_id += 1;
+                        self.index.insert(id, &spec);
+                        self.ids.insert(spec.clone(), id);
+                        self.entries.insert(
                             id,
-                            actor,
-                            sub_id,
-                            subscribers: HashMap::new(),
-                            failures: VecDeque::new(),
-                            idle_generation: 0,
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "live query could not start");
-                    let _ = reply.send(Err(e));
-                    return;
+                            Entry {
+                                spec,
+                                actor,
+                                instance,
+                                sub_id,
+                                subscribers: ByConnection::default(),
+                                failures: VecDeque::new(),
+                                idle_generation: 0,
+                            },
+                        );
+                        id
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "live query could not start");
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
                 }
             }
-        }
-        let Some(entry) = self.queries.get_mut(&spec) else {
+        };
+        let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
-        entry
-            .subscribers
-            .entry(subscriber.outbox.conn_id)
-            .and_modify(|(_, refs)| *refs += 1)
-            .or_insert_with(|| (subscriber.clone(), 1));
         let conn_id = subscriber.outbox.conn_id;
-        let result = ractor::call!(entry.actor, |port| LiveQueryMsg::Subscribe {
-            subscriber,
-            request_id,
-            since,
-            position: self.position,
-            reply: port,
-        });
+        let subscriber = match entry.subscribers.get_mut(conn_id) {
+            Some((known, refs)) => {
+                *refs += 1;
+                known.clone()
+            }
+            None => {
+                let subscriber = Arc::new(subscriber);
+                entry.subscribers.insert(conn_id, (subscriber.clone(), 1));
+                subscriber
+            }
+        };
+        let result = entry
+            .actor
+            .subscribe(subscriber, request_id, since, self.position)
+            .await;
         if result.is_err()
-            && let Some((_, refs)) = entry.subscribers.get_mut(&conn_id)
+            && let Some((_, refs)) = entry.subscribers.get_mut(conn_id)
         {
             // The client is told the subscription failed: it will not unsubscribe.
             *refs -= 1;
             if *refs == 0 {
-                entry.subscribers.remove(&conn_id);
+                entry.subscribers.remove(conn_id);
             }
         }
         let _ = reply.send(result.map_err(|e| e.to_string()));
     }
 
-    async fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, spec: Arc<QuerySpec>) {
-        let Some(mut entry) = self.queries.remove(&spec) else {
+    async fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId) {
+        let now = Instant::now();
+        let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
-        let now = Instant::now();
         entry
             .failures
             .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         entry.failures.push_back(now);
-        let subscribers: Vec<Subscriber> =
+        let subscribers: Vec<Arc<Subscriber>> =
             entry.subscribers.values().map(|(s, _)| s.clone()).collect();
         if entry.failures.len() > RESTARTS {
-            tracing::error!(doc_type = %spec.doc_type, "live query keeps failing; giving up");
-            self.routes.remove(&entry.id);
-            self.index.remove(entry.id);
-            fail_subscribers(&entry.sub_id, &subscribers);
+            tracing::error!(doc_type = %entry.spec.doc_type, "live query keeps failing; giving up");
+            if let Some(entry) = self.forget(id) {
+                fail_subscribers(&entry.sub_id, &subscribers);
+            }
             return;
         }
+        let (spec, sub_id) = (entry.spec.clone(), entry.sub_id.clone());
         match self
-            .spawn(
-                myself,
-                QuerySpec::clone(&spec),
-                entry.sub_id.clone(),
-                subscribers.clone(),
-            )
+            .spawn(myself, id, spec, sub_id.clone(), subscribers.clone())
             .await
         {
-            Ok(actor) => {
-                entry.actor = actor;
-                if let Some(route) = self.routes.get_mut(&entry.id) {
-                    route.actor = entry.actor.clone();
+            Ok((actor, instance)) => {
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.actor = actor;
+                    entry.instance = instance;
                 }
-                self.by_actor.insert(entry.actor.get_id(), spec.clone());
-                self.queries.insert(spec, entry);
             }
             Err(e) => {
                 tracing::error!(error = %e, "live query restart failed");
-                self.routes.remove(&entry.id);
-                self.index.remove(entry.id);
-                fail_subscribers(&entry.sub_id, &subscribers);
+                self.forget(id);
+                fail_subscribers(&sub_id, &subscribers);
             }
         }
     }
 }
 
 /// Tells subscribers their subscription ended for good.
-fn fail_subscribers(sub_id: &str, subscribers: &[Subscriber]) {
+fn fail_subscribers(sub_id: &str, subscribers: &[Arc<Subscriber>]) {
     let frame = serde_json::json!({
         "sub": sub_id,
         "event": "error",

@@ -6,6 +6,8 @@
 use uuid::Uuid;
 
 use crate::change::Change;
+use std::sync::Arc;
+
 use crate::query::QuerySpec;
 use crate::wire::Document;
 
@@ -23,7 +25,7 @@ pub enum WindowEvent {
 
 #[derive(Debug, Clone)]
 pub struct Window {
-    spec: QuerySpec,
+    spec: Arc<QuerySpec>,
     /// Sorted by `spec.order`; at most `spec.limit` documents.
     docs: Vec<Document>,
     /// True when every matching document is in `docs` (the last load found fewer than the
@@ -42,7 +44,7 @@ pub struct Applied {
 impl Window {
     /// A window over `loaded`: the query's first `limit` documents (and one more, if the
     /// database has it, so we know whether the window is complete).
-    pub fn new(spec: QuerySpec, mut loaded: Vec<Document>) -> Self {
+    pub fn new(spec: Arc<QuerySpec>, mut loaded: Vec<Document>) -> Self {
         loaded.sort_by(|a, b| spec.order(a, b));
         let complete = loaded.len() <= spec.limit as usize;
         loaded.truncate(spec.limit as usize);
@@ -53,7 +55,7 @@ impl Window {
         }
     }
 
-    pub fn spec(&self) -> &QuerySpec {
+    pub fn spec(&self) -> &Arc<QuerySpec> {
         &self.spec
     }
 
@@ -152,7 +154,7 @@ mod tests {
 
     const OWNER: &str = "did:key:zA";
 
-    fn spec(limit: u32) -> QuerySpec {
+    fn spec(limit: u32) -> Arc<QuerySpec> {
         let request: QueryRequest = serde_json::from_value(
             json!({"type": "posts", "where": {"data.on": true}, "limit": limit}),
         )
@@ -166,6 +168,7 @@ mod tests {
                 ..QueryLimits::default()
             },
         )
+        .map(Arc::new)
         .unwrap()
     }
 

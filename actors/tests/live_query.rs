@@ -1,16 +1,15 @@
-//! The live-query actor driven directly: no sockets, no database (the snapshot comes from
+//! The live-query task driven directly: no sockets, no database (the snapshot comes from
 //! memory), no sleeps — replies and events are read off the subscribers' outboxes.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use ractor::{Actor, ActorRef};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
 use vibe_actors::live_query::{
-    BoxFuture, LiveQuery, LiveQueryArgs, LiveQueryMsg, Snapshot, SnapshotSource, Subscriber,
+    BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, Snapshot, SnapshotSource, Subscriber,
 };
 use vibe_actors::outbox::{OutboxReceiver, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
@@ -26,7 +25,7 @@ const BOB: &str = "did:key:zBob";
 struct Memory(Vec<Document>, Cursor);
 
 impl SnapshotSource for Memory {
-    fn load(&self, _spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
+    fn load(&self, _spec: Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>> {
         let (docs, settled) = (self.0.clone(), self.1);
         Box::pin(async move {
             Ok(Snapshot {
@@ -81,12 +80,7 @@ fn next(rx: &mut OutboxReceiver) -> Value {
 
 /// A live query over `query` for `caller`, started at 2-0, whose loads return `docs` settled at
 /// `settled`.
-async fn start(
-    query: Value,
-    caller: &str,
-    docs: Vec<Document>,
-    settled: Cursor,
-) -> ActorRef<LiveQueryMsg> {
+async fn start(query: Value, caller: &str, docs: Vec<Document>, settled: Cursor) -> LiveQueryRef {
     let request: QueryRequest = serde_json::from_value(query).unwrap();
     let limits = QueryLimits {
         default_limit: 10,
@@ -95,50 +89,47 @@ async fn start(
     };
     let spec = QuerySpec::parse(&request, caller, limits).unwrap();
     let args = LiveQueryArgs {
-        spec,
+        spec: Arc::new(spec),
         sub_id: Arc::from("q1"),
         start: Cursor::new(2, 0),
         resync: Vec::new(),
         source: Arc::new(Memory(docs, settled)),
         replay_capacity: 16,
     };
-    Actor::spawn(None, LiveQuery, args).await.unwrap().0
+    vibe_actors::live_query::start(args, |_| {}).await.unwrap()
 }
 
 /// Subscribes connection `conn` as `caller` (request id = `conn`) and returns its outbox.
 async fn subscribe(
-    actor: &ActorRef<LiveQueryMsg>,
+    actor: &LiveQueryRef,
     conn: u64,
     caller: &str,
     since: Option<Cursor>,
     position: Cursor,
 ) -> OutboxReceiver {
     let (out, rx) = outbox(conn, 16);
-    let sub = ractor::call!(actor, |reply| LiveQueryMsg::Subscribe {
-        subscriber: Subscriber {
-            outbox: out,
-            caller: caller.into(),
-            seen_up_to: None,
-        },
-        request_id: json!(conn),
-        since,
-        position,
-        reply,
-    })
-    .unwrap();
+    let subscriber = Subscriber {
+        outbox: out,
+        caller: caller.into(),
+        seen_up_to: None,
+    };
+    let sub = actor
+        .subscribe(Arc::new(subscriber), json!(conn), since, position)
+        .await
+        .unwrap();
     assert_eq!(&*sub, "q1");
     rx
 }
 
 /// Hands the actor one page and waits until it was handled (its in-flight permit came back).
-async fn feed_page(actor: &ActorRef<LiveQueryMsg>, changes: Vec<Change>, position: Cursor) {
+async fn feed_page(actor: &LiveQueryRef, changes: Vec<Change>, position: Cursor) {
     let budget = Arc::new(tokio::sync::Semaphore::new(1));
     let permit = budget.clone().acquire_owned().await.unwrap();
     let in_flight = vibe_actors::realtime::InFlight::new(permit);
     // The whole page: these tests exercise the live query, not the type actor's routing.
     let all = (0..changes.len() as u32).collect();
     actor
-        .cast(LiveQueryMsg::Changes(
+        .cast(LiveQueryMsg::changes(
             Arc::from(changes),
             all,
             position,
@@ -194,7 +185,7 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
     );
     // Encoded once: the same event reaches both as the same bytes.
     assert_eq!(a2, b1);
-    actor.stop(None);
+    actor.stop();
 }
 
 /// A freshly loaded live query cannot vouch for a cursor from before its snapshot settled: the
@@ -208,7 +199,7 @@ async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
         let reply = next(&mut rx);
         assert_eq!(reply["resumed"], json!(resumed), "since {since}: {reply}");
     }
-    actor.stop(None);
+    actor.stop();
 }
 
 /// One change, two events (a document enters a full window and pushes another out): each has its
@@ -247,7 +238,7 @@ async fn events_of_one_change_have_their_own_positions() {
         (Some("remove"), json!(older.id))
     );
     assert!(back.rx.try_recv().is_err());
-    actor.stop(None);
+    actor.stop();
 }
 
 /// After the feed skipped ahead (this node fell behind retention), a resync reloads the window
@@ -267,5 +258,5 @@ async fn a_resync_reloads_and_resets_every_subscriber() {
         (Some("reset"), Some("9-0"))
     );
     assert_eq!(reset["docs"].as_array().unwrap().len(), 1);
-    actor.stop(None);
+    actor.stop();
 }

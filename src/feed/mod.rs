@@ -267,7 +267,7 @@ impl LiveSnapshots {
 }
 
 impl SnapshotSource for LiveSnapshots {
-    fn load(&self, spec: QuerySpec) -> BoxFuture<Result<Snapshot, String>> {
+    fn load(&self, spec: std::sync::Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>> {
         let this = self.clone();
         Box::pin(async move { this.load(&spec).await })
     }

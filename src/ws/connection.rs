@@ -51,7 +51,7 @@ pub struct Session {
     outbox: Outbox,
     identity: Option<Identity>,
     /// Subscription id → its query and how many `read`s of it this connection holds.
-    subs: HashMap<Arc<str>, (QuerySpec, usize)>,
+    subs: HashMap<Arc<str>, (Arc<QuerySpec>, usize)>,
 }
 
 impl Session {
@@ -342,7 +342,7 @@ impl Session {
 
     async fn read(&mut self, id: &Value, args: ReadArgs) -> Result<Option<Value>, Failure> {
         let caller = self.permit(Access::Read, &args.query.doc_type)?;
-        let spec = self.spec(&caller, &args.query)?;
+        let spec = Arc::new(self.spec(&caller, &args.query)?);
         let since = args
             .since
             .as_deref()
