@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Vibe WebSocket fan-out benchmarks: one scenario of benches/fanout.rs against Vibe and, for
 # broadcast and idle, against the bare transport peer (benches/peers/bare.rs) and the Node.js
-# LISTEN/NOTIFY peer (benches/peers/node, when node and npm are installed) in the same run.
+# LISTEN/NOTIFY peer (benches/peers/node, when node and npm are installed) in the same run; or the
+# write overhead of the change feed (pgbench).
 #
 #   SCENARIO=broadcast CONNECTIONS=1000 RATE=100 DURATION=10 benches/fanout.sh
 #   SCENARIO=idle CONNECTIONS=10000 DURATION=5 SOURCE_ADDRS=4 benches/fanout.sh
 #   SCENARIO=distinct CONNECTIONS=500 RATE=100 benches/fanout.sh
 #   SCENARIO=churn CONNECTIONS=1000 CHURN_RATE=100 RATE=20 benches/fanout.sh
-#   SMOKE=1 benches/fanout.sh   # every scenario with tiny numbers; non-zero exit on missing
-#                               # events or errors (for CI)
+#   SCENARIO=idle CONNECTIONS=19000 PROCESSES=2 SOURCE_ADDRS=4 benches/fanout.sh
+#                               # the client split over 2 worker processes (each has its own
+#                               # open-files limit; each server still has its own, its ceiling)
+#   SCENARIO=write DURATION=20 PG_ROUNDS=3 benches/fanout.sh
+#   SMOKE=1 benches/fanout.sh   # every scenario with tiny numbers, plus broadcast and idle
+#                               # against Vibe with PROCESSES=2; non-zero exit on missing events
+#                               # or errors (for CI)
 #   SCENARIO=broadcast SWEEP="100 500 1000" RATE=50 DURATION=5 benches/fanout.sh
 #                               # broadcast once per N for every server, then an SVG chart
 #                               # (benches/plot.rs) of p50/p99 latency and events/s vs N
@@ -19,17 +25,22 @@
 #              per connection
 #   distinct   subscriber i reads `where data.k = i`: CONNECTIONS distinct live queries
 #   churn      CHURN_RATE connections per second close and resume with `since`
+#   write      single-row inserts with pgbench (-c PG_CLIENTS -T DURATION, PG_ROUNDS rounds; all
+#              servers stopped first): into documents with the change-feed trigger on, with it
+#              off, and into a plain table with the same columns (primary key only)
 #
-# Needs: cargo, psql, curl, jq, python3, and a PostgreSQL 13+ at 127.0.0.1:5432 that lets user
-# `postgres` in without a password (trust); node 18+ and npm for the Node peer (skipped, saying
-# why, without them). Creates a throwaway database vibe_bench_<random>, starts a release
-# `vibe serve` on it (and `bare_peer`, and `node server.js` on the same database after one
+# Needs: cargo, psql, curl, jq, python3 (write: pgbench), and a PostgreSQL 13+ at 127.0.0.1:5432
+# that lets user `postgres` in without a password (trust); node 18+ and npm for the Node peer
+# (skipped, saying why, without them). Creates a throwaway database vibe_bench_<random>, starts a
+# release `vibe serve` on it (and `bare_peer`, and `node server.js` on the same database after one
 # `npm ci` in benches/peers/node) at free 127.0.0.1 ports; everything is removed on exit. Server
 # CPU is the server process only (the PostgreSQL work of Vibe and of the Node peer is not in it).
 #
 # Env knobs: SCENARIO (default broadcast), CONNECTIONS (1000), RATE (writes/s, 100; churn 20),
-# DURATION (measured seconds, 10), WARMUP (2), DRAIN (5), SOURCE_ADDRS (1..254, 1),
+# DURATION (measured seconds, 10; write: per pgbench run), WARMUP (2), DRAIN (5), SOURCE_ADDRS
+# (1..254, 1), PROCESSES (client processes holding the connections, 1; not for churn),
 # CHURN_RATE (connections per second, default CONNECTIONS/10), NO_SUBSCRIBE (idle, 0),
+# PG_ROUNDS (write: rounds, 3), PG_CLIENTS (write: pgbench -c, 8),
 # SMOKE (0), NO_NODE (1: skip the Node peer), SWEEP (space-separated connection counts; broadcast
 # only), RESULTS_DIR (where the JSON results, and a sweep's fanout-sweep.svg, are kept; default:
 # a temporary folder removed on exit, for a sweep $CARGO_TARGET_DIR/fanout/sweep-<UTC time>),
@@ -47,6 +58,9 @@ DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 DRAIN="${DRAIN:-5}"
 SOURCE_ADDRS="${SOURCE_ADDRS:-1}"
+PROCESSES="${PROCESSES:-1}"
+PG_ROUNDS="${PG_ROUNDS:-3}"
+PG_CLIENTS="${PG_CLIENTS:-8}"
 CHURN_RATE="${CHURN_RATE:-}"
 NO_SUBSCRIBE="${NO_SUBSCRIBE:-0}"
 NO_NODE="${NO_NODE:-0}"
@@ -59,14 +73,30 @@ PG_PORT=5432
 PG_USER=postgres
 
 if [[ "$SMOKE" == 1 ]]; then
-    SCENARIOS=(broadcast idle distinct churn)
+    # write last: it stops the servers.
+    SCENARIOS=(broadcast idle distinct churn write)
     CONNECTIONS=20 RATE=20 DURATION=2 WARMUP=1 DRAIN=3 CHURN_RATE=5 SOURCE_ADDRS=2 NO_SUBSCRIBE=0
+    PROCESSES=1 PG_ROUNDS=1
 else
     case "$SCENARIO" in
-        broadcast|idle|distinct|churn) SCENARIOS=("$SCENARIO") ;;
-        *) echo "error: SCENARIO must be broadcast, idle, distinct or churn (got '$SCENARIO')" >&2; exit 2 ;;
+        broadcast|idle|distinct|churn|write) SCENARIOS=("$SCENARIO") ;;
+        *) echo "error: SCENARIO must be broadcast, idle, distinct, churn or write (got '$SCENARIO')" >&2; exit 2 ;;
     esac
 fi
+[[ "$PROCESSES" =~ ^[1-9][0-9]*$ ]] || { echo "error: PROCESSES must be a positive number (got '$PROCESSES')" >&2; exit 2; }
+[[ "$PG_ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: PG_ROUNDS must be a positive number (got '$PG_ROUNDS')" >&2; exit 2; }
+if [[ "$SCENARIO" == churn && "$SMOKE" != 1 && "$PROCESSES" != 1 ]]; then
+    echo "error: churn runs in one client process (PROCESSES=1)" >&2
+    exit 2
+fi
+WRITE=0
+WRITE_KNOBS=""
+for s in "${SCENARIOS[@]}"; do
+    if [[ "$s" == write ]]; then
+        WRITE=1
+        WRITE_KNOBS=" PG_ROUNDS=$PG_ROUNDS PG_CLIENTS=$PG_CLIENTS"
+    fi
+done
 CHURN_RATE="${CHURN_RATE:-$(( CONNECTIONS / 10 > 0 ? CONNECTIONS / 10 : 1 ))}"
 SWEEP_NS=()
 if [[ -n "$SWEEP" ]]; then
@@ -82,9 +112,10 @@ fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO ${SWEEP:+SWEEP=\"$SWEEP\" }CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS benches/fanout.sh"
+COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO ${SWEEP:+SWEEP=\"$SWEEP\" }CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS PROCESSES=$PROCESSES${WRITE_KNOBS} benches/fanout.sh"
 
 require_tools cargo psql curl jq python3
+if (( WRITE )); then require_tools pgbench; fi
 
 # --- build -------------------------------------------------------------------------------------
 
@@ -113,6 +144,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 start_vibe vibe.log
 VIBE_URL="$URL"
+# The server's own connection ceiling: its open-files limit (the client's can be split over
+# processes, the server's cannot).
+VIBE_NOFILE="$(awk '/^Max open files/ { print $4 }' "/proc/$SERVER_PID/limits" 2>/dev/null || true)"
 mint_token
 export VIBE_BENCH_TOKEN="$TOKEN"
 
@@ -120,6 +154,8 @@ BARE_URL=""
 needs_bare=0
 for s in "${SCENARIOS[@]}"; do [[ "$s" == broadcast || "$s" == idle ]] && needs_bare=1; done
 if (( needs_bare )); then
+    # Created first: the background job opens it later, and the loop below reads it at once.
+    : >"$WORK/bare.log"
     "$BARE_BIN" --listen 127.0.0.1:0 >"$WORK/bare.log" 2>&1 &
     BARE_PID=$!
     for _ in $(seq 1 100); do
@@ -153,6 +189,7 @@ if (( needs_bare )); then
         fi
     fi
     if [[ -z "$NODE_SKIP" ]]; then
+        : >"$WORK/node.log"
         DATABASE_URL="$VIBE_DATABASE_URL" PORT=0 node "$NODE_DIR/server.js" >"$WORK/node.log" 2>&1 &
         NODE_PID=$!
         for _ in $(seq 1 150); do
@@ -175,12 +212,15 @@ if [[ -n "$NODE_URL" ]]; then PEERS+=(node); fi
 
 FAILED=()
 
-# run SCENARIO SERVER URL PID [CONNECTIONS SUFFIX] -> $RESULTS/<scenario>-<server><suffix>.json
+# run SCENARIO SERVER URL PID [CONNECTIONS SUFFIX PROCESSES]
+#   -> $RESULTS/<scenario>-<server><suffix>.json
 run() {
-    local scenario=$1 server=$2 url=$3 pid=$4 connections=${5:-$CONNECTIONS} suffix=${6:-} json
+    local scenario=$1 server=$2 url=$3 pid=$4 connections=${5:-$CONNECTIONS} suffix=${6:-}
+    local processes=${7:-$PROCESSES} json
     json="$RESULTS/$scenario-$server$suffix.json"
     local args=(--url "$url" --connections "$connections" --duration "$DURATION" --warmup "$WARMUP"
                 --drain "$DRAIN" --source-addrs "$SOURCE_ADDRS" --server-pid "$pid" --json "$json")
+    if (( processes > 1 )); then args+=(--processes "$processes"); fi
     case "$scenario" in
         broadcast|distinct) args+=(--rate "${RATE:-100}") ;;
         churn) args+=(--rate "${RATE:-20}" --churn-rate "$CHURN_RATE") ;;
@@ -192,7 +232,7 @@ run() {
     errors="$(jq -r '.errors' "$json")"
     missing="$(jq -r '.events_missing' "$json")"
     if (( errors > 0 || missing > 0 )); then
-        FAILED+=("$scenario${suffix:+ (N=$connections)} against $server: $errors errors, $missing missing events; first error: $(jq -r '.first_error // "none"' "$json")")
+        FAILED+=("$scenario${suffix:+ (N=$connections, processes=$processes)} against $server: $errors errors, $missing missing events; first error: $(jq -r '.first_error // "none"' "$json")")
     fi
 }
 
@@ -207,6 +247,7 @@ if (( ${#SWEEP_NS[@]} > 0 )); then
     done
 else
     for s in "${SCENARIOS[@]}"; do
+        [[ "$s" == write ]] && continue
         run "$s" vibe "$VIBE_URL" "$SERVER_PID"
         if [[ "$s" == broadcast || "$s" == idle ]]; then
             for srv in "${PEERS[@]}"; do
@@ -214,6 +255,13 @@ else
             done
         fi
     done
+fi
+SMOKE_P2=""
+if [[ "$SMOKE" == 1 ]]; then
+    SMOKE_P2="rows marked 2 processes: two worker processes, the parent writes"
+    # The multi-process client: two worker processes hold the connections, the parent writes.
+    run broadcast vibe "$VIBE_URL" "$SERVER_PID" "$CONNECTIONS" -p2 2
+    run idle vibe "$VIBE_URL" "$SERVER_PID" "$CONNECTIONS" -p2 2
 fi
 if grep -qiE 'error|panic' "$WORK/vibe.log"; then
     echo "    vibe server log (warnings and errors):" >&2
@@ -224,6 +272,19 @@ if [[ -n "$NODE_PID" ]] && grep -qiE 'error|failed' "$WORK/node.log"; then
     sed 's/^/    | /' "$WORK/node.log" | tail -n 20 >&2
 fi
 
+# write: only pgbench may run now. With every server stopped nothing else writes to the database
+# (Vibe's feed reader would tick and read the log meanwhile), as in benches/realtime.sh.
+if (( WRITE )); then
+    echo "==> stopping the servers for the write-overhead runs" >&2
+    stop_pid "$NODE_PID"
+    NODE_PID=""
+    stop_pid "$BARE_PID"
+    BARE_PID=""
+    stop_vibe
+    INSERT_CLIENTS="$PG_CLIENTS" INSERT_JOBS=2 INSERT_SECS="$DURATION"
+    insert_rounds "$PG_ROUNDS" benchwrite on off plain
+fi
+
 # --- report ------------------------------------------------------------------------------------
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else printf "n/a" }'; }
@@ -232,8 +293,17 @@ f1() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else prin
 f2() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.2f", x }'; }
 j() { jq -r "$2" "$RESULTS/$1.json"; }
 mib() { awk -v x="$1" 'BEGIN { if (x == "null" || x == "") print "n/a"; else printf "%.1f", x / 1024 }'; }
+ratio3() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.3f", a / b; else printf "n/a" }'; }
+add() { awk -v s="$1" -v x="$2" 'BEGIN { print s + x }'; }
+mean() { awk -v s="$1" -v n="$2" 'BEGIN { print s / n }'; }
+mean3() { awk -v s="$1" -v n="$2" 'BEGIN { printf "%.3f", s / n }'; }
 
 NODE_VERSION="$(node --version 2>/dev/null || true)"
+if (( PROCESSES > 1 )); then
+    CLIENT_PROCS="$PROCESSES worker processes hold the connections, the parent writes; client CPU is all of them"
+else
+    CLIENT_PROCS="one process"
+fi
 cat <<EOF
 
 ## Vibe WebSocket fan-out benchmarks
@@ -246,6 +316,8 @@ $(machine_line)
   per-row NOTIFY trigger; no auth, no ACLs, no resume)${NODE_SKIP:+ — not run: $NODE_SKIP};
   server CPU is the server process only (% of one core, over the writing window; the PostgreSQL
   backends of Vibe and of the Node peer are not included)
+- load client: $CLIENT_PROCS${SMOKE_P2:+ ($SMOKE_P2)}; open-files limit $(ulimit -n) per process,
+  Vibe's own ${VIBE_NOFILE:-unknown} (a server's connection ceiling: it cannot be split)
 EOF
 
 load_row() { # file label
@@ -287,6 +359,7 @@ for s in "${SCENARIOS[@]}"; do
             echo "### broadcast: $CONNECTIONS subscribers of one live query"
             load_header
             load_row broadcast-vibe Vibe
+            if [[ -n "$SMOKE_P2" ]]; then load_row broadcast-vibe-p2 "Vibe (2 processes)"; fi
             for srv in "${PEERS[@]}"; do load_row "broadcast-$srv" "$srv"; done
             for srv in "${PEERS[@]}"; do load_ratio_row broadcast "$srv"; done
             ;;
@@ -304,9 +377,14 @@ for s in "${SCENARIOS[@]}"; do
             echo
             echo "| server | connections | opened | connect s | connects/s | connect errors | dropped | server RSS before MiB | server RSS with all open MiB | server bytes / connection | client bytes / connection |"
             echo "|---|---|---|---|---|---|---|---|---|---|---|"
-            for srv in vibe "${PEERS[@]}"; do
-                f="idle-$srv"
-                echo "| $(label_of "$srv") | $(j "$f" .connections) | $(j "$f" .opened) | $(f2 "$(j "$f" .connect_secs)") | $(f0 "$(j "$f" .connects_per_sec)") | $(j "$f" .connect_errors) | $(j "$f" .disconnected) | $(mib "$(j "$f" .server_rss_before_kib)") | $(mib "$(j "$f" .server_rss_after_kib)") | $(f0 "$(j "$f" .server_bytes_per_connection)") | $(f0 "$(j "$f" .client_bytes_per_connection)") |"
+            idle_files=(idle-vibe)
+            if [[ -n "$SMOKE_P2" ]]; then idle_files+=(idle-vibe-p2); fi
+            for srv in "${PEERS[@]}"; do idle_files+=("idle-$srv"); done
+            for f in "${idle_files[@]}"; do
+                srv="${f#idle-}"
+                label="$(label_of "${srv%-p2}")"
+                if [[ "$srv" == *-p2 ]]; then label+=" (2 processes)"; fi
+                echo "| $label | $(j "$f" .connections) | $(j "$f" .opened) | $(f2 "$(j "$f" .connect_secs)") | $(f0 "$(j "$f" .connects_per_sec)") | $(j "$f" .connect_errors) | $(j "$f" .disconnected) | $(mib "$(j "$f" .server_rss_before_kib)") | $(mib "$(j "$f" .server_rss_after_kib)") | $(f0 "$(j "$f" .server_bytes_per_connection)") | $(f0 "$(j "$f" .client_bytes_per_connection)") |"
             done
             for srv in "${PEERS[@]}"; do
                 echo "| Vibe / $srv | | | $(ratio_of idle .connect_secs "$srv") | $(ratio_of idle .connects_per_sec "$srv") | | | | | $(ratio_of idle .server_bytes_per_connection "$srv") | |"
@@ -320,6 +398,32 @@ for s in "${SCENARIOS[@]}"; do
             echo "| server | connections | churn/s | writes/s | writes | reconnects | connects/s | resumed:true | resumed:false | reconnect p50 ms | reconnect p99 ms | missing (connections) | duplicated (connections) | errors | server CPU |"
             echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             echo "| Vibe | $(j $f .connections) | $(j $f .churn_rate) | $(j $f .rate) | $(j $f .writes_ok) | $(j $f .reconnects) | $(f1 "$(j $f .connects_per_sec)") | $(j $f .resumed_true) | $(j $f .resumed_false) | $(f2 "$(j $f .reconnect_ms.p50)") | $(f2 "$(j $f .reconnect_ms.p99)") | $(j $f .events_missing) ($(j $f .connections_missing)) | $(j $f .duplicates) ($(j $f .connections_duplicated)) | $(j $f .errors) | $(f0 "$(j $f .cpu.server_cpu_percent)")% |"
+            ;;
+        write)
+            echo
+            echo "### write: single-row inserts, change feed on vs off, and a plain table (pgbench, servers stopped)"
+            echo
+            echo "- \`pgbench $INSERT_PGBENCH -f insert.sql\`, one INSERT per transaction:"
+            echo "  on / off: \`${INSERT_STATEMENT[on]}\` with the change-log trigger \`$CHANGE_LOG_TRIGGER\` enabled / disabled;"
+            echo "  plain: the same row into \`$PLAIN_TABLE\` (the columns of documents without the generated ACL columns, primary key only, no trigger)"
+            echo "- before each run: the trigger set and checked, then \`CHECKPOINT\`; after it the log must have grown by exactly the"
+            echo "  run's transactions (on) or not at all (off, plain); the first case rotates each round; the mean row averages"
+            echo "  the rounds' tps and their per-round ratios"
+            echo
+            echo "| round (order) | feed on, tps | feed off, tps | plain table, tps | on / off | on / plain | off / plain |"
+            echo "|---|---|---|---|---|---|---|"
+            sum_on=0 sum_off=0 sum_plain=0 sum_r1=0 sum_r2=0 sum_r3=0
+            for round in $(seq 1 "$PG_ROUNDS"); do
+                t_on="${INSERT_TPS["on $round"]}" t_off="${INSERT_TPS["off $round"]}" t_plain="${INSERT_TPS["plain $round"]}"
+                r1="$(ratio3 "$t_on" "$t_off")" r2="$(ratio3 "$t_on" "$t_plain")" r3="$(ratio3 "$t_off" "$t_plain")"
+                echo "| $round (${INSERT_ORDER[$round]}) | $(f0 "$t_on") | $(f0 "$t_off") | $(f0 "$t_plain") | $r1 | $r2 | $r3 |"
+                sum_on="$(add "$sum_on" "$t_on")" sum_off="$(add "$sum_off" "$t_off")" sum_plain="$(add "$sum_plain" "$t_plain")"
+                sum_r1="$(add "$sum_r1" "$r1")" sum_r2="$(add "$sum_r2" "$r2")" sum_r3="$(add "$sum_r3" "$r3")"
+            done
+            mean_r1="$(mean3 "$sum_r1" "$PG_ROUNDS")"
+            echo "| mean | $(f0 "$(mean "$sum_on" "$PG_ROUNDS")") | $(f0 "$(mean "$sum_off" "$PG_ROUNDS")") | $(f0 "$(mean "$sum_plain" "$PG_ROUNDS")") | $mean_r1 | $(mean3 "$sum_r2" "$PG_ROUNDS") | $(mean3 "$sum_r3" "$PG_ROUNDS") |"
+            echo
+            echo "target: feed on ≥ 0.90 of feed off: $(awk -v r="$mean_r1" 'BEGIN { print (r >= 0.90 ? "met" : "missed") }') ($mean_r1, mean of $PG_ROUNDS rounds)"
             ;;
     esac
 done

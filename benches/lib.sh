@@ -1,10 +1,12 @@
 # Shell functions shared by the bench runners (rest_vs_pgbench.sh, realtime.sh, fanout.sh): tool
 # checks, the release build, a throwaway database with its cleanup trap, `vibe serve` on a free
-# loopback port, a token, and the machine line of the reports.
+# loopback port, a token, pgbench insert runs (the change-feed trigger on and off, a plain table),
+# and the machine line of the reports.
 #
 #   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #
-# Sourcing it only defines functions. They expect the caller's `set -euo pipefail` and
+# Sourcing it only defines functions (and the constants CHANGE_LOG_TRIGGER, PLAIN_TABLE and
+# PLAIN_TABLE_DDL). They expect the caller's `set -euo pipefail` and
 # `shopt -s inherit_errexit`, and the variables PG_HOST, PG_PORT, PG_USER (the PostgreSQL to use)
 # and SUBJECT (the token's subject). What they set is said above each one.
 
@@ -147,8 +149,8 @@ mint_token() {
 
 # --- pgbench -----------------------------------------------------------------------------------
 
-# insert_sql TYPE: prints the single-row INSERT of a document of type TYPE owned by SUBJECT, the
-# create statement the pgbench runs use.
+# insert_sql TYPE [TABLE]: prints the single-row INSERT of a document of type TYPE owned by
+# SUBJECT into TABLE (default documents), the create statement the pgbench runs use.
 #
 # pgbench reads `:name` anywhere in a statement as a variable (`-M prepared` turns it into a
 # parameter), so no colon may be followed by a name character: the owner DID spells its colons
@@ -157,16 +159,118 @@ mint_token() {
 insert_sql() {
     local pg_subject
     pg_subject="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
-    echo "INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$pg_subject', '$1', '{}', '{\"title\": \"bench\", \"n\": 1}');"
+    echo "INSERT INTO ${2:-documents} (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), E'$pg_subject', '$1', '{}', '{\"title\": \"bench\", \"n\": 1}');"
 }
 
 # pgbench_summary OUTPUT: shows the latency, tps and failed-transactions lines of pgbench's OUTPUT
 # on stderr (indented), and sets PGBENCH_TPS (tps without initial connection time; empty when
-# missing) and PGBENCH_FAILED (failed transactions; empty when missing).
+# missing), PGBENCH_FAILED (failed transactions; empty when missing) and PGBENCH_TXNS
+# (transactions processed; empty when missing).
 pgbench_summary() {
     grep -E '^(latency average|tps|number of failed)' <<<"$1" | sed 's/^/    /' >&2
     PGBENCH_TPS="$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' <<<"$1")"
     PGBENCH_FAILED="$(sed -nE 's/^number of failed transactions: ([0-9]+).*/\1/p' <<<"$1")"
+    PGBENCH_TXNS="$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$1")"
+}
+
+# --- insert throughput: the change-feed trigger on and off, and a plain table --------------------
+
+# The AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that copies every document write
+# into `changes` (migrations/0002): the writer's share of the change feed.
+CHANGE_LOG_TRIGGER=documents_change_log
+
+# The plain table of the `plain` insert case: the columns of documents without the generated ACL
+# summary columns, a primary key and nothing else (no CHECK, trigger or other index).
+PLAIN_TABLE=plain_docs
+PLAIN_TABLE_DDL="CREATE TABLE IF NOT EXISTS $PLAIN_TABLE (
+    id uuid PRIMARY KEY, owner_did text NOT NULL, type text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),
+    rev bigint NOT NULL DEFAULT 1, acl jsonb NOT NULL DEFAULT '{}', data jsonb NOT NULL)"
+
+# set_change_log_trigger on|off: enables or disables CHANGE_LOG_TRIGGER on documents in DB, and
+# exits 1 unless pg_trigger then shows it in that state.
+set_change_log_trigger() {
+    local state=$1 enabled
+    if [[ "$state" == on ]]; then
+        psql_bench -c "ALTER TABLE documents ENABLE TRIGGER $CHANGE_LOG_TRIGGER"
+    else
+        psql_bench -c "ALTER TABLE documents DISABLE TRIGGER $CHANGE_LOG_TRIGGER"
+    fi
+    enabled="$(psql_bench -At -c "SELECT tgenabled FROM pg_trigger WHERE tgname = '$CHANGE_LOG_TRIGGER' AND tgrelid = 'documents'::regclass")"
+    [[ ( "$state" == on && "$enabled" == O ) || ( "$state" == off && "$enabled" == D ) ]] \
+        || { echo "error: trigger $CHANGE_LOG_TRIGGER is in state '$enabled', wanted $state" >&2; exit 1; }
+}
+
+# insert_rounds ROUNDS TYPE CASE...: single-row insert throughput with pgbench, ROUNDS rounds of
+# every CASE in the order given, rotated by one case per round (on off: "on, off", "off, on",
+# ...; on off plain: each case goes first once in three rounds). pgbench runs with
+# `-n -c INSERT_CLIENTS -j INSERT_JOBS -T INSERT_SECS -M prepared` (the caller sets those three);
+# each run's statement is one INSERT (insert_sql TYPE). Cases:
+#   on     into documents, with CHANGE_LOG_TRIGGER enabled (the change feed on)
+#   off    into documents, with it disabled (the feed off; everything else of documents stays)
+#   plain  into PLAIN_TABLE (created here if missing): the same row in a bare table
+# Before each run the trigger is set (and checked) and the database CHECKPOINTed; after it the log
+# must have grown by exactly pgbench's transactions (on) or not at all (off, plain), else exit 1,
+# as on any pgbench failure. Needs WORK and DB, and nothing else writing to DB meanwhile (stop the
+# servers first). Sets INSERT_TPS (associative: "CASE ROUND" -> tps), INSERT_ORDER (indexed by
+# round: "on, off"), INSERT_PGBENCH (the pgbench options as text) and INSERT_STATEMENT
+# (associative: CASE -> statement); leaves the trigger enabled.
+insert_rounds() {
+    local rounds=$1 type=$2 round i c count joined
+    shift 2
+    local cases=("$@") order=()
+    declare -gA INSERT_TPS=() INSERT_STATEMENT=()
+    declare -ga INSERT_ORDER=()
+    INSERT_PGBENCH="-n -c $INSERT_CLIENTS -j $INSERT_JOBS -T $INSERT_SECS -M prepared"
+    for c in "${cases[@]}"; do
+        case "$c" in
+            on|off) INSERT_STATEMENT[$c]="$(insert_sql "$type")" ;;
+            plain)
+                psql_bench -c "$PLAIN_TABLE_DDL"
+                INSERT_STATEMENT[$c]="$(insert_sql "$type" "$PLAIN_TABLE")"
+                ;;
+            *) echo "error: unknown insert case '$c' (on, off or plain)" >&2; exit 2 ;;
+        esac
+        printf '%s\n' "${INSERT_STATEMENT[$c]}" >"$WORK/insert-$c.sql"
+    done
+    count=${#cases[@]}
+    for round in $(seq 1 "$rounds"); do
+        order=()
+        for i in $(seq 0 $(( count - 1 ))); do
+            order+=("${cases[$(( (round - 1 + i) % count ))]}")
+        done
+        joined="$(printf '%s, ' "${order[@]}")"
+        INSERT_ORDER[$round]="${joined%, }"
+        for c in "${order[@]}"; do
+            insert_run "$c"
+            INSERT_TPS["$c $round"]="$PGBENCH_TPS"
+        done
+    done
+    set_change_log_trigger on
+}
+
+# insert_run CASE: one pgbench run of CASE (see insert_rounds); sets PGBENCH_TPS.
+insert_run() {
+    local c=$1 out logged_before logged_after
+    case "$c" in
+        on|off) set_change_log_trigger "$c" ;;
+    esac
+    psql_bench -c 'CHECKPOINT'
+    logged_before="$(psql_bench -At -c 'SELECT count(*) FROM changes')"
+    echo "==> pgbench insert ($c: ${INSERT_STATEMENT[$c]%% (*}), $INSERT_PGBENCH" >&2
+    # shellcheck disable=SC2086 # INSERT_PGBENCH is a list of options
+    out="$(pgbench -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" $INSERT_PGBENCH -f "$WORK/insert-$c.sql" "$DB" 2>&1)" \
+        || { echo "$out" >&2; echo "error: pgbench failed" >&2; exit 1; }
+    pgbench_summary "$out"
+    (( ${PGBENCH_FAILED:-0} == 0 )) || { echo "error: pgbench reported $PGBENCH_FAILED failed transactions" >&2; exit 1; }
+    [[ -n "$PGBENCH_TPS" && -n "$PGBENCH_TXNS" ]] || { echo "$out" >&2; echo "error: no tps or transaction count in pgbench's output" >&2; exit 1; }
+    logged_after="$(psql_bench -At -c 'SELECT count(*) FROM changes')"
+    local want=0
+    if [[ "$c" == on ]]; then want=$PGBENCH_TXNS; fi
+    (( logged_after - logged_before == want )) || {
+        echo "error: insert case $c: the change log grew by $(( logged_after - logged_before )) rows over $PGBENCH_TXNS inserts (expected $want)" >&2
+        exit 1
+    }
 }
 
 # --- report ------------------------------------------------------------------------------------

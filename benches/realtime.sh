@@ -35,7 +35,6 @@ PG_CLIENTS="${PG_CLIENTS:-8}"
 PG_JOBS=2
 FEED_TYPE=benchfeed
 INSERT_TYPE=benchdocs
-TRIGGER=documents_change_log
 SUBJECT=did:key:zBench
 PG_HOST=127.0.0.1
 PG_PORT=5432
@@ -81,31 +80,10 @@ stop_vibe
 # --- (b) change-log trigger overhead on inserts ------------------------------------------------
 
 # The create statement of rest_vs_pgbench.sh (see insert_sql in lib.sh for how it keeps pgbench
-# off its colons).
-INSERT_SQL="$(insert_sql "$INSERT_TYPE")"
-printf '%s\n' "$INSERT_SQL" >"$WORK/create.sql"
-PGBENCH_ARGS=(-h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -n -c "$PG_CLIENTS" -j "$PG_JOBS" -T "$DURATION" -M prepared)
-
-# insert_run on|off -> prints tps
-insert_run() {
-    local state=$1 out enabled
-    if [[ "$state" == on ]]; then
-        psql_bench -c "ALTER TABLE documents ENABLE TRIGGER $TRIGGER"
-    else
-        psql_bench -c "ALTER TABLE documents DISABLE TRIGGER $TRIGGER"
-    fi
-    enabled="$(psql_bench -At -c "SELECT tgenabled FROM pg_trigger WHERE tgname = '$TRIGGER' AND tgrelid = 'documents'::regclass")"
-    [[ ( "$state" == on && "$enabled" == O ) || ( "$state" == off && "$enabled" == D ) ]] \
-        || { echo "error: trigger $TRIGGER is in state '$enabled', wanted $state" >&2; exit 1; }
-    psql_bench -c 'CHECKPOINT'
-    echo "==> pgbench insert, trigger $state, -c $PG_CLIENTS -j $PG_JOBS -T $DURATION -M prepared" >&2
-    out="$(pgbench "${PGBENCH_ARGS[@]}" -f "$WORK/create.sql" "$DB" 2>&1)" \
-        || { echo "$out" >&2; echo "error: pgbench failed" >&2; exit 1; }
-    pgbench_summary "$out"
-    (( ${PGBENCH_FAILED:-0} == 0 )) || { echo "error: pgbench reported $PGBENCH_FAILED failed transactions" >&2; exit 1; }
-    [[ -n "$PGBENCH_TPS" ]] || { echo "$out" >&2; echo "error: no tps in pgbench's output" >&2; exit 1; }
-    echo "$PGBENCH_TPS"
-}
+# off its colons), trigger on and off, PG_ROUNDS alternating rounds (insert_rounds in lib.sh).
+INSERT_CLIENTS="$PG_CLIENTS" INSERT_JOBS="$PG_JOBS" INSERT_SECS="$DURATION"
+insert_rounds "$PG_ROUNDS" "$INSERT_TYPE" on off
+INSERT_SQL="${INSERT_STATEMENT[on]}"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else printf "n/a" }'; }
 int() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
@@ -116,23 +94,14 @@ ON_SUM=0
 OFF_SUM=0
 RATIO_SUM=0
 for round in $(seq 1 "$PG_ROUNDS"); do
-    if (( round % 2 == 1 )); then
-        tps_on="$(insert_run on)"
-        tps_off="$(insert_run off)"
-        order="on, off"
-    else
-        tps_off="$(insert_run off)"
-        tps_on="$(insert_run on)"
-        order="off, on"
-    fi
+    tps_on="${INSERT_TPS["on $round"]}"
+    tps_off="${INSERT_TPS["off $round"]}"
     r="$(ratio "$tps_on" "$tps_off")"
-    PG_ROWS+=("| $round ($order) | $(int "$tps_on") | $(int "$tps_off") | $r |")
+    PG_ROWS+=("| $round (${INSERT_ORDER[$round]}) | $(int "$tps_on") | $(int "$tps_off") | $r |")
     ON_SUM="$(awk -v s="$ON_SUM" -v x="$tps_on" 'BEGIN { print s + x }')"
     OFF_SUM="$(awk -v s="$OFF_SUM" -v x="$tps_off" 'BEGIN { print s + x }')"
     RATIO_SUM="$(awk -v s="$RATIO_SUM" -v x="$r" 'BEGIN { print s + x }')"
 done
-# Leave the database as the server expects it (it is dropped anyway).
-psql_bench -c "ALTER TABLE documents ENABLE TRIGGER $TRIGGER"
 ON_MEAN="$(awk -v s="$ON_SUM" -v n="$PG_ROUNDS" 'BEGIN { print s / n }')"
 OFF_MEAN="$(awk -v s="$OFF_SUM" -v n="$PG_ROUNDS" 'BEGIN { print s / n }')"
 RATIO_MEAN="$(awk -v s="$RATIO_SUM" -v n="$PG_ROUNDS" 'BEGIN { printf "%.3f", s / n }')"
@@ -170,9 +139,9 @@ $MACHINE
 
 ### Change-log trigger overhead on inserts (pgbench, server stopped)
 
-- \`pgbench ${PGBENCH_ARGS[*]:6} -f create.sql\` with create.sql:
+- \`pgbench $INSERT_PGBENCH -f create.sql\` with create.sql:
   \`$INSERT_SQL\`
-- before each run: \`ALTER TABLE documents ENABLE|DISABLE TRIGGER $TRIGGER\` (the AFTER ... FOR EACH ROW
+- before each run: \`ALTER TABLE documents ENABLE|DISABLE TRIGGER $CHANGE_LOG_TRIGGER\` (the AFTER ... FOR EACH ROW
   trigger that copies every write into \`changes\`), then \`CHECKPOINT\`
 - ratio = tps with the trigger / tps without; the mean row averages the rounds (ratio: mean of the
   per-round ratios)

@@ -934,6 +934,15 @@ impl ProcSample {
 pub(crate) async fn collect_ready(
     ready: &mut mpsc::Receiver<Result<String, String>>,
 ) -> (usize, usize, Option<String>, usize) {
+    let (subscribed, errors, first_error, subs) = collect_ready_subs(ready).await;
+    (subscribed, errors, first_error, subs.len())
+}
+
+/// [`collect_ready`], returning the distinct `sub` ids themselves (to merge them with another
+/// process's).
+pub(crate) async fn collect_ready_subs(
+    ready: &mut mpsc::Receiver<Result<String, String>>,
+) -> (usize, usize, Option<String>, HashSet<String>) {
     let mut subscribed = 0;
     let mut errors = 0;
     let mut first_error = None;
@@ -950,5 +959,5 @@ pub(crate) async fn collect_ready(
             }
         }
     }
-    (subscribed, errors, first_error, subs.len())
+    (subscribed, errors, first_error, subs)
 }
