@@ -22,6 +22,7 @@ pub struct App {
     pub feed: Feed,
     pub tokens: TokenAuthority,
     pub metrics: PrometheusHandle,
+    pub governance: Arc<crate::governance::Governance>,
     /// The root of the realtime actor tree.
     pub realtime: ActorRef<RealtimeMsg>,
     /// The position this node's feed reader has reached (long-polls wait on it).
@@ -43,6 +44,7 @@ pub struct AppParts {
     pub feed: Feed,
     pub tokens: TokenAuthority,
     pub metrics: PrometheusHandle,
+    pub governance: Arc<crate::governance::Governance>,
     pub realtime: ActorRef<RealtimeMsg>,
     pub feed_head: watch::Receiver<Cursor>,
     pub shutdown: watch::Receiver<bool>,
@@ -56,6 +58,7 @@ impl App {
             feed: parts.feed,
             tokens: parts.tokens,
             metrics: parts.metrics,
+            governance: parts.governance,
             realtime: parts.realtime,
             feed_head: parts.feed_head,
             router: crate::http::router(),

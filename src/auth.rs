@@ -60,9 +60,12 @@ pub enum AuthError {
 /// What a token lets its holder do.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
+    /// Every document operation on every type (`*`); not administration.
     All,
     Read(TypeSelector),
     Write(TypeSelector),
+    /// Administration of the node (`admin`): index governance. Only granted by name.
+    Admin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -76,6 +79,7 @@ pub enum TypeSelector {
 pub enum Access {
     Read,
     Write,
+    Admin,
 }
 
 impl Access {
@@ -83,6 +87,7 @@ impl Access {
         match self {
             Access::Read => "read",
             Access::Write => "write",
+            Access::Admin => "admin",
         }
     }
 }
@@ -92,6 +97,9 @@ impl std::str::FromStr for Scope {
     fn from_str(s: &str) -> Result<Self, AuthError> {
         if s == "*" {
             return Ok(Scope::All);
+        }
+        if s == "admin" {
+            return Ok(Scope::Admin);
         }
         let bad = || AuthError::BadScope(s.to_owned());
         let (access, target) = s.split_once(':').ok_or_else(bad)?;
@@ -112,6 +120,7 @@ impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (access, selector) = match self {
             Scope::All => return f.write_str("*"),
+            Scope::Admin => return f.write_str("admin"),
             Scope::Read(s) => ("read", s),
             Scope::Write(s) => ("write", s),
         };
@@ -136,6 +145,8 @@ impl Claims {
     pub fn permits(&self, access: Access, doc_type: &str) -> bool {
         self.scopes.iter().any(|scope| {
             let selector = match (scope, access) {
+                (Scope::Admin, Access::Admin) => return true,
+                (_, Access::Admin) | (Scope::Admin, _) => return false,
                 (Scope::All, _) => return true,
                 (Scope::Read(s), Access::Read) | (Scope::Write(s), Access::Write) => s,
                 _ => return false,

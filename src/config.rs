@@ -40,6 +40,7 @@ pub struct Config {
     pub feed: FeedConfig,
     pub ws: WsConfig,
     pub query: QueryConfig,
+    pub indexes: IndexesConfig,
     pub tokens: TokensConfig,
     pub log: LogConfig,
 }
@@ -109,6 +110,19 @@ impl QueryConfig {
             max_clauses: self.max_clauses,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexesConfig {
+    pub suggest_min_calls: u64,
+    pub auto_create_min_calls: u64,
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub unused_after: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +235,12 @@ impl Config {
                 "query.default_limit",
                 "must be between 1 and query.max_limit",
             );
+        }
+        if self.indexes.flush_interval.is_zero() {
+            return invalid("indexes.flush_interval", "must be longer than zero");
+        }
+        if self.indexes.prune_interval.is_zero() {
+            return invalid("indexes.prune_interval", "must be longer than zero");
         }
         if self.query.max_depth == 0 {
             return invalid("query.max_depth", "must be at least 1");

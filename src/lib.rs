@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod embedded_db;
 pub mod feed;
+pub mod governance;
 pub mod http;
 pub mod oneshot;
 pub mod server;

@@ -221,6 +221,14 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             stopped(shutdown.clone()),
         )),
     ];
+    let governance = Arc::new(crate::governance::Governance::new(
+        store.clone(),
+        config.indexes.clone(),
+    ));
+    let mut background = background;
+    background.push(tokio::spawn(
+        governance.clone().run(stopped(shutdown.clone())),
+    ));
     let grace = config.http.shutdown_grace;
     let app = Arc::new(App::new(
         config,
@@ -229,6 +237,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             feed,
             tokens,
             metrics: crate::telemetry::metrics(),
+            governance,
             realtime,
             feed_head,
             shutdown,

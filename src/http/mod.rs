@@ -1,6 +1,7 @@
 //! The HTTP edge: accept loop with graceful shutdown, routing, request ids, per-route metrics,
 //! and the helpers handlers share (auth, JSON bodies, responses).
 
+mod admin;
 mod changes;
 mod docs;
 pub mod error;
@@ -39,17 +40,25 @@ pub enum Route {
     DocsItem,
     Changes,
     Query,
+    AdminIndexes,
+    AdminSuggestions,
+    AdminPrune,
+    AdminExplain,
     WebSocket,
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 7] = [
+    const ALL: [(&'static str, Route); 11] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
         ("/v1/docs/{type}/{id}", Route::DocsItem),
         ("/v1/changes", Route::Changes),
         ("/v1/query", Route::Query),
+        ("/v1/admin/indexes", Route::AdminIndexes),
+        ("/v1/admin/indexes/suggestions", Route::AdminSuggestions),
+        ("/v1/admin/indexes/prune", Route::AdminPrune),
+        ("/v1/admin/explain", Route::AdminExplain),
         ("/v1/ws", Route::WebSocket),
     ];
 
@@ -197,6 +206,16 @@ async fn dispatch(
         (Route::Changes, _) if method == Method::GET => changes::changes(app, req).await,
         (Route::Query, _) if method == Method::POST => query::query(app, req).await,
         (Route::Query, _) => Err(method_not_allowed("POST")),
+        (Route::AdminIndexes, _) => match method {
+            Method::GET => admin::list(app, req).await,
+            Method::POST => admin::approve(app, req).await,
+            _ => Err(method_not_allowed("GET, POST")),
+        },
+        (Route::AdminSuggestions, _) if method == Method::GET => admin::suggestions(app, req).await,
+        (Route::AdminPrune, _) if method == Method::POST => admin::prune(app, req).await,
+        (Route::AdminPrune, _) => Err(method_not_allowed("POST")),
+        (Route::AdminExplain, _) if method == Method::POST => admin::explain(app, req).await,
+        (Route::AdminExplain, _) => Err(method_not_allowed("POST")),
         (Route::Health, _) if method == Method::GET => health(app).await,
         (Route::Metrics, _) if method == Method::GET => Ok(text(app.metrics.render())),
         (Route::DocsCollection, [doc_type]) => match method {
@@ -278,15 +297,25 @@ fn require_scope(claims: &Claims, access: Access, doc_type: &str) -> Result<(), 
     if claims.permits(access, doc_type) {
         return Ok(());
     }
-    let verb = match access {
-        Access::Read => "read",
-        Access::Write => "write",
+    let scope = match access {
+        Access::Read => format!("read:{doc_type}"),
+        Access::Write => format!("write:{doc_type}"),
+        Access::Admin => "admin".to_owned(),
     };
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
         "missing_scope",
-        format!("the token lacks the scope {verb}:{doc_type}"),
+        format!("the token lacks the scope {scope}"),
     ))
+}
+
+/// The verified claims of a bearer token with the `admin` scope (its attenuations checked
+/// against `operation("admin")`).
+pub fn authorize_admin(app: &App, headers: &HeaderMap) -> Result<Arc<Claims>, ApiError> {
+    let token = bearer_token(headers)?;
+    let claims = app.tokens.verify(token, Access::Admin, None)?;
+    require_scope(&claims, Access::Admin, "")?;
+    Ok(claims)
 }
 
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {

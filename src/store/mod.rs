@@ -3,6 +3,7 @@
 //!
 //! Invariant: values are always bound parameters; SQL text is static.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,6 +21,9 @@ use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
 
 mod query;
+pub mod shapes;
+
+pub use query::index_expression;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
@@ -76,6 +80,8 @@ pub struct Store {
     pool: PgPool,
     /// Told after every committed write, so this node's feed reader makes a tick at once.
     waker: FeedWaker,
+    /// Shapes and latencies of the queries run (index governance).
+    shapes: Arc<shapes::ShapeRecorder>,
 }
 
 impl Store {
@@ -106,6 +112,7 @@ impl Store {
         Ok(Self {
             pool,
             waker: FeedWaker::default(),
+            shapes: Arc::default(),
         })
     }
 
@@ -287,7 +294,39 @@ impl Store {
     pub async fn query(&self, spec: &QuerySpec, extra: u32) -> Result<Vec<Document>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let limit = i64::from(spec.limit) + i64::from(extra);
-        query::run(&mut conn, &query::compile(spec, None, None, limit)).await
+        self.run_recorded(&mut conn, spec, &query::compile(spec, None, None, limit))
+            .await
+    }
+
+    /// Runs a compiled query and records its shape and latency.
+    async fn run_recorded(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        spec: &QuerySpec,
+        compiled: &query::Compiled,
+    ) -> Result<Vec<Document>, StoreError> {
+        let started = std::time::Instant::now();
+        let docs = query::run(conn, compiled).await?;
+        self.shapes.record(spec, started.elapsed());
+        Ok(docs)
+    }
+
+    /// The query shapes recorded since the last call (see `crate::governance`).
+    pub fn take_shapes(&self) -> Vec<shapes::ShapeStats> {
+        self.shapes.take()
+    }
+
+    /// The plan PostgreSQL chooses for one page of `spec` for `caller` (`EXPLAIN (FORMAT
+    /// JSON)`); with `analyze`, run it and include actual rows and buffers (not timings).
+    pub async fn explain(
+        &self,
+        spec: &QuerySpec,
+        caller: &str,
+        analyze: bool,
+    ) -> Result<serde_json::Value, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let compiled = query::compile(spec, Some(caller), None, i64::from(spec.limit) + 1);
+        query::explain(&mut conn, &compiled, analyze).await
     }
 
     /// One page of a one-shot query for `caller`: up to `spec.limit` documents after `after`,
@@ -301,7 +340,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let limit = i64::from(spec.limit);
         let compiled = query::compile(spec, Some(caller), after, limit + 1);
-        let mut docs = query::run(&mut conn, &compiled).await?;
+        let mut docs = self.run_recorded(&mut conn, spec, &compiled).await?;
         let more = docs.len() as i64 > limit;
         docs.truncate(spec.limit as usize);
         Ok((docs, more))
@@ -342,7 +381,9 @@ impl Store {
             )))
         })?;
         let limit = i64::from(spec.limit) + 1;
-        let docs = query::run(&mut tx, &query::compile(spec, None, None, limit)).await?;
+        let docs = self
+            .run_recorded(&mut tx, spec, &query::compile(spec, None, None, limit))
+            .await?;
         tx.commit().await?;
         Ok(Snapshot {
             docs,

@@ -17,6 +17,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use vibe_actors::query::keyset::{KeyValue, Keyset};
+use vibe_actors::query::shape::IndexKind;
 use vibe_actors::query::{
     CanonicalValue, Field, Filter, Operand, Predicate, QuerySpec, Scope, is_path_segment,
 };
@@ -483,6 +484,49 @@ impl Builder {
         }
         condition
     }
+}
+
+/// The expression an index must hold to serve range conditions on `path` of `kind`: exactly
+/// what [`compile`] writes, or the planner would not match it.
+pub fn index_expression(path: &[String], kind: IndexKind) -> String {
+    match kind {
+        IndexKind::Json => json_at(path),
+        IndexKind::Text => format!("({} COLLATE \"C\")", text_at(path)),
+    }
+}
+
+/// `EXPLAIN (FORMAT JSON)` of a compiled query; with `analyze`, executed, with buffers and
+/// without timings.
+pub(super) async fn explain(
+    conn: &mut sqlx::PgConnection,
+    compiled: &Compiled,
+    analyze: bool,
+) -> Result<serde_json::Value, StoreError> {
+    let options = if analyze {
+        "ANALYZE, BUFFERS, TIMING OFF, SUMMARY OFF, FORMAT JSON"
+    } else {
+        "FORMAT JSON"
+    };
+    let explained = Compiled {
+        sql: format!("EXPLAIN ({options}) {}", compiled.sql),
+        binds: compiled.binds.clone(),
+    };
+    let mut query =
+        sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(explained.sql.clone()));
+    for bind in &explained.binds {
+        query = match bind {
+            Bind::Text(v) => query.bind(v.clone()),
+            Bind::Texts(v) => query.bind(v.clone()),
+            Bind::Json(v) => query.bind(v.clone()),
+            Bind::Id(v) => query.bind(*v),
+            Bind::Ids(v) => query.bind(v.clone()),
+            Bind::Time(v) => query.bind(*v),
+            Bind::Times(v) => query.bind(v.clone()),
+            Bind::SmallInt(v) => query.bind(*v),
+            Bind::BigInt(v) => query.bind(*v),
+        };
+    }
+    Ok(query.fetch_one(conn).await?)
 }
 
 pub(super) async fn run(

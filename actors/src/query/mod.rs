@@ -18,6 +18,7 @@
 mod eval;
 pub mod keyset;
 mod parse;
+pub mod shape;
 
 use std::cmp::Ordering;
 use std::hash::{Hash, Hasher};
@@ -218,6 +219,16 @@ impl Comparison {
             Comparison::Gte => ordering.is_ge(),
             Comparison::Lt => ordering.is_lt(),
             Comparison::Lte => ordering.is_le(),
+        }
+    }
+
+    /// The operator's name in queries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Comparison::Gt => "gt",
+            Comparison::Gte => "gte",
+            Comparison::Lt => "lt",
+            Comparison::Lte => "lte",
         }
     }
 

@@ -1,0 +1,336 @@
+//! Index governance end to end, on 100,000 documents: a hot range query's shape is recorded
+//! (without its values), an expression index is suggested with its evidence, approved, built
+//! concurrently, and then the plan uses it and touches a fraction of the buffers (asserted on
+//! `EXPLAIN (ANALYZE, BUFFERS)`, never on time); an unused managed index is pruned while the core
+//! indexes stay; the optional policy builds one without approval; admin routes need `admin`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::TestServer;
+
+const ALICE: &str = "did:key:zAlice";
+
+async fn call(
+    s: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = s.client.request(method, s.url(path)).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Every node of a plan tree.
+fn nodes(plan: &Value, out: &mut Vec<Value>) {
+    out.push(plan.clone());
+    if let Some(children) = plan["Plans"].as_array() {
+        for child in children {
+            nodes(child, out);
+        }
+    }
+}
+
+/// The index names a plan reads, and the shared buffers its top node touched.
+async fn explain(s: &TestServer, admin: &str, query: &Value) -> (Vec<String>, i64) {
+    let (status, body) = call(
+        s,
+        reqwest::Method::POST,
+        "/v1/admin/explain",
+        admin,
+        Some(json!({"query": query, "analyze": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let top = &body["plan"][0]["Plan"];
+    let mut all = Vec::new();
+    nodes(top, &mut all);
+    let indexes = all
+        .iter()
+        .filter_map(|n| n["Index Name"].as_str().map(str::to_owned))
+        .collect();
+    let buffers =
+        top["Shared Hit Blocks"].as_i64().unwrap() + top["Shared Read Blocks"].as_i64().unwrap();
+    (indexes, buffers)
+}
+
+/// Polls the managed index list (the build runs in the background) until `done` holds for the
+/// index named `name`.
+async fn wait_for(s: &TestServer, admin: &str, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = call(s, reqwest::Method::GET, "/v1/admin/indexes", admin, None).await;
+        assert_eq!(status, 200, "{body}");
+        let index = body["indexes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .cloned()
+            .unwrap();
+        assert_ne!(index["status"], "failed", "{index}");
+        if done(&index) {
+            return index;
+        }
+        assert!(Instant::now() < deadline, "index never got there: {index}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hot_range_query_gets_its_index_and_an_unused_one_goes() {
+    let s = TestServer::start_with(&[
+        ("indexes.suggest_min_calls", "20"),
+        ("indexes.unused_after", "\"0s\""),
+    ])
+    .await;
+    let pool = s.sql().await;
+    // A permutation of 0..100000 as scores, so the highest ten are scattered in creation order.
+    sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, data) \
+         SELECT gen_random_uuid(), $1, 'items', \
+                jsonb_build_object('score', (i * 7919) % 100000, 'tag', 't' || (i % 10)) \
+         FROM generate_series(1, 100000) AS i",
+    )
+    .bind(ALICE)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE documents")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let user = s.token(ALICE, &["read:items"]);
+    let admin = s.token(ALICE, &["admin", "read:items"]);
+    let hot = json!({"type": "items", "where": {"data.score": {"gte": 99990}}, "limit": 10});
+    for _ in 0..25 {
+        let (status, body) = call(
+            &s,
+            reqwest::Method::POST,
+            "/v1/query",
+            &user,
+            Some(hot.clone()),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["docs"].as_array().unwrap().len(), 10);
+    }
+    // An equality the GIN index already serves: never suggested.
+    for _ in 0..25 {
+        let (status, _) = call(
+            &s,
+            reqwest::Method::POST,
+            "/v1/query",
+            &user,
+            Some(json!({"type": "items", "where": {"data.tag": "t3"}, "limit": 5})),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
+    // Administration needs the admin scope; `*` is not enough.
+    for token in [&user, &s.token(ALICE, &["*"])] {
+        let (status, body) = call(
+            &s,
+            reqwest::Method::GET,
+            "/v1/admin/indexes/suggestions",
+            token,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("missing_scope"))
+        );
+    }
+
+    let (before_indexes, before_buffers) = explain(&s, &admin, &hot).await;
+    assert!(
+        before_indexes.iter().all(|i| !i.starts_with("vibe_auto_")),
+        "{before_indexes:?}"
+    );
+
+    let (status, body) = call(
+        &s,
+        reqwest::Method::GET,
+        "/v1/admin/indexes/suggestions",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let suggestions = body["suggestions"].as_array().unwrap();
+    assert_eq!(suggestions.len(), 1, "only the range path: {body}");
+    let suggestion = &suggestions[0];
+    assert_eq!(suggestion["type"], "items");
+    assert_eq!(suggestion["path"], "data.score");
+    assert_eq!(suggestion["kind"], "number");
+    let evidence = &suggestion["evidence"];
+    assert!(evidence["calls"].as_i64().unwrap() >= 25, "{evidence}");
+    assert!(evidence["p95Ms"].as_f64().unwrap() > 0.0, "{evidence}");
+    assert!(
+        evidence["explainCostBefore"].as_f64().unwrap() > 0.0,
+        "{evidence}"
+    );
+    assert_eq!(evidence["shape"]["where"]["op"], "gte", "{evidence}");
+    // Shapes hold kinds, never values or callers.
+    let shapes: Vec<String> = sqlx::query_scalar("SELECT shape::text FROM query_shapes")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(!shapes.is_empty());
+    assert!(
+        shapes
+            .iter()
+            .all(|t| !t.contains("99990") && !t.contains("t3") && !t.contains(ALICE)),
+        "{shapes:?}"
+    );
+
+    let (status, index) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/admin/indexes",
+        &admin,
+        Some(json!({"type": "items", "path": "data.score", "kind": "number"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{index}");
+    let name = index["name"].as_str().unwrap().to_owned();
+    assert!(name.starts_with("vibe_auto_"));
+    let ready = wait_for(&s, &admin, &name, |i| i["status"] == "ready").await;
+    assert_eq!(ready["requestedBy"], ALICE);
+    // Approved and built: no longer suggested.
+    let (_, body) = call(
+        &s,
+        reqwest::Method::GET,
+        "/v1/admin/indexes/suggestions",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(body["suggestions"], json!([]), "{body}");
+
+    let (after_indexes, after_buffers) = explain(&s, &admin, &hot).await;
+    assert!(
+        after_indexes.contains(&name),
+        "the plan uses {name}: {after_indexes:?}"
+    );
+    assert!(
+        after_buffers * 10 < before_buffers,
+        "buffers {before_buffers} -> {after_buffers}"
+    );
+    let (status, body) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/query",
+        &user,
+        Some(hot.clone()),
+    )
+    .await;
+    assert_eq!((status, body["docs"].as_array().unwrap().len()), (200, 10));
+
+    // The statistics collector reports the scans a moment later; pruning then sees it used.
+    wait_for(&s, &admin, &name, |i| i["scans"].as_i64().unwrap_or(0) > 0).await;
+    let (status, body) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/admin/indexes/prune",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["dropped"]),
+        (200, &json!([])),
+        "used since last check"
+    );
+    // No scans since (unused_after is 0s here): dropped.
+    let (_, body) = call(
+        &s,
+        reqwest::Method::POST,
+        "/v1/admin/indexes/prune",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(body["dropped"], json!([name]));
+    wait_for(&s, &admin, &name, |i| i["status"] == "dropped").await;
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = 'documents'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(!left.contains(&name), "{left:?}");
+    for core in [
+        "documents_pkey",
+        "documents_data",
+        "documents_owner_type_created",
+    ] {
+        assert!(left.iter().any(|i| i == core), "{core} must stay: {left:?}");
+    }
+    pool.close().await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn the_policy_builds_indexes_past_its_threshold() {
+    let s = TestServer::start_with(&[
+        ("indexes.suggest_min_calls", "5"),
+        ("indexes.auto_create_min_calls", "5"),
+        ("indexes.flush_interval", "\"100ms\""),
+    ])
+    .await;
+    let user = s.token(ALICE, &["read:items"]);
+    let admin = s.token(ALICE, &["admin"]);
+    for i in 0..6 {
+        let (status, body) = call(
+            &s,
+            reqwest::Method::POST,
+            "/v1/query",
+            &user,
+            Some(json!({"type": "items", "where": {"data.name": {"lt": format!("m{i}")}}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let index = loop {
+        let (_, body) = call(&s, reqwest::Method::GET, "/v1/admin/indexes", &admin, None).await;
+        if let Some(i) = body["indexes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["status"] == "ready")
+        {
+            break i.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy built nothing: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(index["requestedBy"], "policy");
+    assert_eq!(index["path"], "data.name");
+    assert_eq!(index["kind"], "string");
+    assert!(
+        index["definition"]
+            .as_str()
+            .unwrap()
+            .contains(r#"COLLATE "C""#),
+        "{index}"
+    );
+    s.finish().await;
+}
