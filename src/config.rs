@@ -99,6 +99,7 @@ pub struct QueryConfig {
     pub max_limit: u32,
     pub max_depth: usize,
     pub max_clauses: usize,
+    pub max_live_queries: usize,
 }
 
 impl QueryConfig {
@@ -241,6 +242,9 @@ impl Config {
         }
         if self.indexes.prune_interval.is_zero() {
             return invalid("indexes.prune_interval", "must be longer than zero");
+        }
+        if self.query.max_live_queries == 0 {
+            return invalid("query.max_live_queries", "must be at least 1");
         }
         if self.query.max_depth == 0 {
             return invalid("query.max_depth", "must be at least 1");

@@ -187,6 +187,8 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         }),
         replay_capacity: config.ws.replay_buffer,
         linger: config.ws.linger,
+        max_live_queries: config.query.max_live_queries,
+        live_queries: Arc::default(),
     };
     let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position))
         .await

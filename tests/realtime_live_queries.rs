@@ -259,3 +259,45 @@ async fn writes_made_in_sql_are_delivered() {
     ws.close().await;
     s.finish().await;
 }
+
+#[tokio::test]
+async fn distinct_live_queries_are_capped_per_node() {
+    let s =
+        TestServer::start_with(&[("query.max_live_queries", "2"), ("ws.linger", "\"0s\"")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let bob = s.token(BOB, &["*"]);
+    let mut a = Ws::connect(&s.base, Some(&alice)).await;
+    let mut b = Ws::connect(&s.base, Some(&bob)).await;
+    let read =
+        |n: i64| json!({"op": "read", "type": "posts", "where": {"data.n": n}, "global": true});
+
+    let first = a.request(read(1)).await;
+    assert_eq!(first["ok"], true, "{first}");
+    let second = a.request(read(2)).await;
+    assert_eq!(second["ok"], true, "{second}");
+    let third = b.request(read(3)).await;
+    assert_eq!(third["error"]["code"], "too_many_live_queries", "{third}");
+    // The same query as a running one shares it: no new live query, so no limit.
+    let shared = b.request(read(1)).await;
+    assert_eq!(shared["sub"], first["sub"], "{shared}");
+    // The connection still works after the refusal, and a freed slot is reusable.
+    let unsub = a
+        .request(json!({"op": "unsub", "sub": second["sub"]}))
+        .await;
+    assert_eq!(unsub["ok"], true, "{unsub}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // The slot frees once the type actor has handled the unsubscribe.
+        let again = b.request(read(3)).await;
+        if again["ok"] == true {
+            break;
+        }
+        assert_eq!(again["error"]["code"], "too_many_live_queries", "{again}");
+        assert!(std::time::Instant::now() < deadline, "the slot never freed");
+        let pong = b.request(json!({"op": "ping"})).await;
+        assert_eq!(pong["pong"], true);
+    }
+    a.close().await;
+    b.close().await;
+    s.finish().await;
+}

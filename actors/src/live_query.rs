@@ -82,23 +82,25 @@ impl LiveQueryRef {
         self.mailbox.close_channel();
     }
 
-    /// Adds a subscriber (see [`SubscribeMsg`]) and waits for its subscription id.
-    pub async fn subscribe(
+    /// Adds a subscriber (see [`SubscribeMsg`]); the answer resolves to its subscription id
+    /// once the query has loaded and handled it, or fails if the query stops first.
+    pub fn subscribe(
         &self,
         subscriber: Arc<Subscriber>,
         request_id: serde_json::Value,
         since: Option<Cursor>,
         position: Cursor,
-    ) -> Result<Arc<str>, Stopped> {
+    ) -> oneshot::Receiver<Arc<str>> {
         let (reply, answer) = oneshot::channel();
-        self.cast(LiveQueryMsg::Subscribe(Box::new(SubscribeMsg {
+        // A stopped query drops the message, and with it `reply`: the answer fails.
+        let _ = self.cast(LiveQueryMsg::Subscribe(Box::new(SubscribeMsg {
             subscriber,
             request_id,
             since,
             position,
             reply,
-        })))?;
-        answer.await.map_err(|_| Stopped)
+        })));
+        answer
     }
 }
 
@@ -266,19 +268,17 @@ impl<T> ByConnection<T> {
     }
 }
 
-/// Loads the query's window, re-syncs `args.resync`, and starts the query's task; `on_exit`
-/// runs when the task ends.
-pub async fn start(
-    args: LiveQueryArgs,
-    on_exit: impl FnOnce(Exit) + Send + 'static,
-) -> Result<LiveQueryRef, LiveQueryError> {
-    let state = LiveQueryState::load(args).await?;
+/// Starts the query's task, which loads the window (messages queue meanwhile), re-syncs
+/// `args.resync`, then handles its messages; `on_exit` runs when the task ends (a failed load
+/// is a failure like any other). The caller does not wait for the load: one slow query does not
+/// hold up its type.
+pub fn start(args: LiveQueryArgs, on_exit: impl FnOnce(Exit) + Send + 'static) -> LiveQueryRef {
     let (mailbox, messages) = mpsc::unbounded();
     metrics::gauge!("vibe_live_queries").increment(1.0);
     // A panicking handler must not take the node down, nor leave its subscribers waiting for
     // events that never come: it fails like an error, and the supervisor restarts it. Built from
     // combinators rather than an async block, which would hold the loop's state twice.
-    let task = AssertUnwindSafe(run(state, messages))
+    let task = AssertUnwindSafe(run(args, messages))
         .catch_unwind()
         .map(move |result| {
             let exit = match result {
@@ -290,14 +290,17 @@ pub async fn start(
             on_exit(exit);
         });
     tokio::spawn(task);
-    Ok(LiveQueryRef { mailbox })
+    LiveQueryRef { mailbox }
 }
 
-/// The query's task: one message at a time until every address is gone or one fails.
+/// The query's task: the load, then one message at a time until every address is gone or one
+/// fails.
 async fn run(
-    mut state: LiveQueryState,
+    args: LiveQueryArgs,
     mut messages: mpsc::UnboundedReceiver<LiveQueryMsg>,
 ) -> Result<(), LiveQueryError> {
+    // Boxed: the load's future is large and only needed once.
+    let mut state = Box::pin(LiveQueryState::load(args)).await?;
     while let Some(message) = messages.next().await {
         // Boxed per message, so the task an idle query keeps is small: handling a page (with
         // its snapshot reload) needs far more room than waiting does.

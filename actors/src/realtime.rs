@@ -50,6 +50,19 @@ pub struct RealtimeConfig {
     /// How long a live query outlives its last subscriber, so a client that reconnects within
     /// it resumes exactly (its events kept flowing into the replay buffer).
     pub linger: Duration,
+    /// Distinct live queries this node runs at most, over all types.
+    pub max_live_queries: usize,
+    /// How many it runs now (shared by the type actors).
+    pub live_queries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Why a subscription did not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("this node runs its maximum of {0} live queries")]
+    TooManyLiveQueries(usize),
+    #[error("the live query could not start")]
+    Unavailable,
 }
 
 /// A subscription request on its way to a live query.
@@ -60,7 +73,7 @@ pub struct SubscribeRequest {
     pub request_id: serde_json::Value,
     pub since: Option<Cursor>,
     /// The subscription id, or why the query could not start.
-    pub reply: RpcReplyPort<Result<Arc<str>, String>>,
+    pub reply: RpcReplyPort<Result<Arc<str>, SubscribeError>>,
 }
 
 #[derive(Debug)]
@@ -236,6 +249,12 @@ pub enum DocTypeMsg {
     },
     /// See [`RealtimeMsg::Resync`].
     Resync(Cursor),
+    /// The subscription of `conn_id` to live query `id` was not answered (the query stopped
+    /// first): release the reference taken for it.
+    SubscribeFailed {
+        id: QueryId,
+        conn_id: u64,
+    },
     /// The task `instance` of live query `id` failed: restart it (if it is still the current
     /// one).
     QueryFailed {
@@ -316,32 +335,13 @@ impl Actor for DocType {
                     state.route(&page, position, &in_flight);
                 }
             }
-            DocTypeMsg::Subscribe(request) => state.subscribe(&myself, request).await,
+            DocTypeMsg::Subscribe(request) => state.subscribe(&myself, request),
             DocTypeMsg::Unsubscribe { spec, conn_id } => {
-                let Some(id) = state.ids.get(&spec).copied() else {
-                    return Ok(());
-                };
-                let Some(entry) = state.entries.get_mut(&id) else {
-                    return Ok(());
-                };
-                if let Some((_, refs)) = entry.subscribers.get_mut(conn_id) {
-                    *refs -= 1;
-                    if *refs == 0 {
-                        entry.subscribers.remove(conn_id);
-                        let _ = entry.actor.cast(LiveQueryMsg::Unsubscribe { conn_id });
-                    }
-                }
-                if entry.subscribers.is_empty() {
-                    entry.idle_generation += 1;
-                    let generation = entry.idle_generation;
-                    let linger = state.config.linger;
-                    if linger.is_zero() {
-                        state.expire(id, generation);
-                    } else {
-                        myself.send_after(linger, move || DocTypeMsg::Expire { id, generation });
-                    }
+                if let Some(id) = state.ids.get(&spec).copied() {
+                    state.release(&myself, id, conn_id);
                 }
             }
+            DocTypeMsg::SubscribeFailed { id, conn_id } => state.release(&myself, id, conn_id),
             DocTypeMsg::Expire { id, generation } => state.expire(id, generation),
             DocTypeMsg::Resync(position) => {
                 state.position = position;
@@ -371,7 +371,7 @@ impl Actor for DocType {
                 }
                 tracing::warn!(doc_type = %entry.spec.doc_type, %error, "live query failed; restarting");
                 metrics::counter!("vibe_live_query_restarts_total").increment(1);
-                state.restart(&myself, id).await;
+                state.restart(&myself, id);
             }
         }
         Ok(())
@@ -379,6 +379,31 @@ impl Actor for DocType {
 }
 
 impl DocTypeState {
+    /// Drops one reference of `conn_id` to live query `id`; a query left without subscribers
+    /// stops after the linger.
+    fn release(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId, conn_id: u64) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if let Some((_, refs)) = entry.subscribers.get_mut(conn_id) {
+            *refs -= 1;
+            if *refs == 0 {
+                entry.subscribers.remove(conn_id);
+                let _ = entry.actor.cast(LiveQueryMsg::Unsubscribe { conn_id });
+            }
+        }
+        if entry.subscribers.is_empty() {
+            entry.idle_generation += 1;
+            let generation = entry.idle_generation;
+            let linger = self.config.linger;
+            if linger.is_zero() {
+                self.expire(id, generation);
+            } else {
+                myself.send_after(linger, move || DocTypeMsg::Expire { id, generation });
+            }
+        }
+    }
+
     /// Sends each live query the changes of `page` that concern it (and nothing when none do).
     fn route(&mut self, page: &Arc<[Change]>, position: Cursor, in_flight: &InFlight) {
         let mut per_query: HashMap<QueryId, Vec<u32>> = HashMap::new();
@@ -414,6 +439,7 @@ impl DocTypeState {
     /// Forgets live query `id` (its task stops once its queue is handled).
     fn forget(&mut self, id: QueryId) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
+        self.config.live_queries.fetch_sub(1, Ordering::Relaxed);
         self.ids.remove(&entry.spec);
         self.index.remove(id, &entry.spec);
         entry.actor.stop();
@@ -432,14 +458,14 @@ impl DocTypeState {
     }
 
     /// Starts a live query task; its failure comes back as [`DocTypeMsg::QueryFailed`].
-    async fn spawn(
+    fn spawn(
         &mut self,
         myself: &ActorRef<DocTypeMsg>,
         id: QueryId,
         spec: Arc<QuerySpec>,
         sub_id: Arc<str>,
         resync: Vec<Arc<Subscriber>>,
-    ) -> Result<(LiveQueryRef, u64), String> {
+    ) -> (LiveQueryRef, u64) {
         let args = LiveQueryArgs {
             spec,
             sub_id,
@@ -460,13 +486,12 @@ impl DocTypeState {
                 });
             }
         };
-        crate::live_query::start(args, on_exit)
-            .await
-            .map(|actor| (actor, instance))
-            .map_err(|e| e.to_string())
+        (crate::live_query::start(args, on_exit), instance)
     }
 
-    async fn subscribe(&mut self, myself: &ActorRef<DocTypeMsg>, request: SubscribeRequest) {
+    /// Starts the query if it is new (without waiting for its load), takes a reference for the
+    /// connection, and answers the request once the query has handled the subscription.
+    fn subscribe(&mut self, myself: &ActorRef<DocTypeMsg>, request: SubscribeRequest) {
         let SubscribeRequest {
             spec,
             subscriber,
@@ -477,37 +502,33 @@ impl DocTypeState {
         let id = match self.ids.get(&spec) {
             Some(id) => *id,
             None => {
+                let max = self.config.max_live_queries;
+                if self.config.live_queries.load(Ordering::Relaxed) >= max {
+                    let _ = reply.send(Err(SubscribeError::TooManyLiveQueries(max)));
+                    return;
+                }
+                self.config.live_queries.fetch_add(1, Ordering::Relaxed);
                 let id = self.next_id;
+                self.next_id += 1;
                 let sub_id: Arc<str> =
                     format!("q{}", self.next_sub.fetch_add(1, Ordering::Relaxed)).into();
-                match self
-                    .spawn(myself, id, spec.clone(), sub_id.clone(), Vec::new())
-                    .await
-                {
-                    Ok((actor, instance)) => {
-                        self.next_id += 1;
-                        self.index.insert(id, &spec);
-                        self.ids.insert(spec.clone(), id);
-                        self.entries.insert(
-                            id,
-                            Entry {
-                                spec,
-                                actor,
-                                instance,
-                                sub_id,
-                                subscribers: ByConnection::default(),
-                                failures: VecDeque::new(),
-                                idle_generation: 0,
-                            },
-                        );
-                        id
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "live query could not start");
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                }
+                let (actor, instance) =
+                    self.spawn(myself, id, spec.clone(), sub_id.clone(), Vec::new());
+                self.index.insert(id, &spec);
+                self.ids.insert(spec.clone(), id);
+                self.entries.insert(
+                    id,
+                    Entry {
+                        spec,
+                        actor,
+                        instance,
+                        sub_id,
+                        subscribers: ByConnection::default(),
+                        failures: VecDeque::new(),
+                        idle_generation: 0,
+                    },
+                );
+                id
             }
         };
         let Some(entry) = self.entries.get_mut(&id) else {
@@ -525,23 +546,25 @@ impl DocTypeState {
                 subscriber
             }
         };
-        let result = entry
+        let answer = entry
             .actor
-            .subscribe(subscriber, request_id, since, self.position)
-            .await;
-        if result.is_err()
-            && let Some((_, refs)) = entry.subscribers.get_mut(conn_id)
-        {
-            // The client is told the subscription failed: it will not unsubscribe.
-            *refs -= 1;
-            if *refs == 0 {
-                entry.subscribers.remove(conn_id);
+            .subscribe(subscriber, request_id, since, self.position);
+        let supervisor = myself.clone();
+        tokio::spawn(async move {
+            match answer.await {
+                Ok(sub) => {
+                    let _ = reply.send(Ok(sub));
+                }
+                Err(_) => {
+                    // The client is told the subscription failed: it will not unsubscribe.
+                    let _ = supervisor.cast(DocTypeMsg::SubscribeFailed { id, conn_id });
+                    let _ = reply.send(Err(SubscribeError::Unavailable));
+                }
             }
-        }
-        let _ = reply.send(result.map_err(|e| e.to_string()));
+        });
     }
 
-    async fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId) {
+    fn restart(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId) {
         let now = Instant::now();
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
@@ -559,22 +582,12 @@ impl DocTypeState {
             }
             return;
         }
-        let (spec, sub_id) = (entry.spec.clone(), entry.sub_id.clone());
-        match self
-            .spawn(myself, id, spec, sub_id.clone(), subscribers.clone())
-            .await
-        {
-            Ok((actor, instance)) => {
-                if let Some(entry) = self.entries.get_mut(&id) {
-                    entry.actor = actor;
-                    entry.instance = instance;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "live query restart failed");
-                self.forget(id);
-                fail_subscribers(&sub_id, &subscribers);
-            }
+        let spec = entry.spec.clone();
+        let sub_id = entry.sub_id.clone();
+        let (actor, instance) = self.spawn(myself, id, spec, sub_id, subscribers);
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.actor = actor;
+            entry.instance = instance;
         }
     }
 }

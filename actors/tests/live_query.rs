@@ -96,7 +96,7 @@ async fn start(query: Value, caller: &str, docs: Vec<Document>, settled: Cursor)
         source: Arc::new(Memory(docs, settled)),
         replay_capacity: 16,
     };
-    vibe_actors::live_query::start(args, |_| {}).await.unwrap()
+    vibe_actors::live_query::start(args, |_| {})
 }
 
 /// Subscribes connection `conn` as `caller` (request id = `conn`) and returns its outbox.

@@ -19,7 +19,7 @@ use vibe_actors::change::Cursor;
 use vibe_actors::live_query::Subscriber;
 use vibe_actors::outbox::Outbox;
 use vibe_actors::query::{QueryRequest, QuerySpec};
-use vibe_actors::realtime::{RealtimeMsg, SubscribeRequest};
+use vibe_actors::realtime::{RealtimeMsg, SubscribeError, SubscribeRequest};
 
 use crate::app::App;
 use crate::auth::{Access, AuthError, Claims};
@@ -381,6 +381,10 @@ impl Session {
                 metrics::gauge!("vibe_ws_subscriptions").increment(1.0);
                 Ok(None)
             }
+            Ok(Err(SubscribeError::TooManyLiveQueries(max))) => Err(Failure(
+                "too_many_live_queries",
+                format!("this node runs its maximum of {max} distinct live queries"),
+            )),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "subscription failed");
                 Err(Failure(
