@@ -65,27 +65,26 @@ async fn explain(s: &TestServer, admin: &str, query: &Value) -> (Vec<String>, i6
     (indexes, buffers)
 }
 
-/// Polls the managed index list (the build runs in the background) until `done` holds for the
-/// index named `name`.
-async fn wait_for(s: &TestServer, admin: &str, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+/// Polls the managed index list (builds run in the background) until some index satisfies
+/// `done`, and returns it; a failed build fails the test.
+async fn wait_for_index(s: &TestServer, admin: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, body) = call(s, reqwest::Method::GET, "/v1/admin/indexes", admin, None).await;
         assert_eq!(status, 200, "{body}");
-        let index = body["indexes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == name)
-            .cloned()
-            .unwrap();
-        assert_ne!(index["status"], "failed", "{index}");
-        if done(&index) {
-            return index;
+        let indexes = body["indexes"].as_array().unwrap();
+        assert!(indexes.iter().all(|i| i["status"] != "failed"), "{body}");
+        if let Some(index) = indexes.iter().find(|i| done(i)) {
+            return index.clone();
         }
-        assert!(Instant::now() < deadline, "index never got there: {index}");
+        assert!(Instant::now() < deadline, "no index got there: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// [`wait_for_index`] for the index named `name`.
+async fn wait_for(s: &TestServer, admin: &str, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    wait_for_index(s, admin, |i| i["name"] == name && done(i)).await
 }
 
 #[tokio::test]
@@ -305,23 +304,7 @@ async fn the_policy_builds_indexes_past_its_threshold() {
         .await;
         assert_eq!(status, 200, "{body}");
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let index = loop {
-        let (_, body) = call(&s, reqwest::Method::GET, "/v1/admin/indexes", &admin, None).await;
-        if let Some(i) = body["indexes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["status"] == "ready")
-        {
-            break i.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the policy built nothing: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let index = wait_for_index(&s, &admin, |i| i["status"] == "ready").await;
     assert_eq!(index["requestedBy"], "policy");
     assert_eq!(index["path"], "data.name");
     assert_eq!(index["kind"], "string");

@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::Row;
 use uuid::Uuid;
 
 use vibe_actors::query::keyset::{KeyValue, Keyset};
@@ -507,13 +508,19 @@ pub(super) async fn explain(
     } else {
         "FORMAT JSON"
     };
-    let explained = Compiled {
-        sql: format!("EXPLAIN ({options}) {}", compiled.sql),
-        binds: compiled.binds.clone(),
-    };
-    let mut query =
-        sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(explained.sql.clone()));
-    for bind in &explained.binds {
+    let sql = format!("EXPLAIN ({options}) {}", compiled.sql);
+    let row = bound(sql, &compiled.binds).fetch_one(conn).await?;
+    Ok(row.try_get(0)?)
+}
+
+/// The query with its parameters bound. The text is assembled from this module's constants and
+/// validated paths only; values are the binds (see the module invariant).
+fn bound(
+    sql: String,
+    binds: &[Bind],
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for bind in binds {
         query = match bind {
             Bind::Text(v) => query.bind(v.clone()),
             Bind::Texts(v) => query.bind(v.clone()),
@@ -526,30 +533,16 @@ pub(super) async fn explain(
             Bind::BigInt(v) => query.bind(*v),
         };
     }
-    Ok(query.fetch_one(conn).await?)
+    query
 }
 
 pub(super) async fn run(
     conn: &mut sqlx::PgConnection,
     compiled: &Compiled,
 ) -> Result<Vec<Document>, StoreError> {
-    // The text is assembled from this module's constants and validated paths only; values are
-    // the binds (see the module invariant).
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(compiled.sql.clone()));
-    for bind in &compiled.binds {
-        query = match bind {
-            Bind::Text(v) => query.bind(v.clone()),
-            Bind::Texts(v) => query.bind(v.clone()),
-            Bind::Json(v) => query.bind(v.clone()),
-            Bind::Id(v) => query.bind(*v),
-            Bind::Ids(v) => query.bind(v.clone()),
-            Bind::Time(v) => query.bind(*v),
-            Bind::Times(v) => query.bind(v.clone()),
-            Bind::SmallInt(v) => query.bind(*v),
-            Bind::BigInt(v) => query.bind(*v),
-        };
-    }
-    let rows = query.fetch_all(conn).await?;
+    let rows = bound(compiled.sql.clone(), &compiled.binds)
+        .fetch_all(conn)
+        .await?;
     rows.iter().map(document).collect()
 }
 

@@ -275,37 +275,28 @@ pub enum Filter {
 impl Filter {
     /// `All` of `members`, flattened, sorted and deduplicated; one member stands for itself.
     pub fn all(members: Vec<Filter>) -> Filter {
-        let mut flat = Vec::with_capacity(members.len());
-        for member in members {
-            match member {
-                Filter::All(inner) => flat.extend(inner),
-                other => flat.push(other),
-            }
-        }
-        flat.sort();
-        flat.dedup();
-        if flat.len() == 1 {
-            flat.pop().unwrap_or(Filter::All(Vec::new()))
-        } else {
-            Filter::All(flat)
-        }
+        Self::combine(members, true)
     }
 
     /// `Any` of `members` (at least one), flattened, sorted and deduplicated.
     pub fn any(members: Vec<Filter>) -> Filter {
+        Self::combine(members, false)
+    }
+
+    fn combine(members: Vec<Filter>, all: bool) -> Filter {
         let mut flat = Vec::with_capacity(members.len());
         for member in members {
-            match member {
-                Filter::Any(inner) => flat.extend(inner),
-                other => flat.push(other),
+            match (member, all) {
+                (Filter::All(inner), true) | (Filter::Any(inner), false) => flat.extend(inner),
+                (other, _) => flat.push(other),
             }
         }
         flat.sort();
         flat.dedup();
-        if flat.len() == 1 {
-            flat.pop().unwrap_or(Filter::All(Vec::new()))
-        } else {
-            Filter::Any(flat)
+        match flat.len() {
+            1 => flat.pop().unwrap_or(Filter::All(Vec::new())),
+            _ if all => Filter::All(flat),
+            _ => Filter::Any(flat),
         }
     }
 
