@@ -182,3 +182,55 @@ async fn a_lingering_live_query_resumes_its_last_subscriber_exactly() {
         s.finish().await;
     }
 }
+
+#[tokio::test]
+async fn an_expired_token_ends_the_connection_and_a_fresh_one_resumes() {
+    let s = TestServer::start().await;
+    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    let short = s.token_until(ALICE, &["*"], until);
+    let query = json!({"op": "read", "type": "posts", "global": true});
+    let mut client = Ws::connect(&s.base, Some(&short)).await;
+    let reply = client.request(query.clone()).await;
+    let (sub, cursor) = (
+        reply["sub"].clone(),
+        reply["cursor"].as_str().unwrap().to_owned(),
+    );
+    // Subscriptions do not outlive the token: the server closes the connection when it expires.
+    assert_eq!(client.closed_with().await, Some(4002));
+    // Not before the expiry (tokens carry it to the second).
+    assert!(std::time::SystemTime::now() + std::time::Duration::from_secs(1) >= until);
+
+    // Written while the client was away; a fresh token resumes exactly after its cursor.
+    let fresh = s.token(ALICE, &["*"]);
+    let mut writer = Ws::connect(&s.base, Some(&fresh)).await;
+    let doc = write(&mut writer, 7).await;
+    let mut back = Ws::connect(&s.base, Some(&fresh)).await;
+    let mut resume = query;
+    resume["since"] = cursor.into();
+    let reply = back.request(resume).await;
+    assert_eq!(reply["sub"], sub, "{reply}");
+    let event = back.event(&sub).await;
+    assert_eq!(
+        (event["event"].as_str(), &event["doc"]["id"]),
+        (Some("add"), &doc["id"])
+    );
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_fresh_auth_of_the_same_did_extends_the_connection() {
+    let s = TestServer::start().await;
+    let expiry = std::time::Duration::from_secs(2);
+    let short = s.token_until(ALICE, &["*"], std::time::SystemTime::now() + expiry);
+    let started = tokio::time::Instant::now();
+    let mut client = Ws::connect(&s.base, Some(&short)).await;
+    let fresh = s.token(ALICE, &["*"]);
+    let reply = client.request(json!({"op": "auth", "token": fresh})).await;
+    assert_eq!(reply["did"], ALICE, "{reply}");
+    // Past the first token's expiry the connection still answers. (Waiting out a deadline is
+    // what this checks: nothing happens at it.)
+    tokio::time::sleep_until(started + expiry + std::time::Duration::from_millis(1500)).await;
+    let pong = client.request(json!({"op": "ping"})).await;
+    assert_eq!(pong["pong"], true, "{pong}");
+    s.finish().await;
+}

@@ -32,6 +32,8 @@ pub struct Identity {
     pub subject: String,
     /// Kept to re-check scopes and attenuations per request.
     token: String,
+    /// The token's expiry: the connection closes then (a fresh `auth` of the same DID extends).
+    pub expires_at: std::time::SystemTime,
 }
 
 /// Checks a token's signature and expiry (its attenuations are checked per request).
@@ -40,6 +42,7 @@ pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
     Ok(Identity {
         subject: claims.subject.clone(),
         token: token.to_owned(),
+        expires_at: claims.expires_at,
     })
 }
 
@@ -66,6 +69,11 @@ impl Session {
 
     pub fn is_authenticated(&self) -> bool {
         self.identity.is_some()
+    }
+
+    /// When the identity's token expires (None before `auth`).
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        self.identity.as_ref().map(|i| i.expires_at)
     }
 
     /// The connection ended: releases every subscription.

@@ -20,7 +20,7 @@ pub mod limits;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
@@ -41,6 +41,8 @@ pub const SUBPROTOCOL: &str = "vibe.v1";
 /// Close codes (4000–4999 are the application's).
 pub const CLOSE_OVERFLOW: u16 = 4008;
 pub const CLOSE_AUTH_TIMEOUT: u16 = 4001;
+/// The token the connection authenticated with expired (a fresh `auth` before then extends it).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4002;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 
@@ -179,7 +181,11 @@ async fn run(
     // every connection, so that would be a contended lock per event).
     let overflowed = overflow.wait();
     let shutting_down = shutdown.changed();
-    tokio::pin!(overflowed, shutting_down);
+    // Reset (not recreated) when the identity changes: a timer per loop turn would cost a
+    // registration per outbound frame.
+    let mut expiry: Option<SystemTime> = None;
+    let token_expired = tokio::time::sleep_until(auth_deadline);
+    tokio::pin!(overflowed, shutting_down, token_expired);
     metrics::gauge!("vibe_ws_connections").increment(1.0);
 
     let end: Result<End, WebSocketError> = async {
@@ -192,6 +198,15 @@ async fn run(
                 reading = Some(Box::pin(read_one(r, control_tx.clone(), message_cap)));
             }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
+            if let Some(s) = &session
+                && s.expires_at() != expiry
+            {
+                expiry = s.expires_at();
+                if let Some(at) = expiry {
+                    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    token_expired.as_mut().reset(tokio::time::Instant::now() + left);
+                }
+            }
             tokio::select! {
                 biased;
                 Some(frame) = control_rx.recv() => {
@@ -215,6 +230,9 @@ async fn run(
                 _ = &mut shutting_down => return Ok(End::Close(CLOSE_GOING_AWAY, b"server shutting down")),
                 () = tokio::time::sleep_until(auth_deadline), if !authenticated => {
                     return Ok(End::Close(CLOSE_AUTH_TIMEOUT, b"authenticate within the auth timeout"));
+                }
+                () = &mut token_expired, if expiry.is_some() => {
+                    return Ok(End::Close(CLOSE_TOKEN_EXPIRED, b"token expired: reconnect with a fresh token and resume with since"));
                 }
                 done = next_of(&mut handling), if handling.is_some() => {
                     handling = None;
