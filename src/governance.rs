@@ -59,6 +59,12 @@ fn index_name(doc_type: &str, path: &[String], kind: IndexKind) -> String {
     format!("vibe_auto_{hash:016x}")
 }
 
+/// Whether `name` is one [`index_name`] makes: the only names this module puts into SQL text.
+fn is_managed_name(name: &str) -> bool {
+    name.strip_prefix("vibe_auto_")
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// `CREATE INDEX CONCURRENTLY` for a (type, path, kind): the type first, as every query has
 /// `type = $1` (a partial index on the type would only match plans made for one constant). The
 /// path's segments cannot hold a quote (see `store::query`).
@@ -343,6 +349,10 @@ impl Governance {
         .await?;
         let mut dropped = Vec::new();
         for (name, scans, stale) in rows {
+            if !is_managed_name(&name) {
+                tracing::warn!(index = %name, "not a name Vibe makes; left alone");
+                continue;
+            }
             let last: i64 =
                 sqlx::query_scalar("SELECT last_scans FROM managed_indexes WHERE name = $1")
                     .bind(&name)
@@ -494,7 +504,11 @@ mod tests {
             a,
             index_name("items", &["score".to_owned()], IndexKind::Text)
         );
-        assert!(a.starts_with("vibe_auto_") && a.len() == "vibe_auto_".len() + 16);
+        assert!(is_managed_name(&a));
+        assert!(!is_managed_name("documents_data"));
+        assert!(!is_managed_name(
+            "vibe_auto_0123456789abcdef; DROP TABLE documents"
+        ));
         assert!(definition("Bad Type", &["score".to_owned()], IndexKind::Json).is_err());
     }
 }
