@@ -241,6 +241,19 @@ struct Setup {
 }
 
 impl Setup {
+    /// ` processes=K server_nofile=L` for the report's header line (each only when it applies).
+    fn report_suffix(&self) -> String {
+        let processes = self.role.processes();
+        let mut suffix = String::new();
+        if processes > 1 {
+            suffix.push_str(&format!(" processes={processes}"));
+        }
+        if let Some(limit) = self.server_nofile {
+            suffix.push_str(&format!(" server_nofile={limit}"));
+        }
+        suffix
+    }
+
     fn new(common: &CommonArgs, label: &'static str) -> anyhow::Result<(Self, Probe)> {
         let n = common.connections;
         if n == 0 {
@@ -1094,21 +1107,13 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
         + writes.warmup_errors;
     let processes = setup.role.processes();
     println!(
-        "{label}: url={} connections={n} live_queries={live_queries} rate={}/s warmup={:.1}s duration={secs:.1}s source_addrs={} nofile={}{}{}",
+        "{label}: url={} connections={n} live_queries={live_queries} rate={}/s warmup={:.1}s duration={secs:.1}s source_addrs={} nofile={}{}",
         common.url,
         args.rate,
         setup.warmup.as_secs_f64(),
         common.source_addrs,
         setup.nofile,
-        if processes > 1 {
-            format!(" processes={processes}")
-        } else {
-            String::new()
-        },
-        setup
-            .server_nofile
-            .map(|l| format!(" server_nofile={l}"))
-            .unwrap_or_default(),
+        setup.report_suffix(),
     );
     println!(
         "writes: {} ok, {} errors ({} late ticks); events: expected {expected}, received {}, missing {missing}, misrouted {}; {events_per_sec:.0} events/s delivered",
@@ -1427,21 +1432,13 @@ async fn run_idle(args: IdleArgs) -> anyhow::Result<()> {
     let mib = |s: Option<ProcSample>| s.map(|s| s.rss_kib as f64 / 1024.0);
     let processes = setup.role.processes();
     println!(
-        "idle: url={} connections={n} subscribed={} live_queries={live_queries} source_addrs={} nofile={} hold={:.1}s{}{}",
+        "idle: url={} connections={n} subscribed={} live_queries={live_queries} source_addrs={} nofile={} hold={:.1}s{}",
         common.url,
         !args.no_subscribe,
         common.source_addrs,
         setup.nofile,
         setup.duration.as_secs_f64(),
-        if processes > 1 {
-            format!(" processes={processes}")
-        } else {
-            String::new()
-        },
-        setup
-            .server_nofile
-            .map(|l| format!(" server_nofile={l}"))
-            .unwrap_or_default(),
+        setup.report_suffix(),
     );
     println!(
         "opened {opened} in {connect_secs:.2}s ({:.0}/s), {connect_errors} connect errors, {dropped} dropped while held, {still_open} open at the end",
