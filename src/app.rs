@@ -21,6 +21,7 @@ pub struct App {
     pub store: Store,
     pub feed: Feed,
     pub tokens: TokenAuthority,
+    pub identity: crate::identity::Identity,
     pub metrics: PrometheusHandle,
     pub governance: Arc<crate::governance::Governance>,
     /// The root of the realtime actor tree.
@@ -43,6 +44,7 @@ pub struct AppParts {
     pub store: Store,
     pub feed: Feed,
     pub tokens: TokenAuthority,
+    pub identity: crate::identity::Identity,
     pub metrics: PrometheusHandle,
     pub governance: Arc<crate::governance::Governance>,
     pub realtime: ActorRef<RealtimeMsg>,
@@ -57,6 +59,7 @@ impl App {
             store: parts.store,
             feed: parts.feed,
             tokens: parts.tokens,
+            identity: parts.identity,
             metrics: parts.metrics,
             governance: parts.governance,
             realtime: parts.realtime,

@@ -16,6 +16,7 @@ use biscuit_auth::builder_ext::AuthorizerExt;
 use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, error as berror};
 
 use crate::acl::is_did;
+use crate::identity::revocation::Revocations;
 
 /// Where the root key lives, relative to the data dir.
 const ROOT_KEY_FILE: &str = "keys/root.key";
@@ -55,6 +56,9 @@ pub enum AuthError {
     Restricted,
     #[error("token expired")]
     Expired,
+    /// Revoked: its grant (consent withdrawn, refresh token replayed) or the token itself.
+    #[error("token revoked")]
+    Revoked,
 }
 
 /// What a token lets its holder do.
@@ -138,6 +142,15 @@ pub struct Claims {
     /// Sorted, without duplicates.
     pub scopes: Vec<Scope>,
     pub expires_at: SystemTime,
+    /// The OAuth client the token was issued to (None: a first-party token, e.g. minted by the
+    /// operator or issued by `POST /v1/sessions`).
+    pub client: Option<String>,
+    /// The authorization grant the token descends from (OAuth tokens only).
+    pub grant: Option<uuid::Uuid>,
+    /// OpenID scopes granted alongside (`openid`, `profile`, `offline_access`).
+    pub identity_scopes: Vec<String>,
+    /// The authority block's revocation id (hex): names the token and all its attenuations.
+    pub token_id: String,
 }
 
 impl Claims {
@@ -159,9 +172,18 @@ impl Claims {
     }
 }
 
+/// What an OAuth access token carries beyond subject and document scopes.
+#[derive(Debug, Clone)]
+pub struct Issued<'a> {
+    pub client: &'a str,
+    pub grant: uuid::Uuid,
+    pub identity_scopes: &'a [String],
+}
+
 /// The node's token root key: mints and verifies tokens.
 pub struct TokenAuthority {
     keypair: KeyPair,
+    revocations: Arc<Revocations>,
     /// Verified single-block tokens. Such a token is signed by this node and was minted by
     /// [`TokenAuthority::mint_until`], so its only check is the expiry, which every hit re-checks:
     /// its verdict cannot depend on the request. Attenuated tokens (more blocks) carry checks
@@ -174,7 +196,7 @@ impl fmt::Debug for TokenAuthority {
         // Never print the private key.
         f.debug_struct("TokenAuthority")
             .field("public_key", &self.keypair.public().to_bytes_hex())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -182,6 +204,7 @@ impl TokenAuthority {
     fn new(keypair: KeyPair) -> Self {
         Self {
             keypair,
+            revocations: Arc::default(),
             verified: quick_cache::sync::Cache::new(VERIFIED_CACHE_CAPACITY),
         }
     }
@@ -217,6 +240,11 @@ impl TokenAuthority {
         self.keypair.public()
     }
 
+    /// The revocation list every verification consults.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
     /// Mints a token for `subject` with `scopes`, valid for `ttl` from now.
     pub fn mint(
         &self,
@@ -234,6 +262,19 @@ impl TokenAuthority {
         scopes: &[Scope],
         expires_at: SystemTime,
     ) -> Result<String, AuthError> {
+        self.mint_issued(subject, scopes, expires_at, None)
+            .map(|(token, _)| token)
+    }
+
+    /// Mints a token, with the OAuth facts when `issued` is given; returns it and its
+    /// revocation id.
+    pub fn mint_issued(
+        &self,
+        subject: &str,
+        scopes: &[Scope],
+        expires_at: SystemTime,
+        issued: Option<&Issued<'_>>,
+    ) -> Result<(String, String), AuthError> {
         if !is_did(subject) {
             return Err(AuthError::BadSubject(subject.to_owned()));
         }
@@ -253,8 +294,20 @@ impl TokenAuthority {
                 .fact(fact("scope", &[string(&scope.to_string())]))
                 .map_err(AuthError::Mint)?;
         }
+        if let Some(issued) = issued {
+            builder = builder
+                .fact(fact("client", &[string(issued.client)]))
+                .and_then(|b| b.fact(fact("grant", &[string(&issued.grant.to_string())])))
+                .map_err(AuthError::Mint)?;
+            for s in issued.identity_scopes {
+                builder = builder
+                    .fact(fact("identity_scope", &[string(s)]))
+                    .map_err(AuthError::Mint)?;
+            }
+        }
         let token = builder.build(&self.keypair).map_err(AuthError::Mint)?;
-        token.to_base64().map_err(AuthError::Mint)
+        let id = token_id(&token)?;
+        Ok((token.to_base64().map_err(AuthError::Mint)?, id))
     }
 
     /// Verifies `token` for a request needing `access` to `doc_type` (None: no type involved).
@@ -280,11 +333,13 @@ impl TokenAuthority {
                 self.verified.remove(token);
                 return Err(AuthError::Expired);
             }
+            self.check_revoked(&claims)?;
             return Ok(claims);
         }
         let biscuit =
             Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
         let claims = Arc::new(self.authorize(&biscuit, now, access, doc_type)?);
+        self.check_revoked(&claims)?;
         if biscuit.block_count() == 1 {
             self.verified.insert(token.to_owned(), claims.clone());
         }
@@ -296,19 +351,28 @@ impl TokenAuthority {
     pub fn identify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
         let now = SystemTime::now();
         if let Some(claims) = self.verified.get(token) {
-            return if claims.expires_at < now {
-                Err(AuthError::Expired)
-            } else {
-                Ok(claims)
-            };
+            if claims.expires_at < now {
+                return Err(AuthError::Expired);
+            }
+            self.check_revoked(&claims)?;
+            return Ok(claims);
         }
         let biscuit =
             Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
-        match self.authorize(&biscuit, now, Access::Read, None) {
-            Ok(claims) => Ok(Arc::new(claims)),
-            Err(AuthError::Restricted) => self.claims_unchecked(&biscuit, now).map(Arc::new),
-            Err(e) => Err(e),
+        let claims = match self.authorize(&biscuit, now, Access::Read, None) {
+            Ok(claims) => claims,
+            Err(AuthError::Restricted) => self.claims_unchecked(&biscuit, now)?,
+            Err(e) => return Err(e),
+        };
+        self.check_revoked(&claims)?;
+        Ok(Arc::new(claims))
+    }
+
+    fn check_revoked(&self, claims: &Claims) -> Result<(), AuthError> {
+        if self.revocations.is_revoked(claims.grant, &claims.token_id) {
+            return Err(AuthError::Revoked);
         }
+        Ok(())
     }
 
     fn claims_unchecked(&self, biscuit: &Biscuit, now: SystemTime) -> Result<Claims, AuthError> {
@@ -318,7 +382,7 @@ impl TokenAuthority {
             .set_limits(LIMITS)
             .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
-        read_claims(&mut authorizer, now)
+        read_claims(biscuit, &mut authorizer, now)
     }
 
     fn authorize(
@@ -344,7 +408,7 @@ impl TokenAuthority {
             .set_limits(LIMITS)
             .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
-        let claims = read_claims(&mut authorizer, now)?;
+        let claims = read_claims(biscuit, &mut authorizer, now)?;
         authorizer.authorize().map_err(|_| AuthError::Restricted)?;
         Ok(claims)
     }
@@ -352,6 +416,7 @@ impl TokenAuthority {
 
 /// Subject, scopes and expiry from the authority block (queries see only trusted facts).
 fn read_claims(
+    biscuit: &Biscuit,
     authorizer: &mut biscuit_auth::Authorizer,
     now: SystemTime,
 ) -> Result<Claims, AuthError> {
@@ -382,15 +447,47 @@ fn read_claims(
         .map_err(|_| AuthError::Invalid)?;
     scopes.sort();
     scopes.dedup();
+    let clients: Vec<(String,)> = authorizer
+        .query("data($c) <- client($c)")
+        .map_err(|_| AuthError::Invalid)?;
+    let grants: Vec<(String,)> = authorizer
+        .query("data($g) <- grant($g)")
+        .map_err(|_| AuthError::Invalid)?;
+    let (client, grant) = match (clients.as_slice(), grants.as_slice()) {
+        ([], []) => (None, None),
+        ([(c,)], [(g,)]) => (
+            Some(c.clone()),
+            Some(g.parse().map_err(|_| AuthError::Invalid)?),
+        ),
+        _ => return Err(AuthError::Invalid),
+    };
+    let identity_scopes: Vec<(String,)> = authorizer
+        .query("data($s) <- identity_scope($s)")
+        .map_err(|_| AuthError::Invalid)?;
+    let mut identity_scopes: Vec<String> = identity_scopes.into_iter().map(|(s,)| s).collect();
+    identity_scopes.sort();
     Ok(Claims {
         subject,
         scopes,
         expires_at,
+        client,
+        grant,
+        identity_scopes,
+        token_id: token_id(biscuit)?,
     })
 }
 
+/// The authority block's revocation id, hex.
+fn token_id(biscuit: &Biscuit) -> Result<String, AuthError> {
+    biscuit
+        .revocation_identifiers()
+        .first()
+        .map(hex::encode)
+        .ok_or(AuthError::Invalid)
+}
+
 /// Writes a secret file readable by its owner only, creating its folder with mode 0700.
-fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent() {

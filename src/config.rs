@@ -42,6 +42,7 @@ pub struct Config {
     pub query: QueryConfig,
     pub indexes: IndexesConfig,
     pub tokens: TokensConfig,
+    pub identity: IdentityConfig,
     pub log: LogConfig,
 }
 
@@ -131,6 +132,36 @@ pub struct IndexesConfig {
 pub struct TokensConfig {
     #[serde(with = "humantime_serde")]
     pub default_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The OpenID issuer URL; empty: `http://<bound address>`.
+    pub issuer: String,
+    pub open_sign_up: bool,
+    #[serde(with = "humantime_serde")]
+    pub access_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub id_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub code_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub interaction_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub session_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub signing_key_overlap: Duration,
+    #[serde(with = "humantime_serde")]
+    pub revocation_poll_interval: Duration,
+    pub login_attempts_per_minute: u32,
+    pub login_attempts_per_minute_per_address: u32,
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +285,49 @@ impl Config {
         }
         if self.tokens.default_ttl.is_zero() {
             return invalid("tokens.default_ttl", "must be longer than zero");
+        }
+        let id = &self.identity;
+        if !id.issuer.is_empty()
+            && (!(id.issuer.starts_with("https://") || id.issuer.starts_with("http://"))
+                || id.issuer.ends_with('/')
+                || id.issuer.contains(['?', '#']))
+        {
+            return invalid(
+                "identity.issuer",
+                "must be an http(s) URL without a trailing slash, query or fragment",
+            );
+        }
+        for (key, d) in [
+            ("identity.access_token_ttl", id.access_token_ttl),
+            ("identity.id_token_ttl", id.id_token_ttl),
+            ("identity.refresh_token_ttl", id.refresh_token_ttl),
+            ("identity.code_ttl", id.code_ttl),
+            ("identity.interaction_ttl", id.interaction_ttl),
+            ("identity.session_ttl", id.session_ttl),
+            ("identity.session_token_ttl", id.session_token_ttl),
+            (
+                "identity.revocation_poll_interval",
+                id.revocation_poll_interval,
+            ),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be longer than zero");
+            }
+        }
+        if id.code_ttl > Duration::from_secs(600) {
+            return invalid(
+                "identity.code_ttl",
+                "must be at most 10 minutes (RFC 6749 §4.1.2)",
+            );
+        }
+        if id.login_attempts_per_minute == 0 || id.login_attempts_per_minute_per_address == 0 {
+            return invalid("identity.login_attempts_per_minute", "must be at least 1");
+        }
+        if id.argon2_memory_kib < 8 || id.argon2_iterations == 0 {
+            return invalid(
+                "identity.argon2_memory_kib",
+                "argon2 needs at least 8 KiB and 1 iteration",
+            );
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(ConfigError::Invalid {

@@ -8,6 +8,7 @@ pub mod embedded_db;
 pub mod feed;
 pub mod governance;
 pub mod http;
+pub mod identity;
 pub mod oneshot;
 pub mod server;
 pub mod store;

@@ -31,6 +31,14 @@ pub enum ServerError {
     Keys(#[from] AuthError),
     #[error(transparent)]
     Feed(#[from] FeedError),
+    #[error(transparent)]
+    Secrets(#[from] crate::identity::secrets::SecretsError),
+    #[error("cannot load the ID token signing keys: {0}")]
+    Signing(#[from] crate::identity::signing::SigningError),
+    #[error("cannot set up accounts: {0}")]
+    Accounts(#[from] crate::identity::accounts::AccountError),
+    #[error("cannot read the token revocation list: {0}")]
+    Revocations(sqlx::Error),
     #[error("cannot start the realtime actors: {0}")]
     Actors(String),
     #[error("cannot prepare data_dir {path}: {source}")]
@@ -176,6 +184,12 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         addr: config.listen,
         source,
     })?;
+    let identity = open_identity(&config, &store, local_addr).await?;
+    tokens
+        .revocations()
+        .sync(store.pool())
+        .await
+        .map_err(ServerError::Revocations)?;
     let feed = Feed::new(store.pool().clone());
     let position = feed.head().await?;
     let (head_tx, feed_head) = watch::channel(position);
@@ -231,6 +245,11 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     background.push(tokio::spawn(
         governance.clone().run(stopped(shutdown.clone())),
     ));
+    background.push(tokio::spawn(tokens.revocations().clone().run(
+        store.pool().clone(),
+        config.identity.revocation_poll_interval,
+        stopped(shutdown.clone()),
+    )));
     let grace = config.http.shutdown_grace;
     let app = Arc::new(App::new(
         config,
@@ -238,6 +257,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             store,
             feed,
             tokens,
+            identity,
             metrics: crate::telemetry::metrics(),
             governance,
             realtime,
@@ -264,6 +284,58 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         background,
         realtime: realtime_task,
         embedded: None,
+    })
+}
+
+/// Accounts, the provider's state and its signing keys (created on first start).
+async fn open_identity(
+    config: &Config,
+    store: &Store,
+    local_addr: SocketAddr,
+) -> Result<crate::identity::Identity, ServerError> {
+    use crate::identity::{Accounts, Identity, OAuthStore, SigningKeys, accounts, oauth, secrets};
+    let id = &config.identity;
+    let secrets = Arc::new(secrets::SecretBox::load_or_create(&config.data_dir)?);
+    let issuer = if id.issuer.is_empty() {
+        format!("http://{local_addr}")
+    } else {
+        id.issuer.clone()
+    };
+    let per_minute = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+    let accounts = Accounts::new(
+        store.pool().clone(),
+        secrets.clone(),
+        accounts::HashCost {
+            memory_kib: id.argon2_memory_kib,
+            iterations: id.argon2_iterations,
+        },
+        accounts::LoginRates {
+            per_handle: per_minute(id.login_attempts_per_minute),
+            per_address: per_minute(id.login_attempts_per_minute_per_address),
+        },
+    )?;
+    let oauth = OAuthStore::new(
+        store.pool().clone(),
+        oauth::Lifetimes {
+            code: id.code_ttl,
+            interaction: id.interaction_ttl,
+            session: id.session_ttl,
+            refresh_token: id.refresh_token_ttl,
+            access_token: id.access_token_ttl,
+        },
+    );
+    let signing = SigningKeys::load(
+        store.pool().clone(),
+        secrets.clone(),
+        id.signing_key_overlap,
+    )
+    .await?;
+    Ok(Identity {
+        issuer,
+        accounts,
+        oauth,
+        signing,
+        secrets,
     })
 }
 

@@ -141,6 +141,11 @@ impl From<AuthError> for ApiError {
                 "invalid_token",
                 "the token is malformed, not issued by this server, or its checks fail",
             ),
+            AuthError::Revoked => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_revoked",
+                "the token was revoked (consent withdrawn, or the token or its grant revoked)",
+            ),
             AuthError::Restricted => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "token_restricted",

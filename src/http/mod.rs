@@ -1,10 +1,12 @@
 //! The HTTP edge: accept loop with graceful shutdown, routing, request ids, per-route metrics,
 //! and the helpers handlers share (auth, JSON bodies, responses).
 
+mod account;
 mod admin;
 mod changes;
 mod docs;
 pub mod error;
+mod oauth;
 mod query;
 
 use std::convert::Infallible;
@@ -44,11 +46,30 @@ pub enum Route {
     AdminSuggestions,
     AdminPrune,
     AdminExplain,
+    AdminClients,
+    AdminClient,
+    AdminRotateKey,
     WebSocket,
+    Discovery,
+    Jwks,
+    Authorize,
+    Login,
+    Consent,
+    Token,
+    UserInfo,
+    Revoke,
+    Introspect,
+    EndSession,
+    Accounts,
+    Sessions,
+    Me,
+    MyApps,
+    MyApp,
+    MyKey,
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 11] = [
+    const ALL: [(&'static str, Route); 30] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
@@ -59,7 +80,26 @@ impl Route {
         ("/v1/admin/indexes/suggestions", Route::AdminSuggestions),
         ("/v1/admin/indexes/prune", Route::AdminPrune),
         ("/v1/admin/explain", Route::AdminExplain),
+        ("/v1/admin/clients", Route::AdminClients),
+        ("/v1/admin/clients/{client}", Route::AdminClient),
+        ("/v1/admin/signing-keys/rotate", Route::AdminRotateKey),
         ("/v1/ws", Route::WebSocket),
+        ("/.well-known/openid-configuration", Route::Discovery),
+        ("/oauth/jwks", Route::Jwks),
+        ("/oauth/authorize", Route::Authorize),
+        ("/oauth/login", Route::Login),
+        ("/oauth/consent", Route::Consent),
+        ("/oauth/token", Route::Token),
+        ("/oauth/userinfo", Route::UserInfo),
+        ("/oauth/revoke", Route::Revoke),
+        ("/oauth/introspect", Route::Introspect),
+        ("/oauth/end-session", Route::EndSession),
+        ("/v1/accounts", Route::Accounts),
+        ("/v1/sessions", Route::Sessions),
+        ("/v1/me", Route::Me),
+        ("/v1/me/apps", Route::MyApps),
+        ("/v1/me/apps/{client}", Route::MyApp),
+        ("/v1/me/key", Route::MyKey),
     ];
 
     fn pattern(self) -> &'static str {
@@ -149,7 +189,10 @@ async fn handle(
         )
     });
     let (label, result) = match matched {
-        Ok((route, params)) => (route.pattern(), dispatch(&app, route, &params, req).await),
+        Ok((route, params)) => (
+            route.pattern(),
+            dispatch(&app, peer, route, &params, req).await,
+        ),
         Err(_) => (
             "unmatched",
             Err(ApiError::new(
@@ -196,6 +239,7 @@ fn request_id(headers: &HeaderMap) -> String {
 
 async fn dispatch(
     app: &Arc<App>,
+    peer: SocketAddr,
     route: Route,
     params: &[String],
     req: Request<Incoming>,
@@ -216,6 +260,49 @@ async fn dispatch(
         (Route::AdminPrune, _) => Err(method_not_allowed("POST")),
         (Route::AdminExplain, _) if method == Method::POST => admin::explain(app, req).await,
         (Route::AdminExplain, _) => Err(method_not_allowed("POST")),
+        (Route::AdminClients, _) => match method {
+            Method::GET => account::list_clients(app, req).await,
+            Method::POST => account::register_client(app, req).await,
+            _ => Err(method_not_allowed("GET, POST")),
+        },
+        (Route::AdminClient, [client]) if method == Method::DELETE => {
+            account::delete_client(app, client, req).await
+        }
+        (Route::AdminClient, _) => Err(method_not_allowed("DELETE")),
+        (Route::AdminRotateKey, _) if method == Method::POST => {
+            account::rotate_signing_key(app, req).await
+        }
+        (Route::AdminRotateKey, _) => Err(method_not_allowed("POST")),
+        (Route::Discovery, _) if method == Method::GET => Ok(oauth::discovery(app)),
+        (Route::Jwks, _) if method == Method::GET => oauth::jwks(app).await,
+        (Route::Authorize | Route::EndSession | Route::UserInfo, _)
+            if method != Method::GET && method != Method::POST =>
+        {
+            Err(method_not_allowed("GET, POST"))
+        }
+        (Route::Authorize, _) => oauth::authorize(app, req).await,
+        (Route::EndSession, _) => oauth::end_session(app, req).await,
+        (Route::UserInfo, _) => oauth::userinfo(app, req).await,
+        (Route::Login, _) if method == Method::POST => oauth::login(app, peer, req).await,
+        (Route::Consent, _) if method == Method::POST => oauth::consent(app, req).await,
+        (Route::Token, _) if method == Method::POST => oauth::token(app, req).await,
+        (Route::Revoke, _) if method == Method::POST => oauth::revoke(app, req).await,
+        (Route::Introspect, _) if method == Method::POST => oauth::introspect(app, req).await,
+        (Route::Login | Route::Consent | Route::Token | Route::Revoke | Route::Introspect, _) => {
+            Err(method_not_allowed("POST"))
+        }
+        (Route::Accounts, _) if method == Method::POST => account::sign_up(app, peer, req).await,
+        (Route::Accounts, _) => Err(method_not_allowed("POST")),
+        (Route::Sessions, _) if method == Method::POST => account::sign_in(app, peer, req).await,
+        (Route::Sessions, _) => Err(method_not_allowed("POST")),
+        (Route::Me, _) if method == Method::GET => account::me(app, req).await,
+        (Route::MyApps, _) if method == Method::GET => account::apps(app, req).await,
+        (Route::MyApp, [client]) if method == Method::DELETE => {
+            account::revoke_app(app, client, req).await
+        }
+        (Route::MyApp, _) => Err(method_not_allowed("DELETE")),
+        (Route::MyKey, _) if method == Method::POST => account::export_key(app, req).await,
+        (Route::MyKey, _) => Err(method_not_allowed("POST")),
         (Route::Health, _) if method == Method::GET => health(app).await,
         (Route::Metrics, _) if method == Method::GET => Ok(text(app.metrics.render())),
         (Route::DocsCollection, [doc_type]) => match method {
@@ -348,6 +435,22 @@ pub async fn read_json<T: DeserializeOwned>(
     req: Request<Incoming>,
     content_types: &[&str],
 ) -> Result<T, ApiError> {
+    let bytes = read_body(app, req, content_types).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
+            _ => ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}")),
+        }
+    })
+}
+
+/// Reads a body of one of the `content_types`, bounded by the configured size.
+pub async fn read_body(
+    app: &App,
+    req: Request<Incoming>,
+    content_types: &[&str],
+) -> Result<Bytes, ApiError> {
     let limit = app.config.http.max_body_bytes;
     let ct = req
         .headers()
@@ -393,13 +496,7 @@ pub async fn read_json<T: DeserializeOwned>(
             }
         })?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
-            _ => ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}")),
-        }
-    })
+    Ok(bytes)
 }
 
 pub fn json(status: StatusCode, value: &impl Serialize) -> HttpResponse {
@@ -416,6 +513,13 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> HttpResponse {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// A response without a body.
+pub fn empty(status: StatusCode) -> HttpResponse {
+    let mut response = HttpResponse::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
     response
 }
 

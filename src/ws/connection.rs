@@ -71,6 +71,13 @@ impl Session {
         self.identity.is_some()
     }
 
+    /// Was the identity's token revoked (its verification now fails with `Revoked`)?
+    pub fn token_revoked(&self) -> bool {
+        self.identity
+            .as_ref()
+            .is_some_and(|i| matches!(self.app.tokens.identify(&i.token), Err(AuthError::Revoked)))
+    }
+
     /// When the identity's token expires (None before `auth`).
     pub fn expires_at(&self) -> Option<std::time::SystemTime> {
         self.identity.as_ref().map(|i| i.expires_at)

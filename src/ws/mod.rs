@@ -43,6 +43,8 @@ pub const CLOSE_OVERFLOW: u16 = 4008;
 pub const CLOSE_AUTH_TIMEOUT: u16 = 4001;
 /// The token the connection authenticated with expired (a fresh `auth` before then extends it).
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4002;
+/// The token was revoked (consent withdrawn, app deleted, token or grant revoked).
+pub const CLOSE_TOKEN_REVOKED: u16 = 4003;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 
@@ -186,6 +188,9 @@ async fn run(
     let mut expiry: Option<SystemTime> = None;
     let token_expired = tokio::time::sleep_until(auth_deadline);
     tokio::pin!(overflowed, shutting_down, token_expired);
+    // Revocations are rare: one boxed wait per connection, re-armed only when one happens.
+    let mut revocation = wait_for_revocation(app.tokens.revocations().changed());
+    let mut recheck_token = false;
     metrics::gauge!("vibe_ws_connections").increment(1.0);
 
     let end: Result<End, WebSocketError> = async {
@@ -196,6 +201,12 @@ async fn run(
                 && let Some(r) = reader.take()
             {
                 reading = Some(Box::pin(read_one(r, control_tx.clone(), message_cap)));
+            }
+            if recheck_token && let Some(s) = &session {
+                recheck_token = false;
+                if s.token_revoked() {
+                    return Ok(End::Close(CLOSE_TOKEN_REVOKED, b"token revoked: access was withdrawn"));
+                }
             }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
             if let Some(s) = &session
@@ -233,6 +244,10 @@ async fn run(
                 }
                 () = &mut token_expired, if expiry.is_some() => {
                     return Ok(End::Close(CLOSE_TOKEN_EXPIRED, b"token expired: reconnect with a fresh token and resume with since"));
+                }
+                changes = &mut revocation => {
+                    revocation = wait_for_revocation(changes);
+                    recheck_token = true;
                 }
                 done = next_of(&mut handling), if handling.is_some() => {
                     handling = None;
@@ -333,6 +348,19 @@ async fn run(
         s.close();
     }
     metrics::gauge!("vibe_ws_connections").decrement(1.0);
+}
+
+/// Resolves (handing the receiver back) when the revocation list next grows; pending forever if
+/// the list's sender is gone.
+fn wait_for_revocation(
+    mut changes: tokio::sync::watch::Receiver<u64>,
+) -> Pin<Box<dyn Future<Output = tokio::sync::watch::Receiver<u64>> + Send>> {
+    Box::pin(async move {
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        changes
+    })
 }
 
 /// The output of the future in `slot` (pending forever when there is none: select! evaluates a

@@ -2,6 +2,8 @@
 //! machine's PostgreSQL, tokens for it, and a direct SQL connection to check what was stored.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different subset; `pub` is for them
 
+pub mod oidc;
+
 use std::time::{Duration, SystemTime};
 
 use figment::providers::{Format, Serialized, Toml};

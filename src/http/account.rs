@@ -1,0 +1,278 @@
+//! Accounts and what users and operators manage about identity over JSON:
+//! `POST /v1/accounts` (sign-up), `POST /v1/sessions` (first-party login → token),
+//! `GET /v1/me`, `GET /v1/me/apps` and `DELETE /v1/me/apps/{client}` (consents),
+//! `POST /v1/me/key` (export the DID key after re-entering the password), and the admin API for
+//! OAuth clients and ID-token signing keys.
+//!
+//! Invariant: consents and keys are managed with first-party tokens only (no `client`): an app
+//! can neither read nor withdraw the user's other consents, nor export the user's key.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::oauth::account_error;
+use super::{ApiError, HttpResponse, authorize_admin, bearer, json, read_json};
+use crate::app::App;
+use crate::auth::{Claims, Scope};
+use crate::identity::oauth::{NewClient, OAuthError};
+
+const JSON: &[&str] = &["application/json"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    handle: String,
+    password: String,
+}
+
+/// `POST /v1/accounts`: creates an account and its `did:key`.
+pub(super) async fn sign_up(
+    app: &App,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    if !app.config.identity.open_sign_up {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "sign_up_closed",
+            "this server does not accept sign-ups",
+        ));
+    }
+    let body: Credentials = read_json(app, req, JSON).await?;
+    // Each sign-up costs a password hash: bounded per address like logins.
+    app.identity
+        .accounts
+        .check_address(peer.ip())
+        .map_err(account_error)?;
+    let account = app
+        .identity
+        .accounts
+        .sign_up(&body.handle, &body.password)
+        .await
+        .map_err(account_error)?;
+    Ok(json(
+        StatusCode::CREATED,
+        &json!({"did": account.did, "handle": account.handle}),
+    ))
+}
+
+/// `POST /v1/sessions`: a first-party token (scope `*`) for the account's own apps and tools.
+pub(super) async fn sign_in(
+    app: &App,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let body: Credentials = read_json(app, req, JSON).await?;
+    let account = app
+        .identity
+        .accounts
+        .login(&body.handle, &body.password, peer.ip())
+        .await
+        .map_err(account_error)?;
+    let expires_at = SystemTime::now() + app.config.identity.session_token_ttl;
+    let token = app
+        .tokens
+        .mint_until(&account.did, &[Scope::All], expires_at)?;
+    Ok(json(
+        StatusCode::CREATED,
+        &json!({
+            "token": token,
+            "did": account.did,
+            "handle": account.handle,
+            "expires_at": chrono::DateTime::<chrono::Utc>::from(expires_at),
+        }),
+    ))
+}
+
+/// `GET /v1/me`: who the token speaks for, and for which app.
+pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let claims = bearer(app, req.headers())?;
+    let handle = app
+        .identity
+        .accounts
+        .by_did(&claims.subject)
+        .await
+        .ok()
+        .map(|a| a.handle);
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "did": claims.subject,
+            "handle": handle,
+            "client_id": claims.client,
+            "scopes": claims.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "identity_scopes": claims.identity_scopes,
+            "expires_at": chrono::DateTime::<chrono::Utc>::from(claims.expires_at),
+        }),
+    ))
+}
+
+fn first_party(app: &App, req: &Request<Incoming>) -> Result<Arc<Claims>, ApiError> {
+    let claims = bearer(app, req.headers())?;
+    if claims.client.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "first_party_only",
+            "this needs a first-party token (POST /v1/sessions), not an app's token",
+        ));
+    }
+    Ok(claims)
+}
+
+/// `GET /v1/me/apps`: the apps the user consented to.
+pub(super) async fn apps(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let claims = first_party(app, &req)?;
+    let consents = app
+        .identity
+        .oauth
+        .consents(&claims.subject)
+        .await
+        .map_err(oauth_error)?;
+    Ok(json(StatusCode::OK, &json!({"apps": consents})))
+}
+
+/// `DELETE /v1/me/apps/{client}`: withdraws consent; the app's tokens stop working on every
+/// node and its live connections for the user close.
+pub(super) async fn revoke_app(
+    app: &App,
+    client_id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let claims = first_party(app, &req)?;
+    let revoked = app
+        .identity
+        .oauth
+        .revoke_consent(&claims.subject, client_id, app.tokens.revocations())
+        .await
+        .map_err(oauth_error)?;
+    if !revoked {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no consent for that app",
+        ));
+    }
+    Ok(super::empty(StatusCode::NO_CONTENT))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reauthentication {
+    password: String,
+}
+
+/// `POST /v1/me/key`: the user's DID private key as a JWK, after the password is re-entered.
+pub(super) async fn export_key(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let claims = first_party(app, &req)?;
+    let body: Reauthentication = read_json(app, req, JSON).await?;
+    let key = app
+        .identity
+        .accounts
+        .export_key(&claims.subject, &body.password)
+        .await
+        .map_err(account_error)?;
+    let mut response = json(StatusCode::OK, &key);
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+/// `POST /v1/admin/clients`: registers an app (RFC 7591 metadata names); the secret is shown
+/// once.
+pub(super) async fn register_client(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(app, req.headers())?;
+    let body: NewClient = read_json(app, req, JSON).await?;
+    let (client, secret) = app
+        .identity
+        .oauth
+        .register_client(body)
+        .await
+        .map_err(oauth_error)?;
+    Ok(json(
+        StatusCode::CREATED,
+        &json!({
+            "client_id": client.client_id,
+            "client_secret": secret,
+            "client_id_issued_at": client.created_at.timestamp(),
+            "client_secret_expires_at": 0,
+            "client_name": client.client_name,
+            "redirect_uris": client.redirect_uris,
+            "post_logout_redirect_uris": client.post_logout_redirect_uris,
+            "scope": client.scopes.join(" "),
+            "token_endpoint_auth_method": client.token_endpoint_auth_method(),
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+        }),
+    ))
+}
+
+/// `GET /v1/admin/clients`.
+pub(super) async fn list_clients(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(app, req.headers())?;
+    let clients = app.identity.oauth.clients().await.map_err(oauth_error)?;
+    Ok(json(StatusCode::OK, &json!({"clients": clients})))
+}
+
+/// `DELETE /v1/admin/clients/{client}`: removes an app and revokes every token issued to it.
+pub(super) async fn delete_client(
+    app: &App,
+    client_id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(app, req.headers())?;
+    let deleted = app
+        .identity
+        .oauth
+        .delete_client(client_id, app.tokens.revocations())
+        .await
+        .map_err(oauth_error)?;
+    if !deleted {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such client",
+        ));
+    }
+    Ok(super::empty(StatusCode::NO_CONTENT))
+}
+
+/// `POST /v1/admin/signing-keys/rotate`: a new ID-token signing key; the old one stays in the
+/// JWKS for `identity.signing_key_overlap`.
+pub(super) async fn rotate_signing_key(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    authorize_admin(app, req.headers())?;
+    let kid = app.identity.signing.rotate().await.map_err(|e| {
+        tracing::error!(error = %e, "signing key rotation failed");
+        ApiError::internal()
+    })?;
+    Ok(json(StatusCode::OK, &json!({"kid": kid})))
+}
+
+fn oauth_error(e: OAuthError) -> ApiError {
+    match e {
+        OAuthError::Database(e) => {
+            tracing::error!(error = %e, "identity database error");
+            ApiError::internal()
+        }
+        e => ApiError::bad_request(e.code(), e.to_string()),
+    }
+}

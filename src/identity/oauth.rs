@@ -1,0 +1,935 @@
+//! The OAuth 2.0 / OpenID Connect provider's state in PostgreSQL: clients (apps and their scope
+//! manifests), browser sessions, pending authorization requests (interactions), consents,
+//! grants with their one-time codes, and rotating refresh tokens. Pure rules (redirect URI
+//! matching, PKCE, scope sets) sit beside the queries so the HTTP edge only sequences them.
+//!
+//! Invariants: codes, refresh tokens, session ids and client secrets are stored as SHA-256
+//! only and compared in constant time; a code redeems once; a replayed code or refresh token
+//! revokes its whole grant; every query binds its values.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Row};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::revocation::{Revocations, Revoked};
+use crate::auth::Scope;
+
+/// Scopes of OpenID Connect itself; they grant no document access.
+pub const IDENTITY_SCOPES: [&str; 3] = ["openid", "profile", "offline_access"];
+
+/// OAuth error responses (RFC 6749 §5.2, OIDC Core §3.1.2.6); `code()` is the wire value.
+#[derive(Debug, thiserror::Error)]
+pub enum OAuthError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("client authentication failed")]
+    InvalidClient,
+    #[error("{0}")]
+    InvalidGrant(String),
+    #[error("{0}")]
+    InvalidScope(String),
+    #[error("{0}")]
+    UnsupportedGrantType(String),
+    #[error("the user denied the request")]
+    AccessDenied,
+    #[error("the user is not signed in")]
+    LoginRequired,
+    #[error("the user has not consented to this request")]
+    ConsentRequired,
+    #[error("{0}")]
+    InvalidClientMetadata(String),
+    #[error(
+        "the sign-in form expired or was not started in this browser; start again from the app"
+    )]
+    InteractionExpired,
+    #[error("OAuth database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl OAuthError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            OAuthError::InvalidRequest(_) | OAuthError::InteractionExpired => "invalid_request",
+            OAuthError::InvalidClient => "invalid_client",
+            OAuthError::InvalidGrant(_) => "invalid_grant",
+            OAuthError::InvalidScope(_) => "invalid_scope",
+            OAuthError::UnsupportedGrantType(_) => "unsupported_grant_type",
+            OAuthError::AccessDenied => "access_denied",
+            OAuthError::LoginRequired => "login_required",
+            OAuthError::ConsentRequired => "consent_required",
+            OAuthError::InvalidClientMetadata(_) => "invalid_client_metadata",
+            OAuthError::Database(_) => "server_error",
+        }
+    }
+}
+
+/// A registered app.
+#[derive(Debug, Clone, Serialize)]
+pub struct Client {
+    pub client_id: String,
+    pub client_name: String,
+    #[serde(skip)]
+    pub secret_hash: Option<Vec<u8>>,
+    pub redirect_uris: Vec<String>,
+    pub post_logout_redirect_uris: Vec<String>,
+    /// The manifest: scopes the app may request.
+    pub scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Client {
+    pub fn is_public(&self) -> bool {
+        self.secret_hash.is_none()
+    }
+
+    pub fn token_endpoint_auth_method(&self) -> &'static str {
+        if self.is_public() {
+            "none"
+        } else {
+            "client_secret_basic"
+        }
+    }
+}
+
+/// Client metadata for registration (the RFC 7591 names).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewClient {
+    pub client_name: String,
+    pub redirect_uris: Vec<String>,
+    #[serde(default)]
+    pub post_logout_redirect_uris: Vec<String>,
+    /// Space-separated manifest, e.g. `"openid profile read:posts write:posts"`.
+    pub scope: String,
+    /// `client_secret_basic` (default), `client_secret_post` or `none` (a public client).
+    #[serde(default)]
+    pub token_endpoint_auth_method: Option<String>,
+}
+
+/// An authorization request, validated, waiting for login and consent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthorizationRequest {
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub scopes: Vec<String>,
+    pub state: Option<String>,
+    pub nonce: Option<String>,
+    pub code_challenge: Option<String>,
+    /// `login`, `consent` or `none` (OIDC `prompt`).
+    pub prompt: Option<String>,
+    pub max_age: Option<u64>,
+}
+
+/// One pending interaction, loaded with its CSRF token checked.
+#[derive(Debug, Clone)]
+pub struct Interaction {
+    pub id: Uuid,
+    pub request: AuthorizationRequest,
+    /// Set once the user logged in within this interaction.
+    pub user: Option<(String, DateTime<Utc>)>,
+}
+
+/// A redeemed or refreshed grant: what the tokens to issue carry.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub id: Uuid,
+    pub user_did: String,
+    pub client_id: String,
+    pub scopes: Vec<String>,
+    pub nonce: Option<String>,
+    pub auth_time: DateTime<Utc>,
+}
+
+/// An app a user consented to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Consent {
+    pub client_id: String,
+    pub client_name: String,
+    pub scopes: Vec<String>,
+    pub granted_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What introspection learns of a refresh token.
+#[derive(Debug, Clone)]
+pub struct RefreshInfo {
+    pub grant: Grant,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Lifetimes of the provider's artefacts.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    pub code: Duration,
+    pub interaction: Duration,
+    pub session: Duration,
+    pub refresh_token: Duration,
+    pub access_token: Duration,
+}
+
+pub fn sha256(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// 32 random bytes, base64url: codes, refresh tokens, session ids, CSRF tokens, secrets.
+pub fn random_secret() -> String {
+    URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+}
+
+/// Does `verifier` (RFC 7636 S256) produce `challenge`?
+pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
+    let well_formed = (43..=128).contains(&verifier.len())
+        && verifier
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+    let computed = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+    well_formed && bool::from(computed.as_bytes().ct_eq(challenge.as_bytes()))
+}
+
+/// A redirect URI a client may register: absolute, no fragment; `http` only to loopback
+/// (native apps, RFC 8252), otherwise `https` or a private-use scheme.
+pub fn valid_redirect_uri(uri: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(uri) else {
+        return false;
+    };
+    if parsed.fragment().is_some() || !parsed.username().is_empty() || parsed.password().is_some() {
+        return false;
+    }
+    match parsed.scheme() {
+        "https" => parsed.host().is_some(),
+        "http" => matches!(parsed.host_str(), Some("127.0.0.1" | "[::1]" | "localhost")),
+        // Private-use schemes are reverse domain names (RFC 8252 §7.1).
+        scheme => scheme.contains('.'),
+    }
+}
+
+/// Splits and checks a requested scope string against a manifest. Document scopes must be in
+/// the manifest; identity scopes are always allowed.
+pub fn requested_scopes(
+    scope: Option<&str>,
+    manifest: &[String],
+) -> Result<Vec<String>, OAuthError> {
+    let Some(scope) = scope.filter(|s| !s.trim().is_empty()) else {
+        return Ok(manifest.to_vec());
+    };
+    let mut scopes: Vec<String> = Vec::new();
+    for s in scope.split(' ').filter(|s| !s.is_empty()) {
+        if !IDENTITY_SCOPES.contains(&s) && !manifest.iter().any(|m| m == s) {
+            return Err(OAuthError::InvalidScope(format!(
+                "scope {s:?} is not in this app's manifest"
+            )));
+        }
+        if !scopes.iter().any(|x| x == s) {
+            scopes.push(s.to_owned());
+        }
+    }
+    scopes.sort();
+    Ok(scopes)
+}
+
+/// The document scopes among `scopes` (identity scopes left out).
+pub fn document_scopes(scopes: &[String]) -> Vec<Scope> {
+    scopes
+        .iter()
+        .filter(|s| !IDENTITY_SCOPES.contains(&s.as_str()))
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+pub fn identity_scopes(scopes: &[String]) -> Vec<String> {
+    scopes
+        .iter()
+        .filter(|s| IDENTITY_SCOPES.contains(&s.as_str()))
+        .cloned()
+        .collect()
+}
+
+fn validate_manifest(scope: &str) -> Result<Vec<String>, OAuthError> {
+    let mut scopes = Vec::new();
+    for s in scope.split(' ').filter(|s| !s.is_empty()) {
+        if IDENTITY_SCOPES.contains(&s) {
+            scopes.push(s.to_owned());
+            continue;
+        }
+        match s.parse::<Scope>() {
+            // An app may ask for any type, but never for everything at once or administration.
+            Ok(Scope::Read(_) | Scope::Write(_)) => scopes.push(s.to_owned()),
+            _ => {
+                return Err(OAuthError::InvalidClientMetadata(format!(
+                    "scope {s:?} is not `read:<type>`, `write:<type>` or an OpenID scope"
+                )));
+            }
+        }
+    }
+    scopes.sort();
+    scopes.dedup();
+    Ok(scopes)
+}
+
+fn as_ts(d: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(3650))
+}
+
+/// Queries over the provider's tables.
+#[derive(Debug, Clone)]
+pub struct OAuthStore {
+    pool: PgPool,
+    pub lifetimes: Lifetimes,
+}
+
+impl OAuthStore {
+    pub fn new(pool: PgPool, lifetimes: Lifetimes) -> Self {
+        Self { pool, lifetimes }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Registers an app; returns it and, for a confidential client, its secret (shown once).
+    pub async fn register_client(
+        &self,
+        new: NewClient,
+    ) -> Result<(Client, Option<String>), OAuthError> {
+        let name = new.client_name.trim();
+        if name.is_empty() || name.len() > 128 {
+            return Err(OAuthError::InvalidClientMetadata(
+                "client_name is 1 to 128 characters".into(),
+            ));
+        }
+        if new.redirect_uris.is_empty() || new.redirect_uris.len() > 16 {
+            return Err(OAuthError::InvalidClientMetadata(
+                "redirect_uris lists 1 to 16 URIs".into(),
+            ));
+        }
+        for uri in new
+            .redirect_uris
+            .iter()
+            .chain(&new.post_logout_redirect_uris)
+        {
+            if uri.len() > 2048 || !valid_redirect_uri(uri) {
+                return Err(OAuthError::InvalidClientMetadata(format!(
+                    "{uri:?} is not an acceptable redirect URI (absolute, no fragment; http \
+                     only to loopback)"
+                )));
+            }
+        }
+        let scopes = validate_manifest(&new.scope)?;
+        let public = match new.token_endpoint_auth_method.as_deref() {
+            None | Some("client_secret_basic" | "client_secret_post") => false,
+            Some("none") => true,
+            Some(other) => {
+                return Err(OAuthError::InvalidClientMetadata(format!(
+                    "token_endpoint_auth_method {other:?} is not supported"
+                )));
+            }
+        };
+        let secret = (!public).then(random_secret);
+        let id = Uuid::now_v7().simple().to_string();
+        let row = sqlx::query(
+            "INSERT INTO oauth_clients \
+             (id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(secret.as_deref().map(sha256))
+        .bind(&new.redirect_uris)
+        .bind(&new.post_logout_redirect_uris)
+        .bind(&scopes)
+        .fetch_one(&self.pool)
+        .await?;
+        let client = Client {
+            client_id: id,
+            client_name: name.to_owned(),
+            secret_hash: secret.as_deref().map(sha256),
+            redirect_uris: new.redirect_uris,
+            post_logout_redirect_uris: new.post_logout_redirect_uris,
+            scopes,
+            created_at: row.try_get("created_at")?,
+        };
+        Ok((client, secret))
+    }
+
+    pub async fn client(&self, id: &str) -> Result<Option<Client>, OAuthError> {
+        let row = sqlx::query(
+            "SELECT id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, \
+             created_at FROM oauth_clients WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| client_from_row(&r)).transpose()
+    }
+
+    pub async fn clients(&self) -> Result<Vec<Client>, OAuthError> {
+        let rows = sqlx::query(
+            "SELECT id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, \
+             created_at FROM oauth_clients ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(client_from_row).collect()
+    }
+
+    /// Deletes an app with its consents and grants, revoking every token issued to it.
+    pub async fn delete_client(
+        &self,
+        id: &str,
+        revocations: &Revocations,
+    ) -> Result<bool, OAuthError> {
+        let mut tx = self.pool.begin().await?;
+        let grants: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM oauth_grants WHERE client_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let revoked: Vec<Revoked> = grants.into_iter().map(|(g,)| Revoked::Grant(g)).collect();
+        Revocations::record(&mut tx, &revoked, self.revocation_horizon()).await?;
+        let deleted = sqlx::query("DELETE FROM oauth_clients WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        revocations.sync(&self.pool).await?;
+        Ok(deleted > 0)
+    }
+
+    /// The client whose credentials these are. A public client presents none; a confidential
+    /// one must present its secret.
+    pub async fn authenticate_client(
+        &self,
+        id: &str,
+        secret: Option<&str>,
+    ) -> Result<Client, OAuthError> {
+        let client = self.client(id).await?.ok_or(OAuthError::InvalidClient)?;
+        match (&client.secret_hash, secret) {
+            (None, None) => Ok(client),
+            (Some(stored), Some(given)) if bool::from(stored.ct_eq(&sha256(given))) => Ok(client),
+            _ => Err(OAuthError::InvalidClient),
+        }
+    }
+
+    /// Stores a validated request; returns its id and the CSRF token its forms carry.
+    pub async fn create_interaction(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Result<(Uuid, String), OAuthError> {
+        let id = Uuid::new_v4();
+        let csrf = random_secret();
+        sqlx::query(
+            "INSERT INTO oauth_interactions (id, csrf_hash, client_id, request, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(sha256(&csrf))
+        .bind(&request.client_id)
+        .bind(sqlx::types::Json(request))
+        .bind(as_ts(self.lifetimes.interaction))
+        .execute(&self.pool)
+        .await?;
+        // Expired ones go with each new one: no separate sweeper needed.
+        sqlx::query("DELETE FROM oauth_interactions WHERE expires_at < now()")
+            .execute(&self.pool)
+            .await?;
+        Ok((id, csrf))
+    }
+
+    /// The interaction `id`, if unexpired and `csrf` is its token.
+    pub async fn interaction(&self, id: Uuid, csrf: &str) -> Result<Interaction, OAuthError> {
+        let row = sqlx::query(
+            "SELECT csrf_hash, request, user_did, auth_time FROM oauth_interactions \
+             WHERE id = $1 AND expires_at > now()",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(OAuthError::InteractionExpired)?;
+        let stored: Vec<u8> = row.try_get("csrf_hash")?;
+        if !bool::from(stored.ct_eq(&sha256(csrf))) {
+            return Err(OAuthError::InteractionExpired);
+        }
+        let sqlx::types::Json(request): sqlx::types::Json<AuthorizationRequest> =
+            row.try_get("request")?;
+        let user: Option<String> = row.try_get("user_did")?;
+        let auth_time: Option<DateTime<Utc>> = row.try_get("auth_time")?;
+        Ok(Interaction {
+            id,
+            request,
+            user: user.zip(auth_time),
+        })
+    }
+
+    pub async fn set_interaction_user(
+        &self,
+        id: Uuid,
+        did: &str,
+        auth_time: DateTime<Utc>,
+    ) -> Result<(), OAuthError> {
+        sqlx::query("UPDATE oauth_interactions SET user_did = $2, auth_time = $3 WHERE id = $1")
+            .bind(id)
+            .bind(did)
+            .bind(auth_time)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_interaction(&self, id: Uuid) -> Result<(), OAuthError> {
+        sqlx::query("DELETE FROM oauth_interactions WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Starts a browser session; returns the cookie value.
+    pub async fn create_session(&self, did: &str) -> Result<(String, DateTime<Utc>), OAuthError> {
+        let id = random_secret();
+        let row = sqlx::query(
+            "INSERT INTO user_sessions (id_hash, user_did, expires_at) VALUES ($1, $2, $3) \
+             RETURNING auth_time",
+        )
+        .bind(sha256(&id))
+        .bind(did)
+        .bind(as_ts(self.lifetimes.session))
+        .fetch_one(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM user_sessions WHERE expires_at < now()")
+            .execute(&self.pool)
+            .await?;
+        Ok((id, row.try_get("auth_time")?))
+    }
+
+    /// The signed-in user and their login time, for a session cookie value.
+    pub async fn session(&self, id: &str) -> Result<Option<(String, DateTime<Utc>)>, OAuthError> {
+        Ok(sqlx::query_as(
+            "SELECT user_did, auth_time FROM user_sessions WHERE id_hash = $1 AND expires_at > now()",
+        )
+        .bind(sha256(id))
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn end_session(&self, id: &str) -> Result<(), OAuthError> {
+        sqlx::query("DELETE FROM user_sessions WHERE id_hash = $1")
+            .bind(sha256(id))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Has the user already consented to every scope in `scopes` for this app?
+    pub async fn consent_covers(
+        &self,
+        did: &str,
+        client_id: &str,
+        scopes: &[String],
+    ) -> Result<bool, OAuthError> {
+        let granted: Option<(Vec<String>,)> =
+            sqlx::query_as("SELECT scopes FROM consents WHERE user_did = $1 AND client_id = $2")
+                .bind(did)
+                .bind(client_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(granted.is_some_and(|(g,)| scopes.iter().all(|s| g.contains(s))))
+    }
+
+    /// Records consent to `scopes` (added to what was consented before).
+    pub async fn save_consent(
+        &self,
+        did: &str,
+        client_id: &str,
+        scopes: &[String],
+    ) -> Result<(), OAuthError> {
+        sqlx::query(
+            "INSERT INTO consents (user_did, client_id, scopes) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_did, client_id) DO UPDATE SET \
+               scopes = ARRAY(SELECT DISTINCT unnest(consents.scopes || EXCLUDED.scopes) ORDER BY 1), \
+               updated_at = now()",
+        )
+        .bind(did)
+        .bind(client_id)
+        .bind(scopes)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn consents(&self, did: &str) -> Result<Vec<Consent>, OAuthError> {
+        let rows = sqlx::query(
+            "SELECT c.client_id, o.name, c.scopes, c.created_at, c.updated_at \
+             FROM consents c JOIN oauth_clients o ON o.id = c.client_id \
+             WHERE c.user_did = $1 ORDER BY c.created_at",
+        )
+        .bind(did)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Consent {
+                    client_id: r.try_get("client_id")?,
+                    client_name: r.try_get("name")?,
+                    scopes: r.try_get("scopes")?,
+                    granted_at: r.try_get("created_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Withdraws consent: deletes it and revokes every grant of the app for the user (their
+    /// access tokens stop verifying on every node, their refresh tokens stop refreshing).
+    pub async fn revoke_consent(
+        &self,
+        did: &str,
+        client_id: &str,
+        revocations: &Revocations,
+    ) -> Result<bool, OAuthError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM consents WHERE user_did = $1 AND client_id = $2")
+            .bind(did)
+            .bind(client_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let grants: Vec<(Uuid,)> = sqlx::query_as(
+            "UPDATE oauth_grants SET revoked_at = now() \
+             WHERE user_did = $1 AND client_id = $2 AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(did)
+        .bind(client_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let revoked: Vec<Revoked> = grants.into_iter().map(|(g,)| Revoked::Grant(g)).collect();
+        Revocations::record(&mut tx, &revoked, self.revocation_horizon()).await?;
+        tx.commit().await?;
+        revocations.sync(&self.pool).await?;
+        Ok(deleted > 0 || !revoked.is_empty())
+    }
+
+    /// Creates the grant for an approved request; returns its one-time code.
+    pub async fn issue_code(
+        &self,
+        request: &AuthorizationRequest,
+        did: &str,
+        auth_time: DateTime<Utc>,
+    ) -> Result<String, OAuthError> {
+        let code = random_secret();
+        sqlx::query(
+            "INSERT INTO oauth_grants (id, user_did, client_id, scopes, nonce, auth_time, \
+             code_hash, code_challenge, redirect_uri, code_expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(did)
+        .bind(&request.client_id)
+        .bind(&request.scopes)
+        .bind(&request.nonce)
+        .bind(auth_time)
+        .bind(sha256(&code))
+        .bind(&request.code_challenge)
+        .bind(&request.redirect_uri)
+        .bind(as_ts(self.lifetimes.code))
+        .execute(&self.pool)
+        .await?;
+        Ok(code)
+    }
+
+    /// Redeems a code once (RFC 6749 §4.1.3 with PKCE, RFC 7636 §4.6). A second redemption is
+    /// a replay: the grant and every token issued from it are revoked (RFC 6749 §4.1.2).
+    /// Returns the grant and, when `offline_access` was granted, a first refresh token.
+    pub async fn redeem_code(
+        &self,
+        code: &str,
+        client: &Client,
+        redirect_uri: Option<&str>,
+        verifier: Option<&str>,
+        revocations: &Revocations,
+    ) -> Result<(Grant, Option<String>), OAuthError> {
+        let invalid = |m: &str| OAuthError::InvalidGrant(m.to_owned());
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT id, user_did, client_id, scopes, nonce, auth_time, code_challenge, \
+             redirect_uri, code_expires_at < now() AS expired, code_used_at IS NOT NULL AS used, \
+             revoked_at IS NOT NULL AS revoked \
+             FROM oauth_grants WHERE code_hash = $1 FOR UPDATE",
+        )
+        .bind(sha256(code))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| invalid("the code is unknown"))?;
+        let grant = grant_from_row(&row)?;
+        if grant.client_id != client.client_id {
+            return Err(invalid("the code was issued to another client"));
+        }
+        if row.try_get::<bool, _>("used")? {
+            if !row.try_get::<bool, _>("revoked")? {
+                self.revoke_grant_in(&mut tx, grant.id).await?;
+                tx.commit().await?;
+                revocations.sync(&self.pool).await?;
+                tracing::warn!(client = %client.client_id, grant = %grant.id,
+                    "authorization code replayed; its grant is revoked");
+            }
+            return Err(invalid("the code was already used"));
+        }
+        if row.try_get::<bool, _>("expired")? {
+            return Err(invalid("the code has expired"));
+        }
+        let registered: String = row.try_get("redirect_uri")?;
+        if redirect_uri != Some(registered.as_str()) {
+            return Err(invalid(
+                "redirect_uri differs from the one in the authorization request",
+            ));
+        }
+        let challenge: Option<String> = row.try_get("code_challenge")?;
+        match (challenge.as_deref(), verifier) {
+            (Some(c), Some(v)) if pkce_matches(v, c) => {}
+            (Some(_), _) => return Err(invalid("code_verifier does not match code_challenge")),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "code_verifier sent, but the authorization request had no code_challenge",
+                ));
+            }
+            (None, None) if client.is_public() => {
+                return Err(invalid("a public client must use PKCE"));
+            }
+            (None, None) => {}
+        }
+        sqlx::query("UPDATE oauth_grants SET code_used_at = now() WHERE id = $1")
+            .bind(grant.id)
+            .execute(&mut *tx)
+            .await?;
+        let refresh = if grant.scopes.iter().any(|s| s == "offline_access") {
+            Some(self.insert_refresh(&mut tx, grant.id).await?)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok((grant, refresh))
+    }
+
+    async fn insert_refresh(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        grant: Uuid,
+    ) -> Result<String, OAuthError> {
+        let token = random_secret();
+        sqlx::query(
+            "INSERT INTO oauth_refresh_tokens (token_hash, grant_id, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(sha256(&token))
+        .bind(grant)
+        .bind(as_ts(self.lifetimes.refresh_token))
+        .execute(tx)
+        .await?;
+        Ok(token)
+    }
+
+    /// Exchanges a refresh token for its successor (rotation). Presenting a used one again is
+    /// a replay: the whole grant is revoked (RFC 9700 §4.14.2).
+    pub async fn rotate_refresh(
+        &self,
+        token: &str,
+        client: &Client,
+        revocations: &Revocations,
+    ) -> Result<(Grant, String), OAuthError> {
+        let invalid = |m: &str| OAuthError::InvalidGrant(m.to_owned());
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT g.id, g.user_did, g.client_id, g.scopes, g.nonce, g.auth_time, \
+             r.used_at IS NOT NULL AS used, r.expires_at < now() AS expired, \
+             g.revoked_at IS NOT NULL AS revoked \
+             FROM oauth_refresh_tokens r JOIN oauth_grants g ON g.id = r.grant_id \
+             WHERE r.token_hash = $1 FOR UPDATE OF r, g",
+        )
+        .bind(sha256(token))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| invalid("the refresh token is unknown"))?;
+        let grant = grant_from_row(&row)?;
+        if grant.client_id != client.client_id {
+            return Err(invalid("the refresh token was issued to another client"));
+        }
+        if row.try_get::<bool, _>("revoked")? {
+            return Err(invalid("the refresh token has been revoked"));
+        }
+        if row.try_get::<bool, _>("used")? {
+            self.revoke_grant_in(&mut tx, grant.id).await?;
+            tx.commit().await?;
+            revocations.sync(&self.pool).await?;
+            tracing::warn!(client = %client.client_id, grant = %grant.id,
+                "refresh token replayed; its grant is revoked");
+            return Err(invalid(
+                "the refresh token was already used; its grant is revoked",
+            ));
+        }
+        if row.try_get::<bool, _>("expired")? {
+            return Err(invalid("the refresh token has expired"));
+        }
+        sqlx::query("UPDATE oauth_refresh_tokens SET used_at = now() WHERE token_hash = $1")
+            .bind(sha256(token))
+            .execute(&mut *tx)
+            .await?;
+        let next = self.insert_refresh(&mut tx, grant.id).await?;
+        tx.commit().await?;
+        Ok((grant, next))
+    }
+
+    /// A refresh token's grant, if the token is live (unused, unexpired, grant not revoked).
+    pub async fn live_refresh(&self, token: &str) -> Result<Option<RefreshInfo>, OAuthError> {
+        let row = sqlx::query(
+            "SELECT g.id, g.user_did, g.client_id, g.scopes, g.nonce, g.auth_time, \
+             r.created_at AS issued, r.expires_at \
+             FROM oauth_refresh_tokens r JOIN oauth_grants g ON g.id = r.grant_id \
+             WHERE r.token_hash = $1 AND r.used_at IS NULL AND r.expires_at > now() \
+             AND g.revoked_at IS NULL",
+        )
+        .bind(sha256(token))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(RefreshInfo {
+                grant: grant_from_row(&r)?,
+                expires_at: r.try_get("expires_at")?,
+                created_at: r.try_get("issued")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Revokes a grant (every access and refresh token of it).
+    pub async fn revoke_grant(
+        &self,
+        grant: Uuid,
+        revocations: &Revocations,
+    ) -> Result<(), OAuthError> {
+        let mut tx = self.pool.begin().await?;
+        self.revoke_grant_in(&mut tx, grant).await?;
+        tx.commit().await?;
+        revocations.sync(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Revokes one access token (and its attenuations) until it would expire anyway.
+    pub async fn revoke_access_token(
+        &self,
+        token_id: &str,
+        expires_at: DateTime<Utc>,
+        revocations: &Revocations,
+    ) -> Result<(), OAuthError> {
+        let mut tx = self.pool.begin().await?;
+        Revocations::record(&mut tx, &[Revoked::Token(token_id.to_owned())], expires_at).await?;
+        tx.commit().await?;
+        revocations.sync(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn revoke_grant_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        grant: Uuid,
+    ) -> Result<(), OAuthError> {
+        sqlx::query(
+            "UPDATE oauth_grants SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(grant)
+        .execute(&mut *tx)
+        .await?;
+        Revocations::record(tx, &[Revoked::Grant(grant)], self.revocation_horizon()).await?;
+        Ok(())
+    }
+
+    /// Until when a grant revocation must be kept: no access token of the grant lives longer
+    /// than the access-token lifetime after its last refresh, and refresh tokens stop with the
+    /// grant's revoked_at in the database.
+    fn revocation_horizon(&self) -> DateTime<Utc> {
+        as_ts(self.lifetimes.access_token + Duration::from_secs(60))
+    }
+}
+
+fn client_from_row(r: &sqlx::postgres::PgRow) -> Result<Client, OAuthError> {
+    Ok(Client {
+        client_id: r.try_get("id")?,
+        client_name: r.try_get("name")?,
+        secret_hash: r.try_get("secret_hash")?,
+        redirect_uris: r.try_get("redirect_uris")?,
+        post_logout_redirect_uris: r.try_get("post_logout_redirect_uris")?,
+        scopes: r.try_get("scopes")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn grant_from_row(r: &sqlx::postgres::PgRow) -> Result<Grant, OAuthError> {
+    Ok(Grant {
+        id: r.try_get("id")?,
+        user_did: r.try_get("user_did")?,
+        client_id: r.try_get("client_id")?,
+        scopes: r.try_get("scopes")?,
+        nonce: r.try_get("nonce")?,
+        auth_time: r.try_get("auth_time")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_s256_vector() {
+        // RFC 7636 appendix B.
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let challenge = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+        assert!(pkce_matches(verifier, challenge));
+        assert!(!pkce_matches(
+            verifier,
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cN"
+        ));
+        assert!(!pkce_matches("short", challenge));
+    }
+
+    #[test]
+    fn redirect_uris() {
+        for ok in [
+            "https://app.example/cb",
+            "http://127.0.0.1:8080/cb",
+            "http://localhost/cb",
+            "com.example.app:/cb",
+        ] {
+            assert!(valid_redirect_uri(ok), "{ok}");
+        }
+        for bad in [
+            "http://app.example/cb",
+            "https://app.example/cb#frag",
+            "/relative",
+            "javascript:alert(1)",
+            "",
+        ] {
+            assert!(!valid_redirect_uri(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes_against_a_manifest() {
+        let manifest = vec!["read:posts".to_owned(), "write:posts".to_owned()];
+        assert_eq!(
+            requested_scopes(Some("openid read:posts read:posts"), &manifest).unwrap(),
+            vec!["openid", "read:posts"]
+        );
+        assert_eq!(requested_scopes(None, &manifest).unwrap(), manifest);
+        assert!(requested_scopes(Some("read:notes"), &manifest).is_err());
+        assert!(validate_manifest("openid read:posts").is_ok());
+        assert!(validate_manifest("*").is_err());
+        assert!(validate_manifest("admin").is_err());
+    }
+}
