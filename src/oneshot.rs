@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use uuid::Uuid;
-use vibe_actors::acl::Operation;
+use vibe_actors::acl::{HeldCertificates, Operation};
 use vibe_actors::query::keyset::Keyset;
 use vibe_actors::query::{
     QueryError, QueryRequest, QuerySpec, Scope, parse_expand, referenced_ids,
@@ -60,9 +60,19 @@ pub async fn query_page(
     } else {
         None
     };
+    // Certificates are loaded once per page, and only if some document's rule tests them.
+    let needs_credentials = docs
+        .iter()
+        .any(|d| d.owner != caller && d.acl.uses_certificates(Operation::Read));
+    let held = if needs_credentials {
+        app.store.credentials(caller).await?
+    } else {
+        HeldCertificates::default()
+    };
     if spec.scope == Scope::Global {
-        // The SQL left out DID denies; this also covers what the summary columns cannot hold.
-        docs.retain(|d| d.acl.allows(Operation::Read, Some(caller), &d.owner));
+        // The SQL already left out denied documents; this is the in-memory evaluation of the
+        // same rule, so a disagreement can only hide, never reveal.
+        docs.retain(|d| d.acl.allows(Operation::Read, Some(caller), &d.owner, &held));
     }
     let expanded = if expand.is_empty() {
         None
@@ -76,6 +86,14 @@ pub async fn query_page(
         // Bounded: a page holds at most `query.max_limit` documents, each path a list of ids.
         ids.truncate(app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND);
         let found = app.store.fetch_many(&ids).await?;
+        let held = if found
+            .iter()
+            .any(|d| d.owner != caller && d.acl.uses_certificates(Operation::Read))
+        {
+            app.store.credentials(caller).await?
+        } else {
+            held
+        };
         // Per referenced type: the token's scopes and its attenuation checks, as a query of that
         // type would be checked.
         let mut readable_types: HashMap<String, bool> = HashMap::new();
@@ -90,7 +108,11 @@ pub async fn query_page(
                             .verify(token, Access::Read, Some(&doc.doc_type))
                             .is_ok()
                 });
-            if readable && doc.acl.allows(Operation::Read, Some(caller), &doc.owner) {
+            if readable
+                && doc
+                    .acl
+                    .allows(Operation::Read, Some(caller), &doc.owner, &held)
+            {
                 expanded.insert(doc.id, doc);
             }
         }

@@ -204,7 +204,8 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         max_live_queries: config.query.max_live_queries,
         live_queries: Arc::default(),
     };
-    let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position))
+    let book = store.certificate_book().await?;
+    let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position, book))
         .await
         .map_err(|e| ServerError::Actors(e.to_string()))?;
     // The LISTEN connection lives in its own pool, apart from request traffic.

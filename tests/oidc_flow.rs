@@ -4,6 +4,7 @@
 //! which revokes the family) → introspection → revocation → end-session, against a real server
 //! on a real database. Then this test checks what the library does not: the ID token's signature
 //! against the JWKS, and that the revoked access token is refused by the document API.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

@@ -348,7 +348,14 @@ impl Case<'_> {
             .docs
             .iter()
             .filter(|d| {
-                spec.matches(d) && (own || d.acl.allows(Operation::Read, Some(ALICE), &d.owner))
+                spec.matches(d)
+                    && (own
+                        || d.acl.allows(
+                            Operation::Read,
+                            Some(ALICE),
+                            &d.owner,
+                            &vibe::acl::NoCredentials,
+                        ))
             })
             .collect();
         expected.sort_by(|a, b| spec.order(a, b));

@@ -5,11 +5,14 @@
 //! that must all hold. Any allow entry grants, any matching deny wins, the owner always has full
 //! access. An absent rule grants nobody but the owner (the default ACL is owner-only).
 //!
-//! Certificates do not exist yet in this version, so a predicate entry never matches: it grants
-//! nothing and denies nothing until they do.
+//! A predicate entry matches a caller who holds, for every predicate, a valid certificate of that
+//! type from that issuer; what a caller holds is given as [`Credentials`] (loaded from the
+//! database per request on the REST path, the node's [`crate::certs::CertificateBook`] in
+//! realtime). Anonymous callers hold nothing.
 //!
-//! PostgreSQL derives the summary columns `read_public`, `read_allow_dids` and `read_deny_dids`
-//! from the same JSON (see the migrations); [`Acl`] validation guarantees the shapes it reads.
+//! PostgreSQL derives summary columns (`read_public`, `read_allow_dids`, ...) from the same JSON
+//! and evaluates predicates with `vibe_acl_preds_hold` (see the migrations); [`Acl`] validation
+//! guarantees the shapes they read, and tests/acl_agreement.rs checks both agree.
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -63,24 +66,90 @@ pub struct Predicate {
     pub cert_type: String,
 }
 
+/// The certificates a caller holds, as ACL predicates test them.
+pub trait Credentials {
+    /// Does the caller hold a valid certificate of `cert_type` issued by `issuer`?
+    fn holds(&self, issuer: &str, cert_type: &str) -> bool;
+}
+
+/// A caller holding no certificates (anonymous, or known to hold none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCredentials;
+
+impl Credentials for NoCredentials {
+    fn holds(&self, _: &str, _: &str) -> bool {
+        false
+    }
+}
+
+/// A caller's certificates as `(issuer, type)` pairs, loaded for one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldCertificates(pub Vec<(String, String)>);
+
+impl Credentials for HeldCertificates {
+    fn holds(&self, issuer: &str, cert_type: &str) -> bool {
+        self.0.iter().any(|(i, t)| i == issuer && t == cert_type)
+    }
+}
+
 impl Acl {
-    /// May `caller` (None: anonymous) perform `op` on a document owned by `owner`?
-    pub fn allows(&self, op: Operation, caller: Option<&str>, owner: &str) -> bool {
+    /// May `caller` (None: anonymous), holding `credentials`, perform `op` on a document owned
+    /// by `owner`?
+    pub fn allows(
+        &self,
+        op: Operation,
+        caller: Option<&str>,
+        owner: &str,
+        credentials: &dyn Credentials,
+    ) -> bool {
         if caller == Some(owner) {
             return true;
         }
-        let rule = match op {
-            Operation::Read => &self.read,
-            Operation::Write => &self.write,
-            Operation::Create => &self.create,
+        let Some(rule) = self.rule(op) else {
+            return false;
         };
-        let Some(rule) = rule else { return false };
         let matches = |entry: &Entry| match entry {
             Entry::Everyone => true,
             Entry::Did(did) => caller == Some(did.as_str()),
-            Entry::AllOf(_) => false,
+            Entry::AllOf(predicates) => {
+                caller.is_some()
+                    && predicates
+                        .iter()
+                        .all(|p| credentials.holds(&p.issuer, &p.cert_type))
+            }
         };
         rule.allow.iter().any(matches) && !rule.deny.iter().any(matches)
+    }
+
+    fn rule(&self, op: Operation) -> Option<&Rule> {
+        match op {
+            Operation::Read => self.read.as_ref(),
+            Operation::Write => self.write.as_ref(),
+            Operation::Create => self.create.as_ref(),
+        }
+    }
+
+    /// Does evaluating `op` for a non-owner depend on certificates? (Callers load credentials
+    /// only then.)
+    pub fn uses_certificates(&self, op: Operation) -> bool {
+        self.rule(op).is_some_and(|r| {
+            r.allow
+                .iter()
+                .chain(&r.deny)
+                .any(|e| matches!(e, Entry::AllOf(_)))
+        })
+    }
+
+    /// Does evaluating `op` depend on a certificate of `cert_type` from `issuer`?
+    pub fn tests_certificate(&self, op: Operation, issuer: &str, cert_type: &str) -> bool {
+        self.rule(op).is_some_and(|r| {
+            r.allow.iter().chain(&r.deny).any(|e| match e {
+                Entry::AllOf(ps) => ps
+                    .iter()
+                    .any(|p| p.issuer == issuer && p.cert_type == cert_type),
+                _ => false,
+            })
+        })
     }
 
     /// Is the document readable by everyone (it belongs in the global index)?
@@ -188,32 +257,55 @@ mod tests {
     #[test]
     fn default_is_owner_only() {
         let a = Acl::default();
-        assert!(a.allows(Operation::Read, Some(OWNER), OWNER));
-        assert!(!a.allows(Operation::Read, Some(ALICE), OWNER));
-        assert!(!a.allows(Operation::Read, None, OWNER));
+        assert!(a.allows(Operation::Read, Some(OWNER), OWNER, &NoCredentials));
+        assert!(!a.allows(Operation::Read, Some(ALICE), OWNER, &NoCredentials));
+        assert!(!a.allows(Operation::Read, None, OWNER, &NoCredentials));
         assert!(!a.is_public());
     }
 
     #[test]
     fn allow_and_deny() {
         let a = acl(json!({"read": {"allow": ["*"], "deny": [BOB]}, "write": {"allow": [ALICE]}}));
+        let none = &NoCredentials;
         assert!(a.is_public());
-        assert!(a.allows(Operation::Read, None, OWNER));
-        assert!(a.allows(Operation::Read, Some(ALICE), OWNER));
-        assert!(!a.allows(Operation::Read, Some(BOB), OWNER));
-        assert!(a.allows(Operation::Write, Some(ALICE), OWNER));
-        assert!(!a.allows(Operation::Write, Some(BOB), OWNER));
+        assert!(a.allows(Operation::Read, None, OWNER, none));
+        assert!(a.allows(Operation::Read, Some(ALICE), OWNER, none));
+        assert!(!a.allows(Operation::Read, Some(BOB), OWNER, none));
+        assert!(a.allows(Operation::Write, Some(ALICE), OWNER, none));
+        assert!(!a.allows(Operation::Write, Some(BOB), OWNER, none));
         // A deny never locks the owner out.
         let a = acl(json!({"read": {"deny": ["*"]}}));
-        assert!(a.allows(Operation::Read, Some(OWNER), OWNER));
+        assert!(a.allows(Operation::Read, Some(OWNER), OWNER, none));
     }
 
     #[test]
-    fn predicates_parse_and_round_trip_but_grant_nothing_yet() {
-        let v = json!({"read": {"allow": [[{"issuer": OWNER, "type": "friend-of"}]], "deny": []}});
+    fn predicates_need_every_certificate() {
+        let v = json!({"read": {"allow": [[
+            {"issuer": OWNER, "type": "friend-of"},
+            {"issuer": BOB, "type": "member-of"}
+        ]], "deny": []}});
         let a = acl(v.clone());
-        assert!(!a.allows(Operation::Read, Some(ALICE), OWNER));
         assert_eq!(serde_json::to_value(&a).unwrap(), v);
+        assert!(a.uses_certificates(Operation::Read));
+        assert!(!a.uses_certificates(Operation::Write));
+        assert!(a.tests_certificate(Operation::Read, BOB, "member-of"));
+        assert!(!a.tests_certificate(Operation::Read, BOB, "friend-of"));
+        let one = HeldCertificates(vec![(OWNER.into(), "friend-of".into())]);
+        let both = HeldCertificates(vec![
+            (OWNER.into(), "friend-of".into()),
+            (BOB.into(), "member-of".into()),
+        ]);
+        assert!(!a.allows(Operation::Read, Some(ALICE), OWNER, &one));
+        assert!(a.allows(Operation::Read, Some(ALICE), OWNER, &both));
+        // Anonymous callers hold nothing, whatever the credentials say.
+        assert!(!a.allows(Operation::Read, None, OWNER, &both));
+        // A predicate in deny takes access away from holders only.
+        let d = acl(
+            json!({"read": {"allow": ["*"], "deny": [[{"issuer": OWNER, "type": "blocked"}]]}}),
+        );
+        let blocked = HeldCertificates(vec![(OWNER.into(), "blocked".into())]);
+        assert!(!d.allows(Operation::Read, Some(ALICE), OWNER, &blocked));
+        assert!(d.allows(Operation::Read, Some(ALICE), OWNER, &both));
     }
 
     #[test]

@@ -130,12 +130,25 @@ impl Change {
         })
     }
 
-    /// May `caller` read the document before / after this change?
-    pub fn readable(&self, caller: Option<&str>) -> (bool, bool) {
+    /// Does reading the document before or after this change depend on certificates?
+    pub fn uses_certificates(&self) -> bool {
+        [&self.old, &self.new]
+            .into_iter()
+            .flatten()
+            .any(|i| i.acl.uses_certificates(Operation::Read))
+    }
+
+    /// May `caller`, holding `credentials`, read the document before / after this change?
+    pub fn readable(
+        &self,
+        caller: Option<&str>,
+        credentials: &dyn crate::acl::Credentials,
+    ) -> (bool, bool) {
         let can = |image: &Option<Image>| {
-            image
-                .as_ref()
-                .is_some_and(|i| i.acl.allows(Operation::Read, caller, &self.owner))
+            image.as_ref().is_some_and(|i| {
+                i.acl
+                    .allows(Operation::Read, caller, &self.owner, credentials)
+            })
         };
         (can(&self.old), can(&self.new))
     }

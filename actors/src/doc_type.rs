@@ -14,6 +14,12 @@ pub fn is_valid(name: &str) -> bool {
             .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
 }
 
+/// Types the server alone writes (`vibe.` prefix, e.g. certificates): readable through the
+/// document API under their ACLs, never written through it.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with("vibe.")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

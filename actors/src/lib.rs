@@ -4,6 +4,7 @@
 //! traits implemented by the server crate.
 
 pub mod acl;
+pub mod certs;
 pub mod change;
 pub mod doc_type;
 pub mod live_query;

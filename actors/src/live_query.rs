@@ -9,6 +9,13 @@
 //! every subscriber a `reset`. Recent events stay in a bounded replay buffer, so a client that
 //! reconnects with a cursor inside it gets exactly the events it missed; older cursors get a
 //! `reset`.
+//!
+//! Certificates: the query holds the node's certificate book as of its own position in the
+//! stream (a [`LiveQueryMsg::Credentials`] arrives between the changes before and after a
+//! certificate change). When a subscriber's holdings change, each window document whose read
+//! rule tests the changed certificate is re-evaluated for that subscriber, who gets `add` or
+//! `remove`; such per-subscriber events are not in the replay buffer, so resumes from before
+//! them get a fresh snapshot.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -23,6 +30,7 @@ use std::panic::AssertUnwindSafe;
 use uuid::Uuid;
 
 use crate::acl::{Acl, Operation};
+use crate::certs::CertificateBook;
 use crate::change::{Change, Cursor, SnapshotView};
 use crate::outbox::Outbox;
 use crate::query::{QuerySpec, Scope};
@@ -132,6 +140,21 @@ pub struct LiveQueryArgs {
     pub resync: Vec<Arc<Subscriber>>,
     pub source: Arc<dyn SnapshotSource>,
     pub replay_capacity: usize,
+    /// The certificate book as of `start`.
+    pub book: CertificateBook,
+}
+
+/// A certificate change, between the changes before and after it in the feed.
+#[derive(Debug)]
+pub struct CredentialsMsg {
+    /// The book after the change.
+    pub book: CertificateBook,
+    /// The book before it.
+    pub before: CertificateBook,
+    /// The subjects whose holdings changed.
+    pub subjects: Vec<String>,
+    /// The certificate change's position (or, for an expiry, the feed position then).
+    pub cursor: Cursor,
 }
 
 /// A message to a live query. Large payloads are boxed: an idle query's mailbox keeps one
@@ -144,6 +167,8 @@ pub enum LiveQueryMsg {
     },
     /// Changes before this position were lost to this node: reload, and reset every subscriber.
     Resync(Cursor),
+    /// Certificates changed: re-evaluate what the affected subscribers may see.
+    Credentials(Arc<CredentialsMsg>),
     /// Fault injection for tests: the handler fails, as a bug would.
     Crash,
 }
@@ -194,6 +219,7 @@ impl std::fmt::Debug for LiveQueryMsg {
             LiveQueryMsg::Subscribe(s) => write!(f, "Subscribe(since {:?})", s.since),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
             LiveQueryMsg::Resync(p) => write!(f, "Resync({p})"),
+            LiveQueryMsg::Credentials(c) => write!(f, "Credentials({})", c.cursor),
             LiveQueryMsg::Crash => f.write_str("Crash"),
         }
     }
@@ -213,6 +239,7 @@ pub struct LiveQueryState {
     replay_from: Cursor,
     replay_capacity: usize,
     source: Arc<dyn SnapshotSource>,
+    book: CertificateBook,
 }
 
 /// Per-connection entries of one live query, in a vector: most live queries have one
@@ -326,6 +353,7 @@ impl LiveQueryState {
             replay_from: args.start.max(snapshot.settled),
             replay_capacity: args.replay_capacity,
             source: args.source,
+            book: args.book,
         };
         for subscriber in args.resync {
             let frame = state.reset_frame(&subscriber.caller, args.start);
@@ -381,9 +409,62 @@ impl LiveQueryState {
                     let _ = subscriber.outbox.send(frame);
                 }
             }
+            LiveQueryMsg::Credentials(message) => self.credentials_changed(&message),
             LiveQueryMsg::Crash => return Err(LiveQueryError::CrashRequested),
         }
         Ok(())
+    }
+
+    /// Sends each affected subscriber `add` or `remove` for the window documents whose
+    /// visibility to them the certificate change flipped.
+    fn credentials_changed(&mut self, message: &CredentialsMsg) {
+        self.book = message.book.clone();
+        if matches!(self.window.spec().scope, Scope::Own(_)) {
+            return;
+        }
+        let tested: Vec<&Document> = self
+            .window
+            .docs()
+            .iter()
+            .filter(|d| d.acl.uses_certificates(Operation::Read))
+            .collect();
+        if tested.is_empty() {
+            return;
+        }
+        // Frames for these events are per subscriber and not replayable: a resume from before
+        // this point gets a fresh snapshot.
+        self.replay_from = self.replay_from.max(message.cursor);
+        self.replay.clear();
+        for subscriber in self.subscribers.values() {
+            if !message.subjects.contains(&subscriber.caller) {
+                continue;
+            }
+            let caller = subscriber.caller.as_str();
+            for doc in &tested {
+                let can = |book: &CertificateBook| {
+                    doc.acl.allows(
+                        Operation::Read,
+                        Some(caller),
+                        &doc.owner,
+                        &book.view(caller),
+                    )
+                };
+                let (event, body, id) = match (can(&message.before), can(&message.book)) {
+                    (false, true) => ("add", Some(*doc), None),
+                    (true, false) => ("remove", None, Some(doc.id)),
+                    _ => continue,
+                };
+                let frame = encode(&EventFrame {
+                    sub: &self.sub_id,
+                    event,
+                    cursor: message.cursor.to_string(),
+                    doc: body,
+                    id,
+                    docs: None,
+                });
+                let _ = subscriber.outbox.send(frame);
+            }
+        }
     }
 
     async fn apply(&mut self, change: &Change) -> Result<(), LiveQueryError> {
@@ -420,7 +501,7 @@ impl LiveQueryState {
         let encoded = Arc::new(Encoded::new(self.sub_id.clone(), event, cursor));
         let mut delivered = 0;
         self.subscribers.retain(|s| {
-            delivered += u64::from(deliver(&encoded, s, self.window.spec()));
+            delivered += u64::from(deliver(&encoded, s, self.window.spec(), &self.book));
             !s.outbox.is_closed()
         });
         // Once per event, not per subscriber: a metrics update is a registry lookup.
@@ -456,7 +537,7 @@ impl LiveQueryState {
                 let frame = reply_frame(request_id, &self.sub_id, cursor, None, true);
                 let _ = subscriber.outbox.send(frame);
                 for event in self.replay.iter().filter(|e| e.cursor > since) {
-                    let _ = deliver(event, &subscriber, self.window.spec());
+                    let _ = deliver(event, &subscriber, self.window.spec(), &self.book);
                 }
                 None
             }
@@ -488,7 +569,14 @@ impl LiveQueryState {
         self.window
             .docs()
             .iter()
-            .filter(|d| own || d.acl.allows(Operation::Read, Some(caller), &d.owner))
+            .filter(|d| {
+                own || d.acl.allows(
+                    Operation::Read,
+                    Some(caller),
+                    &d.owner,
+                    &self.book.view(caller),
+                )
+            })
             .cloned()
             .collect()
     }
@@ -571,7 +659,12 @@ impl Encoded {
 /// Sends `event` to `subscriber` as what it is from their point of view: a document they could
 /// not see and now can is an `add`, one they could see and no longer can is a `remove`. True if
 /// a frame was queued.
-fn deliver(event: &Encoded, subscriber: &Subscriber, spec: &QuerySpec) -> bool {
+fn deliver(
+    event: &Encoded,
+    subscriber: &Subscriber,
+    spec: &QuerySpec,
+    book: &CertificateBook,
+) -> bool {
     if subscriber
         .seen_up_to
         .is_some_and(|seen| event.cursor <= seen)
@@ -581,7 +674,12 @@ fn deliver(event: &Encoded, subscriber: &Subscriber, spec: &QuerySpec) -> bool {
     let own = matches!(spec.scope, Scope::Own(_));
     let can = |acl: &Option<Acl>| {
         acl.as_ref().is_some_and(|acl| {
-            own || acl.allows(Operation::Read, Some(&subscriber.caller), &event.owner)
+            own || acl.allows(
+                Operation::Read,
+                Some(&subscriber.caller),
+                &event.owner,
+                &book.view(&subscriber.caller),
+            )
         })
     };
     let kind = match (can(&event.acl_before), can(&event.acl_after)) {

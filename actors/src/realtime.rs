@@ -18,9 +18,13 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use chrono::{DateTime, Utc};
+
+use crate::certs::{CERTIFICATE_TYPE, CertificateBook};
 use crate::change::{Change, Cursor};
 use crate::live_query::{
-    ByConnection, Exit, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, SnapshotSource, Subscriber,
+    ByConnection, CredentialsMsg, Exit, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, SnapshotSource,
+    Subscriber,
 };
 use crate::query::QuerySpec;
 use crate::query_index::{QueryId, QueryIndex};
@@ -95,6 +99,8 @@ pub enum RealtimeMsg {
     /// The feed skipped ahead to this position (changes were lost to this node): every live
     /// query reloads and resets its subscribers.
     Resync(Cursor),
+    /// A certificate may have expired: drop expired ones and re-evaluate their subjects.
+    ExpireCertificates,
 }
 
 impl ractor::Message for RealtimeMsg {}
@@ -105,24 +111,33 @@ pub struct RealtimeState {
     position: Cursor,
     types: HashMap<String, ActorRef<DocTypeMsg>>,
     next_sub: Arc<AtomicU64>,
+    /// Every valid certificate, as of `position`.
+    book: CertificateBook,
+    /// The expiry the pending [`RealtimeMsg::ExpireCertificates`] timer is set for.
+    expiry_timer: Option<DateTime<Utc>>,
 }
 
 impl Actor for Realtime {
     type Msg = RealtimeMsg;
     type State = RealtimeState;
-    type Arguments = (RealtimeConfig, Cursor);
+    /// The configuration, the feed position to start from, and the certificates valid then.
+    type Arguments = (RealtimeConfig, Cursor, CertificateBook);
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        (config, position): Self::Arguments,
+        myself: ActorRef<Self::Msg>,
+        (config, position, book): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(RealtimeState {
+        let mut state = RealtimeState {
             config,
             position,
             types: HashMap::new(),
             next_sub: Arc::new(AtomicU64::new(1)),
-        })
+            book,
+            expiry_timer: None,
+        };
+        state.schedule_expiry(&myself);
+        Ok(state)
     }
 
     async fn handle(
@@ -133,21 +148,35 @@ impl Actor for Realtime {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             RealtimeMsg::Changes(changes, position, in_flight, done) => {
-                state.position = position;
-                let mut by_type: HashMap<&str, Vec<Change>> = HashMap::new();
-                for change in &changes {
-                    if state.types.contains_key(&change.doc_type) {
-                        by_type
-                            .entry(&change.doc_type)
-                            .or_default()
-                            .push(change.clone());
+                // A certificate change splits the page: the changes before it are routed with
+                // the old book, then every type learns of the new book, then the rest follow.
+                let mut start = 0;
+                for (i, change) in changes.iter().enumerate() {
+                    if change.doc_type != CERTIFICATE_TYPE {
+                        continue;
+                    }
+                    let before = state.book.clone();
+                    let subjects = state.book.apply(change, Utc::now());
+                    state.route(&changes[start..=i], change.cursor, &in_flight);
+                    start = i + 1;
+                    if !subjects.is_empty() {
+                        state.broadcast_credentials(before, subjects, change.cursor);
                     }
                 }
-                for (doc_type, actor) in &state.types {
-                    let page = by_type.remove(doc_type.as_str()).map(Arc::from);
-                    let _ = actor.cast(DocTypeMsg::Changes(page, position, in_flight.clone()));
-                }
+                state.route(&changes[start..], position, &in_flight);
+                state.position = position;
+                state.schedule_expiry(&myself);
                 let _ = done.send(());
+            }
+            RealtimeMsg::ExpireCertificates => {
+                state.expiry_timer = None;
+                let before = state.book.clone();
+                let subjects = state.book.expire(Utc::now());
+                if !subjects.is_empty() {
+                    let position = state.position;
+                    state.broadcast_credentials(before, subjects, position);
+                }
+                state.schedule_expiry(&myself);
             }
             RealtimeMsg::Subscribe(request) => {
                 let actor = match state.types.get(&request.spec.doc_type) {
@@ -157,6 +186,7 @@ impl Actor for Realtime {
                             config: state.config.clone(),
                             position: state.position,
                             next_sub: state.next_sub.clone(),
+                            book: state.book.clone(),
                         };
                         let (actor, _) =
                             Actor::spawn_linked(None, DocType, args, myself.get_cell()).await?;
@@ -221,6 +251,56 @@ impl Actor for Realtime {
     }
 }
 
+impl RealtimeState {
+    /// Sends each type actor the changes of `changes` of its type (an empty page still moves
+    /// its position).
+    fn route(&self, changes: &[Change], position: Cursor, in_flight: &InFlight) {
+        let mut by_type: HashMap<&str, Vec<Change>> = HashMap::new();
+        for change in changes {
+            if self.types.contains_key(&change.doc_type) {
+                by_type
+                    .entry(&change.doc_type)
+                    .or_default()
+                    .push(change.clone());
+            }
+        }
+        for (doc_type, actor) in &self.types {
+            let page = by_type.remove(doc_type.as_str()).map(Arc::from);
+            let _ = actor.cast(DocTypeMsg::Changes(page, position, in_flight.clone()));
+        }
+    }
+
+    fn broadcast_credentials(
+        &self,
+        before: CertificateBook,
+        subjects: Vec<String>,
+        cursor: Cursor,
+    ) {
+        let message = Arc::new(CredentialsMsg {
+            book: self.book.clone(),
+            before,
+            subjects,
+            cursor,
+        });
+        for actor in self.types.values() {
+            let _ = actor.cast(DocTypeMsg::Credentials(message.clone()));
+        }
+    }
+
+    /// Arms a timer for the book's next expiry, unless one is set for it or earlier.
+    fn schedule_expiry(&mut self, myself: &ActorRef<RealtimeMsg>) {
+        let Some(next) = self.book.next_expiry() else {
+            return;
+        };
+        if self.expiry_timer.is_some_and(|t| t <= next) {
+            return;
+        }
+        self.expiry_timer = Some(next);
+        let wait = (next - Utc::now()).to_std().unwrap_or_default();
+        myself.send_after(wait, || RealtimeMsg::ExpireCertificates);
+    }
+}
+
 #[derive(Debug)]
 pub struct DocType;
 
@@ -229,6 +309,7 @@ pub struct DocTypeArgs {
     config: RealtimeConfig,
     position: Cursor,
     next_sub: Arc<AtomicU64>,
+    book: CertificateBook,
 }
 
 #[derive(Debug)]
@@ -249,6 +330,8 @@ pub enum DocTypeMsg {
     },
     /// See [`RealtimeMsg::Resync`].
     Resync(Cursor),
+    /// Certificates changed (in feed order with the changes): every live query re-evaluates.
+    Credentials(Arc<CredentialsMsg>),
     /// The subscription of `conn_id` to live query `id` was not answered (the query stopped
     /// first): release the reference taken for it.
     SubscribeFailed {
@@ -296,6 +379,8 @@ pub struct DocTypeState {
     /// Reused across changes: the index's candidates for one change.
     candidates: Vec<QueryId>,
     match_seconds: metrics::Histogram,
+    /// The certificate book as of `position`.
+    book: CertificateBook,
 }
 
 impl Actor for DocType {
@@ -319,6 +404,7 @@ impl Actor for DocType {
             next_instance: 1,
             candidates: Vec::new(),
             match_seconds: metrics::histogram!("vibe_live_query_match_seconds"),
+            book: args.book,
         })
     }
 
@@ -347,6 +433,12 @@ impl Actor for DocType {
                 state.position = position;
                 for entry in state.entries.values() {
                     let _ = entry.actor.cast(LiveQueryMsg::Resync(position));
+                }
+            }
+            DocTypeMsg::Credentials(message) => {
+                state.book = message.book.clone();
+                for entry in state.entries.values() {
+                    let _ = entry.actor.cast(LiveQueryMsg::Credentials(message.clone()));
                 }
             }
             DocTypeMsg::CrashQuery(spec) => {
@@ -473,6 +565,7 @@ impl DocTypeState {
             resync,
             source: self.config.source.clone(),
             replay_capacity: self.config.replay_capacity,
+            book: self.book.clone(),
         };
         let instance = self.next_instance;
         self.next_instance += 1;

@@ -95,6 +95,7 @@ async fn start(query: Value, caller: &str, docs: Vec<Document>, settled: Cursor)
         resync: Vec::new(),
         source: Arc::new(Memory(docs, settled)),
         replay_capacity: 16,
+        book: Default::default(),
     };
     vibe_actors::live_query::start(args, |_| {})
 }

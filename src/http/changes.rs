@@ -141,13 +141,22 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
             cursor = next;
         }
         let caller = Some(claims.subject.as_str());
+        let held = if page
+            .changes
+            .iter()
+            .any(|c| c.owner != claims.subject && c.uses_certificates())
+        {
+            app.store.credentials(&claims.subject).await?
+        } else {
+            vibe_actors::acl::HeldCertificates::default()
+        };
         let full = page.full;
         let entries: Vec<Entry> = page
             .changes
             .into_iter()
             .filter(|c| may_read(&c.doc_type))
             .filter_map(|c| {
-                let (before, after) = c.readable(caller);
+                let (before, after) = c.readable(caller, &held);
                 let op = match (c.op, before, after) {
                     (Op::Delete, true, _) => "delete",
                     (_, _, true) => c.op.as_str(),

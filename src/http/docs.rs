@@ -69,7 +69,11 @@ pub(super) async fn replace(
             Ok::<_, ApiError>((body.data, body.acl.unwrap_or_else(|| current.acl.clone())))
         })
         .await??;
-    Ok(written_response(&claims.subject, &doc))
+    let readable = app
+        .store
+        .may(crate::acl::Operation::Read, &claims.subject, &doc)
+        .await?;
+    Ok(written_response(readable, &doc))
 }
 
 /// RFC 7396 JSON Merge Patch over the writable part of the document, `{"data": ..., "acl": ...}`.
@@ -116,7 +120,11 @@ pub(super) async fn patch(
             Ok::<_, ApiError>((data, acl))
         })
         .await??;
-    Ok(written_response(&claims.subject, &doc))
+    let readable = app
+        .store
+        .may(crate::acl::Operation::Read, &claims.subject, &doc)
+        .await?;
+    Ok(written_response(readable, &doc))
 }
 
 pub(super) async fn delete(
@@ -183,11 +191,8 @@ pub(super) async fn list(
 
 /// The written document, or (for a writer the ACL does not let read it) just its new ETag: write
 /// access must not reveal the content.
-fn written_response(caller: &str, doc: &Document) -> HttpResponse {
-    if doc
-        .acl
-        .allows(crate::acl::Operation::Read, Some(caller), &doc.owner)
-    {
+fn written_response(readable: bool, doc: &Document) -> HttpResponse {
+    if readable {
         return document_response(StatusCode::OK, doc);
     }
     let mut response = HttpResponse::new(Default::default());

@@ -3,6 +3,7 @@
 
 mod account;
 mod admin;
+mod certificates;
 mod changes;
 mod docs;
 pub mod error;
@@ -66,10 +67,12 @@ pub enum Route {
     MyApps,
     MyApp,
     MyKey,
+    Certificates,
+    Certificate,
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 30] = [
+    const ALL: [(&'static str, Route); 32] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
@@ -100,6 +103,8 @@ impl Route {
         ("/v1/me/apps", Route::MyApps),
         ("/v1/me/apps/{client}", Route::MyApp),
         ("/v1/me/key", Route::MyKey),
+        ("/v1/certificates", Route::Certificates),
+        ("/v1/certificates/{id}", Route::Certificate),
     ];
 
     fn pattern(self) -> &'static str {
@@ -303,6 +308,15 @@ async fn dispatch(
         (Route::MyApp, _) => Err(method_not_allowed("DELETE")),
         (Route::MyKey, _) if method == Method::POST => account::export_key(app, req).await,
         (Route::MyKey, _) => Err(method_not_allowed("POST")),
+        (Route::Certificates, _) => match method {
+            Method::GET => certificates::list(app, req).await,
+            Method::POST => certificates::issue(app, req).await,
+            _ => Err(method_not_allowed("GET, POST")),
+        },
+        (Route::Certificate, [id]) if method == Method::DELETE => {
+            certificates::revoke(app, id, req).await
+        }
+        (Route::Certificate, _) => Err(method_not_allowed("DELETE")),
         (Route::Health, _) if method == Method::GET => health(app).await,
         (Route::Metrics, _) if method == Method::GET => Ok(text(app.metrics.render())),
         (Route::DocsCollection, [doc_type]) => match method {
@@ -359,7 +373,21 @@ pub fn authorize(
     let token = bearer_token(headers)?;
     let claims = app.tokens.verify(token, access, Some(doc_type))?;
     require_scope(&claims, access, doc_type)?;
+    if access == Access::Write && crate::doc_type::is_reserved(doc_type) {
+        return Err(reserved_type(doc_type));
+    }
     Ok(claims)
+}
+
+/// A write to a type only the server writes (certificates have their own API).
+pub fn reserved_type(doc_type: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "reserved_type",
+        format!(
+            "documents of type {doc_type} are written by the server only (see /v1/certificates)"
+        ),
+    )
 }
 
 /// The bearer token's claims (signature and expiry checked, attenuations not yet).

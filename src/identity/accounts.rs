@@ -214,9 +214,16 @@ impl Accounts {
         }
     }
 
-    /// The user's DID key, after the password is confirmed.
-    pub async fn export_key(&self, did: &str, password: &str) -> Result<ExportedKey, AccountError> {
-        self.confirm_password(did, password).await?;
+    /// Signs `message` with the account's DID key (NotFound: the DID has no key here).
+    pub async fn sign(&self, did: &str, message: &[u8]) -> Result<[u8; 64], AccountError> {
+        let secret = self.secret_key(did).await?;
+        use ed25519_dalek::Signer as _;
+        Ok(ed25519_dalek::SigningKey::from_bytes(&secret)
+            .sign(message)
+            .to_bytes())
+    }
+
+    async fn secret_key(&self, did: &str) -> Result<Zeroizing<[u8; 32]>, AccountError> {
         let sealed: Option<(Option<Vec<u8>>,)> =
             sqlx::query_as("SELECT sealed_key FROM users WHERE did = $1")
                 .bind(did)
@@ -226,12 +233,18 @@ impl Accounts {
             return Err(AccountError::NotFound);
         };
         let secret = self.secrets.open(&sealed, did.as_bytes())?;
-        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
+        Ok(Zeroizing::new(
             secret
                 .as_slice()
                 .try_into()
                 .map_err(|_| SecretsError::Unseal)?,
-        );
+        ))
+    }
+
+    /// The user's DID key, after the password is confirmed.
+    pub async fn export_key(&self, did: &str, password: &str) -> Result<ExportedKey, AccountError> {
+        self.confirm_password(did, password).await?;
+        let secret = self.secret_key(did).await?;
         let public = ed25519_dalek::SigningKey::from_bytes(&secret)
             .verifying_key()
             .to_bytes();
@@ -285,6 +298,14 @@ pub fn did_key(public: &[u8; 32]) -> String {
     format!("did:key:z{}", bs58::encode(bytes).into_string())
 }
 
+/// The Ed25519 public key a `did:key` names, if it is one.
+pub fn did_key_public(did: &str) -> Option<ed25519_dalek::VerifyingKey> {
+    let encoded = did.strip_prefix("did:key:z")?;
+    let bytes = bs58::decode(encoded).into_vec().ok()?;
+    let key = bytes.strip_prefix(&ED25519_PUB_MULTICODEC)?;
+    ed25519_dalek::VerifyingKey::from_bytes(&<[u8; 32]>::try_from(key).ok()?).ok()
+}
+
 pub fn validate_handle(handle: &str) -> Result<(), AccountError> {
     let bytes = handle.as_bytes();
     let ok = (3..=32).contains(&bytes.len())
@@ -332,6 +353,10 @@ mod tests {
             "did:key:z6MkjchhfUsD6mmvni8mCdXHw216Xrm9bQe2mBH1P5RDjVJG"
         );
         assert!(crate::acl::is_did(&key(0)));
+        let public = did_key_public(&key(1)).unwrap();
+        assert_eq!(did_key(public.as_bytes()), key(1));
+        assert!(did_key_public("did:key:zNotBase58!").is_none());
+        assert!(did_key_public("did:web:example.com").is_none());
     }
 
     #[test]

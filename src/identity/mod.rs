@@ -3,6 +3,7 @@
 //! endpoints and pages) and `crate::http::account` (accounts, consents, clients).
 
 pub mod accounts;
+pub mod certificates;
 pub mod oauth;
 pub mod revocation;
 pub mod secrets;

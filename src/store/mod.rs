@@ -16,7 +16,7 @@ use vibe_actors::live_query::Snapshot;
 use vibe_actors::query::QuerySpec;
 use vibe_actors::query::keyset::Keyset;
 
-use crate::acl::{Acl, Operation};
+use crate::acl::{Acl, HeldCertificates, NoCredentials, Operation};
 use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
 
@@ -166,6 +166,67 @@ impl Store {
         Ok(doc)
     }
 
+    /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.
+    pub async fn credentials(&self, caller: &str) -> Result<HeldCertificates, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        credentials_in(&mut conn, caller).await
+    }
+
+    /// Every valid certificate, for the realtime tree's book (read after the feed head is
+    /// known: the feed re-applies later changes, which the book takes idempotently by id).
+    pub async fn certificate_book(
+        &self,
+    ) -> Result<vibe_actors::certs::CertificateBook, StoreError> {
+        use vibe_actors::certs::{CERTIFICATE_TYPE, Certificate, CertificateBook};
+        let rows: Vec<(Uuid, String, serde_json::Value)> =
+            sqlx::query_as("SELECT id, owner_did, data FROM documents WHERE type = $1")
+                .bind(CERTIFICATE_TYPE)
+                .fetch_all(&self.pool)
+                .await?;
+        let certificates = rows
+            .iter()
+            .filter_map(|(id, owner, data)| Certificate::from_document(*id, owner, data));
+        Ok(CertificateBook::new(certificates, Utc::now()))
+    }
+
+    /// Certificates `caller` issued (`issued`) or received, newest first (at most 1000).
+    pub async fn certificates(
+        &self,
+        caller: &str,
+        issued: bool,
+    ) -> Result<Vec<Document>, StoreError> {
+        let condition = if issued {
+            "owner_did = $1"
+        } else {
+            "data ->> 'subject' = $1"
+        };
+        let sql = format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE type = 'vibe.certificate' AND {condition} \
+             ORDER BY created_at DESC, id DESC LIMIT 1000"
+        );
+        // `condition` is one of two constants above; the caller is bound.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(caller)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(document).collect()
+    }
+
+    /// May `caller` perform `op` on `doc`? Loads the caller's certificates only when the rule
+    /// tests some.
+    pub async fn may(
+        &self,
+        op: Operation,
+        caller: &str,
+        doc: &Document,
+    ) -> Result<bool, StoreError> {
+        if caller != doc.owner && doc.acl.uses_certificates(op) {
+            let held = self.credentials(caller).await?;
+            return Ok(doc.acl.allows(op, Some(caller), &doc.owner, &held));
+        }
+        Ok(doc.acl.allows(op, Some(caller), &doc.owner, &NoCredentials))
+    }
+
     /// The document, if `caller` may read it.
     pub async fn get(
         &self,
@@ -185,7 +246,7 @@ impl Store {
         .await?
         .ok_or(StoreError::NotFound)?;
         let doc = document(&row)?;
-        if !doc.acl.allows(Operation::Read, Some(caller), &doc.owner) {
+        if !self.may(Operation::Read, caller, &doc).await? {
             return Err(StoreError::Forbidden);
         }
         Ok(doc)
@@ -414,7 +475,15 @@ async fn lock(
     .await?
     .ok_or(StoreError::NotFound)?;
     let doc = document(&row)?;
-    if !doc.acl.allows(Operation::Write, Some(caller), &doc.owner) {
+    let allowed = if caller != doc.owner && doc.acl.uses_certificates(Operation::Write) {
+        let held = credentials_in(&mut *tx, caller).await?;
+        doc.acl
+            .allows(Operation::Write, Some(caller), &doc.owner, &held)
+    } else {
+        doc.acl
+            .allows(Operation::Write, Some(caller), &doc.owner, &NoCredentials)
+    };
+    if !allowed {
         return Err(StoreError::Forbidden);
     }
     if let Some(expected) = expected_rev
@@ -443,4 +512,24 @@ fn document(row: &PgRow) -> Result<Document, StoreError> {
         acl,
         data: row.try_get("data")?,
     })
+}
+
+/// The certificates `caller` holds now (documents of the reserved certificate type naming it as
+/// subject, unexpired), as ACL predicates test them.
+async fn credentials_in(
+    conn: &mut sqlx::PgConnection,
+    caller: &str,
+) -> Result<HeldCertificates, StoreError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        // The type is spelled out (it is a constant): a bound one would keep the planner from
+        // the partial index `documents_certificates` in generic plans.
+        "SELECT owner_did, data ->> 'type' FROM documents \
+         WHERE type = 'vibe.certificate' AND data ->> 'subject' = $1 \
+         AND data ->> 'type' IS NOT NULL \
+         AND (data ->> 'expires_at' IS NULL OR (data ->> 'expires_at')::timestamptz > now())",
+    )
+    .bind(caller)
+    .fetch_all(conn)
+    .await?;
+    Ok(HeldCertificates(rows))
 }

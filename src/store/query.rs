@@ -384,13 +384,21 @@ pub(super) fn compile(
             let _ = write!(sql, " AND owner_did = {p}");
         }
         Scope::Global => {
+            // The public documents the caller is not denied: by "*", by DID, or by holding the
+            // certificates of a deny predicate (evaluated only where the rule has predicates).
             sql.push_str(" AND read_public");
-            if let Some(caller) = caller {
-                let p = b.param(Bind::Text(caller.to_owned()));
-                let _ = write!(
-                    sql,
-                    " AND (owner_did = {p} OR NOT ({p} = ANY(read_deny_dids)))"
-                );
+            match caller {
+                Some(caller) => {
+                    let p = b.param(Bind::Text(caller.to_owned()));
+                    let _ = write!(
+                        sql,
+                        " AND (owner_did = {p} OR (NOT read_deny_public \
+                         AND NOT ({p} = ANY(read_deny_dids)) \
+                         AND NOT (read_predicates \
+                         AND vibe_acl_preds_hold(acl, 'read', 'deny', {p}))))"
+                    );
+                }
+                None => sql.push_str(" AND NOT read_deny_public"),
             }
         }
     }

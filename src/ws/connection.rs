@@ -324,6 +324,12 @@ impl Session {
                 "a type name matches ^[a-z][a-z0-9_.-]{0,63}$".into(),
             ));
         }
+        if access == Access::Write && crate::doc_type::is_reserved(doc_type) {
+            return Err(Failure(
+                "reserved_type",
+                format!("documents of type {doc_type} are written by the server only"),
+            ));
+        }
         let claims = self
             .app
             .tokens
@@ -473,7 +479,7 @@ impl Session {
             }
         };
         // Write access does not reveal content the ACL does not let the caller read.
-        if doc.acl.allows(Operation::Read, Some(&caller), &doc.owner) {
+        if self.app.store.may(Operation::Read, &caller, &doc).await? {
             Ok(Some(json!({"doc": doc})))
         } else {
             Ok(Some(json!({"id": doc.id, "rev": doc.rev})))
