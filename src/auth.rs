@@ -84,6 +84,9 @@ pub enum Access {
     Read,
     Write,
     Admin,
+    /// Managing the account itself (consents, key export): first-party tokens only, and an
+    /// attenuation that limits operations (`check if operation("read")`) excludes it.
+    Account,
 }
 
 impl Access {
@@ -92,6 +95,7 @@ impl Access {
             Access::Read => "read",
             Access::Write => "write",
             Access::Admin => "admin",
+            Access::Account => "account",
         }
     }
 }
@@ -159,7 +163,7 @@ impl Claims {
         self.scopes.iter().any(|scope| {
             let selector = match (scope, access) {
                 (Scope::Admin, Access::Admin) => return true,
-                (_, Access::Admin) | (Scope::Admin, _) => return false,
+                (_, Access::Admin | Access::Account) | (Scope::Admin, _) => return false,
                 (Scope::All, _) => return true,
                 (Scope::Read(s), Access::Read) | (Scope::Write(s), Access::Write) => s,
                 _ => return false,

@@ -5,8 +5,9 @@
 //!   delivery uses),
 //! - by PostgreSQL through the summary columns and `vibe_acl_preds_hold` (the full rule),
 //! - by the server's paths: `GET /v1/docs/...` (credentials loaded from the database) and
-//!   `POST /v1/query` with `global` (the SQL the query compiler emits),
-//! and every caller must get the same answer from each. Deterministic: a fixed seed.
+//!   `POST /v1/query` with `global` (the SQL the query compiler emits).
+//!
+//! Every caller must get the same answer from each. Deterministic: a fixed seed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;

@@ -73,7 +73,11 @@ async fn certificates_are_signed_listed_and_revocable_and_predicates_grant_reads
     assert_eq!(cert["signature_valid"], true);
     assert_eq!(cert["valid"], true);
     let cert_id = cert["id"].as_str().unwrap().to_owned();
-    assert_eq!(get_status(&s, &bob, &path).await, 200, "the certificate grants the read");
+    assert_eq!(
+        get_status(&s, &bob, &path).await,
+        200,
+        "the certificate grants the read"
+    );
     assert_eq!(get_status(&s, &carol, &path).await, 403);
 
     // Listed for both sides; only the issuer may revoke.
@@ -118,10 +122,17 @@ async fn certificates_are_signed_listed_and_revocable_and_predicates_grant_reads
     // An operator-minted DID has no key on this server: it cannot sign.
     let keyless = s.token("did:key:zNoAccount", &["*"]);
     let (status, body) = issue(&s, &keyless, json!({"subject": bob_did, "type": "x"})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("no_signing_key")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("no_signing_key"))
+    );
 
     assert_eq!(revoke(&s, &alice, &cert_id).await, 204);
-    assert_eq!(get_status(&s, &bob, &path).await, 403, "revoked: the read is gone");
+    assert_eq!(
+        get_status(&s, &bob, &path).await,
+        403,
+        "revoked: the read is gone"
+    );
     s.finish().await;
 }
 

@@ -19,7 +19,7 @@ use serde_json::json;
 use super::oauth::account_error;
 use super::{ApiError, HttpResponse, authorize_admin, bearer, json, read_json};
 use crate::app::App;
-use crate::auth::{Claims, Scope};
+use crate::auth::{Access, Claims, Scope};
 use crate::identity::oauth::{NewClient, OAuthError};
 
 const JSON: &[&str] = &["application/json"];
@@ -113,8 +113,12 @@ pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse
     ))
 }
 
+/// The claims of a first-party token whose own checks allow managing the account (an
+/// attenuated copy limited to some operations does not).
 fn first_party(app: &App, req: &Request<Incoming>) -> Result<Arc<Claims>, ApiError> {
-    let claims = bearer(app, req.headers())?;
+    let claims = app
+        .tokens
+        .verify(super::bearer_token(req.headers())?, Access::Account, None)?;
     if claims.client.is_some() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

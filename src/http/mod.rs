@@ -416,6 +416,7 @@ fn require_scope(claims: &Claims, access: Access, doc_type: &str) -> Result<(), 
         Access::Read => format!("read:{doc_type}"),
         Access::Write => format!("write:{doc_type}"),
         Access::Admin => "admin".to_owned(),
+        Access::Account => "a first-party token".to_owned(),
     };
     Err(ApiError::new(
         StatusCode::FORBIDDEN,

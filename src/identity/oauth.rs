@@ -683,6 +683,10 @@ impl OAuthStore {
             }
             return Err(invalid("the code was already used"));
         }
+        // Consent withdrawn (or the grant otherwise revoked) between issue and redemption.
+        if row.try_get::<bool, _>("revoked")? {
+            return Err(invalid("the grant has been revoked"));
+        }
         if row.try_get::<bool, _>("expired")? {
             return Err(invalid("the code has expired"));
         }

@@ -299,3 +299,69 @@ pub async fn post_as_client(
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
 }
+
+/// `/oauth/authorize` with exactly these query parameters (for requests the tests malform).
+pub fn authorize_url(server: &TestServer, params: &[(&str, &str)]) -> String {
+    server.url(&format!(
+        "/oauth/authorize?{}",
+        serde_urlencoded::to_string(params).unwrap()
+    ))
+}
+
+/// Redeems `code` at the token endpoint (with the client's redirect URI); returns status and
+/// JSON body.
+pub async fn redeem_code(
+    server: &TestServer,
+    client: &RegisteredClient,
+    code: &str,
+    verifier: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut fields = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", client.redirect_uri.as_str()),
+    ];
+    if let Some(v) = verifier {
+        fields.push(("code_verifier", v));
+    }
+    token_request(server, client, &fields).await
+}
+
+/// Exchanges a refresh token; returns status and JSON body.
+pub async fn refresh(
+    server: &TestServer,
+    client: &RegisteredClient,
+    refresh_token: &str,
+) -> (u16, serde_json::Value) {
+    token_request(
+        server,
+        client,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ],
+    )
+    .await
+}
+
+/// The token response of a complete flow: authorize (login and consent as needed, with PKCE)
+/// for `scope`, then the code redeemed. Panics unless the redemption succeeds.
+pub async fn app_tokens(
+    server: &TestServer,
+    browser: &mut Browser,
+    client: &RegisteredClient,
+    scope: &str,
+    handle: &str,
+) -> serde_json::Value {
+    let (verifier, challenge) = pkce();
+    let request = AuthRequest {
+        client,
+        scope,
+        challenge: Some(&challenge),
+        state: "app-tokens",
+    };
+    let code = authorize(server, browser, &request, handle).await;
+    let (status, body) = redeem_code(server, client, &code, Some(&verifier)).await;
+    assert_eq!(status, 200, "code redemption: {body}");
+    body
+}

@@ -1,0 +1,900 @@
+//! The OpenID Connect provider refusing what it must: malformed authorization requests (shown,
+//! or redirected only to a registered URI), bad code and refresh token redemptions (replays
+//! revoking their whole grant), tampered, narrowed and attenuated access tokens, withdrawn
+//! consent (tokens refused, live connections closed), forged login forms, login rate limits,
+//! account errors and key export, end-session and introspection. Each test runs its own server on
+//! its own database; nothing waits on a clock except a code's expiry, which is set in SQL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use common::oidc::{
+    AuthRequest, Browser, PASSWORD, Page, RegisteredClient, app_tokens, authorize, authorize_url,
+    first_party_token, pkce, post_as_client, redeem_code, refresh, register_client, sign_up,
+    token_request,
+};
+use common::{TestServer, Ws};
+use serde_json::{Value, json};
+
+const SCOPE: &str = "openid profile offline_access read:posts write:posts";
+const STATE: &str = "st-9f2c";
+/// RFC 7636 appendix B: a well-formed S256 challenge.
+const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+/// Not a registered redirect URI of any client here.
+const EVIL_URI: &str = "https://evil.example/cb";
+
+/// Sends a request; returns status and JSON body (Null when the body is empty).
+async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    };
+    (status, body)
+}
+
+/// Lists the caller's posts (needs `read:posts`).
+async fn list_posts(server: &TestServer, token: &str) -> (u16, Value) {
+    call(
+        server
+            .client
+            .get(server.url("/v1/docs/posts"))
+            .bearer_auth(token),
+    )
+    .await
+}
+
+/// Creates a post (needs `write:posts`).
+async fn create_post(server: &TestServer, token: &str) -> (u16, Value) {
+    call(
+        server
+            .client
+            .post(server.url("/v1/docs/posts"))
+            .bearer_auth(token)
+            .json(&json!({"data": {"status": "open"}})),
+    )
+    .await
+}
+
+/// A Vibe `/v1` error: `{"error": {"code", "message"}}` with this status.
+#[track_caller]
+fn assert_api_error(response: &(u16, Value), status: u16, code: &str) {
+    let (got, body) = response;
+    assert_eq!(
+        (*got, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+/// An OAuth error (RFC 6749 §5.2): `{"error", "error_description"}` with this status.
+#[track_caller]
+fn assert_oauth_error(response: &(u16, Value), status: u16, code: &str) {
+    let (got, body) = response;
+    assert_eq!(
+        (*got, body["error"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["error_description"].is_string(), "{body}");
+}
+
+/// The provider's HTML error page: 400, and no redirect anywhere.
+#[track_caller]
+fn assert_error_page(page: &Page) {
+    assert_eq!(page.status, 400, "{page:?}");
+    assert_eq!(
+        page.location, None,
+        "an error page never redirects: {page:?}"
+    );
+    assert!(page.body.starts_with("<!doctype html>"), "{page:?}");
+    assert!(page.body.contains("Cannot continue"), "{page:?}");
+}
+
+/// A 303 back to the client's redirect URI carrying `error`, the request's state and `iss`.
+#[track_caller]
+fn assert_error_redirect(server: &TestServer, client: &RegisteredClient, page: &Page, error: &str) {
+    assert_eq!(page.status, 303, "{page:?}");
+    let location = page.location.as_deref().unwrap();
+    assert!(
+        location.starts_with(&format!("{}?", client.redirect_uri)),
+        "redirects only to the registered URI: {location}"
+    );
+    let params = page.redirect_params();
+    assert_eq!(
+        params.get("error").map(String::as_str),
+        Some(error),
+        "{location}"
+    );
+    assert_eq!(
+        params.get("state").map(String::as_str),
+        Some(STATE),
+        "{location}"
+    );
+    assert_eq!(params.get("iss"), Some(&server.base), "{location}");
+    assert!(!params.contains_key("code"), "{location}");
+}
+
+/// A valid authorization request's parameters for `client`, with `changes` applied (a value
+/// replaces or adds the parameter, None removes it).
+fn auth_url(
+    server: &TestServer,
+    client: &RegisteredClient,
+    changes: &[(&str, Option<&str>)],
+) -> String {
+    let mut params: Vec<(&str, &str)> = vec![
+        ("response_type", "code"),
+        ("client_id", client.id.as_str()),
+        ("redirect_uri", client.redirect_uri.as_str()),
+        ("scope", SCOPE),
+        ("state", STATE),
+        ("code_challenge", CHALLENGE),
+        ("code_challenge_method", "S256"),
+    ];
+    for &(key, value) in changes {
+        params.retain(|(k, _)| *k != key);
+        if let Some(v) = value {
+            params.push((key, v));
+        }
+    }
+    authorize_url(server, &params)
+}
+
+/// A fresh code for `client` with PKCE (login and consent as needed); returns it and its verifier.
+async fn fresh_code(
+    server: &TestServer,
+    browser: &mut Browser,
+    client: &RegisteredClient,
+) -> (String, String) {
+    let (verifier, challenge) = pkce();
+    let request = AuthRequest {
+        client,
+        scope: SCOPE,
+        challenge: Some(&challenge),
+        state: STATE,
+    };
+    (authorize(server, browser, &request, "ada").await, verifier)
+}
+
+/// A client, changes to a valid authorization request for it, and the error they must produce.
+type Case<'a> = (
+    &'a RegisteredClient,
+    &'a [(&'a str, Option<&'a str>)],
+    &'a str,
+);
+
+fn field<'a>(body: &'a Value, name: &str) -> &'a str {
+    body[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+#[tokio::test]
+async fn authorize_errors_are_shown_or_redirected_to_the_registered_uri_only() {
+    let server = TestServer::start().await;
+    let client = register_client(&server, false, SCOPE).await;
+    let public = register_client(&server, true, SCOPE).await;
+    let mut browser = Browser::new();
+
+    // Until client and redirect URI are known, the error is a page, never a redirect.
+    let unknown = RegisteredClient {
+        id: "no-such-client".to_owned(),
+        secret: None,
+        redirect_uri: client.redirect_uri.clone(),
+    };
+    assert_error_page(&browser.get(&auth_url(&server, &unknown, &[])).await);
+    assert_error_page(
+        &browser
+            .get(&auth_url(&server, &client, &[("client_id", None)]))
+            .await,
+    );
+    for bad in [
+        Some(EVIL_URI),
+        Some("http://127.0.0.1:9/cb/other"),
+        Some("http://127.0.0.1:9/cb?x=1"),
+        None,
+    ] {
+        let page = browser
+            .get(&auth_url(&server, &client, &[("redirect_uri", bad)]))
+            .await;
+        assert_error_page(&page);
+        // Even an error the client could be told about is not redirected to an unchecked URI.
+        let page = browser
+            .get(&auth_url(
+                &server,
+                &client,
+                &[("redirect_uri", bad), ("response_type", Some("token"))],
+            ))
+            .await;
+        assert_error_page(&page);
+    }
+
+    // Once both are known, errors go back to the app, with state and iss.
+    let cases: [Case<'_>; 7] = [
+        (
+            &client,
+            &[("response_type", Some("token"))],
+            "unsupported_response_type",
+        ),
+        (
+            &client,
+            &[("response_type", Some("code id_token"))],
+            "unsupported_response_type",
+        ),
+        (
+            &client,
+            &[("code_challenge_method", Some("plain"))],
+            "invalid_request",
+        ),
+        (
+            &client,
+            &[("code_challenge_method", None)],
+            "invalid_request",
+        ),
+        (
+            &public,
+            &[("code_challenge", None), ("code_challenge_method", None)],
+            "invalid_request",
+        ),
+        (
+            &client,
+            &[("scope", Some("openid read:posts read:notes"))],
+            "invalid_scope",
+        ),
+        (&client, &[("prompt", Some("none"))], "login_required"),
+    ];
+    for (c, changes, error) in cases {
+        let page = browser.get(&auth_url(&server, c, changes)).await;
+        assert_error_redirect(&server, c, &page, error);
+    }
+    // Nothing above started a sign-in.
+    assert!(browser.cookies.is_empty(), "{:?}", browser.cookies);
+    // The same request without the fault shows the login form.
+    let page = browser.get(&auth_url(&server, &public, &[])).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("action=\"/oauth/login\""), "{page:?}");
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn token_endpoint_refuses_bad_redemptions() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let a = register_client(&server, false, SCOPE).await;
+    let b = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+
+    // redirect_uri differing from the authorization request's.
+    let (code, verifier) = fresh_code(&server, &mut browser, &a).await;
+    let r = token_request(
+        &server,
+        &a,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", "http://127.0.0.1:9/cb/other"),
+            ("code_verifier", &verifier),
+        ],
+    )
+    .await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+    let r = token_request(
+        &server,
+        &a,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("code_verifier", &verifier),
+        ],
+    )
+    .await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+
+    // PKCE: another verifier, or none although a challenge was sent.
+    let (code, _) = fresh_code(&server, &mut browser, &a).await;
+    let (other_verifier, _) = pkce();
+    let r = redeem_code(&server, &a, &code, Some(other_verifier.as_str())).await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+    let (code, _) = fresh_code(&server, &mut browser, &a).await;
+    let r = redeem_code(&server, &a, &code, None).await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+
+    // An expired code.
+    let (code, verifier) = fresh_code(&server, &mut browser, &a).await;
+    let pool = server.sql().await;
+    let expired = sqlx::query(
+        "UPDATE oauth_grants SET code_expires_at = now() - interval '1 second' \
+         WHERE code_hash = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(&code)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(expired.rows_affected(), 1);
+    let r = redeem_code(&server, &a, &code, Some(verifier.as_str())).await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+
+    // A wrong client secret, over Basic and in the body.
+    let (code, verifier) = fresh_code(&server, &mut browser, &a).await;
+    let forged = RegisteredClient {
+        id: a.id.clone(),
+        secret: Some("not-the-secret".to_owned()),
+        redirect_uri: a.redirect_uri.clone(),
+    };
+    let r = redeem_code(&server, &forged, &code, Some(verifier.as_str())).await;
+    assert_oauth_error(&r, 401, "invalid_client");
+    let r = call(
+        server
+            .client
+            .post(server.url("/oauth/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(
+                serde_urlencoded::to_string([
+                    ("grant_type", "authorization_code"),
+                    ("code", code.as_str()),
+                    ("redirect_uri", a.redirect_uri.as_str()),
+                    ("code_verifier", verifier.as_str()),
+                    ("client_id", a.id.as_str()),
+                    ("client_secret", "not-the-secret"),
+                ])
+                .unwrap(),
+            ),
+    )
+    .await;
+    assert_oauth_error(&r, 401, "invalid_client");
+
+    // A's code presented by B (with B's own valid credentials).
+    let r = redeem_code(&server, &b, &code, Some(verifier.as_str())).await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+
+    // Grant types the provider does not offer.
+    for grant_type in ["password", "client_credentials", "implicit"] {
+        let r = token_request(
+            &server,
+            &a,
+            &[
+                ("grant_type", grant_type),
+                ("username", "ada"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+        assert_oauth_error(&r, 400, "unsupported_grant_type");
+    }
+
+    // A code redeemed twice: the second is refused and revokes what the first issued.
+    let (code, verifier) = fresh_code(&server, &mut browser, &a).await;
+    let (status, tokens) = redeem_code(&server, &a, &code, Some(verifier.as_str())).await;
+    assert_eq!(status, 200, "{tokens}");
+    let access = field(&tokens, "access_token");
+    let refresh_token = field(&tokens, "refresh_token");
+    assert_eq!(list_posts(&server, access).await.0, 200);
+    let r = redeem_code(&server, &a, &code, Some(verifier.as_str())).await;
+    assert_oauth_error(&r, 400, "invalid_grant");
+    assert_api_error(&list_posts(&server, access).await, 401, "token_revoked");
+    assert_oauth_error(
+        &refresh(&server, &a, refresh_token).await,
+        400,
+        "invalid_grant",
+    );
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn refresh_token_replay_revokes_the_whole_family() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let first = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let (access1, refresh1) = (
+        field(&first, "access_token"),
+        field(&first, "refresh_token"),
+    );
+
+    let (status, second) = refresh(&server, &client, refresh1).await;
+    assert_eq!(status, 200, "{second}");
+    let (access2, refresh2) = (
+        field(&second, "access_token"),
+        field(&second, "refresh_token"),
+    );
+    assert_ne!(refresh1, refresh2, "refresh tokens rotate");
+    assert_eq!(list_posts(&server, access1).await.0, 200);
+    assert_eq!(list_posts(&server, access2).await.0, 200);
+
+    // The rotated-out token comes back: refused, and the family dies with it.
+    assert_oauth_error(
+        &refresh(&server, &client, refresh1).await,
+        400,
+        "invalid_grant",
+    );
+    assert_oauth_error(
+        &refresh(&server, &client, refresh2).await,
+        400,
+        "invalid_grant",
+    );
+    for access in [access1, access2] {
+        assert_api_error(&list_posts(&server, access).await, 401, "token_revoked");
+    }
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn tampered_narrow_and_attenuated_tokens_are_refused() {
+    use biscuit_auth::Biscuit;
+    use biscuit_auth::macros::block;
+
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let full = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let access = field(&full, "access_token");
+    assert_eq!(create_post(&server, access).await.0, 201);
+
+    // One character changed.
+    let mut tampered = access.as_bytes().to_vec();
+    let middle = tampered.len() / 2;
+    tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    assert_api_error(&list_posts(&server, &tampered).await, 401, "invalid_token");
+
+    // Granted read:posts only (within the consent given above: no new consent page).
+    let narrow = app_tokens(&server, &mut browser, &client, "openid read:posts", "ada").await;
+    assert_eq!(narrow["scope"], "openid read:posts");
+    let narrow = field(&narrow, "access_token");
+    assert_eq!(list_posts(&server, narrow).await.0, 200);
+    assert_api_error(&create_post(&server, narrow).await, 403, "missing_scope");
+
+    // The app attenuates its write:posts token to reads, offline, with the server's public key.
+    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
+    let attenuated = Biscuit::from_base64(access, public_key)
+        .unwrap()
+        .append(block!(r#"check if operation("read");"#))
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    assert_api_error(
+        &create_post(&server, &attenuated).await,
+        403,
+        "token_restricted",
+    );
+    let (status, listed) = list_posts(&server, &attenuated).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["docs"].as_array().unwrap().len(), 1);
+
+    // A first-party token attenuated to reads cannot manage the account: no consent listing or
+    // withdrawal, no key export.
+    let first_party = first_party_token(&server, "ada").await;
+    let read_only = Biscuit::from_base64(&first_party, public_key)
+        .unwrap()
+        .append(block!(r#"check if operation("read");"#))
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    let (status, _) = call(
+        server
+            .client
+            .get(server.url("/v1/me/apps"))
+            .bearer_auth(&first_party),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let listed = call(
+        server
+            .client
+            .get(server.url("/v1/me/apps"))
+            .bearer_auth(&read_only),
+    )
+    .await;
+    assert_api_error(&listed, 403, "token_restricted");
+    let withdrawn = call(
+        server
+            .client
+            .delete(server.url(&format!("/v1/me/apps/{}", client.id)))
+            .bearer_auth(&read_only),
+    )
+    .await;
+    assert_api_error(&withdrawn, 403, "token_restricted");
+    let exported = call(
+        server
+            .client
+            .post(server.url("/v1/me/key"))
+            .bearer_auth(&read_only)
+            .json(&serde_json::json!({"password": common::oidc::PASSWORD})),
+    )
+    .await;
+    assert_api_error(&exported, 403, "token_restricted");
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn withdrawn_consent_revokes_the_apps_tokens_and_connections() {
+    let server = TestServer::start().await;
+    let did = sign_up(&server, "ada").await;
+    let first_party = first_party_token(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let access = field(&tokens, "access_token");
+    let refresh_token = field(&tokens, "refresh_token");
+    let apps = |token: &str| {
+        call(
+            server
+                .client
+                .get(server.url("/v1/me/apps"))
+                .bearer_auth(token),
+        )
+    };
+    let withdraw = |token: &str| {
+        call(
+            server
+                .client
+                .delete(server.url(&format!("/v1/me/apps/{}", client.id)))
+                .bearer_auth(token),
+        )
+    };
+
+    let (status, body) = apps(&first_party).await;
+    assert_eq!(status, 200, "{body}");
+    let listed = body["apps"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{body}");
+    assert_eq!(listed[0]["client_id"], client.id.as_str());
+    assert_eq!(listed[0]["client_name"], "Test App <&>");
+    assert_eq!(
+        listed[0]["scopes"],
+        json!([
+            "offline_access",
+            "openid",
+            "profile",
+            "read:posts",
+            "write:posts"
+        ])
+    );
+    // The app can neither see the user's consents nor withdraw them.
+    assert_api_error(&apps(access).await, 403, "first_party_only");
+    assert_api_error(&withdraw(access).await, 403, "first_party_only");
+
+    // A live connection of the app, with a subscription that is receiving events.
+    let mut ws = Ws::connect(&server.base, Some(access)).await;
+    let reply = ws
+        .request(json!({"op": "read", "type": "posts", "where": {"data.status": "open"}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let sub = reply["sub"].clone();
+    let post = server
+        .post(&first_party, "posts", json!({"data": {"status": "open"}}))
+        .await;
+    assert_eq!(post["owner"], did.as_str(), "{post}");
+    let event = ws.event(&sub).await;
+    assert_eq!(
+        (event["event"].as_str(), &event["doc"]["id"]),
+        (Some("add"), &post["id"])
+    );
+    // A code issued before the withdrawal and not yet redeemed.
+    let (pending_code, pending_verifier) = fresh_code(&server, &mut browser, &client).await;
+
+    let (status, body) = withdraw(&first_party).await;
+    assert_eq!((status, &body), (204, &Value::Null));
+    assert_eq!(
+        ws.closed_with().await,
+        Some(vibe::ws::CLOSE_TOKEN_REVOKED),
+        "the app's connection closes"
+    );
+    assert_api_error(&list_posts(&server, access).await, 401, "token_revoked");
+    assert_oauth_error(
+        &refresh(&server, &client, refresh_token).await,
+        400,
+        "invalid_grant",
+    );
+    assert_oauth_error(
+        &redeem_code(
+            &server,
+            &client,
+            &pending_code,
+            Some(pending_verifier.as_str()),
+        )
+        .await,
+        400,
+        "invalid_grant",
+    );
+    // The user's own token is unaffected.
+    assert_eq!(list_posts(&server, &first_party).await.0, 200);
+
+    assert_api_error(&withdraw(&first_party).await, 404, "not_found");
+    let (status, body) = apps(&first_party).await;
+    assert_eq!((status, &body["apps"]), (200, &json!([])), "{body}");
+
+    // Consent is no longer remembered: the signed-in browser is asked again, and prompt=none
+    // is told so.
+    let page = browser.get(&auth_url(&server, &client, &[])).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("action=\"/oauth/consent\""), "{page:?}");
+    let page = browser
+        .get(&auth_url(&server, &client, &[("prompt", Some("none"))]))
+        .await;
+    assert_error_redirect(&server, &client, &page, "consent_required");
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn login_and_consent_forms_need_their_csrf_token_and_interaction_cookie() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let page = browser.get(&auth_url(&server, &client, &[])).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    let interaction = page.hidden("interaction");
+    let csrf = page.hidden("csrf");
+    assert!(browser.cookies.contains_key("vibe_interaction"));
+    let login = |csrf: &str| {
+        [
+            ("interaction", interaction.clone()),
+            ("csrf", csrf.to_owned()),
+            ("handle", "ada".to_owned()),
+            ("password", PASSWORD.to_owned()),
+        ]
+    };
+    let post = async |browser: &mut Browser, path: &str, fields: &[(&str, String)]| {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        browser.post_form(&server.url(path), &fields).await
+    };
+
+    // The right interaction cookie, a wrong CSRF token.
+    let page = post(&mut browser, "/oauth/login", &login("forged-csrf")).await;
+    assert_error_page(&page);
+    assert!(!browser.cookies.contains_key("vibe_session"));
+    // The right CSRF token, but from a browser that did not start the interaction.
+    let mut other = Browser::new();
+    let page = post(&mut other, "/oauth/login", &login(&csrf)).await;
+    assert_error_page(&page);
+    assert!(other.cookies.is_empty(), "{:?}", other.cookies);
+    let pool = server.sql().await;
+    let (sessions,): (i64,) = sqlx::query_as("SELECT count(*) FROM user_sessions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sessions, 0, "no session was created");
+
+    // Both together: signed in, on to consent; the consent form has the same protections.
+    let page = post(&mut browser, "/oauth/login", &login(&csrf)).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("action=\"/oauth/consent\""), "{page:?}");
+    assert!(browser.cookies.contains_key("vibe_session"));
+    let interaction = page.hidden("interaction");
+    let csrf = page.hidden("csrf");
+    let consent = |csrf: &str| {
+        [
+            ("interaction", interaction.clone()),
+            ("csrf", csrf.to_owned()),
+            ("decision", "allow".to_owned()),
+        ]
+    };
+    assert_error_page(&post(&mut browser, "/oauth/consent", &consent("forged-csrf")).await);
+    assert_error_page(&post(&mut Browser::new(), "/oauth/consent", &consent(&csrf)).await);
+    let (consents,): (i64,) = sqlx::query_as("SELECT count(*) FROM consents")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(consents, 0, "no consent was recorded");
+    let page = post(&mut browser, "/oauth/consent", &consent(&csrf)).await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert!(page.redirect_params().contains_key("code"), "{page:?}");
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn password_attempts_are_rate_limited_and_errors_reveal_nothing() {
+    let server = TestServer::start_with(&[("identity.login_attempts_per_minute", "3")]).await;
+    sign_up(&server, "ada").await;
+    let attempt = |handle: &str, password: &str| {
+        call(
+            server
+                .client
+                .post(server.url("/v1/sessions"))
+                .json(&json!({"handle": handle, "password": password})),
+        )
+    };
+    let mut messages = Vec::new();
+    for _ in 0..3 {
+        let r = attempt("ada", "not the password").await;
+        assert_api_error(&r, 401, "invalid_credentials");
+        messages.push(r.1["error"]["message"].clone());
+    }
+    // An unknown handle fails exactly like a wrong password.
+    let r = attempt("nobody", "not the password").await;
+    assert_api_error(&r, 401, "invalid_credentials");
+    messages.push(r.1["error"]["message"].clone());
+    assert!(messages.iter().all(|m| *m == messages[0]), "{messages:?}");
+
+    // The fourth attempt on the handle within the minute, then even the right password.
+    assert_api_error(
+        &attempt("ada", "not the password").await,
+        429,
+        "rate_limited",
+    );
+    assert_api_error(&attempt("ada", PASSWORD).await, 429, "rate_limited");
+    // The limit is per handle, whatever its case.
+    assert_api_error(&attempt("ADA", PASSWORD).await, 429, "rate_limited");
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn account_errors_and_the_exported_key_is_the_dids() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    let server = TestServer::start().await;
+    let did = sign_up(&server, "ada").await;
+    let create = |handle: &str, password: &str| {
+        call(
+            server
+                .client
+                .post(server.url("/v1/accounts"))
+                .json(&json!({"handle": handle, "password": password})),
+        )
+    };
+    assert_api_error(&create("ada", PASSWORD).await, 409, "handle_taken");
+    for bad in ["Ada", "a", "_ada", "ada smith", "ada!"] {
+        assert_api_error(&create(bad, PASSWORD).await, 400, "invalid_body");
+    }
+    assert_api_error(&create("bea", "short").await, 400, "invalid_body");
+
+    let first_party = first_party_token(&server, "ada").await;
+    let export = |token: &str, password: &str| {
+        call(
+            server
+                .client
+                .post(server.url("/v1/me/key"))
+                .bearer_auth(token)
+                .json(&json!({"password": password})),
+        )
+    };
+    assert_api_error(
+        &export(&first_party, "not the password").await,
+        401,
+        "invalid_credentials",
+    );
+    let r = server
+        .client
+        .post(server.url("/v1/me/key"))
+        .bearer_auth(&first_party)
+        .json(&json!({"password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let key: Value = r.json().await.unwrap();
+    assert_eq!(key["did"], did.as_str());
+    let jwk = &key["jwk"];
+    assert_eq!(
+        (jwk["kty"].as_str(), jwk["crv"].as_str()),
+        (Some("OKP"), Some("Ed25519"))
+    );
+    let x: [u8; 32] = URL_SAFE_NO_PAD
+        .decode(field(jwk, "x"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let mut multicodec = vec![0xed, 0x01];
+    multicodec.extend_from_slice(&x);
+    assert_eq!(
+        format!("did:key:z{}", bs58::encode(multicodec).into_string()),
+        did
+    );
+    // The private half is the one of that public key.
+    let d: [u8; 32] = URL_SAFE_NO_PAD
+        .decode(field(jwk, "d"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    assert_eq!(
+        ed25519_dalek::SigningKey::from_bytes(&d)
+            .verifying_key()
+            .to_bytes(),
+        x
+    );
+
+    // An app the user signed in to cannot export the key, even knowing the password.
+    let client = register_client(&server, false, SCOPE).await;
+    let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    assert_api_error(
+        &export(field(&tokens, "access_token"), PASSWORD).await,
+        403,
+        "first_party_only",
+    );
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn end_session_redirects_only_to_registered_uris() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let session = browser.cookies["vibe_session"].clone();
+    let end_session = |uri: &str| {
+        server.url(&format!(
+            "/oauth/end-session?{}",
+            serde_urlencoded::to_string([
+                ("client_id", client.id.as_str()),
+                ("post_logout_redirect_uri", uri),
+                ("state", "bye"),
+            ])
+            .unwrap()
+        ))
+    };
+    let silent = auth_url(&server, &client, &[("prompt", Some("none"))]);
+
+    for bad in [EVIL_URI, client.redirect_uri.as_str()] {
+        let page = browser.get(&end_session(bad)).await;
+        assert_error_page(&page);
+    }
+    // Refused: the session is untouched and still signs the user in silently.
+    assert_eq!(browser.cookies.get("vibe_session"), Some(&session));
+    let page = browser.get(&silent).await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert!(page.redirect_params().contains_key("code"), "{page:?}");
+
+    let logged_out = format!("{}/logged-out", client.redirect_uri);
+    let page = browser.get(&end_session(&logged_out)).await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert_eq!(
+        page.location.as_deref(),
+        Some(format!("{logged_out}?state=bye").as_str())
+    );
+    assert!(
+        !browser.cookies.contains_key("vibe_session"),
+        "the session cookie is cleared"
+    );
+    let page = browser.get(&silent).await;
+    assert_error_redirect(&server, &client, &page, "login_required");
+    // And the session is over on the server, not just forgotten by the browser.
+    let mut replay = Browser::new();
+    replay.cookies.insert("vibe_session".to_owned(), session);
+    let page = replay.get(&silent).await;
+    assert_error_redirect(&server, &client, &page, "login_required");
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn introspection_and_revocation_check_the_client() {
+    let server = TestServer::start().await;
+    let client = register_client(&server, false, SCOPE).await;
+    let public = register_client(&server, true, SCOPE).await;
+    for c in [&client, &public] {
+        let r = post_as_client(&server, c, "/oauth/introspect", &[("token", "not-a-token")]).await;
+        assert_eq!(r, (200, json!({"active": false})));
+    }
+    let forged = RegisteredClient {
+        id: client.id.clone(),
+        secret: Some("not-the-secret".to_owned()),
+        redirect_uri: client.redirect_uri.clone(),
+    };
+    let unknown = RegisteredClient {
+        id: "no-such-client".to_owned(),
+        secret: None,
+        redirect_uri: client.redirect_uri.clone(),
+    };
+    // A confidential client that leaves its secret out.
+    let secretless = RegisteredClient {
+        id: client.id.clone(),
+        secret: None,
+        redirect_uri: client.redirect_uri.clone(),
+    };
+    for c in [&forged, &unknown, &secretless] {
+        for path in ["/oauth/introspect", "/oauth/revoke"] {
+            let r = post_as_client(&server, c, path, &[("token", "not-a-token")]).await;
+            assert_oauth_error(&r, 401, "invalid_client");
+        }
+    }
+    server.finish().await;
+}
