@@ -69,9 +69,9 @@ pub async fn query_page(
     } else {
         HeldCertificates::default()
     };
-    if spec.scope == Scope::Global {
-        // The SQL already left out denied documents; this is the in-memory evaluation of the
-        // same rule, so a disagreement can only hide, never reveal.
+    if !matches!(spec.scope, Scope::Own(_)) {
+        // The SQL already applied the read rule; this is the in-memory evaluation of the same
+        // rule, so a disagreement can only hide, never reveal.
         docs.retain(|d| d.acl.allows(Operation::Read, Some(caller), &d.owner, &held));
     }
     let expanded = if expand.is_empty() {

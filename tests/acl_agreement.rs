@@ -5,7 +5,7 @@
 //!   delivery uses),
 //! - by PostgreSQL through the summary columns and `vibe_acl_preds_hold` (the full rule),
 //! - by the server's paths: `GET /v1/docs/...` (credentials loaded from the database) and
-//!   `POST /v1/query` with `global` (the SQL the query compiler emits).
+//!   `POST /v1/query` with `global` and with `shared` (the SQL the query compiler emits).
 //!
 //! Every caller must get the same answer from each. Deterministic: a fixed seed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
@@ -161,12 +161,15 @@ impl Case<'_> {
             );
             let mut model = BTreeSet::new();
             let mut public_model = BTreeSet::new();
+            let mut shared_model = BTreeSet::new();
             for (d, id) in docs.iter().zip(&ids) {
                 let acl: Acl = serde_json::from_value(d.acl.clone()).map_err(|e| e.to_string())?;
                 if acl.allows(Operation::Read, Some(caller), USERS[d.owner], &held) {
                     model.insert(*id);
                     if acl.is_public() {
                         public_model.insert(*id);
+                    } else if d.owner != u {
+                        shared_model.insert(*id);
                     }
                 }
             }
@@ -204,28 +207,30 @@ impl Case<'_> {
             if rest != model {
                 return Err(format!("{caller}: REST {rest:?} != in-memory {model:?}"));
             }
-            let page: Value = self
-                .s
-                .client
-                .post(self.s.url("/v1/query"))
-                .bearer_auth(token)
-                .json(&json!({"type": "items", "global": true, "limit": 100}))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
-            let global: BTreeSet<Uuid> = page["docs"]
-                .as_array()
-                .ok_or_else(|| format!("no docs in {page}"))?
-                .iter()
-                .map(|d| d["id"].as_str().unwrap().parse().unwrap())
-                .collect();
-            if global != public_model {
-                return Err(format!(
-                    "{caller}: global query {global:?} != in-memory public {public_model:?}"
-                ));
+            for (scope, expected) in [("global", &public_model), ("shared", &shared_model)] {
+                let page: Value = self
+                    .s
+                    .client
+                    .post(self.s.url("/v1/query"))
+                    .bearer_auth(token)
+                    .json(&json!({"type": "items", scope: true, "limit": 100}))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let got: BTreeSet<Uuid> = page["docs"]
+                    .as_array()
+                    .ok_or_else(|| format!("no docs in {page}"))?
+                    .iter()
+                    .map(|d| d["id"].as_str().unwrap().parse().unwrap())
+                    .collect();
+                if &got != expected {
+                    return Err(format!(
+                        "{caller}: {scope} query {got:?} != in-memory {expected:?}"
+                    ));
+                }
             }
         }
         Ok(())

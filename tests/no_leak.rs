@@ -6,6 +6,9 @@
 //!   some moment (nothing is ever revealed that the ACL did not allow);
 //! - every revision the model made visible to a subscriber when it was written is delivered;
 //! - at the end each subscriber's view (snapshot plus events) equals what it may see.
+//!
+//! Three subscriptions per user: global (public documents, per-subscriber denies), shared
+//! (others' documents allowed to the user by DID or certificate) and own.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -32,7 +35,7 @@ const OPS: usize = 2000;
 
 struct Model {
     /// id → (owner, acl, rev)
-    docs: BTreeMap<Uuid, (usize, Value, i64)>,
+    docs: BTreeMap<Uuid, (usize, Acl, i64)>,
     /// certificate id → (issuer, subject, type)
     certs: BTreeMap<Uuid, (usize, usize, usize)>,
 }
@@ -54,8 +57,21 @@ impl Model {
         self.docs
             .iter()
             .filter(|(_, (owner, acl, _))| {
-                let acl: Acl = serde_json::from_value(acl.clone()).unwrap();
                 acl.is_public()
+                    && acl.allows(Operation::Read, Some(USERS[user]), USERS[*owner], &held)
+            })
+            .map(|(id, (_, _, rev))| (*id, *rev))
+            .collect()
+    }
+
+    /// What `user`'s shared subscription may hold now: others' non-public documents it may read.
+    fn shared_view(&self, user: usize) -> BTreeSet<(Uuid, i64)> {
+        let held = self.held(user);
+        self.docs
+            .iter()
+            .filter(|(_, (owner, acl, _))| {
+                *owner != user
+                    && !acl.is_public()
                     && acl.allows(Operation::Read, Some(USERS[user]), USERS[*owner], &held)
             })
             .map(|(id, (_, _, rev))| (*id, *rev))
@@ -82,10 +98,10 @@ fn random_entry(rng: &mut StdRng) -> Value {
 
 fn random_acl(rng: &mut StdRng) -> Value {
     let mut allow: Vec<Value> = Vec::new();
-    if rng.random_bool(0.8) {
+    if rng.random_bool(0.6) {
         allow.push(json!("*"));
     }
-    if rng.random_bool(0.3) {
+    for _ in 0..rng.random_range(0..3) {
         allow.push(random_entry(rng));
     }
     let deny: Vec<Value> = (0..rng.random_range(0..3))
@@ -138,7 +154,15 @@ async fn subscribers_see_exactly_what_they_may_read() {
         let own = ws
             .request(json!({"op": "read", "type": "notes", "limit": 1000}))
             .await;
-        subs.push((global["sub"].clone(), own["sub"].clone()));
+        let shared = ws
+            .request(json!({"op": "read", "type": "notes", "shared": true, "limit": 1000}))
+            .await;
+        assert_eq!(shared["ok"], true, "{shared}");
+        subs.push((
+            global["sub"].clone(),
+            own["sub"].clone(),
+            shared["sub"].clone(),
+        ));
         sockets.push(ws);
     }
 
@@ -150,6 +174,8 @@ async fn subscribers_see_exactly_what_they_may_read() {
     // (user, id, rev) the model made visible when the revision was written (or granted).
     let mut ever_global: Vec<BTreeSet<(Uuid, i64)>> = vec![BTreeSet::new(); USERS.len()];
     let mut must_deliver: Vec<BTreeSet<(Uuid, i64)>> = vec![BTreeSet::new(); USERS.len()];
+    let mut ever_shared: Vec<BTreeSet<(Uuid, i64)>> = vec![BTreeSet::new(); USERS.len()];
+    let mut must_deliver_shared: Vec<BTreeSet<(Uuid, i64)>> = vec![BTreeSet::new(); USERS.len()];
     let mut history: Vec<String> = Vec::new();
     for _ in 0..OPS {
         let roll = rng.random_range(0..100);
@@ -167,7 +193,9 @@ async fn subscribers_see_exactly_what_they_may_read() {
             let id: Uuid = doc["id"].as_str().unwrap().parse().unwrap();
             let rev = doc["rev"].as_i64().unwrap();
             history.push(format!("create {id} rev {rev} owner {owner} acl {acl}"));
-            model.docs.insert(id, (owner, acl, rev));
+            model
+                .docs
+                .insert(id, (owner, serde_json::from_value(acl).unwrap(), rev));
             written = Some((id, rev));
         } else if roll < 75 {
             let ids: Vec<Uuid> = model.docs.keys().copied().collect();
@@ -176,7 +204,7 @@ async fn subscribers_see_exactly_what_they_may_read() {
             let acl = if rng.random_bool(0.5) {
                 random_acl(&mut rng)
             } else {
-                acl
+                serde_json::to_value(&acl).unwrap()
             };
             let r = s
                 .client
@@ -189,7 +217,9 @@ async fn subscribers_see_exactly_what_they_may_read() {
             assert_eq!(r.status(), 200);
             let rev = r.json::<Value>().await.unwrap()["rev"].as_i64().unwrap();
             history.push(format!("update {id} rev {rev} owner {owner} acl {acl}"));
-            model.docs.insert(id, (owner, acl, rev));
+            model
+                .docs
+                .insert(id, (owner, serde_json::from_value(acl).unwrap(), rev));
             written = Some((id, rev));
         } else if roll < 82 {
             let ids: Vec<Uuid> = model.docs.keys().copied().collect();
@@ -246,6 +276,13 @@ async fn subscribers_see_exactly_what_they_may_read() {
             // Access gained without a write (an ACL or certificate change) is delivered as an
             // add of the current revision: allowed, not required beyond the final view.
             ever_global[u].extend(after);
+            let shared = model.shared_view(u);
+            if let Some(w) = written
+                && shared.contains(&w)
+            {
+                must_deliver_shared[u].insert(w);
+            }
+            ever_shared[u].extend(shared);
         }
     }
 
@@ -259,10 +296,8 @@ async fn subscribers_see_exactly_what_they_may_read() {
         .await;
     let sentinel_id: Uuid = sentinel["id"].as_str().unwrap().parse().unwrap();
     let sentinel_rev = sentinel["rev"].as_i64().unwrap();
-    model.docs.insert(
-        sentinel_id,
-        (0, json!({"read": {"allow": ["*"]}}), sentinel_rev),
-    );
+    let public: Acl = serde_json::from_value(json!({"read": {"allow": ["*"]}})).unwrap();
+    model.docs.insert(sentinel_id, (0, public, sentinel_rev));
     for u in 0..USERS.len() {
         ever_global[u].insert((sentinel_id, sentinel_rev));
         must_deliver[u].insert((sentinel_id, sentinel_rev));
@@ -270,7 +305,7 @@ async fn subscribers_see_exactly_what_they_may_read() {
 
     let mut total_events = 0usize;
     for (u, ws) in sockets.iter_mut().enumerate() {
-        let (global_sub, own_sub) = &subs[u];
+        let (global_sub, own_sub, shared_sub) = &subs[u];
         let mut global = Seen::default();
         let mut events = Vec::new();
         loop {
@@ -314,6 +349,33 @@ async fn subscribers_see_exactly_what_they_may_read() {
             view,
             model.global_view(u),
             "{}: final global view",
+            USERS[u]
+        );
+
+        // The shared subscription: what others shared with the user, by DID or certificate.
+        // Its last event may come before the sentinel's; it is complete once it matches the
+        // model (every event it gets is checked on the way).
+        let expected_shared = model.shared_view(u);
+        let mut shared = Seen::default();
+        while shared
+            .view
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect::<BTreeSet<_>>()
+            != expected_shared
+        {
+            let event = ws.event(shared_sub).await;
+            total_events += 1;
+            shared.apply(&event);
+            let leaked: Vec<_> = shared.received.difference(&ever_shared[u]).collect();
+            assert!(leaked.is_empty(), "{}: shared leak {leaked:?}", USERS[u]);
+        }
+        let lost: Vec<_> = must_deliver_shared[u]
+            .difference(&shared.received)
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{}: shared revisions not delivered: {lost:?}",
             USERS[u]
         );
 

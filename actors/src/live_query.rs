@@ -409,7 +409,7 @@ impl LiveQueryState {
                     let _ = subscriber.outbox.send(frame);
                 }
             }
-            LiveQueryMsg::Credentials(message) => self.credentials_changed(&message),
+            LiveQueryMsg::Credentials(message) => self.credentials_changed(&message).await?,
             LiveQueryMsg::Crash => return Err(LiveQueryError::CrashRequested),
         }
         Ok(())
@@ -417,10 +417,18 @@ impl LiveQueryState {
 
     /// Sends each affected subscriber `add` or `remove` for the window documents whose
     /// visibility to them the certificate change flipped.
-    fn credentials_changed(&mut self, message: &CredentialsMsg) {
+    async fn credentials_changed(
+        &mut self,
+        message: &CredentialsMsg,
+    ) -> Result<(), LiveQueryError> {
         self.book = message.book.clone();
-        if matches!(self.window.spec().scope, Scope::Own(_)) {
-            return;
+        match &self.window.spec().scope {
+            Scope::Own(_) => return Ok(()),
+            Scope::Shared(caller) if message.subjects.contains(caller) => {
+                return self.reload_shared(message.cursor).await;
+            }
+            Scope::Shared(_) => return Ok(()),
+            Scope::Global => {}
         }
         let tested: Vec<&Document> = self
             .window
@@ -429,7 +437,7 @@ impl LiveQueryState {
             .filter(|d| d.acl.uses_certificates(Operation::Read))
             .collect();
         if tested.is_empty() {
-            return;
+            return Ok(());
         }
         // Frames for these events are per subscriber and not replayable: a resume from before
         // this point gets a fresh snapshot.
@@ -465,12 +473,59 @@ impl LiveQueryState {
                 let _ = subscriber.outbox.send(frame);
             }
         }
+        Ok(())
+    }
+
+    /// The caller of a shared query gained or lost certificates: documents anywhere may have
+    /// come into or gone out of reach, so the window is read again and the difference sent as
+    /// events.
+    async fn reload_shared(&mut self, cursor: Cursor) -> Result<(), LiveQueryError> {
+        let spec = self.window.spec().clone();
+        let snapshot = self
+            .source
+            .load(spec.clone())
+            .await
+            .map_err(LiveQueryError::Load)?;
+        let old: Vec<Document> = self.window.docs().to_vec();
+        self.window = Window::new(spec, snapshot.docs);
+        self.snapshot = snapshot.view;
+        self.replay_from = self.replay_from.max(snapshot.settled);
+        let mut events = Vec::new();
+        for doc in &old {
+            match self.window.docs().iter().find(|d| d.id == doc.id) {
+                None => events.push(WindowEvent::Remove(doc.clone())),
+                Some(now) if now.rev != doc.rev => events.push(WindowEvent::Change {
+                    doc: now.clone(),
+                    old: Box::new(doc.clone()),
+                }),
+                Some(_) => {}
+            }
+        }
+        for doc in self.window.docs() {
+            if !old.iter().any(|d| d.id == doc.id) {
+                events.push(WindowEvent::Add(doc.clone()));
+            }
+        }
+        for (i, event) in events.into_iter().enumerate() {
+            self.emit(event, cursor.event(u32::try_from(i).unwrap_or(u32::MAX)));
+        }
+        Ok(())
     }
 
     async fn apply(&mut self, change: &Change) -> Result<(), LiveQueryError> {
         if change.cursor <= self.position || self.snapshot.sees(change.xid) {
             return Ok(());
         }
+        let shared_view;
+        let change = match &self.window.spec().scope {
+            // The window holds only what the caller may read: each version of the document
+            // the caller may not read counts as absent.
+            Scope::Shared(caller) => {
+                shared_view = readable_versions(change, caller, &self.book);
+                &shared_view
+            }
+            _ => change,
+        };
         let applied = self.window.apply(change);
         // Each event of this change gets its own position, so a client that received only the
         // first ones resumes right after them.
@@ -565,7 +620,8 @@ impl LiveQueryState {
 
     /// The window as `caller` may see it.
     fn visible(&self, caller: &str) -> Vec<Document> {
-        let own = matches!(self.window.spec().scope, Scope::Own(_));
+        // A shared query's window holds exactly what its one caller may read.
+        let own = matches!(self.window.spec().scope, Scope::Own(_) | Scope::Shared(_));
         self.window
             .docs()
             .iter()
@@ -656,6 +712,26 @@ impl Encoded {
     }
 }
 
+/// `change` with each version `caller` may not read (under `book`) left out.
+fn readable_versions(change: &Change, caller: &str, book: &CertificateBook) -> Change {
+    let keep = |image: &Option<crate::change::Image>| {
+        image.clone().filter(|i| {
+            i.acl.allows(
+                Operation::Read,
+                Some(caller),
+                &change.owner,
+                &book.view(caller),
+            ) && !i.acl.is_public()
+                && change.owner != caller
+        })
+    };
+    Change {
+        new: keep(&change.new),
+        old: keep(&change.old),
+        ..change.clone()
+    }
+}
+
 /// Sends `event` to `subscriber` as what it is from their point of view: a document they could
 /// not see and now can is an `add`, one they could see and no longer can is a `remove`. True if
 /// a frame was queued.
@@ -671,7 +747,7 @@ fn deliver(
     {
         return false;
     }
-    let own = matches!(spec.scope, Scope::Own(_));
+    let own = matches!(spec.scope, Scope::Own(_) | Scope::Shared(_));
     let can = |acl: &Option<Acl>| {
         acl.as_ref().is_some_and(|acl| {
             own || acl.allows(

@@ -401,6 +401,19 @@ pub(super) fn compile(
                 None => sql.push_str(" AND NOT read_deny_public"),
             }
         }
+        Scope::Shared(caller) => {
+            // Others' documents allowed to the caller by DID or certificates, not public, and
+            // not denied (the same rule as `Acl::allows`, over the summary columns).
+            let p = b.param(Bind::Text(caller.clone()));
+            let _ = write!(
+                sql,
+                " AND owner_did <> {p} AND NOT read_public \
+                 AND (read_allow_dids @> ARRAY[{p}]::text[] \
+                 OR (read_predicates AND vibe_acl_preds_hold(acl, 'read', 'allow', {p}))) \
+                 AND NOT read_deny_public AND NOT ({p} = ANY(read_deny_dids)) \
+                 AND NOT (read_predicates AND vibe_acl_preds_hold(acl, 'read', 'deny', {p}))"
+            );
+        }
     }
     let condition = b.top_filter(&spec.filter);
     if condition != "true" {

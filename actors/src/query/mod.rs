@@ -64,6 +64,11 @@ pub enum Scope {
     Own(String),
     /// Public documents (read allows `*`) of every owner.
     Global,
+    /// Documents of others shared with this DID specifically (by a DID entry or certificate
+    /// predicates in their read rule), not public. Which ones depends on the DID's
+    /// certificates: [`QuerySpec::matches`] is a superset test here (it holds no credentials);
+    /// live queries and SQL apply the exact rule.
+    Shared(String),
 }
 
 /// What a condition or a sort key looks at.
@@ -401,6 +406,9 @@ pub struct QueryRequest {
     pub limit: Option<u32>,
     #[serde(default)]
     pub global: bool,
+    /// Documents others shared with the caller (not public, not the caller's own).
+    #[serde(default)]
+    pub shared: bool,
     /// One-shot queries only: continue after the page that returned this cursor.
     #[serde(default)]
     pub cursor: Option<String>,
@@ -440,6 +448,17 @@ impl QuerySpec {
         let in_scope = match &self.scope {
             Scope::Own(owner) => doc.owner == owner,
             Scope::Global => doc.acl.is_public(),
+            Scope::Shared(caller) => {
+                doc.owner != caller
+                    && !doc.acl.is_public()
+                    && (doc.acl.uses_certificates(crate::acl::Operation::Read)
+                        || doc.acl.allows(
+                            crate::acl::Operation::Read,
+                            Some(caller),
+                            doc.owner,
+                            &crate::acl::NoCredentials,
+                        ))
+            }
         };
         in_scope && eval::filter(&self.filter, doc)
     }

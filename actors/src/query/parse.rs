@@ -67,13 +67,15 @@ pub(super) fn parse(
             format!("limit is 1 to {}", limits.max_limit),
         ));
     }
+    let scope = match (request.global, request.shared) {
+        (true, true) => return Err(invalid("shared", "a query is global or shared, not both")),
+        (true, false) => Scope::Global,
+        (false, true) => Scope::Shared(caller.to_owned()),
+        (false, false) => Scope::Own(caller.to_owned()),
+    };
     Ok(QuerySpec {
         doc_type: request.doc_type.clone(),
-        scope: if request.global {
-            Scope::Global
-        } else {
-            Scope::Own(caller.to_owned())
-        },
+        scope,
         filter,
         sort,
         limit,

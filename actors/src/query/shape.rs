@@ -59,7 +59,11 @@ impl QuerySpec {
             .collect();
         json!({
             "type": self.doc_type,
-            "scope": match self.scope { Scope::Own(_) => "own", Scope::Global => "global" },
+            "scope": match self.scope {
+                Scope::Own(_) => "own",
+                Scope::Global => "global",
+                Scope::Shared(_) => "shared",
+            },
             "where": filter_shape(&self.filter),
             "sort": sort,
         })
