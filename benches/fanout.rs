@@ -142,6 +142,10 @@ struct LoadArgs {
     /// Documents created per second by the writer (fixed-interval ticker).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// The documents' ACLs: `public` (allow `*`), or `mixed` (in turn: public; DID allow and
+    /// deny lists; certificate predicates in allow and deny), all readable by the subscribers.
+    #[arg(long, default_value = "public", value_parser = ["public", "mixed"])]
+    acl: String,
 }
 
 #[derive(Debug, Args)]
@@ -1080,6 +1084,11 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
         stop_at: start + setup.warmup + setup.duration,
         keys: distinct.then_some(u64_of(n)),
         collect_ids: false,
+        acls: if args.acl == "mixed" {
+            common::mixed_acls()
+        } else {
+            Vec::new()
+        },
     })
     .await?;
     let cpu = window.finish(&setup)?;
@@ -1140,6 +1149,7 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
         println!("first error: {e}");
     }
     let report = serde_json::json!({
+        "acl": args.acl,
         "scenario": label,
         "url": common.url,
         "connections": n,
@@ -1835,6 +1845,7 @@ async fn run_churn(args: ChurnArgs) -> anyhow::Result<()> {
         measure_from_us: 0,
         stop_at,
         keys: None,
+        acls: Vec::new(),
         collect_ids: true,
     })
     .await?;

@@ -167,6 +167,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         measure_from_us,
         stop_at,
         keys: None,
+        acls: Vec::new(),
         collect_ids: false,
     })
     .await?;

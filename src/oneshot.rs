@@ -15,18 +15,41 @@ use vibe_actors::query::{
 use crate::app::App;
 use crate::auth::{Access, Claims};
 use crate::store::StoreError;
-use crate::wire::Document;
+use crate::wire::{Document, DocumentView, views};
 
 /// One page of a query.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct QueryPage {
     pub docs: Vec<Document>,
     /// Pass as `cursor` (with the same query) for the next page; absent on the last page.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
     /// With `expand`: the referenced documents the caller may read, by id.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub expanded: Option<BTreeMap<Uuid, Document>>,
+    /// Whom the page is for: documents carry their ACL only to their owner.
+    pub caller: String,
+}
+
+impl Serialize for QueryPage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            docs: Vec<DocumentView<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            expanded: Option<BTreeMap<Uuid, DocumentView<'a>>>,
+        }
+        let caller = Some(self.caller.as_str());
+        Wire {
+            docs: views(&self.docs, caller),
+            next: self.next.as_deref(),
+            expanded: self
+                .expanded
+                .as_ref()
+                .map(|e| e.iter().map(|(id, d)| (*id, d.view(caller))).collect()),
+        }
+        .serialize(s)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,5 +145,6 @@ pub async fn query_page(
         docs,
         next,
         expanded,
+        caller: caller.to_owned(),
     })
 }

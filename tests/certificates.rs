@@ -222,3 +222,81 @@ async fn deny_predicates_act_live_on_global_subscriptions_and_queries() {
     ws.close().await;
     s.finish().await;
 }
+
+#[tokio::test]
+async fn acls_reach_their_owner_only() {
+    let s = TestServer::start().await;
+    let alice = s.token(common::ALICE, &["*"]);
+    let bob = s.token(common::BOB, &["*"]);
+    let acl = json!({"read": {"allow": ["*"], "deny": [common::CAROL]}});
+    let mut ws = Ws::connect(&s.base, Some(&bob)).await;
+    let sub = ws
+        .request(json!({"op": "read", "type": "posts", "global": true}))
+        .await["sub"]
+        .clone();
+    let mut own = Ws::connect(&s.base, Some(&alice)).await;
+    let own_sub = own
+        .request(json!({"op": "read", "type": "posts", "global": true}))
+        .await["sub"]
+        .clone();
+    let created = s
+        .post(&alice, "posts", json!({"data": {"t": 1}, "acl": acl}))
+        .await;
+    assert_eq!(created["acl"], acl, "the owner sees the ACL it wrote");
+    let id = created["id"].as_str().unwrap();
+
+    // Bob reads the public document over every path, and never sees whom it denies.
+    let event = ws.event(&sub).await;
+    assert_eq!(event["event"], "add");
+    assert!(event["doc"].get("acl").is_none(), "{event}");
+    let owner_event = own.event(&own_sub).await;
+    assert_eq!(
+        owner_event["doc"]["acl"], acl,
+        "the owner's event carries it"
+    );
+    let got: Value = s
+        .client
+        .get(s.url(&format!("/v1/docs/posts/{id}")))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["data"]["t"], 1);
+    assert!(got.get("acl").is_none(), "{got}");
+    let page: Value = s
+        .client
+        .post(s.url("/v1/query"))
+        .bearer_auth(&bob)
+        .json(&json!({"type": "posts", "global": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["docs"][0]["id"], id);
+    assert!(page["docs"][0].get("acl").is_none(), "{page}");
+    let changes: Value = s
+        .client
+        .get(s.url("/v1/changes?types=posts&global=true"))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = changes["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("{changes}"));
+    assert!(entry["doc"].get("acl").is_none(), "{entry}");
+    ws.close().await;
+    own.close().await;
+    s.finish().await;
+}

@@ -828,7 +828,10 @@ async fn expand_returns_only_the_referenced_documents_the_caller_may_read() {
         BTreeSet::from([p1_id.clone()]),
         "the public profile only (not the private one, nor the one denied to Alice): {answer}"
     );
-    assert_eq!(answer["expanded"][&p1_id], p1, "the whole document");
+    // The whole document as a reader gets it: everything but the ACL, which only its owner sees.
+    let mut p1_as_read = p1.clone();
+    p1_as_read.as_object_mut().unwrap().remove("acl");
+    assert_eq!(answer["expanded"][&p1_id], p1_as_read, "the whole document");
 
     // Each post alone: A and C reach P1; B reaches nothing Alice may read.
     for (post, want) in [

@@ -35,7 +35,7 @@ use crate::change::{Change, Cursor, SnapshotView};
 use crate::outbox::Outbox;
 use crate::query::{QuerySpec, Scope};
 use crate::window::{Window, WindowEvent};
-use crate::wire::Document;
+use crate::wire::{Document, DocumentView, views};
 
 /// A future the snapshot source returns.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -466,7 +466,7 @@ impl LiveQueryState {
                     sub: &self.sub_id,
                     event,
                     cursor: message.cursor.to_string(),
-                    doc: body,
+                    doc: body.map(|d| d.view(Some(caller))),
                     id,
                     docs: None,
                 });
@@ -600,14 +600,20 @@ impl LiveQueryState {
                 request_id,
                 &self.sub_id,
                 self.position,
-                Some(&self.visible(&subscriber.caller)),
+                Some(&views(
+                    &self.visible(&subscriber.caller),
+                    Some(&subscriber.caller),
+                )),
                 true,
             )),
             None => Some(reply_frame(
                 request_id,
                 &self.sub_id,
                 self.position,
-                Some(&self.visible(&subscriber.caller)),
+                Some(&views(
+                    &self.visible(&subscriber.caller),
+                    Some(&subscriber.caller),
+                )),
                 false,
             )),
         };
@@ -644,7 +650,7 @@ impl LiveQueryState {
             cursor: cursor.to_string(),
             doc: None,
             id: None,
-            docs: Some(&self.visible(caller)),
+            docs: Some(&views(&self.visible(caller), Some(caller))),
         })
     }
 }
@@ -661,7 +667,8 @@ pub struct Encoded {
     /// Who could see it before / after (None: it was not / is not in the window).
     acl_before: Option<Acl>,
     acl_after: Option<Acl>,
-    frames: [OnceLock<Bytes>; 3],
+    /// Per kind, as the owner receives it (with the ACL) and as others do (without).
+    frames: [[OnceLock<Bytes>; 2]; 3],
 }
 
 #[derive(Clone, Copy)]
@@ -691,9 +698,10 @@ impl Encoded {
         }
     }
 
-    fn frame(&self, kind: Kind) -> Bytes {
-        self.frames[kind as usize]
+    fn frame(&self, kind: Kind, for_owner: bool) -> Bytes {
+        self.frames[kind as usize][usize::from(for_owner)]
             .get_or_init(|| {
+                let viewer = for_owner.then_some(self.owner.as_str());
                 let (event, doc, id) = match kind {
                     Kind::Add => ("add", self.doc.as_ref(), None),
                     Kind::Change => ("change", self.doc.as_ref(), None),
@@ -703,7 +711,7 @@ impl Encoded {
                     sub: &self.sub_id,
                     event,
                     cursor: self.cursor.to_string(),
-                    doc,
+                    doc: doc.map(|d| d.view(viewer)),
                     id,
                     docs: None,
                 })
@@ -764,7 +772,8 @@ fn deliver(
         (true, false) => Kind::Remove,
         (false, false) => return false,
     };
-    subscriber.outbox.send(event.frame(kind)).is_ok()
+    let for_owner = subscriber.caller == event.owner;
+    subscriber.outbox.send(event.frame(kind, for_owner)).is_ok()
 }
 
 #[derive(Serialize)]
@@ -773,11 +782,11 @@ struct EventFrame<'a> {
     event: &'a str,
     cursor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    doc: Option<&'a Document>,
+    doc: Option<DocumentView<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    docs: Option<&'a [Document]>,
+    docs: Option<&'a [DocumentView<'a>]>,
 }
 
 #[derive(Serialize)]
@@ -787,7 +796,7 @@ struct ReplyFrame<'a> {
     sub: &'a str,
     cursor: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    docs: Option<&'a [Document]>,
+    docs: Option<&'a [DocumentView<'a>]>,
     /// With `since`: true when the missed events follow, false when `docs` is a fresh snapshot.
     #[serde(skip_serializing_if = "Option::is_none")]
     resumed: Option<bool>,
@@ -797,7 +806,7 @@ fn reply_frame(
     request_id: &serde_json::Value,
     sub: &str,
     cursor: Cursor,
-    docs: Option<&[Document]>,
+    docs: Option<&[DocumentView<'_>]>,
     with_since: bool,
 ) -> Bytes {
     encode(&ReplyFrame {

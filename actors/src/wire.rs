@@ -19,8 +19,49 @@ pub struct Document {
     pub rev: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Sent to the owner only (see [`DocumentView`]); absent means "not yours to see".
+    #[serde(default)]
     pub acl: Acl,
     pub data: serde_json::Value,
+}
+
+/// A document as one caller receives it: the ACL only when the caller owns it. Whom a document
+/// is shared with, and whom it denies, is its owner's business — a reader of a public post must
+/// not learn who was blocked from it.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentView<'a> {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub doc_type: &'a str,
+    pub owner: &'a str,
+    pub rev: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl: Option<&'a Acl>,
+    pub data: &'a serde_json::Value,
+}
+
+impl Document {
+    /// The document as `caller` (None: anonymous) receives it.
+    pub fn view(&self, caller: Option<&str>) -> DocumentView<'_> {
+        DocumentView {
+            id: self.id,
+            doc_type: &self.doc_type,
+            owner: &self.owner,
+            rev: self.rev,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            acl: (caller == Some(self.owner.as_str())).then_some(&self.acl),
+            data: &self.data,
+        }
+    }
+}
+
+/// `docs` as `caller` receives them.
+pub fn views<'a>(docs: &'a [Document], caller: Option<&str>) -> Vec<DocumentView<'a>> {
+    docs.iter().map(|d| d.view(caller)).collect()
 }
 
 /// The body of `POST /v1/docs/{type}`.

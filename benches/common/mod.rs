@@ -733,6 +733,37 @@ pub(crate) struct WriterConfig {
     pub(crate) keys: Option<u64>,
     /// Keep the ids of the created documents.
     pub(crate) collect_ids: bool,
+    /// The documents' ACLs (JSON), used in turn; empty: every document public.
+    pub(crate) acls: Vec<String>,
+}
+
+/// `read` allows everyone: what every writer wrote before ACL mixes existed.
+pub(crate) const PUBLIC_ACL: &str = r#"{"read":{"allow":["*"]}}"#;
+
+/// Public documents whose rules still make every delivery evaluate something per subscriber: a
+/// DID allow and deny list, and certificate predicates in allow and deny (the subscriber holds
+/// `member-of` from zIssuer, so every deny is tested and none matches: all are delivered).
+pub(crate) fn mixed_acls() -> Vec<String> {
+    let dids = |prefix: &str| -> String {
+        (0..10)
+            .map(|i| format!(r#""did:key:z{prefix}{i}""#))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    vec![
+        PUBLIC_ACL.to_owned(),
+        format!(
+            r#"{{"read":{{"allow":["*",{}],"deny":[{}]}}}}"#,
+            dids("Friend"),
+            dids("Foe")
+        ),
+        concat!(
+            r#"{"read":{"allow":["*",[{"issuer":"did:key:zIssuer","type":"member-of"}]],"#,
+            r#""deny":[[{"issuer":"did:key:zIssuer","type":"blocked"}],"#,
+            r#"[{"issuer":"did:key:zIssuer","type":"muted"},{"issuer":"did:key:zIssuer","type":"member-of"}]]}}"#
+        )
+        .to_owned(),
+    ]
 }
 
 /// Creates documents at `rate` per second from `start` until `stop_at` (open loop: each write is
@@ -748,7 +779,13 @@ pub(crate) async fn writer(config: WriterConfig) -> anyhow::Result<WriterTally> 
         stop_at,
         keys,
         collect_ids,
+        acls,
     } = config;
+    let acls = if acls.is_empty() {
+        vec![PUBLIC_ACL.to_owned()]
+    } else {
+        acls
+    };
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
@@ -813,15 +850,12 @@ pub(crate) async fn writer(config: WriterConfig) -> anyhow::Result<WriterTally> 
             .header("authorization", &authorization)
             .header("content-type", "application/json");
         let key = keys.map(|k| seq % k.max(1));
+        let acl = &acls[usize::try_from(seq).unwrap_or(0) % acls.len()];
         seq += 1;
         let sent_us = unix_micros();
         let body = match key {
-            Some(k) => format!(
-                r#"{{"acl":{{"read":{{"allow":["*"]}}}},"data":{{"sent_us":{sent_us},"k":{k}}}}}"#
-            ),
-            None => {
-                format!(r#"{{"acl":{{"read":{{"allow":["*"]}}}},"data":{{"sent_us":{sent_us}}}}}"#)
-            }
+            Some(k) => format!(r#"{{"acl":{acl},"data":{{"sent_us":{sent_us},"k":{k}}}}}"#),
+            None => format!(r#"{{"acl":{acl},"data":{{"sent_us":{sent_us}}}}}"#),
         };
         let measured = sent_us >= measure_from_us;
         inflight.spawn(async move {

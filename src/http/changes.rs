@@ -13,7 +13,6 @@ use super::{ApiError, HttpResponse, json};
 use crate::app::App;
 use crate::auth::Access;
 use crate::feed::{Cursor, FeedError, Filter, Op};
-use crate::wire::Document;
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
@@ -40,8 +39,9 @@ struct Entry {
     #[serde(rename = "type")]
     doc_type: String,
     rev: i64,
+    /// The document as the caller receives it (its ACL only for its owner).
     #[serde(skip_serializing_if = "Option::is_none")]
-    doc: Option<Document>,
+    doc: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,7 +163,12 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
                     (_, true, false) => "remove",
                     _ => return None,
                 };
-                let doc = if after { c.document() } else { None };
+                let doc = if after {
+                    c.document()
+                        .and_then(|d| serde_json::to_value(d.view(caller)).ok())
+                } else {
+                    None
+                };
                 Some(Entry {
                     cursor: c.cursor.to_string(),
                     op,

@@ -31,7 +31,7 @@ pub(super) async fn create(
         .store
         .create(&claims.subject, doc_type, body.id, &acl, &body.data)
         .await?;
-    let mut response = document_response(StatusCode::CREATED, &doc);
+    let mut response = document_response(StatusCode::CREATED, &doc, &claims.subject);
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/docs/{}/{}", doc.doc_type, doc.id)) {
         response.headers_mut().insert(header::LOCATION, v);
     }
@@ -48,7 +48,7 @@ pub(super) async fn get(
     let claims = authorize(app, req.headers(), Access::Read, doc_type)?;
     let id = parse_id(id)?;
     let doc = app.store.get(&claims.subject, doc_type, id).await?;
-    Ok(document_response(StatusCode::OK, &doc))
+    Ok(document_response(StatusCode::OK, &doc, &claims.subject))
 }
 
 pub(super) async fn replace(
@@ -73,7 +73,10 @@ pub(super) async fn replace(
         .store
         .may(crate::acl::Operation::Read, &claims.subject, &doc)
         .await?;
-    Ok(written_response(readable, &doc))
+    Ok(written_response(
+        readable.then_some(claims.subject.as_str()),
+        &doc,
+    ))
 }
 
 /// RFC 7396 JSON Merge Patch over the writable part of the document, `{"data": ..., "acl": ...}`.
@@ -124,7 +127,10 @@ pub(super) async fn patch(
         .store
         .may(crate::acl::Operation::Read, &claims.subject, &doc)
         .await?;
-    Ok(written_response(readable, &doc))
+    Ok(written_response(
+        readable.then_some(claims.subject.as_str()),
+        &doc,
+    ))
 }
 
 pub(super) async fn delete(
@@ -189,11 +195,11 @@ pub(super) async fn list(
     Ok(json(StatusCode::OK, &DocumentPage { docs, next }))
 }
 
-/// The written document, or (for a writer the ACL does not let read it) just its new ETag: write
-/// access must not reveal the content.
-fn written_response(readable: bool, doc: &Document) -> HttpResponse {
-    if readable {
-        return document_response(StatusCode::OK, doc);
+/// The written document as `reader` sees it, or (for a writer the ACL does not let read it, None)
+/// just its new ETag: write access must not reveal the content.
+fn written_response(reader: Option<&str>, doc: &Document) -> HttpResponse {
+    if let Some(reader) = reader {
+        return document_response(StatusCode::OK, doc, reader);
     }
     let mut response = HttpResponse::new(Default::default());
     *response.status_mut() = StatusCode::NO_CONTENT;
@@ -203,8 +209,9 @@ fn written_response(readable: bool, doc: &Document) -> HttpResponse {
     response
 }
 
-fn document_response(status: StatusCode, doc: &Document) -> HttpResponse {
-    let mut response = json(status, doc);
+/// The document as `caller` receives it (the ACL only for its owner), with its ETag.
+fn document_response(status: StatusCode, doc: &Document, caller: &str) -> HttpResponse {
+    let mut response = json(status, &doc.view(Some(caller)));
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", doc.rev)) {
         response.headers_mut().insert(header::ETAG, v);
     }

@@ -480,7 +480,7 @@ impl Session {
         };
         // Write access does not reveal content the ACL does not let the caller read.
         if self.app.store.may(Operation::Read, &caller, &doc).await? {
-            Ok(Some(json!({"doc": doc})))
+            Ok(Some(json!({"doc": doc.view(Some(&caller))})))
         } else {
             Ok(Some(json!({"id": doc.id, "rev": doc.rev})))
         }

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Do ACLs cost the fan-out? The broadcast scenario of benches/fanout.rs against one Vibe, once
+# with public documents and once with mixed ACLs (in turn: public; a DID allow and deny list;
+# certificate predicates in allow and deny, which the subscriber's certificate book is asked
+# about on every delivery), alternating ROUNDS times, in the same run on the same server. Prints
+# delivered events/s, latency and server CPU of each, and the mixed/public ratio of the means.
+#
+#   CONNECTIONS=10000 PROCESSES=2 SOURCE_ADDRS=4 RATE=100 DURATION=15 ROUNDS=2 benches/acl_fanout.sh
+#   SMOKE=1 benches/acl_fanout.sh      # tiny numbers, one round; non-zero exit on missing events
+#
+# Needs what benches/fanout.sh needs (cargo, psql, curl, jq, python3, a trust PostgreSQL at
+# 127.0.0.1:5432). Creates a throwaway database and removes everything on exit.
+#
+# Env knobs: CONNECTIONS (1000), RATE (writes/s, 100), DURATION (measured s, 10), WARMUP (2),
+# DRAIN (5), SOURCE_ADDRS (1), PROCESSES (1), ROUNDS (2), SMOKE (0), RESULTS_DIR (default: a
+# temporary folder removed on exit), CARGO_TARGET_DIR (./target).
+
+set -euo pipefail
+shopt -s inherit_errexit
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+SMOKE="${SMOKE:-0}"
+CONNECTIONS="${CONNECTIONS:-1000}"
+RATE="${RATE:-100}"
+DURATION="${DURATION:-10}"
+WARMUP="${WARMUP:-2}"
+DRAIN="${DRAIN:-5}"
+SOURCE_ADDRS="${SOURCE_ADDRS:-1}"
+PROCESSES="${PROCESSES:-1}"
+ROUNDS="${ROUNDS:-2}"
+RESULTS_DIR="${RESULTS_DIR:-}"
+if [[ "$SMOKE" == 1 ]]; then
+    CONNECTIONS=20 RATE=20 DURATION=2 WARMUP=1 DRAIN=3 ROUNDS=1 PROCESSES=1 SOURCE_ADDRS=1
+fi
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: ROUNDS must be a positive number (got '$ROUNDS')" >&2; exit 2; }
+SUBJECT=did:key:zBench
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_USER=postgres
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+COMMAND="CONNECTIONS=$CONNECTIONS PROCESSES=$PROCESSES SOURCE_ADDRS=$SOURCE_ADDRS RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS benches/acl_fanout.sh"
+
+require_tools cargo psql curl jq python3
+build_release
+FANOUT_BIN="$(require_bench_bin fanout)"
+create_bench_db vibe-aclfanout
+RESULTS="${RESULTS_DIR:-$WORK}"
+mkdir -p "$RESULTS"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+start_vibe vibe.log
+mint_token
+export VIBE_BENCH_TOKEN="$TOKEN"
+
+# The subscriber holds `member-of` from did:key:zIssuer: stored as the server stores certificates
+# (the realtime tree reads it from the change feed like any write), so the predicates of the
+# mixed ACLs are evaluated against a non-empty book.
+psql_bench -c "INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), 'did:key:zIssuer', 'vibe.certificate', '{\"read\": {\"allow\": [\"$SUBJECT\"]}}', '{\"subject\": \"$SUBJECT\", \"type\": \"member-of\"}')"
+
+FAILED=()
+for round in $(seq 1 "$ROUNDS"); do
+    for acl in public mixed; do
+        json="$RESULTS/broadcast-$acl-$round.json"
+        args=(--url "$URL" --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP"
+              --drain "$DRAIN" --source-addrs "$SOURCE_ADDRS" --server-pid "$SERVER_PID" --json "$json"
+              --rate "$RATE" --acl "$acl")
+        if (( PROCESSES > 1 )); then args+=(--processes "$PROCESSES"); fi
+        echo "==> round $round, $acl ACLs: fanout broadcast ${args[*]}" >&2
+        "$FANOUT_BIN" broadcast "${args[@]}" | sed 's/^/    /' >&2
+        errors="$(jq -r '.errors' "$json")"
+        missing="$(jq -r '.events_missing' "$json")"
+        if (( errors > 0 || missing > 0 )); then
+            FAILED+=("round $round, $acl: $errors errors, $missing missing events; first error: $(jq -r '.first_error // "none"' "$json")")
+        fi
+    done
+done
+
+echo
+echo "## ACL cost of fan-out: \`$COMMAND\`"
+echo
+machine_line
+echo "- $CONNECTIONS subscribers of one global live query, $RATE writes/s; client and server on the same machine"
+echo
+echo "| round | ACLs | delivered events/s | p50 ms | p99 ms | p99.9 ms | server CPU % |"
+echo "|---|---|---|---|---|---|---|"
+for round in $(seq 1 "$ROUNDS"); do
+    for acl in public mixed; do
+        jq -r --arg r "$round" '"| \($r) | \(.acl) | \(.events_per_sec | floor) | \(.latency_ms.p50) | \(.latency_ms.p99) | \(.latency_ms.p99_9) | \(.cpu.server_cpu_percent // "n/a" | if type == "number" then floor else . end) |"' \
+            "$RESULTS/broadcast-$acl-$round.json"
+    done
+done
+mean() { jq -s '[.[].events_per_sec] | add / length' "$RESULTS"/broadcast-"$1"-*.json; }
+public_rate="$(mean public)"
+mixed_rate="$(mean mixed)"
+echo
+python3 -c "print(f'- mixed / public delivered events/s: {$mixed_rate / $public_rate:.3f} (means over $ROUNDS rounds)')"
+
+if (( ${#FAILED[@]} > 0 )); then
+    printf 'error: %s\n' "${FAILED[@]}" >&2
+    exit 1
+fi
