@@ -3,7 +3,10 @@
 # with public documents and once with mixed ACLs (in turn: public; a DID allow and deny list;
 # certificate predicates in allow and deny, which the subscriber's certificate book is asked
 # about on every delivery), alternating ROUNDS times, in the same run on the same server. Prints
-# delivered events/s, latency and server CPU of each, and the mixed/public ratio of the means.
+# delivered events/s, latency, server CPU and server CPU time per delivered event of each, and
+# the mixed/public ratios of the means. Choose a RATE both sustain (latency flat, nothing
+# missing): past the knee, delivered/s measures the backlog, not the cost; the capacity ratio is
+# then public CPU per event / mixed CPU per event.
 #
 #   CONNECTIONS=10000 PROCESSES=2 SOURCE_ADDRS=4 RATE=100 DURATION=15 ROUNDS=2 benches/acl_fanout.sh
 #   SMOKE=1 benches/acl_fanout.sh      # tiny numbers, one round; non-zero exit on missing events
@@ -82,19 +85,21 @@ echo
 machine_line
 echo "- $CONNECTIONS subscribers of one global live query, $RATE writes/s; client and server on the same machine"
 echo
-echo "| round | ACLs | delivered events/s | p50 ms | p99 ms | p99.9 ms | server CPU % |"
-echo "|---|---|---|---|---|---|---|"
+echo "| round | ACLs | delivered events/s | missing | p50 ms | p99 ms | p99.9 ms | server CPU % | server CPU µs per event |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$ROUNDS"); do
     for acl in public mixed; do
-        jq -r --arg r "$round" '"| \($r) | \(.acl) | \(.events_per_sec | floor) | \(.latency_ms.p50) | \(.latency_ms.p99) | \(.latency_ms.p99_9) | \(.cpu.server_cpu_percent // "n/a" | if type == "number" then floor else . end) |"' \
+        jq -r --arg r "$round" '"| \($r) | \(.acl) | \(.events_per_sec | floor) | \(.events_missing) | \(.latency_ms.p50) | \(.latency_ms.p99) | \(.latency_ms.p99_9) | \(.cpu.server_cpu_percent // 0 | floor) | \((.cpu.server_cpu_percent // 0) * 10000 / .events_per_sec | . * 100 | round / 100) |"' \
             "$RESULTS/broadcast-$acl-$round.json"
     done
 done
-mean() { jq -s '[.[].events_per_sec] | add / length' "$RESULTS"/broadcast-"$1"-*.json; }
-public_rate="$(mean public)"
-mixed_rate="$(mean mixed)"
+mean() { jq -s "[.[].$2] | add / length" "$RESULTS"/broadcast-"$1"-*.json; }
+public_rate="$(mean public events_per_sec)"
+mixed_rate="$(mean mixed events_per_sec)"
+public_cost="$(jq -s '[.[] | (.cpu.server_cpu_percent // 0) * 10000 / .events_per_sec] | add / length' "$RESULTS"/broadcast-public-*.json)"
+mixed_cost="$(jq -s '[.[] | (.cpu.server_cpu_percent // 0) * 10000 / .events_per_sec] | add / length' "$RESULTS"/broadcast-mixed-*.json)"
 echo
-python3 -c "print(f'- mixed / public delivered events/s: {$mixed_rate / $public_rate:.3f} (means over $ROUNDS rounds)')"
+python3 -c "print(f'- mixed / public delivered events/s: {$mixed_rate / $public_rate:.3f}; capacity (public / mixed server CPU per event): {$public_cost / $mixed_cost:.3f} (means over $ROUNDS rounds)')"
 
 if (( ${#FAILED[@]} > 0 )); then
     printf 'error: %s\n' "${FAILED[@]}" >&2
