@@ -529,27 +529,9 @@ struct TokenResponse {
 
 /// `POST /oauth/token`.
 pub(super) async fn token(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let headers = req.headers().clone();
-    let form: TokenForm = match read_body(app, req, FORM).await.and_then(|b| parse_form(&b)) {
-        Ok(f) => f,
-        Err(e) => {
-            return Ok(oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                &e.message,
-            ));
-        }
-    };
-    let client = match authenticate_client(
-        app,
-        &headers,
-        form.client_id.as_deref(),
-        form.client_secret.as_deref(),
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => return Ok(oauth_failure(e, &headers)),
+    let (form, client, headers) = match client_request::<TokenForm>(app, req).await {
+        Ok(v) => v,
+        Err(answer) => return Ok(answer),
     };
     let oauth = &app.identity.oauth;
     let revocations = app.tokens.revocations();
@@ -745,27 +727,10 @@ pub(super) async fn introspect(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let headers = req.headers().clone();
-    let form: TokenParam = match read_body(app, req, FORM).await.and_then(|b| parse_form(&b)) {
-        Ok(f) => f,
-        Err(e) => {
-            return Ok(oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                &e.message,
-            ));
-        }
+    let (form, _client, _) = match client_request::<TokenParam>(app, req).await {
+        Ok(v) => v,
+        Err(answer) => return Ok(answer),
     };
-    if let Err(e) = authenticate_client(
-        app,
-        &headers,
-        form.client_id.as_deref(),
-        form.client_secret.as_deref(),
-    )
-    .await
-    {
-        return Ok(oauth_failure(e, &headers));
-    }
     let Some(token) = form.token.as_deref() else {
         return Ok(oauth_error(
             StatusCode::BAD_REQUEST,
@@ -825,27 +790,9 @@ fn access_introspection(claims: &Claims) -> serde_json::Value {
 /// `POST /oauth/revoke` (RFC 7009). A refresh token revokes its whole grant (its access tokens
 /// included, §2.1); an access token revokes itself and its attenuations.
 pub(super) async fn revoke(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let headers = req.headers().clone();
-    let form: TokenParam = match read_body(app, req, FORM).await.and_then(|b| parse_form(&b)) {
-        Ok(f) => f,
-        Err(e) => {
-            return Ok(oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                &e.message,
-            ));
-        }
-    };
-    let client = match authenticate_client(
-        app,
-        &headers,
-        form.client_id.as_deref(),
-        form.client_secret.as_deref(),
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => return Ok(oauth_failure(e, &headers)),
+    let (form, client, _) = match client_request::<TokenParam>(app, req).await {
+        Ok(v) => v,
+        Err(answer) => return Ok(answer),
     };
     let Some(token) = form.token.as_deref() else {
         return Ok(oauth_error(
@@ -966,6 +913,41 @@ pub(super) async fn end_session(
     removal.make_removal();
     append_cookie(&mut response, &removal.to_string());
     Ok(response)
+}
+
+/// A form posted by a client to the token, revocation or introspection endpoint.
+trait ClientForm: serde::de::DeserializeOwned {
+    /// `client_id` and `client_secret` from the body, if sent there.
+    fn credentials(&self) -> (Option<&str>, Option<&str>);
+}
+
+impl ClientForm for TokenForm {
+    fn credentials(&self) -> (Option<&str>, Option<&str>) {
+        (self.client_id.as_deref(), self.client_secret.as_deref())
+    }
+}
+
+impl ClientForm for TokenParam {
+    fn credentials(&self) -> (Option<&str>, Option<&str>) {
+        (self.client_id.as_deref(), self.client_secret.as_deref())
+    }
+}
+
+/// Reads a client's form and authenticates the client; on failure, the OAuth error answer.
+async fn client_request<F: ClientForm>(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<(F, Client, HeaderMap), HttpResponse> {
+    let headers = req.headers().clone();
+    let form: F = read_body(app, req, FORM)
+        .await
+        .and_then(|b| parse_form(&b))
+        .map_err(|e| oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.message))?;
+    let (id, secret) = form.credentials();
+    let client = authenticate_client(app, &headers, id, secret)
+        .await
+        .map_err(|e| oauth_failure(e, &headers))?;
+    Ok((form, client, headers))
 }
 
 /// The client authenticating this request: HTTP Basic (client_secret_basic, RFC 6749 §2.3.1,
