@@ -133,10 +133,13 @@ async fn identical_queries_share_one_live_query() {
     let s = TestServer::start().await;
     let alice = s.token(ALICE, &["*"]);
     let bob = s.token(BOB, &["*"]);
+    let carol = s.token(CAROL, &["*"]);
     let query =
         json!({"op": "read", "type": "posts", "global": true, "sort": "-createdAt", "limit": 10});
-    let mut a = Ws::connect(&s.base, Some(&alice)).await;
-    let mut b = Ws::connect(&s.base, Some(&bob)).await;
+    // Two readers who do not own the document: they get the same bytes (an owner's frame also
+    // carries the ACL).
+    let mut a = Ws::connect(&s.base, Some(&bob)).await;
+    let mut b = Ws::connect(&s.base, Some(&carol)).await;
     let ra = a.request(query.clone()).await;
     let rb = b.request(query.clone()).await;
     assert_eq!(ra["sub"], rb["sub"], "one live query, one subscription id");
@@ -158,6 +161,10 @@ async fn identical_queries_share_one_live_query() {
     let eb = b.event(&rb["sub"]).await;
     assert_eq!(ea, eb, "the same event, encoded once");
     assert_eq!(ea["doc"]["id"], doc["id"]);
+    assert!(
+        ea["doc"].get("acl").is_none(),
+        "readers do not get the ACL: {ea}"
+    );
     a.close().await;
     b.close().await;
     s.finish().await;
