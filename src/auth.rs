@@ -311,7 +311,35 @@ impl TokenAuthority {
         }
         let token = builder.build(&self.keypair).map_err(AuthError::Mint)?;
         let id = token_id(&token)?;
-        Ok((token.to_base64().map_err(AuthError::Mint)?, id))
+        let encoded = token.to_base64().map_err(AuthError::Mint)?;
+        // This node knows exactly what it just minted: remembered now, the token's first use
+        // here skips the signature checks and Datalog (its claims are what verification would
+        // read; `minted_claims_match_verified_claims` holds them together).
+        let mut scopes = scopes.to_vec();
+        scopes.sort();
+        scopes.dedup();
+        let mut identity_scopes: Vec<String> = issued
+            .map(|i| i.identity_scopes.to_vec())
+            .unwrap_or_default();
+        identity_scopes.sort();
+        identity_scopes.dedup();
+        let claims = Claims {
+            subject: subject.to_owned(),
+            scopes,
+            // Biscuit dates have one-second resolution.
+            expires_at: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(
+                    expires_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                ),
+            client: issued.map(|i| i.client.to_owned()),
+            grant: issued.map(|i| i.grant),
+            identity_scopes,
+            token_id: id.clone(),
+        };
+        self.verified.insert(encoded.clone(), Arc::new(claims));
+        Ok((encoded, id))
     }
 
     /// Verifies `token` for a request needing `access` to `doc_type` (None: no type involved).
@@ -607,6 +635,36 @@ mod tests {
             auth.verify(&narrowed, Access::Write, Some("posts")),
             Err(AuthError::Restricted)
         ));
+    }
+
+    #[test]
+    fn minted_claims_match_verified_claims() {
+        let (dir, auth) = authority();
+        let identity = vec![
+            "profile".to_owned(),
+            "openid".to_owned(),
+            "openid".to_owned(),
+        ];
+        let issued = Issued {
+            client: "app1",
+            grant: uuid::Uuid::now_v7(),
+            identity_scopes: &identity,
+        };
+        let scopes: Vec<Scope> = vec![
+            "write:posts".parse().unwrap(),
+            "read:posts".parse().unwrap(),
+            "read:posts".parse().unwrap(),
+        ];
+        let until = SystemTime::now() + Duration::from_millis(60_500);
+        for issued in [None, Some(&issued)] {
+            let (token, _) = auth.mint_issued(ALICE, &scopes, until, issued).unwrap();
+            let remembered = auth.verified.get(&token).expect("remembered at mint");
+            // Another node with the same key has not seen it: full verification.
+            let other = TokenAuthority::load_or_create(dir.path()).unwrap();
+            assert!(other.verified.get(&token).is_none());
+            let verified = other.verify(&token, Access::Read, Some("posts")).unwrap();
+            assert_eq!(format!("{remembered:?}"), format!("{verified:?}"));
+        }
     }
 
     #[test]
