@@ -1,0 +1,1042 @@
+//! The sans-IO core of one call room: who is in it, one str0m `Rtc` per participant (in SFU
+//! mode), which tracks each publishes and receives, SDP negotiation, media forwarding, keyframe
+//! requests, simulcast layer choice, the active speaker, and relaying in peer-to-peer mode.
+//!
+//! Time is an argument of every call; datagrams to send go to a callback; what participants must
+//! be told is queued as [`Signal`]s for the caller to deliver ([`Room::take_signals`]). Nothing
+//! here touches a socket or a clock, so tests drive it with in-memory peers and simulated time.
+//!
+//! Invariants: after every input the room drains every `Rtc` until each reports its next timeout
+//! (str0m requires it); a participant receives only other participants' media; the server never
+//! has its own offer outstanding when it accepts a participant's offer (str0m rolls its pending
+//! changes back, and they are offered again afterwards).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::bwe::{Bitrate, BweKind};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+
+use super::{
+    CallError, LeaveReason, Muted, ParticipantId, ParticipantInfo, Quality, RoomMode, SdpKind,
+    Signal, TrackKind, TrackState,
+};
+
+/// Settings of one room.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    pub mode: RoomMode,
+    pub max_participants: usize,
+    /// Host candidates offered to every participant: the addresses of the room's socket.
+    pub candidates: Vec<SocketAddr>,
+    /// At most one keyframe request per source track (and layer) per interval.
+    pub keyframe_request_interval: Duration,
+    /// How often the active speaker is re-evaluated.
+    pub speaker_interval: Duration,
+    /// Run send-side bandwidth estimation for each participant (`Quality::Auto` uses it).
+    pub bandwidth_estimation: bool,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            mode: RoomMode::Sfu,
+            max_participants: 16,
+            candidates: Vec::new(),
+            keyframe_request_interval: Duration::from_millis(500),
+            speaker_interval: Duration::from_millis(300),
+            bandwidth_estimation: true,
+        }
+    }
+}
+
+/// The result of a successful join.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub participant: ParticipantId,
+    pub mode: RoomMode,
+    /// The answer to the joiner's offer.
+    pub answer: Option<String>,
+    pub others: Vec<ParticipantInfo>,
+}
+
+/// Counters a room keeps for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomStats {
+    /// Media frames written to a subscriber.
+    pub forwarded: u64,
+    /// Keyframe requests sent to a source.
+    pub keyframe_requests: u64,
+    /// Datagrams no participant accepted.
+    pub unrouted: u64,
+}
+
+pub struct Room {
+    config: RoomConfig,
+    mode: RoomMode,
+    participants: Vec<Participant>,
+    next_id: u64,
+    signals: VecDeque<(ParticipantId, Signal)>,
+    speaker: Option<ParticipantId>,
+    next_speaker_check: Option<Instant>,
+    stats: RoomStats,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room")
+            .field("mode", &self.mode)
+            .field("participants", &self.participants.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Participant {
+    id: ParticipantId,
+    did: String,
+    /// None in peer-to-peer mode, until the participant sends the server an offer.
+    rtc: Option<Rtc>,
+    /// The server's offer awaiting this participant's answer.
+    pending: Option<SdpPendingOffer>,
+    tracks_in: Vec<TrackIn>,
+    tracks_out: Vec<TrackOut>,
+    muted: Muted,
+    quality: Quality,
+    /// The latest send-side bandwidth estimate towards this participant.
+    estimate: Option<Bitrate>,
+    /// Smoothed loudness of its audio, 0 (silent) to 127 (0 dBov).
+    loudness: f32,
+    /// Set when its session ended; removed after the current drive.
+    gone: Option<LeaveReason>,
+}
+
+/// A track the participant publishes.
+struct TrackIn {
+    mid: Mid,
+    kind: MediaKind,
+    /// Simulcast layers seen on it, best first once sorted (`h`, `m`, `l`).
+    rids: Vec<Rid>,
+    /// Last keyframe request per layer.
+    keyframe_requested: Vec<(Option<Rid>, Instant)>,
+}
+
+/// A track the participant receives: another participant's [`TrackIn`].
+struct TrackOut {
+    source: ParticipantId,
+    source_mid: Mid,
+    kind: MediaKind,
+    state: OutState,
+    /// The simulcast layer being forwarded (None: not simulcast, or not started).
+    rid: Option<Rid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutState {
+    ToOpen,
+    Negotiating(Mid),
+    Open(Mid),
+    ToStop(Mid),
+    NegotiatingStop(Mid),
+}
+
+impl TrackOut {
+    fn mid(&self) -> Option<Mid> {
+        match self.state {
+            OutState::ToOpen => None,
+            OutState::Negotiating(m)
+            | OutState::Open(m)
+            | OutState::ToStop(m)
+            | OutState::NegotiatingStop(m) => Some(m),
+        }
+    }
+}
+
+/// What one participant's output means for the others.
+enum Propagated {
+    TrackOpen(ParticipantId, Mid, MediaKind),
+    Media(ParticipantId, MediaData),
+    /// A subscriber asks for a keyframe of (source, source mid, layer).
+    Keyframe(ParticipantId, Mid, Option<Rid>, KeyframeRequestKind),
+}
+
+const LAYERS: [&str; 3] = ["h", "m", "l"];
+
+impl Room {
+    pub fn new(config: RoomConfig) -> Self {
+        Self {
+            mode: config.mode,
+            config,
+            participants: Vec::new(),
+            next_id: 1,
+            signals: VecDeque::new(),
+            speaker: None,
+            next_speaker_check: None,
+            stats: RoomStats::default(),
+        }
+    }
+
+    pub fn mode(&self) -> RoomMode {
+        self.mode
+    }
+
+    pub fn len(&self) -> usize {
+        self.participants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.participants.is_empty()
+    }
+
+    pub fn stats(&self) -> RoomStats {
+        self.stats
+    }
+
+    /// Signals queued since the last call, in order.
+    pub fn take_signals(&mut self) -> impl Iterator<Item = (ParticipantId, Signal)> + '_ {
+        self.signals.drain(..)
+    }
+
+    fn signal_others(&mut self, except: ParticipantId, signal: &Signal) {
+        for p in &self.participants {
+            if p.id != except {
+                self.signals.push_back((p.id, signal.clone()));
+            }
+        }
+    }
+
+    fn index(&self, id: ParticipantId) -> Result<usize, CallError> {
+        self.participants
+            .iter()
+            .position(|p| p.id == id)
+            .ok_or(CallError::NotInCall)
+    }
+
+    /// Adds a participant. In SFU mode `offer` (the joiner's SDP offer) is answered; without
+    /// one, the server offers once there is media to receive. In peer-to-peer mode the joiner
+    /// gets no server session; with a third joiner the room switches to SFU.
+    pub fn join(
+        &mut self,
+        now: Instant,
+        did: String,
+        offer: Option<&str>,
+    ) -> Result<Joined, CallError> {
+        if self.participants.len() >= self.config.max_participants {
+            return Err(CallError::RoomFull(self.config.max_participants));
+        }
+        let offer = offer.map(parse_offer).transpose()?;
+        let id = ParticipantId(self.next_id);
+        if self.mode == RoomMode::P2p && self.participants.len() >= 2 {
+            self.mode = RoomMode::Sfu;
+            for p in &self.participants {
+                self.signals.push_back((
+                    p.id,
+                    Signal::Mode {
+                        mode: RoomMode::Sfu,
+                    },
+                ));
+            }
+        }
+        let mut participant = Participant {
+            id,
+            did: did.clone(),
+            rtc: None,
+            pending: None,
+            tracks_in: Vec::new(),
+            tracks_out: Vec::new(),
+            muted: Muted::default(),
+            quality: Quality::Auto,
+            estimate: None,
+            loudness: 0.0,
+            gone: None,
+        };
+        let mut answer = None;
+        match self.mode {
+            RoomMode::Sfu => {
+                let mut rtc = self.new_rtc(now)?;
+                if let Some(offer) = offer {
+                    let sdp = rtc
+                        .sdp_api()
+                        .accept_offer(offer)
+                        .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                    answer = Some(sdp.to_sdp_string());
+                }
+                participant.rtc = Some(rtc);
+                for other in &self.participants {
+                    for track in &other.tracks_in {
+                        participant.tracks_out.push(TrackOut {
+                            source: other.id,
+                            source_mid: track.mid,
+                            kind: track.kind,
+                            state: OutState::ToOpen,
+                            rid: None,
+                        });
+                    }
+                }
+            }
+            RoomMode::P2p => {
+                if offer.is_some() {
+                    return Err(CallError::PeerToPeer);
+                }
+                if let Some(first) = self.participants.first() {
+                    self.signals.push_back((
+                        id,
+                        Signal::Peer {
+                            participant: first.id,
+                            did: first.did.clone(),
+                            offerer: true,
+                        },
+                    ));
+                    self.signals.push_back((
+                        first.id,
+                        Signal::Peer {
+                            participant: id,
+                            did: did.clone(),
+                            offerer: false,
+                        },
+                    ));
+                }
+            }
+        }
+        self.next_id += 1;
+        let others = self
+            .participants
+            .iter()
+            .map(|p| ParticipantInfo {
+                participant: p.id,
+                did: p.did.clone(),
+                muted: p.muted,
+            })
+            .collect();
+        self.signal_others(
+            id,
+            &Signal::Joined {
+                participant: id,
+                did,
+            },
+        );
+        self.participants.push(participant);
+        Ok(Joined {
+            participant: id,
+            mode: self.mode,
+            answer,
+            others,
+        })
+    }
+
+    fn new_rtc(&self, now: Instant) -> Result<Rtc, CallError> {
+        let mut builder = Rtc::builder().set_ice_lite(true);
+        if self.config.bandwidth_estimation {
+            builder = builder.enable_bwe(Some(Bitrate::kbps(1_000)));
+        }
+        let mut rtc = builder.build(now);
+        for addr in &self.config.candidates {
+            let candidate = Candidate::host(*addr, "udp")
+                .map_err(|e| CallError::Unavailable(format!("host candidate {addr}: {e}")))?;
+            rtc.add_local_candidate(candidate);
+        }
+        Ok(rtc)
+    }
+
+    /// A participant's session description. With `to` (peer-to-peer mode) it is relayed;
+    /// otherwise an offer is answered (the returned SDP) and an answer completes the server's
+    /// outstanding offer.
+    pub fn sdp(
+        &mut self,
+        now: Instant,
+        from: ParticipantId,
+        to: Option<ParticipantId>,
+        kind: SdpKind,
+        sdp: &str,
+    ) -> Result<Option<String>, CallError> {
+        let index = self.index(from)?;
+        if let Some(to) = to {
+            self.relay_target(to, from)?;
+            self.signals.push_back((
+                to,
+                Signal::Sdp {
+                    kind,
+                    sdp: sdp.to_owned(),
+                    from: Some(from),
+                },
+            ));
+            return Ok(None);
+        }
+        if self.mode == RoomMode::P2p {
+            return Err(CallError::PeerToPeer);
+        }
+        match kind {
+            SdpKind::Offer => {
+                let offer = parse_offer(sdp)?;
+                if self.participants[index].rtc.is_none() {
+                    // A former peer-to-peer participant moving to the SFU.
+                    let rtc = self.new_rtc(now)?;
+                    let others: Vec<TrackOut> = self
+                        .participants
+                        .iter()
+                        .filter(|p| p.id != from)
+                        .flat_map(|p| {
+                            p.tracks_in.iter().map(|t| TrackOut {
+                                source: p.id,
+                                source_mid: t.mid,
+                                kind: t.kind,
+                                state: OutState::ToOpen,
+                                rid: None,
+                            })
+                        })
+                        .collect();
+                    let p = &mut self.participants[index];
+                    p.rtc = Some(rtc);
+                    p.tracks_out = others;
+                }
+                let p = &mut self.participants[index];
+                let Some(rtc) = p.rtc.as_mut() else {
+                    return Err(CallError::NotInCall);
+                };
+                let answer = rtc
+                    .sdp_api()
+                    .accept_offer(offer)
+                    .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                // accept_offer rolled back the server's own outstanding offer: offer its
+                // changes again after this exchange.
+                p.pending = None;
+                for track in &mut p.tracks_out {
+                    match track.state {
+                        OutState::Negotiating(_) => track.state = OutState::ToOpen,
+                        OutState::NegotiatingStop(m) => track.state = OutState::ToStop(m),
+                        _ => {}
+                    }
+                }
+                Ok(Some(answer.to_sdp_string()))
+            }
+            SdpKind::Answer => {
+                let answer = SdpAnswer::from_sdp_string(sdp)
+                    .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                let p = &mut self.participants[index];
+                let (Some(rtc), Some(pending)) = (p.rtc.as_mut(), p.pending.take()) else {
+                    return Err(CallError::NegotiationConflict(
+                        "no offer of the server is awaiting an answer",
+                    ));
+                };
+                rtc.sdp_api()
+                    .accept_answer(pending, answer)
+                    .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                for track in &mut p.tracks_out {
+                    if let OutState::Negotiating(m) = track.state {
+                        track.state = OutState::Open(m);
+                    }
+                }
+                p.tracks_out
+                    .retain(|t| !matches!(t.state, OutState::NegotiatingStop(_)));
+                Ok(None)
+            }
+        }
+    }
+
+    fn relay_target(&self, to: ParticipantId, from: ParticipantId) -> Result<(), CallError> {
+        if self.mode != RoomMode::P2p {
+            return Err(CallError::NotPeerToPeer);
+        }
+        if to == from || !self.participants.iter().any(|p| p.id == to) {
+            return Err(CallError::UnknownParticipant);
+        }
+        Ok(())
+    }
+
+    /// A trickled candidate: relayed with `to`, else given to the participant's session (an
+    /// empty candidate ends the trickle and is accepted as such).
+    pub fn ice(
+        &mut self,
+        from: ParticipantId,
+        to: Option<ParticipantId>,
+        candidate: &str,
+    ) -> Result<(), CallError> {
+        let index = self.index(from)?;
+        if let Some(to) = to {
+            self.relay_target(to, from)?;
+            self.signals.push_back((
+                to,
+                Signal::Ice {
+                    from,
+                    candidate: candidate.to_owned(),
+                },
+            ));
+            return Ok(());
+        }
+        let line = candidate.trim();
+        let line = line.strip_prefix("a=").unwrap_or(line);
+        if line.is_empty() {
+            return Ok(());
+        }
+        let parsed = Candidate::from_sdp_string(line)
+            .map_err(|e| CallError::InvalidCandidate(e.to_string()))?;
+        match self.participants[index].rtc.as_mut() {
+            Some(rtc) => {
+                rtc.add_remote_candidate(parsed);
+                Ok(())
+            }
+            None if self.mode == RoomMode::P2p => Err(CallError::PeerToPeer),
+            None => Err(CallError::NegotiationConflict(
+                "send the server an offer before candidates",
+            )),
+        }
+    }
+
+    /// Mutes or unmutes the participant's tracks of `kind`: nothing of that kind is forwarded
+    /// while muted.
+    pub fn mute(
+        &mut self,
+        from: ParticipantId,
+        kind: TrackKind,
+        muted: bool,
+    ) -> Result<(), CallError> {
+        let index = self.index(from)?;
+        let p = &mut self.participants[index];
+        let flag = match kind {
+            TrackKind::Audio => &mut p.muted.audio,
+            TrackKind::Video => &mut p.muted.video,
+        };
+        if *flag != muted {
+            *flag = muted;
+            self.signal_others(
+                from,
+                &Signal::Mute {
+                    participant: from,
+                    kind,
+                    muted,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Which simulcast layer the participant receives.
+    pub fn set_quality(&mut self, from: ParticipantId, quality: Quality) -> Result<(), CallError> {
+        let index = self.index(from)?;
+        self.participants[index].quality = quality;
+        Ok(())
+    }
+
+    /// Removes a participant; the others are told and their copies of its tracks stop (at the
+    /// next [`Room::drive`]).
+    pub fn leave(&mut self, id: ParticipantId, reason: LeaveReason) {
+        let Ok(index) = self.index(id) else {
+            return;
+        };
+        let mut gone = self.participants.remove(index);
+        if let Some(rtc) = gone.rtc.as_mut() {
+            rtc.disconnect();
+        }
+        for track in &gone.tracks_in {
+            self.signal_others(
+                id,
+                &Signal::Track {
+                    participant: id,
+                    kind: track.kind.into(),
+                    state: TrackState::Unpublished,
+                },
+            );
+        }
+        self.signal_others(
+            id,
+            &Signal::Left {
+                participant: id,
+                reason,
+            },
+        );
+        if reason != LeaveReason::Left && reason != LeaveReason::Disconnected {
+            // It may still be connected over the WebSocket: tell it why its media stopped.
+            self.signals.push_back((
+                id,
+                Signal::Left {
+                    participant: id,
+                    reason,
+                },
+            ));
+        }
+        for p in &mut self.participants {
+            for track in &mut p.tracks_out {
+                if track.source != id {
+                    continue;
+                }
+                track.state = match track.state {
+                    OutState::Open(m) | OutState::Negotiating(m) => OutState::ToStop(m),
+                    other => other,
+                };
+            }
+            p.tracks_out
+                .retain(|t| !(t.source == id && t.state == OutState::ToOpen));
+        }
+        if self.speaker == Some(id) {
+            self.speaker = None;
+            for p in &self.participants {
+                self.signals
+                    .push_back((p.id, Signal::Speaker { participant: None }));
+            }
+        }
+    }
+
+    /// A datagram arrived on the room's socket; false when no participant took it. Like every
+    /// input, follow it with [`Room::drive`].
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) -> bool {
+        let Ok(contents) = contents.try_into() else {
+            self.stats.unrouted += 1;
+            return false;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination,
+                contents,
+            },
+        );
+        let Some(p) = self
+            .participants
+            .iter_mut()
+            .find(|p| p.rtc.as_ref().is_some_and(|rtc| rtc.accepts(&input)))
+        else {
+            self.stats.unrouted += 1;
+            return false;
+        };
+        if let Some(rtc) = p.rtc.as_mut()
+            && let Err(e) = rtc.handle_input(input)
+        {
+            tracing::debug!(participant = %p.id, error = %e, "media session failed");
+            p.gone = Some(LeaveReason::MediaFailed);
+        }
+        true
+    }
+
+    /// Time passed: every session handles its timers. Follow it with [`Room::drive`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for p in &mut self.participants {
+            if let Some(rtc) = p.rtc.as_mut()
+                && let Err(e) = rtc.handle_input(Input::Timeout(now))
+            {
+                tracing::debug!(participant = %p.id, error = %e, "media session failed");
+                p.gone = Some(LeaveReason::MediaFailed);
+            }
+        }
+    }
+
+    /// The participants, in join order.
+    pub fn participant_ids(&self) -> impl Iterator<Item = ParticipantId> + '_ {
+        self.participants.iter().map(|p| p.id)
+    }
+
+    /// Drains every session until each reports its next timeout, forwarding what they produce,
+    /// then offers pending track changes and removes participants whose session ended. Call it
+    /// after every input (str0m requires it). Returns when the room next needs
+    /// [`Room::handle_timeout`].
+    pub fn drive(
+        &mut self,
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> Option<Instant> {
+        let mut queue = VecDeque::new();
+        loop {
+            let mut next: Option<Instant> = None;
+            for p in &mut self.participants {
+                if let Some(t) = p.poll(send, &mut queue) {
+                    next = Some(next.map_or(t, |n: Instant| n.min(t)));
+                }
+            }
+            if queue.is_empty() {
+                self.negotiate();
+                if self.participants.iter().any(|p| p.gone.is_some()) {
+                    let gone: Vec<_> = self
+                        .participants
+                        .iter()
+                        .filter_map(|p| p.gone.map(|r| (p.id, r)))
+                        .collect();
+                    for (id, reason) in gone {
+                        self.leave(id, reason);
+                    }
+                    continue;
+                }
+                let speaker = self.check_speaker(now);
+                return match (next, speaker) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            while let Some(item) = queue.pop_front() {
+                self.propagate(now, item);
+            }
+        }
+    }
+
+    fn propagate(&mut self, now: Instant, item: Propagated) {
+        match item {
+            Propagated::TrackOpen(source, mid, kind) => {
+                for p in &mut self.participants {
+                    if p.id != source && p.rtc.is_some() {
+                        p.tracks_out.push(TrackOut {
+                            source,
+                            source_mid: mid,
+                            kind,
+                            state: OutState::ToOpen,
+                            rid: None,
+                        });
+                    }
+                }
+                self.signal_others(
+                    source,
+                    &Signal::Track {
+                        participant: source,
+                        kind: kind.into(),
+                        state: TrackState::Published,
+                    },
+                );
+            }
+            Propagated::Media(source, data) => self.forward(now, source, data),
+            Propagated::Keyframe(source, mid, rid, kind) => {
+                self.request_keyframe(now, source, mid, rid, kind);
+            }
+        }
+    }
+
+    fn forward(&mut self, now: Instant, source: ParticipantId, data: MediaData) {
+        let Some(src) = self.participants.iter_mut().find(|p| p.id == source) else {
+            return;
+        };
+        let Some(track) = src.tracks_in.iter_mut().find(|t| t.mid == data.mid) else {
+            return;
+        };
+        let kind = track.kind;
+        if let Some(rid) = data.rid
+            && !track.rids.contains(&rid)
+        {
+            track.rids.push(rid);
+            track.rids.sort_by_key(|r| layer_rank(r));
+        }
+        let layers = track.rids.clone();
+        let muted = match kind {
+            MediaKind::Audio => src.muted.audio,
+            MediaKind::Video => src.muted.video,
+        };
+        if kind == MediaKind::Audio
+            && !muted
+            && let Some(level) = data.ext_vals.audio_level
+        {
+            let loudness = 127.0 - f32::from(level.unsigned_abs().min(127));
+            src.loudness = src.loudness * 0.8 + loudness * 0.2;
+        }
+        if muted {
+            return;
+        }
+        if !data.contiguous && kind == MediaKind::Video {
+            self.request_keyframe(now, source, data.mid, data.rid, KeyframeRequestKind::Pli);
+        }
+        let mut wanted: Vec<Rid> = Vec::new();
+        for p in &mut self.participants {
+            if p.id == source {
+                continue;
+            }
+            let quality = p.quality;
+            let estimate = p.estimate;
+            let Some(rtc) = p.rtc.as_mut() else {
+                continue;
+            };
+            let Some(out) = p
+                .tracks_out
+                .iter_mut()
+                .find(|t| t.source == source && t.source_mid == data.mid)
+            else {
+                continue;
+            };
+            let Some(mid) = out.mid() else {
+                continue;
+            };
+            if let Some(rid) = data.rid {
+                let desired = choose_layer(quality, estimate, &layers);
+                if out.rid != Some(desired) {
+                    if rid == desired && data.is_keyframe() {
+                        // Switch layers on a keyframe of the new one.
+                        out.rid = Some(desired);
+                    } else if !wanted.contains(&desired) {
+                        wanted.push(desired);
+                    }
+                }
+                if out.rid != Some(rid) {
+                    continue;
+                }
+            }
+            let Some(writer) = rtc.writer(mid) else {
+                continue;
+            };
+            let Some(pt) = writer.match_params(data.params) else {
+                continue;
+            };
+            if let Err(e) = writer.write(pt, data.network_time, data.time, data.data.clone()) {
+                tracing::debug!(participant = %p.id, error = %e, "forwarding failed");
+                p.gone = Some(LeaveReason::MediaFailed);
+                continue;
+            }
+            self.stats.forwarded += 1;
+        }
+        for rid in wanted {
+            self.request_keyframe(now, source, data.mid, Some(rid), KeyframeRequestKind::Pli);
+        }
+    }
+
+    fn request_keyframe(
+        &mut self,
+        now: Instant,
+        source: ParticipantId,
+        mid: Mid,
+        rid: Option<Rid>,
+        kind: KeyframeRequestKind,
+    ) {
+        let interval = self.config.keyframe_request_interval;
+        let Some(src) = self.participants.iter_mut().find(|p| p.id == source) else {
+            return;
+        };
+        let Some(track) = src.tracks_in.iter_mut().find(|t| t.mid == mid) else {
+            return;
+        };
+        match track.keyframe_requested.iter_mut().find(|(r, _)| *r == rid) {
+            Some((_, at)) if now.saturating_duration_since(*at) < interval => return,
+            Some((_, at)) => *at = now,
+            None => track.keyframe_requested.push((rid, now)),
+        }
+        let Some(mut writer) = src.rtc.as_mut().and_then(|rtc| rtc.writer(mid)) else {
+            return;
+        };
+        if writer.is_request_keyframe_possible(kind) && writer.request_keyframe(rid, kind).is_ok() {
+            self.stats.keyframe_requests += 1;
+        }
+    }
+
+    /// Offers each participant the track changes it has not negotiated yet (one offer
+    /// outstanding at a time).
+    fn negotiate(&mut self) {
+        for p in &mut self.participants {
+            if p.pending.is_some() || p.gone.is_some() {
+                continue;
+            }
+            let Some(rtc) = p.rtc.as_mut() else {
+                continue;
+            };
+            if !p
+                .tracks_out
+                .iter()
+                .any(|t| matches!(t.state, OutState::ToOpen | OutState::ToStop(_)))
+            {
+                continue;
+            }
+            let mut change = rtc.sdp_api();
+            for track in &mut p.tracks_out {
+                match track.state {
+                    OutState::ToOpen => {
+                        let mid = change.add_media(
+                            track.kind,
+                            Direction::SendOnly,
+                            Some(track.source.to_string()),
+                            None,
+                            None,
+                        );
+                        track.state = OutState::Negotiating(mid);
+                    }
+                    OutState::ToStop(mid) => {
+                        change.stop_media(mid);
+                        track.state = OutState::NegotiatingStop(mid);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some((offer, pending)) = change.apply() {
+                p.pending = Some(pending);
+                self.signals.push_back((
+                    p.id,
+                    Signal::Sdp {
+                        kind: SdpKind::Offer,
+                        sdp: offer.to_sdp_string(),
+                        from: None,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Re-evaluates the active speaker at most once per `speaker_interval`; returns when to
+    /// check next (None: no one sends audio).
+    fn check_speaker(&mut self, now: Instant) -> Option<Instant> {
+        let has_audio = self
+            .participants
+            .iter()
+            .any(|p| p.tracks_in.iter().any(|t| t.kind == MediaKind::Audio));
+        if !has_audio {
+            self.next_speaker_check = None;
+            return None;
+        }
+        let due = *self.next_speaker_check.get_or_insert(now);
+        if now < due {
+            return Some(due);
+        }
+        // Louder than about -50 dBov counts as speaking; a new speaker must be clearly louder
+        // than the current one, so the choice does not flap between two similar voices.
+        const SPEAKING: f32 = 77.0;
+        const MARGIN: f32 = 3.0;
+        let loudest = self
+            .participants
+            .iter()
+            .filter(|p| !p.muted.audio && p.loudness >= SPEAKING)
+            .max_by(|a, b| a.loudness.total_cmp(&b.loudness))
+            .map(|p| (p.id, p.loudness));
+        let current = self
+            .speaker
+            .and_then(|id| self.participants.iter().find(|p| p.id == id))
+            .filter(|p| !p.muted.audio && p.loudness >= SPEAKING)
+            .map(|p| p.loudness);
+        let next_speaker = match (loudest, current) {
+            (Some((id, level)), Some(cur)) if level > cur + MARGIN => Some(id),
+            (Some(_), Some(_)) => self.speaker,
+            (Some((id, _)), None) => Some(id),
+            (None, _) => None,
+        };
+        if next_speaker != self.speaker {
+            self.speaker = next_speaker;
+            for p in &self.participants {
+                self.signals.push_back((
+                    p.id,
+                    Signal::Speaker {
+                        participant: next_speaker,
+                    },
+                ));
+            }
+        }
+        let next = now + self.config.speaker_interval;
+        self.next_speaker_check = Some(next);
+        Some(next)
+    }
+
+    /// The participant currently reported as the active speaker.
+    pub fn speaker(&self) -> Option<ParticipantId> {
+        self.speaker
+    }
+}
+
+impl Participant {
+    /// Drains this participant's session until its next timeout. Transmits go to `send`;
+    /// what concerns others goes to `queue`.
+    fn poll(
+        &mut self,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+        queue: &mut VecDeque<Propagated>,
+    ) -> Option<Instant> {
+        loop {
+            let rtc = self.rtc.as_mut()?;
+            if self.gone.is_some() || !rtc.is_alive() {
+                self.gone.get_or_insert(LeaveReason::MediaFailed);
+                return None;
+            }
+            let output = match rtc.poll_output() {
+                Ok(output) => output,
+                Err(e) => {
+                    tracing::debug!(participant = %self.id, error = %e, "media session failed");
+                    self.gone = Some(LeaveReason::MediaFailed);
+                    return None;
+                }
+            };
+            match output {
+                Output::Timeout(t) => return Some(t),
+                Output::Transmit(t) => send(t.destination, &t.contents),
+                Output::Event(event) => self.handle_event(event, queue),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: Event, queue: &mut VecDeque<Propagated>) {
+        match event {
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.gone = Some(LeaveReason::IceTimeout);
+            }
+            Event::MediaAdded(added) => {
+                let ours = self.tracks_out.iter().any(|t| t.mid() == Some(added.mid));
+                if !ours
+                    && added.direction.is_receiving()
+                    && !self.tracks_in.iter().any(|t| t.mid == added.mid)
+                {
+                    self.tracks_in.push(TrackIn {
+                        mid: added.mid,
+                        kind: added.kind,
+                        rids: Vec::new(),
+                        keyframe_requested: Vec::new(),
+                    });
+                    queue.push_back(Propagated::TrackOpen(self.id, added.mid, added.kind));
+                }
+            }
+            Event::MediaData(data) => {
+                if self.tracks_in.iter().any(|t| t.mid == data.mid) {
+                    queue.push_back(Propagated::Media(self.id, data));
+                }
+            }
+            Event::KeyframeRequest(req) => {
+                if let Some(out) = self.tracks_out.iter().find(|t| t.mid() == Some(req.mid)) {
+                    queue.push_back(Propagated::Keyframe(
+                        out.source,
+                        out.source_mid,
+                        out.rid,
+                        req.kind,
+                    ));
+                }
+            }
+            Event::EgressBitrateEstimate(
+                BweKind::Twcc {
+                    estimate: bitrate, ..
+                }
+                | BweKind::Remb {
+                    estimate: bitrate, ..
+                },
+            ) => {
+                self.estimate = Some(bitrate);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn parse_offer(sdp: &str) -> Result<SdpOffer, CallError> {
+    SdpOffer::from_sdp_string(sdp).map_err(|e| CallError::InvalidSdp(e.to_string()))
+}
+
+fn layer_rank(rid: &Rid) -> usize {
+    LAYERS
+        .iter()
+        .position(|l| **l == **rid)
+        .unwrap_or(LAYERS.len())
+}
+
+/// The layer a subscriber should receive of a source offering `layers` (best first).
+fn choose_layer(quality: Quality, estimate: Option<Bitrate>, layers: &[Rid]) -> Rid {
+    let wanted = match quality {
+        Quality::H => 0,
+        Quality::M => 1,
+        Quality::L => 2,
+        Quality::Auto => match estimate.map(|b| b.as_u64()) {
+            None => 0,
+            Some(bps) if bps >= 1_500_000 => 0,
+            Some(bps) if bps >= 500_000 => 1,
+            Some(_) => 2,
+        },
+    };
+    // The wanted layer, or the nearest lower one the source sends, or its lowest.
+    layers
+        .iter()
+        .find(|r| layer_rank(r) >= wanted)
+        .or(layers.last())
+        .copied()
+        .unwrap_or_else(|| Rid::from(LAYERS[wanted]))
+}

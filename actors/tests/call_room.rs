@@ -1,0 +1,706 @@
+//! The SFU core (`vibe_actors::call::room::Room`) driven by real str0m peers over a simulated
+//! network with simulated time: media from each participant reaches every other one,
+//! keyframe requests reach the source (throttled), a leaving peer's tracks end, an ICE timeout
+//! removes a participant, peer-to-peer rooms relay and switch to the SFU, bad input is refused
+//! without disturbing the others, and the active speaker follows audio levels.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use vibe_actors::call::room::{Room, RoomConfig};
+use vibe_actors::call::{
+    CallError, LeaveReason, ParticipantId, RoomMode, SdpKind, Signal, TrackKind, TrackState,
+};
+
+const ROOM_ADDR: &str = "10.0.0.1:5000";
+
+fn room_addr() -> SocketAddr {
+    ROOM_ADDR.parse().unwrap()
+}
+
+fn init_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        str0m::crypto::from_feature_flags().install_process_default();
+    });
+}
+
+/// A client: a str0m peer publishing one audio and one video track.
+struct Peer {
+    name: u8,
+    addr: SocketAddr,
+    rtc: Rtc,
+    id: Option<ParticipantId>,
+    pending: Option<SdpPendingOffer>,
+    /// Own publishing mids.
+    audio: Option<Mid>,
+    video: Option<Mid>,
+    /// Received media: first payload byte (the sender's name) → (audio frames, video frames).
+    received: HashMap<u8, (usize, usize)>,
+    keyframe_requests: Vec<(Instant, Mid)>,
+    /// Every m-line negotiated so far.
+    mids: Vec<Mid>,
+    signals: Vec<Signal>,
+    /// Whether its packets reach the network (false: it went silent).
+    online: bool,
+    next_timeout: Instant,
+    loud: bool,
+}
+
+impl Peer {
+    fn new(name: u8, now: Instant) -> Self {
+        let addr: SocketAddr = format!("10.0.1.{name}:6000").parse().unwrap();
+        let mut rtc = Rtc::builder().build(now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        Peer {
+            name,
+            addr,
+            rtc,
+            id: None,
+            pending: None,
+            audio: None,
+            video: None,
+            received: HashMap::new(),
+            keyframe_requests: Vec::new(),
+            mids: Vec::new(),
+            signals: Vec::new(),
+            online: true,
+            next_timeout: now,
+            loud: false,
+        }
+    }
+
+    /// An offer publishing audio and video.
+    fn publish_offer(&mut self) -> String {
+        let mut api = self.rtc.sdp_api();
+        self.audio = Some(api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None));
+        self.video = Some(api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None));
+        let (offer, pending) = api.apply().unwrap();
+        self.pending = Some(pending);
+        offer.to_sdp_string()
+    }
+
+    fn accept_answer(&mut self, sdp: &str) {
+        let answer = SdpAnswer::from_sdp_string(sdp).unwrap();
+        let pending = self.pending.take().unwrap();
+        self.rtc.sdp_api().accept_answer(pending, answer).unwrap();
+    }
+
+    fn received_from(&self, other: u8) -> (usize, usize) {
+        self.received.get(&other).copied().unwrap_or_default()
+    }
+
+    fn send_media(&mut self, now: Instant, start: Instant, frame: u64) {
+        if !self.rtc.is_connected() {
+            return;
+        }
+        let elapsed = now - start;
+        if let Some(mid) = self.video {
+            let pt = self.pt(Codec::Vp8);
+            if let Some(writer) = self.rtc.writer(mid) {
+                // VP8 payloads whose first byte names the sender (bit 0 clear: a keyframe).
+                let data = vec![self.name & 0xfe, 0x00, 0x00, frame as u8];
+                let _ = writer.write(pt, now, elapsed.into(), data);
+            }
+        }
+        if let Some(mid) = self.audio {
+            let pt = self.pt(Codec::Opus);
+            let level = if self.loud { -10 } else { -120 };
+            if let Some(writer) = self.rtc.writer(mid) {
+                let data = vec![self.name, 0xfc, frame as u8];
+                let _ = writer
+                    .audio_level(level, self.loud)
+                    .write(pt, now, elapsed.into(), data);
+            }
+        }
+    }
+
+    fn pt(&self, codec: Codec) -> str0m::media::Pt {
+        self.rtc
+            .codec_config()
+            .find(|p| p.spec().codec == codec)
+            .unwrap()
+            .pt()
+    }
+}
+
+struct Packet {
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// The room, its peers and the network between them, on a simulated clock.
+struct Sim {
+    start: Instant,
+    now: Instant,
+    room: Room,
+    room_deadline: Option<Instant>,
+    peers: Vec<Peer>,
+    net: VecDeque<Packet>,
+    frame: u64,
+    next_media: Instant,
+    media: bool,
+}
+
+impl Sim {
+    fn new(mode: RoomMode, max_participants: usize) -> Self {
+        init_crypto();
+        let now = Instant::now();
+        let room = Room::new(RoomConfig {
+            mode,
+            max_participants,
+            candidates: vec![room_addr()],
+            keyframe_request_interval: Duration::from_millis(500),
+            speaker_interval: Duration::from_millis(300),
+            bandwidth_estimation: false,
+        });
+        Sim {
+            start: now,
+            now,
+            room,
+            room_deadline: None,
+            peers: Vec::new(),
+            net: VecDeque::new(),
+            frame: 0,
+            next_media: now,
+            media: true,
+        }
+    }
+
+    fn peer(&mut self, name: u8) -> &mut Peer {
+        self.peers.iter_mut().find(|p| p.name == name).unwrap()
+    }
+
+    fn id(&self, name: u8) -> ParticipantId {
+        self.peers
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap()
+            .id
+            .unwrap()
+    }
+
+    /// A new peer joins with an offer publishing audio and video.
+    fn join(&mut self, name: u8) -> Result<(), CallError> {
+        let mut peer = Peer::new(name, self.now);
+        let offer = peer.publish_offer();
+        let joined = self
+            .room
+            .join(self.now, format!("did:key:z{name}"), Some(&offer))?;
+        peer.accept_answer(&joined.answer.unwrap());
+        peer.id = Some(joined.participant);
+        self.peers.push(peer);
+        self.drive_room();
+        Ok(())
+    }
+
+    fn drive_room(&mut self) {
+        let net = &mut self.net;
+        let from = room_addr();
+        self.room_deadline = self.room.drive(self.now, &mut |to, bytes| {
+            net.push_back(Packet {
+                from,
+                to,
+                data: bytes.to_vec(),
+            });
+        });
+        self.deliver_signals();
+    }
+
+    /// Hands the room's signals to the peers; a peer answers every server offer.
+    fn deliver_signals(&mut self) {
+        let signals: Vec<_> = self.room.take_signals().collect();
+        let mut answers = Vec::new();
+        for (to, signal) in signals {
+            let Some(peer) = self.peers.iter_mut().find(|p| p.id == Some(to)) else {
+                continue;
+            };
+            if let Signal::Sdp {
+                kind: SdpKind::Offer,
+                sdp,
+                from: None,
+            } = &signal
+            {
+                let offer = SdpOffer::from_sdp_string(sdp).unwrap();
+                let answer = peer.rtc.sdp_api().accept_offer(offer).unwrap();
+                answers.push((to, answer.to_sdp_string()));
+            }
+            peer.signals.push(signal);
+        }
+        for (id, answer) in answers {
+            self.room
+                .sdp(self.now, id, None, SdpKind::Answer, &answer)
+                .unwrap();
+        }
+        if !self.room.take_signals().collect::<Vec<_>>().is_empty() {
+            unreachable!("answering produces no signals");
+        }
+    }
+
+    /// One millisecond of simulated time.
+    fn step(&mut self) {
+        self.now += Duration::from_millis(1);
+        // Peers' timers and media.
+        if self.media && self.now >= self.next_media {
+            self.frame += 1;
+            let (now, start, frame) = (self.now, self.start, self.frame);
+            for peer in &mut self.peers {
+                peer.send_media(now, start, frame);
+            }
+            self.next_media = self.now + Duration::from_millis(20);
+        }
+        for peer in &mut self.peers {
+            if self.now >= peer.next_timeout {
+                peer.rtc.handle_input(Input::Timeout(self.now)).unwrap();
+            }
+            poll_peer(peer, self.now, &mut self.net);
+        }
+        // The network delivers everything sent so far.
+        while let Some(packet) = self.net.pop_front() {
+            if packet.to == room_addr() {
+                let online = self
+                    .peers
+                    .iter()
+                    .find(|p| p.addr == packet.from)
+                    .is_none_or(|p| p.online);
+                if online {
+                    self.room
+                        .handle_datagram(self.now, packet.from, packet.to, &packet.data);
+                    self.drive_room();
+                }
+            } else if let Some(peer) = self.peers.iter_mut().find(|p| p.addr == packet.to) {
+                if !peer.online {
+                    continue;
+                }
+                let input = Input::Receive(
+                    self.now,
+                    Receive {
+                        proto: Protocol::Udp,
+                        source: packet.from,
+                        destination: packet.to,
+                        contents: packet.data.as_slice().try_into().unwrap(),
+                    },
+                );
+                peer.rtc.handle_input(input).unwrap();
+                poll_peer(peer, self.now, &mut self.net);
+            }
+        }
+        if self.room_deadline.is_some_and(|d| self.now >= d) {
+            self.room.handle_timeout(self.now);
+            self.drive_room();
+        }
+    }
+
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
+        let until = self.now + limit;
+        while !done(self) {
+            assert!(
+                self.now < until,
+                "condition not reached in {limit:?} of simulated time"
+            );
+            self.step();
+        }
+    }
+
+    fn run_for(&mut self, duration: Duration) {
+        let until = self.now + duration;
+        while self.now < until {
+            self.step();
+        }
+    }
+
+    /// Every peer has received at least `n` audio and video frames from every other peer.
+    fn all_receive(&self, n: usize) -> bool {
+        self.peers.iter().all(|p| {
+            self.peers.iter().filter(|o| o.name != p.name).all(|o| {
+                let (a, v) = p.received_from(o.name);
+                a >= n && v >= n
+            })
+        })
+    }
+}
+
+fn poll_peer(peer: &mut Peer, now: Instant, net: &mut VecDeque<Packet>) {
+    loop {
+        match peer.rtc.poll_output().unwrap() {
+            Output::Timeout(t) => {
+                peer.next_timeout = t.max(now);
+                return;
+            }
+            Output::Transmit(t) => {
+                if peer.online {
+                    net.push_back(Packet {
+                        from: peer.addr,
+                        to: t.destination,
+                        data: t.contents.to_vec(),
+                    });
+                }
+            }
+            Output::Event(Event::MediaData(data)) => {
+                let Some(&sender) = data.data.first() else {
+                    continue;
+                };
+                let entry = peer.received.entry(sender | 1).or_default();
+                match peer.rtc.media(data.mid).map(|m| m.kind()) {
+                    Some(MediaKind::Audio) => entry.0 += 1,
+                    Some(MediaKind::Video) => entry.1 += 1,
+                    None => {}
+                }
+            }
+            Output::Event(Event::MediaAdded(added)) => peer.mids.push(added.mid),
+            Output::Event(Event::KeyframeRequest(req)) => {
+                peer.keyframe_requests.push((now, req.mid));
+            }
+            Output::Event(_) => {}
+        }
+    }
+}
+
+// Peer names are odd so that `name & 0xfe` (a VP8 keyframe's first byte) maps back with `| 1`.
+const A: u8 = 1;
+const B: u8 = 3;
+const C: u8 = 5;
+
+#[test]
+fn media_from_each_participant_reaches_every_other() {
+    let mut sim = Sim::new(RoomMode::Sfu, 8);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.join(C).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(20));
+    for peer in &sim.peers {
+        assert_eq!(
+            peer.received_from(peer.name),
+            (0, 0),
+            "a participant never receives its own media"
+        );
+    }
+    // Everyone was told who joined and which tracks were published.
+    let a = &sim.peers[0];
+    let published: Vec<_> = a
+        .signals
+        .iter()
+        .filter_map(|s| match s {
+            Signal::Track {
+                participant,
+                kind,
+                state: TrackState::Published,
+            } => Some((*participant, *kind)),
+            _ => None,
+        })
+        .collect();
+    for name in [B, C] {
+        let id = sim.id(name);
+        assert!(published.contains(&(id, TrackKind::Audio)), "{published:?}");
+        assert!(published.contains(&(id, TrackKind::Video)), "{published:?}");
+    }
+    assert!(sim.room.stats().forwarded > 0);
+}
+
+#[test]
+fn keyframe_requests_reach_the_source_and_are_throttled() {
+    let mut sim = Sim::new(RoomMode::Sfu, 8);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let a_video = sim.peer(A).video.unwrap();
+    // B's receiving mid for A's video: the video mid on B that is not B's own.
+    let b = sim.peer(B);
+    let own = [b.audio, b.video];
+    let mids: Vec<Mid> = b
+        .mids
+        .iter()
+        .copied()
+        .filter(|m| !own.contains(&Some(*m)))
+        .collect();
+    let b_in = mids
+        .into_iter()
+        .find(|m| b.rtc.media(*m).map(|x| x.kind()) == Some(MediaKind::Video))
+        .expect("B receives A's video");
+    let before = sim.peer(A).keyframe_requests.len();
+    for _ in 0..3 {
+        let b = sim.peer(B);
+        b.rtc
+            .writer(b_in)
+            .unwrap()
+            .request_keyframe(None, KeyframeRequestKind::Pli)
+            .unwrap();
+        sim.run_for(Duration::from_millis(50));
+    }
+    sim.run_for(Duration::from_millis(100));
+    let requests: Vec<_> = sim.peer(A).keyframe_requests[before..]
+        .iter()
+        .filter(|(_, mid)| *mid == a_video)
+        .cloned()
+        .collect();
+    assert_eq!(
+        requests.len(),
+        1,
+        "three requests within the interval reach the source once"
+    );
+    // After the interval, a new request goes through.
+    sim.run_for(Duration::from_millis(500));
+    let b = sim.peer(B);
+    b.rtc
+        .writer(b_in)
+        .unwrap()
+        .request_keyframe(None, KeyframeRequestKind::Pli)
+        .unwrap();
+    sim.run_until(Duration::from_secs(2), |s| {
+        s.peers[0].keyframe_requests[before..]
+            .iter()
+            .filter(|(_, mid)| *mid == a_video)
+            .count()
+            == 2
+    });
+}
+
+#[test]
+fn a_leaving_participants_tracks_end_for_the_others() {
+    let mut sim = Sim::new(RoomMode::Sfu, 8);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.join(C).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let c = sim.id(C);
+    sim.room.leave(c, LeaveReason::Left);
+    sim.drive_room();
+    sim.peers.retain(|p| p.name != C);
+    for peer in &sim.peers {
+        assert!(
+            peer.signals.contains(&Signal::Left {
+                participant: c,
+                reason: LeaveReason::Left
+            }),
+            "{:?}",
+            peer.signals
+        );
+        assert!(peer.signals.contains(&Signal::Track {
+            participant: c,
+            kind: TrackKind::Video,
+            state: TrackState::Unpublished
+        }));
+    }
+    // The renegotiation stopped C's m-lines on A and B: of the m-lines the server added (the
+    // peers' own are not in `mids`), only the other's two remain active.
+    sim.run_for(Duration::from_millis(200));
+    for peer in &sim.peers {
+        let active = peer
+            .mids
+            .iter()
+            .filter(|m| {
+                peer.rtc
+                    .media(**m)
+                    .is_some_and(|x| x.direction() != Direction::Inactive)
+            })
+            .count();
+        assert_eq!(peer.mids.len(), 4, "peer {}", peer.name);
+        assert_eq!(active, 2, "peer {}", peer.name);
+    }
+    let (a_from_c, _) = sim.peer(A).received_from(C);
+    sim.run_for(Duration::from_millis(500));
+    assert_eq!(
+        sim.peer(A).received_from(C).0,
+        a_from_c,
+        "nothing more from C"
+    );
+    assert!(sim.all_receive(5));
+    assert_eq!(sim.room.len(), 2);
+}
+
+#[test]
+fn an_ice_timeout_removes_the_participant_and_tells_everyone() {
+    let mut sim = Sim::new(RoomMode::Sfu, 8);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let b = sim.id(B);
+    sim.peer(B).online = false;
+    sim.run_until(Duration::from_secs(60), |s| s.room.len() == 1);
+    let expected = Signal::Left {
+        participant: b,
+        reason: LeaveReason::IceTimeout,
+    };
+    assert!(sim.peer(A).signals.contains(&expected));
+    assert!(
+        sim.peer(B).signals.contains(&expected),
+        "the timed-out participant is told why"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_the_room_keeps_working() {
+    let mut sim = Sim::new(RoomMode::Sfu, 3);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+
+    let err = sim
+        .room
+        .join(sim.now, "did:key:zX".into(), Some("v=0\r\nnonsense"));
+    assert!(matches!(err, Err(CallError::InvalidSdp(_))), "{err:?}");
+    let a = sim.id(A);
+    let err = sim.room.sdp(sim.now, a, None, SdpKind::Offer, "garbage");
+    assert!(matches!(err, Err(CallError::InvalidSdp(_))), "{err:?}");
+    let err = sim.room.sdp(sim.now, a, None, SdpKind::Answer, "v=0\r\n");
+    assert!(err.is_err(), "{err:?}");
+    let err = sim.room.ice(
+        ParticipantId(99),
+        None,
+        "candidate:1 1 udp 1 1.2.3.4 5 typ host",
+    );
+    assert_eq!(err, Err(CallError::NotInCall));
+    let err = sim.room.ice(a, None, "candidate:bogus");
+    assert!(
+        matches!(err, Err(CallError::InvalidCandidate(_))),
+        "{err:?}"
+    );
+    let err = sim
+        .room
+        .sdp(sim.now, a, Some(sim.id(B)), SdpKind::Offer, "v=0");
+    assert_eq!(err, Err(CallError::NotPeerToPeer));
+    // Garbage on the socket is not routed.
+    assert!(!sim.room.handle_datagram(
+        sim.now,
+        "10.9.9.9:1".parse().unwrap(),
+        room_addr(),
+        &[0xff; 40]
+    ));
+    sim.join(C).unwrap();
+    assert_eq!(sim.join(7), Err(CallError::RoomFull(3)));
+
+    // Media still flows between everyone.
+    let before: Vec<_> = sim.peers.iter().map(|p| p.received_from(A).1).collect();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    sim.run_for(Duration::from_millis(300));
+    assert!(sim.peer(B).received_from(A).1 > before[1]);
+}
+
+#[test]
+fn peer_to_peer_rooms_relay_signalling_and_switch_to_the_sfu_for_a_third() {
+    init_crypto();
+    let now = Instant::now();
+    let mut room = Room::new(RoomConfig {
+        mode: RoomMode::P2p,
+        candidates: vec![room_addr()],
+        ..RoomConfig::default()
+    });
+    let a = room.join(now, "did:key:zA".into(), None).unwrap();
+    assert_eq!(a.mode, RoomMode::P2p);
+    assert!(a.answer.is_none());
+    let b = room.join(now, "did:key:zB".into(), None).unwrap();
+    let (a, b) = (a.participant, b.participant);
+    let signals: Vec<_> = room.take_signals().collect();
+    assert!(signals.contains(&(
+        b,
+        Signal::Peer {
+            participant: a,
+            did: "did:key:zA".into(),
+            offerer: true
+        }
+    )));
+    assert!(signals.contains(&(
+        a,
+        Signal::Peer {
+            participant: b,
+            did: "did:key:zB".into(),
+            offerer: false
+        }
+    )));
+    // Offers, answers and candidates are relayed verbatim.
+    assert_eq!(
+        room.sdp(now, b, Some(a), SdpKind::Offer, "v=0 offer"),
+        Ok(None)
+    );
+    room.ice(
+        a,
+        Some(b),
+        "candidate:1 1 udp 2122260223 192.0.2.1 5000 typ host",
+    )
+    .unwrap();
+    let signals: Vec<_> = room.take_signals().collect();
+    assert_eq!(
+        signals,
+        vec![
+            (
+                a,
+                Signal::Sdp {
+                    kind: SdpKind::Offer,
+                    sdp: "v=0 offer".into(),
+                    from: Some(b)
+                }
+            ),
+            (
+                b,
+                Signal::Ice {
+                    from: a,
+                    candidate: "candidate:1 1 udp 2122260223 192.0.2.1 5000 typ host".into()
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        room.sdp(now, a, Some(ParticipantId(42)), SdpKind::Answer, "x"),
+        Err(CallError::UnknownParticipant)
+    );
+    assert_eq!(
+        room.sdp(now, a, None, SdpKind::Offer, "x"),
+        Err(CallError::PeerToPeer),
+        "no server session in a peer-to-peer room"
+    );
+
+    // A third participant: everyone moves to the SFU.
+    let mut c_peer = Peer::new(C, now);
+    let offer = c_peer.publish_offer();
+    let c = room.join(now, "did:key:zC".into(), Some(&offer)).unwrap();
+    assert_eq!(c.mode, RoomMode::Sfu);
+    assert!(c.answer.is_some());
+    let signals: Vec<_> = room.take_signals().collect();
+    for who in [a, b] {
+        assert!(signals.contains(&(
+            who,
+            Signal::Mode {
+                mode: RoomMode::Sfu
+            }
+        )));
+    }
+    let mut a_peer = Peer::new(A, now);
+    let offer = a_peer.publish_offer();
+    let answer = room.sdp(now, a, None, SdpKind::Offer, &offer).unwrap();
+    a_peer.accept_answer(&answer.expect("the server answers a former peer's offer"));
+}
+
+#[test]
+fn the_active_speaker_follows_audio_levels() {
+    let mut sim = Sim::new(RoomMode::Sfu, 8);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    assert_eq!(sim.room.speaker(), None, "silence has no speaker");
+    sim.peer(B).loud = true;
+    let b = sim.id(B);
+    sim.run_until(Duration::from_secs(5), |s| s.room.speaker() == Some(b));
+    assert!(sim.peer(A).signals.contains(&Signal::Speaker {
+        participant: Some(b)
+    }));
+    // Muted audio is neither forwarded nor a speaker.
+    sim.room.mute(b, TrackKind::Audio, true).unwrap();
+    sim.drive_room();
+    assert!(sim.peer(A).signals.contains(&Signal::Mute {
+        participant: b,
+        kind: TrackKind::Audio,
+        muted: true
+    }));
+    sim.run_until(Duration::from_secs(5), |s| s.room.speaker().is_none());
+    let audio_before = sim.peer(A).received_from(B).0;
+    sim.run_for(Duration::from_millis(500));
+    assert_eq!(sim.peer(A).received_from(B).0, audio_before);
+    assert!(sim.peer(A).received_from(B).1 > 0, "video still flows");
+}
