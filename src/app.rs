@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics_exporter_prometheus::PrometheusHandle;
 use ractor::ActorRef;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use vibe_actors::call::actor::CallsMsg;
 use vibe_actors::change::Cursor;
 use vibe_actors::realtime::RealtimeMsg;
 
@@ -26,6 +27,8 @@ pub struct App {
     pub governance: Arc<crate::governance::Governance>,
     /// The root of the realtime actor tree.
     pub realtime: ActorRef<RealtimeMsg>,
+    /// The call rooms' supervisor.
+    pub calls: ActorRef<CallsMsg>,
     /// The position this node's feed reader has reached (long-polls wait on it).
     pub feed_head: watch::Receiver<Cursor>,
     pub(crate) router: matchit::Router<crate::http::Route>,
@@ -48,6 +51,7 @@ pub struct AppParts {
     pub metrics: PrometheusHandle,
     pub governance: Arc<crate::governance::Governance>,
     pub realtime: ActorRef<RealtimeMsg>,
+    pub calls: ActorRef<CallsMsg>,
     pub feed_head: watch::Receiver<Cursor>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -63,6 +67,7 @@ impl App {
             metrics: parts.metrics,
             governance: parts.governance,
             realtime: parts.realtime,
+            calls: parts.calls,
             feed_head: parts.feed_head,
             router: crate::http::router(),
             next_connection: AtomicU64::new(1),

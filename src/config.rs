@@ -43,6 +43,7 @@ pub struct Config {
     pub indexes: IndexesConfig,
     pub tokens: TokensConfig,
     pub identity: IdentityConfig,
+    pub calls: CallsConfig,
     pub log: LogConfig,
 }
 
@@ -166,6 +167,37 @@ pub struct IdentityConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct CallsConfig {
+    pub bind: std::net::IpAddr,
+    pub advertise: Vec<std::net::IpAddr>,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub max_rooms: usize,
+    pub max_participants: usize,
+    #[serde(with = "humantime_serde")]
+    pub keyframe_request_interval: Duration,
+    pub bandwidth_estimation: bool,
+    pub max_queued_datagrams: usize,
+}
+
+impl CallsConfig {
+    /// The actors' form of these settings.
+    pub fn to_actor_config(&self) -> vibe_actors::call::actor::CallsConfig {
+        vibe_actors::call::actor::CallsConfig {
+            bind: self.bind,
+            advertise: self.advertise.clone(),
+            ports: (self.port_min, self.port_max),
+            max_rooms: self.max_rooms,
+            max_participants: self.max_participants,
+            keyframe_request_interval: self.keyframe_request_interval,
+            bandwidth_estimation: self.bandwidth_estimation,
+            max_queued_datagrams: self.max_queued_datagrams,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
@@ -221,6 +253,31 @@ impl Config {
                 "database_url",
                 "must start with postgres:// or postgresql:// (or be empty for the embedded database)",
             );
+        }
+        let calls = &self.calls;
+        if calls.bind.is_unspecified() && calls.advertise.is_empty() {
+            return invalid(
+                "calls.advertise",
+                "must list the address(es) clients reach when calls.bind is unspecified (0.0.0.0 or ::)",
+            );
+        }
+        if calls.advertise.iter().any(|a| a.is_unspecified()) {
+            return invalid("calls.advertise", "must not hold an unspecified address");
+        }
+        if (calls.port_min == 0) != (calls.port_max == 0) || calls.port_min > calls.port_max {
+            return invalid(
+                "calls.port_min",
+                "port_min and port_max are both 0 (any free port) or a range with port_min <= port_max",
+            );
+        }
+        if calls.max_rooms == 0 {
+            return invalid("calls.max_rooms", "must be at least 1");
+        }
+        if calls.max_participants < 2 {
+            return invalid("calls.max_participants", "must be at least 2");
+        }
+        if calls.max_queued_datagrams == 0 {
+            return invalid("calls.max_queued_datagrams", "must be at least 1");
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");

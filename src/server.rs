@@ -8,6 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use vibe_actors::call::actor::Calls;
 use vibe_actors::change::Cursor;
 use vibe_actors::realtime::{InFlight, Realtime, RealtimeConfig, RealtimeMsg};
 
@@ -112,6 +113,7 @@ pub struct RunningServer {
     shutting_down: watch::Sender<bool>,
     background: Vec<JoinHandle<()>>,
     realtime: JoinHandle<()>,
+    calls: JoinHandle<()>,
     embedded: Option<EmbeddedPostgres>,
 }
 
@@ -144,6 +146,8 @@ impl RunningServer {
         }
         self.app.realtime.stop(None);
         let _ = (&mut self.realtime).await;
+        self.app.calls.stop(None);
+        let _ = (&mut self.calls).await;
         self.app.store.pool().close().await;
         if let Some(db) = self.embedded.take() {
             db.stop().await?;
@@ -208,6 +212,9 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position, book))
         .await
         .map_err(|e| ServerError::Actors(e.to_string()))?;
+    let (calls, calls_task) = Actor::spawn(None, Calls, config.calls.to_actor_config())
+        .await
+        .map_err(|e| ServerError::Actors(e.to_string()))?;
     // The LISTEN connection lives in its own pool, apart from request traffic.
     let listen_pool = PgPoolOptions::new()
         .max_connections(1)
@@ -262,6 +269,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             metrics: crate::telemetry::metrics(),
             governance,
             realtime,
+            calls,
             feed_head,
             shutdown,
         },
@@ -284,6 +292,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         shutting_down,
         background,
         realtime: realtime_task,
+        calls: calls_task,
         embedded: None,
     })
 }

@@ -25,10 +25,7 @@ fn room_addr() -> SocketAddr {
 }
 
 fn init_crypto() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        str0m::crypto::from_feature_flags().install_process_default();
-    });
+    vibe_actors::call::actor::install_crypto();
 }
 
 /// A client: a str0m peer publishing one audio and one video track.

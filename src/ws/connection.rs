@@ -10,11 +10,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ractor::ActorRef;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use uuid::Uuid;
 use vibe_actors::acl::{Acl, Operation};
+use vibe_actors::call::actor::{CallOp, CallRoomMsg, CallsMsg, Member, RoomSettings};
+use vibe_actors::call::{CallError, ParticipantId, Quality, RoomMode, SdpKind, TrackKind};
 use vibe_actors::change::Cursor;
 use vibe_actors::live_query::Subscriber;
 use vibe_actors::outbox::Outbox;
@@ -55,6 +58,8 @@ pub struct Session {
     identity: Option<Identity>,
     /// Subscription id → its query and how many `read`s of it this connection holds.
     subs: HashMap<Arc<str>, (Arc<QuerySpec>, usize)>,
+    /// Call rooms this connection joined (room id → the room's actor).
+    calls: HashMap<String, ActorRef<CallRoomMsg>>,
 }
 
 impl Session {
@@ -64,6 +69,7 @@ impl Session {
             outbox,
             identity,
             subs: HashMap::new(),
+            calls: HashMap::new(),
         }
     }
 
@@ -83,8 +89,13 @@ impl Session {
         self.identity.as_ref().map(|i| i.expires_at)
     }
 
-    /// The connection ended: releases every subscription.
+    /// The connection ended: releases every subscription and leaves every call.
     pub fn close(&mut self) {
+        for (_, room) in self.calls.drain() {
+            let _ = room.cast(CallRoomMsg::Disconnected {
+                conn_id: self.outbox.conn_id,
+            });
+        }
         for (_, (spec, refs)) in self.subs.drain() {
             metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
             for _ in 0..refs {
@@ -188,6 +199,119 @@ struct UnsubArgs {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallJoinArgs {
+    room: Uuid,
+    #[serde(default)]
+    sdp: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallSdpArgs {
+    room: Uuid,
+    #[serde(rename = "type")]
+    kind: SdpKind,
+    sdp: String,
+    #[serde(default)]
+    to: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallIceArgs {
+    room: Uuid,
+    candidate: String,
+    #[serde(default)]
+    to: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallMuteArgs {
+    room: Uuid,
+    kind: TrackKind,
+    muted: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallQualityArgs {
+    room: Uuid,
+    layer: Quality,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallRoomArgs {
+    room: Uuid,
+}
+
+/// The type of documents that are call rooms.
+const CALL_TYPE: &str = "call";
+
+fn participant(to: Option<String>) -> Result<Option<ParticipantId>, Failure> {
+    to.map(|to| {
+        to.parse()
+            .map_err(|e: CallError| Failure(e.code(), e.to_string()))
+    })
+    .transpose()
+}
+
+/// Parses a signalling op (all but `call.join`) into its room and operation.
+fn call_op(op: &str, request: serde_json::Map<String, Value>) -> Result<(Uuid, CallOp), Failure> {
+    Ok(match op {
+        "call.sdp" => {
+            let a: CallSdpArgs = args(request)?;
+            let to = participant(a.to)?;
+            (
+                a.room,
+                CallOp::Sdp {
+                    kind: a.kind,
+                    sdp: a.sdp,
+                    to,
+                },
+            )
+        }
+        "call.ice" => {
+            let a: CallIceArgs = args(request)?;
+            let to = participant(a.to)?;
+            (
+                a.room,
+                CallOp::Ice {
+                    candidate: a.candidate,
+                    to,
+                },
+            )
+        }
+        "call.mute" => {
+            let a: CallMuteArgs = args(request)?;
+            (
+                a.room,
+                CallOp::Mute {
+                    kind: a.kind,
+                    muted: a.muted,
+                },
+            )
+        }
+        "call.quality" => {
+            let a: CallQualityArgs = args(request)?;
+            (a.room, CallOp::Quality(a.layer))
+        }
+        _ => {
+            let a: CallRoomArgs = args(request)?;
+            (a.room, CallOp::Leave)
+        }
+    })
+}
+
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
+        Failure(e.code(), e.to_string())
+    }
+}
+
 fn args<T: DeserializeOwned>(rest: serde_json::Map<String, Value>) -> Result<T, Failure> {
     serde_json::from_value(Value::Object(rest))
         .map_err(|e| Failure("invalid_request", e.to_string()))
@@ -268,6 +392,16 @@ impl Session {
                 Ok(a) => self.unsub(&a.sub),
                 Err(e) => Err(e),
             },
+            "call.join" => match args::<CallJoinArgs>(request) {
+                Ok(a) => self.call_join(&id, a).await,
+                Err(e) => Err(e),
+            },
+            "call.sdp" | "call.ice" | "call.mute" | "call.quality" | "call.leave" => {
+                match call_op(&op, request) {
+                    Ok((room, call_op)) => self.call_op(&id, room, call_op).await,
+                    Err(e) => Err(e),
+                }
+            }
             other => Err(Failure(
                 "unknown_op",
                 format!("unknown op {other:?}: auth, read, readOnce, write, remove, unsub, ping"),
@@ -493,6 +627,88 @@ impl Session {
             .delete(&caller, &args.doc_type, args.doc_id, args.rev)
             .await?;
         Ok(Some(json!({})))
+    }
+
+    /// Joins the call room of the `call` document `room` (read access to it admits); the room
+    /// queues the reply itself.
+    async fn call_join(
+        &mut self,
+        id: &Value,
+        args: CallJoinArgs,
+    ) -> Result<Option<Value>, Failure> {
+        let caller = self.permit(Access::Read, CALL_TYPE)?;
+        let doc = self.app.store.get(&caller, CALL_TYPE, args.room).await?;
+        let settings = RoomSettings {
+            mode: match doc.data.get("mode").and_then(Value::as_str) {
+                Some("p2p") => RoomMode::P2p,
+                _ => RoomMode::Sfu,
+            },
+            max_participants: doc
+                .data
+                .get("maxParticipants")
+                .and_then(Value::as_u64)
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        let room = args.room.to_string();
+        let joined = ractor::call!(self.app.calls, |reply| CallsMsg::Join {
+            room: room.clone(),
+            settings,
+            member: Member {
+                did: caller,
+                outbox: self.outbox.clone(),
+            },
+            offer: args.sdp,
+            request: id.clone(),
+            reply,
+        });
+        match joined {
+            Ok(Ok(actor)) => {
+                self.calls.insert(room, actor);
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(Failure("unavailable", e.to_string())),
+        }
+    }
+
+    /// A signalling op for a room this connection joined; the room queues the reply itself.
+    async fn call_op(
+        &mut self,
+        id: &Value,
+        room: Uuid,
+        op: CallOp,
+    ) -> Result<Option<Value>, Failure> {
+        let room = room.to_string();
+        let Some(actor) = self.calls.get(&room) else {
+            return Err(CallError::NotInCall.into());
+        };
+        let leaving = matches!(op, CallOp::Leave);
+        let result = ractor::call!(actor, |reply| CallRoomMsg::Op {
+            conn_id: self.outbox.conn_id,
+            op,
+            request: id.clone(),
+            reply,
+        });
+        match result {
+            Ok(Ok(())) => {
+                if leaving {
+                    self.calls.remove(&room);
+                }
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                if e == CallError::NotInCall {
+                    // Removed meanwhile (ICE timeout): forget the room.
+                    self.calls.remove(&room);
+                }
+                Err(e.into())
+            }
+            Err(_) => {
+                // The room stopped (crashed: the member got `ended`).
+                self.calls.remove(&room);
+                Err(CallError::NotInCall.into())
+            }
+        }
     }
 
     fn unsub(&mut self, sub: &str) -> Result<Option<Value>, Failure> {

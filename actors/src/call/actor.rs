@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use super::room::{Room, RoomConfig};
+use super::room::{Room, RoomConfig, RoomStats};
 use super::{CallError, LeaveReason, ParticipantId, Quality, RoomMode, SdpKind, Signal, TrackKind};
 use crate::outbox::Outbox;
 
@@ -175,6 +175,7 @@ impl Actor for Calls {
         _myself: ActorRef<Self::Msg>,
         config: CallsConfig,
     ) -> Result<Self::State, ActorProcessingErr> {
+        install_crypto();
         Ok(CallsState {
             config: Arc::new(config),
             rooms: HashMap::new(),
@@ -317,6 +318,12 @@ impl Actor for Calls {
     }
 }
 
+/// str0m's DTLS and SRTP use the process-wide provider; installing it twice would panic.
+pub fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| str0m::crypto::from_feature_flags().install_process_default());
+}
+
 /// `{"call": room, "event": ..., ...}`
 pub fn signal_frame(room: &str, signal: &Signal) -> Bytes {
     let mut value = serde_json::to_value(signal).unwrap_or(Value::Null);
@@ -359,6 +366,8 @@ pub struct CallRoomState {
     by_conn: HashMap<u64, ParticipantId>,
     members: HashMap<ParticipantId, (u64, Member)>,
     queued: Arc<AtomicUsize>,
+    /// The core's counters as last reported to metrics.
+    reported: RoomStats,
     deadline: watch::Sender<Option<Instant>>,
     reader: tokio::task::JoinHandle<()>,
     timer: tokio::task::JoinHandle<()>,
@@ -417,6 +426,7 @@ impl Actor for CallRoom {
             by_conn: HashMap::new(),
             members: HashMap::new(),
             queued,
+            reported: RoomStats::default(),
             deadline,
             reader,
             timer,
@@ -587,6 +597,14 @@ impl CallRoomState {
                     });
                 }
             }
+        }
+        let stats = self.room.stats();
+        if stats != self.reported {
+            metrics::counter!("vibe_call_forwarded_frames_total")
+                .increment(stats.forwarded - self.reported.forwarded);
+            metrics::counter!("vibe_call_keyframe_requests_total")
+                .increment(stats.keyframe_requests - self.reported.keyframe_requests);
+            self.reported = stats;
         }
         self.deadline.send_if_modified(|d| {
             let changed = *d != next;

@@ -262,7 +262,7 @@ impl Room {
                         .sdp_api()
                         .accept_offer(offer)
                         .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
-                    answer = Some(sdp.to_sdp_string());
+                    answer = Some(spread_candidates(&sdp.to_sdp_string()));
                 }
                 participant.rtc = Some(rtc);
                 for other in &self.participants {
@@ -410,9 +410,14 @@ impl Room {
                         _ => {}
                     }
                 }
-                Ok(Some(answer.to_sdp_string()))
+                Ok(Some(spread_candidates(&answer.to_sdp_string())))
             }
             SdpKind::Answer => {
+                if self.participants[index].pending.is_none() {
+                    return Err(CallError::NegotiationConflict(
+                        "no offer of the server is awaiting an answer",
+                    ));
+                }
                 let answer = SdpAnswer::from_sdp_string(sdp)
                     .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
                 let p = &mut self.participants[index];
@@ -862,7 +867,7 @@ impl Room {
                     p.id,
                     Signal::Sdp {
                         kind: SdpKind::Offer,
-                        sdp: offer.to_sdp_string(),
+                        sdp: spread_candidates(&offer.to_sdp_string()),
                         from: None,
                     },
                 ));
@@ -1008,6 +1013,47 @@ impl Participant {
     }
 }
 
+/// Repeats the first m-section's candidates in every other active m-section. str0m, bundling,
+/// lists them once (RFC 8843 allows it); aiortc takes the candidates of a bundled transport
+/// from its last m-section only, and would find none.
+fn spread_candidates(sdp: &str) -> String {
+    let candidates: Vec<&str> = sdp
+        .split("\r\n")
+        .skip_while(|l| !l.starts_with("m="))
+        .take_while({
+            let mut sections = 0;
+            move |l| {
+                if l.starts_with("m=") {
+                    sections += 1;
+                }
+                sections <= 1
+            }
+        })
+        .filter(|l| l.starts_with("a=candidate:"))
+        .collect();
+    if candidates.is_empty() {
+        return sdp.to_owned();
+    }
+    let mut out = String::with_capacity(sdp.len() + 256);
+    let mut section = 0;
+    let mut active = false;
+    for line in sdp.split_terminator("\r\n") {
+        out.push_str(line);
+        out.push_str("\r\n");
+        if line.starts_with("m=") {
+            section += 1;
+            // A rejected or stopped m-section has port 0.
+            active = line.split(' ').nth(1) != Some("0");
+        } else if line.starts_with("c=") && section > 1 && active {
+            for candidate in &candidates {
+                out.push_str(candidate);
+                out.push_str("\r\n");
+            }
+        }
+    }
+    out
+}
+
 fn parse_offer(sdp: &str) -> Result<SdpOffer, CallError> {
     SdpOffer::from_sdp_string(sdp).map_err(|e| CallError::InvalidSdp(e.to_string()))
 }
@@ -1039,4 +1085,46 @@ fn choose_layer(quality: Quality, estimate: Option<Bitrate>, layers: &[Rid]) -> 
         .or(layers.last())
         .copied()
         .unwrap_or_else(|| Rid::from(LAYERS[wanted]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_are_repeated_in_every_active_section() {
+        let sdp = "v=0\r\na=group:BUNDLE 0 1 2\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\n\
+                   c=IN IP4 0.0.0.0\r\na=candidate:1 1 udp 5 127.0.0.1 4000 typ host\r\n\
+                   a=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 97\r\nc=IN IP4 0.0.0.0\r\n\
+                   a=mid:1\r\nm=video 0 UDP/TLS/RTP/SAVPF 97\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n";
+        let out = spread_candidates(sdp);
+        let sections: Vec<&str> = out.split("m=").collect();
+        assert_eq!(sections.len(), 4);
+        assert!(sections[1].contains("a=candidate:1 1 udp 5 127.0.0.1 4000 typ host"));
+        assert!(sections[2].contains("a=candidate:1 1 udp 5 127.0.0.1 4000 typ host"));
+        assert!(
+            !sections[3].contains("a=candidate"),
+            "not in a stopped section"
+        );
+        assert_eq!(out.matches("a=candidate").count(), 2);
+        assert!(out.ends_with("a=mid:2\r\n"));
+        assert_eq!(spread_candidates("v=0\r\n"), "v=0\r\n");
+    }
+
+    #[test]
+    fn layers_follow_quality_and_estimate() {
+        let all: Vec<Rid> = LAYERS.iter().map(|l| Rid::from(*l)).collect();
+        assert_eq!(&*choose_layer(Quality::L, None, &all), "l");
+        assert_eq!(&*choose_layer(Quality::M, None, &all), "m");
+        assert_eq!(&*choose_layer(Quality::Auto, None, &all), "h");
+        let est = |kbps| Some(Bitrate::kbps(kbps));
+        assert_eq!(&*choose_layer(Quality::Auto, est(3_000), &all), "h");
+        assert_eq!(&*choose_layer(Quality::Auto, est(800), &all), "m");
+        assert_eq!(&*choose_layer(Quality::Auto, est(200), &all), "l");
+        // Only the layers the source sends: the nearest lower one, or its lowest.
+        let hl = vec![Rid::from("h"), Rid::from("l")];
+        assert_eq!(&*choose_layer(Quality::M, None, &hl), "l");
+        let h = vec![Rid::from("h")];
+        assert_eq!(&*choose_layer(Quality::L, None, &h), "h");
+    }
 }
