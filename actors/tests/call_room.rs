@@ -3,6 +3,7 @@
 //! keyframe requests reach the source (throttled), a leaving peer's tracks end, an ICE timeout
 //! removes a participant, peer-to-peer rooms relay and switch to the SFU, bad input is refused
 //! without disturbing the others, and the active speaker follows audio levels.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

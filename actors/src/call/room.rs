@@ -156,6 +156,8 @@ impl TrackOut {
 }
 
 /// What one participant's output means for the others.
+// Media frames dominate this short-lived queue; boxing them would allocate once more per frame.
+#[allow(clippy::large_enum_variant)]
 enum Propagated {
     TrackOpen(ParticipantId, Mid, MediaKind),
     Media(ParticipantId, MediaData),
@@ -724,7 +726,7 @@ impl Room {
             && !track.rids.contains(&rid)
         {
             track.rids.push(rid);
-            track.rids.sort_by_key(|r| layer_rank(r));
+            track.rids.sort_by_key(layer_rank);
         }
         let layers = track.rids.clone();
         let muted = match kind {
@@ -983,10 +985,8 @@ impl Participant {
                     queue.push_back(Propagated::TrackOpen(self.id, added.mid, added.kind));
                 }
             }
-            Event::MediaData(data) => {
-                if self.tracks_in.iter().any(|t| t.mid == data.mid) {
-                    queue.push_back(Propagated::Media(self.id, data));
-                }
+            Event::MediaData(data) if self.tracks_in.iter().any(|t| t.mid == data.mid) => {
+                queue.push_back(Propagated::Media(self.id, data));
             }
             Event::KeyframeRequest(req) => {
                 if let Some(out) = self.tracks_out.iter().find(|t| t.mid() == Some(req.mid)) {
