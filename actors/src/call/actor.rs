@@ -146,6 +146,8 @@ impl ractor::Message for CallRoomMsg {}
 pub struct Datagram {
     source: SocketAddr,
     contents: Vec<u8>,
+    /// When the reader took it off the socket.
+    received: Instant,
 }
 
 /// The node's call supervisor.
@@ -452,9 +454,11 @@ impl Actor for CallRoom {
         let now = Instant::now();
         // The timer waits for a fresh deadline after each tick, even an unchanged one.
         let ticked = matches!(msg, CallRoomMsg::Tick);
+        let mut received = None;
         match msg {
             CallRoomMsg::Datagram(datagram) => {
                 state.queued.fetch_sub(1, Ordering::Relaxed);
+                received = Some(datagram.received);
                 let routed = state.room.handle_datagram(
                     now,
                     datagram.source,
@@ -522,7 +526,15 @@ impl Actor for CallRoom {
             }
             CallRoomMsg::Crash => panic!("call room crash requested (fault injection)"),
         }
+        let forwarded = state.room.stats().forwarded;
         state.after_input(now, ticked);
+        if let Some(received) = received
+            && state.room.stats().forwarded > forwarded
+        {
+            // Socket read to forwarded copies sent: the delay the SFU adds (queueing included).
+            metrics::histogram!("vibe_call_forward_latency_seconds")
+                .record(received.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 }
@@ -659,6 +671,7 @@ async fn read_datagrams(
         let datagram = Datagram {
             source,
             contents: buf[..n].to_vec(),
+            received: Instant::now(),
         };
         if room.cast(CallRoomMsg::Datagram(datagram)).is_err() {
             return;
