@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{
+    Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use vibe_actors::call::room::{Room, RoomConfig};
@@ -20,6 +22,7 @@ use vibe_actors::call::{
 };
 
 const ROOM_ADDR: &str = "10.0.0.1:5000";
+const LAYERS: [&str; 3] = ["h", "m", "l"];
 
 fn room_addr() -> SocketAddr {
     ROOM_ADDR.parse().unwrap()
@@ -49,6 +52,12 @@ struct Peer {
     online: bool,
     next_timeout: Instant,
     loud: bool,
+    /// Publishes its video as three simulcast layers (h, m, l) instead of one.
+    simulcast: bool,
+    /// Layers (`h`/`m`/`l`) of the simulcast video frames received, in order.
+    layers_received: Vec<u8>,
+    /// Layers whose next frame is a keyframe (one was requested, or none was sent yet).
+    keyframe_due: Vec<Rid>,
 }
 
 impl Peer {
@@ -71,6 +80,9 @@ impl Peer {
             online: true,
             next_timeout: now,
             loud: false,
+            simulcast: false,
+            layers_received: Vec::new(),
+            keyframe_due: LAYERS.iter().map(|l| Rid::from(*l)).collect(),
         }
     }
 
@@ -78,7 +90,15 @@ impl Peer {
     fn publish_offer(&mut self) -> String {
         let mut api = self.rtc.sdp_api();
         self.audio = Some(api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None));
-        self.video = Some(api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None));
+        let simulcast = self.simulcast.then(|| {
+            let mut s = Simulcast::new();
+            for layer in LAYERS {
+                s.add_send_layer(SimulcastLayer::new(layer));
+            }
+            s
+        });
+        self.video =
+            Some(api.add_media(MediaKind::Video, Direction::SendRecv, None, None, simulcast));
         let (offer, pending) = api.apply().unwrap();
         self.pending = Some(pending);
         offer.to_sdp_string()
@@ -99,7 +119,20 @@ impl Peer {
             return;
         }
         let elapsed = now - start;
-        if let Some(mid) = self.video {
+        if let (Some(mid), true) = (self.video, self.simulcast) {
+            let pt = self.pt(Codec::Vp8);
+            for layer in LAYERS {
+                let rid = Rid::from(layer);
+                let key = self.keyframe_due.contains(&rid);
+                self.keyframe_due.retain(|r| *r != rid);
+                // Bit 0 of a VP8 payload's first byte is clear on keyframes.
+                let first = if key { self.name & 0xfe } else { self.name };
+                let data = vec![first, b'S', layer.as_bytes()[0], frame as u8];
+                if let Some(writer) = self.rtc.writer(mid) {
+                    let _ = writer.rid(rid).write(pt, now, elapsed.into(), data);
+                }
+            }
+        } else if let Some(mid) = self.video {
             let pt = self.pt(Codec::Vp8);
             if let Some(writer) = self.rtc.writer(mid) {
                 // VP8 payloads whose first byte names the sender (bit 0 clear: a keyframe).
@@ -187,7 +220,12 @@ impl Sim {
 
     /// A new peer joins with an offer publishing audio and video.
     fn join(&mut self, name: u8) -> Result<(), CallError> {
+        self.join_with(name, false)
+    }
+
+    fn join_with(&mut self, name: u8, simulcast: bool) -> Result<(), CallError> {
         let mut peer = Peer::new(name, self.now);
+        peer.simulcast = simulcast;
         let offer = peer.publish_offer();
         let joined = self
             .room
@@ -345,6 +383,9 @@ fn poll_peer(peer: &mut Peer, now: Instant, net: &mut VecDeque<Packet>) {
                 let Some(&sender) = data.data.first() else {
                     continue;
                 };
+                if data.data.get(1) == Some(&b'S') {
+                    peer.layers_received.push(data.data[2]);
+                }
                 let entry = peer.received.entry(sender | 1).or_default();
                 match peer.rtc.media(data.mid).map(|m| m.kind()) {
                     Some(MediaKind::Audio) => entry.0 += 1,
@@ -354,6 +395,9 @@ fn poll_peer(peer: &mut Peer, now: Instant, net: &mut VecDeque<Packet>) {
             }
             Output::Event(Event::MediaAdded(added)) => peer.mids.push(added.mid),
             Output::Event(Event::KeyframeRequest(req)) => {
+                if let Some(rid) = req.rid {
+                    peer.keyframe_due.push(rid);
+                }
                 peer.keyframe_requests.push((now, req.mid));
             }
             Output::Event(_) => {}
@@ -701,4 +745,38 @@ fn the_active_speaker_follows_audio_levels() {
     sim.run_for(Duration::from_millis(500));
     assert_eq!(sim.peer(A).received_from(B).0, audio_before);
     assert!(sim.peer(A).received_from(B).1 > 0, "video still flows");
+}
+
+#[test]
+fn a_receiver_gets_one_simulcast_layer_and_switches_on_a_keyframe_of_the_one_it_asks_for() {
+    let mut sim = Sim::new(RoomMode::Sfu, 8);
+    sim.join_with(A, true).unwrap();
+    sim.join(B).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.peers[1].layers_received.len() >= 10
+    });
+    let b = sim.peer(B);
+    assert!(
+        b.layers_received.iter().all(|l| *l == b'h'),
+        "without an estimate the best layer only: {:?}",
+        String::from_utf8_lossy(&b.layers_received)
+    );
+    // B asks for the lowest layer: the SFU requests a keyframe of it and switches on that.
+    let b_id = sim.id(B);
+    sim.room
+        .set_quality(b_id, vibe_actors::call::Quality::L)
+        .unwrap();
+    let before = sim.peer(B).layers_received.len();
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.peers[1].layers_received[before..].contains(&b'l')
+    });
+    sim.run_for(Duration::from_millis(500));
+    let after: Vec<u8> = sim.peer(B).layers_received[before..].to_vec();
+    let switch = after.iter().position(|l| *l == b'l').unwrap();
+    assert!(
+        after[..switch].iter().all(|l| *l == b'h'),
+        "h until the switch"
+    );
+    assert!(after[switch..].iter().all(|l| *l == b'l'), "then only l");
+    assert!(after.len() - switch >= 10, "l keeps flowing");
 }
