@@ -168,6 +168,32 @@ async fn two_aiortc_peers_connect_directly_in_a_peer_to_peer_room() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_aiortc_peer_moves_a_peer_to_peer_room_to_the_sfu() {
+    require_aiortc();
+    let server = TestServer::start().await;
+    let room = create_room(&server, "alice", &["bob", "carol"], json!({"mode": "p2p"})).await;
+    let mut alice = spawn_peer(&server, &room, "alice", 1, true);
+    let mut bob = spawn_peer(&server, &room, "bob", 1, true);
+    let a = peer_result(&mut alice).await;
+    let b = peer_result(&mut bob).await;
+    assert_eq!(
+        senders(&a),
+        vec![b["participant"].as_str().unwrap().to_owned()]
+    );
+    // Carol's join switches the room: all three then receive both others through the SFU.
+    let mut carol = spawn_peer(&server, &room, "carol", 2, true);
+    let c = peer_result(&mut carol).await;
+    let mut others = vec![
+        a["participant"].as_str().unwrap().to_owned(),
+        b["participant"].as_str().unwrap().to_owned(),
+    ];
+    others.sort();
+    assert_eq!(senders(&c), others, "{c}");
+    drop((alice, bob, carol));
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_chromium_pages_decode_each_others_video() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     assert!(

@@ -154,7 +154,7 @@ class Signalling:
     """Requests with ids; a read loop resolves replies by `re` and queues events in order."""
 
     def __init__(self, ws):
-        self.ws, self.next_id, self.pending = ws, 0, {}
+        self.ws, self.next_id, self.pending, self.seq = ws, 0, {}, 0
         self.events = asyncio.Queue()
 
     async def request(self, op, **fields):
@@ -172,6 +172,10 @@ class Signalling:
         try:
             async for raw in self.ws:
                 msg = json.loads(raw)
+                # Arrival order of replies and events: a server offer that arrived before the
+                # reply to our own offer was withdrawn by the server (it yields on glare).
+                self.seq += 1
+                msg["_seq"] = self.seq
                 if "re" in msg:
                     fut = self.pending.pop(msg["re"], None)
                     if fut is None:
@@ -200,6 +204,7 @@ class Peer:
         self.p2p = {}  # participant -> RTCPeerConnection
         self.early_ice = {}  # participant -> candidates that came before its description
         self.stream_of_mid = {}
+        self.offer_answered_at = 0  # arrival index of the reply to our latest offer to the SFU
         self.received = {}  # participant -> {"audio": n, "video": m}
         self.tasks = set()
 
@@ -242,7 +247,9 @@ class Peer:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         task.add_done_callback(
-            lambda t: t.cancelled() or t.exception() is None or log.error("task failed: %r", t.exception())
+            lambda t: t.cancelled()
+            or t.exception() is None
+            or log.error("task failed: %r", t.exception(), exc_info=t.exception())
         )
         return task
 
@@ -258,11 +265,11 @@ class Peer:
         return pc.localDescription.sdp
 
     # SFU ------------------------------------------------------------------------------------------
-    async def offer_to_sfu(self, op, **fields):
+    async def offer_to_sfu(self, op, direction=None, **fields):
         """Publish our tracks to the server: `call.join` or `call.sdp` carrying an offer."""
         if self.sfu is None:
             self.sfu = self.new_pc()
-        self.publish(self.sfu, "sendrecv" if op == "call.join" else "sendonly")
+        self.publish(self.sfu, direction or ("sendrecv" if op == "call.join" else "sendonly"))
         offer = await self.local(self.sfu, self.sfu.createOffer)
         try:
             reply = await self.sig.request(op, room=self.room, sdp=offer, **fields)
@@ -274,6 +281,7 @@ class Peer:
             await self.close_sfu()
             return None
         await self.set_remote(self.sfu, reply["sdp"], "answer")
+        self.offer_answered_at = reply["_seq"]
         self.publishing = True
         return reply
 
@@ -343,6 +351,9 @@ class Peer:
             reply = await self.offer_to_sfu("call.join")
         self.me = reply["participant"]
         log.info("joined as %s, mode %s, with %s", self.me, reply.get("mode"), reply.get("participants"))
+        if self.args.p2p and reply.get("mode") == "sfu":
+            # Joined without an offer a room that is already past two: publish through the SFU.
+            await self.offer_to_sfu("call.sdp", direction="sendrecv", type="offer")
         return reply
 
     async def handle(self, ev):
@@ -351,6 +362,8 @@ class Peer:
             log.info("event of another room: %s", ev)
         elif kind == "sdp" and ev.get("from"):
             await self.on_peer_sdp(ev["from"], ev["type"], ev["sdp"])
+        elif kind == "sdp" and ev["type"] == "offer" and ev["_seq"] < self.offer_answered_at:
+            log.info("server offer superseded by our own: ignored")
         elif kind == "sdp" and ev["type"] == "offer":
             await self.on_server_offer(ev["sdp"])
         elif kind == "ice" and ev.get("from"):
