@@ -182,6 +182,10 @@ struct Sim {
 
 impl Sim {
     fn new(mode: RoomMode, max_participants: usize) -> Self {
+        Self::with_estimation(mode, max_participants, false)
+    }
+
+    fn with_estimation(mode: RoomMode, max_participants: usize, estimation: bool) -> Self {
         init_crypto();
         let now = Instant::now();
         let room = Room::new(RoomConfig {
@@ -190,7 +194,7 @@ impl Sim {
             candidates: vec![room_addr()],
             keyframe_request_interval: Duration::from_millis(500),
             speaker_interval: Duration::from_millis(300),
-            bandwidth_estimation: false,
+            bandwidth_estimation: estimation,
         });
         Sim {
             start: now,
@@ -444,6 +448,15 @@ fn media_from_each_participant_reaches_every_other() {
         assert!(published.contains(&(id, TrackKind::Video)), "{published:?}");
     }
     assert!(sim.room.stats().forwarded > 0);
+}
+
+#[test]
+fn media_flows_with_bandwidth_estimation_on() {
+    let mut sim = Sim::with_estimation(RoomMode::Sfu, 8, true);
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.join(C).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(20));
 }
 
 #[test]

@@ -51,7 +51,7 @@ impl Default for CallsConfig {
             max_rooms: 1000,
             max_participants: 16,
             keyframe_request_interval: Duration::from_millis(500),
-            bandwidth_estimation: true,
+            bandwidth_estimation: false,
             max_queued_datagrams: 4096,
         }
     }

@@ -49,7 +49,7 @@ impl Default for RoomConfig {
             candidates: Vec::new(),
             keyframe_request_interval: Duration::from_millis(500),
             speaker_interval: Duration::from_millis(300),
-            bandwidth_estimation: true,
+            bandwidth_estimation: false,
         }
     }
 }
@@ -112,6 +112,8 @@ struct Participant {
     loudness: f32,
     /// Set when its session ended; removed after the current drive.
     gone: Option<LeaveReason>,
+    /// When its session next needs `Input::Timeout` (from its last poll).
+    deadline: Option<Instant>,
 }
 
 /// A track the participant publishes.
@@ -166,6 +168,10 @@ enum Propagated {
 }
 
 const LAYERS: [&str; 3] = ["h", "m", "l"];
+
+/// The rate the estimator probes for per forwarded video track: a top simulcast layer or a
+/// single-layer 720p stream.
+const VIDEO_DESIRED_KBPS: u64 = 2_500;
 
 impl Room {
     pub fn new(config: RoomConfig) -> Self {
@@ -254,6 +260,7 @@ impl Room {
             estimate: None,
             loudness: 0.0,
             gone: None,
+            deadline: None,
         };
         let mut answer = None;
         match self.mode {
@@ -625,9 +632,14 @@ impl Room {
         true
     }
 
-    /// Time passed: every session handles its timers. Follow it with [`Room::drive`].
+    /// Time passed: the sessions whose deadline has come handle their timers (waking every
+    /// session on every tick would cost each tick the whole room). Follow it with
+    /// [`Room::drive`].
     pub fn handle_timeout(&mut self, now: Instant) {
         for p in &mut self.participants {
+            if p.deadline.is_some_and(|d| d > now) {
+                continue;
+            }
             if let Some(rtc) = p.rtc.as_mut()
                 && let Err(e) = rtc.handle_input(Input::Timeout(now))
             {
@@ -865,6 +877,23 @@ impl Room {
             }
             if let Some((offer, pending)) = change.apply() {
                 p.pending = Some(pending);
+                if self.config.bandwidth_estimation {
+                    // Ask the estimator to probe for what this participant is sent; without a
+                    // desired rate it never grows past what was acknowledged so far, and its
+                    // pacer holds forwarded video back to that.
+                    let (audio, video) =
+                        p.tracks_out
+                            .iter()
+                            .fold((0, 0), |(a, v), t| match (t.kind, t.state) {
+                                (_, OutState::NegotiatingStop(_)) => (a, v),
+                                (MediaKind::Audio, _) => (a + 1, v),
+                                (MediaKind::Video, _) => (a, v + 1),
+                            });
+                    let desired = Bitrate::kbps(audio * 64 + video * VIDEO_DESIRED_KBPS);
+                    if let Some(rtc) = p.rtc.as_mut() {
+                        rtc.bwe().set_bitrate(Bitrate::kbps(300), desired);
+                    }
+                }
                 self.signals.push_back((
                     p.id,
                     Signal::Sdp {
@@ -958,7 +987,10 @@ impl Participant {
                 }
             };
             match output {
-                Output::Timeout(t) => return Some(t),
+                Output::Timeout(t) => {
+                    self.deadline = Some(t);
+                    return Some(t);
+                }
                 Output::Transmit(t) => send(t.destination, &t.contents),
                 Output::Event(event) => self.handle_event(event, queue),
             }
