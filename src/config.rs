@@ -178,6 +178,7 @@ pub struct CallsConfig {
     pub keyframe_request_interval: Duration,
     pub bandwidth_estimation: bool,
     pub max_queued_datagrams: usize,
+    pub resend_buffer_packets: usize,
 }
 
 impl CallsConfig {
@@ -192,6 +193,7 @@ impl CallsConfig {
             keyframe_request_interval: self.keyframe_request_interval,
             bandwidth_estimation: self.bandwidth_estimation,
             max_queued_datagrams: self.max_queued_datagrams,
+            resend_buffer_packets: self.resend_buffer_packets,
         }
     }
 }
@@ -275,6 +277,12 @@ impl Config {
         }
         if calls.max_participants < 2 {
             return invalid("calls.max_participants", "must be at least 2");
+        }
+        if calls.resend_buffer_packets < 16 {
+            return invalid(
+                "calls.resend_buffer_packets",
+                "must be at least 16 (a large video frame alone spans several packets)",
+            );
         }
         if calls.max_queued_datagrams == 0 {
             return invalid("calls.max_queued_datagrams", "must be at least 1");
@@ -464,5 +472,22 @@ mod tests {
         assert!(err.contains("database_url"), "{err}");
         let err = with("listen", "nowhere").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn call_settings_are_checked() {
+        // An unspecified bind address cannot be put in a candidate: clients need `advertise`.
+        let err = with("calls.bind", "0.0.0.0").unwrap_err().to_string();
+        assert!(err.contains("calls.advertise"), "{err}");
+        let err = with("calls.port_min", 40000).unwrap_err().to_string();
+        assert!(err.contains("calls.port_min"), "{err}");
+        let err = with("calls.max_participants", 1).unwrap_err().to_string();
+        assert!(err.contains("calls.max_participants"), "{err}");
+        let err = with("calls.resend_buffer_packets", 3)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("calls.resend_buffer_packets"), "{err}");
+        let config = with("calls.advertise", vec!["192.0.2.7"]).unwrap();
+        assert_eq!(config.calls.to_actor_config().advertise.len(), 1);
     }
 }

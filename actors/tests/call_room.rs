@@ -195,6 +195,7 @@ impl Sim {
             keyframe_request_interval: Duration::from_millis(500),
             speaker_interval: Duration::from_millis(300),
             bandwidth_estimation: estimation,
+            ..RoomConfig::default()
         });
         Sim {
             start: now,

@@ -40,6 +40,8 @@ pub struct CallsConfig {
     pub bandwidth_estimation: bool,
     /// Datagrams read from a room's socket and not yet handled, beyond which more are dropped.
     pub max_queued_datagrams: usize,
+    /// Sent video packets kept per forwarded stream for retransmissions.
+    pub resend_buffer_packets: usize,
 }
 
 impl Default for CallsConfig {
@@ -53,6 +55,7 @@ impl Default for CallsConfig {
             keyframe_request_interval: Duration::from_millis(500),
             bandwidth_estimation: false,
             max_queued_datagrams: 4096,
+            resend_buffer_packets: 500,
         }
     }
 }
@@ -407,6 +410,7 @@ impl Actor for CallRoom {
             candidates,
             keyframe_request_interval: args.config.keyframe_request_interval,
             bandwidth_estimation: args.config.bandwidth_estimation,
+            resend_buffer_packets: args.config.resend_buffer_packets,
             ..RoomConfig::default()
         });
         let queued = Arc::new(AtomicUsize::new(0));

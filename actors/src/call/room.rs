@@ -39,6 +39,8 @@ pub struct RoomConfig {
     pub speaker_interval: Duration,
     /// Run send-side bandwidth estimation for each participant (`Quality::Auto` uses it).
     pub bandwidth_estimation: bool,
+    /// Sent video packets kept per stream for retransmission (NACK) and probing.
+    pub resend_buffer_packets: usize,
 }
 
 impl Default for RoomConfig {
@@ -50,6 +52,7 @@ impl Default for RoomConfig {
             keyframe_request_interval: Duration::from_millis(500),
             speaker_interval: Duration::from_millis(300),
             bandwidth_estimation: false,
+            resend_buffer_packets: 500,
         }
     }
 }
@@ -337,7 +340,9 @@ impl Room {
     }
 
     fn new_rtc(&self, now: Instant) -> Result<Rtc, CallError> {
-        let mut builder = Rtc::builder().set_ice_lite(true);
+        let mut builder = Rtc::builder()
+            .set_ice_lite(true)
+            .set_send_buffer_video(self.config.resend_buffer_packets.max(1));
         if self.config.bandwidth_estimation {
             builder = builder.enable_bwe(Some(Bitrate::kbps(1_000)));
         }
