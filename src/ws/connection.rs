@@ -1,6 +1,8 @@
 //! A connection's session — the state of the connection actor (see ws/mod.rs): who is
-//! connected, which subscriptions it has; it answers each request in order and queues every
-//! reply on the connection's bounded outbox. Live-query events reach the outbox directly.
+//! connected, which subscriptions it has and which call rooms it joined; it answers each request
+//! in order and queues every reply on the connection's bounded outbox (a call room queues the
+//! replies to `call.*` ops itself, ahead of the events they cause). Live-query and call events
+//! reach the outbox directly.
 //!
 //! Guarantees: requests of one connection are handled one at a time, in arrival order; a bad
 //! request gets an error frame naming its id (or `null` when it had none) and the session goes
