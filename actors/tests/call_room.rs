@@ -185,6 +185,16 @@ impl Sim {
         Self::with_estimation(mode, max_participants, false)
     }
 
+    /// An SFU room where `names` joined and everyone already receives everyone.
+    fn call(names: &[u8]) -> Self {
+        let mut sim = Sim::new(RoomMode::Sfu, 8);
+        for name in names {
+            sim.join(*name).unwrap();
+        }
+        sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+        sim
+    }
+
     fn with_estimation(mode: RoomMode, max_participants: usize, estimation: bool) -> Self {
         init_crypto();
         let now = Instant::now();
@@ -462,10 +472,7 @@ fn media_flows_with_bandwidth_estimation_on() {
 
 #[test]
 fn keyframe_requests_reach_the_source_and_are_throttled() {
-    let mut sim = Sim::new(RoomMode::Sfu, 8);
-    sim.join(A).unwrap();
-    sim.join(B).unwrap();
-    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let mut sim = Sim::call(&[A, B]);
     let a_video = sim.peer(A).video.unwrap();
     // B's receiving mid for A's video: the video mid on B that is not B's own.
     let b = sim.peer(B);
@@ -520,11 +527,7 @@ fn keyframe_requests_reach_the_source_and_are_throttled() {
 
 #[test]
 fn a_leaving_participants_tracks_end_for_the_others() {
-    let mut sim = Sim::new(RoomMode::Sfu, 8);
-    sim.join(A).unwrap();
-    sim.join(B).unwrap();
-    sim.join(C).unwrap();
-    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let mut sim = Sim::call(&[A, B, C]);
     let c = sim.id(C);
     sim.room.leave(c, LeaveReason::Left);
     sim.drive_room();
@@ -573,10 +576,7 @@ fn a_leaving_participants_tracks_end_for_the_others() {
 
 #[test]
 fn an_ice_timeout_removes_the_participant_and_tells_everyone() {
-    let mut sim = Sim::new(RoomMode::Sfu, 8);
-    sim.join(A).unwrap();
-    sim.join(B).unwrap();
-    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let mut sim = Sim::call(&[A, B]);
     let b = sim.id(B);
     sim.peer(B).online = false;
     sim.run_until(Duration::from_secs(60), |s| s.room.len() == 1);
@@ -735,10 +735,7 @@ fn peer_to_peer_rooms_relay_signalling_and_switch_to_the_sfu_for_a_third() {
 
 #[test]
 fn the_active_speaker_follows_audio_levels() {
-    let mut sim = Sim::new(RoomMode::Sfu, 8);
-    sim.join(A).unwrap();
-    sim.join(B).unwrap();
-    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let mut sim = Sim::call(&[A, B]);
     assert_eq!(sim.room.speaker(), None, "silence has no speaker");
     sim.peer(B).loud = true;
     let b = sim.id(B);
