@@ -1,7 +1,7 @@
 //! Load peer of the SFU forwarding benchmark (`benches/sfu.sh`): one call room, `--publishers`
 //! P participants sending synthetic VP8 video (and optionally Opus audio) and `--subscribers` S
-//! participants that only receive, each a str0m `Rtc` with its own UDP socket on 127.0.0.1 and
-//! its own `vibe.v1` WebSocket for signalling.
+//! participants that only receive, each a str0m `Rtc` with its own UDP socket on 127.0.0.1
+//! (`--bind-ip`) and its own `vibe.v1` WebSocket for signalling.
 //!
 //! - Publishers join (`call.join`) with an offer holding a sendrecv video m-line (and audio with
 //!   `--audio`), one after the other; subscribers then join with an offer holding one recvonly
@@ -32,6 +32,19 @@
 //! quantiles interpolated within the buckets of the window's counts). End to end: publisher
 //! write to the subscriber's receipt of the frame's first packet (HDR histogram; this client's
 //! own queueing included).
+//!
+//! `--target janus --janus-url http://127.0.0.1:PORT/janus` drives Janus's videoroom plugin with
+//! the same load over its HTTP REST API (long-poll GET for events, keepalives): one room created
+//! here (`publishers` P, `bitrate` 0, no periodic FIR, no recording, VP8); each publisher a session
+//! whose handle joins as a publisher and publishes (a sendonly offer, Janus's answer); then each
+//! participant a subscription handle (`join` as a subscriber with one stream per other
+//! publisher's feed: Janus offers, the peer answers, `start`), publishers from their own session
+//! with a second `Rtc`, so the forwarded streams are the same P × (P + S − 1). Janus puts its
+//! candidates in its SDP (half trickle); trickled ones are taken too. It gathers no loopback
+//! candidates, so its runs bind the peers to one of the host's own addresses (`--bind-ip`; the
+//! kernel still delivers locally). Janus has no forwarding
+//! metrics: forwarded frames are those the receivers got, and the SFU's added latency is not known
+//! (end to end is). Sessions and the room are destroyed at the end.
 //!
 //! A progress line goes to stderr every second (subscribers' frames/s, mean and worst end-to-end
 //! latency). Prints a table and, as its last stdout line, the results as one JSON object (also to `--json`).
@@ -65,15 +78,22 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 #[derive(Debug, Parser)]
 #[command(name = "sfu_load")]
 struct Cli {
-    /// Base URL of the server; loopback only, e.g. http://127.0.0.1:8080
+    /// The SFU to drive: `vibe` (its `vibe.v1` WebSocket: --url, --token, --room) or `janus`
+    /// (the videoroom plugin over Janus's HTTP REST API: --janus-url; the room is created here).
+    #[arg(long, value_enum, default_value_t = Target::Vibe)]
+    target: Target,
+    /// Base URL of the Vibe server; loopback only, e.g. http://127.0.0.1:8080
     #[arg(long)]
-    url: String,
+    url: Option<String>,
     /// Token with `read:call` (and the room document readable by its subject).
     #[arg(long, env = "VIBE_BENCH_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// The room: the id of a `call` document.
     #[arg(long)]
-    room: String,
+    room: Option<String>,
+    /// Janus's REST API endpoint; loopback only, e.g. http://127.0.0.1:8088/janus
+    #[arg(long)]
+    janus_url: Option<String>,
     /// Participants that publish video (and receive every other publisher).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
@@ -111,6 +131,11 @@ struct Cli {
     /// Participants joining at once (after the publishers, who join one by one).
     #[arg(long, default_value_t = 8)]
     join_concurrency: usize,
+    /// The address the peers' UDP sockets bind to (and offer as their host candidate). Janus
+    /// gathers no loopback candidates, so its runs use one of this host's own addresses (still
+    /// the kernel's loopback path).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
     /// Runtime worker threads of this client (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -123,6 +148,12 @@ struct Cli {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    Vibe,
+    Janus,
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`).
@@ -198,12 +229,30 @@ enum Cmd {
     Answer(String),
     /// A server offer; the peer's answer goes back.
     Offer(String, oneshot::Sender<Result<String, String>>),
+    /// A trickled remote ICE candidate (`candidate:…`).
+    Candidate(String),
+}
+
+/// What one `Rtc` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Vibe publisher: offers a sendrecv video m-line (frame mode), receives the others on it.
+    Publisher,
+    /// Vibe subscriber: offers one recvonly video m-line (RTP mode).
+    Subscriber,
+    /// Janus publisher: offers a sendonly video m-line (frame mode), receives nothing.
+    SendOnly,
+    /// Janus subscription: no offer of its own, answers Janus's (RTP mode).
+    Receiver,
 }
 
 /// One participant's media side.
 struct Peer {
     index: usize,
+    /// The participant publishes (its latency counts as a publisher's).
     publisher: bool,
+    /// This `Rtc` writes the participant's frames.
+    sends: bool,
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
@@ -230,32 +279,50 @@ impl std::fmt::Debug for Peer {
 }
 
 impl Peer {
+    /// The peer and its offer (None for a `Receiver`, which answers instead). `publisher`:
+    /// the participant publishes (`index` < P), whatever this `Rtc`'s role.
     async fn new(
         index: usize,
+        role: Role,
         publisher: bool,
         cli: &Cli,
         publishers: usize,
-    ) -> anyhow::Result<(Self, String)> {
-        let socket = UdpSocket::bind("127.0.0.1:0")
+    ) -> anyhow::Result<(Self, Option<String>)> {
+        let socket = UdpSocket::bind(SocketAddr::new(cli.bind_ip, 0))
             .await
             .context("cannot bind a UDP socket")?;
         let local = socket.local_addr()?;
         let now = Instant::now();
-        // Subscribers take RTP packets as they come (no depacketizing); publishers write frames.
-        let mut rtc = Rtc::builder().set_rtp_mode(!publisher).build(now);
+        let sends = matches!(role, Role::Publisher | Role::SendOnly);
+        // Receivers take RTP packets as they come (no depacketizing); senders write frames.
+        let mut rtc = Rtc::builder().set_rtp_mode(!sends).build(now);
         rtc.add_local_candidate(Candidate::host(local, "udp").context("host candidate")?);
         let mut api = rtc.sdp_api();
-        let (video, audio) = if publisher {
-            let video = api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
-            let audio = cli
-                .audio
-                .then(|| api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None));
-            (Some(video), audio)
-        } else {
-            api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
-            (None, None)
+        let (video, audio) = match role {
+            Role::Publisher | Role::SendOnly => {
+                let direction = if role == Role::Publisher {
+                    Direction::SendRecv
+                } else {
+                    Direction::SendOnly
+                };
+                let video = api.add_media(MediaKind::Video, direction, None, None, None);
+                let audio = cli
+                    .audio
+                    .then(|| api.add_media(MediaKind::Audio, direction, None, None, None));
+                (Some(video), audio)
+            }
+            Role::Subscriber => {
+                api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+                (None, None)
+            }
+            Role::Receiver => (None, None),
         };
-        let (offer, pending) = api.apply().context("no offer to make")?;
+        let (offer, pending) = if role == Role::Receiver {
+            (None, None)
+        } else {
+            let (offer, pending) = api.apply().context("no offer to make")?;
+            (Some(offer.to_sdp_string()), Some(pending))
+        };
         let pt = |codec: Codec| {
             rtc.codec_config()
                 .find(|p| p.spec().codec == codec)
@@ -271,10 +338,11 @@ impl Peer {
             Peer {
                 index,
                 publisher,
+                sends,
                 rtc,
                 socket,
                 local,
-                pending: Some(pending),
+                pending,
                 video,
                 audio,
                 vp8,
@@ -286,7 +354,7 @@ impl Peer {
                 heard: vec![false; publishers],
                 latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
             },
-            offer.to_sdp_string(),
+            offer,
         ))
     }
 
@@ -308,7 +376,7 @@ impl Peer {
         let mut next_timeout = Instant::now();
         loop {
             let mut wake = next_timeout;
-            if self.publisher && self.rtc.is_connected() {
+            if self.sends && self.rtc.is_connected() {
                 wake = wake.min(next_frame);
                 if self.audio.is_some() {
                     wake = wake.min(next_audio);
@@ -343,7 +411,7 @@ impl Peer {
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
             let now = Instant::now();
-            if self.publisher && self.rtc.is_connected() {
+            if self.sends && self.rtc.is_connected() {
                 if now >= next_frame {
                     self.write_video(now, &shared);
                     next_frame += frame_interval;
@@ -558,7 +626,21 @@ impl Peer {
                     shared.error(format!("peer {}: the join answer: {e}", self.index));
                 }
             }
+            Cmd::Candidate(line) => match Candidate::from_sdp_string(&line) {
+                Ok(candidate) => self.rtc.add_remote_candidate(candidate),
+                Err(e) => shared.error(format!("peer {}: candidate {line:?}: {e}", self.index)),
+            },
             Cmd::Offer(sdp, reply) => {
+                // A receiver sorts packets by payload type: take the offer's (Janus offers the
+                // publishers' payload types, whatever this side's defaults are).
+                if !self.sends {
+                    if let Some(pt) = rtpmap_pt(&sdp, "VP8") {
+                        self.vp8 = Some(pt);
+                    }
+                    if let Some(pt) = rtpmap_pt(&sdp, "opus") {
+                        self.opus = Some(pt);
+                    }
+                }
                 let answer = SdpOffer::from_sdp_string(&sdp)
                     .map_err(|e| e.to_string())
                     .and_then(|offer| {
@@ -572,6 +654,19 @@ impl Peer {
             }
         }
     }
+}
+
+/// The first payload type an SDP maps to `codec` (`a=rtpmap:<pt> <codec>/…`, case-insensitive).
+fn rtpmap_pt(sdp: &str, codec: &str) -> Option<Pt> {
+    sdp.lines().find_map(|line| {
+        let (pt, rest) = line.trim().strip_prefix("a=rtpmap:")?.split_once(' ')?;
+        let name = rest.split('/').next()?;
+        if name.eq_ignore_ascii_case(codec) {
+            pt.parse::<u8>().ok().map(Pt::from)
+        } else {
+            None
+        }
+    })
 }
 
 /// The VP8 payload of an RTP packet that starts a frame (S = 1, partition 0), after the payload
@@ -698,6 +793,533 @@ async fn signalling(
     }
 }
 
+/// What joining left running: the media tasks (with whether each is a subscriber's), the
+/// signalling tasks (Vibe) and the Janus sessions and room to tear down.
+struct Joined {
+    media: Vec<(bool, tokio::task::JoinHandle<Histogram<u64>>)>,
+    signals: Vec<tokio::task::JoinHandle<()>>,
+    janus: Option<JanusRoom>,
+}
+
+/// Vibe: every participant joins the room over its own WebSocket, publishers one by one first.
+async fn join_vibe(
+    cli: &Cli,
+    shared: &Arc<Shared>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Joined> {
+    let p = cli.publishers;
+    let n = p + cli.subscribers;
+    let url = cli.url.clone().context("--url is needed")?;
+    let token = cli
+        .token
+        .clone()
+        .context("--token (or VIBE_BENCH_TOKEN) is needed")?;
+    let room = cli.room.clone().context("--room is needed")?;
+    let ws_url = format!("{}/v1/ws", url.replacen("http://", "ws://", 1));
+    let mut media = Vec::with_capacity(n);
+    let mut signals = Vec::with_capacity(n);
+    let semaphore = Arc::new(Semaphore::new(cli.join_concurrency.max(1)));
+    let mut pending_joins = Vec::new();
+    for index in 0..n {
+        let publisher = index < p;
+        let role = if publisher {
+            Role::Publisher
+        } else {
+            Role::Subscriber
+        };
+        let (peer, offer) = Peer::new(index, role, publisher, cli, p).await?;
+        let offer = offer.context("no offer")?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        media.push((
+            !publisher,
+            tokio::spawn(peer.run(shared.clone(), cmd_rx, stop_rx.clone(), cli.fps)),
+        ));
+        let (joined_tx, joined_rx) = oneshot::channel();
+        signals.push(tokio::spawn(signalling(
+            index,
+            ws_url.clone(),
+            token.clone(),
+            room.clone(),
+            offer,
+            cmd_tx,
+            joined_tx,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+        if publisher {
+            // Publishers join one after another, before anyone else.
+            joined_rx
+                .await
+                .context("a signalling task ended")?
+                .map_err(|e| anyhow::anyhow!(e))?;
+        } else {
+            let permit = semaphore.clone().acquire_owned().await?;
+            pending_joins.push(tokio::spawn(async move {
+                let result = joined_rx.await;
+                drop(permit);
+                result
+            }));
+        }
+    }
+    for join in pending_joins {
+        join.await?
+            .context("a signalling task ended")?
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    Ok(Joined {
+        media,
+        signals,
+        janus: None,
+    })
+}
+
+// --- Janus: the videoroom plugin over the HTTP REST API ----------------------------------------
+
+/// How long a Janus request may take to be answered (its asynchronous event included).
+const JANUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// POSTs a Janus API request; a `"janus": "error"` reply is an error.
+async fn janus_post(http: &reqwest::Client, url: &str, body: Value) -> anyhow::Result<Value> {
+    let reply: Value = http
+        .post(url)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    if reply.get("janus").and_then(Value::as_str) == Some("error") {
+        bail!("Janus error: {}", reply["error"]);
+    }
+    Ok(reply)
+}
+
+/// One Janus session: a long-poll task takes its events (asynchronous replies by transaction,
+/// trickled candidates by handle) and a keepalive goes every 25 s.
+struct JanusSession {
+    http: reqwest::Client,
+    /// `<janus url>/<session id>`
+    url: String,
+    label: String,
+    next_transaction: AtomicU64,
+    /// Transactions waiting for their asynchronous event.
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
+    /// The media task of each handle (for trickled candidates).
+    handles: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Cmd>>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl JanusSession {
+    async fn create(
+        http: &reqwest::Client,
+        base: &str,
+        label: String,
+        shared: Arc<Shared>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let reply = janus_post(
+            http,
+            base,
+            json!({"janus": "create", "transaction": "create"}),
+        )
+        .await
+        .with_context(|| format!("{label}: create a Janus session"))?;
+        let id = reply["data"]["id"].as_u64().context("no session id")?;
+        let session = Arc::new(JanusSession {
+            http: http.clone(),
+            url: format!("{}/{id}", base.trim_end_matches('/')),
+            label,
+            next_transaction: AtomicU64::new(1),
+            pending: Arc::default(),
+            handles: Arc::default(),
+            tasks: Mutex::default(),
+        });
+        let poller = tokio::spawn(janus_poll(
+            http.clone(),
+            session.url.clone(),
+            session.label.clone(),
+            session.pending.clone(),
+            session.handles.clone(),
+            shared,
+        ));
+        let keepalive = {
+            let (http, url) = (http.clone(), session.url.clone());
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(Duration::from_secs(25));
+                ticker.tick().await;
+                loop {
+                    ticker.tick().await;
+                    let _ = janus_post(
+                        &http,
+                        &url,
+                        json!({"janus": "keepalive", "transaction": "keepalive"}),
+                    )
+                    .await;
+                }
+            })
+        };
+        locked(&session.tasks).extend([poller, keepalive]);
+        Ok(session)
+    }
+
+    fn transaction(&self) -> String {
+        format!("t{}", self.next_transaction.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Attaches a videoroom handle; `media` gets the candidates Janus trickles for it.
+    async fn attach(&self, media: Option<mpsc::UnboundedSender<Cmd>>) -> anyhow::Result<u64> {
+        let reply = janus_post(
+            &self.http,
+            &self.url,
+            json!({"janus": "attach", "plugin": "janus.plugin.videoroom", "transaction": self.transaction()}),
+        )
+        .await
+        .with_context(|| format!("{}: attach", self.label))?;
+        let handle = reply["data"]["id"].as_u64().context("no handle id")?;
+        if let Some(media) = media {
+            locked(&self.handles).insert(handle, media);
+        }
+        Ok(handle)
+    }
+
+    /// A videoroom request: the plugin's reply (an error reply is an error) and its JSEP.
+    async fn message(
+        &self,
+        handle: u64,
+        body: Value,
+        jsep: Option<Value>,
+    ) -> anyhow::Result<(Value, Option<Value>)> {
+        let what = body["request"].as_str().unwrap_or("?").to_owned();
+        let transaction = self.transaction();
+        let (tx, rx) = oneshot::channel();
+        locked(&self.pending).insert(transaction.clone(), tx);
+        let mut request = json!({"janus": "message", "transaction": transaction, "body": body});
+        if let Some(jsep) = jsep {
+            request["jsep"] = jsep;
+        }
+        let reply = match janus_post(&self.http, &format!("{}/{handle}", self.url), request).await {
+            Ok(ack) if ack["janus"] == "ack" => match tokio::time::timeout(JANUS_TIMEOUT, rx).await
+            {
+                Ok(Ok(event)) => event,
+                Ok(Err(_)) => bail!("{}: {what}: the session's poller ended", self.label),
+                Err(_) => {
+                    locked(&self.pending).remove(&transaction);
+                    bail!("{}: {what}: no reply in {JANUS_TIMEOUT:?}", self.label);
+                }
+            },
+            Ok(reply) => {
+                locked(&self.pending).remove(&transaction);
+                reply
+            }
+            Err(e) => {
+                locked(&self.pending).remove(&transaction);
+                return Err(e.context(format!("{}: {what}", self.label)));
+            }
+        };
+        let data = reply["plugindata"]["data"].clone();
+        if data.get("error").is_some() {
+            bail!(
+                "{}: {what}: {} (error {})",
+                self.label,
+                data["error"],
+                data["error_code"]
+            );
+        }
+        Ok((data, reply.get("jsep").cloned()))
+    }
+
+    /// Tells Janus this handle's candidates are all known (they are in our SDP).
+    async fn trickle_completed(&self, handle: u64) -> anyhow::Result<()> {
+        janus_post(
+            &self.http,
+            &format!("{}/{handle}", self.url),
+            json!({"janus": "trickle", "transaction": self.transaction(), "candidate": {"completed": true}}),
+        )
+        .await
+        .with_context(|| format!("{}: trickle", self.label))?;
+        Ok(())
+    }
+
+    /// Stops the poller and keepalives and destroys the session (and so its handles).
+    async fn destroy(&self) {
+        for task in locked(&self.tasks).drain(..) {
+            task.abort();
+        }
+        let _ = janus_post(
+            &self.http,
+            &self.url,
+            json!({"janus": "destroy", "transaction": "destroy"}),
+        )
+        .await;
+    }
+}
+
+/// A session's event long poll (`GET <session>?maxev=16`) until aborted.
+async fn janus_poll(
+    http: reqwest::Client,
+    url: String,
+    label: String,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>,
+    handles: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Cmd>>>>,
+    shared: Arc<Shared>,
+) {
+    let poll_url = format!("{url}?maxev=16");
+    let mut failures = 0_u32;
+    loop {
+        let events = async {
+            anyhow::Ok(
+                http.get(&poll_url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json::<Value>()
+                    .await?,
+            )
+        }
+        .await;
+        let events = match events {
+            Ok(Value::Array(events)) => events,
+            Ok(event) => vec![event],
+            Err(e) => {
+                failures += 1;
+                if failures == 5 {
+                    shared.error(format!("{label}: Janus long poll: {e:#}"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        for event in events {
+            match event["janus"].as_str() {
+                Some("trickle") => {
+                    let media = event["sender"]
+                        .as_u64()
+                        .and_then(|h| locked(&handles).get(&h).cloned());
+                    if let (Some(media), Some(line)) =
+                        (media, event["candidate"]["candidate"].as_str())
+                    {
+                        let _ = media.send(Cmd::Candidate(line.to_owned()));
+                    }
+                }
+                Some("hangup") => {
+                    shared.error(format!("{label}: Janus hung up: {}", event["reason"]));
+                }
+                _ => {
+                    let waiting = event["transaction"]
+                        .as_str()
+                        .and_then(|t| locked(&pending).remove(t));
+                    if let Some(waiting) = waiting {
+                        let _ = waiting.send(event);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The Janus room of a run and every session in it, torn down at the end.
+struct JanusRoom {
+    admin: Arc<JanusSession>,
+    admin_handle: u64,
+    room: u64,
+    sessions: Vec<Arc<JanusSession>>,
+}
+
+impl JanusRoom {
+    async fn destroy(self) {
+        futures_util::future::join_all(self.sessions.iter().map(|s| s.destroy())).await;
+        let _ = self
+            .admin
+            .message(
+                self.admin_handle,
+                json!({"request": "destroy", "room": self.room}),
+                None,
+            )
+            .await;
+        self.admin.destroy().await;
+    }
+}
+
+/// Janus: a fresh videoroom; each publisher a session whose handle publishes (one after another),
+/// then, once they are all connected, a subscription per participant to every publisher but
+/// itself (one handle with a stream per feed; publishers subscribe from their own session), as
+/// many at once as --join-concurrency.
+async fn join_janus(
+    cli: &Cli,
+    shared: &Arc<Shared>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Joined> {
+    let p = cli.publishers;
+    let n = p + cli.subscribers;
+    let base = cli.janus_url.clone().context("--janus-url is needed")?;
+    let http = reqwest::Client::new();
+    let admin = JanusSession::create(&http, &base, "admin".into(), shared.clone()).await?;
+    let admin_handle = admin.attach(None).await?;
+    // No bitrate cap (0: Janus sends publishers no REMB limit), no periodic keyframe requests,
+    // no recording; VP8 (and Opus) only.
+    let (created, _) = admin
+        .message(
+            admin_handle,
+            json!({
+                "request": "create", "description": "sfu bench", "publishers": p,
+                "bitrate": 0, "fir_freq": 0, "record": false,
+                "videocodec": "vp8", "audiocodec": "opus", "notify_joining": false,
+            }),
+            None,
+        )
+        .await?;
+    let room = created["room"].as_u64().context("no room id")?;
+    let feed = |i: usize| i as u64 + 1;
+    let mut media = Vec::with_capacity(n + p);
+    let mut sessions = Vec::with_capacity(n);
+    for index in 0..p {
+        let (peer, offer) = Peer::new(index, Role::SendOnly, true, cli, p).await?;
+        let offer = offer.context("no offer")?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        media.push((
+            false,
+            tokio::spawn(peer.run(shared.clone(), cmd_rx, stop_rx.clone(), cli.fps)),
+        ));
+        let session =
+            JanusSession::create(&http, &base, format!("publisher {index}"), shared.clone())
+                .await?;
+        sessions.push(session.clone());
+        let handle = session.attach(Some(cmd_tx.clone())).await?;
+        session
+            .message(
+                handle,
+                json!({
+                    "request": "join", "ptype": "publisher", "room": room,
+                    "id": feed(index), "display": format!("publisher {index}"),
+                }),
+                None,
+            )
+            .await?;
+        let (_, jsep) = session
+            .message(
+                handle,
+                json!({"request": "publish"}),
+                Some(json!({"type": "offer", "sdp": offer})),
+            )
+            .await?;
+        let answer = jsep
+            .as_ref()
+            .and_then(|j| j["sdp"].as_str())
+            .context("Janus's publish reply has no answer")?;
+        let _ = cmd_tx.send(Cmd::Answer(answer.to_owned()));
+        session.trickle_completed(handle).await?;
+    }
+    // Janus takes subscriptions to a feed once its PeerConnection is up.
+    let deadline = Instant::now() + Duration::from_secs_f64(cli.ready_timeout);
+    while !(0..p).all(|i| shared.peers[i].connected.load(Ordering::Relaxed)) {
+        if Instant::now() > deadline {
+            bail!("the publishers did not all connect to Janus");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let semaphore = Arc::new(Semaphore::new(cli.join_concurrency.max(1)));
+    let mut joins = Vec::new();
+    for index in 0..n {
+        let publisher = index < p;
+        let streams: Vec<Value> = (0..p)
+            .filter(|&f| f != index)
+            .map(|f| json!({"feed": feed(f)}))
+            .collect();
+        if streams.is_empty() {
+            continue;
+        }
+        let (peer, _) = Peer::new(index, Role::Receiver, publisher, cli, p).await?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        media.push((
+            !publisher,
+            tokio::spawn(peer.run(shared.clone(), cmd_rx, stop_rx.clone(), cli.fps)),
+        ));
+        // Publishers subscribe from their own session (the first P of `sessions`).
+        let existing = if publisher {
+            sessions.get(index).cloned()
+        } else {
+            None
+        };
+        let (http, base, shared) = (http.clone(), base.clone(), shared.clone());
+        let permit = semaphore.clone().acquire_owned().await?;
+        joins.push(tokio::spawn(async move {
+            let _permit = permit;
+            let session = match existing {
+                Some(session) => session,
+                None => {
+                    JanusSession::create(&http, &base, format!("subscriber {index}"), shared)
+                        .await?
+                }
+            };
+            janus_subscribe(&session, room, streams, cmd_tx).await?;
+            anyhow::Ok((!publisher).then_some(session))
+        }));
+    }
+    for join in joins {
+        if let Some(session) = join.await?? {
+            sessions.push(session);
+        }
+    }
+    Ok(Joined {
+        media,
+        signals: Vec::new(),
+        janus: Some(JanusRoom {
+            admin,
+            admin_handle,
+            room,
+            sessions,
+        }),
+    })
+}
+
+/// One subscription handle: join as a subscriber to `streams`, answer Janus's offer, start.
+async fn janus_subscribe(
+    session: &JanusSession,
+    room: u64,
+    streams: Vec<Value>,
+    media: mpsc::UnboundedSender<Cmd>,
+) -> anyhow::Result<()> {
+    let handle = session.attach(Some(media.clone())).await?;
+    let join = json!({"request": "join", "ptype": "subscriber", "room": room, "streams": streams});
+    let mut attempts = 0;
+    let offer = loop {
+        match session.message(handle, join.clone(), None).await {
+            Ok((_, Some(jsep))) => break jsep,
+            Ok((reply, None)) => bail!("{}: subscribe: no offer in {reply}", session.label),
+            // A feed whose PeerConnection is not quite up yet.
+            Err(_) if attempts < 50 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let offer = offer["sdp"]
+        .as_str()
+        .context("Janus's offer has no sdp")?
+        .to_owned();
+    let (tx, rx) = oneshot::channel();
+    media
+        .send(Cmd::Offer(offer, tx))
+        .map_err(|_| anyhow::anyhow!("the media task ended"))?;
+    let answer = rx
+        .await
+        .context("the media task ended")?
+        .map_err(|e| anyhow::anyhow!("{}: cannot answer Janus's offer: {e}", session.label))?;
+    session
+        .message(
+            handle,
+            json!({"request": "start"}),
+            Some(json!({"type": "answer", "sdp": answer})),
+        )
+        .await?;
+    session.trickle_completed(handle).await
+}
+
 /// CPU time of a process (utime + stime, clock ticks).
 fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
     stat_ticks(&format!("/proc/{pid}/stat"))
@@ -768,7 +1390,13 @@ fn udp_counters() -> HashMap<String, u64> {
 }
 
 /// The server's /metrics samples: name with labels → value.
-async fn scrape(client: &reqwest::Client, url: &str) -> anyhow::Result<HashMap<String, f64>> {
+async fn scrape(
+    client: &reqwest::Client,
+    url: Option<&str>,
+) -> anyhow::Result<HashMap<String, f64>> {
+    let Some(url) = url else {
+        return Ok(HashMap::new());
+    };
     let text = client
         .get(format!("{url}/metrics"))
         .send()
@@ -922,8 +1550,22 @@ fn sum(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if !(cli.url.starts_with("http://127.") || cli.url.starts_with("http://localhost")) {
-        bail!("--url must be a loopback http:// URL");
+    let loopback =
+        |url: &str| url.starts_with("http://127.") || url.starts_with("http://localhost");
+    match cli.target {
+        Target::Vibe => {
+            if !cli.url.as_deref().is_some_and(loopback) {
+                bail!("--url must be a loopback http:// URL");
+            }
+            if cli.token.is_none() {
+                bail!("--token (or VIBE_BENCH_TOKEN) is needed");
+            }
+        }
+        Target::Janus => {
+            if !cli.janus_url.as_deref().is_some_and(loopback) {
+                bail!("--janus-url must be a loopback http:// URL");
+            }
+        }
     }
     if cli.publishers == 0 {
         bail!("--publishers must be at least 1");
@@ -958,56 +1600,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         last_second_max_us: AtomicU64::new(u64::MAX),
         seconds: AtomicU64::new(0),
     });
-    let ws_url = format!("{}/v1/ws", cli.url.replacen("http://", "ws://", 1));
     let http = reqwest::Client::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut media = Vec::with_capacity(n);
-    let mut signals = Vec::with_capacity(n);
     let join_started = Instant::now();
-    let semaphore = Arc::new(Semaphore::new(cli.join_concurrency.max(1)));
-    let mut pending_joins = Vec::new();
-    for index in 0..n {
-        let publisher = index < p;
-        let (peer, offer) = Peer::new(index, publisher, &cli, p).await?;
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        media.push(tokio::spawn(peer.run(
-            shared.clone(),
-            cmd_rx,
-            stop_rx.clone(),
-            cli.fps,
-        )));
-        let (joined_tx, joined_rx) = oneshot::channel();
-        signals.push(tokio::spawn(signalling(
-            index,
-            ws_url.clone(),
-            cli.token.clone(),
-            cli.room.clone(),
-            offer,
-            cmd_tx,
-            joined_tx,
-            shared.clone(),
-            stop_rx.clone(),
-        )));
-        if publisher {
-            // Publishers join one after another, before anyone else.
-            joined_rx
-                .await
-                .context("a signalling task ended")?
-                .map_err(|e| anyhow::anyhow!(e))?;
-        } else {
-            let permit = semaphore.clone().acquire_owned().await?;
-            pending_joins.push(tokio::spawn(async move {
-                let result = joined_rx.await;
-                drop(permit);
-                result
-            }));
-        }
-    }
-    for join in pending_joins {
-        join.await?
-            .context("a signalling task ended")?
-            .map_err(|e| anyhow::anyhow!(e))?;
-    }
+    let joined = match cli.target {
+        Target::Vibe => join_vibe(&cli, &shared, &stop_rx).await?,
+        Target::Janus => join_janus(&cli, &shared, &stop_rx).await?,
+    };
+    let Joined {
+        media,
+        signals,
+        mut janus,
+    } = joined;
+    // Vibe's /metrics (Janus has no counterpart: forwarded frames are counted at the receivers).
+    let metrics_url = match cli.target {
+        Target::Vibe => cli.url.clone(),
+        Target::Janus => None,
+    };
     let joined_in = join_started.elapsed();
     let progress = tokio::spawn(progress_line(shared.clone(), cli.subscribers));
     eprintln!(
@@ -1033,6 +1642,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .count();
             let first = shared.first_error.lock().ok().and_then(|e| e.clone());
             let _ = stop_tx.send(true);
+            if let Some(janus) = janus.take() {
+                janus.destroy().await;
+            }
             bail!(
                 "after {:.0}s, {missing} of {n} participants still miss a publisher's video \
                  ({connected} connected; errors: {}, first: {first:?})",
@@ -1087,7 +1699,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     // The window.
     let server_pid = cli.server_pid.map(|p| p.to_string());
-    let metrics_before = scrape(&http, &cli.url).await.unwrap_or_default();
+    let metrics_before = scrape(&http, metrics_url.as_deref())
+        .await
+        .unwrap_or_default();
     let udp_before = udp_counters();
     let server_before = server_pid.as_deref().map(cpu_ticks).transpose()?;
     let threads_before = server_pid.as_deref().map(thread_ticks).unwrap_or_default();
@@ -1107,7 +1721,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let server_after = server_pid.as_deref().map(cpu_ticks).transpose()?;
     let threads_after = server_pid.as_deref().map(thread_ticks).unwrap_or_default();
     let udp_after = udp_counters();
-    let metrics_after = scrape(&http, &cli.url).await.unwrap_or_default();
+    let metrics_after = scrape(&http, metrics_url.as_deref())
+        .await
+        .unwrap_or_default();
     let rx_bytes_after = sum(&shared, p..n, |s| &s.rx_bytes);
     let rx_packets_after = sum(&shared, p..n, |s| &s.rx_packets);
     let secs = (t1 - t0).as_secs_f64();
@@ -1118,9 +1734,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // (frame mode: the whole frame, depacketized).
     let mut latency_subscribers = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut latency_publishers = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for (index, task) in media.into_iter().enumerate() {
+    for (subscriber, task) in media {
         let h = task.await?;
-        if index >= p {
+        if subscriber {
             latency_subscribers.add(&h)?;
         } else {
             latency_publishers.add(&h)?;
@@ -1128,6 +1744,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     for task in signals {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    if let Some(janus) = janus.take() {
+        janus.destroy().await;
     }
 
     // Results.
@@ -1158,7 +1777,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let m = |k: &str| {
         metrics_after.get(k).copied().unwrap_or(0.0) - metrics_before.get(k).copied().unwrap_or(0.0)
     };
-    let forwarded_per_sec = m("vibe_call_forwarded_frames_total") / secs;
+    // Vibe counts what it forwarded; for Janus, the frames the receivers got (sent in the window).
+    let vibe = cli.target == Target::Vibe;
+    let forwarded_per_sec = if vibe {
+        m("vibe_call_forwarded_frames_total") / secs
+    } else {
+        received_frames as f64 / secs
+    };
+    let metric = |k: &str| if vibe { json!(m(k)) } else { Value::Null };
     let udp = |k: &str| {
         udp_after
             .get(k)
@@ -1171,6 +1797,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let sub_pps = (rx_packets_after - rx_packets_before) as f64 / secs / sub_count;
     let q = |x: f64| latency_subscribers.value_at_quantile(x) as f64 / 1000.0;
     let result = json!({
+        "target": if vibe { "vibe" } else { "janus" },
         "publishers": p,
         "subscribers": cli.subscribers,
         "participants": n,
@@ -1192,6 +1819,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "subscriber_mbps": sub_mbps,
         "subscriber_packets_per_s": sub_pps,
         "server_forwarded_frames_per_s": forwarded_per_sec,
+        "forwarded_frames_source": if vibe { "server metric" } else { "frames the receivers got" },
         "server_cpu_cores": server_cores,
         "server_cpu_percent": server_cores.map(|c| c * 100.0),
         "server_rss_mib": server_pid.as_deref().map(|p| rss_kib(p) as f64 / 1024.0),
@@ -1206,10 +1834,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "subscribers": quantiles_ms(&latency_subscribers),
             "publishers": quantiles_ms(&latency_publishers),
         },
-        "server_send_drops": m("vibe_call_send_drops_total"),
-        "server_receive_drops": m("vibe_call_receive_drops_total"),
-        "server_unrouted": m("vibe_call_unrouted_datagrams_total"),
-        "server_keyframe_requests": m("vibe_call_keyframe_requests_total"),
+        "server_send_drops": metric("vibe_call_send_drops_total"),
+        "server_receive_drops": metric("vibe_call_receive_drops_total"),
+        "server_unrouted": metric("vibe_call_unrouted_datagrams_total"),
+        "server_keyframe_requests": metric("vibe_call_keyframe_requests_total"),
         "client_send_drops": sum(&shared, 0..n, |s| &s.tx_drops),
         "client_keyframe_requests_seen": sum(&shared, 0..p, |s| &s.keyframe_requests),
         "kernel_udp_rcvbuf_errors": udp("RcvbufErrors"),
@@ -1221,7 +1849,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let fl = &result["forward_latency"];
     let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.3}"));
     println!(
-        "SFU forwarding: {p} publishers × {} subscribers, {} kbit/s × {} fps video{}",
+        "SFU forwarding ({}): {p} publishers × {} subscribers, {} kbit/s × {} fps video{}",
+        result["target"].as_str().unwrap_or("?"),
         cli.subscribers,
         cli.bitrate_kbps,
         cli.fps,
