@@ -745,7 +745,12 @@ impl Room {
             track.rids.push(rid);
             track.rids.sort_by_key(layer_rank);
         }
-        let layers = track.rids.clone();
+        // Only simulcast media needs the layers (cloning allocates; most frames have no rid).
+        let layers = if data.rid.is_some() {
+            track.rids.clone()
+        } else {
+            Vec::new()
+        };
         let muted = match kind {
             MediaKind::Audio => src.muted.audio,
             MediaKind::Video => src.muted.video,
