@@ -8,8 +8,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use vibe_actors::call::actor::Calls;
+use vibe_actors::call::actor::{Calls, CallsMsg, RoomAccess};
 use vibe_actors::change::Cursor;
+use vibe_actors::live_query::BoxFuture;
 use vibe_actors::realtime::{InFlight, Realtime, RealtimeConfig, RealtimeMsg};
 
 use crate::app::{App, AppParts};
@@ -19,6 +20,7 @@ use crate::embedded_db::{EmbeddedDbError, EmbeddedPostgres};
 use crate::feed::listener::{ChangeSink, FeedListener, ListenerSettings};
 use crate::feed::{Feed, FeedError};
 use crate::store::{Store, StoreError};
+use crate::ws::connection::CALL_TYPE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -212,9 +214,13 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position, book))
         .await
         .map_err(|e| ServerError::Actors(e.to_string()))?;
-    let (calls, calls_task) = Actor::spawn(None, Calls, config.calls.to_actor_config())
-        .await
-        .map_err(|e| ServerError::Actors(e.to_string()))?;
+    let room_access: Arc<dyn RoomAccess> = Arc::new(StoreRoomAccess {
+        store: store.clone(),
+    });
+    let (calls, calls_task) =
+        Actor::spawn(None, Calls, (config.calls.to_actor_config(), room_access))
+            .await
+            .map_err(|e| ServerError::Actors(e.to_string()))?;
     // The LISTEN connection lives in its own pool, apart from request traffic.
     let listen_pool = PgPoolOptions::new()
         .max_connections(1)
@@ -234,6 +240,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         tokio::spawn(listener.run(
             RealtimeSink {
                 realtime: realtime.clone(),
+                calls: calls.clone(),
                 in_flight: Arc::new(tokio::sync::Semaphore::new(config.feed.max_pages_in_flight)),
             },
             stopped(shutdown.clone()),
@@ -353,7 +360,36 @@ async fn open_identity(
 /// still being handled by live queries.
 struct RealtimeSink {
     realtime: ActorRef<RealtimeMsg>,
+    /// Told of changes to `call` documents: members who lost access leave the room.
+    calls: ActorRef<CallsMsg>,
     in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+/// A call member's access, asked again when its room's document changes: a read of the document
+/// under the member's identity (the same check `call.join` makes).
+#[derive(Debug)]
+struct StoreRoomAccess {
+    store: Store,
+}
+
+impl RoomAccess for StoreRoomAccess {
+    fn may_join(&self, did: String, room: String) -> BoxFuture<bool> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let Ok(id) = room.parse() else {
+                return false;
+            };
+            match store.get(&did, CALL_TYPE, id).await {
+                Ok(_) => true,
+                Err(StoreError::NotFound | StoreError::Forbidden) => false,
+                Err(e) => {
+                    // A database outage is not a withdrawal: keep the member.
+                    tracing::warn!(error = %e, %room, "cannot re-check a call member's access");
+                    true
+                }
+            }
+        })
+    }
 }
 
 impl ChangeSink for RealtimeSink {
@@ -362,6 +398,12 @@ impl ChangeSink for RealtimeSink {
     }
 
     async fn publish(&mut self, changes: Vec<vibe_actors::change::Change>, position: Cursor) {
+        for change in changes.iter().filter(|c| c.doc_type == CALL_TYPE) {
+            let _ = self.calls.cast(CallsMsg::DocumentChanged {
+                room: change.doc_id.to_string(),
+                deleted: change.op == vibe_actors::change::Op::Delete,
+            });
+        }
         // The semaphore is never closed, so acquiring only waits.
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
             return;

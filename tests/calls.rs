@@ -426,3 +426,55 @@ async fn a_crashed_room_tells_its_members_to_rejoin_and_starts_afresh() {
     assert_eq!(r["participant"], "p1", "a fresh room numbers from 1");
     server.finish().await;
 }
+
+#[tokio::test]
+async fn members_who_lose_access_to_the_room_document_are_removed() {
+    let server = TestServer::start().await;
+    let room = create_room(&server, "alice", &["bob", "carol"], json!({})).await;
+    let mut alice = Ws::connect(&server.base, Some(&server.token(&did("alice"), SCOPES))).await;
+    let mut bob = Ws::connect(&server.base, Some(&server.token(&did("bob"), SCOPES))).await;
+    let mut carol = Ws::connect(&server.base, Some(&server.token(&did("carol"), SCOPES))).await;
+    let mut ids = Vec::new();
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        let r = ws.request(json!({"op": "call.join", "room": room})).await;
+        assert_eq!(r["ok"], true, "{r}");
+        ids.push(r["participant"].as_str().unwrap().to_owned());
+    }
+    // Alice narrows the room's ACL to Carol: Bob is removed and told, and so are the others.
+    let r = alice
+        .request(json!({"op": "write", "type": "call",
+                        "doc": {"id": room, "data": {}, "acl": {"read": {"allow": [did("carol")]}}}}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let removed =
+        json!({"call": room, "event": "left", "participant": ids[1], "reason": "removed"});
+    loop {
+        let e = call_event(&mut bob, &room).await;
+        if e["event"] == "left" {
+            assert_eq!(e, removed);
+            break;
+        }
+    }
+    for ws in [&mut alice, &mut carol] {
+        loop {
+            let e = call_event(ws, &room).await;
+            if e["event"] == "left" {
+                assert_eq!(e, removed);
+                break;
+            }
+        }
+    }
+    let r = bob
+        .request(json!({"op": "call.mute", "room": room, "kind": "audio", "muted": true}))
+        .await;
+    assert_eq!(error_code(&r), "not_in_call", "{r}");
+    // Deleting the room's document removes everyone.
+    let r = alice
+        .request(json!({"op": "remove", "type": "call", "docId": room}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let e = call_event(&mut carol, &room).await;
+    assert_eq!(e["event"], "left");
+    assert_eq!(e["reason"], "removed");
+    server.finish().await;
+}

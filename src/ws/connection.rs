@@ -251,7 +251,7 @@ struct CallRoomArgs {
 }
 
 /// The type of documents that are call rooms.
-const CALL_TYPE: &str = "call";
+pub const CALL_TYPE: &str = "call";
 
 fn participant(to: Option<String>) -> Result<Option<ParticipantId>, Failure> {
     to.map(|to| {

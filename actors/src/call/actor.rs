@@ -60,6 +60,12 @@ impl Default for CallsConfig {
     }
 }
 
+/// Whether a DID may still be in a room: read access to the room's document under its ACL,
+/// certificates included. Asked for every member when the document changes.
+pub trait RoomAccess: Send + Sync + std::fmt::Debug + 'static {
+    fn may_join(&self, did: String, room: String) -> crate::live_query::BoxFuture<bool>;
+}
+
 /// A connection as a room member.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -112,6 +118,8 @@ pub enum CallsMsg {
     },
     /// A room reports that a connection is no longer its member.
     Departed { room: String, conn_id: u64 },
+    /// The room's document changed or was deleted: members who lost read access are removed.
+    DocumentChanged { room: String, deleted: bool },
     /// Rooms and members, for metrics and tests.
     Stats(RpcReplyPort<(usize, usize)>),
     /// Fault injection for tests: make the room panic.
@@ -138,6 +146,10 @@ pub enum CallRoomMsg {
     Disconnected {
         conn_id: u64,
     },
+    /// The member lost access to the room.
+    Removed {
+        conn_id: u64,
+    },
     Datagram(Datagram),
     Tick,
     Crash,
@@ -160,6 +172,7 @@ pub struct Calls;
 #[derive(Debug)]
 pub struct CallsState {
     config: Arc<CallsConfig>,
+    access: Arc<dyn RoomAccess>,
     rooms: HashMap<String, RoomEntry>,
 }
 
@@ -167,22 +180,23 @@ pub struct CallsState {
 struct RoomEntry {
     actor: ActorRef<CallRoomMsg>,
     /// Members (joined or joining) by connection.
-    members: HashMap<u64, Outbox>,
+    members: HashMap<u64, Member>,
 }
 
 impl Actor for Calls {
     type Msg = CallsMsg;
     type State = CallsState;
-    type Arguments = CallsConfig;
+    type Arguments = (CallsConfig, Arc<dyn RoomAccess>);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        config: CallsConfig,
+        (config, access): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         install_crypto();
         Ok(CallsState {
             config: Arc::new(config),
+            access,
             rooms: HashMap::new(),
         })
     }
@@ -236,9 +250,7 @@ impl Actor for Calls {
                     }
                 };
                 if let Some(entry) = state.rooms.get_mut(&room) {
-                    entry
-                        .members
-                        .insert(member.outbox.conn_id, member.outbox.clone());
+                    entry.members.insert(member.outbox.conn_id, member.clone());
                 }
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let sent = actor.cast(CallRoomMsg::Join {
@@ -272,6 +284,25 @@ impl Actor for Calls {
                 if empty && let Some(entry) = state.rooms.remove(&room) {
                     entry.actor.stop(Some("empty".into()));
                     metrics::gauge!("vibe_call_rooms").decrement(1);
+                }
+            }
+            CallsMsg::DocumentChanged { room, deleted } => {
+                let Some(entry) = state.rooms.get(&room) else {
+                    return Ok(());
+                };
+                for (conn_id, member) in &entry.members {
+                    let (actor, conn_id) = (entry.actor.clone(), *conn_id);
+                    if deleted {
+                        let _ = actor.cast(CallRoomMsg::Removed { conn_id });
+                        continue;
+                    }
+                    // One read per member, off this actor; a room's document rarely changes.
+                    let check = state.access.may_join(member.did.clone(), room.clone());
+                    tokio::spawn(async move {
+                        if !check.await {
+                            let _ = actor.cast(CallRoomMsg::Removed { conn_id });
+                        }
+                    });
                 }
             }
             CallsMsg::Stats(reply) => {
@@ -314,8 +345,8 @@ impl Actor for Calls {
                         rejoin: true,
                     },
                 );
-                for outbox in entry.members.values() {
-                    let _ = outbox.send(frame.clone());
+                for member in entry.members.values() {
+                    let _ = member.outbox.send(frame.clone());
                 }
             }
         }
@@ -526,6 +557,11 @@ impl Actor for CallRoom {
             CallRoomMsg::Disconnected { conn_id } => {
                 if let Some(id) = state.by_conn.get(&conn_id).copied() {
                     state.room.leave(id, LeaveReason::Disconnected);
+                }
+            }
+            CallRoomMsg::Removed { conn_id } => {
+                if let Some(id) = state.by_conn.get(&conn_id).copied() {
+                    state.room.leave(id, LeaveReason::Removed);
                 }
             }
             CallRoomMsg::Crash => panic!("call room crash requested (fault injection)"),

@@ -105,6 +105,8 @@ pub enum LeaveReason {
     IceTimeout,
     /// Its media session failed (DTLS or SRTP error).
     MediaFailed,
+    /// It may no longer read the room's document (its ACL changed, or it was deleted).
+    Removed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
