@@ -54,6 +54,8 @@ struct Peer {
     loud: bool,
     /// Publishes its video as three simulcast layers (h, m, l) instead of one.
     simulcast: bool,
+    /// Server offers left unanswered (a peer busy with its own offer: glare).
+    held_offers: Option<Vec<String>>,
     /// Layers (`h`/`m`/`l`) of the simulcast video frames received, in order.
     layers_received: Vec<u8>,
     /// Layers whose next frame is a keyframe (one was requested, or none was sent yet).
@@ -81,6 +83,7 @@ impl Peer {
             next_timeout: now,
             loud: false,
             simulcast: false,
+            held_offers: None,
             layers_received: Vec::new(),
             keyframe_due: LAYERS.iter().map(|l| Rid::from(*l)).collect(),
         }
@@ -279,9 +282,13 @@ impl Sim {
                 from: None,
             } = &signal
             {
-                let offer = SdpOffer::from_sdp_string(sdp).unwrap();
-                let answer = peer.rtc.sdp_api().accept_offer(offer).unwrap();
-                answers.push((to, answer.to_sdp_string()));
+                if let Some(held) = peer.held_offers.as_mut() {
+                    held.push(sdp.clone());
+                } else {
+                    let offer = SdpOffer::from_sdp_string(sdp).unwrap();
+                    let answer = peer.rtc.sdp_api().accept_offer(offer).unwrap();
+                    answers.push((to, answer.to_sdp_string()));
+                }
             }
             peer.signals.push(signal);
         }
@@ -790,4 +797,42 @@ fn a_receiver_gets_one_simulcast_layer_and_switches_on_a_keyframe_of_the_one_it_
     );
     assert!(after[switch..].iter().all(|l| *l == b'l'), "then only l");
     assert!(after.len() - switch >= 10, "l keeps flowing");
+}
+
+#[test]
+fn on_glare_the_server_yields_and_offers_its_changes_again() {
+    let mut sim = Sim::call(&[A, B]);
+    // A holds the server's offers, as a client busy with its own offer would.
+    sim.peer(A).held_offers = Some(Vec::new());
+    sim.join(C).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.peers[0]
+            .held_offers
+            .as_ref()
+            .is_some_and(|h| !h.is_empty())
+    });
+    // A's own offer (a new audio track) crosses the server's: the server answers it...
+    let a = sim.id(A);
+    let peer = sim.peer(A);
+    let mut api = peer.rtc.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let (offer, pending) = api.apply().unwrap();
+    peer.pending = Some(pending);
+    let answer = sim
+        .room
+        .sdp(sim.now, a, None, SdpKind::Offer, &offer.to_sdp_string())
+        .unwrap()
+        .expect("an answer");
+    sim.peer(A).accept_answer(&answer);
+    // ...and A drops the withdrawn offer; answering it now is refused, not applied.
+    let stale = sim.peer(A).held_offers.take().unwrap();
+    assert_eq!(stale.len(), 1);
+    let err = sim.room.sdp(sim.now, a, None, SdpKind::Answer, "v=0\r\n");
+    assert!(
+        matches!(err, Err(CallError::NegotiationConflict(_))),
+        "{err:?}"
+    );
+    // The server offers C's tracks again, A answers, and everyone receives everyone.
+    sim.drive_room();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
 }
