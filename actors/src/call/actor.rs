@@ -404,6 +404,7 @@ pub struct CallRoomState {
     queued: Arc<AtomicUsize>,
     /// The core's counters as last reported to metrics.
     reported: RoomStats,
+    outgoing: Outgoing,
     deadline: watch::Sender<Option<Instant>>,
     reader: tokio::task::JoinHandle<()>,
     timer: tokio::task::JoinHandle<()>,
@@ -464,6 +465,7 @@ impl Actor for CallRoom {
             members: HashMap::new(),
             queued,
             reported: RoomStats::default(),
+            outgoing: Outgoing::default(),
             deadline,
             reader,
             timer,
@@ -618,12 +620,14 @@ impl CallRoomState {
         Ok(())
     }
 
-    /// Drives the core, delivers its signals, forgets members who left, re-arms the timer.
+    /// Drives the core, sends what it produced, delivers its signals, forgets members who left,
+    /// re-arms the timer.
     fn after_input(&mut self, now: Instant, notify_timer: bool) {
-        let socket = self.socket.clone();
+        let outgoing = &mut self.outgoing;
         let next = self
             .room
-            .drive(now, &mut |to, bytes| transmit(&socket, to, bytes));
+            .drive(now, &mut |to, bytes| outgoing.push(to, bytes));
+        self.outgoing.flush(&self.socket);
         let signals: Vec<_> = self.room.take_signals().collect();
         for (to, signal) in signals {
             if let Some((_, member)) = self.members.get(&to) {
@@ -666,11 +670,71 @@ impl CallRoomState {
     }
 }
 
-/// Sends without waiting: a full socket buffer drops the datagram, as a congested link would
-/// (str0m's retransmissions and keyframe requests recover).
-fn transmit(socket: &UdpSocket, to: SocketAddr, bytes: &[u8]) {
-    if socket.try_send_to(bytes, to).is_err() {
-        metrics::counter!("vibe_call_send_drops_total").increment(1);
+/// Datagrams a drive of the core produced, sent together after it.
+#[derive(Debug, Default)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    /// Destination and range in `bytes` of each datagram.
+    datagrams: Vec<(SocketAddr, std::ops::Range<usize>)>,
+}
+
+/// At most this many datagrams per `sendmmsg` call.
+const SEND_BATCH: usize = 64;
+
+impl Outgoing {
+    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(datagram);
+        self.datagrams.push((to, start..self.bytes.len()));
+    }
+
+    /// Sends everything without waiting, many datagrams per system call: a full socket buffer
+    /// drops the rest, as a congested link would (str0m's retransmissions and keyframe requests
+    /// recover).
+    fn flush(&mut self, socket: &UdpSocket) {
+        use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+
+        let mut sent = 0;
+        while sent < self.datagrams.len() {
+            let batch = &self.datagrams[sent..(sent + SEND_BATCH).min(self.datagrams.len())];
+            let slices: Vec<[IoSlice<'_>; 1]> = batch
+                .iter()
+                .map(|(_, range)| [IoSlice::new(&self.bytes[range.clone()])])
+                .collect();
+            let addrs: Vec<Option<SockaddrStorage>> = batch
+                .iter()
+                .map(|(to, _)| Some(SockaddrStorage::from(*to)))
+                .collect();
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(batch.len(), None);
+            match sendmmsg(
+                socket.as_raw_fd(),
+                &mut headers,
+                &slices,
+                &addrs,
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(results) => {
+                    let n = results.count();
+                    if n == 0 {
+                        break;
+                    }
+                    sent += n;
+                }
+                // A refused destination (ICMP port unreachable from an earlier send) fails
+                // the call: skip that datagram and go on.
+                Err(nix::errno::Errno::ECONNREFUSED) => sent += 1,
+                Err(_) => break,
+            }
+        }
+        let dropped = self.datagrams.len() - sent;
+        if dropped > 0 {
+            metrics::counter!("vibe_call_send_drops_total").increment(dropped as u64);
+        }
+        self.bytes.clear();
+        self.datagrams.clear();
     }
 }
 
