@@ -245,6 +245,16 @@ async fn call_event(ws: &mut Ws, room: &str) -> Value {
     }
 }
 
+/// The next `left` event of `room`, skipping the room's other events.
+async fn left_event(ws: &mut Ws, room: &str) -> Value {
+    loop {
+        let e = call_event(ws, room).await;
+        if e["event"] == "left" {
+            return e;
+        }
+    }
+}
+
 fn error_code(reply: &Value) -> &str {
     reply["error"]["code"].as_str().unwrap_or("")
 }
@@ -448,21 +458,8 @@ async fn members_who_lose_access_to_the_room_document_are_removed() {
     assert_eq!(r["ok"], true, "{r}");
     let removed =
         json!({"call": room, "event": "left", "participant": ids[1], "reason": "removed"});
-    loop {
-        let e = call_event(&mut bob, &room).await;
-        if e["event"] == "left" {
-            assert_eq!(e, removed);
-            break;
-        }
-    }
-    for ws in [&mut alice, &mut carol] {
-        loop {
-            let e = call_event(ws, &room).await;
-            if e["event"] == "left" {
-                assert_eq!(e, removed);
-                break;
-            }
-        }
+    for ws in [&mut bob, &mut alice, &mut carol] {
+        assert_eq!(left_event(ws, &room).await, removed);
     }
     let r = bob
         .request(json!({"op": "call.mute", "room": room, "kind": "audio", "muted": true}))
