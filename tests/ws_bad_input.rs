@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ALICE, TestServer, Ws};
+use common::{ALICE, FRAME_WAIT, TestServer, Ws};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -230,5 +230,66 @@ async fn fragmented_messages_are_reassembled_and_capped() {
         .await;
     }
     assert_eq!(ws.closed_with().await, Some(1009));
+    s.finish().await;
+}
+
+/// Control frames: a ping is answered with its payload, a client's close is echoed with its code,
+/// and a frame that breaks RFC 6455 (unmasked, from a raw socket) closes with 1002.
+#[tokio::test]
+async fn pings_closes_and_protocol_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    ws.send_raw(Message::Ping(b"are you there".to_vec().into()))
+        .await;
+    assert_eq!(ws.next_pong().await, b"are you there");
+    // The connection still serves requests after control frames.
+    assert_eq!(ws.request(json!({"op": "ping"})).await["pong"], true);
+    ws.send_raw(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(4321),
+        reason: "done".into(),
+    })))
+    .await;
+    assert_eq!(
+        ws.closed_with().await,
+        Some(4321),
+        "the close code is echoed"
+    );
+
+    // A raw client that upgrades properly, then sends an unmasked text frame.
+    let addr = s.base.trim_start_matches("http://");
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(
+        format!(
+            "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: vibe.v1\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        raw.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    raw.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+    let mut close = [0u8; 4];
+    tokio::time::timeout(FRAME_WAIT, raw.read_exact(&mut close))
+        .await
+        .expect("a close frame within the wait")
+        .unwrap();
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002);
     s.finish().await;
 }

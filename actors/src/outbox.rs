@@ -1,39 +1,71 @@
 //! A connection's outbound queue as the rest of the tree sees it: bounded, never awaited.
-//! Producers (live queries, the connection itself) `try_send` encoded frames; when the queue is
-//! full the connection is marked overflowed and its writer closes it with a reason, so a slow
-//! client can neither block a fan-out nor grow memory.
+//! Producers (live queries, call rooms, the connection itself) `send` encoded frames; when the
+//! queue is full the connection is marked overflowed and its writer closes it with a reason, so a
+//! slow client can neither block a fan-out nor grow memory.
+//!
+//! The queue is a `VecDeque` behind a mutex, not a channel: a broadcast pushes one frame into
+//! every subscriber's queue, and a channel's per-push semaphore, linked blocks (a new one every
+//! few dozen frames, zeroed by the kernel) and waker dance cost more than the lock of a queue
+//! nobody else holds. The writer takes the whole queue at once (swapping in its own emptied one,
+//! so neither side allocates in steady state), and a queue that never held a frame holds no
+//! memory: an idle connection pays for its `Arc` only.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
 
 /// The sending side, cloned into every subscription of the connection.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     /// Unique per connection on this node.
     pub conn_id: u64,
-    tx: mpsc::Sender<Bytes>,
-    overflow: Arc<Overflow>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    capacity: usize,
+    state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
-struct Overflow {
-    happened: AtomicBool,
-    notify: Notify,
+struct State {
+    frames: VecDeque<Bytes>,
+    /// The writer, when it waits for frames.
+    waker: Option<Waker>,
+    /// Sticky: an overflowed connection takes nothing more.
+    overflowed: bool,
+    /// The receiver is gone.
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock (pushes, swaps and flag writes only), so a
+        // poisoned lock cannot leave the state half-updated: use it as it is.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The receiving side, owned by the connection's writer.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    pub rx: mpsc::Receiver<Bytes>,
-    pub overflow: OverflowSignal,
+    shared: Arc<Shared>,
 }
 
-/// Resolves once the queue has overflowed.
-#[derive(Debug)]
-pub struct OverflowSignal(Arc<Overflow>);
+/// What the writer finds when it looks at its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Frames were moved into the batch, oldest first.
+    Frames,
+    /// The queue overflowed: what it held is dropped, the connection must close.
+    Overflowed,
+}
 
 /// The frame was not queued: the connection is overflowed or gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,18 +74,16 @@ pub struct NotQueued;
 
 /// A queue holding at most `capacity` frames.
 pub fn outbox(conn_id: u64, capacity: usize) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    let overflow = Arc::new(Overflow::default());
+    let shared = Arc::new(Shared {
+        capacity: capacity.max(1),
+        state: Mutex::new(State::default()),
+    });
     (
         Outbox {
             conn_id,
-            tx,
-            overflow: overflow.clone(),
+            shared: shared.clone(),
         },
-        OutboxReceiver {
-            rx,
-            overflow: OverflowSignal(overflow),
-        },
+        OutboxReceiver { shared },
     )
 }
 
@@ -61,36 +91,81 @@ impl Outbox {
     /// Queues a frame without waiting. A full queue marks the connection overflowed: nothing
     /// more is queued for it, and its writer closes it.
     pub fn send(&self, frame: Bytes) -> Result<(), NotQueued> {
-        if self.overflow.happened.load(Ordering::Relaxed) {
+        let mut state = self.shared.lock();
+        if state.overflowed || state.closed {
             return Err(NotQueued);
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflow.happened.swap(true, Ordering::Relaxed) {
-                    metrics::counter!("vibe_ws_queue_overflows_total").increment(1);
-                    self.overflow.notify.notify_one();
-                }
-                Err(NotQueued)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(NotQueued),
+        let queued = if state.frames.len() >= self.shared.capacity {
+            state.overflowed = true;
+            state.frames = VecDeque::new();
+            metrics::counter!("vibe_ws_queue_overflows_total").increment(1);
+            Err(NotQueued)
+        } else {
+            state.frames.push_back(frame);
+            Ok(())
+        };
+        // Only the first push after the writer went to sleep finds a waker: later pushes of the
+        // same burst cost no wake-up.
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
         }
+        queued
     }
 
+    /// The connection's writer is gone.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.shared.lock().closed
     }
 }
 
-impl OverflowSignal {
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.0.notify.notified();
-            if self.0.happened.load(Ordering::Relaxed) {
-                return;
-            }
-            notified.await;
+impl OutboxReceiver {
+    /// Moves every queued frame into `batch` (which must be empty), or reports the overflow;
+    /// pending (the task woken by the next send) while the queue is empty.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<Bytes>,
+    ) -> Poll<Received> {
+        let mut state = self.shared.lock();
+        if state.overflowed {
+            return Poll::Ready(Received::Overflowed);
         }
+        if state.frames.is_empty() {
+            match &mut state.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        debug_assert!(batch.is_empty());
+        batch.clear();
+        std::mem::swap(&mut state.frames, batch);
+        Poll::Ready(Received::Frames)
+    }
+
+    /// Waits for frames (moved into `batch`) or the overflow. Cancel-safe: frames are only
+    /// moved when it completes.
+    pub async fn recv(&mut self, batch: &mut VecDeque<Bytes>) -> Received {
+        poll_fn(|cx| self.poll_recv(cx, batch)).await
+    }
+
+    /// Takes what is queued without waiting; `None` when nothing is (or after an overflow).
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let mut state = self.shared.lock();
+        if state.overflowed {
+            return None;
+        }
+        state.frames.pop_front()
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        state.frames = VecDeque::new();
     }
 }
 
@@ -104,9 +179,45 @@ mod tests {
         tx.send(Bytes::from_static(b"a")).unwrap();
         tx.send(Bytes::from_static(b"b")).unwrap();
         assert_eq!(tx.send(Bytes::from_static(b"c")), Err(NotQueued));
-        rx.overflow.wait().await;
-        assert_eq!(rx.rx.recv().await.unwrap(), "a");
-        // Room again, but an overflowed connection takes nothing more.
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.recv(&mut batch).await, Received::Overflowed);
+        assert!(
+            batch.is_empty(),
+            "an overflowed queue delivers nothing more"
+        );
         assert_eq!(tx.send(Bytes::from_static(b"d")), Err(NotQueued));
+    }
+
+    #[tokio::test]
+    async fn the_writer_takes_everything_queued_in_order_and_is_woken_by_a_send() {
+        let (tx, mut rx) = outbox(1, 8);
+        let mut batch = VecDeque::new();
+        let waiting = tokio::spawn(async move {
+            let got = rx.recv(&mut batch).await;
+            (got, batch, rx)
+        });
+        // The writer is parked on an empty queue before anything is sent.
+        tokio::task::yield_now().await;
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        tx.send(Bytes::from_static(b"b")).unwrap();
+        let (got, mut batch, mut rx) = waiting.await.unwrap();
+        assert_eq!(got, Received::Frames);
+        // Either both frames were queued before the writer ran, or it took the first alone.
+        let mut all: Vec<Bytes> = batch.drain(..).collect();
+        all.extend(rx.try_recv());
+        assert_eq!(
+            all,
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
+        );
+        assert_eq!(rx.try_recv(), None);
+    }
+
+    #[test]
+    fn a_closed_receiver_refuses_frames() {
+        let (tx, rx) = outbox(1, 8);
+        assert!(!tx.is_closed());
+        drop(rx);
+        assert!(tx.is_closed());
+        assert_eq!(tx.send(Bytes::from_static(b"a")), Err(NotQueued));
     }
 }

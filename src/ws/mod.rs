@@ -3,11 +3,16 @@
 //! (replies and live-query events, already encoded) plus the socket; its state is the session
 //! (connection.rs). In one loop it
 //!
-//! - drains the outbox, writing every frame that is ready and flushing once per batch; closes the
-//!   socket if the outbox overflowed (4008) or the server is stopping (1001);
-//! - reads the next frame, answers what needs no session (binary, oversized, over the rate),
-//!   and runs each request to completion before reading another: a client cannot queue
+//! - takes everything queued in the outbox at once and writes it in as few writes as fit
+//!   `WRITE_CHUNK`; closes the socket if the outbox overflowed (4008) or the server is stopping
+//!   (1001);
+//! - reads the next message, answers what needs no session (pings, binary, oversized, over the
+//!   rate), and runs each request to completion before taking another: a client cannot queue
 //!   unbounded work, and outbound frames keep flowing while a request waits on the database.
+//!
+//! Memory is designed for many idle connections: the framing (frame.rs) holds no read buffer
+//! between messages, a write buffer lives for one batch, the outbox holds nothing until a frame is
+//! queued, and a write arms a timer only when the socket is full.
 //!
 //! It is a task, not a ractor actor: it never crosses nodes and ends with its socket, and a
 //! ractor actor (its own task and four channels) would more than double a connection's memory.
@@ -15,21 +20,24 @@
 //! Invariant: only this task writes to its socket (pongs and closes included).
 
 pub mod connection;
+pub mod frame;
 pub mod limits;
 
-use std::future::Future;
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
-use vibe_actors::outbox::{OutboxReceiver, outbox};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use vibe_actors::outbox::{Outbox, Received, outbox};
 
 use crate::app::App;
 use crate::http::{ApiError, HttpResponse};
@@ -46,12 +54,14 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4002;
 /// The token was revoked (consent withdrawn, app deleted, token or grant revoked).
 pub const CLOSE_TOKEN_REVOKED: u16 = 4003;
 const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_TOO_BIG: u16 = 1009;
 
-/// Frames written per flush at most, so one busy connection cannot hog its writer's buffer.
-const WRITE_BATCH: usize = 256;
-/// Bytes buffered per connection before a write reaches the socket (larger frames bypass it).
-const WRITE_BUFFER: usize = 4096;
+/// Bytes taken off the socket per read (on the stack, for the read only).
+const READ_CHUNK: usize = 8192;
+/// Bytes per write at most: a batch of queued frames is encoded into a buffer of about this size
+/// (or one frame, if larger), written, and the buffer reused for the rest of the batch only.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Pongs owed to the client beyond this are not queued (a pinging client must also read).
+const MAX_OWED_CONTROL: usize = 4096;
 /// A write to a client that does not read blocks; past this the connection is dropped, so the
 /// loop never stops watching overflow, shutdown and its session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,94 +128,101 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
         // Held until the connection ends: shutdown waits for every socket to close.
         let _open = open;
         match upgraded.await {
-            Ok(ws) => run(app, ws, identity).await,
+            // fastwebsockets did the handshake; the framing is ours (frame.rs).
+            Ok(ws) => run(app, ws.into_inner(), identity).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
         }
     });
     Ok(response)
 }
 
-type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
-type Reader = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
-
-/// A frame read off the socket, owned.
-struct Inbound {
-    opcode: OpCode,
-    payload: Vec<u8>,
-}
-
-type ReadFuture = Pin<Box<dyn Future<Output = (Reader, Result<Inbound, WebSocketError>)> + Send>>;
+type Io = TokioIo<hyper::upgrade::Upgraded>;
 type RequestFuture = Pin<Box<dyn Future<Output = Session> + Send>>;
 
 /// Why the connection loop ended.
 enum End {
-    /// The client went away or broke the protocol.
+    /// The client went away (or a write failed): nothing more can be said.
     Client,
-    /// The client sent a close frame: echo it (the reply is queued on the control channel).
-    ClientClosed,
+    /// The client sent a close frame: echo its code.
+    ClientClosed(Option<u16>),
     /// We close it with this code and reason.
     Close(u16, &'static [u8]),
-    /// A write did not complete within `WRITE_TIMEOUT`: the client stopped reading.
-    Stalled,
+    /// The client broke the framing rules.
+    Protocol(frame::FrameError),
 }
 
-async fn run(
-    app: Arc<App>,
-    ws: fastwebsockets::WebSocket<Upgraded>,
-    identity: Option<connection::Identity>,
-) {
+async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) {
     let config = &app.config.ws;
-    let mut ws = ws;
-    // The transport refuses frames past 4x the limit (and closes); between the limit and that,
-    // the loop answers `frame_too_large` and the connection lives on.
-    ws.set_max_message_size(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
-    ws.set_auto_close(true);
-    ws.set_auto_pong(true);
-    // Frames go through a small buffer and reach the socket once per flushed batch.
-    let (read, mut write) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
-    });
-    let (outbox, receiver) = outbox(app.next_connection_id(), config.outbound_queue);
-    let OutboxReceiver { mut rx, overflow } = receiver;
-    // Pongs and close replies the reader owes.
-    let (control_tx, mut control_rx) = mpsc::channel::<Frame<'static>>(8);
+    // The transport refuses messages past 4x the frame limit (and closes with 1009); between the
+    // limit and that, the loop answers `frame_too_large` and the connection lives on.
+    let mut inbound = frame::Inbound::new(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
+    let (outbox, mut receiver) = outbox(app.next_connection_id(), config.outbound_queue);
+    // Frames taken from the outbox and being written; swapped with the outbox's own queue.
+    let mut batch = VecDeque::new();
+    // Pongs owed to the client, encoded; written before anything else.
+    let mut owed = Vec::new();
     let mut session = Some(Session::new(app.clone(), outbox.clone(), identity));
-    let mut reader = Some(read);
-    // A whole message (its fragments together) may not exceed what one frame may.
-    let message_cap = config.max_frame_bytes.saturating_mul(4).max(64 * 1024);
-    let mut reading: Option<ReadFuture> = None;
     let mut handling: Option<RequestFuture> = None;
     let mut bucket = limits::TokenBucket::new(config.requests_per_second, Instant::now());
     let auth_deadline = tokio::time::Instant::now() + config.auth_timeout;
     let mut shutdown = app.shutdown_signal();
     // Created once: each creation would register a waiter (the shutdown channel is shared by
     // every connection, so that would be a contended lock per event).
-    let overflowed = overflow.wait();
     let shutting_down = shutdown.changed();
     // Reset (not recreated) when the identity changes: a timer per loop turn would cost a
     // registration per outbound frame.
     let mut expiry: Option<SystemTime> = None;
     let token_expired = tokio::time::sleep_until(auth_deadline);
-    tokio::pin!(overflowed, shutting_down, token_expired);
+    tokio::pin!(shutting_down, token_expired);
     // Revocations are rare: one boxed wait per connection, re-armed only when one happens.
     let mut revocation = wait_for_revocation(app.tokens.revocations().changed());
     let mut recheck_token = false;
     metrics::gauge!("vibe_ws_connections").increment(1.0);
 
-    let end: Result<End, WebSocketError> = async {
+    let end: End = async {
         loop {
-            // One request at a time: read the next frame only when none is being handled.
-            if handling.is_none()
-                && reading.is_none()
-                && let Some(r) = reader.take()
-            {
-                reading = Some(Box::pin(read_one(r, control_tx.clone(), message_cap)));
+            if !owed.is_empty() {
+                if let Err(end) = write_all(&mut io, &owed).await {
+                    return end;
+                }
+                owed = Vec::new();
+            }
+            // One request at a time: the next message is taken only when none is being handled.
+            // A message already buffered is taken before the socket is read again.
+            if handling.is_none() {
+                match inbound.next_message() {
+                    Ok(Some(message)) => {
+                        match message {
+                            frame::Message::Text(text) => {
+                                if let Some(s) = admit(&app, &outbox, &mut bucket, &mut session, &text) {
+                                    handling = Some(Box::pin(async move {
+                                        let mut s = s;
+                                        s.request(&text).await;
+                                        s
+                                    }));
+                                }
+                            }
+                            frame::Message::Binary(_) => {
+                                let _ = outbox.send(error_frame(&serde_json::Value::Null, "binary_not_supported", "send JSON text frames"));
+                            }
+                            frame::Message::Ping(payload) => {
+                                // A client pinging faster than it reads gets one pong per turn.
+                                if owed.len() < MAX_OWED_CONTROL {
+                                    frame::encode_pong(&mut owed, &payload);
+                                }
+                            }
+                            frame::Message::Close(code) => return End::ClientClosed(code),
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return End::Protocol(e),
+                }
             }
             if recheck_token && let Some(s) = &session {
                 recheck_token = false;
                 if s.token_revoked() {
-                    return Ok(End::Close(CLOSE_TOKEN_REVOKED, b"token revoked: access was withdrawn"));
+                    return End::Close(CLOSE_TOKEN_REVOKED, b"token revoked: access was withdrawn");
                 }
             }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
@@ -220,30 +237,12 @@ async fn run(
             }
             tokio::select! {
                 biased;
-                Some(frame) = control_rx.recv() => {
-                    let close = frame.opcode == OpCode::Close;
-                    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-                        write.write_frame(frame).await?;
-                        write.flush().await
-                    })
-                    .await;
-                    match written {
-                        Ok(result) => result?,
-                        Err(_) => return Ok(End::Stalled),
-                    }
-                    if close {
-                        return Ok(End::Client);
-                    }
-                }
-                () = &mut overflowed => {
-                    return Ok(End::Close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since"));
-                }
-                _ = &mut shutting_down => return Ok(End::Close(CLOSE_GOING_AWAY, b"server shutting down")),
+                _ = &mut shutting_down => return End::Close(CLOSE_GOING_AWAY, b"server shutting down"),
                 () = tokio::time::sleep_until(auth_deadline), if !authenticated => {
-                    return Ok(End::Close(CLOSE_AUTH_TIMEOUT, b"authenticate within the auth timeout"));
+                    return End::Close(CLOSE_AUTH_TIMEOUT, b"authenticate within the auth timeout");
                 }
                 () = &mut token_expired, if expiry.is_some() => {
-                    return Ok(End::Close(CLOSE_TOKEN_EXPIRED, b"token expired: reconnect with a fresh token and resume with since"));
+                    return End::Close(CLOSE_TOKEN_EXPIRED, b"token expired: reconnect with a fresh token and resume with since");
                 }
                 changes = &mut revocation => {
                     revocation = wait_for_revocation(changes);
@@ -253,70 +252,24 @@ async fn run(
                     handling = None;
                     session = Some(done);
                 }
-                read = next_of(&mut reading), if reading.is_some() => {
-                    reading = None;
-                    let (r, frame) = read;
-                    reader = Some(r);
-                    let frame = match frame {
-                        Ok(frame) => frame,
-                        Err(WebSocketError::FrameTooLarge) => return Ok(End::Close(CLOSE_TOO_BIG, b"frame too large")),
+                read = poll_fn(|cx| poll_read_into(Pin::new(&mut io), cx, &mut inbound)), if handling.is_none() => {
+                    match read {
+                        Ok(0) => return End::Client,
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::debug!(error = %e, "WebSocket read ended");
-                            return Ok(End::Client);
+                            return End::Client;
                         }
-                    };
-                    match frame.opcode {
-                        OpCode::Close => return Ok(End::ClientClosed),
-                        OpCode::Text => {}
-                        OpCode::Binary => {
-                            let _ = outbox.send(error_frame(&serde_json::Value::Null, "binary_not_supported", "send JSON text frames"));
-                            continue;
-                        }
-                        _ => continue,
-                    }
-                    if frame.payload.len() > config.max_frame_bytes {
-                        let _ = outbox.send(error_frame(
-                            &serde_json::Value::Null,
-                            "frame_too_large",
-                            &format!("frames are limited to {} bytes", config.max_frame_bytes),
-                        ));
-                        continue;
-                    }
-                    if !bucket.allow(Instant::now()) {
-                        let _ = outbox.send(error_frame(
-                            &serde_json::Value::Null,
-                            "rate_limited",
-                            &format!("at most {} requests per second; retry in {:?}", config.requests_per_second, bucket.retry_after()),
-                        ));
-                        continue;
-                    }
-                    if let Some(mut s) = session.take() {
-                        let text = frame.payload;
-                        handling = Some(Box::pin(async move {
-                            s.request(&text).await;
-                            s
-                        }));
                     }
                 }
                 // Last in the biased order: a busy outbox must not starve a running request
                 // (it may hold a row lock) or the reader.
-                frame = rx.recv() => {
-                    // Never None: this loop holds an Outbox itself.
-                    let Some(frame) = frame else { return Ok(End::Client) };
-                    let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-                        write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
-                        for _ in 1..WRITE_BATCH {
-                            match rx.try_recv() {
-                                Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
-                                Err(_) => break,
-                            }
-                        }
-                        write.flush().await
-                    })
-                    .await;
-                    match written {
-                        Ok(result) => result?,
-                        Err(_) => return Ok(End::Stalled),
+                received = receiver.recv(&mut batch) => {
+                    if received == Received::Overflowed {
+                        return End::Close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since");
+                    }
+                    if let Err(end) = write_batch(&mut io, &mut batch).await {
+                        return end;
                     }
                 }
             }
@@ -324,21 +277,19 @@ async fn run(
     }
     .await;
     // Last words, each bounded in time: our close frame, or the echo of the client's.
-    let last = match end {
-        Ok(End::Close(code, reason)) => Some(Frame::close(code, reason)),
-        Ok(End::ClientClosed) => control_rx.try_recv().ok(),
-        Ok(End::Client | End::Stalled) => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "WebSocket write ended");
-            None
+    let last = match &end {
+        End::Close(code, reason) => Some((*code, *reason)),
+        End::ClientClosed(code) => Some((code.unwrap_or(frame::CLOSE_NORMAL), &b""[..])),
+        End::Protocol(e) => {
+            tracing::debug!(error = %e, "WebSocket protocol error");
+            Some((e.close_code(), &b"protocol error"[..]))
         }
+        End::Client => None,
     };
-    if let Some(frame) = last {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            write.write_frame(frame).await?;
-            write.flush().await
-        })
-        .await;
+    if let Some((code, reason)) = last {
+        let mut bytes = Vec::new();
+        frame::encode_close(&mut bytes, code, reason);
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(&bytes)).await;
     }
     // A request still running finishes first, so its subscription (if any) is released too.
     if let Some(pending) = handling.take() {
@@ -348,6 +299,114 @@ async fn run(
         s.close();
     }
     metrics::gauge!("vibe_ws_connections").decrement(1.0);
+}
+
+/// Applies the checks a text message passes before it reaches the session (size, rate) and hands
+/// the session over for it; `None` when it was answered here (or a request is running).
+fn admit(
+    app: &App,
+    outbox: &Outbox,
+    bucket: &mut limits::TokenBucket,
+    session: &mut Option<Session>,
+    text: &[u8],
+) -> Option<Session> {
+    let config = &app.config.ws;
+    if text.len() > config.max_frame_bytes {
+        let _ = outbox.send(error_frame(
+            &serde_json::Value::Null,
+            "frame_too_large",
+            &format!("frames are limited to {} bytes", config.max_frame_bytes),
+        ));
+        return None;
+    }
+    if !bucket.allow(Instant::now()) {
+        let _ = outbox.send(error_frame(
+            &serde_json::Value::Null,
+            "rate_limited",
+            &format!(
+                "at most {} requests per second; retry in {:?}",
+                config.requests_per_second,
+                bucket.retry_after()
+            ),
+        ));
+        return None;
+    }
+    session.take()
+}
+
+/// Reads what the socket holds (one chunk at most) into `inbound`; the number of bytes, 0 at the
+/// end of the stream. The chunk lives on the stack for this call only, so an idle connection
+/// waiting here holds no read buffer.
+fn poll_read_into(
+    io: Pin<&mut Io>,
+    cx: &mut Context<'_>,
+    inbound: &mut frame::Inbound,
+) -> Poll<std::io::Result<usize>> {
+    let mut chunk = [const { MaybeUninit::<u8>::uninit() }; READ_CHUNK];
+    let mut buf = ReadBuf::uninit(&mut chunk);
+    ready!(io.poll_read(cx, &mut buf))?;
+    inbound.extend(buf.filled());
+    Poll::Ready(Ok(buf.filled().len()))
+}
+
+/// Writes every frame of `batch` (emptying it), a chunk of up to `WRITE_CHUNK` bytes at a time,
+/// through a buffer that lives for this batch only.
+async fn write_batch(io: &mut Io, batch: &mut VecDeque<Bytes>) -> Result<(), End> {
+    let mut out = Vec::new();
+    while !batch.is_empty() {
+        let mut size = 0;
+        let take = batch
+            .iter()
+            .take_while(|f| {
+                let fits = size == 0 || size + frame::encoded_len(f.len()) <= WRITE_CHUNK;
+                size += frame::encoded_len(f.len());
+                fits
+            })
+            .count();
+        out.clear();
+        out.reserve(size.min(WRITE_CHUNK.max(frame::encoded_len(batch[0].len()))));
+        for f in batch.drain(..take) {
+            frame::encode_text(&mut out, &f);
+        }
+        write_all(io, &out).await?;
+    }
+    Ok(())
+}
+
+/// Writes all of `bytes`. The first attempt needs no timer (a healthy client's socket takes it at
+/// once); only a write that has to wait is bounded by `WRITE_TIMEOUT`, past which the client is
+/// taken to have stopped reading and is dropped, so the loop never stops watching overflow,
+/// shutdown and its session.
+async fn write_all(io: &mut Io, bytes: &[u8]) -> Result<(), End> {
+    let mut written = 0;
+    while written < bytes.len() {
+        let attempt =
+            poll_fn(|cx| Poll::Ready(Pin::new(&mut *io).poll_write(cx, &bytes[written..]))).await;
+        match attempt {
+            Poll::Ready(Ok(0)) => return Err(End::Client),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "WebSocket write ended");
+                return Err(End::Client);
+            }
+            Poll::Pending => {
+                return match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(&bytes[written..]))
+                    .await
+                {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "WebSocket write ended");
+                        Err(End::Client)
+                    }
+                    Err(_) => {
+                        tracing::debug!("WebSocket write stalled: the client stopped reading");
+                        Err(End::Client)
+                    }
+                };
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves (handing the receiver back) when the revocation list next grows; pending forever if
@@ -370,68 +429,4 @@ async fn next_of<T>(slot: &mut Option<Pin<Box<dyn Future<Output = T> + Send>>>) 
         Some(future) => future.as_mut().await,
         None => std::future::pending().await,
     }
-}
-
-/// Reads one message (reassembling fragments up to `cap` bytes in all), handing pongs and close
-/// replies owed to the peer to `control`. Pings and pongs are consumed here.
-async fn read_one(
-    mut reader: Reader,
-    control: mpsc::Sender<Frame<'static>>,
-    cap: usize,
-) -> (Reader, Result<Inbound, WebSocketError>) {
-    let mut send_control = |frame: Frame<'_>| {
-        let control = control.clone();
-        let owned = Frame::new(
-            frame.fin,
-            frame.opcode,
-            None,
-            Payload::Owned(frame.payload.to_vec()),
-        );
-        async move {
-            control
-                .send(owned)
-                .await
-                .map_err(|_| WebSocketError::ConnectionClosed)
-        }
-    };
-    let mut message: Option<Inbound> = None;
-    let result = loop {
-        let frame = match reader.read_frame(&mut send_control).await {
-            Ok(frame) => frame,
-            Err(e) => break Err(e),
-        };
-        match frame.opcode {
-            OpCode::Ping | OpCode::Pong => continue,
-            OpCode::Close => {
-                break Ok(Inbound {
-                    opcode: OpCode::Close,
-                    payload: Vec::new(),
-                });
-            }
-            OpCode::Continuation => {
-                let Some(partial) = message.as_mut() else {
-                    break Err(WebSocketError::InvalidContinuationFrame);
-                };
-                if partial.payload.len() + frame.payload.len() > cap {
-                    break Err(WebSocketError::FrameTooLarge);
-                }
-                partial.payload.extend_from_slice(&frame.payload);
-            }
-            opcode => {
-                if message.is_some() {
-                    break Err(WebSocketError::InvalidFragment);
-                }
-                message = Some(Inbound {
-                    opcode,
-                    payload: frame.payload.to_vec(),
-                });
-            }
-        }
-        if frame.fin
-            && let Some(done) = message.take()
-        {
-            break Ok(done);
-        }
-    };
-    (reader, result)
 }

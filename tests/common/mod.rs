@@ -241,6 +241,21 @@ impl Ws {
         }
     }
 
+    /// The payload of the next pong, reading past any data frames.
+    pub async fn next_pong(&mut self) -> Vec<u8> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let message = tokio::time::timeout(FRAME_WAIT, self.stream.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("the connection is open");
+            if let Message::Pong(payload) = message.expect("a frame") {
+                return payload.to_vec();
+            }
+        }
+    }
+
     /// The close frame's code, reading past any data frames.
     pub async fn closed_with(&mut self) -> Option<u16> {
         use futures_util::StreamExt;
