@@ -197,6 +197,13 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         .await
         .map_err(ServerError::Revocations)?;
     let feed = Feed::new(store.pool().clone());
+    if feed.recover_from_xid_reset().await? {
+        tracing::error!(
+            "the database's transaction ids went backwards since the change feed's last tick \
+             (restored into a new cluster?): the feed's history was dropped; clients resume \
+             from a fresh snapshot"
+        );
+    }
     let position = feed.head().await?;
     let (head_tx, feed_head) = watch::channel(position);
     let (shutting_down, shutdown) = watch::channel(false);
@@ -437,6 +444,7 @@ async fn prune(
     tokio::pin!(stop);
     let mut prune_timer = tokio::time::interval(every);
     let mut report_timer = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut xmin = crate::feed::XminWatch::default();
     loop {
         tokio::select! {
             _ = prune_timer.tick() => match feed.prune(retention).await {
@@ -444,7 +452,7 @@ async fn prune(
                 Ok(n) => tracing::debug!(deleted = n, "pruned the change log"),
                 Err(e) => tracing::warn!(error = %e, "pruning the change log failed"),
             },
-            _ = report_timer.tick() => match feed.oldest_xact_age().await {
+            _ = report_timer.tick() => match feed.oldest_xact_age(&mut xmin).await {
                 Ok(age) => {
                     metrics::gauge!("vibe_feed_oldest_xact_age_seconds").set(age);
                     if age > 60.0 {

@@ -214,3 +214,119 @@ async fn concurrent_writers_every_change_exactly_once_in_order() {
     pool.close().await;
     common::drop_database(&name).await;
 }
+
+/// Concurrent callers of `tick` share ticks: with the tick lock held elsewhere, 40 writers each
+/// commit a change and ask for a tick; once the lock is free, at most a few ticks run (not 40),
+/// and every writer's change is in a batch when its own call returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_ticks_are_shared_and_each_covers_its_callers_writes() {
+    const WRITERS: usize = 40;
+    let (name, pool) = migrated_pool().await;
+    let url = pool.connect_options().clone();
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let started_before = feed.ticks_started();
+
+    // Hold the cluster-wide tick lock so the first tick blocks in the database.
+    let mut holder = sqlx::PgConnection::connect_with(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(x'766962657469636b'::bigint)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let called = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let (feed, pool, called) = (feed.clone(), pool.clone(), called.clone());
+        writers.push(tokio::spawn(async move {
+            let id = Uuid::now_v7();
+            sqlx::query(INSERT).bind(id).execute(&pool).await.unwrap();
+            called.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            feed.tick().await.unwrap();
+            // Everything this writer committed before its tick call is readable now.
+            let mut cursor = start;
+            let mut seen = false;
+            loop {
+                let page = feed.read(cursor, &Filter::default(), 500).await.unwrap();
+                seen |= page.changes.iter().any(|c| c.doc_id == id);
+                cursor = page.next.unwrap_or(cursor);
+                if !page.full {
+                    break;
+                }
+            }
+            assert!(seen, "a writer's own change is in a batch after its tick");
+        }));
+    }
+    // Wait until every writer has called `tick` and one of them waits for the lock.
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting >= 1 && called.load(std::sync::atomic::Ordering::SeqCst) == WRITERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let ran = feed.ticks_started() - started_before;
+    // The blocked tick, then one for everyone who arrived while it ran (a writer counted just
+    // before its call may be a third).
+    assert!(ran <= 3, "{ran} ticks for {WRITERS} concurrent callers");
+    pool.close().await;
+    common::drop_database(&name).await;
+}
+
+/// Transaction ids that went backwards (a restore into a new cluster) would hide every new change
+/// from the snapshot comparisons; the feed drops its history instead, and new changes flow.
+#[tokio::test]
+async fn a_feed_recovers_from_transaction_ids_going_backwards() {
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    assert!(
+        !feed.recover_from_xid_reset().await.unwrap(),
+        "nothing to recover from"
+    );
+    let old = feed.head().await.unwrap();
+    // A tick from the "old cluster", far ahead of this one's transaction ids.
+    sqlx::query("INSERT INTO feed_ticks (snapshot) VALUES ('9000000000:9000000000:'::pg_snapshot)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut cursor = feed.head().await.unwrap();
+    sqlx::query(INSERT)
+        .bind(Uuid::now_v7())
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        drain(&feed, &mut cursor).await.is_empty(),
+        "the jump hides new changes (what recovery is for)"
+    );
+
+    assert!(feed.recover_from_xid_reset().await.unwrap());
+    assert!(
+        !feed.recover_from_xid_reset().await.unwrap(),
+        "once is enough"
+    );
+    assert!(
+        matches!(
+            feed.read(old, &Filter::default(), 10).await,
+            Err(vibe::feed::FeedError::CursorExpired)
+        ),
+        "cursors from before are expired"
+    );
+    let mut cursor = feed.head().await.unwrap();
+    let id = Uuid::now_v7();
+    sqlx::query(INSERT).bind(id).execute(&pool).await.unwrap();
+    let got = drain(&feed, &mut cursor).await;
+    assert_eq!(got.iter().map(|c| c.doc_id).collect::<Vec<_>>(), vec![id]);
+    pool.close().await;
+    common::drop_database(&name).await;
+}

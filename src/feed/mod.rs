@@ -12,7 +12,9 @@
 //!
 //! Invariant: values are bound parameters; no NOTIFY is ever sent from a writer's transaction.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
@@ -66,6 +68,46 @@ pub struct Feed {
     pool: PgPool,
     /// This node's name on the doorbell channel, so it can ignore its own rings.
     node: String,
+    ticks: Arc<TickShare>,
+}
+
+/// Callers of [`Feed::tick`] on this node share ticks: at most one runs at a time, and every
+/// caller waiting for it is served by the next one. A tick serialises on the cluster-wide tick
+/// lock, so without this every `/v1/changes` request and live-query load would queue its own.
+#[derive(Debug, Default)]
+struct TickShare {
+    /// Held while a tick runs.
+    running: tokio::sync::Mutex<()>,
+    /// Ticks started on this node (the n-th tick to start has number n).
+    started: AtomicU64,
+    /// The number and result of the last tick that completed. Written with `running` held.
+    done: std::sync::Mutex<(u64, Option<i64>)>,
+}
+
+/// What [`Feed::oldest_xact_age`] tracks between reports.
+#[derive(Debug, Default)]
+pub struct XminWatch {
+    /// The oldest in-progress xid last seen, and when it was first seen.
+    oldest: Option<(i64, Instant)>,
+}
+
+impl XminWatch {
+    /// How long `xmin` has held back the feed's scans, as far as this watch has seen: since the
+    /// first report that found it still in progress (0 when none is).
+    pub fn age(&mut self, xmin: i64, xmax: i64, now: Instant) -> Duration {
+        if xmin >= xmax {
+            // No transaction in progress.
+            self.oldest = None;
+            return Duration::ZERO;
+        }
+        match self.oldest {
+            Some((seen, since)) if seen == xmin => now.saturating_duration_since(since),
+            _ => {
+                self.oldest = Some((xmin, now));
+                Duration::ZERO
+            }
+        }
+    }
 }
 
 impl Feed {
@@ -73,6 +115,7 @@ impl Feed {
         Self {
             pool,
             node: uuid::Uuid::new_v4().simple().to_string(),
+            ticks: Arc::default(),
         }
     }
 
@@ -81,14 +124,64 @@ impl Feed {
         &self.node
     }
 
-    /// Creates a tick if some change became visible since the newest one. Returns its id.
-    /// One statement (`vibe_tick`, migration 0005): lock, fresh snapshot, insert, commit.
+    /// Makes sure a tick taken after this call began has cut every change committed before it;
+    /// returns the id of the tick that did, if one was needed (None: nothing new was visible).
+    /// Concurrent callers on this node share one tick (see [`TickShare`]).
     pub async fn tick(&self) -> Result<Option<i64>, FeedError> {
-        let tick: Option<i64> = sqlx::query_scalar("SELECT vibe_tick($1)")
+        // A tick that starts after this point sees every change committed before the call.
+        let wanted = self.ticks.started.load(Ordering::Acquire) + 1;
+        let _running = self.ticks.running.lock().await;
+        let (done, made) = *self.ticks.lock_done();
+        if done >= wanted {
+            // Another caller's tick started after this call began: it covers this one too.
+            return Ok(made);
+        }
+        let number = self.ticks.started.fetch_add(1, Ordering::AcqRel) + 1;
+        let made: Option<i64> = sqlx::query_scalar("SELECT vibe_tick($1)")
             .bind(TICK_LOCK)
             .fetch_one(&self.pool)
             .await?;
-        Ok(tick)
+        *self.ticks.lock_done() = (number, made);
+        Ok(made)
+    }
+
+    /// Ticks run against the database by this node (diagnostics and tests).
+    pub fn ticks_started(&self) -> u64 {
+        self.ticks.started.load(Ordering::Acquire)
+    }
+
+    /// Drops the feed's history if the database's transaction ids went backwards since the last
+    /// tick — a restore from a logical dump into a new cluster restarts them. Batches are cut by
+    /// comparing snapshots, so across such a jump no new change would ever be found, and pruning
+    /// would delete the new ones. Readers holding older cursors get `cursor_expired` (WebSocket:
+    /// a `reset`) and start again from a snapshot. Returns whether it had to.
+    pub async fn recover_from_xid_reset(&self) -> Result<bool, FeedError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(TICK_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let went_back: bool = sqlx::query_scalar(
+            "SELECT coalesce(( \
+                 SELECT pg_snapshot_xmin(snapshot) > pg_snapshot_xmax(pg_current_snapshot()) \
+                 FROM feed_ticks ORDER BY tick DESC LIMIT 1), false) \
+             OR coalesce((SELECT max(xid) FROM changes) \
+                 >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint, false)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !went_back {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM changes").execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM feed_ticks")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO feed_ticks (snapshot) VALUES (pg_current_snapshot())")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Wakes every node listening for ticks (sent from a pool connection, never a writer's).
@@ -223,18 +316,34 @@ impl Feed {
         Ok(deleted)
     }
 
-    /// Age of the oldest transaction holding an xid (it widens every batch's scan), in seconds.
-    pub async fn oldest_xact_age(&self) -> Result<f64, FeedError> {
-        let age: Option<f64> = sqlx::query_scalar(
+    /// Age of the oldest transaction holding back the feed (it widens every batch's scan), in
+    /// seconds. `pg_stat_activity` shows other roles' transactions only to members of
+    /// `pg_read_all_stats`, so the snapshot's xmin — visible to every role — is watched too:
+    /// the age is the larger of the two.
+    pub async fn oldest_xact_age(&self, watch: &mut XminWatch) -> Result<f64, FeedError> {
+        let row = sqlx::query(
             // Open transactions holding an xid, and prepared ones (they hold theirs until
             // COMMIT/ROLLBACK PREPARED, with no session at all).
-            "SELECT extract(epoch FROM now() - min(started))::float8 FROM ( \
-                 SELECT xact_start AS started FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
-                 UNION ALL SELECT prepared FROM pg_prepared_xacts) open",
+            "SELECT (SELECT extract(epoch FROM now() - min(started))::float8 FROM ( \
+                     SELECT xact_start AS started FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+                     UNION ALL SELECT prepared FROM pg_prepared_xacts) open) AS seen, \
+                    pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax \
+             FROM pg_current_snapshot() s",
         )
         .fetch_one(&self.pool)
         .await?;
-        Ok(age.unwrap_or(0.0))
+        let seen: Option<f64> = row.try_get("seen")?;
+        let watched = watch.age(row.try_get("xmin")?, row.try_get("xmax")?, Instant::now());
+        Ok(seen.unwrap_or(0.0).max(watched.as_secs_f64()))
+    }
+}
+
+impl TickShare {
+    fn lock_done(&self) -> std::sync::MutexGuard<'_, (u64, Option<i64>)> {
+        // Only plain assignments happen under this lock: a poisoned one holds a whole value.
+        self.done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -309,4 +418,33 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
         new: image("new_acl", "new_data")?,
         old: image("old_acl", "old_data")?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_xmin_ages_from_when_it_was_first_seen_and_resets_when_it_moves() {
+        let t0 = Instant::now();
+        let mut watch = XminWatch::default();
+        assert_eq!(watch.age(100, 105, t0), Duration::ZERO, "first sight");
+        let later = t0 + Duration::from_secs(30);
+        assert_eq!(watch.age(100, 120, later), Duration::from_secs(30));
+        assert_eq!(
+            watch.age(101, 120, later),
+            Duration::ZERO,
+            "the old one ended"
+        );
+        assert_eq!(
+            watch.age(101, 130, later + Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            watch.age(130, 130, later),
+            Duration::ZERO,
+            "none in progress"
+        );
+        assert_eq!(watch.age(130, 131, later), Duration::ZERO);
+    }
 }
