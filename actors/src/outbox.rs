@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -29,6 +30,8 @@ pub struct Outbox {
 struct Shared {
     capacity: usize,
     state: Mutex<State>,
+    /// The receiver is gone. Outside the lock: a fan-out asks once per subscriber per event.
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -38,8 +41,6 @@ struct State {
     waker: Option<Waker>,
     /// Sticky: an overflowed connection takes nothing more.
     overflowed: bool,
-    /// The receiver is gone.
-    closed: bool,
 }
 
 impl Shared {
@@ -77,6 +78,7 @@ pub fn outbox(conn_id: u64, capacity: usize) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         capacity: capacity.max(1),
         state: Mutex::new(State::default()),
+        closed: AtomicBool::new(false),
     });
     (
         Outbox {
@@ -92,7 +94,7 @@ impl Outbox {
     /// more is queued for it, and its writer closes it.
     pub fn send(&self, frame: Bytes) -> Result<(), NotQueued> {
         let mut state = self.shared.lock();
-        if state.overflowed || state.closed {
+        if state.overflowed || self.shared.closed.load(Ordering::Relaxed) {
             return Err(NotQueued);
         }
         let queued = if state.frames.len() >= self.shared.capacity {
@@ -116,7 +118,7 @@ impl Outbox {
 
     /// The connection's writer is gone.
     pub fn is_closed(&self) -> bool {
-        self.shared.lock().closed
+        self.shared.closed.load(Ordering::Relaxed)
     }
 }
 
@@ -164,7 +166,8 @@ impl OutboxReceiver {
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
-        state.closed = true;
+        // Set under the lock: no send that saw it clear can queue after the frames are dropped.
+        self.shared.closed.store(true, Ordering::Relaxed);
         state.frames = VecDeque::new();
     }
 }
