@@ -17,6 +17,16 @@ pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 
+/// The code to answer a client's close with: its own if it may be sent on the wire (RFC 6455
+/// §7.4: 1000–1003, 1007–1014, 3000–4999), 1000 when it gave none, 1002 for one it may not send.
+pub fn echoed_close_code(code: Option<u16>) -> u16 {
+    match code {
+        None => CLOSE_NORMAL,
+        Some(c @ (1000..=1003 | 1007..=1014 | 3000..=4999)) => c,
+        Some(_) => CLOSE_PROTOCOL_ERROR,
+    }
+}
+
 /// A control frame's payload is at most this long (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 
@@ -378,6 +388,17 @@ mod tests {
         // The header announces 1 MB; none of the payload has arrived.
         inbound.extend(&client_frame(true, 0x1, &vec![0; 1 << 20])[..14]);
         assert_eq!(inbound.next_message(), Err(FrameError::TooLarge(64)));
+    }
+
+    #[test]
+    fn a_close_is_echoed_with_a_code_that_may_be_sent() {
+        assert_eq!(echoed_close_code(None), CLOSE_NORMAL);
+        assert_eq!(echoed_close_code(Some(1001)), 1001);
+        assert_eq!(echoed_close_code(Some(4321)), 4321);
+        // 1005 and 1006 only ever describe a close locally; 999 and 5000 are outside the ranges.
+        for bad in [999, 1004, 1005, 1006, 1015, 2999, 5000] {
+            assert_eq!(echoed_close_code(Some(bad)), CLOSE_PROTOCOL_ERROR, "{bad}");
+        }
     }
 
     #[test]

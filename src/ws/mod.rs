@@ -279,7 +279,7 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
     // Last words, each bounded in time: our close frame, or the echo of the client's.
     let last = match &end {
         End::Close(code, reason) => Some((*code, *reason)),
-        End::ClientClosed(code) => Some((code.unwrap_or(frame::CLOSE_NORMAL), &b""[..])),
+        End::ClientClosed(code) => Some((frame::echoed_close_code(*code), &b""[..])),
         End::Protocol(e) => {
             tracing::debug!(error = %e, "WebSocket protocol error");
             Some((e.close_code(), &b"protocol error"[..]))
