@@ -16,7 +16,8 @@
 # Everything is loopback-only; the database, server and data dir are removed on exit.
 #
 # Env knobs: DURATION (seconds per run, default 10), WARMUP (seconds of unmeasured load before
-# each REST run, default 2), CONCURRENCY (space-separated list, default "8"),
+# each REST run, default 2), CONCURRENCY (space-separated list, default "8"), OPS (which of
+# "create read" to run, default both),
 # CARGO_TARGET_DIR (where the release build goes, default ./target).
 
 set -euo pipefail
@@ -26,6 +27,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-8}"
+OPS="${OPS:-create read}"
 DOC_TYPE=benchdocs
 SUBJECT=did:key:zBench
 PG_HOST=127.0.0.1
@@ -70,6 +72,7 @@ SQL
 rest() {
     local mode=$1 c=$2 out="$WORK/rest_${1}_${2}.json"
     echo "==> Vibe REST $mode, concurrency $c, ${WARMUP}s warmup + ${DURATION}s" >&2
+    psql_bench -c 'CHECKPOINT'
     "$LOAD_BIN" --url "$URL" --token "$TOKEN" --mode "$mode" --type "$DOC_TYPE" \
         --concurrency "$c" --duration "$DURATION" --warmup "$WARMUP" --read-docs "$READ_ROWS" \
         --json "$out" | sed 's/^/    /' >&2
@@ -81,6 +84,7 @@ pg() {
     local script=$1 c=$2 protocol=$3 jobs=2 out
     (( c < jobs )) && jobs=$c
     echo "==> pgbench $(basename "$script" .sql), -M $protocol, -c $c -j $jobs -T $DURATION" >&2
+    psql_bench -c 'CHECKPOINT'
     out="$(pgbench -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -n -c "$c" -j "$jobs" -T "$DURATION" \
         -M "$protocol" -f "$script" "$DB" 2>&1)" || { echo "$out" >&2; echo "error: pgbench failed" >&2; exit 1; }
     pgbench_summary "$out"
@@ -106,10 +110,13 @@ row() { # op c rest_line simple_line prepared_line
 
 READ_ROWS_READY=""
 for c in $CONCURRENCY; do
-    rest_create="$(rest create "$c")"
-    pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
-    pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
-    row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
+    if [[ " $OPS " == *" create "* ]]; then
+        rest_create="$(rest create "$c")"
+        pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
+        pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
+        row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
+    fi
+    [[ " $OPS " == *" read "* ]] || continue
 
     # The REST read run first creates (or, on later runs, finds) documents 1..READ_ROWS, so it
     # must come before the pgbench read runs, which read the same rows.
@@ -137,7 +144,9 @@ cat <<EOF
 
 $MACHINE
 - Vibe: $("$VIBE_BIN" --version), release build; load client, server and PostgreSQL share this machine
-- each run: ${DURATION}s measured (REST runs add ${WARMUP}s of unmeasured warmup; pgbench runs have none)
+- each run: \`CHECKPOINT\` first (a checkpoint landing inside one run and not another was the
+  largest source of run-to-run spread), then ${DURATION}s measured (REST runs add ${WARMUP}s of
+  unmeasured warmup; pgbench runs have none)
 - REST: one keep-alive HTTP/1.1 connection per concurrent client; req/s counts 2xx answers only
 - pgbench: \`-n -c C -j min(2,C) -T $DURATION\`, one statement per transaction (autocommit)
 - create: REST \`POST /v1/docs/$DOC_TYPE\` vs pgbench \`INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), ...)\`

@@ -54,6 +54,8 @@ pub struct DatabaseConfig {
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
     pub migrate_on_start: bool,
+    pub create_batch_rows: usize,
+    pub create_writers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +292,17 @@ impl Config {
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
         }
+        if !(1..=1000).contains(&self.database.create_batch_rows) {
+            return invalid("database.create_batch_rows", "must be between 1 and 1000");
+        }
+        if self.database.create_writers == 0
+            || self.database.create_writers > self.database.max_connections as usize
+        {
+            return invalid(
+                "database.create_writers",
+                "must be at least 1 and at most database.max_connections",
+            );
+        }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }
@@ -472,6 +485,13 @@ mod tests {
         assert!(err.contains("database_url"), "{err}");
         let err = with("listen", "nowhere").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
+        // More writers than pooled connections would leave requests without one.
+        let err = with("database.create_writers", 17).unwrap_err().to_string();
+        assert!(err.contains("database.create_writers"), "{err}");
+        let err = with("database.create_batch_rows", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.create_batch_rows"), "{err}");
     }
 
     #[test]

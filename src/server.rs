@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::embedded_db::{EmbeddedDbError, EmbeddedPostgres};
 use crate::feed::listener::{ChangeSink, FeedListener, ListenerSettings};
 use crate::feed::{Feed, FeedError};
-use crate::store::{Store, StoreError};
+use crate::store::{CreateBatching, Store, StoreError};
 use crate::ws::connection::CALL_TYPE;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,10 @@ impl Database {
             options.application_name("vibe"),
             config.database.max_connections,
             config.database.acquire_timeout,
+            CreateBatching {
+                max_rows: config.database.create_batch_rows,
+                writers: config.database.create_writers,
+            },
         )
         .await;
         match store {

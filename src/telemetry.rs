@@ -29,6 +29,9 @@ const MATCH_BUCKETS: &[f64] = &[
     0.01,
 ];
 
+/// Rows per create statement (`database.create_batch_rows` is at most 1000).
+const BATCH_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
+
 /// Installs the global log subscriber. `RUST_LOG` overrides the configured level.
 pub fn init_logging(config: &LogConfig) {
     let filter =
@@ -47,7 +50,7 @@ pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            // Fails only for an empty bucket list, which neither list is.
+            // Fails only for an empty bucket list, which none of these is.
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 // Full matchers take precedence over suffix ones in the exporter.
@@ -55,6 +58,12 @@ pub fn metrics() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full("vibe_live_query_match_seconds".into()),
                         MATCH_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("vibe_store_create_batch_rows".into()),
+                        BATCH_ROW_BUCKETS,
                     )
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new());

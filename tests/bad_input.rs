@@ -239,6 +239,28 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
         )
         .token(&alice)
         .json(r#"{"id": "nope", "data": {}}"#),
+        // Valid JSON that jsonb cannot store: refused by the database, answered as bad input.
+        case(
+            "nul in a string",
+            M::POST,
+            "/v1/docs/posts",
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": {"a": "x\u0000y"}}"#),
+        case(
+            "put nul in a key",
+            M::PUT,
+            &item,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": {"\u0000": 1}}"#),
+        case("patch nul", M::PATCH, &item, S::BAD_REQUEST, "invalid_body")
+            .token(&alice)
+            .json(r#"{"data": {"b": "\u0000"}}"#),
         case(
             "put data not an object",
             M::PUT,

@@ -16,9 +16,14 @@ use vibe::feed::{Cursor, Feed, Filter, Op};
 async fn migrated_pool() -> (String, PgPool) {
     let (name, url) = common::fresh_database().await;
     let pool = PgPool::connect(&url).await.unwrap();
-    let store = vibe::store::Store::connect(url.parse().unwrap(), 4, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let store = vibe::store::Store::connect(
+        url.parse().unwrap(),
+        4,
+        Duration::from_secs(5),
+        vibe::store::CreateBatching::default(),
+    )
+    .await
+    .unwrap();
     store.migrate().await.unwrap();
     store.pool().close().await;
     (name, pool)

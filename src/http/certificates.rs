@@ -104,8 +104,8 @@ pub(super) async fn issue(app: &App, req: Request<Incoming>) -> Result<HttpRespo
             issuer,
             CERTIFICATE_TYPE,
             Some(id),
-            &acl,
-            &certificate_data(&claim, &signature),
+            acl,
+            certificate_data(&claim, &signature),
         )
         .await?;
     Ok(json(StatusCode::CREATED, &certificate_json(&doc, now)))

@@ -112,6 +112,12 @@ impl From<StoreError> for ApiError {
                 "acl_owner_only",
                 "only the owner may change a document's ACL",
             ),
+            StoreError::Unstorable(reason) => ApiError::bad_request(
+                "invalid_body",
+                format!(
+                    "the document cannot be stored ({reason}): strings and keys may not contain \\u0000"
+                ),
+            ),
             StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 ApiError::new(

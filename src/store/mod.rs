@@ -39,6 +39,9 @@ pub enum StoreError {
     Forbidden,
     #[error("only the owner may change a document's ACL")]
     AclOwnerOnly,
+    /// Valid JSON that PostgreSQL's `jsonb` cannot hold (a `\u0000` in a string or key).
+    #[error("the document holds a value the database cannot store: {0}")]
+    Unstorable(String),
     #[error("the database is unavailable: {0}")]
     Unavailable(sqlx::Error),
     #[error("database error: {0}")]
@@ -52,6 +55,10 @@ impl From<sqlx::Error> for StoreError {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 StoreError::Unavailable(e)
+            }
+            // untranslatable_character: jsonb refuses `\u0000`, which JSON itself allows.
+            sqlx::Error::Database(ref db) if db.code().as_deref() == Some("22P05") => {
+                StoreError::Unstorable(db.message().to_owned())
             }
             e => StoreError::Database(e),
         }
@@ -74,6 +81,11 @@ macro_rules! doc_columns {
 
 const DOC_COLUMNS: &str = doc_columns!();
 
+// After `doc_columns!`, which it uses.
+mod batch;
+
+pub use batch::CreateBatching;
+
 /// Pool and statements over the documents schema.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -82,6 +94,8 @@ pub struct Store {
     waker: FeedWaker,
     /// Shapes and latencies of the queries run (index governance).
     shapes: Arc<shapes::ShapeRecorder>,
+    /// Creates go to the writer tasks, which group concurrent ones (see [`batch`]).
+    creates: tokio::sync::mpsc::Sender<batch::Create>,
 }
 
 impl Store {
@@ -90,6 +104,7 @@ impl Store {
         options: PgConnectOptions,
         max_connections: u32,
         acquire_timeout: Duration,
+        batching: CreateBatching,
     ) -> Result<Self, StoreError> {
         // JIT compiles a plan in tens to hundreds of milliseconds once its cost estimate is
         // high (the change-feed reads can be): a latency cliff no OLTP query here wants.
@@ -109,10 +124,13 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(StoreError::Unavailable)?;
+        let waker = FeedWaker::default();
+        let creates = batch::spawn_writers(pool.clone(), waker.clone(), batching);
         Ok(Self {
             pool,
-            waker: FeedWaker::default(),
+            waker,
             shapes: Arc::default(),
+            creates,
         })
     }
 
@@ -137,33 +155,37 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts a new document owned by `owner` (a server-assigned UUIDv7 id unless `id` is
+    /// given); [`StoreError::AlreadyExists`] if the id is taken. Concurrent creates share a
+    /// statement and a commit ([`batch`]).
     pub async fn create(
         &self,
         owner: &str,
         doc_type: &str,
         id: Option<Uuid>,
-        acl: &Acl,
-        data: &serde_json::Value,
+        acl: Acl,
+        data: serde_json::Value,
     ) -> Result<Document, StoreError> {
-        let id = id.unwrap_or_else(Uuid::now_v7);
-        let row = sqlx::query(concat!(
-            "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (id) DO NOTHING RETURNING ",
-            doc_columns!()
-        ))
-        .bind(id)
-        .bind(owner)
-        .bind(doc_type)
-        .bind(sqlx::types::Json(acl))
-        .bind(data)
-        .fetch_optional(&self.pool)
-        .await?;
-        let doc = row
-            .map(|r| document(&r))
-            .transpose()?
-            .ok_or(StoreError::AlreadyExists)?;
-        self.waker.committed();
-        Ok(doc)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let row = batch::NewRow {
+            id: id.unwrap_or_else(Uuid::now_v7),
+            owner: owner.to_owned(),
+            doc_type: doc_type.to_owned(),
+            acl,
+            data,
+        };
+        // Both fail only once the writer tasks are gone, i.e. the runtime is shutting down.
+        let stopped = || StoreError::Unavailable(sqlx::Error::PoolClosed);
+        let waiting = metrics::gauge!("vibe_store_creates_waiting");
+        waiting.increment(1.0);
+        self.creates
+            .send(batch::Create { row, reply })
+            .await
+            .map_err(|_| {
+                waiting.decrement(1.0);
+                stopped()
+            })?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.

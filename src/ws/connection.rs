@@ -594,8 +594,8 @@ impl Session {
                                 &caller,
                                 &args.doc_type,
                                 Some(id),
-                                &acl.unwrap_or_default(),
-                                &data,
+                                acl.unwrap_or_default(),
+                                data,
                             )
                             .await?
                     }
@@ -604,13 +604,7 @@ impl Session {
             }
             None => {
                 store
-                    .create(
-                        &caller,
-                        &args.doc_type,
-                        None,
-                        &acl.unwrap_or_default(),
-                        &data,
-                    )
+                    .create(&caller, &args.doc_type, None, acl.unwrap_or_default(), data)
                     .await?
             }
         };
