@@ -1,23 +1,25 @@
 //! Group commit for document creates: creates that arrive while earlier ones are being written
 //! share one INSERT statement and one commit.
 //!
-//! A fixed set of writer tasks takes creates from one queue. A writer that finds the queue empty
-//! waits for the next create and writes it alone, so a lone create is never delayed; creates
-//! queue only while every writer is busy, and the next free writer then takes up to
-//! [`CreateBatching::max_rows`] of them at once. Under concurrency this turns N round trips and N
-//! commits into one of each — which is where a single-row insert's time goes here (waking the
-//! database backend twice, and the commit's WAL flush), not in the insert itself.
+//! At most [`CreateBatching::writers`] statements run at once. A create that finds one of those
+//! slots free runs its own INSERT in its own task, so a lone create is never delayed nor handed
+//! between tasks; creates that arrive while every slot is busy queue, and the slot that frees up
+//! next inserts up to [`CreateBatching::max_rows`] of them at once (in a task of its own, so the
+//! create that held it answers at once). Under concurrency this turns N round trips and N commits
+//! into one of each — which is where a single-row insert's time goes here (waking the database
+//! backend twice, and the commit's WAL flush), not in the insert itself.
 //!
 //! Invariant: every create gets the answer a lone INSERT would have given it. A statement that
 //! fails as a whole (a constraint the API does not check first) is retried row by row, so one bad
 //! row never fails its neighbours; two creates of the same id never share a statement.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{StoreError, document};
@@ -55,71 +57,150 @@ pub(super) struct NewRow {
 
 /// A queued create and where its answer goes.
 #[derive(Debug)]
-pub(super) struct Create {
-    pub row: NewRow,
-    pub reply: oneshot::Sender<Result<Document, StoreError>>,
+struct Create {
+    row: NewRow,
+    reply: oneshot::Sender<Result<Document, StoreError>>,
 }
 
-/// Starts the writer tasks; creates go into the returned queue. The tasks end when every sender
-/// is dropped.
-pub(super) fn spawn_writers(
-    pool: PgPool,
-    waker: FeedWaker,
-    batching: CreateBatching,
-) -> mpsc::Sender<Create> {
-    let max_rows = batching.max_rows.max(1);
-    let writers = batching.writers.max(1);
-    // Room for every writer's next batch; beyond it a create waits to be queued (backpressure
-    // on the callers rather than an unbounded queue).
-    let (queue, receiver) = mpsc::channel(max_rows * writers * 2);
-    let receiver = Arc::new(Mutex::new(receiver));
-    for _ in 0..writers {
-        tokio::spawn(writer(
-            pool.clone(),
-            waker.clone(),
-            receiver.clone(),
-            max_rows,
-        ));
-    }
-    queue
-}
+/// The creates of one store: the write slots and the queue behind them.
+#[derive(Debug, Clone)]
+pub(super) struct Creates(Arc<Shared>);
 
-async fn writer(
+#[derive(Debug)]
+struct Shared {
     pool: PgPool,
     waker: FeedWaker,
-    queue: Arc<Mutex<mpsc::Receiver<Create>>>,
     max_rows: usize,
-) {
-    // A create whose id is already in the batch being gathered waits for this writer's next one.
-    let mut held: Option<Create> = None;
-    loop {
-        let mut batch = Vec::new();
-        {
-            // One idle writer at a time waits on the queue; the others wait for this lock, so a
-            // create is taken by a free writer the moment it arrives.
-            let mut queue = queue.lock().await;
-            match held.take() {
-                Some(create) => batch.push(create),
-                None => match queue.recv().await {
-                    Some(create) => batch.push(create),
-                    None => return,
-                },
+    writers: usize,
+    /// Beyond this many queued creates a create is refused (503) rather than queued.
+    max_queued: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Slots in use: statements running or about to run.
+    writing: usize,
+    queue: VecDeque<Create>,
+}
+
+impl Creates {
+    pub(super) fn new(pool: PgPool, waker: FeedWaker, batching: CreateBatching) -> Self {
+        let max_rows = batching.max_rows.max(1);
+        let writers = batching.writers.max(1);
+        Self(Arc::new(Shared {
+            pool,
+            waker,
+            max_rows,
+            writers,
+            max_queued: max_rows * writers * 16,
+            state: Mutex::default(),
+        }))
+    }
+
+    pub(super) async fn create(&self, row: NewRow) -> Result<Document, StoreError> {
+        let shared = &self.0;
+        let admitted = {
+            let mut state = shared.lock();
+            if state.writing < shared.writers && state.queue.is_empty() {
+                state.writing += 1;
+                Admitted::Slot(row)
+            } else if state.queue.len() >= shared.max_queued {
+                return Err(StoreError::Unavailable(sqlx::Error::Protocol(format!(
+                    "{} document creates are already waiting for the database",
+                    state.queue.len()
+                ))));
+            } else {
+                let (reply, answer) = oneshot::channel();
+                state.queue.push_back(Create { row, reply });
+                metrics::gauge!("vibe_store_creates_waiting").increment(1.0);
+                Admitted::Queued(answer)
             }
-            while batch.len() < max_rows {
-                let Ok(create) = queue.try_recv() else { break };
-                if batch.iter().any(|c| c.row.id == create.row.id) {
-                    held = Some(create);
-                    break;
-                }
-                batch.push(create);
+        };
+        match admitted {
+            Admitted::Slot(row) => {
+                // Released when this future ends, also when it is dropped mid-statement.
+                let slot = Slot(self.0.clone());
+                metrics::histogram!("vibe_store_create_batch_rows").record(1.0);
+                let result = insert_one(&shared.pool, &row).await;
+                shared.waker.committed();
+                drop(slot);
+                result
+            }
+            // The sender is dropped unanswered only if the runtime drops the writing task.
+            Admitted::Queued(answer) => answer
+                .await
+                .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?,
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is consistent between statements (no code inside can panic halfway).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The queued creates a freed slot writes next (None: the slot is given back). Ids are
+    /// distinct within a batch: a create whose id is already in it stays first in the queue.
+    fn next_batch(&self) -> Option<Vec<Create>> {
+        let mut state = self.lock();
+        if state.queue.is_empty() {
+            state.writing -= 1;
+            return None;
+        }
+        let mut batch: Vec<Create> = Vec::new();
+        while batch.len() < self.max_rows {
+            let Some(create) = state.queue.pop_front() else {
+                break;
+            };
+            if batch.iter().any(|c| c.row.id == create.row.id) {
+                state.queue.push_front(create);
+                break;
+            }
+            batch.push(create);
+        }
+        metrics::gauge!("vibe_store_creates_waiting").decrement(batch.len() as f64);
+        Some(batch)
+    }
+
+    /// Writes queued batches while there are any, then gives the slot back.
+    async fn drain(self: Arc<Self>, mut batch: Vec<Create>) {
+        loop {
+            metrics::histogram!("vibe_store_create_batch_rows").record(batch.len() as f64);
+            write(&self.pool, batch).await;
+            self.waker.committed();
+            match self.next_batch() {
+                Some(next) => batch = next,
+                None => return,
             }
         }
-        // Looked up per batch, not once: the writers start before the server installs the
-        // metrics recorder, and a handle taken earlier would record nowhere.
-        metrics::gauge!("vibe_store_creates_waiting").decrement(batch.len() as f64);
-        metrics::histogram!("vibe_store_create_batch_rows").record(batch.len() as f64);
-        write(&pool, batch).await;
-        waker.committed();
+    }
+}
+
+/// How a create got in: with a write slot of its own, or into the queue.
+#[allow(clippy::large_enum_variant)] // one per create, on the stack for one match: boxing would allocate
+enum Admitted {
+    Slot(NewRow),
+    Queued(oneshot::Receiver<Result<Document, StoreError>>),
+}
+
+/// A write slot held by a create running its own statement.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(batch) = self.0.next_batch() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.0.clone().drain(batch));
+            }
+            // No runtime (it is being torn down): the queued creates' senders drop with the
+            // batch, and their callers get `Unavailable`.
+            Err(_) => drop(batch),
+        }
     }
 }
 

@@ -94,8 +94,8 @@ pub struct Store {
     waker: FeedWaker,
     /// Shapes and latencies of the queries run (index governance).
     shapes: Arc<shapes::ShapeRecorder>,
-    /// Creates go to the writer tasks, which group concurrent ones (see [`batch`]).
-    creates: tokio::sync::mpsc::Sender<batch::Create>,
+    /// Creates, grouped when they arrive concurrently (see [`batch`]).
+    creates: batch::Creates,
 }
 
 impl Store {
@@ -125,7 +125,7 @@ impl Store {
             .await
             .map_err(StoreError::Unavailable)?;
         let waker = FeedWaker::default();
-        let creates = batch::spawn_writers(pool.clone(), waker.clone(), batching);
+        let creates = batch::Creates::new(pool.clone(), waker.clone(), batching);
         Ok(Self {
             pool,
             waker,
@@ -166,7 +166,6 @@ impl Store {
         acl: Acl,
         data: serde_json::Value,
     ) -> Result<Document, StoreError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
         let row = batch::NewRow {
             id: id.unwrap_or_else(Uuid::now_v7),
             owner: owner.to_owned(),
@@ -174,18 +173,7 @@ impl Store {
             acl,
             data,
         };
-        // Both fail only once the writer tasks are gone, i.e. the runtime is shutting down.
-        let stopped = || StoreError::Unavailable(sqlx::Error::PoolClosed);
-        let waiting = metrics::gauge!("vibe_store_creates_waiting");
-        waiting.increment(1.0);
-        self.creates
-            .send(batch::Create { row, reply })
-            .await
-            .map_err(|_| {
-                waiting.decrement(1.0);
-                stopped()
-            })?;
-        answer.await.map_err(|_| stopped())?
+        self.creates.create(row).await
     }
 
     /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.
