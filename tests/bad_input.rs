@@ -668,15 +668,7 @@ async fn health_and_metrics() {
         .send()
         .await
         .unwrap();
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains(
             r#"vibe_http_requests_total{route="/v1/docs/{type}",method="GET",status="200"}"#

@@ -17,17 +17,23 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-/// POSTs a `posts` document; the status and the body.
-async fn create(s: &TestServer, token: &str, body: Value) -> (StatusCode, Value) {
-    let r = s
-        .client
-        .post(s.url("/v1/docs/posts"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status(), r.json().await.unwrap())
+/// POSTs a `posts` document from a task of its own: the body sent, the status, the answer.
+fn spawn_create(
+    s: &TestServer,
+    token: &str,
+    body: Value,
+) -> tokio::task::JoinHandle<(Value, StatusCode, Value)> {
+    let (client, url, token) = (s.client.clone(), s.url("/v1/docs/posts"), token.to_owned());
+    tokio::spawn(async move {
+        let r = client
+            .post(url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (body, r.status(), r.json::<Value>().await.unwrap())
+    })
 }
 
 /// Polls until `check` holds (each poll is a query or a scrape; there is no event to await
@@ -45,21 +51,13 @@ where
 }
 
 async fn creates_waiting(s: &TestServer) -> f64 {
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     text.lines()
         .find_map(|l| l.strip_prefix("vibe_store_creates_waiting "))
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// Holds the server's only writer: an uncommitted row with id `id` makes the create of the same
+/// Holds the server's only write slot: an uncommitted row with id `id` makes the create of the same
 /// id wait on its unique-index entry. Returns once that create is waiting on the lock.
 async fn hold_writer(
     s: &TestServer,
@@ -68,7 +66,7 @@ async fn hold_writer(
     id: Uuid,
 ) -> (
     Transaction<'static, Postgres>,
-    tokio::task::JoinHandle<(StatusCode, Value)>,
+    tokio::task::JoinHandle<(Value, StatusCode, Value)>,
 ) {
     let mut blocker = sql.begin().await.unwrap();
     sqlx::query(
@@ -79,19 +77,7 @@ async fn hold_writer(
     .execute(&mut *blocker)
     .await
     .unwrap();
-    let held = {
-        let (client, url, token) = (s.client.clone(), s.url("/v1/docs/posts"), token.to_owned());
-        tokio::spawn(async move {
-            let r = client
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!({"id": id, "data": {"held": true}}))
-                .send()
-                .await
-                .unwrap();
-            (r.status(), r.json().await.unwrap())
-        })
-    };
+    let held = spawn_create(s, token, json!({"id": id, "data": {"held": true}}));
     until("the held create waits on the uncommitted row", || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity \
@@ -113,12 +99,10 @@ async fn queued_creates_share_a_statement_and_keep_their_own_answers() {
     let sql = s.sql().await;
     let alice = s.token(ALICE, &["*"]);
     let taken = Uuid::new_v4();
-    assert_eq!(
-        create(&s, &alice, json!({"id": taken, "data": {}})).await.0,
-        201
-    );
+    let first = spawn_create(&s, &alice, json!({"id": taken, "data": {}}));
+    assert_eq!(first.await.unwrap().1, 201);
 
-    // Phase 1: eight creates queue behind the held writer, then go in together.
+    // Phase 1: eight creates queue behind the held write slot, then go in together.
     let (blocker, held) = hold_writer(&s, &sql, &alice, Uuid::new_v4()).await;
     let twice = Uuid::new_v4();
     let mut bodies: Vec<Value> = (0..5).map(|n| json!({"data": {"n": n}})).collect();
@@ -128,26 +112,14 @@ async fn queued_creates_share_a_statement_and_keep_their_own_answers() {
     let queued = bodies.len();
     let tasks: Vec<_> = bodies
         .into_iter()
-        .map(|body| {
-            let (client, url, token) = (s.client.clone(), s.url("/v1/docs/posts"), alice.clone());
-            tokio::spawn(async move {
-                let r = client
-                    .post(url)
-                    .bearer_auth(token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                (body, r.status(), r.json::<Value>().await.unwrap())
-            })
-        })
+        .map(|body| spawn_create(&s, &alice, body))
         .collect();
     until("every create is queued", || async {
         creates_waiting(&s).await == queued as f64
     })
     .await;
     blocker.rollback().await.unwrap();
-    let (status, held_doc) = held.await.unwrap();
+    let (_, status, held_doc) = held.await.unwrap();
     assert_eq!(status, 201, "{held_doc}");
 
     let mut created = Vec::new();
@@ -221,26 +193,14 @@ async fn queued_creates_share_a_statement_and_keep_their_own_answers() {
     let tasks: Vec<_> = bodies
         .iter()
         .cloned()
-        .map(|body| {
-            let (client, url, token) = (s.client.clone(), s.url("/v1/docs/posts"), alice.clone());
-            tokio::spawn(async move {
-                let r = client
-                    .post(url)
-                    .bearer_auth(token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                (body, r.status(), r.json::<Value>().await.unwrap())
-            })
-        })
+        .map(|body| spawn_create(&s, &alice, body))
         .collect();
     until("every create is queued", || async {
         creates_waiting(&s).await == bodies.len() as f64
     })
     .await;
     blocker.rollback().await.unwrap();
-    assert_eq!(held.await.unwrap().0, 201);
+    assert_eq!(held.await.unwrap().1, 201);
     for task in tasks {
         let (body, status, answer) = task.await.unwrap();
         if body["id"] == json!(bad) {

@@ -44,15 +44,7 @@ async fn a_stalled_client_is_cut_off_and_the_healthy_one_gets_everything() {
 
     // The stalled connection was closed for overflowing, after whatever fit in its buffers.
     assert_eq!(stalled.closed_with().await, Some(4008));
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains("vibe_ws_queue_overflows_total"),
         "{metrics}"

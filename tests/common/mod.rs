@@ -144,6 +144,12 @@ impl TestServer {
         r.json().await.unwrap()
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let r = self.client.get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     /// A direct connection pool to this test's database.
     pub async fn sql(&self) -> PgPool {
         PgPool::connect(&self.db_url)
