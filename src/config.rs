@@ -143,6 +143,8 @@ pub struct IdentityConfig {
     /// The OpenID issuer URL; empty: `http://<bound address>`.
     pub issuer: String,
     pub open_sign_up: bool,
+    pub open_registration: bool,
+    pub registrations_per_hour_per_address: u32,
     #[serde(with = "humantime_serde")]
     pub access_token_ttl: Duration,
     #[serde(with = "humantime_serde")]
@@ -291,6 +293,12 @@ impl Config {
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.identity.registrations_per_hour_per_address == 0 {
+            return invalid(
+                "identity.registrations_per_hour_per_address",
+                "must be at least 1",
+            );
         }
         if !(1..=1000).contains(&self.database.create_batch_rows) {
             return invalid("database.create_batch_rows", "must be between 1 and 1000");
@@ -492,6 +500,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("database.create_batch_rows"), "{err}");
+        let err = with("identity.registrations_per_hour_per_address", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("identity.registrations_per_hour_per_address"),
+            "{err}"
+        );
     }
 
     #[test]

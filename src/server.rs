@@ -329,7 +329,8 @@ async fn open_identity(
     } else {
         id.issuer.clone()
     };
-    let per_minute = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+    // A rate of zero would refuse everything: it means one.
+    let at_least_one = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
     let accounts = Accounts::new(
         store.pool().clone(),
         secrets.clone(),
@@ -338,8 +339,8 @@ async fn open_identity(
             iterations: id.argon2_iterations,
         },
         accounts::LoginRates {
-            per_handle: per_minute(id.login_attempts_per_minute),
-            per_address: per_minute(id.login_attempts_per_minute_per_address),
+            per_handle: at_least_one(id.login_attempts_per_minute),
+            per_address: at_least_one(id.login_attempts_per_minute_per_address),
         },
     )?;
     let oauth = OAuthStore::new(
@@ -364,6 +365,9 @@ async fn open_identity(
         oauth,
         signing,
         secrets,
+        registrations: governor::RateLimiter::keyed(governor::Quota::per_hour(at_least_one(
+            id.registrations_per_hour_per_address,
+        ))),
     })
 }
 

@@ -2,8 +2,10 @@
 //! `openid-client` (npm, tests/oidc/rp.mjs) does discovery → authorize (login and consent forms
 //! submitted over HTTP) → code with PKCE → tokens → userinfo → refresh rotation (and replay,
 //! which revokes the family) → introspection → revocation → end-session, against a real server
-//! on a real database. Then this test checks what the library does not: the ID token's signature
-//! against the JWKS, and that the revoked access token is refused by the document API.
+//! on a real database, for an admin-registered confidential client, a public one, and one the
+//! library registers itself (RFC 7591). Then this test checks what the library does not: the ID
+//! token's signature against the JWKS, and that the revoked access token is refused by the
+//! document API.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -16,6 +18,21 @@ const SCOPE: &str = "openid profile offline_access read:posts write:posts";
 
 /// Runs tests/oidc/rp.mjs for `client` and returns its report.
 async fn run_relying_party(server: &TestServer, client: &RegisteredClient, handle: &str) -> Value {
+    let secret = client.secret.clone().unwrap_or_default();
+    run_rp_script(
+        server,
+        handle,
+        &[
+            ("CLIENT_ID", &client.id),
+            ("CLIENT_SECRET", &secret),
+            ("REDIRECT_URI", &client.redirect_uri),
+        ],
+    )
+    .await
+}
+
+/// Runs tests/oidc/rp.mjs with `vars` (besides issuer, user and scope); its JSON report.
+async fn run_rp_script(server: &TestServer, handle: &str, vars: &[(&str, &str)]) -> Value {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oidc");
     assert!(
         std::path::Path::new(dir)
@@ -27,9 +44,7 @@ async fn run_relying_party(server: &TestServer, client: &RegisteredClient, handl
         .arg("rp.mjs")
         .current_dir(dir)
         .env("ISSUER", &server.base)
-        .env("CLIENT_ID", &client.id)
-        .env("CLIENT_SECRET", client.secret.as_deref().unwrap_or(""))
-        .env("REDIRECT_URI", &client.redirect_uri)
+        .envs(vars.iter().copied())
         .env("HANDLE", handle)
         .env("PASSWORD", common::oidc::PASSWORD)
         .env("SCOPE", SCOPE)
@@ -134,5 +149,32 @@ async fn certified_relying_party_completes_the_flow() {
     assert!(public.secret.is_none());
     let report = run_relying_party(&server, &public, "ada").await;
     check_report(&server, &public, &did, &report).await;
+
+    // A client the library registers itself (RFC 7591), with an initial access token, then
+    // authenticating with the secret it was issued (client_secret_post).
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let redirect_uri = "http://127.0.0.1:9/dynamic".to_owned();
+    let report = run_rp_script(
+        &server,
+        "ada",
+        &[
+            ("REGISTER", "1"),
+            ("INITIAL_ACCESS_TOKEN", &admin),
+            ("REDIRECT_URI", &redirect_uri),
+        ],
+    )
+    .await;
+    let registration = &report["registration"];
+    assert_eq!(registration["client_secret_present"], true);
+    assert_eq!(
+        registration["token_endpoint_auth_method"],
+        "client_secret_post"
+    );
+    let dynamic = RegisteredClient {
+        id: registration["client_id"].as_str().unwrap().to_owned(),
+        secret: None,
+        redirect_uri,
+    };
+    check_report(&server, &dynamic, &did, &report).await;
     server.finish().await;
 }

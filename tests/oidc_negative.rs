@@ -898,3 +898,201 @@ async fn introspection_and_revocation_check_the_client() {
     }
     server.finish().await;
 }
+
+#[tokio::test]
+async fn dynamic_registration_needs_its_token_and_refuses_what_it_cannot_honour() {
+    let server = TestServer::start().await;
+    let register = server.url("/oauth/register");
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let user = server.token("did:key:zUser", &["*"]);
+    let good = json!({"redirect_uris": ["http://127.0.0.1:9/cb"]});
+
+    // Closed registration: no token, a bad one, a token without the admin scope.
+    let r = server
+        .client
+        .post(&register)
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_token");
+    let (status, body) = call(
+        server
+            .client
+            .post(&register)
+            .bearer_auth("nope")
+            .json(&good),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    let (status, body) = call(server.client.post(&register).bearer_auth(&user).json(&good)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("insufficient_scope"))
+    );
+
+    // Metadata it cannot honour, each with the RFC 7591 error code.
+    let refused = [
+        (
+            json!({"redirect_uris": ["http://127.0.0.1:9/cb#frag"]}),
+            "invalid_redirect_uri",
+        ),
+        (json!({"redirect_uris": []}), "invalid_redirect_uri"),
+        (
+            json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "post_logout_redirect_uris": ["http://evil.example/x"]}),
+            "invalid_redirect_uri",
+        ),
+        (
+            json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "grant_types": ["implicit"]}),
+            "invalid_client_metadata",
+        ),
+        (
+            json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "response_types": ["token"]}),
+            "invalid_client_metadata",
+        ),
+        (
+            json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "private_key_jwt"}),
+            "invalid_client_metadata",
+        ),
+        (
+            json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "scope": "openid *"}),
+            "invalid_client_metadata",
+        ),
+        (
+            json!({"client_name": "no redirects"}),
+            "invalid_client_metadata",
+        ),
+    ];
+    for (metadata, code) in refused {
+        let (status, body) = call(
+            server
+                .client
+                .post(&register)
+                .bearer_auth(&admin)
+                .json(&metadata),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some(code)),
+            "{metadata}"
+        );
+        assert!(body["error_description"].is_string());
+    }
+    let (status, body) = call(
+        server
+            .client
+            .post(&register)
+            .bearer_auth(&admin)
+            .header("content-type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_client_metadata"))
+    );
+
+    // Minimal metadata plus fields it does not know (ignored): defaults filled in.
+    let r = server
+        .client
+        .post(&register)
+        .bearer_auth(&admin)
+        .json(&json!({
+            "redirect_uris": ["http://127.0.0.1:9/cb"],
+            "logo_uri": "https://rp.example/logo.png",
+            "contacts": ["ops@rp.example"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let registered: Value = r.json().await.unwrap();
+    assert_eq!(registered["client_name"], "127.0.0.1");
+    assert_eq!(registered["scope"], "openid");
+    assert_eq!(
+        registered["token_endpoint_auth_method"],
+        "client_secret_basic"
+    );
+    assert!(
+        registered["client_secret"]
+            .as_str()
+            .is_some_and(|s| s.len() >= 32)
+    );
+    assert!(registered.get("logo_uri").is_none());
+
+    // Only that one was stored.
+    let (status, listed) = call(
+        server
+            .client
+            .get(server.url("/v1/admin/clients"))
+            .bearer_auth(&admin),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ids: Vec<&Value> = listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["client_id"])
+        .collect();
+    assert_eq!(ids, [&registered["client_id"]]);
+    server.finish().await;
+}
+
+#[tokio::test]
+async fn open_registration_is_limited_per_address() {
+    let server = TestServer::start_with(&[
+        ("identity.open_registration", "true"),
+        ("identity.registrations_per_hour_per_address", "2"),
+    ])
+    .await;
+    let register = server.url("/oauth/register");
+    let metadata = json!({
+        "redirect_uris": ["http://127.0.0.1:9/cb"],
+        "client_name": "Open App",
+        "token_endpoint_auth_method": "none",
+        "scope": "openid read:posts",
+    });
+    for _ in 0..2 {
+        let (status, body) = call(server.client.post(&register).json(&metadata)).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["token_endpoint_auth_method"], "none");
+        assert!(body["client_secret"].is_null());
+    }
+    let r = server
+        .client
+        .post(&register)
+        .json(&metadata)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_requests");
+    // An initial access token is not limited.
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let (status, _) = call(
+        server
+            .client
+            .post(&register)
+            .bearer_auth(&admin)
+            .json(&metadata),
+    )
+    .await;
+    assert_eq!(status, 201);
+    server.finish().await;
+}

@@ -20,7 +20,7 @@ use super::oauth::account_error;
 use super::{ApiError, HttpResponse, authorize_admin, bearer, json, read_json};
 use crate::app::App;
 use crate::auth::{Access, Claims, Scope};
-use crate::identity::oauth::{NewClient, OAuthError};
+use crate::identity::oauth::{Client, NewClient, OAuthError};
 
 const JSON: &[&str] = &["application/json"];
 
@@ -206,22 +206,24 @@ pub(super) async fn register_client(
         .register_client(body)
         .await
         .map_err(oauth_error)?;
-    Ok(json(
-        StatusCode::CREATED,
-        &json!({
-            "client_id": client.client_id,
-            "client_secret": secret,
-            "client_id_issued_at": client.created_at.timestamp(),
-            "client_secret_expires_at": 0,
-            "client_name": client.client_name,
-            "redirect_uris": client.redirect_uris,
-            "post_logout_redirect_uris": client.post_logout_redirect_uris,
-            "scope": client.scopes.join(" "),
-            "token_endpoint_auth_method": client.token_endpoint_auth_method(),
-            "grant_types": ["authorization_code", "refresh_token"],
-            "response_types": ["code"],
-        }),
-    ))
+    Ok(json(StatusCode::CREATED, &registration(&client, secret)))
+}
+
+/// A registered client as RFC 7591 §3.2.1 answers it; the secret appears only here.
+pub(super) fn registration(client: &Client, secret: Option<String>) -> serde_json::Value {
+    json!({
+        "client_id": client.client_id,
+        "client_secret": secret,
+        "client_id_issued_at": client.created_at.timestamp(),
+        "client_secret_expires_at": 0,
+        "client_name": client.client_name,
+        "redirect_uris": client.redirect_uris,
+        "post_logout_redirect_uris": client.post_logout_redirect_uris,
+        "scope": client.scopes.join(" "),
+        "token_endpoint_auth_method": client.token_endpoint_auth_method,
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+    })
 }
 
 /// `GET /v1/admin/clients`.

@@ -61,6 +61,7 @@ pub enum Route {
     Revoke,
     Introspect,
     EndSession,
+    Register,
     Accounts,
     Sessions,
     Me,
@@ -72,7 +73,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 32] = [
+    const ALL: [(&'static str, Route); 33] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
@@ -97,6 +98,7 @@ impl Route {
         ("/oauth/revoke", Route::Revoke),
         ("/oauth/introspect", Route::Introspect),
         ("/oauth/end-session", Route::EndSession),
+        ("/oauth/register", Route::Register),
         ("/v1/accounts", Route::Accounts),
         ("/v1/sessions", Route::Sessions),
         ("/v1/me", Route::Me),
@@ -291,11 +293,18 @@ async fn dispatch(
         (Route::Login, _) if method == Method::POST => oauth::login(app, peer, req).await,
         (Route::Consent, _) if method == Method::POST => oauth::consent(app, req).await,
         (Route::Token, _) if method == Method::POST => oauth::token(app, req).await,
+        (Route::Register, _) if method == Method::POST => oauth::register(app, peer, req).await,
         (Route::Revoke, _) if method == Method::POST => oauth::revoke(app, req).await,
         (Route::Introspect, _) if method == Method::POST => oauth::introspect(app, req).await,
-        (Route::Login | Route::Consent | Route::Token | Route::Revoke | Route::Introspect, _) => {
-            Err(method_not_allowed("POST"))
-        }
+        (
+            Route::Login
+            | Route::Consent
+            | Route::Token
+            | Route::Revoke
+            | Route::Introspect
+            | Route::Register,
+            _,
+        ) => Err(method_not_allowed("POST")),
         (Route::Accounts, _) if method == Method::POST => account::sign_up(app, peer, req).await,
         (Route::Accounts, _) => Err(method_not_allowed("POST")),
         (Route::Sessions, _) if method == Method::POST => account::sign_in(app, peer, req).await,

@@ -1,6 +1,7 @@
 //! The OpenID Connect provider's endpoints: discovery, JWKS, the authorization endpoint with
 //! its server-rendered login and consent pages, token (authorization code with PKCE, refresh
-//! with rotation), userinfo, revocation (RFC 7009), introspection (RFC 7662) and end-session.
+//! with rotation), userinfo, revocation (RFC 7009), introspection (RFC 7662), end-session and
+//! dynamic client registration (RFC 7591).
 //!
 //! Follows the OAuth 2.0 Security BCP (RFC 9700): exact redirect URI matching, PKCE S256 (plain
 //! refused; required for public clients), one-time short-lived codes, refresh token rotation with
@@ -29,7 +30,7 @@ use crate::app::App;
 use crate::auth::{AuthError, Claims, Issued};
 use crate::identity::accounts::AccountError;
 use crate::identity::oauth::{
-    AuthorizationRequest, Client, Grant, OAuthError, document_scopes, identity_scopes,
+    AuthorizationRequest, Client, Grant, NewClient, OAuthError, document_scopes, identity_scopes,
     requested_scopes,
 };
 
@@ -52,7 +53,7 @@ pub(super) fn discovery(app: &App) -> HttpResponse {
             "revocation_endpoint": format!("{issuer}/oauth/revoke"),
             "introspection_endpoint": format!("{issuer}/oauth/introspect"),
             "end_session_endpoint": format!("{issuer}/oauth/end-session"),
-            "registration_endpoint": format!("{issuer}/v1/admin/clients"),
+            "registration_endpoint": format!("{issuer}/oauth/register"),
             "scopes_supported": scopes,
             "response_types_supported": ["code"],
             "response_modes_supported": ["query"],
@@ -1003,6 +1004,128 @@ fn form_decode(s: &str) -> Result<String, OAuthError> {
 fn parse_form<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_urlencoded::from_bytes(body)
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+}
+
+/// `POST /oauth/register`: dynamic client registration (RFC 7591). Needs an initial access token
+/// (a bearer token with the `admin` scope) unless `identity.open_registration` is on, in which
+/// case registrations without one are rate-limited per client address. Metadata this server does
+/// not know is ignored (§2); what it cannot honour is refused with `invalid_client_metadata` or
+/// `invalid_redirect_uri` (§3.2.2).
+pub(super) async fn register(
+    app: &App,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let with_token = req.headers().contains_key(header::AUTHORIZATION);
+    if with_token || !app.config.identity.open_registration {
+        if let Err(e) = super::authorize_admin(app, req.headers()) {
+            // RFC 6750 §3.1: a missing or bad token is `invalid_token`, a weak one
+            // `insufficient_scope`.
+            let (status, code) = if e.status == StatusCode::FORBIDDEN {
+                (StatusCode::FORBIDDEN, "insufficient_scope")
+            } else {
+                (StatusCode::UNAUTHORIZED, "invalid_token")
+            };
+            let mut r = oauth_error(status, code, &e.message);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"vibe\""),
+            );
+            return Ok(r);
+        }
+    } else if app.identity.registrations.check_key(&peer.ip()).is_err() {
+        let mut r = oauth_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "too many registrations from this address; try again later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+        return Ok(r);
+    }
+    let request: RegistrationRequest = match super::read_json(app, req, &["application/json"]).await
+    {
+        Ok(r) => r,
+        Err(e) => return Ok(oauth_error(e.status, "invalid_client_metadata", &e.message)),
+    };
+    let registered = match request.into_new_client() {
+        Ok(new) => app.identity.oauth.register_client(new).await,
+        Err(e) => Err(e),
+    };
+    match registered {
+        Ok((client, secret)) => Ok(no_store(super::json(
+            StatusCode::CREATED,
+            &super::account::registration(&client, secret),
+        ))),
+        Err(OAuthError::Database(e)) => {
+            tracing::error!(error = %e, "client registration failed");
+            Ok(oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "an internal error occurred",
+            ))
+        }
+        Err(e) => Ok(oauth_error(
+            StatusCode::BAD_REQUEST,
+            e.code(),
+            &e.to_string(),
+        )),
+    }
+}
+
+/// RFC 7591 client metadata. Unknown fields are ignored (§2), so no `deny_unknown_fields`.
+#[derive(Debug, Deserialize)]
+struct RegistrationRequest {
+    redirect_uris: Vec<String>,
+    client_name: Option<String>,
+    scope: Option<String>,
+    token_endpoint_auth_method: Option<String>,
+    #[serde(default)]
+    post_logout_redirect_uris: Vec<String>,
+    grant_types: Option<Vec<String>>,
+    response_types: Option<Vec<String>>,
+}
+
+impl RegistrationRequest {
+    fn into_new_client(self) -> Result<NewClient, OAuthError> {
+        let unsupported = |field: &str, values: &[String], supported: &[&str]| match values
+            .iter()
+            .find(|v| !supported.contains(&v.as_str()))
+        {
+            Some(v) => Err(OAuthError::InvalidClientMetadata(format!(
+                "{field} {v:?} is not supported (supported: {})",
+                supported.join(", ")
+            ))),
+            None => Ok(()),
+        };
+        if let Some(grants) = &self.grant_types {
+            unsupported(
+                "grant_types",
+                grants,
+                &["authorization_code", "refresh_token"],
+            )?;
+        }
+        if let Some(types) = &self.response_types {
+            unsupported("response_types", types, &["code"])?;
+        }
+        // The consent page names the app; without a name, the redirect's host says who it is.
+        let client_name = match self.client_name {
+            Some(name) => name,
+            None => self
+                .redirect_uris
+                .first()
+                .and_then(|u| url::Url::parse(u).ok())
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| "unnamed app".to_owned()),
+        };
+        Ok(NewClient {
+            client_name,
+            redirect_uris: self.redirect_uris,
+            post_logout_redirect_uris: self.post_logout_redirect_uris,
+            scope: self.scope.unwrap_or_else(|| "openid".to_owned()),
+            token_endpoint_auth_method: self.token_endpoint_auth_method,
+        })
+    }
 }
 
 /// An OAuth error body (RFC 6749 §5.2).

@@ -24,4 +24,6 @@ pub struct Identity {
     pub oauth: OAuthStore,
     pub signing: SigningKeys,
     pub secrets: Arc<secrets::SecretBox>,
+    /// Open dynamic registrations (without an initial access token) per client address.
+    pub registrations: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
 }

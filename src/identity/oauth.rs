@@ -45,6 +45,8 @@ pub enum OAuthError {
     ConsentRequired,
     #[error("{0}")]
     InvalidClientMetadata(String),
+    #[error("{0}")]
+    InvalidRedirectUri(String),
     #[error(
         "the sign-in form expired or was not started in this browser; start again from the app"
     )]
@@ -65,6 +67,7 @@ impl OAuthError {
             OAuthError::LoginRequired => "login_required",
             OAuthError::ConsentRequired => "consent_required",
             OAuthError::InvalidClientMetadata(_) => "invalid_client_metadata",
+            OAuthError::InvalidRedirectUri(_) => "invalid_redirect_uri",
             OAuthError::Database(_) => "server_error",
         }
     }
@@ -81,20 +84,15 @@ pub struct Client {
     pub post_logout_redirect_uris: Vec<String>,
     /// The manifest: scopes the app may request.
     pub scopes: Vec<String>,
+    /// As registered: `client_secret_basic`, `client_secret_post` or `none` (public). A
+    /// confidential client may use either secret method at the token endpoint.
+    pub token_endpoint_auth_method: String,
     pub created_at: DateTime<Utc>,
 }
 
 impl Client {
     pub fn is_public(&self) -> bool {
         self.secret_hash.is_none()
-    }
-
-    pub fn token_endpoint_auth_method(&self) -> &'static str {
-        if self.is_public() {
-            "none"
-        } else {
-            "client_secret_basic"
-        }
     }
 }
 
@@ -306,7 +304,7 @@ impl OAuthStore {
             ));
         }
         if new.redirect_uris.is_empty() || new.redirect_uris.len() > 16 {
-            return Err(OAuthError::InvalidClientMetadata(
+            return Err(OAuthError::InvalidRedirectUri(
                 "redirect_uris lists 1 to 16 URIs".into(),
             ));
         }
@@ -316,17 +314,21 @@ impl OAuthStore {
             .chain(&new.post_logout_redirect_uris)
         {
             if uri.len() > 2048 || !valid_redirect_uri(uri) {
-                return Err(OAuthError::InvalidClientMetadata(format!(
+                return Err(OAuthError::InvalidRedirectUri(format!(
                     "{uri:?} is not an acceptable redirect URI (absolute, no fragment; http \
                      only to loopback)"
                 )));
             }
         }
         let scopes = validate_manifest(&new.scope)?;
-        let public = match new.token_endpoint_auth_method.as_deref() {
-            None | Some("client_secret_basic" | "client_secret_post") => false,
-            Some("none") => true,
-            Some(other) => {
+        let auth_method = new
+            .token_endpoint_auth_method
+            .as_deref()
+            .unwrap_or("client_secret_basic");
+        let public = match auth_method {
+            "client_secret_basic" | "client_secret_post" => false,
+            "none" => true,
+            other => {
                 return Err(OAuthError::InvalidClientMetadata(format!(
                     "token_endpoint_auth_method {other:?} is not supported"
                 )));
@@ -336,8 +338,8 @@ impl OAuthStore {
         let id = Uuid::now_v7().simple().to_string();
         let row = sqlx::query(
             "INSERT INTO oauth_clients \
-             (id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
+             (id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, auth_method) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
         )
         .bind(&id)
         .bind(name)
@@ -345,6 +347,7 @@ impl OAuthStore {
         .bind(&new.redirect_uris)
         .bind(&new.post_logout_redirect_uris)
         .bind(&scopes)
+        .bind(auth_method)
         .fetch_one(&self.pool)
         .await?;
         let client = Client {
@@ -354,6 +357,7 @@ impl OAuthStore {
             redirect_uris: new.redirect_uris,
             post_logout_redirect_uris: new.post_logout_redirect_uris,
             scopes,
+            token_endpoint_auth_method: auth_method.to_owned(),
             created_at: row.try_get("created_at")?,
         };
         Ok((client, secret))
@@ -362,7 +366,7 @@ impl OAuthStore {
     pub async fn client(&self, id: &str) -> Result<Option<Client>, OAuthError> {
         let row = sqlx::query(
             "SELECT id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, \
-             created_at FROM oauth_clients WHERE id = $1",
+             auth_method, created_at FROM oauth_clients WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -373,7 +377,7 @@ impl OAuthStore {
     pub async fn clients(&self) -> Result<Vec<Client>, OAuthError> {
         let rows = sqlx::query(
             "SELECT id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, \
-             created_at FROM oauth_clients ORDER BY created_at",
+             auth_method, created_at FROM oauth_clients ORDER BY created_at",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -870,6 +874,7 @@ fn client_from_row(r: &sqlx::postgres::PgRow) -> Result<Client, OAuthError> {
         redirect_uris: r.try_get("redirect_uris")?,
         post_logout_redirect_uris: r.try_get("post_logout_redirect_uris")?,
         scopes: r.try_get("scopes")?,
+        token_endpoint_auth_method: r.try_get("auth_method")?,
         created_at: r.try_get("created_at")?,
     })
 }

@@ -7,7 +7,9 @@
 // forms) is hand-driven with plain fetch, because no RP library does that.
 //
 // Input: env ISSUER, CLIENT_ID, CLIENT_SECRET (empty = public client),
-// REDIRECT_URI, HANDLE, PASSWORD, SCOPE.
+// REDIRECT_URI, HANDLE, PASSWORD, SCOPE. With REGISTER=1 the client is instead
+// registered by openid-client itself (RFC 7591, with INITIAL_ACCESS_TOKEN if set)
+// and CLIENT_ID / CLIENT_SECRET are not read.
 // Output: one JSON object on stdout; exit 0, or {"error","step"} and exit 1.
 import * as client from 'openid-client';
 
@@ -182,17 +184,47 @@ async function authorize(config, label) {
 }
 
 async function main() {
-  const clientId = env('CLIENT_ID');
-  const secret = env('CLIENT_SECRET', '');
   const redirectUri = env('REDIRECT_URI');
 
-  step = 'discovery';
-  const config = await client.discovery(
-    new URL(env('ISSUER')), clientId,
-    secret ? { client_secret: secret } : undefined,
-    secret ? client.ClientSecretBasic(secret) : client.None(),
-    { execute: [client.allowInsecureRequests] }, // loopback http in tests
-  );
+  let config;
+  if (env('REGISTER', '') === '1') {
+    step = 'registration';
+    config = await client.dynamicClientRegistration(
+      new URL(env('ISSUER')),
+      {
+        redirect_uris: [redirectUri],
+        post_logout_redirect_uris: [`${redirectUri}/logged-out`],
+        client_name: 'Dynamically registered RP',
+        scope: env('SCOPE'),
+        grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        token_endpoint_auth_method: 'client_secret_post',
+        logo_uri: 'https://rp.example/logo.png', // unknown to the server: ignored (RFC 7591 §2)
+      },
+      undefined, // authenticate with the issued secret, as registered (client_secret_post)
+      {
+        initialAccessToken: env('INITIAL_ACCESS_TOKEN', '') || undefined,
+        execute: [client.allowInsecureRequests], // loopback http in tests
+      },
+    );
+    const cm = config.clientMetadata();
+    out.registration = {
+      client_id: cm.client_id,
+      client_secret_present: !!cm.client_secret,
+      token_endpoint_auth_method: cm.token_endpoint_auth_method,
+      scope: cm.scope,
+    };
+  } else {
+    const clientId = env('CLIENT_ID');
+    const secret = env('CLIENT_SECRET', '');
+    step = 'discovery';
+    config = await client.discovery(
+      new URL(env('ISSUER')), clientId,
+      secret ? { client_secret: secret } : undefined,
+      secret ? client.ClientSecretBasic(secret) : client.None(),
+      { execute: [client.allowInsecureRequests] }, // loopback http in tests
+    );
+  }
   const md = config.serverMetadata();
   out.discovery = {
     supports_pkce_s256: md.supportsPKCE('S256'),
