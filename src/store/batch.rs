@@ -13,7 +13,7 @@
 //! fails as a whole (a constraint the API does not check first) is retried row by row, so one bad
 //! row never fails its neighbours; two creates of the same id never share a statement.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use sqlx::PgPool;
@@ -123,7 +123,9 @@ impl Creates {
                 let slot = Slot(self.0.clone());
                 metrics::histogram!("vibe_store_create_batch_rows").record(1.0);
                 let result = insert_one(&shared.pool, &row).await;
-                shared.waker.committed();
+                if result.is_ok() {
+                    shared.waker.committed();
+                }
                 drop(slot);
                 result
             }
@@ -150,11 +152,12 @@ impl Shared {
             return None;
         }
         let mut batch: Vec<Create> = Vec::new();
+        let mut ids = HashSet::new();
         while batch.len() < self.max_rows {
             let Some(create) = state.queue.pop_front() else {
                 break;
             };
-            if batch.iter().any(|c| c.row.id == create.row.id) {
+            if !ids.insert(create.row.id) {
                 state.queue.push_front(create);
                 break;
             }
@@ -216,8 +219,8 @@ async fn write(pool: &PgPool, batch: Vec<Create>) {
     match insert_many(pool, &batch).await {
         Ok(mut rows) => {
             for create in batch {
-                let result = match rows.iter().position(|r| r.0 == create.row.id) {
-                    Some(i) => document(&rows.swap_remove(i).1),
+                let result = match rows.remove(&create.row.id) {
+                    Some(row) => document(&row),
                     None => Err(StoreError::AlreadyExists),
                 };
                 let _ = create.reply.send(result);
@@ -262,8 +265,8 @@ async fn insert_one(pool: &PgPool, row: &NewRow) -> Result<Document, StoreError>
 }
 
 /// One statement for the whole batch; the rows it inserted, by id (ids are distinct within a
-/// batch, see [`writer`]).
-async fn insert_many(pool: &PgPool, batch: &[Create]) -> Result<Vec<(Uuid, PgRow)>, StoreError> {
+/// batch, see [`Shared::next_batch`]).
+async fn insert_many(pool: &PgPool, batch: &[Create]) -> Result<HashMap<Uuid, PgRow>, StoreError> {
     let mut ids = Vec::with_capacity(batch.len());
     let mut owners = Vec::with_capacity(batch.len());
     let mut types = Vec::with_capacity(batch.len());
