@@ -26,15 +26,24 @@ const EVIL_URI: &str = "https://evil.example/cb";
 
 /// Sends a request; returns status and JSON body (Null when the body is empty).
 async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let (status, _, body) = call_with_headers(request).await;
+    (status, body)
+}
+
+/// [`call`], with the response headers.
+async fn call_with_headers(
+    request: reqwest::RequestBuilder,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let r = request.send().await.unwrap();
     let status = r.status().as_u16();
+    let headers = r.headers().clone();
     let text = r.text().await.unwrap();
     let body = if text.is_empty() {
         Value::Null
     } else {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
     };
-    (status, body)
+    (status, headers, body)
 }
 
 /// Lists the caller's posts (needs `read:posts`).
@@ -908,22 +917,18 @@ async fn dynamic_registration_needs_its_token_and_refuses_what_it_cannot_honour(
     let good = json!({"redirect_uris": ["http://127.0.0.1:9/cb"]});
 
     // Closed registration: no token, a bad one, a token without the admin scope.
-    let r = server
-        .client
-        .post(&register)
-        .json(&good)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
+    let (status, headers, body) =
+        call_with_headers(server.client.post(&register).json(&good)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
     assert!(
-        r.headers()["www-authenticate"]
+        headers["www-authenticate"]
             .to_str()
             .unwrap()
             .starts_with("Bearer")
     );
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "invalid_token");
     let (status, body) = call(
         server
             .client
@@ -1072,17 +1077,13 @@ async fn open_registration_is_limited_per_address() {
         assert_eq!(body["token_endpoint_auth_method"], "none");
         assert!(body["client_secret"].is_null());
     }
-    let r = server
-        .client
-        .post(&register)
-        .json(&metadata)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 429);
-    assert!(r.headers().contains_key("retry-after"));
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "too_many_requests");
+    let (status, headers, body) =
+        call_with_headers(server.client.post(&register).json(&metadata)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_requests"))
+    );
+    assert!(headers.contains_key("retry-after"));
     // An initial access token is not limited.
     let admin = server.token("did:key:zOperator", &["admin"]);
     let (status, _) = call(
