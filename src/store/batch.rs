@@ -16,13 +16,13 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
+use sqlx::{PgPool, Row};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{StoreError, document};
+use super::StoreError;
 use crate::acl::Acl;
 use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
@@ -122,7 +122,7 @@ impl Creates {
                 // Released when this future ends, also when it is dropped mid-statement.
                 let slot = Slot(self.0.clone());
                 metrics::histogram!("vibe_store_create_batch_rows").record(1.0);
-                let result = insert_one(&shared.pool, &row).await;
+                let result = insert_one(&shared.pool, row).await;
                 if result.is_ok() {
                     shared.waker.committed();
                 }
@@ -211,7 +211,7 @@ impl Drop for Slot {
 async fn write(pool: &PgPool, batch: Vec<Create>) {
     if let [_] = batch.as_slice() {
         for create in batch {
-            let result = insert_one(pool, &create.row).await;
+            let result = insert_one(pool, create.row).await;
             let _ = create.reply.send(result);
         }
         return;
@@ -220,7 +220,7 @@ async fn write(pool: &PgPool, batch: Vec<Create>) {
         Ok(mut rows) => {
             for create in batch {
                 let result = match rows.remove(&create.row.id) {
-                    Some(row) => document(&row),
+                    Some(inserted) => inserted.document(create.row),
                     None => Err(StoreError::AlreadyExists),
                 };
                 let _ = create.reply.send(result);
@@ -238,19 +238,38 @@ async fn write(pool: &PgPool, batch: Vec<Create>) {
         Err(e) => {
             tracing::debug!(error = %e, rows = batch.len(), "batched create refused; retrying row by row");
             for create in batch {
-                let result = insert_one(pool, &create.row).await;
+                let result = insert_one(pool, create.row).await;
                 let _ = create.reply.send(result);
             }
         }
     }
 }
 
-async fn insert_one(pool: &PgPool, row: &NewRow) -> Result<Document, StoreError> {
-    let inserted = sqlx::query(concat!(
+/// What the database adds to a new document. The rest is what was sent: reading `acl` and
+/// `data` back would make PostgreSQL print the JSON and the server parse it again, for nothing
+/// (a GET of the stored row parses to the same values).
+struct Inserted(PgRow);
+
+impl Inserted {
+    fn document(self, row: NewRow) -> Result<Document, StoreError> {
+        Ok(Document {
+            id: row.id,
+            doc_type: row.doc_type,
+            owner: row.owner,
+            rev: self.0.try_get("rev")?,
+            created_at: self.0.try_get("created_at")?,
+            updated_at: self.0.try_get("updated_at")?,
+            acl: row.acl,
+            data: row.data,
+        })
+    }
+}
+
+async fn insert_one(pool: &PgPool, row: NewRow) -> Result<Document, StoreError> {
+    let inserted = sqlx::query(
         "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (id) DO NOTHING RETURNING ",
-        doc_columns!()
-    ))
+         ON CONFLICT (id) DO NOTHING RETURNING rev, created_at, updated_at",
+    )
     .bind(row.id)
     .bind(&row.owner)
     .bind(&row.doc_type)
@@ -258,15 +277,18 @@ async fn insert_one(pool: &PgPool, row: &NewRow) -> Result<Document, StoreError>
     .bind(&row.data)
     .fetch_optional(pool)
     .await?;
-    inserted
-        .map(|r| document(&r))
-        .transpose()?
-        .ok_or(StoreError::AlreadyExists)
+    match inserted {
+        Some(inserted) => Inserted(inserted).document(row),
+        None => Err(StoreError::AlreadyExists),
+    }
 }
 
 /// One statement for the whole batch; the rows it inserted, by id (ids are distinct within a
 /// batch, see [`Shared::next_batch`]).
-async fn insert_many(pool: &PgPool, batch: &[Create]) -> Result<HashMap<Uuid, PgRow>, StoreError> {
+async fn insert_many(
+    pool: &PgPool,
+    batch: &[Create],
+) -> Result<HashMap<Uuid, Inserted>, StoreError> {
     let mut ids = Vec::with_capacity(batch.len());
     let mut owners = Vec::with_capacity(batch.len());
     let mut types = Vec::with_capacity(batch.len());
@@ -279,12 +301,11 @@ async fn insert_many(pool: &PgPool, batch: &[Create]) -> Result<HashMap<Uuid, Pg
         acls.push(Json(&row.acl));
         data.push(&row.data);
     }
-    let rows = sqlx::query(concat!(
+    let rows = sqlx::query(
         "INSERT INTO documents (id, owner_did, type, acl, data) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) \
-         ON CONFLICT (id) DO NOTHING RETURNING ",
-        doc_columns!()
-    ))
+         ON CONFLICT (id) DO NOTHING RETURNING id, rev, created_at, updated_at",
+    )
     .bind(ids)
     .bind(owners)
     .bind(types)
@@ -293,6 +314,6 @@ async fn insert_many(pool: &PgPool, batch: &[Create]) -> Result<HashMap<Uuid, Pg
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|r| Ok((sqlx::Row::try_get(&r, "id")?, r)))
+        .map(|r| Ok((r.try_get("id")?, Inserted(r))))
         .collect()
 }

@@ -20,6 +20,7 @@ use crate::acl::{Acl, HeldCertificates, NoCredentials, Operation};
 use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
 
+mod batch;
 mod query;
 pub mod shapes;
 
@@ -80,9 +81,6 @@ macro_rules! doc_columns {
 }
 
 const DOC_COLUMNS: &str = doc_columns!();
-
-// After `doc_columns!`, which it uses.
-mod batch;
 
 pub use batch::CreateBatching;
 
