@@ -29,19 +29,25 @@ async fn migrated_pool() -> (String, PgPool) {
     (name, pool)
 }
 
-/// Ticks and reads everything after `cursor`.
+/// Ticks and reads everything after `cursor` the way the node's listener does: the tick brings a
+/// first page (kept small here so that batches overflow it), the rest is read after.
 async fn drain(feed: &Feed, cursor: &mut Cursor) -> Vec<vibe::feed::Change> {
-    feed.tick().await.unwrap();
+    const FIRST: u32 = 7;
+    let (_, first) = feed.tick_and_read(*cursor, FIRST).await.unwrap();
+    let mut page = Some(first);
     let mut out = Vec::new();
     loop {
-        let page = feed.read(*cursor, &Filter::default(), 50).await.unwrap();
-        let n = page.changes.len();
+        let page = match page.take() {
+            Some(page) => page,
+            None => feed.read(*cursor, &Filter::default(), 50).await.unwrap(),
+        };
+        let full = page.full;
         out.extend(page.changes);
         if let Some(next) = page.next {
             assert!(next >= *cursor, "the cursor never moves back");
             *cursor = next;
         }
-        if n < 50 {
+        if !full {
             return out;
         }
     }
@@ -332,6 +338,84 @@ async fn a_feed_recovers_from_transaction_ids_going_backwards() {
     sqlx::query(INSERT).bind(id).execute(&pool).await.unwrap();
     let got = drain(&feed, &mut cursor).await;
     assert_eq!(got.iter().map(|c| c.doc_id).collect::<Vec<_>>(), vec![id]);
+    pool.close().await;
+    common::drop_database(&name).await;
+}
+
+/// A tick that cuts a batch rings the doorbell itself (its node's id as payload) and brings the
+/// batch's first page; the rest follows with plain reads, in order; a tick with nothing new cuts
+/// nothing; a tick after a pruned cursor still answers `CursorExpired`.
+#[tokio::test]
+async fn a_tick_rings_the_doorbell_and_brings_the_first_page() {
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(vibe::feed::DOORBELL_CHANNEL).await.unwrap();
+
+    sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, data) \
+         SELECT gen_random_uuid(), 'did:key:zA', 'posts', jsonb_build_object('i', i) \
+         FROM generate_series(1, 10) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let numbers = |changes: &[vibe::feed::Change]| -> Vec<i64> {
+        changes
+            .iter()
+            .map(|c| c.new.as_ref().unwrap().data["i"].as_i64().unwrap())
+            .collect()
+    };
+
+    let (made, first) = feed.tick_and_read(start, 4).await.unwrap();
+    let made = made.expect("the insert is visible: a tick is cut");
+    assert_eq!(numbers(&first.changes), vec![1, 2, 3, 4]);
+    assert!(first.full);
+    assert!(first.changes.iter().all(|c| c.cursor.tick == made));
+    let bell = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("the tick rang the doorbell")
+        .unwrap();
+    assert_eq!(bell.payload(), feed.node());
+
+    let rest = feed
+        .read(first.next.unwrap(), &Filter::default(), 50)
+        .await
+        .unwrap();
+    assert_eq!(numbers(&rest.changes), vec![5, 6, 7, 8, 9, 10]);
+    assert!(!rest.full);
+    let head = rest.next.unwrap();
+    assert_eq!(head, feed.head().await.unwrap());
+
+    let (again, empty) = feed.tick_and_read(head, 4).await.unwrap();
+    assert_eq!(again, None, "nothing new: no tick");
+    assert!(empty.changes.is_empty());
+
+    // Prune every tick but the newest: `start` loses the tick that cuts its batch.
+    sqlx::query("DELETE FROM feed_ticks WHERE tick < (SELECT max(tick) FROM feed_ticks)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(INSERT)
+        .bind(Uuid::now_v7())
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        feed.tick_and_read(start, 4).await,
+        Err(vibe::feed::FeedError::CursorExpired)
+    ));
+    let (_, after_prune) = feed.tick_and_read(head, 4).await.unwrap();
+    assert_eq!(
+        after_prune.changes.len(),
+        1,
+        "the tick above was cut and is read"
+    );
+
+    drop(listener); // it holds a pool connection that `close` would wait for
     pool.close().await;
     common::drop_database(&name).await;
 }

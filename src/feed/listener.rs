@@ -2,13 +2,14 @@
 //! node. It wakes on three things and depends on none of them arriving:
 //!
 //! - in-process, when this node's own write has committed ([`FeedWaker`]): it makes a tick;
-//! - a doorbell NOTIFY from another node, sent after that node made a tick: it reads;
+//! - a doorbell NOTIFY from another node, sent when that node's tick committed: it reads;
 //! - a poll timer, which finds writes made straight in SQL: it makes a tick if one is due.
 //!
-//! After making a tick it rings the doorbell itself (one NOTIFY per tick, from a pool
-//! connection, never inside a writer's transaction). A lost LISTEN connection (notifications
-//! sent meanwhile are gone) just triggers a read; a database outage delays reads and loses
-//! nothing, because the position is a cursor into the log.
+//! A tick rings the doorbell at its own commit (one NOTIFY per tick, never inside a writer's
+//! transaction) and brings the first page of changes with it, so a light load's change reaches
+//! the node one round trip after its commit. A lost LISTEN connection (notifications sent
+//! meanwhile are gone) just triggers a read; a database outage delays reads and loses nothing,
+//! because the position is a cursor into the log.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,9 @@ use super::{Change, Cursor, DOORBELL_CHANNEL, Feed, FeedError, Filter};
 
 /// How many changes one read fetches.
 const PAGE: u32 = 1000;
+/// How many changes the read inside a tick fetches: it holds the cluster-wide tick lock, so it
+/// is kept to what a light load's batch holds; a fuller batch is read on after the tick.
+const TICK_PAGE: u32 = 64;
 
 /// Lets writers wake the node's feed reader after their transaction committed.
 #[derive(Debug, Clone, Default)]
@@ -90,6 +94,8 @@ impl FeedListener {
         loop {
             // Read (and tick first if asked to) until caught up; on error, back off and retry.
             let result = async {
+                // A tick brings the first page with it (one round trip); the rest is read after.
+                let mut first_page = None;
                 if must_tick {
                     let wait = settings
                         .min_tick_interval
@@ -98,13 +104,17 @@ impl FeedListener {
                         tokio::time::sleep(wait).await;
                     }
                     last_tick = Instant::now();
-                    if feed.tick().await?.is_some() {
+                    let (made, page) = feed.tick_and_read(position, TICK_PAGE).await?;
+                    if made.is_some() {
                         metrics::counter!("vibe_feed_ticks_total").increment(1);
-                        feed.ring_doorbell().await?;
                     }
+                    first_page = Some(page);
                 }
                 loop {
-                    let page = feed.read(position, &Filter::default(), PAGE).await?;
+                    let page = match first_page.take() {
+                        Some(page) => page,
+                        None => feed.read(position, &Filter::default(), PAGE).await?,
+                    };
                     let n = page.changes.len();
                     let full = page.full;
                     if let Some(next) = page.next {

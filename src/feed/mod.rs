@@ -30,7 +30,8 @@ pub mod listener;
 const TICK_LOCK: i64 = 0x7669_6265_7469_636b; // "vibetick"
 /// Serialises pruning across nodes.
 const PRUNE_LOCK: i64 = 0x7669_6265_7072_756e; // "vibeprun"
-/// The channel other nodes LISTEN on; a payload-less doorbell sent after a tick commits.
+/// The channel other nodes LISTEN on; a tick that cut a batch NOTIFYs it at its commit, with the
+/// ticking node's id as payload.
 pub const DOORBELL_CHANNEL: &str = "vibe_feed";
 
 #[derive(Debug, thiserror::Error)]
@@ -126,23 +127,77 @@ impl Feed {
 
     /// Makes sure a tick taken after this call began has cut every change committed before it;
     /// returns the id of the tick that did, if one was needed (None: nothing new was visible).
+    /// A tick that cut a batch rings the doorbell at its commit (one round trip for both), so
+    /// every node learns of every batch whoever cut it.
     /// Concurrent callers on this node share one tick (see [`TickShare`]).
     pub async fn tick(&self) -> Result<Option<i64>, FeedError> {
+        self.shared_tick(async || {
+            let made: Option<i64> = sqlx::query_scalar("SELECT vibe_tick($1, $2, $3)")
+                .bind(TICK_LOCK)
+                .bind(DOORBELL_CHANNEL)
+                .bind(&self.node)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok((made, None))
+        })
+        .await
+        .map(|(made, _)| made)
+    }
+
+    /// [`Feed::tick`], then up to `limit` changes after `after` (unfiltered), in one round trip
+    /// when this call runs the tick: the read happens inside the tick's statement, holding the
+    /// cluster-wide tick lock, so keep `limit` small and read on with [`Feed::read`] when the
+    /// page is full. When another caller's tick covers this one, it is a plain read.
+    pub async fn tick_and_read(
+        &self,
+        after: Cursor,
+        limit: u32,
+    ) -> Result<(Option<i64>, Page), FeedError> {
+        let (made, page) = self
+            .shared_tick(async || {
+                let rows = sqlx::query("SELECT * FROM vibe_tick_read($1, $2, $3, $4, $5, $6)")
+                    .bind(TICK_LOCK)
+                    .bind(DOORBELL_CHANNEL)
+                    .bind(&self.node)
+                    .bind(after.tick)
+                    .bind(after.seq)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                // Every row carries the tick cut; no rows means none was (see the migration).
+                let made = match rows.first() {
+                    Some(row) => row.try_get("made")?,
+                    None => None,
+                };
+                let page = self.page(&rows, after, limit).await?;
+                Ok((made, Some(page)))
+            })
+            .await?;
+        let page = match page {
+            Some(page) => page,
+            None => self.read(after, &Filter::default(), limit).await?,
+        };
+        Ok((made, page))
+    }
+
+    /// Runs `tick` unless a tick that started after this call began has completed meanwhile;
+    /// returns what `tick` returned, or that tick's id and no page.
+    async fn shared_tick(
+        &self,
+        tick: impl AsyncFnOnce() -> Result<(Option<i64>, Option<Page>), FeedError>,
+    ) -> Result<(Option<i64>, Option<Page>), FeedError> {
         // A tick that starts after this point sees every change committed before the call.
         let wanted = self.ticks.started.load(Ordering::Acquire) + 1;
         let _running = self.ticks.running.lock().await;
         let (done, made) = *self.ticks.lock_done();
         if done >= wanted {
             // Another caller's tick started after this call began: it covers this one too.
-            return Ok(made);
+            return Ok((made, None));
         }
         let number = self.ticks.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let made: Option<i64> = sqlx::query_scalar("SELECT vibe_tick($1)")
-            .bind(TICK_LOCK)
-            .fetch_one(&self.pool)
-            .await?;
+        let (made, page) = tick().await?;
         *self.ticks.lock_done() = (number, made);
-        Ok(made)
+        Ok((made, page))
     }
 
     /// Ticks run against the database by this node (diagnostics and tests).
@@ -184,16 +239,6 @@ impl Feed {
         Ok(true)
     }
 
-    /// Wakes every node listening for ticks (sent from a pool connection, never a writer's).
-    pub async fn ring_doorbell(&self) -> Result<(), FeedError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(DOORBELL_CHANNEL)
-            .bind(&self.node)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// The position after the newest tick's batch: where a reader that wants only new changes
     /// starts.
     pub async fn head(&self) -> Result<Cursor, FeedError> {
@@ -218,37 +263,22 @@ impl Feed {
         filter: &Filter,
         limit: u32,
     ) -> Result<Page, FeedError> {
-        // Batch `after.tick` is cut by the tick before it; that tick must still be retained.
-        let rows = sqlx::query(
-            "WITH base AS (SELECT max(tick) AS tick FROM feed_ticks WHERE tick < $1), \
-             t AS ( \
-                 SELECT tick, snapshot, lag(snapshot) OVER (ORDER BY tick) AS prev \
-                 FROM feed_ticks WHERE tick >= (SELECT tick FROM base) \
-                 ORDER BY tick LIMIT 1001) \
-             SELECT (SELECT tick FROM base) AS base, t.tick, c.seq, c.xid, c.op, c.doc_id, c.type, c.owner_did, c.rev, \
-                    c.created_at, c.updated_at, c.logged_at, c.new_acl, c.new_data, c.old_acl, c.old_data \
-             FROM t LEFT JOIN LATERAL ( \
-                 SELECT * FROM changes c \
-                 WHERE c.xid >= pg_snapshot_xmin(t.prev)::text::bigint \
-                   AND c.xid < pg_snapshot_xmax(t.snapshot)::text::bigint \
-                   AND pg_visible_in_snapshot(c.xid::text::xid8, t.snapshot) \
-                   AND NOT pg_visible_in_snapshot(c.xid::text::xid8, t.prev) \
-                   AND (t.tick > $1 OR c.seq > $2) \
-                   AND (cardinality($3::text[]) = 0 OR c.type = ANY($3)) \
-                   AND ($4::text IS NULL OR c.owner_did = $4) \
-                 ORDER BY c.seq LIMIT $5) c ON true \
-             WHERE t.prev IS NOT NULL \
-             ORDER BY t.tick, c.seq NULLS FIRST LIMIT $5",
-        )
-        .bind(after.tick)
-        .bind(after.seq)
-        .bind(&filter.types)
-        .bind(filter.owner.as_deref())
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query("SELECT * FROM vibe_read($1, $2, $3, $4, $5)")
+            .bind(after.tick)
+            .bind(after.seq)
+            .bind(&filter.types)
+            .bind(filter.owner.as_deref())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        self.page(&rows, after, limit).await
+    }
+
+    /// The page `vibe_read`'s `rows` (read after `after`, at most `limit`) make.
+    async fn page(&self, rows: &[PgRow], after: Cursor, limit: u32) -> Result<Page, FeedError> {
         if rows.is_empty() {
-            // Either nothing new, or the base tick is gone: tell them apart.
+            // Either nothing new, or the base tick is gone: tell them apart. (Batch `after.tick`
+            // is cut by the tick before it; that tick must still be retained.)
             let base: Option<i64> =
                 sqlx::query_scalar("SELECT max(tick) FROM feed_ticks WHERE tick < $1")
                     .bind(after.tick)
@@ -266,7 +296,7 @@ impl Feed {
         let full = rows.len() >= limit as usize;
         let mut changes = Vec::with_capacity(rows.len());
         let mut last_tick = after.tick;
-        for row in &rows {
+        for row in rows {
             let tick: i64 = row.try_get("tick")?;
             last_tick = last_tick.max(tick);
             if let Some(change) = change(row, tick)? {

@@ -105,15 +105,9 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         owner: (!global).then(|| claims.subject.clone()),
     };
     // Cut a tick first, so the caller's own committed writes are in what it reads; other nodes
-    // learn of it through the doorbell.
-    match app.feed.tick().await {
-        Ok(Some(_)) => {
-            if let Err(e) = app.feed.ring_doorbell().await {
-                tracing::warn!(error = %e, "doorbell after a changes tick failed");
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "tick before a changes read failed"),
+    // learn of it through the doorbell the tick rings.
+    if let Err(e) = app.feed.tick().await {
+        tracing::warn!(error = %e, "tick before a changes read failed");
     }
     // Whether the token (attenuations included) lets the caller read a type, asked once per type.
     let token = super::bearer_token(req.headers())?;
