@@ -1,7 +1,8 @@
 //! The keys that sign ID tokens (RS256, the algorithm every OpenID relying party must accept):
-//! created when first needed (RSA key generation costs a CPU-bound fraction of a second, which a
-//! node that never signs should not pay at start), sealed in `oidc_signing_keys`, published as the JWKS, rotated on
-//! demand. The newest unretired key signs; a retired key stays published for `publish_for` so
+//! created when first needed (RSA key generation costs CPU-bound milliseconds, which a node that
+//! never signs should not pay at start), sealed in `oidc_signing_keys`, published as the JWKS,
+//! rotated on demand. Private-key operations are aws-lc-rs's (constant-time); keys are stored as
+//! PKCS#8 DER, and keys stored before as PKCS#1 DER still load. The newest unretired key signs; a retired key stays published for `publish_for` so
 //! tokens it signed keep verifying at relying parties that cache the JWKS.
 //!
 //! Invariant: private keys leave this module only sealed; the JWKS holds public parts only.
@@ -9,12 +10,13 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::rsa::{KeyPair, KeySize};
+use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_SHA256};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use rsa::RsaPrivateKey;
-use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
-use rsa::traits::PublicKeyParts;
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
@@ -23,7 +25,6 @@ use super::secrets::{SecretBox, SecretsError};
 
 /// Serialises key creation across nodes ("vibejwks").
 const KEYS_LOCK: i64 = 0x7669_6265_6a77_6b73;
-const RSA_BITS: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
@@ -39,11 +40,15 @@ pub enum SigningError {
     Jwt(#[from] jsonwebtoken::errors::Error),
     #[error("key generation failed: {0}")]
     Generate(String),
+    #[error("cannot encode the token: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("RSA signing failed")]
+    Sign,
 }
 
 struct ActiveKey {
     kid: String,
-    encoding: EncodingKey,
+    key: KeyPair,
 }
 
 #[derive(Default)]
@@ -127,31 +132,20 @@ impl SigningKeys {
     }
 
     async fn insert_new_key(&self, tx: &mut sqlx::PgConnection) -> Result<String, SigningError> {
-        // RSA key generation takes a CPU-bound fraction of a second.
-        let private = tokio::task::spawn_blocking(|| {
-            let mut rng = rsa::rand_core::OsRng;
-            RsaPrivateKey::new(&mut rng, RSA_BITS)
-        })
-        .await
-        .map_err(|e| SigningError::Generate(e.to_string()))?
-        .map_err(|e| SigningError::Generate(e.to_string()))?;
+        let private = tokio::task::spawn_blocking(|| KeyPair::generate(KeySize::Rsa2048))
+            .await
+            .map_err(|e| SigningError::Generate(e.to_string()))?
+            .map_err(|e| SigningError::Generate(e.to_string()))?;
         let kid = uuid::Uuid::now_v7().simple().to_string();
         let der = private
-            .to_pkcs1_der()
+            .as_der()
             .map_err(|e| SigningError::Generate(e.to_string()))?;
-        let jwk = serde_json::json!({
-            "kty": "RSA",
-            "use": "sig",
-            "alg": "RS256",
-            "kid": kid,
-            "n": URL_SAFE_NO_PAD.encode(private.n().to_bytes_be()),
-            "e": URL_SAFE_NO_PAD.encode(private.e().to_bytes_be()),
-        });
+        let jwk = public_jwk(&kid, &private);
         sqlx::query(
             "INSERT INTO oidc_signing_keys (kid, sealed_key, public_jwk) VALUES ($1, $2, $3)",
         )
         .bind(&kid)
-        .bind(self.secrets.seal(der.as_bytes(), kid.as_bytes()))
+        .bind(self.secrets.seal(der.as_ref(), kid.as_bytes()))
         .bind(&jwk)
         .execute(tx)
         .await?;
@@ -181,11 +175,9 @@ impl SigningKeys {
                 .push((kid.clone(), DecodingKey::from_rsa_components(n, e)?));
             if active && ring.active.is_none() {
                 let der = self.secrets.open(&sealed, kid.as_bytes())?;
-                // Parsed here only to fail early on a corrupt key rather than at first use.
-                RsaPrivateKey::from_pkcs1_der(&der).map_err(|e| bad(&e.to_string()))?;
                 ring.active = Some(ActiveKey {
                     kid: kid.clone(),
-                    encoding: EncodingKey::from_rsa_der(&der),
+                    key: private_key(&der).map_err(|e| bad(&e))?,
                 });
             }
             ring.published.push(jwk);
@@ -212,10 +204,8 @@ impl SigningKeys {
     /// A JWT of `claims`, signed with the active key.
     pub fn sign(&self, claims: &impl Serialize) -> Result<String, SigningError> {
         let ring = self.ring();
-        let key = ring.active.as_ref().ok_or(SigningError::NoKey)?;
-        let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some(key.kid.clone());
-        Ok(jsonwebtoken::encode(&header, claims, &key.encoding)?)
+        let active = ring.active.as_ref().ok_or(SigningError::NoKey)?;
+        sign_jwt(&active.kid, &active.key, claims)
     }
 
     /// Claims of a JWT this provider signed for `issuer` (any published key), expiry ignored:
@@ -240,5 +230,135 @@ impl SigningKeys {
         validation.set_required_spec_claims(&["iss"]);
         validation.set_issuer(&[issuer]);
         Ok(jsonwebtoken::decode::<T>(token, key, &validation)?.claims)
+    }
+}
+
+/// A stored private key: PKCS#8 DER (what this module writes), or PKCS#1 DER (what it wrote
+/// before it used aws-lc-rs).
+fn private_key(der: &[u8]) -> Result<KeyPair, String> {
+    KeyPair::from_pkcs8(der)
+        .or_else(|_| KeyPair::from_der(der))
+        .map_err(|e| e.to_string())
+}
+
+/// The public JWK of `key`, as published in the JWKS.
+fn public_jwk(kid: &str, key: &KeyPair) -> serde_json::Value {
+    let public = key.public_key();
+    serde_json::json!({
+        "kty": "RSA",
+        "use": "sig",
+        "alg": "RS256",
+        "kid": kid,
+        "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+        "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
+    })
+}
+
+/// The compact JWS (RFC 7515) of `claims`: RS256 (RSASSA-PKCS1-v1_5 with SHA-256) under `key`,
+/// its header naming `kid`.
+fn sign_jwt(kid: &str, key: &KeyPair, claims: &impl Serialize) -> Result<String, SigningError> {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_owned());
+    let mut jwt = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+    jwt.push('.');
+    jwt.push_str(&URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?));
+    let mut signature = vec![0; key.public_modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        jwt.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| SigningError::Sign)?;
+    jwt.push('.');
+    jwt.push_str(&URL_SAFE_NO_PAD.encode(signature));
+    Ok(jwt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verify(jwt: &str, jwk: &serde_json::Value) -> serde_json::Value {
+        let key = DecodingKey::from_rsa_components(
+            jwk["n"].as_str().unwrap_or_default(),
+            jwk["e"].as_str().unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| panic!("JWK: {e}"));
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims::<&str>(&[]);
+        jsonwebtoken::decode::<serde_json::Value>(jwt, &key, &validation)
+            .unwrap_or_else(|e| panic!("{jwt} does not verify: {e}"))
+            .claims
+    }
+
+    #[test]
+    fn a_signed_token_verifies_with_the_published_key_and_a_forged_one_does_not() {
+        let key = KeyPair::generate(KeySize::Rsa2048).unwrap_or_else(|e| panic!("{e}"));
+        let jwk = public_jwk("k1", &key);
+        let claims = serde_json::json!({"sub": "did:key:zA", "n": 1});
+        let jwt = sign_jwt("k1", &key, &claims).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(verify(&jwt, &jwk), claims);
+        let header = jsonwebtoken::decode_header(&jwt).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (header.alg, header.kid.as_deref()),
+            (Algorithm::RS256, Some("k1"))
+        );
+
+        // Claims swapped under the same signature; and a token of another key.
+        let (head, rest) = jwt.split_once('.').unwrap_or_default();
+        let (_, signature) = rest.split_once('.').unwrap_or_default();
+        let forged_claims = URL_SAFE_NO_PAD.encode(br#"{"sub":"did:key:zB","n":1}"#);
+        let forged = format!("{head}.{forged_claims}.{signature}");
+        let other = KeyPair::generate(KeySize::Rsa2048).unwrap_or_else(|e| panic!("{e}"));
+        let foreign = sign_jwt("k1", &other, &claims).unwrap_or_else(|e| panic!("{e}"));
+        let key = DecodingKey::from_rsa_components(
+            jwk["n"].as_str().unwrap_or_default(),
+            jwk["e"].as_str().unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_required_spec_claims::<&str>(&[]);
+        validation.validate_exp = false;
+        for bad in [forged, foreign] {
+            assert!(jsonwebtoken::decode::<serde_json::Value>(&bad, &key, &validation).is_err());
+        }
+    }
+
+    #[test]
+    fn keys_stored_as_pkcs8_and_as_pkcs1_both_load() {
+        let key = KeyPair::generate(KeySize::Rsa2048).unwrap_or_else(|e| panic!("{e}"));
+        let pkcs8 = key.as_der().unwrap_or_else(|e| panic!("{e}"));
+        let pkcs8 = pkcs8.as_ref();
+        // PKCS#8 PrivateKeyInfo = SEQUENCE { version 0, AlgorithmIdentifier rsaEncryption,
+        // OCTET STRING { RSAPrivateKey (PKCS#1) } }: for a 2048-bit key a 26-byte prefix with
+        // two-byte lengths, the PKCS#1 key after it (how keys were stored before).
+        let prefix = [
+            0x02, 0x01, 0x00, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01,
+            0x01, 0x01, 0x05, 0x00, 0x04, 0x82,
+        ];
+        assert_eq!(
+            &pkcs8[4..24],
+            &prefix,
+            "the PKCS#8 layout this test assumes"
+        );
+        let pkcs1 = &pkcs8[26..];
+        assert_eq!(
+            usize::from(u16::from_be_bytes([pkcs8[24], pkcs8[25]])),
+            pkcs1.len()
+        );
+
+        let claims = serde_json::json!({"sub": "did:key:zA"});
+        for der in [pkcs8, pkcs1] {
+            let loaded = private_key(der).unwrap_or_else(|e| panic!("{e}"));
+            let jwt = sign_jwt("k", &loaded, &claims).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(verify(&jwt, &public_jwk("k", &key)), claims);
+        }
+        assert!(
+            private_key(&pkcs1[1..]).is_err(),
+            "a corrupt key is refused"
+        );
     }
 }
