@@ -8,11 +8,12 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
-use biscuit_auth::builder::{Fact, date, fact, string};
-use biscuit_auth::builder_ext::AuthorizerExt;
+use biscuit_auth::builder::{
+    Expression, Fact, Op, Policy, PolicyKind, Rule, Term, date, fact, pred, rule, string, var,
+};
 use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, error as berror};
 
 use crate::acl::is_did;
@@ -436,7 +437,8 @@ impl TokenAuthority {
             builder = builder.fact(f).map_err(|_| AuthError::Invalid)?;
         }
         let mut authorizer = builder
-            .allow_all()
+            .policy(ALLOW_ALL.clone())
+            .map_err(|_| AuthError::Invalid)?
             .set_limits(LIMITS)
             .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
@@ -446,6 +448,42 @@ impl TokenAuthority {
     }
 }
 
+/// The queries that read a token's claims, `data($v) <- NAME($v)` for each claim fact, built
+/// once: parsing their text again on every first sight was a measurable share of it.
+struct ClaimQueries {
+    exp: Rule,
+    sub: Rule,
+    scope: Rule,
+    client: Rule,
+    grant: Rule,
+    identity_scope: Rule,
+}
+
+/// `allow if true`, built once for the same reason.
+static ALLOW_ALL: LazyLock<Policy> = LazyLock::new(|| Policy {
+    queries: vec![Rule::new(
+        pred("query", &[] as &[Term]),
+        vec![],
+        vec![Expression {
+            ops: vec![Op::Value(Term::Bool(true))],
+        }],
+        vec![],
+    )],
+    kind: PolicyKind::Allow,
+});
+
+static CLAIM_QUERIES: LazyLock<ClaimQueries> = LazyLock::new(|| {
+    let query = |name: &str| rule("data", &[var("v")], &[pred(name, &[var("v")])]);
+    ClaimQueries {
+        exp: query("exp"),
+        sub: query("sub"),
+        scope: query("scope"),
+        client: query("client"),
+        grant: query("grant"),
+        identity_scope: query("identity_scope"),
+    }
+});
+
 /// Subject, scopes and expiry from the authority block (queries see only trusted facts).
 fn read_claims(
     biscuit: &Biscuit,
@@ -453,7 +491,7 @@ fn read_claims(
     now: SystemTime,
 ) -> Result<Claims, AuthError> {
     let expires: Vec<(SystemTime,)> = authorizer
-        .query("data($t) <- exp($t)")
+        .query(CLAIM_QUERIES.exp.clone())
         .map_err(|_| AuthError::Invalid)?;
     let expires_at = match expires.as_slice() {
         [(t,)] => *t,
@@ -463,14 +501,14 @@ fn read_claims(
         return Err(AuthError::Expired);
     }
     let subjects: Vec<(String,)> = authorizer
-        .query("data($s) <- sub($s)")
+        .query(CLAIM_QUERIES.sub.clone())
         .map_err(|_| AuthError::Invalid)?;
     let subject = match subjects.as_slice() {
         [(s,)] => s.clone(),
         _ => return Err(AuthError::Invalid),
     };
     let raw_scopes: Vec<(String,)> = authorizer
-        .query("data($s) <- scope($s)")
+        .query(CLAIM_QUERIES.scope.clone())
         .map_err(|_| AuthError::Invalid)?;
     let mut scopes = raw_scopes
         .into_iter()
@@ -480,10 +518,10 @@ fn read_claims(
     scopes.sort();
     scopes.dedup();
     let clients: Vec<(String,)> = authorizer
-        .query("data($c) <- client($c)")
+        .query(CLAIM_QUERIES.client.clone())
         .map_err(|_| AuthError::Invalid)?;
     let grants: Vec<(String,)> = authorizer
-        .query("data($g) <- grant($g)")
+        .query(CLAIM_QUERIES.grant.clone())
         .map_err(|_| AuthError::Invalid)?;
     let (client, grant) = match (clients.as_slice(), grants.as_slice()) {
         ([], []) => (None, None),
@@ -494,7 +532,7 @@ fn read_claims(
         _ => return Err(AuthError::Invalid),
     };
     let identity_scopes: Vec<(String,)> = authorizer
-        .query("data($s) <- identity_scope($s)")
+        .query(CLAIM_QUERIES.identity_scope.clone())
         .map_err(|_| AuthError::Invalid)?;
     let mut identity_scopes: Vec<String> = identity_scopes.into_iter().map(|(s,)| s).collect();
     identity_scopes.sort();
@@ -548,6 +586,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = TokenAuthority::load_or_create(dir.path()).unwrap();
         (dir, auth)
+    }
+
+    #[test]
+    fn the_prebuilt_policy_and_queries_are_what_their_text_says() {
+        assert_eq!(*ALLOW_ALL, Policy::try_from("allow if true").unwrap());
+        let q = &*CLAIM_QUERIES;
+        for (built, text) in [
+            (&q.exp, "data($v) <- exp($v)"),
+            (&q.sub, "data($v) <- sub($v)"),
+            (&q.scope, "data($v) <- scope($v)"),
+            (&q.client, "data($v) <- client($v)"),
+            (&q.grant, "data($v) <- grant($v)"),
+            (&q.identity_scope, "data($v) <- identity_scope($v)"),
+        ] {
+            assert_eq!(*built, Rule::try_from(text).unwrap());
+        }
     }
 
     #[test]
