@@ -463,6 +463,14 @@ mod tests {
         )
     }
 
+    /// The error the defaults with `key` set to `value` are refused with.
+    fn refusal(key: &str, value: impl serde::Serialize) -> String {
+        match with(key, value) {
+            Ok(_) => panic!("{key} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn defaults_are_valid() {
         let config = with("listen", "127.0.0.1:8080").unwrap();
@@ -494,19 +502,14 @@ mod tests {
         let err = with("listen", "nowhere").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
         // More writers than pooled connections would leave requests without one.
-        let err = with("database.create_writers", 17).unwrap_err().to_string();
-        assert!(err.contains("database.create_writers"), "{err}");
-        let err = with("database.create_batch_rows", 0)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("database.create_batch_rows"), "{err}");
-        let err = with("identity.registrations_per_hour_per_address", 0)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("identity.registrations_per_hour_per_address"),
-            "{err}"
-        );
+        for (key, value) in [
+            ("database.create_writers", 17),
+            ("database.create_batch_rows", 0),
+            ("identity.registrations_per_hour_per_address", 0),
+        ] {
+            let err = refusal(key, value);
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]
@@ -514,14 +517,14 @@ mod tests {
         // An unspecified bind address cannot be put in a candidate: clients need `advertise`.
         let err = with("calls.bind", "0.0.0.0").unwrap_err().to_string();
         assert!(err.contains("calls.advertise"), "{err}");
-        let err = with("calls.port_min", 40000).unwrap_err().to_string();
-        assert!(err.contains("calls.port_min"), "{err}");
-        let err = with("calls.max_participants", 1).unwrap_err().to_string();
-        assert!(err.contains("calls.max_participants"), "{err}");
-        let err = with("calls.resend_buffer_packets", 3)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("calls.resend_buffer_packets"), "{err}");
+        for (key, value) in [
+            ("calls.port_min", 40000),
+            ("calls.max_participants", 1),
+            ("calls.resend_buffer_packets", 3),
+        ] {
+            let err = refusal(key, value);
+            assert!(err.contains(key), "{err}");
+        }
         let config = with("calls.advertise", vec!["192.0.2.7"]).unwrap();
         assert_eq!(config.calls.to_actor_config().advertise.len(), 1);
     }

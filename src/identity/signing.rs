@@ -2,8 +2,9 @@
 //! created when first needed (RSA key generation costs CPU-bound milliseconds, which a node that
 //! never signs should not pay at start), sealed in `oidc_signing_keys`, published as the JWKS,
 //! rotated on demand. Private-key operations are aws-lc-rs's (constant-time); keys are stored as
-//! PKCS#8 DER, and keys stored before as PKCS#1 DER still load. The newest unretired key signs; a retired key stays published for `publish_for` so
-//! tokens it signed keep verifying at relying parties that cache the JWKS.
+//! PKCS#8 DER, and keys stored before as PKCS#1 DER still load. The newest unretired key signs; a
+//! retired key stays published for `publish_for` so tokens it signed keep verifying at relying
+//! parties that cache the JWKS.
 //!
 //! Invariant: private keys leave this module only sealed; the JWKS holds public parts only.
 
@@ -279,19 +280,24 @@ fn sign_jwt(kid: &str, key: &KeyPair, claims: &impl Serialize) -> Result<String,
 mod tests {
     use super::*;
 
-    fn verify(jwt: &str, jwk: &serde_json::Value) -> serde_json::Value {
+    /// The claims of `jwt` if its RS256 signature verifies under `jwk` (no claim is required).
+    fn decode(
+        jwt: &str,
+        jwk: &serde_json::Value,
+    ) -> Result<serde_json::Value, jsonwebtoken::errors::Error> {
         let key = DecodingKey::from_rsa_components(
             jwk["n"].as_str().unwrap_or_default(),
             jwk["e"].as_str().unwrap_or_default(),
-        )
-        .unwrap_or_else(|e| panic!("JWK: {e}"));
+        )?;
         let mut validation = Validation::new(Algorithm::RS256);
         validation.validate_exp = false;
         validation.validate_aud = false;
         validation.set_required_spec_claims::<&str>(&[]);
-        jsonwebtoken::decode::<serde_json::Value>(jwt, &key, &validation)
-            .unwrap_or_else(|e| panic!("{jwt} does not verify: {e}"))
-            .claims
+        Ok(jsonwebtoken::decode::<serde_json::Value>(jwt, &key, &validation)?.claims)
+    }
+
+    fn verify(jwt: &str, jwk: &serde_json::Value) -> serde_json::Value {
+        decode(jwt, jwk).unwrap_or_else(|e| panic!("{jwt} does not verify: {e}"))
     }
 
     #[test]
@@ -314,16 +320,8 @@ mod tests {
         let forged = format!("{head}.{forged_claims}.{signature}");
         let other = KeyPair::generate(KeySize::Rsa2048).unwrap_or_else(|e| panic!("{e}"));
         let foreign = sign_jwt("k1", &other, &claims).unwrap_or_else(|e| panic!("{e}"));
-        let key = DecodingKey::from_rsa_components(
-            jwk["n"].as_str().unwrap_or_default(),
-            jwk["e"].as_str().unwrap_or_default(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_required_spec_claims::<&str>(&[]);
-        validation.validate_exp = false;
         for bad in [forged, foreign] {
-            assert!(jsonwebtoken::decode::<serde_json::Value>(&bad, &key, &validation).is_err());
+            assert!(decode(&bad, &jwk).is_err());
         }
     }
 
