@@ -56,6 +56,8 @@ pub struct DatabaseConfig {
     pub migrate_on_start: bool,
     pub create_batch_rows: usize,
     pub create_writers: usize,
+    pub read_batch_rows: usize,
+    pub readers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,6 +313,17 @@ impl Config {
                 "must be at least 1 and at most database.max_connections",
             );
         }
+        if !(1..=1000).contains(&self.database.read_batch_rows) {
+            return invalid("database.read_batch_rows", "must be between 1 and 1000");
+        }
+        if self.database.readers == 0
+            || self.database.readers > self.database.max_connections as usize
+        {
+            return invalid(
+                "database.readers",
+                "must be at least 1 and at most database.max_connections",
+            );
+        }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }
@@ -505,6 +518,8 @@ mod tests {
         for (key, value) in [
             ("database.create_writers", 17),
             ("database.create_batch_rows", 0),
+            ("database.readers", 0),
+            ("database.read_batch_rows", 1001),
             ("identity.registrations_per_hour_per_address", 0),
         ] {
             let err = refusal(key, value);

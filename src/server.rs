@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::embedded_db::{EmbeddedDbError, EmbeddedPostgres};
 use crate::feed::listener::{ChangeSink, FeedListener, ListenerSettings};
 use crate::feed::{Feed, FeedError};
-use crate::store::{CreateBatching, Store, StoreError};
+use crate::store::{Batching, Store, StoreError};
 use crate::ws::connection::CALL_TYPE;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +80,13 @@ impl Database {
             options.application_name("vibe"),
             config.database.max_connections,
             config.database.acquire_timeout,
-            CreateBatching {
+            Batching {
                 max_rows: config.database.create_batch_rows,
-                writers: config.database.create_writers,
+                slots: config.database.create_writers,
+            },
+            Batching {
+                max_rows: config.database.read_batch_rows,
+                slots: config.database.readers,
             },
         )
         .await;

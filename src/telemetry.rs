@@ -29,7 +29,8 @@ const MATCH_BUCKETS: &[f64] = &[
     0.01,
 ];
 
-/// Rows per create statement (`database.create_batch_rows` is at most 1000).
+/// Requests per grouped statement (`database.create_batch_rows` and `read_batch_rows` are at
+/// most 1000).
 const BATCH_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
 
 /// Installs the global log subscriber. `RUST_LOG` overrides the configured level.
@@ -63,6 +64,12 @@ pub fn metrics() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full("vibe_store_create_batch_rows".into()),
+                        BATCH_ROW_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("vibe_store_read_batch_rows".into()),
                         BATCH_ROW_BUCKETS,
                     )
                 })

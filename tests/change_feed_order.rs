@@ -20,7 +20,8 @@ async fn migrated_pool() -> (String, PgPool) {
         url.parse().unwrap(),
         4,
         Duration::from_secs(5),
-        vibe::store::CreateBatching::default(),
+        vibe::store::Batching::default(),
+        vibe::store::Batching::default(),
     )
     .await
     .unwrap();

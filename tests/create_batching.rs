@@ -8,13 +8,11 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
-
-use common::{ALICE, TestServer};
+use common::{ALICE, TestServer, until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Transaction};
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 /// POSTs a `posts` document from a task of its own: the body sent, the status, the answer.
@@ -36,25 +34,8 @@ fn spawn_create(
     })
 }
 
-/// Polls until `check` holds (each poll is a query or a scrape; there is no event to await
-/// inside the server's queue), failing after 15 s.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn creates_waiting(s: &TestServer) -> f64 {
-    let text = s.metrics_text().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("vibe_store_creates_waiting "))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    s.metric("vibe_store_creates_waiting").await
 }
 
 /// Holds the server's only write slot: an uncommitted row with id `id` makes the create of the same

@@ -1,135 +1,171 @@
-//! Group commit for document creates: creates that arrive while earlier ones are being written
-//! share one INSERT statement and one commit.
+//! Grouped statements: requests of one kind that arrive while earlier ones are at the database
+//! share one statement. Creates share one INSERT and one commit ([`super::creates`]); reads by id
+//! share one `SELECT … WHERE id = ANY(…)` ([`super::reads`]).
 //!
-//! At most [`CreateBatching::writers`] statements run at once. A create that finds one of those
-//! slots free runs its own INSERT in its own task, so a lone create is never delayed nor handed
-//! between tasks; creates that arrive while every slot is busy queue, and the slot that frees up
-//! next inserts up to [`CreateBatching::max_rows`] of them at once (in a task of its own, so the
-//! create that held it answers at once). Under concurrency this turns N round trips and N commits
-//! into one of each — which is where a single-row insert's time goes here (waking the database
-//! backend twice, and the commit's WAL flush), not in the insert itself.
+//! At most [`Batching::slots`] statements of a kind run at once. A request that finds one of
+//! those slots free runs its own statement in its own task, so a lone request is never delayed
+//! nor handed between tasks; requests that arrive while every slot is busy queue, and the slot
+//! that frees up next runs up to [`Batching::max_rows`] of them as one statement (in a task of its
+//! own, so the request that held the slot answers at once). Under concurrency this turns N round
+//! trips into one — which is where a one-row statement's time goes here (waking the database
+//! backend twice, and for a write the commit's WAL flush), not in the row itself.
 //!
-//! Invariant: every create gets the answer a lone INSERT would have given it. A statement that
-//! fails as a whole (a constraint the API does not check first) is retried row by row, so one bad
-//! row never fails its neighbours; two creates of the same id never share a statement.
+//! Invariants: a queued request's statement starts after the request was queued, so it sees
+//! every write committed before the request arrived (a grouped read is as fresh as a lone one).
+//! Every request gets an answer; the queue is bounded and a request beyond it is refused with
+//! [`StoreError::Unavailable`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use sqlx::postgres::PgRow;
-use sqlx::types::Json;
-use sqlx::{PgPool, Row};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::acl::Acl;
-use crate::feed::listener::FeedWaker;
-use crate::wire::Document;
 
-/// How creates are grouped; see `[database]` in config/default.toml.
+/// How requests of one kind are grouped; see `[database]` in config/default.toml.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CreateBatching {
-    /// Most rows one INSERT carries (1: every create is its own statement).
+pub struct Batching {
+    /// Most requests one statement carries (1: every request is its own statement).
     pub max_rows: usize,
-    /// Writer tasks, so INSERTs in flight at once (each holds a pooled connection meanwhile).
-    pub writers: usize,
+    /// Statements of this kind in flight at once (each holds a pooled connection meanwhile).
+    pub slots: usize,
 }
 
-impl Default for CreateBatching {
+impl Default for Batching {
     fn default() -> Self {
         Self {
             max_rows: 64,
-            writers: 4,
+            slots: 4,
         }
     }
 }
 
-/// One document to insert.
-#[derive(Debug)]
-pub(super) struct NewRow {
-    pub id: Uuid,
-    pub owner: String,
-    pub doc_type: String,
-    pub acl: Acl,
-    pub data: serde_json::Value,
+/// A kind of statement that can carry one request or many.
+pub(super) trait Grouped: Send + Sync + 'static {
+    type Input: Send + 'static;
+    type Output: Send + 'static;
+    /// What the requests are, for refusals ("document creates").
+    const WHAT: &'static str;
+    /// Histogram of requests per statement.
+    const ROWS_METRIC: &'static str;
+    /// Gauge of requests waiting for a slot.
+    const WAITING_METRIC: &'static str;
+
+    /// An id no two requests of one statement may share (None: any requests may share one).
+    fn exclusive_id(input: &Self::Input) -> Option<Uuid>;
+
+    /// One request, alone in its statement.
+    fn one(
+        &self,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<Self::Output, StoreError>> + Send;
+
+    /// Several requests (two or more), each answered through its [`Reply`].
+    fn many(&self, batch: Vec<Pending<Self>>) -> impl Future<Output = ()> + Send;
 }
 
-/// A queued create and where its answer goes.
-#[derive(Debug)]
-struct Create {
-    row: NewRow,
-    reply: oneshot::Sender<Result<Document, StoreError>>,
+/// A queued request and where its answer goes.
+pub(super) struct Pending<G: Grouped + ?Sized> {
+    pub(super) input: G::Input,
+    pub(super) reply: Reply<G>,
 }
 
-/// The creates of one store: the write slots and the queue behind them.
-#[derive(Debug, Clone)]
-pub(super) struct Creates(Arc<Shared>);
+/// Where a queued request's answer goes.
+pub(super) struct Reply<G: Grouped + ?Sized>(oneshot::Sender<Result<G::Output, StoreError>>);
 
-#[derive(Debug)]
-struct Shared {
-    pool: PgPool,
-    waker: FeedWaker,
+impl<G: Grouped + ?Sized> Reply<G> {
+    /// Answers the request; a caller that gave up meanwhile is not an error.
+    pub(super) fn send(self, result: Result<G::Output, StoreError>) {
+        let _ = self.0.send(result);
+    }
+}
+
+/// The requests of one kind: the slots and the queue behind them.
+pub(super) struct Batcher<G: Grouped>(Arc<Shared<G>>);
+
+impl<G: Grouped> Clone for Batcher<G> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<G: Grouped> std::fmt::Debug for Batcher<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("what", &G::WHAT)
+            .field("max_rows", &self.0.max_rows)
+            .field("slots", &self.0.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared<G: Grouped> {
+    statement: G,
     max_rows: usize,
-    writers: usize,
-    /// Beyond this many queued creates a create is refused (503) rather than queued.
+    slots: usize,
+    /// Beyond this many queued requests a request is refused (503) rather than queued.
     max_queued: usize,
-    state: Mutex<State>,
+    state: Mutex<State<G>>,
 }
 
-#[derive(Debug, Default)]
-struct State {
+struct State<G: Grouped> {
     /// Slots in use: statements running or about to run.
-    writing: usize,
-    queue: VecDeque<Create>,
+    busy: usize,
+    queue: VecDeque<Pending<G>>,
 }
 
-impl Creates {
-    pub(super) fn new(pool: PgPool, waker: FeedWaker, batching: CreateBatching) -> Self {
+impl<G: Grouped> Batcher<G> {
+    pub(super) fn new(statement: G, batching: Batching) -> Self {
         let max_rows = batching.max_rows.max(1);
-        let writers = batching.writers.max(1);
+        let slots = batching.slots.max(1);
         Self(Arc::new(Shared {
-            pool,
-            waker,
+            statement,
             max_rows,
-            writers,
-            max_queued: max_rows * writers * 16,
-            state: Mutex::default(),
+            slots,
+            max_queued: max_rows * slots * 16,
+            state: Mutex::new(State {
+                busy: 0,
+                queue: VecDeque::new(),
+            }),
         }))
     }
 
-    pub(super) async fn create(&self, row: NewRow) -> Result<Document, StoreError> {
+    /// Runs `input` alone if a slot is free, else with the requests queued beside it.
+    pub(super) async fn run(&self, input: G::Input) -> Result<G::Output, StoreError> {
         let shared = &self.0;
         let admitted = {
             let mut state = shared.lock();
-            if state.writing < shared.writers && state.queue.is_empty() {
-                state.writing += 1;
-                Admitted::Slot(row)
+            if state.busy < shared.slots && state.queue.is_empty() {
+                state.busy += 1;
+                Admitted::Slot(input)
             } else if state.queue.len() >= shared.max_queued {
                 return Err(StoreError::Unavailable(sqlx::Error::Protocol(format!(
-                    "{} document creates are already waiting for the database",
-                    state.queue.len()
+                    "{} {} are already waiting for the database",
+                    state.queue.len(),
+                    G::WHAT
                 ))));
             } else {
                 let (reply, answer) = oneshot::channel();
-                state.queue.push_back(Create { row, reply });
-                metrics::gauge!("vibe_store_creates_waiting").increment(1.0);
+                state.queue.push_back(Pending {
+                    input,
+                    reply: Reply(reply),
+                });
+                metrics::gauge!(G::WAITING_METRIC).increment(1.0);
                 Admitted::Queued(answer)
             }
         };
         match admitted {
-            Admitted::Slot(row) => {
+            Admitted::Slot(input) => {
                 // Released when this future ends, also when it is dropped mid-statement.
                 let slot = Slot(self.0.clone());
-                metrics::histogram!("vibe_store_create_batch_rows").record(1.0);
-                let result = insert_one(&shared.pool, row).await;
-                if result.is_ok() {
-                    shared.waker.committed();
-                }
+                metrics::histogram!(G::ROWS_METRIC).record(1.0);
+                let result = shared.statement.one(input).await;
                 drop(slot);
                 result
             }
-            // The sender is dropped unanswered only if the runtime drops the writing task.
+            // The sender is dropped unanswered only if the runtime drops the running task.
             Admitted::Queued(answer) => answer
                 .await
                 .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?,
@@ -137,42 +173,50 @@ impl Creates {
     }
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+impl<G: Grouped> Shared<G> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<G>> {
         // The state is consistent between statements (no code inside can panic halfway).
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The queued creates a freed slot writes next (None: the slot is given back). Ids are
-    /// distinct within a batch: a create whose id is already in it stays first in the queue.
-    fn next_batch(&self) -> Option<Vec<Create>> {
+    /// The queued requests a freed slot runs next (None: the slot is given back). Exclusive ids
+    /// are distinct within a batch: a request whose id is already in it stays first in the queue.
+    fn next_batch(&self) -> Option<Vec<Pending<G>>> {
         let mut state = self.lock();
         if state.queue.is_empty() {
-            state.writing -= 1;
+            state.busy -= 1;
             return None;
         }
-        let mut batch: Vec<Create> = Vec::new();
+        let mut batch: Vec<Pending<G>> = Vec::new();
         let mut ids = HashSet::new();
         while batch.len() < self.max_rows {
-            let Some(create) = state.queue.pop_front() else {
+            let Some(pending) = state.queue.pop_front() else {
                 break;
             };
-            if !ids.insert(create.row.id) {
-                state.queue.push_front(create);
+            if let Some(id) = G::exclusive_id(&pending.input)
+                && !ids.insert(id)
+            {
+                state.queue.push_front(pending);
                 break;
             }
-            batch.push(create);
+            batch.push(pending);
         }
-        metrics::gauge!("vibe_store_creates_waiting").decrement(batch.len() as f64);
+        metrics::gauge!(G::WAITING_METRIC).decrement(batch.len() as f64);
         Some(batch)
     }
 
-    /// Writes queued batches while there are any, then gives the slot back.
-    async fn drain(self: Arc<Self>, mut batch: Vec<Create>) {
+    /// Runs queued batches while there are any, then gives the slot back.
+    async fn drain(self: Arc<Self>, mut batch: Vec<Pending<G>>) {
         loop {
-            metrics::histogram!("vibe_store_create_batch_rows").record(batch.len() as f64);
-            write(&self.pool, batch).await;
-            self.waker.committed();
+            metrics::histogram!(G::ROWS_METRIC).record(batch.len() as f64);
+            if batch.len() == 1 {
+                for pending in batch {
+                    let result = self.statement.one(pending.input).await;
+                    pending.reply.send(result);
+                }
+            } else {
+                self.statement.many(batch).await;
+            }
             match self.next_batch() {
                 Some(next) => batch = next,
                 None => return,
@@ -181,17 +225,16 @@ impl Shared {
     }
 }
 
-/// How a create got in: with a write slot of its own, or into the queue.
-#[allow(clippy::large_enum_variant)] // one per create, on the stack for one match: boxing would allocate
-enum Admitted {
-    Slot(NewRow),
-    Queued(oneshot::Receiver<Result<Document, StoreError>>),
+/// How a request got in: with a slot of its own, or into the queue.
+enum Admitted<I, O> {
+    Slot(I),
+    Queued(oneshot::Receiver<Result<O, StoreError>>),
 }
 
-/// A write slot held by a create running its own statement.
-struct Slot(Arc<Shared>);
+/// A slot held by a request running its own statement.
+struct Slot<G: Grouped>(Arc<Shared<G>>);
 
-impl Drop for Slot {
+impl<G: Grouped> Drop for Slot<G> {
     fn drop(&mut self) {
         let Some(batch) = self.0.next_batch() else {
             return;
@@ -200,120 +243,139 @@ impl Drop for Slot {
             Ok(runtime) => {
                 runtime.spawn(self.0.clone().drain(batch));
             }
-            // No runtime (it is being torn down): the queued creates' senders drop with the
+            // No runtime (it is being torn down): the queued requests' senders drop with the
             // batch, and their callers get `Unavailable`.
             Err(_) => drop(batch),
         }
     }
 }
 
-/// Inserts `batch` and answers each create.
-async fn write(pool: &PgPool, batch: Vec<Create>) {
-    if let [_] = batch.as_slice() {
-        for create in batch {
-            let result = insert_one(pool, create.row).await;
-            let _ = create.reply.send(result);
-        }
-        return;
-    }
-    match insert_many(pool, &batch).await {
-        Ok(mut rows) => {
-            for create in batch {
-                let result = match rows.remove(&create.row.id) {
-                    Some(inserted) => inserted.document(create.row),
-                    None => Err(StoreError::AlreadyExists),
-                };
-                let _ = create.reply.send(result);
-            }
-        }
-        // The statement may or may not have committed: answer as a lone create would have.
-        Err(StoreError::Unavailable(cause)) => {
-            let cause = cause.to_string();
-            for create in batch {
-                let error = sqlx::Error::Protocol(cause.clone());
-                let _ = create.reply.send(Err(StoreError::Unavailable(error)));
-            }
-        }
-        // Refused as a whole, so nothing was written: find the row(s) at fault.
-        Err(e) => {
-            tracing::debug!(error = %e, rows = batch.len(), "batched create refused; retrying row by row");
-            for create in batch {
-                let result = insert_one(pool, create.row).await;
-                let _ = create.reply.send(result);
-            }
+/// The error each request of a failed shared statement gets (a database error is not `Clone`):
+/// a connection failure stays `Unavailable` (the statement may or may not have run, as for a
+/// lone request), anything else a database error with the same message.
+pub(super) fn shared_failure(error: &StoreError) -> impl Fn() -> StoreError + use<> {
+    let unavailable = matches!(error, StoreError::Unavailable(_));
+    let cause = match error {
+        StoreError::Unavailable(e) | StoreError::Database(e) => e.to_string(),
+        other => other.to_string(),
+    };
+    move || {
+        let error = sqlx::Error::Protocol(cause.clone());
+        if unavailable {
+            StoreError::Unavailable(error)
+        } else {
+            StoreError::Database(error)
         }
     }
 }
 
-/// What the database adds to a new document. The rest is what was sent: reading `acl` and
-/// `data` back would make PostgreSQL print the JSON and the server parse it again, for nothing
-/// (a GET of the stored row parses to the same values).
-struct Inserted(PgRow);
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
-impl Inserted {
-    fn document(self, row: NewRow) -> Result<Document, StoreError> {
-        Ok(Document {
-            id: row.id,
-            doc_type: row.doc_type,
-            owner: row.owner,
-            rev: self.0.try_get("rev")?,
-            created_at: self.0.try_get("created_at")?,
-            updated_at: self.0.try_get("updated_at")?,
-            acl: row.acl,
-            data: row.data,
-        })
-    }
-}
+    use super::*;
 
-async fn insert_one(pool: &PgPool, row: NewRow) -> Result<Document, StoreError> {
-    let inserted = sqlx::query(
-        "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (id) DO NOTHING RETURNING rev, created_at, updated_at",
-    )
-    .bind(row.id)
-    .bind(&row.owner)
-    .bind(&row.doc_type)
-    .bind(Json(&row.acl))
-    .bind(&row.data)
-    .fetch_optional(pool)
-    .await?;
-    match inserted {
-        Some(inserted) => Inserted(inserted).document(row),
-        None => Err(StoreError::AlreadyExists),
+    /// A statement that records what it ran; a lone request waits until the gate opens.
+    struct Recorder {
+        gate: tokio::sync::watch::Receiver<bool>,
+        ran: Mutex<Vec<Vec<u128>>>,
     }
-}
 
-/// One statement for the whole batch; the rows it inserted, by id (ids are distinct within a
-/// batch, see [`Shared::next_batch`]).
-async fn insert_many(
-    pool: &PgPool,
-    batch: &[Create],
-) -> Result<HashMap<Uuid, Inserted>, StoreError> {
-    let mut ids = Vec::with_capacity(batch.len());
-    let mut owners = Vec::with_capacity(batch.len());
-    let mut types = Vec::with_capacity(batch.len());
-    let mut acls = Vec::with_capacity(batch.len());
-    let mut data = Vec::with_capacity(batch.len());
-    for Create { row, .. } in batch {
-        ids.push(row.id);
-        owners.push(row.owner.as_str());
-        types.push(row.doc_type.as_str());
-        acls.push(Json(&row.acl));
-        data.push(&row.data);
+    impl Grouped for Recorder {
+        type Input = Uuid;
+        type Output = Uuid;
+        const WHAT: &'static str = "test requests";
+        const ROWS_METRIC: &'static str = "test_batch_rows";
+        const WAITING_METRIC: &'static str = "test_waiting";
+
+        fn exclusive_id(input: &Uuid) -> Option<Uuid> {
+            Some(*input)
+        }
+
+        async fn one(&self, input: Uuid) -> Result<Uuid, StoreError> {
+            let _ = self.gate.clone().wait_for(|open| *open).await;
+            self.ran.lock().unwrap().push(vec![input.as_u128()]);
+            Ok(input)
+        }
+
+        async fn many(&self, batch: Vec<Pending<Self>>) {
+            let inputs = batch.iter().map(|p| p.input.as_u128()).collect();
+            self.ran.lock().unwrap().push(inputs);
+            for pending in batch {
+                let input = pending.input;
+                pending.reply.send(Ok(input));
+            }
+        }
     }
-    let rows = sqlx::query(
-        "INSERT INTO documents (id, owner_did, type, acl, data) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) \
-         ON CONFLICT (id) DO NOTHING RETURNING id, rev, created_at, updated_at",
-    )
-    .bind(ids)
-    .bind(owners)
-    .bind(types)
-    .bind(acls)
-    .bind(data)
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|r| Ok((r.try_get("id")?, Inserted(r))))
-        .collect()
+
+    fn batcher(max_rows: usize) -> (Batcher<Recorder>, tokio::sync::watch::Sender<bool>) {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let recorder = Recorder {
+            gate,
+            ran: Mutex::default(),
+        };
+        let batching = Batching { max_rows, slots: 1 };
+        (Batcher::new(recorder, batching), open)
+    }
+
+    /// Lets spawned tasks run (one thread: they run when this one yields) until `n` are queued.
+    async fn until_queued(batcher: &Batcher<Recorder>, n: usize) {
+        while batcher.0.lock().queue.len() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn queued_requests_go_in_batches_with_distinct_ids_and_every_one_is_answered() {
+        let (batcher, open) = batcher(3);
+        let id = |n: u128| Uuid::from_u128(n);
+        let held = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.run(id(1)).await }
+        });
+        while batcher.0.lock().busy == 0 {
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<u128> = vec![10, 11, 10, 12, 13];
+        let tasks: Vec<_> = queued
+            .iter()
+            .map(|n| {
+                let batcher = batcher.clone();
+                let input = id(*n);
+                tokio::spawn(async move { batcher.run(input).await })
+            })
+            .collect();
+        until_queued(&batcher, queued.len()).await;
+        open.send(true).unwrap();
+        assert_eq!(held.await.unwrap().unwrap(), id(1));
+        for (n, task) in queued.iter().zip(tasks) {
+            assert_eq!(task.await.unwrap().unwrap(), id(*n));
+        }
+        // The second 10 cannot join the first; the next batch stops at max_rows.
+        let ran = batcher.0.statement.ran.lock().unwrap().clone();
+        assert_eq!(ran, vec![vec![1], vec![10, 11], vec![10, 12, 13]]);
+        assert_eq!(batcher.0.lock().busy, 0, "the slot was given back");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_refuses_instead_of_growing() {
+        let (batcher, open) = batcher(1);
+        let max_queued = batcher.0.max_queued;
+        let mut tasks = Vec::new();
+        for n in 0..=max_queued {
+            let batcher = batcher.clone();
+            let input = Uuid::from_u128(n as u128);
+            tasks.push(tokio::spawn(async move { batcher.run(input).await }));
+        }
+        until_queued(&batcher, max_queued).await;
+        let refused = batcher.run(Uuid::from_u128(u128::MAX)).await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        open.send(true).unwrap();
+        for task in tasks {
+            assert!(task.await.unwrap().is_ok());
+        }
+    }
 }

@@ -20,8 +20,17 @@ use crate::acl::{Acl, HeldCertificates, NoCredentials, Operation};
 use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
 
+/// The columns [`document`] reads, spliced into static SQL text with `concat!`.
+macro_rules! doc_columns {
+    () => {
+        "id, owner_did, type, created_at, updated_at, rev, acl, data"
+    };
+}
+
 mod batch;
+mod creates;
 mod query;
+mod reads;
 pub mod shapes;
 
 pub use query::index_expression;
@@ -73,16 +82,9 @@ pub struct ListCursor {
     pub id: Uuid,
 }
 
-/// The columns [`document`] reads, spliced into static SQL text with `concat!`.
-macro_rules! doc_columns {
-    () => {
-        "id, owner_did, type, created_at, updated_at, rev, acl, data"
-    };
-}
-
 const DOC_COLUMNS: &str = doc_columns!();
 
-pub use batch::CreateBatching;
+pub use batch::Batching;
 
 /// Pool and statements over the documents schema.
 #[derive(Debug, Clone)]
@@ -93,7 +95,9 @@ pub struct Store {
     /// Shapes and latencies of the queries run (index governance).
     shapes: Arc<shapes::ShapeRecorder>,
     /// Creates, grouped when they arrive concurrently (see [`batch`]).
-    creates: batch::Creates,
+    creates: batch::Batcher<creates::Creates>,
+    /// Reads by id, grouped when they arrive concurrently.
+    reads: batch::Batcher<reads::Reads>,
 }
 
 impl Store {
@@ -102,7 +106,8 @@ impl Store {
         options: PgConnectOptions,
         max_connections: u32,
         acquire_timeout: Duration,
-        batching: CreateBatching,
+        create_batching: Batching,
+        read_batching: Batching,
     ) -> Result<Self, StoreError> {
         // JIT compiles a plan in tens to hundreds of milliseconds once its cost estimate is
         // high (the change-feed reads can be): a latency cliff no OLTP query here wants.
@@ -123,12 +128,17 @@ impl Store {
             .await
             .map_err(StoreError::Unavailable)?;
         let waker = FeedWaker::default();
-        let creates = batch::Creates::new(pool.clone(), waker.clone(), batching);
+        let creates = creates::Creates {
+            pool: pool.clone(),
+            waker: waker.clone(),
+        };
+        let reads = reads::Reads { pool: pool.clone() };
         Ok(Self {
             pool,
             waker,
             shapes: Arc::default(),
-            creates,
+            creates: batch::Batcher::new(creates, create_batching),
+            reads: batch::Batcher::new(reads, read_batching),
         })
     }
 
@@ -164,14 +174,14 @@ impl Store {
         acl: Acl,
         data: serde_json::Value,
     ) -> Result<Document, StoreError> {
-        let row = batch::NewRow {
+        let row = creates::NewRow {
             id: id.unwrap_or_else(Uuid::now_v7),
             owner: owner.to_owned(),
             doc_type: doc_type.to_owned(),
             acl,
             data,
         };
-        self.creates.create(row).await
+        self.creates.run(row).await
     }
 
     /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.
@@ -235,25 +245,19 @@ impl Store {
         Ok(doc.acl.allows(op, Some(caller), &doc.owner, &NoCredentials))
     }
 
-    /// The document, if `caller` may read it.
+    /// The document, if `caller` may read it. Concurrent reads share a statement ([`batch`]).
     pub async fn get(
         &self,
         caller: &str,
         doc_type: &str,
         id: Uuid,
     ) -> Result<Document, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            doc_columns!(),
-            " \
-             FROM documents WHERE id = $1 AND type = $2"
-        ))
-        .bind(id)
-        .bind(doc_type)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        let doc = document(&row)?;
+        let doc = self
+            .reads
+            .run(id)
+            .await?
+            .filter(|doc| doc.doc_type == doc_type)
+            .ok_or(StoreError::NotFound)?;
         if !self.may(Operation::Read, caller, &doc).await? {
             return Err(StoreError::Forbidden);
         }

@@ -144,6 +144,15 @@ impl TestServer {
         r.json().await.unwrap()
     }
 
+    /// The value of an unlabelled metric line `name value` in `GET /metrics` (0 when absent: a
+    /// gauge or counter never touched is not rendered).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
     /// The Prometheus text of `GET /metrics`.
     pub async fn metrics_text(&self) -> String {
         let r = self.client.get(self.url("/metrics")).send().await.unwrap();
@@ -165,6 +174,23 @@ impl TestServer {
         if !self.db_name.is_empty() {
             drop_database(&self.db_name).await;
         }
+    }
+}
+
+/// Polls until `check` holds (for state inside the server or the database that no event
+/// announces: each poll is a query or a scrape), failing after 15 s.
+pub async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

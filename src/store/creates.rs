@@ -1,0 +1,158 @@
+//! Document creates as grouped statements ([`super::batch`]): creates that arrive while earlier
+//! ones are being written share one INSERT statement and one commit.
+//!
+//! Invariant: every create gets the answer a lone INSERT would have given it. A statement that
+//! fails as a whole (a constraint the API does not check first) is retried row by row, so one bad
+//! row never fails its neighbours; two creates of the same id never share a statement.
+
+use std::collections::HashMap;
+
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::batch::{Grouped, Pending, shared_failure};
+use crate::acl::Acl;
+use crate::feed::listener::FeedWaker;
+use crate::wire::Document;
+
+/// One document to insert.
+#[derive(Debug)]
+pub(super) struct NewRow {
+    pub id: Uuid,
+    pub owner: String,
+    pub doc_type: String,
+    pub acl: Acl,
+    pub data: serde_json::Value,
+}
+
+/// The INSERT, and the feed reader it wakes after each commit.
+pub(super) struct Creates {
+    pub pool: PgPool,
+    pub waker: FeedWaker,
+}
+
+impl Grouped for Creates {
+    type Input = NewRow;
+    type Output = Document;
+    const WHAT: &'static str = "document creates";
+    const ROWS_METRIC: &'static str = "vibe_store_create_batch_rows";
+    const WAITING_METRIC: &'static str = "vibe_store_creates_waiting";
+
+    fn exclusive_id(row: &NewRow) -> Option<Uuid> {
+        Some(row.id)
+    }
+
+    async fn one(&self, row: NewRow) -> Result<Document, StoreError> {
+        let result = insert_one(&self.pool, row).await;
+        if result.is_ok() {
+            self.waker.committed();
+        }
+        result
+    }
+
+    async fn many(&self, batch: Vec<Pending<Self>>) {
+        match insert_many(&self.pool, &batch).await {
+            Ok(mut rows) => {
+                self.waker.committed();
+                for create in batch {
+                    let result = match rows.remove(&create.input.id) {
+                        Some(inserted) => inserted.document(create.input),
+                        None => Err(StoreError::AlreadyExists),
+                    };
+                    create.reply.send(result);
+                }
+            }
+            // The statement may or may not have committed: answer as a lone create would have.
+            Err(e @ StoreError::Unavailable(_)) => {
+                let failure = shared_failure(&e);
+                for create in batch {
+                    create.reply.send(Err(failure()));
+                }
+            }
+            // Refused as a whole, so nothing was written: find the row(s) at fault.
+            Err(e) => {
+                tracing::debug!(error = %e, rows = batch.len(), "batched create refused; retrying row by row");
+                for create in batch {
+                    let result = self.one(create.input).await;
+                    create.reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// What the database adds to a new document. The rest is what was sent: reading `acl` and
+/// `data` back would make PostgreSQL print the JSON and the server parse it again, for nothing
+/// (a GET of the stored row parses to the same values).
+struct Inserted(PgRow);
+
+impl Inserted {
+    fn document(self, row: NewRow) -> Result<Document, StoreError> {
+        Ok(Document {
+            id: row.id,
+            doc_type: row.doc_type,
+            owner: row.owner,
+            rev: self.0.try_get("rev")?,
+            created_at: self.0.try_get("created_at")?,
+            updated_at: self.0.try_get("updated_at")?,
+            acl: row.acl,
+            data: row.data,
+        })
+    }
+}
+
+async fn insert_one(pool: &PgPool, row: NewRow) -> Result<Document, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (id) DO NOTHING RETURNING rev, created_at, updated_at",
+    )
+    .bind(row.id)
+    .bind(&row.owner)
+    .bind(&row.doc_type)
+    .bind(Json(&row.acl))
+    .bind(&row.data)
+    .fetch_optional(pool)
+    .await?;
+    match inserted {
+        Some(inserted) => Inserted(inserted).document(row),
+        None => Err(StoreError::AlreadyExists),
+    }
+}
+
+/// One statement for the whole batch; the rows it inserted, by id (ids are distinct within a
+/// batch, see [`Shared::next_batch`]).
+async fn insert_many(
+    pool: &PgPool,
+    batch: &[Pending<Creates>],
+) -> Result<HashMap<Uuid, Inserted>, StoreError> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut owners = Vec::with_capacity(batch.len());
+    let mut types = Vec::with_capacity(batch.len());
+    let mut acls = Vec::with_capacity(batch.len());
+    let mut data = Vec::with_capacity(batch.len());
+    for Pending { input: row, .. } in batch {
+        ids.push(row.id);
+        owners.push(row.owner.as_str());
+        types.push(row.doc_type.as_str());
+        acls.push(Json(&row.acl));
+        data.push(&row.data);
+    }
+    let rows = sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, acl, data) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) \
+         ON CONFLICT (id) DO NOTHING RETURNING id, rev, created_at, updated_at",
+    )
+    .bind(ids)
+    .bind(owners)
+    .bind(types)
+    .bind(acls)
+    .bind(data)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| Ok((r.try_get("id")?, Inserted(r))))
+        .collect()
+}
