@@ -1058,6 +1058,185 @@ async fn dynamic_registration_needs_its_token_and_refuses_what_it_cannot_honour(
 }
 
 #[tokio::test]
+async fn a_registration_is_managed_with_its_own_rotating_token() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let register = |metadata: Value| {
+        let request = server
+            .client
+            .post(server.url("/oauth/register"))
+            .bearer_auth(&admin)
+            .json(&metadata);
+        async move {
+            let (status, body) = call(request).await;
+            assert_eq!(status, 201, "{body}");
+            body
+        }
+    };
+    let metadata = json!({
+        "redirect_uris": ["http://127.0.0.1:9/cb"], "client_name": "Managed",
+        "scope": SCOPE, "token_endpoint_auth_method": "client_secret_post",
+    });
+    let registered = register(metadata.clone()).await;
+    let other = register(metadata.clone()).await;
+    let id = field(&registered, "client_id").to_owned();
+    let uri = field(&registered, "registration_client_uri").to_owned();
+    let issuer = call(
+        server
+            .client
+            .get(server.url("/.well-known/openid-configuration")),
+    )
+    .await
+    .1;
+    assert_eq!(
+        uri,
+        format!("{}/oauth/register/{id}", field(&issuer, "issuer"))
+    );
+    let first = field(&registered, "registration_access_token").to_owned();
+    let client = RegisteredClient {
+        id: id.clone(),
+        secret: Some(field(&registered, "client_secret").to_owned()),
+        redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
+    };
+    let read = |token: &str| call_with_headers(server.client.get(&uri).bearer_auth(token));
+
+    // No token, a made-up one, another client's: all the same 401 with a Bearer challenge.
+    for token in [
+        None,
+        Some("made-up"),
+        other["registration_access_token"].as_str(),
+    ] {
+        let request = server.client.get(&uri);
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let (status, headers, body) = call_with_headers(request).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_token")),
+            "{token:?}"
+        );
+        assert!(
+            headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
+    }
+    // An operator's client has no registration token: nothing opens its configuration.
+    let operators = register_client(&server, false, SCOPE).await;
+    let (status, _) = call(
+        server
+            .client
+            .get(server.url(&format!("/oauth/register/{}", operators.id)))
+            .bearer_auth(&first),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // Read: the registration as stored, never the secret, and a new token replacing the old.
+    let (status, headers, body) = read(&first).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(body["client_id"], registered["client_id"]);
+    assert_eq!(body["client_name"], "Managed");
+    assert_eq!(body["scope"], registered["scope"]);
+    assert_eq!(body["token_endpoint_auth_method"], "client_secret_post");
+    assert_eq!(body["registration_client_uri"], uri);
+    assert!(body["client_secret"].is_null());
+    let second = field(&body, "registration_access_token").to_owned();
+    assert_ne!(second, first);
+    assert_eq!(read(&first).await.0, 401, "the used token is replaced");
+
+    // The app's tokens, to see which updates end them.
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let access = field(&tokens, "access_token");
+    assert_eq!(list_posts(&server, access).await.0, 200);
+
+    // Updates it cannot honour change nothing, and leave the token valid.
+    let put =
+        |token: &str, body: Value| call(server.client.put(&uri).bearer_auth(token).json(&body));
+    let mut update = metadata.clone();
+    update["client_id"] = json!(id);
+    update["client_name"] = json!("Managed, renamed");
+    update["redirect_uris"] = json!(["http://127.0.0.1:9/cb", "http://127.0.0.1:9/cb2"]);
+    update["client_secret"] = json!(client.secret);
+    let refusals = [
+        ("client_id", json!(null), "invalid_client_metadata"),
+        (
+            "client_id",
+            json!(other["client_id"]),
+            "invalid_client_metadata",
+        ),
+        (
+            "client_secret",
+            json!("not-the-secret"),
+            "invalid_client_metadata",
+        ),
+        (
+            "token_endpoint_auth_method",
+            json!("none"),
+            "invalid_client_metadata",
+        ),
+        (
+            "redirect_uris",
+            json!(["http://evil.example/cb"]),
+            "invalid_redirect_uri",
+        ),
+        ("scope", json!("openid *"), "invalid_client_metadata"),
+    ];
+    for (key, value, code) in refusals {
+        let mut bad = update.clone();
+        bad[key] = value;
+        assert_oauth_error(&put(&second, bad).await, 400, code);
+    }
+    let (status, _, unchanged) = read(&second).await;
+    assert_eq!(status, 200);
+    assert_eq!(unchanged["client_name"], "Managed");
+    let third = field(&unchanged, "registration_access_token").to_owned();
+
+    // A valid update: replaced metadata, a new token; the same scopes keep the app's tokens.
+    let (status, updated) = put(&third, update.clone()).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["client_name"], "Managed, renamed");
+    assert_eq!(updated["redirect_uris"], update["redirect_uris"]);
+    let fourth = field(&updated, "registration_access_token").to_owned();
+    assert_ne!(fourth, third);
+    assert_eq!(read(&third).await.0, 401);
+    assert_eq!(list_posts(&server, access).await.0, 200);
+
+    // A narrower manifest ends the app's grants: its tokens no longer work.
+    update["scope"] = json!("openid read:posts");
+    let (status, narrowed) = put(&fourth, update.clone()).await;
+    assert_eq!(status, 200, "{narrowed}");
+    assert_eq!(narrowed["scope"], "openid read:posts");
+    assert_api_error(&list_posts(&server, access).await, 401, "token_revoked");
+    assert_oauth_error(
+        &refresh(&server, &client, field(&tokens, "refresh_token")).await,
+        400,
+        "invalid_grant",
+    );
+
+    // Delete: only with the current token; then the client is gone for good.
+    let fifth = field(&narrowed, "registration_access_token").to_owned();
+    let delete = |token: &str| call(server.client.delete(&uri).bearer_auth(token));
+    assert_eq!(delete(&fourth).await.0, 401);
+    assert_eq!(delete(&fifth).await, (204, Value::Null));
+    assert_eq!(read(&fifth).await.0, 401);
+    assert_oauth_error(
+        &post_as_client(&server, &client, "/oauth/introspect", &[("token", access)]).await,
+        401,
+        "invalid_client",
+    );
+    let (status, _) = call(server.client.post(&uri).bearer_auth(&fifth)).await;
+    assert_eq!(status, 405);
+    server.finish().await;
+}
+
+#[tokio::test]
 async fn open_registration_is_limited_per_address() {
     let server = TestServer::start_with(&[
         ("identity.open_registration", "true"),

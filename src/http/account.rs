@@ -200,13 +200,16 @@ pub(super) async fn register_client(
 ) -> Result<HttpResponse, ApiError> {
     authorize_admin(app, req.headers())?;
     let body: NewClient = read_json(app, req, JSON).await?;
-    let (client, secret) = app
+    let registered = app
         .identity
         .oauth
-        .register_client(body)
+        .register_client(body, false)
         .await
         .map_err(oauth_error)?;
-    Ok(json(StatusCode::CREATED, &registration(&client, secret)))
+    Ok(json(
+        StatusCode::CREATED,
+        &registration(&registered.client, registered.secret),
+    ))
 }
 
 /// A registered client as RFC 7591 §3.2.1 answers it; the secret appears only here.
@@ -246,7 +249,7 @@ pub(super) async fn delete_client(
     let deleted = app
         .identity
         .oauth
-        .delete_client(client_id, app.tokens.revocations())
+        .delete_client(client_id, None, app.tokens.revocations())
         .await
         .map_err(oauth_error)?;
     if !deleted {

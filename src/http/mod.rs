@@ -62,6 +62,7 @@ pub enum Route {
     Introspect,
     EndSession,
     Register,
+    RegisteredClient,
     Accounts,
     Sessions,
     Me,
@@ -73,7 +74,7 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 33] = [
+    const ALL: [(&'static str, Route); 34] = [
         ("/health", Route::Health),
         ("/metrics", Route::Metrics),
         ("/v1/docs/{type}", Route::DocsCollection),
@@ -99,6 +100,7 @@ impl Route {
         ("/oauth/introspect", Route::Introspect),
         ("/oauth/end-session", Route::EndSession),
         ("/oauth/register", Route::Register),
+        ("/oauth/register/{client}", Route::RegisteredClient),
         ("/v1/accounts", Route::Accounts),
         ("/v1/sessions", Route::Sessions),
         ("/v1/me", Route::Me),
@@ -294,6 +296,12 @@ async fn dispatch(
         (Route::Consent, _) if method == Method::POST => oauth::consent(app, req).await,
         (Route::Token, _) if method == Method::POST => oauth::token(app, req).await,
         (Route::Register, _) if method == Method::POST => oauth::register(app, peer, req).await,
+        (Route::RegisteredClient, [client])
+            if [Method::GET, Method::PUT, Method::DELETE].contains(&method) =>
+        {
+            oauth::client_configuration(app, client, req).await
+        }
+        (Route::RegisteredClient, _) => Err(method_not_allowed("GET, PUT, DELETE")),
         (Route::Revoke, _) if method == Method::POST => oauth::revoke(app, req).await,
         (Route::Introspect, _) if method == Method::POST => oauth::introspect(app, req).await,
         (

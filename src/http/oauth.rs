@@ -30,8 +30,8 @@ use crate::app::App;
 use crate::auth::{AuthError, Claims, Issued};
 use crate::identity::accounts::AccountError;
 use crate::identity::oauth::{
-    AuthorizationRequest, Client, Grant, NewClient, OAuthError, document_scopes, identity_scopes,
-    requested_scopes,
+    AuthorizationRequest, Client, Grant, NewClient, OAuthError, Registered, document_scopes,
+    identity_scopes, requested_scopes,
 };
 
 const SESSION_COOKIE: &str = "vibe_session";
@@ -1049,33 +1049,131 @@ pub(super) async fn register(
         Err(e) => return Ok(oauth_error(e.status, "invalid_client_metadata", &e.message)),
     };
     let registered = match request.into_new_client() {
-        Ok(new) => app.identity.oauth.register_client(new).await,
+        Ok(new) => app.identity.oauth.register_client(new, true).await,
         Err(e) => Err(e),
     };
     match registered {
-        Ok((client, secret)) => Ok(no_store(super::json(
-            StatusCode::CREATED,
-            &super::account::registration(&client, secret),
-        ))),
-        Err(OAuthError::Database(e)) => {
+        Ok(Registered {
+            client,
+            secret,
+            registration_token,
+        }) => {
+            let mut body = super::account::registration(&client, secret);
+            if let Some(token) = registration_token {
+                managed_by(app, &mut body, &client.client_id, token);
+            }
+            Ok(no_store(super::json(StatusCode::CREATED, &body)))
+        }
+        Err(e) => Ok(registration_failure(e)),
+    }
+}
+
+/// `GET`, `PUT`, `DELETE /oauth/register/{client}`: the client configuration endpoint of RFC
+/// 7592, where a self-registered client reads, replaces and deletes its registration with its
+/// registration access token. Every answer that carries the registration carries a new token,
+/// which replaces the one used (only its hash is kept, so the old one cannot be shown again).
+pub(super) async fn client_configuration(
+    app: &App,
+    client_id: &str,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let method = req.method().clone();
+    let Ok(token) = super::bearer_token(req.headers()).map(str::to_owned) else {
+        return Ok(bearer_challenge(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "send the registration access token as `Authorization: Bearer <token>`",
+        ));
+    };
+    let oauth = &app.identity.oauth;
+    let outcome = match method {
+        Method::GET => oauth.read_registration(client_id, &token).await.map(Some),
+        Method::PUT => {
+            let request: RegistrationRequest =
+                match super::read_json(app, req, &["application/json"]).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Ok(oauth_error(e.status, "invalid_client_metadata", &e.message));
+                    }
+                };
+            // §2.2: the request names the client it replaces.
+            if request.client_id.as_deref() != Some(client_id) {
+                return Ok(oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_client_metadata",
+                    "client_id must be present and name this client",
+                ));
+            }
+            let secret = request.client_secret.clone();
+            match request.into_new_client() {
+                Ok(new) => oauth
+                    .update_registration(
+                        client_id,
+                        &token,
+                        secret.as_deref(),
+                        new,
+                        app.tokens.revocations(),
+                    )
+                    .await
+                    .map(Some),
+                Err(e) => Err(e),
+            }
+        }
+        _ => match oauth
+            .delete_client(client_id, Some(&token), app.tokens.revocations())
+            .await
+        {
+            Ok(true) => Ok(None),
+            Ok(false) => Err(OAuthError::InvalidToken),
+            Err(e) => Err(e),
+        },
+    };
+    match outcome {
+        Ok(Some((client, next))) => {
+            let mut body = super::account::registration(&client, None);
+            managed_by(app, &mut body, &client.client_id, next);
+            Ok(no_store(super::json(StatusCode::OK, &body)))
+        }
+        Ok(None) => Ok(super::empty(StatusCode::NO_CONTENT)),
+        // §2.1: an unknown client and a wrong token alike are a 401 with a Bearer challenge.
+        Err(OAuthError::InvalidToken) => Ok(bearer_challenge(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            &OAuthError::InvalidToken.to_string(),
+        )),
+        Err(e) => Ok(registration_failure(e)),
+    }
+}
+
+/// Adds what RFC 7592 §3 requires of a self-registered client's registration: where to manage
+/// it and the token to do so with.
+fn managed_by(app: &App, body: &mut serde_json::Value, client_id: &str, token: String) {
+    let uri = format!("{}/oauth/register/{client_id}", app.identity.issuer);
+    body["registration_client_uri"] = json!(uri);
+    body["registration_access_token"] = json!(token);
+}
+
+/// A refused registration or update, as RFC 7591 §3.2.2 answers it.
+fn registration_failure(e: OAuthError) -> HttpResponse {
+    match e {
+        OAuthError::Database(e) => {
             tracing::error!(error = %e, "client registration failed");
-            Ok(oauth_error(
+            oauth_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "an internal error occurred",
-            ))
+            )
         }
-        Err(e) => Ok(oauth_error(
-            StatusCode::BAD_REQUEST,
-            e.code(),
-            &e.to_string(),
-        )),
+        e => oauth_error(StatusCode::BAD_REQUEST, e.code(), &e.to_string()),
     }
 }
 
 /// RFC 7591 client metadata. Unknown fields are ignored (§2), so no `deny_unknown_fields`.
+/// `client_id` and `client_secret` are read only by an update (RFC 7592 §2.2).
 #[derive(Debug, Deserialize)]
 struct RegistrationRequest {
+    client_id: Option<String>,
+    client_secret: Option<String>,
     redirect_uris: Vec<String>,
     client_name: Option<String>,
     scope: Option<String>,

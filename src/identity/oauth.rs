@@ -24,6 +24,14 @@ use crate::auth::Scope;
 /// Scopes of OpenID Connect itself; they grant no document access.
 pub const IDENTITY_SCOPES: [&str; 3] = ["openid", "profile", "offline_access"];
 
+/// The columns [`client_from_row`] reads, spliced into static SQL text with `concat!`.
+macro_rules! client_columns {
+    () => {
+        "id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, auth_method, \
+         created_at"
+    };
+}
+
 /// OAuth error responses (RFC 6749 §5.2, OIDC Core §3.1.2.6); `code()` is the wire value.
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthError {
@@ -47,6 +55,10 @@ pub enum OAuthError {
     InvalidClientMetadata(String),
     #[error("{0}")]
     InvalidRedirectUri(String),
+    /// An unknown client or a wrong registration access token (RFC 7592 tells them apart
+    /// from neither, and neither does this).
+    #[error("the registration access token is not valid for this client")]
+    InvalidToken,
     #[error(
         "the sign-in form expired or was not started in this browser; start again from the app"
     )]
@@ -68,6 +80,7 @@ impl OAuthError {
             OAuthError::ConsentRequired => "consent_required",
             OAuthError::InvalidClientMetadata(_) => "invalid_client_metadata",
             OAuthError::InvalidRedirectUri(_) => "invalid_redirect_uri",
+            OAuthError::InvalidToken => "invalid_token",
             OAuthError::Database(_) => "server_error",
         }
     }
@@ -109,6 +122,69 @@ pub struct NewClient {
     /// `client_secret_basic` (default), `client_secret_post` or `none` (a public client).
     #[serde(default)]
     pub token_endpoint_auth_method: Option<String>,
+}
+
+/// A new registration and what it shows once: the client secret (a confidential client) and
+/// the registration access token (a self-registered client, RFC 7592).
+#[derive(Debug)]
+pub struct Registered {
+    pub client: Client,
+    pub secret: Option<String>,
+    pub registration_token: Option<String>,
+}
+
+/// Client metadata as checked for a registration or an update.
+struct CheckedClient {
+    name: String,
+    scopes: Vec<String>,
+    auth_method: String,
+    public: bool,
+}
+
+fn check_client(new: &NewClient) -> Result<CheckedClient, OAuthError> {
+    let name = new.client_name.trim();
+    if name.is_empty() || name.len() > 128 {
+        return Err(OAuthError::InvalidClientMetadata(
+            "client_name is 1 to 128 characters".into(),
+        ));
+    }
+    if new.redirect_uris.is_empty() || new.redirect_uris.len() > 16 {
+        return Err(OAuthError::InvalidRedirectUri(
+            "redirect_uris lists 1 to 16 URIs".into(),
+        ));
+    }
+    for uri in new
+        .redirect_uris
+        .iter()
+        .chain(&new.post_logout_redirect_uris)
+    {
+        if uri.len() > 2048 || !valid_redirect_uri(uri) {
+            return Err(OAuthError::InvalidRedirectUri(format!(
+                "{uri:?} is not an acceptable redirect URI (absolute, no fragment; http only to \
+                 loopback)"
+            )));
+        }
+    }
+    let scopes = validate_manifest(&new.scope)?;
+    let auth_method = new
+        .token_endpoint_auth_method
+        .as_deref()
+        .unwrap_or("client_secret_basic");
+    let public = match auth_method {
+        "client_secret_basic" | "client_secret_post" => false,
+        "none" => true,
+        other => {
+            return Err(OAuthError::InvalidClientMetadata(format!(
+                "token_endpoint_auth_method {other:?} is not supported"
+            )));
+        }
+    };
+    Ok(CheckedClient {
+        name: name.to_owned(),
+        scopes,
+        auth_method: auth_method.to_owned(),
+        public,
+    })
 }
 
 /// An authorization request, validated, waiting for login and consent.
@@ -292,82 +368,156 @@ impl OAuthStore {
         &self.pool
     }
 
-    /// Registers an app; returns it and, for a confidential client, its secret (shown once).
+    /// Registers an app. `self_managed`: registered by the app itself (RFC 7591), which gets a
+    /// registration access token to manage it (RFC 7592).
     pub async fn register_client(
         &self,
         new: NewClient,
-    ) -> Result<(Client, Option<String>), OAuthError> {
-        let name = new.client_name.trim();
-        if name.is_empty() || name.len() > 128 {
-            return Err(OAuthError::InvalidClientMetadata(
-                "client_name is 1 to 128 characters".into(),
-            ));
-        }
-        if new.redirect_uris.is_empty() || new.redirect_uris.len() > 16 {
-            return Err(OAuthError::InvalidRedirectUri(
-                "redirect_uris lists 1 to 16 URIs".into(),
-            ));
-        }
-        for uri in new
-            .redirect_uris
-            .iter()
-            .chain(&new.post_logout_redirect_uris)
-        {
-            if uri.len() > 2048 || !valid_redirect_uri(uri) {
-                return Err(OAuthError::InvalidRedirectUri(format!(
-                    "{uri:?} is not an acceptable redirect URI (absolute, no fragment; http \
-                     only to loopback)"
-                )));
-            }
-        }
-        let scopes = validate_manifest(&new.scope)?;
-        let auth_method = new
-            .token_endpoint_auth_method
-            .as_deref()
-            .unwrap_or("client_secret_basic");
-        let public = match auth_method {
-            "client_secret_basic" | "client_secret_post" => false,
-            "none" => true,
-            other => {
-                return Err(OAuthError::InvalidClientMetadata(format!(
-                    "token_endpoint_auth_method {other:?} is not supported"
-                )));
-            }
-        };
-        let secret = (!public).then(random_secret);
+        self_managed: bool,
+    ) -> Result<Registered, OAuthError> {
+        let checked = check_client(&new)?;
+        let secret = (!checked.public).then(random_secret);
+        let registration_token = self_managed.then(random_secret);
         let id = Uuid::now_v7().simple().to_string();
         let row = sqlx::query(
-            "INSERT INTO oauth_clients \
-             (id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, auth_method) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
+            "INSERT INTO oauth_clients (id, name, secret_hash, redirect_uris, \
+             post_logout_redirect_uris, scopes, auth_method, registration_token_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at",
         )
         .bind(&id)
-        .bind(name)
+        .bind(&checked.name)
         .bind(secret.as_deref().map(sha256))
         .bind(&new.redirect_uris)
         .bind(&new.post_logout_redirect_uris)
-        .bind(&scopes)
-        .bind(auth_method)
+        .bind(&checked.scopes)
+        .bind(&checked.auth_method)
+        .bind(registration_token.as_deref().map(sha256))
         .fetch_one(&self.pool)
         .await?;
         let client = Client {
             client_id: id,
-            client_name: name.to_owned(),
+            client_name: checked.name,
             secret_hash: secret.as_deref().map(sha256),
             redirect_uris: new.redirect_uris,
             post_logout_redirect_uris: new.post_logout_redirect_uris,
-            scopes,
-            token_endpoint_auth_method: auth_method.to_owned(),
+            scopes: checked.scopes,
+            token_endpoint_auth_method: checked.auth_method,
             created_at: row.try_get("created_at")?,
         };
-        Ok((client, secret))
+        Ok(Registered {
+            client,
+            secret,
+            registration_token,
+        })
+    }
+
+    /// The self-registered client `id`, if `token` is its registration access token, with a new
+    /// token that replaces it (RFC 7592 §2.1). The swap is one statement, so of two reads with
+    /// the same token one succeeds.
+    pub async fn read_registration(
+        &self,
+        id: &str,
+        token: &str,
+    ) -> Result<(Client, String), OAuthError> {
+        let next = random_secret();
+        let row = sqlx::query(concat!(
+            "UPDATE oauth_clients SET registration_token_hash = $3 \
+             WHERE id = $1 AND registration_token_hash = $2 RETURNING ",
+            client_columns!()
+        ))
+        .bind(id)
+        .bind(sha256(token))
+        .bind(sha256(&next))
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(OAuthError::InvalidToken)?;
+        Ok((client_from_row(&row)?, next))
+    }
+
+    /// Replaces the metadata of the self-registered client `id` (RFC 7592 §2.2) and its
+    /// registration access token. `secret`, if the request carried one, must be the client's.
+    /// A client cannot turn public or confidential (its secret would appear or vanish); a
+    /// manifest that no longer covers the old one ends the app's grants, so no token outlives
+    /// the scopes the app may ask for.
+    pub async fn update_registration(
+        &self,
+        id: &str,
+        token: &str,
+        secret: Option<&str>,
+        new: NewClient,
+        revocations: &Revocations,
+    ) -> Result<(Client, String), OAuthError> {
+        let checked = check_client(&new)?;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            client_columns!(),
+            " FROM oauth_clients WHERE id = $1 AND registration_token_hash = $2 FOR UPDATE"
+        ))
+        .bind(id)
+        .bind(sha256(token))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(OAuthError::InvalidToken)?;
+        let current = client_from_row(&row)?;
+        if let Some(given) = secret {
+            let matches = current
+                .secret_hash
+                .as_ref()
+                .is_some_and(|stored| bool::from(stored.ct_eq(&sha256(given))));
+            if !matches {
+                return Err(OAuthError::InvalidClientMetadata(
+                    "client_secret is not this client's secret".into(),
+                ));
+            }
+        }
+        if current.is_public() != checked.public {
+            return Err(OAuthError::InvalidClientMetadata(
+                "token_endpoint_auth_method cannot turn a public client confidential or the \
+                 other way round; register a new client"
+                    .into(),
+            ));
+        }
+        let narrowed = !current.scopes.iter().all(|s| checked.scopes.contains(s));
+        if narrowed {
+            self.revoke_grants_of(&mut tx, id).await?;
+        }
+        let next = random_secret();
+        sqlx::query(
+            "UPDATE oauth_clients SET name = $2, redirect_uris = $3, \
+             post_logout_redirect_uris = $4, scopes = $5, auth_method = $6, \
+             registration_token_hash = $7 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&checked.name)
+        .bind(&new.redirect_uris)
+        .bind(&new.post_logout_redirect_uris)
+        .bind(&checked.scopes)
+        .bind(&checked.auth_method)
+        .bind(sha256(&next))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if narrowed {
+            revocations.sync(&self.pool).await?;
+        }
+        let client = Client {
+            client_name: checked.name,
+            redirect_uris: new.redirect_uris,
+            post_logout_redirect_uris: new.post_logout_redirect_uris,
+            scopes: checked.scopes,
+            token_endpoint_auth_method: checked.auth_method,
+            ..current
+        };
+        Ok((client, next))
     }
 
     pub async fn client(&self, id: &str) -> Result<Option<Client>, OAuthError> {
-        let row = sqlx::query(
-            "SELECT id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, \
-             auth_method, created_at FROM oauth_clients WHERE id = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            client_columns!(),
+            " FROM oauth_clients WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -375,38 +525,65 @@ impl OAuthStore {
     }
 
     pub async fn clients(&self) -> Result<Vec<Client>, OAuthError> {
-        let rows = sqlx::query(
-            "SELECT id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, \
-             auth_method, created_at FROM oauth_clients ORDER BY created_at",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            client_columns!(),
+            " FROM oauth_clients ORDER BY created_at"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(client_from_row).collect()
     }
 
     /// Deletes an app with its consents and grants, revoking every token issued to it.
+    /// `registration_token`: the self-registered client's own request (RFC 7592 §2.3), which
+    /// must carry its registration access token; `None`: an operator's.
     pub async fn delete_client(
         &self,
         id: &str,
+        registration_token: Option<&str>,
         revocations: &Revocations,
     ) -> Result<bool, OAuthError> {
         let mut tx = self.pool.begin().await?;
+        // Locks the row first, so grants issued meanwhile wait and then find no client.
+        let found: Option<(String,)> = sqlx::query_as(
+            "SELECT id FROM oauth_clients \
+             WHERE id = $1 AND ($2::bytea IS NULL OR registration_token_hash = $2) FOR UPDATE",
+        )
+        .bind(id)
+        .bind(registration_token.map(sha256))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if found.is_none() {
+            return Ok(false);
+        }
+        self.revoke_grants_of(&mut tx, id).await?;
+        sqlx::query("DELETE FROM oauth_clients WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        revocations.sync(&self.pool).await?;
+        Ok(true)
+    }
+
+    /// Revokes every live grant of client `id`, and so every token issued from them; the caller
+    /// commits and then syncs the node's revocation list.
+    async fn revoke_grants_of(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: &str,
+    ) -> Result<(), OAuthError> {
         let grants: Vec<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM oauth_grants WHERE client_id = $1 AND revoked_at IS NULL",
+            "UPDATE oauth_grants SET revoked_at = now() \
+             WHERE client_id = $1 AND revoked_at IS NULL RETURNING id",
         )
         .bind(id)
         .fetch_all(&mut *tx)
         .await?;
         let revoked: Vec<Revoked> = grants.into_iter().map(|(g,)| Revoked::Grant(g)).collect();
-        Revocations::record(&mut tx, &revoked, self.revocation_horizon()).await?;
-        let deleted = sqlx::query("DELETE FROM oauth_clients WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        revocations.sync(&self.pool).await?;
-        Ok(deleted > 0)
+        Revocations::record(tx, &revoked, self.revocation_horizon()).await?;
+        Ok(())
     }
 
     /// The client whose credentials these are. A public client presents none; a confidential
