@@ -421,15 +421,7 @@ impl Store {
 
     /// The documents with these ids (any type, any owner; callers apply the ACL).
     pub async fn fetch_many(&self, ids: &[Uuid]) -> Result<Vec<Document>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            doc_columns!(),
-            " FROM documents WHERE id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(document).collect()
+        fetch_by_ids(&self.pool, ids).await
     }
 
     /// A query's first `limit + 1` documents and the snapshot they were read in, so a live query
@@ -504,6 +496,19 @@ async fn lock(
         return Err(StoreError::RevMismatch { current: doc.rev });
     }
     Ok(doc)
+}
+
+/// The documents with these ids, in no particular order (missing ids are left out).
+async fn fetch_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Document>, StoreError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        doc_columns!(),
+        " FROM documents WHERE id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(document).collect()
 }
 
 fn document(row: &PgRow) -> Result<Document, StoreError> {

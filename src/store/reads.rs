@@ -44,20 +44,7 @@ impl Grouped for Reads {
 
     async fn many(&self, batch: Vec<Pending<Self>>) {
         let ids: Vec<Uuid> = batch.iter().map(|read| read.input).collect();
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            doc_columns!(),
-            " FROM documents WHERE id = ANY($1)"
-        ))
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await;
-        let docs = rows.map_err(StoreError::from).and_then(|rows| {
-            rows.iter()
-                .map(super::document)
-                .collect::<Result<Vec<_>, _>>()
-        });
-        let docs = match docs {
+        let docs = match super::fetch_by_ids(&self.pool, &ids).await {
             Ok(docs) => docs,
             Err(e) => {
                 let failure = shared_failure(&e);
