@@ -55,8 +55,8 @@ pub enum OAuthError {
     InvalidClientMetadata(String),
     #[error("{0}")]
     InvalidRedirectUri(String),
-    /// An unknown client or a wrong registration access token (RFC 7592 tells them apart
-    /// from neither, and neither does this).
+    /// An unknown client or a wrong registration access token: RFC 7592 answers both with the
+    /// same 401, so they are one error.
     #[error("the registration access token is not valid for this client")]
     InvalidToken,
     #[error(
