@@ -302,27 +302,31 @@ impl Config {
                 "must be at least 1",
             );
         }
-        if !(1..=1000).contains(&self.database.create_batch_rows) {
-            return invalid("database.create_batch_rows", "must be between 1 and 1000");
-        }
-        if self.database.create_writers == 0
-            || self.database.create_writers > self.database.max_connections as usize
-        {
-            return invalid(
+        let database = &self.database;
+        // Grouped statements (src/store/batch.rs): rows per statement, statements in flight.
+        for (rows_key, rows, slots_key, slots) in [
+            (
+                "database.create_batch_rows",
+                database.create_batch_rows,
                 "database.create_writers",
-                "must be at least 1 and at most database.max_connections",
-            );
-        }
-        if !(1..=1000).contains(&self.database.read_batch_rows) {
-            return invalid("database.read_batch_rows", "must be between 1 and 1000");
-        }
-        if self.database.readers == 0
-            || self.database.readers > self.database.max_connections as usize
-        {
-            return invalid(
+                database.create_writers,
+            ),
+            (
+                "database.read_batch_rows",
+                database.read_batch_rows,
                 "database.readers",
-                "must be at least 1 and at most database.max_connections",
-            );
+                database.readers,
+            ),
+        ] {
+            if !(1..=1000).contains(&rows) {
+                return invalid(rows_key, "must be between 1 and 1000");
+            }
+            if slots == 0 || slots > database.max_connections as usize {
+                return invalid(
+                    slots_key,
+                    "must be at least 1 and at most database.max_connections",
+                );
+            }
         }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
