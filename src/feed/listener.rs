@@ -105,6 +105,10 @@ impl FeedListener {
                     }
                     last_tick = Instant::now();
                     let (made, page) = feed.tick_and_read(position, TICK_PAGE).await?;
+                    // The tick's round trip alone: with `vibe_feed_lag_seconds` it tells the
+                    // database's share of the lag from the wait for this task to run.
+                    metrics::histogram!("vibe_feed_tick_seconds")
+                        .record(last_tick.elapsed().as_secs_f64());
                     if made.is_some() {
                         metrics::counter!("vibe_feed_ticks_total").increment(1);
                     }
