@@ -97,6 +97,11 @@ struct CommonArgs {
     /// Token with read and write scope on `--type`.
     #[arg(long, env = "VIBE_BENCH_TOKEN", hide_env_values = true)]
     token: String,
+    /// Token the writer creates documents with (default: `--token`). With a writer other than
+    /// the subscribers, every delivery is decided by the subscriber's read access: the owner of
+    /// a document may always read it, so its own subscriptions never consult the ACL.
+    #[arg(long, env = "VIBE_BENCH_WRITER_TOKEN", hide_env_values = true)]
+    writer_token: Option<String>,
     /// WebSocket connections.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -133,6 +138,12 @@ struct CommonArgs {
     /// Document type the writer creates and the live queries read.
     #[arg(long = "type", default_value = "benchfanout")]
     doc_type: String,
+}
+
+impl CommonArgs {
+    fn writer_token(&self) -> &str {
+        self.writer_token.as_deref().unwrap_or(&self.token)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -1076,7 +1087,7 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
     subscribers.start(measure_from_us).await?;
     let writes = writer(WriterConfig {
         base_url: setup.target.base_url.clone(),
-        token: common.token.clone(),
+        token: common.writer_token().to_owned(),
         doc_type: common.doc_type.clone(),
         rate: args.rate,
         start: Instant::now(),
@@ -1838,7 +1849,7 @@ async fn run_churn(args: ChurnArgs) -> anyhow::Result<()> {
     });
     let writes = writer(WriterConfig {
         base_url: setup.target.base_url.clone(),
-        token: common.token.clone(),
+        token: common.writer_token().to_owned(),
         doc_type: common.doc_type.clone(),
         rate: args.rate,
         start,
