@@ -15,6 +15,10 @@
 #   SMOKE=1 benches/fanout.sh   # every scenario with tiny numbers, plus broadcast and idle
 #                               # against Vibe with PROCESSES=2; non-zero exit on missing events
 #                               # or errors (for CI)
+#   NO_NODE=1 ROUNDS=3 CONNECTIONS=1000 RATE=100 DURATION=10 benches/fanout.sh
+#                               # broadcast against Vibe and the bare peer in turn, 3 rounds, and
+#                               # the median of each round's Vibe / bare ratio (this VM's noise
+#                               # moves a single run's p99 by a third)
 #   SCENARIO=broadcast SWEEP="100 500 1000" RATE=50 DURATION=5 benches/fanout.sh
 #                               # broadcast once per N for every server, then an SVG chart
 #                               # (benches/plot.rs) of p50/p99 latency and events/s vs N
@@ -42,7 +46,8 @@
 # CHURN_RATE (connections per second, default CONNECTIONS/10), NO_SUBSCRIBE (idle, 0),
 # PG_ROUNDS (write: rounds, 3), PG_CLIENTS (write: pgbench -c, 8),
 # SMOKE (0), NO_NODE (1: skip the Node peer), SWEEP (space-separated connection counts; broadcast
-# only), RESULTS_DIR (where the JSON results, and a sweep's fanout-sweep.svg, are kept; default:
+# only), ROUNDS (broadcast: run every server ROUNDS times, alternating, and report the median of
+# the per-round ratios; 1), RESULTS_DIR (where the JSON results, and a sweep's fanout-sweep.svg, are kept; default:
 # a temporary folder removed on exit, for a sweep $CARGO_TARGET_DIR/fanout/sweep-<UTC time>),
 # SAVE_PLOT (1: also copy a sweep's chart to docs/fanout-sweep.svg), CARGO_TARGET_DIR (./target).
 
@@ -65,6 +70,7 @@ CHURN_RATE="${CHURN_RATE:-}"
 NO_SUBSCRIBE="${NO_SUBSCRIBE:-0}"
 NO_NODE="${NO_NODE:-0}"
 SWEEP="${SWEEP:-}"
+ROUNDS="${ROUNDS:-1}"
 SAVE_PLOT="${SAVE_PLOT:-0}"
 RESULTS_DIR="${RESULTS_DIR:-}"
 SUBJECT=did:key:zBench
@@ -110,9 +116,17 @@ if [[ -n "$SWEEP" ]]; then
     done
 fi
 
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: ROUNDS must be a positive count (got '$ROUNDS')" >&2; exit 2; }
+if (( ROUNDS > 1 )) && [[ "$SMOKE" == 1 || "$SCENARIO" != broadcast || -n "$SWEEP" ]]; then
+    echo "error: ROUNDS needs SCENARIO=broadcast (and no SMOKE or SWEEP)" >&2
+    exit 2
+fi
+ROUNDS_KNOB=""
+if (( ROUNDS > 1 )); then ROUNDS_KNOB="ROUNDS=$ROUNDS "; fi
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO ${SWEEP:+SWEEP=\"$SWEEP\" }CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS PROCESSES=$PROCESSES${WRITE_KNOBS} benches/fanout.sh"
+COMMAND="SMOKE=$SMOKE SCENARIO=$SCENARIO ${SWEEP:+SWEEP=\"$SWEEP\" }${ROUNDS_KNOB}CONNECTIONS=$CONNECTIONS RATE=${RATE:-default} DURATION=$DURATION WARMUP=$WARMUP SOURCE_ADDRS=$SOURCE_ADDRS PROCESSES=$PROCESSES${WRITE_KNOBS} benches/fanout.sh"
 
 require_tools cargo psql curl jq python3
 if (( WRITE )); then require_tools pgbench; fi
@@ -248,6 +262,18 @@ if (( ${#SWEEP_NS[@]} > 0 )); then
 else
     for s in "${SCENARIOS[@]}"; do
         [[ "$s" == write ]] && continue
+        if [[ "$s" == broadcast ]] && (( ROUNDS > 1 )); then
+            # Every server once per round; which one goes first rotates, so a drift of the
+            # machine over the run does not always favour the same server.
+            servers=(vibe "${PEERS[@]}")
+            for round in $(seq 1 "$ROUNDS"); do
+                k=$(( (round - 1) % ${#servers[@]} ))
+                for srv in "${servers[@]:k}" "${servers[@]:0:k}"; do
+                    run broadcast "$srv" "$(url_of "$srv")" "$(pid_of "$srv")" "$CONNECTIONS" "-r$round"
+                done
+            done
+            continue
+        fi
         run "$s" vibe "$VIBE_URL" "$SERVER_PID"
         if [[ "$s" == broadcast || "$s" == idle ]]; then
             for srv in "${PEERS[@]}"; do
@@ -332,6 +358,7 @@ load_header() {
 # ratio_of SCENARIO FIELD [PEER] -> Vibe / PEER (default bare) of one field of that scenario's runs
 ratio_of() { ratio "$(j "$1-vibe" "$2")" "$(j "$1-${3:-bare}" "$2")"; }
 label_of() { case "$1" in vibe) echo Vibe ;; *) echo "$1" ;; esac; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 # load_ratio_row SCENARIO PEER [SUFFIX] -> the "Vibe / PEER" row of a load table
 load_ratio_row() {
     local s=$1 peer=$2 suffix=${3:-} field r=()
@@ -352,6 +379,25 @@ for s in "${SCENARIOS[@]}"; do
                 for n in "${SWEEP_NS[@]}"; do
                     for srv in vibe "${PEERS[@]}"; do load_row "broadcast-$srv-$n" "$(label_of "$srv")"; done
                     for srv in "${PEERS[@]}"; do load_ratio_row broadcast "$srv" "-$n"; done
+                done
+                continue
+            fi
+            if (( ROUNDS > 1 )); then
+                echo
+                echo "### broadcast: $CONNECTIONS subscribers of one live query, $ROUNDS rounds (every server once per round; the first one rotates)"
+                load_header
+                for round in $(seq 1 "$ROUNDS"); do
+                    for srv in vibe "${PEERS[@]}"; do load_row "broadcast-$srv-r$round" "$(label_of "$srv") r$round"; done
+                    for srv in "${PEERS[@]}"; do load_ratio_row broadcast "$srv" "-r$round"; done
+                done
+                echo
+                for srv in "${PEERS[@]}"; do
+                    p50s=() p99s=()
+                    for round in $(seq 1 "$ROUNDS"); do
+                        p50s+=("$(ratio "$(j "broadcast-vibe-r$round" .latency_ms.p50)" "$(j "broadcast-$srv-r$round" .latency_ms.p50)")")
+                        p99s+=("$(ratio "$(j "broadcast-vibe-r$round" .latency_ms.p99)" "$(j "broadcast-$srv-r$round" .latency_ms.p99)")")
+                    done
+                    echo "- Vibe / $srv, median of the $ROUNDS rounds' ratios: p50 $(median "${p50s[@]}") (${p50s[*]}), p99 $(median "${p99s[@]}") (${p99s[*]})"
                 done
                 continue
             fi
