@@ -6,7 +6,9 @@
 //!
 //! - `broadcast`: N subscribers send the same `{"op":"read","type":T,"global":true,"limit":10}`
 //!   (one live query, N subscribers); one writer `POST`s `/v1/docs/T` at `--rate` with
-//!   `data.sent_us`; every subscriber times write sent → `add` received (HDR histograms).
+//!   `data.sent_us`; every subscriber times write sent → `add` received, and commit → `add`
+//!   received from the document's `updatedAt` (the server's `now()` in the writing transaction,
+//!   taken before the commit; HDR histograms).
 //! - `idle`: N connections, each subscribed to that query (or not: `--no-subscribe`), held for
 //!   `--duration`; reports the server's RSS before and after and the memory per connection.
 //! - `distinct`: subscriber i reads `where: {"data.k": i}` (N distinct live queries); the writer
@@ -589,6 +591,7 @@ struct WorkerReport {
     open_at_stop: u64,
     first_error: Option<String>,
     latency_us: EncodedHistogram,
+    commit_latency_us: EncodedHistogram,
 }
 
 impl WorkerReport {
@@ -603,12 +606,14 @@ impl WorkerReport {
             open_at_stop: 0,
             first_error: tally.first_error.clone(),
             latency_us: EncodedHistogram::of(&tally.latency_us),
+            commit_latency_us: EncodedHistogram::of(&tally.commit_latency_us),
         }
     }
 
     fn into_tally(self) -> anyhow::Result<SubTally> {
         let mut tally = SubTally::new()?;
         tally.latency_us = self.latency_us.decode()?;
+        tally.commit_latency_us = self.commit_latency_us.decode()?;
         tally.received = self.received;
         tally.warmup_received = self.warmup_received;
         tally.misrouted = self.misrouted;
@@ -1119,6 +1124,7 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
     let missing = expected.saturating_sub(total.received);
     let events_per_sec = total.received as f64 / secs;
     let latency = Latency::of(&total.latency_us);
+    let commit_latency = Latency::of(&total.commit_latency_us);
     let errors = u64_of(connect_errors + disconnected)
         + total.resets
         + total.bad_frames
@@ -1150,6 +1156,15 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
     println!(
         "latency (ms): p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2} mean={:.2}",
         latency.p50, latency.p90, latency.p99, latency.p999, latency.max, latency.mean,
+    );
+    println!(
+        "commit-to-client latency (ms): p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2} mean={:.2}",
+        commit_latency.p50,
+        commit_latency.p90,
+        commit_latency.p99,
+        commit_latency.p999,
+        commit_latency.max,
+        commit_latency.mean,
     );
     let first_error = writes
         .first_error
@@ -1188,6 +1203,7 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
         "events_missing": missing,
         "events_per_sec": events_per_sec,
         "latency_ms": latency.json(),
+        "commit_latency_ms": commit_latency.json(),
         "errors": errors,
         "cpu": cpu,
         "first_error": first_error,

@@ -337,6 +337,10 @@ cat <<EOF
 $(machine_line)
 - Vibe: $("$VIBE_BIN" --version), release build; load client (benches/fanout.rs), servers and PostgreSQL share this machine
 - command: \`$COMMAND\`
+- latency p50 … max: write sent (the writer's clock, \`data.sent_us\`) → \`add\` received, which includes
+  the writer's HTTP request; commit p50 / p99: the document's \`updatedAt\` (Vibe's and the Node
+  peer's \`now()\` in the writing transaction, taken before the commit; the bare peer's clock when it
+  builds the document) → \`add\` received, the commit-to-client latency
 - bare = benches/peers/bare.rs (hyper + fastwebsockets, no database: the transport's ceiling);
   node = benches/peers/node (Node.js ${NODE_VERSION:-n/a}, ws + pg, one LISTEN connection fed by a
   per-row NOTIFY trigger; no auth, no ACLs, no resume)${NODE_SKIP:+ — not run: $NODE_SKIP};
@@ -348,12 +352,12 @@ EOF
 
 load_row() { # file label
     local f=$1 label=$2
-    echo "| $label | $(j "$f" .connections) | $(j "$f" .live_queries) | $(j "$f" .rate) | $(j "$f" .writes_ok) | $(j "$f" .events_expected) | $(j "$f" .events_received) | $(j "$f" .events_missing) | $(f0 "$(j "$f" .events_per_sec)") | $(f2 "$(j "$f" .latency_ms.p50)") | $(f2 "$(j "$f" .latency_ms.p90)") | $(f2 "$(j "$f" .latency_ms.p99)") | $(f2 "$(j "$f" .latency_ms.p99_9)") | $(f2 "$(j "$f" .latency_ms.max)") | $(j "$f" .errors) | $(f0 "$(j "$f" .cpu.server_cpu_percent)")% | $(mib "$(j "$f" .cpu.server_rss_kib)") | $(f0 "$(j "$f" .cpu.client_cpu_percent)")% |"
+    echo "| $label | $(j "$f" .connections) | $(j "$f" .live_queries) | $(j "$f" .rate) | $(j "$f" .writes_ok) | $(j "$f" .events_expected) | $(j "$f" .events_received) | $(j "$f" .events_missing) | $(f0 "$(j "$f" .events_per_sec)") | $(f2 "$(j "$f" .latency_ms.p50)") | $(f2 "$(j "$f" .latency_ms.p90)") | $(f2 "$(j "$f" .latency_ms.p99)") | $(f2 "$(j "$f" .latency_ms.p99_9)") | $(f2 "$(j "$f" .latency_ms.max)") | $(f2 "$(j "$f" .commit_latency_ms.p50)") | $(f2 "$(j "$f" .commit_latency_ms.p99)") | $(j "$f" .errors) | $(f0 "$(j "$f" .cpu.server_cpu_percent)")% | $(mib "$(j "$f" .cpu.server_rss_kib)") | $(f0 "$(j "$f" .cpu.client_cpu_percent)")% |"
 }
 load_header() {
     echo
-    echo "| server | connections | live queries | writes/s | writes | events expected | received | missing | events/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | server CPU | server RSS MiB | client CPU |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| server | connections | live queries | writes/s | writes | events expected | received | missing | events/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | commit p50 ms | commit p99 ms | errors | server CPU | server RSS MiB | client CPU |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 }
 # ratio_of SCENARIO FIELD [PEER] -> Vibe / PEER (default bare) of one field of that scenario's runs
 ratio_of() { ratio "$(j "$1-vibe" "$2")" "$(j "$1-${3:-bare}" "$2")"; }
@@ -363,10 +367,11 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) 
 load_ratio_row() {
     local s=$1 peer=$2 suffix=${3:-} field r=()
     for field in .events_per_sec .latency_ms.p50 .latency_ms.p90 .latency_ms.p99 .latency_ms.p99_9 \
-                 .latency_ms.max .cpu.server_cpu_percent .cpu.server_rss_kib .cpu.client_cpu_percent; do
+                 .latency_ms.max .commit_latency_ms.p50 .commit_latency_ms.p99 \
+                 .cpu.server_cpu_percent .cpu.server_rss_kib .cpu.client_cpu_percent; do
         r+=("$(ratio "$(j "$s-vibe$suffix" "$field")" "$(j "$s-$peer$suffix" "$field")")")
     done
-    echo "| Vibe / $peer | ${suffix#-} | | | | | | | ${r[0]} | ${r[1]} | ${r[2]} | ${r[3]} | ${r[4]} | ${r[5]} | | ${r[6]} | ${r[7]} | ${r[8]} |"
+    echo "| Vibe / $peer | ${suffix#-} | | | | | | | ${r[0]} | ${r[1]} | ${r[2]} | ${r[3]} | ${r[4]} | ${r[5]} | ${r[6]} | ${r[7]} | | ${r[8]} | ${r[9]} | ${r[10]} |"
 }
 
 for s in "${SCENARIOS[@]}"; do
@@ -392,12 +397,13 @@ for s in "${SCENARIOS[@]}"; do
                 done
                 echo
                 for srv in "${PEERS[@]}"; do
-                    p50s=() p99s=()
+                    p50s=() p99s=() c99s=()
                     for round in $(seq 1 "$ROUNDS"); do
                         p50s+=("$(ratio "$(j "broadcast-vibe-r$round" .latency_ms.p50)" "$(j "broadcast-$srv-r$round" .latency_ms.p50)")")
                         p99s+=("$(ratio "$(j "broadcast-vibe-r$round" .latency_ms.p99)" "$(j "broadcast-$srv-r$round" .latency_ms.p99)")")
+                        c99s+=("$(ratio "$(j "broadcast-vibe-r$round" .commit_latency_ms.p99)" "$(j "broadcast-$srv-r$round" .commit_latency_ms.p99)")")
                     done
-                    echo "- Vibe / $srv, median of the $ROUNDS rounds' ratios: p50 $(median "${p50s[@]}") (${p50s[*]}), p99 $(median "${p99s[@]}") (${p99s[*]})"
+                    echo "- Vibe / $srv, median of the $ROUNDS rounds' ratios: p50 $(median "${p50s[@]}") (${p50s[*]}), p99 $(median "${p99s[@]}") (${p99s[*]}), commit p99 $(median "${c99s[@]}") (${c99s[*]})"
                 done
                 continue
             fi

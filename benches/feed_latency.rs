@@ -10,7 +10,10 @@
 //!
 //! Every subscriber records, for each `add` event, `now_us - doc.data.sent_us` (write sent →
 //! event received, through the REST write, the commit, the change feed, the live query and the
-//! WebSocket) in its own HDR histogram; the histograms are merged at the end. Documents sent
+//! WebSocket) in its own HDR histogram, and `now_us - doc.updatedAt` (commit → event received:
+//! `updatedAt` is the server's `now()` in the writing transaction, taken before it commits, so
+//! this leaves out only the writer's HTTP request) in a second one; the histograms are merged
+//! at the end. Documents sent
 //! during the first `--warmup` seconds are written and delivered but not counted. After
 //! `--duration` measured seconds the writer stops; subscribers then wait (up to `--drain`
 //! seconds) for the events still in flight.
@@ -198,6 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max,
         mean,
     } = Latency::of(&total.latency_us);
+    let commit = Latency::of(&total.commit_latency_us);
     let pw = &writes.post_latency_us;
     let (post_p50, post_p99) = if pw.is_empty() {
         (0.0, 0.0)
@@ -236,6 +240,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "latency (ms, write sent -> add event received): p50={p50:.2} p90={p90:.2} p99={p99:.2} p99.9={p999:.2} max={max:.2} mean={mean:.2}"
     );
+    println!(
+        "latency (ms, commit -> add event received): p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2} mean={:.2}",
+        commit.p50, commit.p90, commit.p99, commit.p999, commit.max, commit.mean,
+    );
     if let Some(e) = writes.first_error.as_ref().or(total.first_error.as_ref()) {
         println!("first error: {e}");
     }
@@ -270,6 +278,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "latency_ms": {
                 "p50": p50, "p90": p90, "p99": p99, "p99_9": p999, "max": max, "mean": mean,
             },
+            "commit_latency_ms": commit.json(),
             "first_connect_error": first_connect_error,
             "first_error": writes.first_error.as_ref().or(total.first_error.as_ref()),
         });

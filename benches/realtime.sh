@@ -130,6 +130,8 @@ $MACHINE
   ${WARMUP}s of warmup writes, then ${DURATION}s measured; POST round trip p50 $(f2 "$(feed .post_latency_ms.p50)") ms, p99 $(f2 "$(feed .post_latency_ms.p99)") ms
 - latency = subscriber's clock on receiving the \`add\` event − \`sent_us\` (REST write, commit, change
   feed, live query, WebSocket), all subscribers' samples merged
+- commit-to-client = the same clock − the document's \`updatedAt\` (the writing transaction's \`now()\`,
+  taken before its commit): p50 $(f2 "$(feed .commit_latency_ms.p50)") ms, p90 $(f2 "$(feed .commit_latency_ms.p90)") ms, p99 $(f2 "$(feed .commit_latency_ms.p99)") ms, p99.9 $(f2 "$(feed .commit_latency_ms.p99_9)") ms, max $(f2 "$(feed .commit_latency_ms.max)") ms
 - expected events = measured writes answered 2xx × subscribers; anything not received within 5s after
   the last write is missing
 

@@ -50,6 +50,12 @@ pub(crate) fn unix_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// Microseconds since the Unix epoch of an RFC 3339 timestamp (None: unreadable or before 1970).
+pub(crate) fn rfc3339_micros(timestamp: &str) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(timestamp).ok()?;
+    u64::try_from(t.timestamp_micros()).ok()
+}
+
 /// A latency histogram: 1 µs to 10 min, 3 significant digits.
 pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 600_000_000, 3).context("cannot create a latency histogram")
@@ -114,6 +120,11 @@ pub(crate) struct EventFrame<'a> {
 pub(crate) struct EventDoc<'a> {
     #[serde(borrow, default)]
     pub(crate) id: Option<&'a str>,
+    /// The server's write time (RFC 3339): Vibe's and the Node peer's `now()` of the inserting
+    /// transaction, which is taken before it commits; the bare peer's clock when it builds the
+    /// document.
+    #[serde(borrow, default, rename = "updatedAt")]
+    pub(crate) updated_at: Option<&'a str>,
     #[serde(default)]
     pub(crate) data: Option<EventData>,
 }
@@ -164,7 +175,12 @@ pub(crate) fn spawn_progress(
 /// One subscriber's tallies.
 #[derive(Debug)]
 pub(crate) struct SubTally {
+    /// Write sent (the writer's clock, `data.sent_us`) → `add` received: the REST write, the
+    /// commit, the change feed, the fan-out and the WebSocket.
     pub(crate) latency_us: Histogram<u64>,
+    /// The server's write time (`doc.updatedAt`, taken before the commit) → `add` received:
+    /// commit-to-client, without the writer's HTTP request. Server and client share the clock.
+    pub(crate) commit_latency_us: Histogram<u64>,
     /// `add` events of measured documents.
     pub(crate) received: u64,
     /// `add` events of warmup documents (not measured).
@@ -187,6 +203,7 @@ impl SubTally {
     pub(crate) fn new() -> anyhow::Result<Self> {
         Ok(Self {
             latency_us: histogram()?,
+            commit_latency_us: histogram()?,
             received: 0,
             warmup_received: 0,
             misrouted: 0,
@@ -208,6 +225,9 @@ impl SubTally {
     pub(crate) fn merge(&mut self, other: SubTally) -> anyhow::Result<()> {
         self.latency_us
             .add(&other.latency_us)
+            .context("cannot merge latency histograms")?;
+        self.commit_latency_us
+            .add(&other.commit_latency_us)
             .context("cannot merge latency histograms")?;
         self.received += other.received;
         self.warmup_received += other.warmup_received;
@@ -234,7 +254,7 @@ impl SubTally {
         };
         match frame.event {
             Some("add") => {
-                let data = frame.doc.and_then(|d| d.data);
+                let (data, updated_at) = frame.doc.map_or((None, None), |d| (d.data, d.updated_at));
                 let Some(sent_us) = data.as_ref().and_then(|d| d.sent_us) else {
                     self.bad_frames += 1;
                     self.error(format!(
@@ -253,12 +273,22 @@ impl SubTally {
                     ));
                     return;
                 }
+                let Some(written_us) = updated_at.and_then(rfc3339_micros) else {
+                    self.bad_frames += 1;
+                    self.error(format!(
+                        "an add event without a readable doc.updatedAt: {:.200}",
+                        text()
+                    ));
+                    return;
+                };
                 if sent_us < measure_from_us {
                     self.warmup_received += 1;
                 } else {
                     self.received += 1;
                     self.latency_us
                         .saturating_record(now_us.saturating_sub(sent_us).max(1));
+                    self.commit_latency_us
+                        .saturating_record(now_us.saturating_sub(written_us).max(1));
                 }
             }
             Some("reset") => {
