@@ -30,8 +30,9 @@
 #   distinct   subscriber i reads `where data.k = i`: CONNECTIONS distinct live queries
 #   churn      CHURN_RATE connections per second close and resume with `since`
 #   write      single-row inserts with pgbench (-c PG_CLIENTS -T DURATION, PG_ROUNDS rounds; all
-#              servers stopped first): into documents with the change-feed trigger on, with it
-#              off, and into a plain table with the same columns (primary key only)
+#              servers stopped first): into documents with the change feed on (rows marked for
+#              the feed), with it off, and into a plain table with the same columns (primary key
+#              only)
 #
 # Needs: cargo, psql, curl, jq, python3 (write: pgbench), and a PostgreSQL 13+ at 127.0.0.1:5432
 # that lets user `postgres` in without a password (trust); node 18+ and npm for the Node peer
@@ -456,11 +457,12 @@ for s in "${SCENARIOS[@]}"; do
             echo "### write: single-row inserts, change feed on vs off, and a plain table (pgbench, servers stopped)"
             echo
             echo "- \`pgbench $INSERT_PGBENCH -f insert.sql\`, one INSERT per transaction:"
-            echo "  on / off: \`${INSERT_STATEMENT[on]}\` with the change-log trigger \`$CHANGE_LOG_TRIGGER\` enabled / disabled;"
-            echo "  plain: the same row into \`$PLAIN_TABLE\` (the columns of documents without the generated ACL columns, primary key only, no trigger)"
-            echo "- before each run: the trigger set and checked, then \`CHECKPOINT\`; after it the log must have grown by exactly the"
-            echo "  run's transactions (on) or not at all (off, plain); the first case rotates each round; the mean row averages"
-            echo "  the rounds' tps and their per-round ratios"
+            echo "  on / off: \`${INSERT_STATEMENT[on]}\` with the change feed's column defaults (\`log_xid\`, \`log_seq\`: each row"
+            echo "  marked for the feed, in a partial index) as shipped / dropped;"
+            echo "  plain: the same row into \`$PLAIN_TABLE\` (the columns of documents without the generated ACL columns and the marks, primary key only)"
+            echo "- before each run: the defaults set and checked, then \`CHECKPOINT\`; after it the marked rows must have grown by exactly the"
+            echo "  run's transactions (on) or not at all (off, plain), and the change log not at all; the first case rotates each round;"
+            echo "  the mean row averages the rounds' tps and their per-round ratios"
             echo
             echo "| round (order) | feed on, tps | feed off, tps | plain table, tps | on / off | on / plain | off / plain |"
             echo "|---|---|---|---|---|---|---|"

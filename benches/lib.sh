@@ -1,11 +1,11 @@
 # Shell functions shared by the bench runners (rest_vs_pgbench.sh, realtime.sh, fanout.sh): tool
 # checks, the release build, a throwaway database with its cleanup trap, `vibe serve` on a free
-# loopback port, a token, pgbench insert runs (the change-feed trigger on and off, a plain table),
+# loopback port, a token, pgbench insert runs (the change feed on and off, a plain table),
 # and the machine line of the reports.
 #
 #   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #
-# Sourcing it only defines functions (and the constants CHANGE_LOG_TRIGGER, PLAIN_TABLE and
+# Sourcing it only defines functions (and the constants INSERT_LOG_COLUMNS, PLAIN_TABLE and
 # PLAIN_TABLE_DDL). They expect the caller's `set -euo pipefail` and
 # `shopt -s inherit_errexit`, and the variables PG_HOST, PG_PORT, PG_USER (the PostgreSQL to use)
 # and SUBJECT (the token's subject). What they set is said above each one.
@@ -173,32 +173,49 @@ pgbench_summary() {
     PGBENCH_TXNS="$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' <<<"$1")"
 }
 
-# --- insert throughput: the change-feed trigger on and off, and a plain table --------------------
+# --- insert throughput: the change feed's share of an insert on and off, and a plain table ------
 
-# The AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that copies every document write
-# into `changes` (migrations/0002): the writer's share of the change feed.
-CHANGE_LOG_TRIGGER=documents_change_log
+# What the change feed adds to an INSERT (migrations/0013): two column defaults that mark the row
+# with its transaction (`log_xid`) and its place in the feed (`log_seq`), and the partial index of
+# marked rows. Without the defaults the columns stay NULL and the index is not touched: the feed
+# off. (Updates and deletes are logged by a trigger; these runs only insert.)
+INSERT_LOG_COLUMNS="'log_xid', 'log_seq'"
 
 # The plain table of the `plain` insert case: the columns of documents without the generated ACL
-# summary columns, a primary key and nothing else (no CHECK, trigger or other index).
+# summary columns and the feed's marks, a primary key and nothing else (no CHECK, trigger or other
+# index).
 PLAIN_TABLE=plain_docs
 PLAIN_TABLE_DDL="CREATE TABLE IF NOT EXISTS $PLAIN_TABLE (
     id uuid PRIMARY KEY, owner_did text NOT NULL, type text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),
     rev bigint NOT NULL DEFAULT 1, acl jsonb NOT NULL DEFAULT '{}', data jsonb NOT NULL)"
 
-# set_change_log_trigger on|off: enables or disables CHANGE_LOG_TRIGGER on documents in DB, and
-# exits 1 unless pg_trigger then shows it in that state.
-set_change_log_trigger() {
-    local state=$1 enabled
+# insert_log_defaults: prints the feed's column defaults on documents in DB as
+# "ALTER COLUMN name SET DEFAULT expr" clauses joined by ", " (what `set_insert_logging on`
+# restores); exits 1 unless both are there.
+insert_log_defaults() {
+    local clauses
+    clauses="$(psql_bench -At -c "SELECT string_agg(format('ALTER COLUMN %I SET DEFAULT %s', a.attname, pg_get_expr(d.adbin, d.adrelid)), ', ' ORDER BY a.attname)
+        FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+        WHERE d.adrelid = 'documents'::regclass AND a.attname IN ($INSERT_LOG_COLUMNS)
+        HAVING count(*) = 2")"
+    [[ -n "$clauses" ]] || { echo "error: documents lacks the change feed's column defaults" >&2; exit 1; }
+    echo "$clauses"
+}
+
+# set_insert_logging on|off: puts back (INSERT_LOG_DEFAULTS, from insert_log_defaults) or drops
+# the feed's column defaults on documents in DB, and exits 1 unless pg_attrdef then agrees.
+set_insert_logging() {
+    local state=$1 defaults
     if [[ "$state" == on ]]; then
-        psql_bench -c "ALTER TABLE documents ENABLE TRIGGER $CHANGE_LOG_TRIGGER"
+        psql_bench -c "ALTER TABLE documents $INSERT_LOG_DEFAULTS"
     else
-        psql_bench -c "ALTER TABLE documents DISABLE TRIGGER $CHANGE_LOG_TRIGGER"
+        psql_bench -c "ALTER TABLE documents ALTER COLUMN log_xid DROP DEFAULT, ALTER COLUMN log_seq DROP DEFAULT"
     fi
-    enabled="$(psql_bench -At -c "SELECT tgenabled FROM pg_trigger WHERE tgname = '$CHANGE_LOG_TRIGGER' AND tgrelid = 'documents'::regclass")"
-    [[ ( "$state" == on && "$enabled" == O ) || ( "$state" == off && "$enabled" == D ) ]] \
-        || { echo "error: trigger $CHANGE_LOG_TRIGGER is in state '$enabled', wanted $state" >&2; exit 1; }
+    defaults="$(psql_bench -At -c "SELECT count(*) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+        WHERE d.adrelid = 'documents'::regclass AND a.attname IN ($INSERT_LOG_COLUMNS)")"
+    [[ ( "$state" == on && "$defaults" == 2 ) || ( "$state" == off && "$defaults" == 0 ) ]] \
+        || { echo "error: documents has $defaults of the feed's 2 column defaults, wanted $state" >&2; exit 1; }
 }
 
 # insert_rounds ROUNDS TYPE CASE...: single-row insert throughput with pgbench, ROUNDS rounds of
@@ -206,21 +223,22 @@ set_change_log_trigger() {
 # ...; on off plain: each case goes first once in three rounds). pgbench runs with
 # `-n -c INSERT_CLIENTS -j INSERT_JOBS -T INSERT_SECS -M prepared` (the caller sets those three);
 # each run's statement is one INSERT (insert_sql TYPE). Cases:
-#   on     into documents, with CHANGE_LOG_TRIGGER enabled (the change feed on)
-#   off    into documents, with it disabled (the feed off; everything else of documents stays)
+#   on     into documents as shipped (the change feed on: each row marked for the feed)
+#   off    into documents without the feed's column defaults (everything else of documents stays)
 #   plain  into PLAIN_TABLE (created here if missing): the same row in a bare table
-# Before each run the trigger is set (and checked) and the database CHECKPOINTed; after it the log
-# must have grown by exactly pgbench's transactions (on) or not at all (off, plain), else exit 1,
-# as on any pgbench failure. Needs WORK and DB, and nothing else writing to DB meanwhile (stop the
-# servers first). Sets INSERT_TPS (associative: "CASE ROUND" -> tps), INSERT_ORDER (indexed by
-# round: "on, off"), INSERT_PGBENCH (the pgbench options as text) and INSERT_STATEMENT
-# (associative: CASE -> statement); leaves the trigger enabled.
+# Before each run the defaults are set (and checked) and the database CHECKPOINTed; after it the
+# marked rows must have grown by exactly pgbench's transactions (on) or not at all (off, plain),
+# and the change log not at all, else exit 1, as on any pgbench failure. Needs WORK and DB, and
+# nothing else writing to DB meanwhile (stop the servers first). Sets INSERT_TPS (associative:
+# "CASE ROUND" -> tps), INSERT_ORDER (indexed by round: "on, off"), INSERT_PGBENCH (the pgbench
+# options as text) and INSERT_STATEMENT (associative: CASE -> statement); leaves the feed on.
 insert_rounds() {
     local rounds=$1 type=$2 round i c count joined
     shift 2
     local cases=("$@") order=()
     declare -gA INSERT_TPS=() INSERT_STATEMENT=()
     declare -ga INSERT_ORDER=()
+    INSERT_LOG_DEFAULTS="$(insert_log_defaults)"
     INSERT_PGBENCH="-n -c $INSERT_CLIENTS -j $INSERT_JOBS -T $INSERT_SECS -M prepared"
     for c in "${cases[@]}"; do
         case "$c" in
@@ -246,17 +264,22 @@ insert_rounds() {
             INSERT_TPS["$c $round"]="$PGBENCH_TPS"
         done
     done
-    set_change_log_trigger on
+    set_insert_logging on
+}
+
+# The feed's record of inserts and of everything else, as "marked logged".
+feed_counts() {
+    psql_bench -At -F ' ' -c "SELECT (SELECT count(*) FROM documents WHERE log_xid IS NOT NULL), (SELECT count(*) FROM changes)"
 }
 
 # insert_run CASE: one pgbench run of CASE (see insert_rounds); sets PGBENCH_TPS.
 insert_run() {
-    local c=$1 out logged_before logged_after
+    local c=$1 out before after marked logged
     case "$c" in
-        on|off) set_change_log_trigger "$c" ;;
+        on|off) set_insert_logging "$c" ;;
     esac
     psql_bench -c 'CHECKPOINT'
-    logged_before="$(psql_bench -At -c 'SELECT count(*) FROM changes')"
+    before="$(feed_counts)"
     echo "==> pgbench insert ($c: ${INSERT_STATEMENT[$c]%% (*}), $INSERT_PGBENCH" >&2
     # shellcheck disable=SC2086 # INSERT_PGBENCH is a list of options
     out="$(pgbench -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" $INSERT_PGBENCH -f "$WORK/insert-$c.sql" "$DB" 2>&1)" \
@@ -264,11 +287,12 @@ insert_run() {
     pgbench_summary "$out"
     (( ${PGBENCH_FAILED:-0} == 0 )) || { echo "error: pgbench reported $PGBENCH_FAILED failed transactions" >&2; exit 1; }
     [[ -n "$PGBENCH_TPS" && -n "$PGBENCH_TXNS" ]] || { echo "$out" >&2; echo "error: no tps or transaction count in pgbench's output" >&2; exit 1; }
-    logged_after="$(psql_bench -At -c 'SELECT count(*) FROM changes')"
+    after="$(feed_counts)"
+    marked=$(( ${after% *} - ${before% *} )) logged=$(( ${after#* } - ${before#* } ))
     local want=0
     if [[ "$c" == on ]]; then want=$PGBENCH_TXNS; fi
-    (( logged_after - logged_before == want )) || {
-        echo "error: insert case $c: the change log grew by $(( logged_after - logged_before )) rows over $PGBENCH_TXNS inserts (expected $want)" >&2
+    (( marked == want && logged == 0 )) || {
+        echo "error: insert case $c: $marked rows marked for the feed and $logged log rows over $PGBENCH_TXNS inserts (expected $want and 0)" >&2
         exit 1
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Vibe realtime benchmarks: WebSocket fan-out latency, and what the change-log trigger costs
-# PostgreSQL on inserts.
+# Vibe realtime benchmarks: WebSocket fan-out latency, and what the change feed costs PostgreSQL
+# on inserts.
 #
 #   benches/realtime.sh                                   # SUBSCRIBERS=1000 RATE=100 DURATION=20
 #   SUBSCRIBERS=50 RATE=20 DURATION=3 benches/realtime.sh # a quick smoke run
@@ -12,9 +12,9 @@
 #       the same live query (type benchfeed, global, limit 10); one writer creates RATE documents
 #       per second through REST; each subscriber times write sent -> `add` event received.
 #   (b) feed write overhead: the server is stopped, then pgbench runs single-row inserts into
-#       `documents` (the create statement of rest_vs_pgbench.sh) with the change-log trigger
-#       (documents_change_log) enabled and disabled, PG_ROUNDS rounds, alternating which goes
-#       first (on/off, off/on, ...).
+#       `documents` (the create statement of rest_vs_pgbench.sh) with the change feed on (rows
+#       marked for it by column defaults) and off (the defaults dropped), PG_ROUNDS rounds,
+#       alternating which goes first (on/off, off/on, ...).
 # Everything is loopback-only; the database, server and data dir are removed on exit.
 #
 # Env knobs: SUBSCRIBERS (default 1000), RATE (writes/s, default 100), DURATION (seconds per
@@ -77,10 +77,10 @@ fi
 echo "==> stopping vibe serve" >&2
 stop_vibe
 
-# --- (b) change-log trigger overhead on inserts ------------------------------------------------
+# --- (b) change-feed overhead on inserts ---------------------------------------------------------
 
 # The create statement of rest_vs_pgbench.sh (see insert_sql in lib.sh for how it keeps pgbench
-# off its colons), trigger on and off, PG_ROUNDS alternating rounds (insert_rounds in lib.sh).
+# off its colons), feed on and off, PG_ROUNDS alternating rounds (insert_rounds in lib.sh).
 INSERT_CLIENTS="$PG_CLIENTS" INSERT_JOBS="$PG_JOBS" INSERT_SECS="$DURATION"
 insert_rounds "$PG_ROUNDS" "$INSERT_TYPE" on off
 INSERT_SQL="${INSERT_STATEMENT[on]}"
@@ -139,16 +139,16 @@ $MACHINE
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 | $SUBSCRIBERS | $RATE | $(feed .writes_ok) | $(feed .events_expected) | $(feed .events_received) | $(feed .events_missing) | $(int "$(feed .events_per_sec)") | $(f2 "$(feed .latency_ms.p50)") ms | $(f2 "$(feed .latency_ms.p90)") ms | $(f2 "$(feed .latency_ms.p99)") ms | $(f2 "$(feed .latency_ms.p99_9)") ms | $(f2 "$(feed .latency_ms.max)") ms | $(feed .connect_errors) | $(feed .disconnected) |
 
-### Change-log trigger overhead on inserts (pgbench, server stopped)
+### Change-feed overhead on inserts (pgbench, server stopped)
 
 - \`pgbench $INSERT_PGBENCH -f create.sql\` with create.sql:
   \`$INSERT_SQL\`
-- before each run: \`ALTER TABLE documents ENABLE|DISABLE TRIGGER $CHANGE_LOG_TRIGGER\` (the AFTER ... FOR EACH ROW
-  trigger that copies every write into \`changes\`), then \`CHECKPOINT\`
-- ratio = tps with the trigger / tps without; the mean row averages the rounds (ratio: mean of the
+- before each run: the change feed's column defaults on \`documents\` (\`log_xid\`, \`log_seq\`: every inserted row marked
+  for the feed, in a partial index; migrations/0013) set as shipped or dropped, then \`CHECKPOINT\`
+- ratio = tps with the feed / tps without; the mean row averages the rounds (ratio: mean of the
   per-round ratios)
 
-| round (order) | trigger on, tps | trigger off, tps | ratio on/off |
+| round (order) | feed on, tps | feed off, tps | ratio on/off |
 |---|---|---|---|
 EOF
 printf '%s\n' "${PG_ROWS[@]}"

@@ -339,6 +339,31 @@ async fn a_feed_recovers_from_transaction_ids_going_backwards() {
     sqlx::query(INSERT).bind(id).execute(&pool).await.unwrap();
     let got = drain(&feed, &mut cursor).await;
     assert_eq!(got.iter().map(|c| c.doc_id).collect::<Vec<_>>(), vec![id]);
+
+    // A restored document whose insert mark carries the old cluster's id (ahead of this one's)
+    // is found on its own, and unmarked without being logged as a write.
+    let restored = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, data, log_xid) \
+         VALUES ($1, 'did:key:zA', 'posts', '{}', 9000000001)",
+    )
+    .bind(restored)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(feed.recover_from_xid_reset().await.unwrap());
+    let mark: Option<i64> = sqlx::query_scalar("SELECT log_xid FROM documents WHERE id = $1")
+        .bind(restored)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mark, None, "the future mark is cleared");
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM changes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(logged, 0, "unmarking is not a change");
+    assert!(!feed.recover_from_xid_reset().await.unwrap());
     pool.close().await;
     common::drop_database(&name).await;
 }
@@ -417,6 +442,122 @@ async fn a_tick_rings_the_doorbell_and_brings_the_first_page() {
     );
 
     drop(listener); // it holds a pool connection that `close` would wait for
+    pool.close().await;
+    common::drop_database(&name).await;
+}
+
+/// A change as the test below compares it: document, operation, rev, and `data.n` of the new and
+/// old images.
+type Written = (Uuid, Op, i64, Option<i64>, Option<i64>);
+
+/// An insert is logged in its document's row until the row first changes; then it moves to the
+/// log with the image it was inserted with, at the same place in the same batch. Read live or
+/// replayed from before it, every write is one change, in order, with the images of its time —
+/// also when the update or delete comes in the insert's own transaction.
+#[tokio::test]
+async fn an_insert_keeps_its_image_and_place_after_its_row_changes() {
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let mut live = start;
+    let summary = |changes: &[vibe::feed::Change]| -> Vec<Written> {
+        let n =
+            |image: &Option<vibe::feed::Image>| image.as_ref().and_then(|i| i.data["n"].as_i64());
+        changes
+            .iter()
+            .map(|c| (c.doc_id, c.op, c.rev, n(&c.new), n(&c.old)))
+            .collect()
+    };
+    const INSERT_N: &str = "INSERT INTO documents (id, owner_did, type, data) \
+                            VALUES ($1, 'did:key:zA', 'posts', jsonb_build_object('n', $2::int))";
+    const UPDATE_N: &str =
+        "UPDATE documents SET data = jsonb_build_object('n', $2::int), rev = rev + 1 WHERE id = $1";
+
+    // Read live: the insert from its row, then its update and delete from the log.
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    sqlx::query(INSERT_N)
+        .bind(a)
+        .bind(1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let first = summary(&drain(&feed, &mut live).await);
+    assert_eq!(first, vec![(a, Op::Insert, 1, Some(1), None)]);
+    sqlx::query(UPDATE_N)
+        .bind(a)
+        .bind(2)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM documents WHERE id = $1")
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let second = summary(&drain(&feed, &mut live).await);
+    assert_eq!(
+        second,
+        vec![
+            (a, Op::Update, 2, Some(2), Some(1)),
+            (a, Op::Delete, 2, None, Some(2))
+        ],
+        "read once, the insert is not delivered again when its row changes"
+    );
+
+    // Written before anyone reads: b changed twice after its insert, c inserted and updated in
+    // one transaction, then deleted.
+    sqlx::query(INSERT_N)
+        .bind(b)
+        .bind(10)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(UPDATE_N)
+        .bind(b)
+        .bind(11)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(UPDATE_N)
+        .bind(b)
+        .bind(12)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(INSERT_N)
+        .bind(c)
+        .bind(20)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(UPDATE_N)
+        .bind(c)
+        .bind(21)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("DELETE FROM documents WHERE id = $1")
+        .bind(c)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let later = vec![
+        (b, Op::Insert, 1, Some(10), None),
+        (b, Op::Update, 2, Some(11), Some(10)),
+        (b, Op::Update, 3, Some(12), Some(11)),
+        (c, Op::Insert, 1, Some(20), None),
+        (c, Op::Update, 2, Some(21), Some(20)),
+        (c, Op::Delete, 2, None, Some(21)),
+    ];
+    assert_eq!(summary(&drain(&feed, &mut live).await), later);
+
+    // Replayed from the start: every write once, in order, each with the images of its time.
+    let mut replay = start;
+    let all: Vec<_> = first.into_iter().chain(second).chain(later).collect();
+    assert_eq!(summary(&drain(&feed, &mut replay).await), all);
+    assert_eq!(replay, live, "both readers end at the same place");
     pool.close().await;
     common::drop_database(&name).await;
 }

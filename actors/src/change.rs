@@ -107,7 +107,8 @@ pub struct Change {
     pub rev: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// When the trigger ran (inside the writer's transaction): the start of feed latency.
+    /// When the write was logged inside the writer's transaction (an insert: the transaction's
+    /// start; an update or delete: its trigger): the start of feed latency.
     pub logged_at: DateTime<Utc>,
     /// After the write (insert, update).
     pub new: Option<Image>,

@@ -1,10 +1,12 @@
-//! The change feed over PostgreSQL: the change log (filled by a trigger in the writer's
-//! transaction), ticks that cut it into globally ordered batches, and reads after a cursor.
+//! The change feed over PostgreSQL: the change log (inserts marked in their document's row by
+//! column defaults, updates and deletes logged into `changes` by a trigger, all in the writer's
+//! transaction; migrations/0013), ticks that cut it into globally ordered batches, and reads
+//! after a cursor.
 //!
 //! Method (PgQ's): a tick stores `pg_current_snapshot()`, taken under an advisory lock so ticks
 //! are strictly ordered and each snapshot sees at least what the previous one saw. Batch N is the
-//! log rows whose writing transaction is visible in tick N's snapshot and not in tick N-1's, in
-//! `seq` order. Every committed change lands in exactly one batch, whatever order transactions
+//! log rows and marked documents whose writing transaction is visible in tick N's snapshot and
+//! not in tick N-1's, in `seq` order. Every committed change lands in exactly one batch, whatever order transactions
 //! commit in; a cursor `(tick, seq)` means "batches before `tick`, and batch `tick` up to `seq`",
 //! and means the same on every node. A long-running writer delays only its own changes (they
 //! enter the batch of the first tick after its commit); it widens the xid range each batch scans
@@ -221,6 +223,8 @@ impl Feed {
                  SELECT pg_snapshot_xmin(snapshot) > pg_snapshot_xmax(pg_current_snapshot()) \
                  FROM feed_ticks ORDER BY tick DESC LIMIT 1), false) \
              OR coalesce((SELECT max(xid) FROM changes) \
+                 >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint, false) \
+             OR coalesce((SELECT max(log_xid) FROM documents WHERE log_xid IS NOT NULL) \
                  >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint, false)",
         )
         .fetch_one(&mut *tx)
@@ -229,6 +233,17 @@ impl Feed {
             return Ok(false);
         }
         sqlx::query("DELETE FROM changes").execute(&mut *tx).await?;
+        // Inserts marked with the old cluster's ids would turn up in some batch once this
+        // cluster's ids reach theirs. Unmarking them is not a write of the document: the
+        // change-log trigger (which would log it) is off for this transaction's statement.
+        for statement in [
+            "ALTER TABLE documents DISABLE TRIGGER documents_change_log",
+            "UPDATE documents SET log_xid = NULL, log_seq = NULL \
+             WHERE log_xid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            "ALTER TABLE documents ENABLE TRIGGER documents_change_log",
+        ] {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
         sqlx::query("DELETE FROM feed_ticks")
             .execute(&mut *tx)
             .await?;
