@@ -13,10 +13,9 @@
 //! WebSocket) in its own HDR histogram, and `now_us - doc.updatedAt` (commit → event received:
 //! `updatedAt` is the server's `now()` in the writing transaction, taken before it commits, so
 //! this leaves out only the writer's HTTP request) in a second one; the histograms are merged
-//! at the end. Documents sent
-//! during the first `--warmup` seconds are written and delivered but not counted. After
-//! `--duration` measured seconds the writer stops; subscribers then wait (up to `--drain`
-//! seconds) for the events still in flight.
+//! at the end. Documents sent during the first `--warmup` seconds are written and delivered but
+//! not counted. After `--duration` measured seconds the writer stops; subscribers then wait (up
+//! to `--drain` seconds) for the events still in flight.
 //!
 //! Expected events = measured writes that got a 2xx answer × `--subscribers`; every expected
 //! event a subscriber did not receive (including those of connections that failed to open or

@@ -6,9 +6,9 @@
 //! Method (PgQ's): a tick stores `pg_current_snapshot()`, taken under an advisory lock so ticks
 //! are strictly ordered and each snapshot sees at least what the previous one saw. Batch N is the
 //! log rows and marked documents whose writing transaction is visible in tick N's snapshot and
-//! not in tick N-1's, in `seq` order. Every committed change lands in exactly one batch, whatever order transactions
-//! commit in; a cursor `(tick, seq)` means "batches before `tick`, and batch `tick` up to `seq`",
-//! and means the same on every node. A long-running writer delays only its own changes (they
+//! not in tick N-1's, in `seq` order. Every committed change lands in exactly one batch,
+//! whatever order transactions commit in; a cursor `(tick, seq)` means "batches before `tick`,
+//! and batch `tick` up to `seq`", and means the same on every node. A long-running writer delays only its own changes (they
 //! enter the batch of the first tick after its commit); it widens the xid range each batch scans
 //! (from the oldest in-progress xid), which `vibe_feed_oldest_xact_age_seconds` reports.
 //!
