@@ -4,8 +4,10 @@
 //! Scenarios (all against `/v1/ws`, subprotocol `vibe.v1` with the token as the second offered
 //! value; only loopback URLs are accepted):
 //!
-//! - `broadcast`: N subscribers send the same `{"op":"read","type":T,"global":true,"limit":10}`
-//!   (one live query, N subscribers); one writer `POST`s `/v1/docs/T` at `--rate` with
+//! - `broadcast`: N subscribers send the same `{"op":"read","type":T,"global":true,"limit":L}`
+//!   (one live query, N subscribers; `--limit`, 10: once the window holds L documents, each write
+//!   also sends every subscriber a `remove`, counted but not timed); one writer `POST`s
+//!   `/v1/docs/T` at `--rate` with
 //!   `data.sent_us`; every subscriber times write sent → `add` received, and commit → `add`
 //!   received from the document's `updatedAt` (the server's `now()` in the writing transaction,
 //!   taken before the commit; HDR histograms).
@@ -140,6 +142,12 @@ struct CommonArgs {
     /// Document type the writer creates and the live queries read.
     #[arg(long = "type", default_value = "benchfanout")]
     doc_type: String,
+    /// The live queries' `limit`: each subscriber's window holds this many documents, and once
+    /// it is full every new document pushes the oldest out with a `remove` event (every server
+    /// sends it: the peers keep the same windows). A limit above the writes of a run means
+    /// adds only.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: u16,
 }
 
 impl CommonArgs {
@@ -584,6 +592,7 @@ struct WorkerReport {
     warmup_received: u64,
     misrouted: u64,
     resets: u64,
+    removes: u64,
     bad_frames: u64,
     /// Connections that ended before the run did (idle: dropped while held).
     disconnected: usize,
@@ -601,6 +610,7 @@ impl WorkerReport {
             warmup_received: tally.warmup_received,
             misrouted: tally.misrouted,
             resets: tally.resets,
+            removes: tally.removes,
             bad_frames: tally.bad_frames,
             disconnected,
             open_at_stop: 0,
@@ -618,6 +628,7 @@ impl WorkerReport {
         tally.warmup_received = self.warmup_received;
         tally.misrouted = self.misrouted;
         tally.resets = self.resets;
+        tally.removes = self.removes;
         tally.bad_frames = self.bad_frames;
         tally.first_error = self.first_error;
         Ok(tally)
@@ -901,7 +912,7 @@ impl LocalSubscribers {
             tasks.spawn(subscriber(SubscriberSetup {
                 target: setup.target.clone(),
                 token: setup.token.clone(),
-                read: read_request(&common.doc_type, filter),
+                read: read_request(&common.doc_type, filter, common.limit),
                 source: setup.source(local),
                 expect_index: if distinct { i } else { 0 },
                 expect_k: distinct.then_some(key),
@@ -1150,8 +1161,8 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
         total.misrouted,
     );
     println!(
-        "errors: {connect_errors} connect, {disconnected} disconnected, {} resets, {} bad frames",
-        total.resets, total.bad_frames,
+        "errors: {connect_errors} connect, {disconnected} disconnected, {} resets, {} bad frames; {} remove events (documents leaving a subscriber's window of {})",
+        total.resets, total.bad_frames, total.removes, common.limit,
     );
     println!(
         "latency (ms): p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2} mean={:.2}",
@@ -1192,6 +1203,8 @@ async fn run_subscribed(args: LoadArgs, distinct: bool) -> anyhow::Result<()> {
         "connect_errors": connect_errors,
         "disconnected": disconnected,
         "resets": total.resets,
+        "removes": total.removes,
+        "limit": common.limit,
         "bad_frames": total.bad_frames,
         "misrouted": total.misrouted,
         "writes_ok": writes.measured_ok,
@@ -1229,7 +1242,7 @@ impl LocalHolders {
         let connect_slots = Arc::new(Semaphore::new(common.connect_concurrency));
         let (ready_tx, ready) = mpsc::channel::<Result<String, String>>(n);
         let (stop, stop_rx) = watch::channel(false);
-        let read = subscribe.then(|| read_request(&common.doc_type, None));
+        let read = subscribe.then(|| read_request(&common.doc_type, None, common.limit));
         let mut tasks = JoinSet::new();
         for (local, _) in setup.share(n).enumerate() {
             let target = setup.target.clone();
@@ -1561,6 +1574,7 @@ struct ChurnSetup {
     target: Arc<Target>,
     token: Arc<str>,
     doc_type: Arc<str>,
+    limit: u16,
     source: Option<std::net::Ipv4Addr>,
     connect_slots: Arc<Semaphore>,
     ready: mpsc::Sender<Result<String, String>>,
@@ -1581,6 +1595,7 @@ async fn churner(setup: ChurnSetup) -> anyhow::Result<ChurnTally> {
         target,
         token,
         doc_type,
+        limit,
         source,
         connect_slots,
         ready,
@@ -1607,7 +1622,7 @@ async fn churner(setup: ChurnSetup) -> anyhow::Result<ChurnTally> {
     let mut done: Option<Finish> = None;
     let mut closed_at: Option<Instant> = None;
     'connect: loop {
-        let mut read = read_request(&doc_type, None);
+        let mut read = read_request(&doc_type, None, limit);
         if let Some(c) = &cursor {
             read["since"] = serde_json::Value::String(c.clone());
         }
@@ -1816,6 +1831,7 @@ async fn run_churn(args: ChurnArgs) -> anyhow::Result<()> {
             target: setup.target.clone(),
             token: setup.token.clone(),
             doc_type: doc_type.clone(),
+            limit: common.limit,
             source: setup.source(i),
             connect_slots: connect_slots.clone(),
             ready: ready_tx.clone(),

@@ -44,7 +44,9 @@
 # Env knobs: SCENARIO (default broadcast), CONNECTIONS (1000), RATE (writes/s, 100; churn 20),
 # DURATION (measured seconds, 10; write: per pgbench run), WARMUP (2), DRAIN (5), SOURCE_ADDRS
 # (1..254, 1), PROCESSES (client processes holding the connections, 1; not for churn),
-# CHURN_RATE (connections per second, default CONNECTIONS/10), NO_SUBSCRIBE (idle, 0),
+# CHURN_RATE (connections per second, default CONNECTIONS/10), NO_SUBSCRIBE (idle, 0), LIMIT
+# (the live queries' `limit`, 10: once a window is full, each write also sends every subscriber a
+# `remove`, from every server, the peers keeping the same windows; above the run's writes, adds only),
 # PG_ROUNDS (write: rounds, 3), PG_CLIENTS (write: pgbench -c, 8),
 # SMOKE (0), NO_NODE (1: skip the Node peer), SWEEP (space-separated connection counts; broadcast
 # only), ROUNDS (broadcast: run every server ROUNDS times, alternating, and report the median of
@@ -64,6 +66,7 @@ DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 DRAIN="${DRAIN:-5}"
 SOURCE_ADDRS="${SOURCE_ADDRS:-1}"
+LIMIT="${LIMIT:-10}"
 PROCESSES="${PROCESSES:-1}"
 PG_ROUNDS="${PG_ROUNDS:-3}"
 PG_CLIENTS="${PG_CLIENTS:-8}"
@@ -234,7 +237,7 @@ run() {
     local processes=${7:-$PROCESSES} json
     json="$RESULTS/$scenario-$server$suffix.json"
     local args=(--url "$url" --connections "$connections" --duration "$DURATION" --warmup "$WARMUP"
-                --drain "$DRAIN" --source-addrs "$SOURCE_ADDRS" --server-pid "$pid" --json "$json")
+                --drain "$DRAIN" --source-addrs "$SOURCE_ADDRS" --limit "$LIMIT" --server-pid "$pid" --json "$json")
     if (( processes > 1 )); then args+=(--processes "$processes"); fi
     case "$scenario" in
         broadcast|distinct) args+=(--rate "${RATE:-100}") ;;
@@ -342,6 +345,9 @@ $(machine_line)
   the writer's HTTP request; commit p50 / p99: the document's \`updatedAt\` (Vibe's and the Node
   peer's \`now()\` in the writing transaction, taken before the commit; the bare peer's clock when it
   builds the document) → \`add\` received, the commit-to-client latency
+- every subscription reads with \`limit\` $LIMIT: once a subscriber's window holds $LIMIT documents, each
+  write also sends it a \`remove\` (the "removes" column; every server does, the peers keep the same
+  windows), so a write costs each subscriber two frames, not one
 - bare = benches/peers/bare.rs (hyper + fastwebsockets, no database: the transport's ceiling);
   node = benches/peers/node (Node.js ${NODE_VERSION:-n/a}, ws + pg, one LISTEN connection fed by a
   per-row NOTIFY trigger; no auth, no ACLs, no resume)${NODE_SKIP:+ — not run: $NODE_SKIP};
@@ -353,12 +359,12 @@ EOF
 
 load_row() { # file label
     local f=$1 label=$2
-    echo "| $label | $(j "$f" .connections) | $(j "$f" .live_queries) | $(j "$f" .rate) | $(j "$f" .writes_ok) | $(j "$f" .events_expected) | $(j "$f" .events_received) | $(j "$f" .events_missing) | $(f0 "$(j "$f" .events_per_sec)") | $(f2 "$(j "$f" .latency_ms.p50)") | $(f2 "$(j "$f" .latency_ms.p90)") | $(f2 "$(j "$f" .latency_ms.p99)") | $(f2 "$(j "$f" .latency_ms.p99_9)") | $(f2 "$(j "$f" .latency_ms.max)") | $(f2 "$(j "$f" .commit_latency_ms.p50)") | $(f2 "$(j "$f" .commit_latency_ms.p99)") | $(j "$f" .errors) | $(f0 "$(j "$f" .cpu.server_cpu_percent)")% | $(mib "$(j "$f" .cpu.server_rss_kib)") | $(f0 "$(j "$f" .cpu.client_cpu_percent)")% |"
+    echo "| $label | $(j "$f" .connections) | $(j "$f" .live_queries) | $(j "$f" .rate) | $(j "$f" .writes_ok) | $(j "$f" .events_expected) | $(j "$f" .events_received) | $(j "$f" .events_missing) | $(j "$f" '.removes // 0') | $(f0 "$(j "$f" .events_per_sec)") | $(f2 "$(j "$f" .latency_ms.p50)") | $(f2 "$(j "$f" .latency_ms.p90)") | $(f2 "$(j "$f" .latency_ms.p99)") | $(f2 "$(j "$f" .latency_ms.p99_9)") | $(f2 "$(j "$f" .latency_ms.max)") | $(f2 "$(j "$f" .commit_latency_ms.p50)") | $(f2 "$(j "$f" .commit_latency_ms.p99)") | $(j "$f" .errors) | $(f0 "$(j "$f" .cpu.server_cpu_percent)")% | $(mib "$(j "$f" .cpu.server_rss_kib)") | $(f0 "$(j "$f" .cpu.client_cpu_percent)")% |"
 }
 load_header() {
     echo
-    echo "| server | connections | live queries | writes/s | writes | events expected | received | missing | events/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | commit p50 ms | commit p99 ms | errors | server CPU | server RSS MiB | client CPU |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| server | connections | live queries | writes/s | writes | events expected | received | missing | removes | events/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | commit p50 ms | commit p99 ms | errors | server CPU | server RSS MiB | client CPU |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 }
 # ratio_of SCENARIO FIELD [PEER] -> Vibe / PEER (default bare) of one field of that scenario's runs
 ratio_of() { ratio "$(j "$1-vibe" "$2")" "$(j "$1-${3:-bare}" "$2")"; }
@@ -372,7 +378,7 @@ load_ratio_row() {
                  .cpu.server_cpu_percent .cpu.server_rss_kib .cpu.client_cpu_percent; do
         r+=("$(ratio "$(j "$s-vibe$suffix" "$field")" "$(j "$s-$peer$suffix" "$field")")")
     done
-    echo "| Vibe / $peer | ${suffix#-} | | | | | | | ${r[0]} | ${r[1]} | ${r[2]} | ${r[3]} | ${r[4]} | ${r[5]} | ${r[6]} | ${r[7]} | | ${r[8]} | ${r[9]} | ${r[10]} |"
+    echo "| Vibe / $peer | ${suffix#-} | | | | | | | | ${r[0]} | ${r[1]} | ${r[2]} | ${r[3]} | ${r[4]} | ${r[5]} | ${r[6]} | ${r[7]} | | ${r[8]} | ${r[9]} | ${r[10]} |"
 }
 
 for s in "${SCENARIOS[@]}"; do

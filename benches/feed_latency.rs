@@ -118,7 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (finish_tx, finish_rx) = watch::channel(None::<Finish>);
     let measure_from = Arc::new(AtomicU64::new(u64::MAX));
     let token: Arc<str> = args.token.as_str().into();
-    let read = read_request(&args.doc_type, None);
+    let read = read_request(&args.doc_type, None, 10);
     let progress = Arc::new(Progress::default());
     let mut subscribers = JoinSet::new();
     for _ in 0..args.subscribers {

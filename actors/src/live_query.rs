@@ -1,6 +1,8 @@
 //! One live query: the actor that owns a query's result window, applies each change of its type
 //! once, encodes each resulting event once, and fans the frames out to its subscribers' outboxes
-//! (per-subscriber ACL checks in memory, no database round trip).
+//! in one pass per message (a page of changes): each subscriber gets all its frames of the page
+//! under one lock of its queue, with at most one wake-up (per-subscriber ACL checks in memory, no
+//! database round trip).
 //!
 //! Guarantees: changes are applied in feed order, each at most once (a cursor at or behind the
 //! actor's position, or a change the loaded snapshot already saw, is skipped); a subscriber's
@@ -238,6 +240,11 @@ pub struct LiveQueryState {
     replay: VecDeque<Arc<Encoded>>,
     replay_from: Cursor,
     replay_capacity: usize,
+    /// Events emitted while handling the current message, not yet sent: one pass over the
+    /// subscribers sends them all (see [`LiveQueryState::flush`]).
+    pending: Vec<Arc<Encoded>>,
+    /// A subscriber's frames of one pass; kept to reuse its allocation.
+    frames: Vec<Bytes>,
     source: Arc<dyn SnapshotSource>,
     book: CertificateBook,
 }
@@ -332,6 +339,7 @@ async fn run(
         // Boxed per message, so the task an idle query keeps is small: handling a page (with
         // its snapshot reload) needs far more room than waiting does.
         Box::pin(state.handle(message)).await?;
+        state.flush();
     }
     Ok(())
 }
@@ -352,6 +360,8 @@ impl LiveQueryState {
             replay: VecDeque::new(),
             replay_from: args.start.max(snapshot.settled),
             replay_capacity: args.replay_capacity,
+            pending: Vec::new(),
+            frames: Vec::new(),
             source: args.source,
             book: args.book,
         };
@@ -535,6 +545,8 @@ impl LiveQueryState {
             sub += 1;
         }
         if applied.needs_refill {
+            // What this change emitted so far goes out before the load's round trip.
+            self.flush();
             let snapshot = self
                 .source
                 .load(self.window.spec().clone())
@@ -552,15 +564,10 @@ impl LiveQueryState {
         Ok(())
     }
 
+    /// Queues the event for the next [`LiveQueryState::flush`] and keeps it for replays.
     fn emit(&mut self, event: WindowEvent, cursor: Cursor) {
         let encoded = Arc::new(Encoded::new(self.sub_id.clone(), event, cursor));
-        let mut delivered = 0;
-        self.subscribers.retain(|s| {
-            delivered += u64::from(deliver(&encoded, s, self.window.spec(), &self.book));
-            !s.outbox.is_closed()
-        });
-        // Once per event, not per subscriber: a metrics update is a registry lookup.
-        metrics::counter!("vibe_ws_events_total").increment(delivered);
+        self.pending.push(encoded.clone());
         if self.replay.len() >= self.replay_capacity
             && let Some(evicted) = self.replay.pop_front()
         {
@@ -571,6 +578,33 @@ impl LiveQueryState {
         } else {
             self.replay_from = cursor;
         }
+    }
+
+    /// Sends the pending events in one pass over the subscribers: each gets all of its frames
+    /// under one lock of its queue and at most one wake-up, however many events a page of
+    /// changes made (an insert into a full window is an `add` and a `remove`). Subscribers
+    /// whose connection has gone are dropped on the way.
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let spec = self.window.spec();
+        let (pending, frames, book) = (&self.pending, &mut self.frames, &self.book);
+        let mut delivered = 0;
+        let started = std::time::Instant::now();
+        self.subscribers.retain(|s| {
+            frames.extend(pending.iter().filter_map(|e| frame_for(e, s, spec, book)));
+            let count = frames.len() as u64;
+            if s.outbox.send_all(frames).is_ok() {
+                delivered += count;
+            }
+            !s.outbox.is_closed()
+        });
+        self.pending.clear();
+        // Once per pass, not per subscriber: a metrics update is a registry lookup.
+        metrics::histogram!("vibe_live_query_fanout_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("vibe_ws_events_total").increment(delivered);
     }
 
     fn subscribe(
@@ -591,9 +625,13 @@ impl LiveQueryState {
                 let cursor = self.position.max(since);
                 let frame = reply_frame(request_id, &self.sub_id, cursor, None, true);
                 let _ = subscriber.outbox.send(frame);
-                for event in self.replay.iter().filter(|e| e.cursor > since) {
-                    let _ = deliver(event, &subscriber, self.window.spec(), &self.book);
-                }
+                self.frames.extend(
+                    self.replay
+                        .iter()
+                        .filter(|e| e.cursor > since)
+                        .filter_map(|e| frame_for(e, &subscriber, self.window.spec(), &self.book)),
+                );
+                let _ = subscriber.outbox.send_all(&mut self.frames);
                 None
             }
             Some(_) => Some(reply_frame(
@@ -740,20 +778,19 @@ fn readable_versions(change: &Change, caller: &str, book: &CertificateBook) -> C
     }
 }
 
-/// Sends `event` to `subscriber` as what it is from their point of view: a document they could
-/// not see and now can is an `add`, one they could see and no longer can is a `remove`. True if
-/// a frame was queued.
-fn deliver(
+/// `event` as `subscriber` receives it: a document they could not see and now can is an `add`,
+/// one they could see and no longer can is a `remove`; `None` when it is not for them.
+fn frame_for(
     event: &Encoded,
     subscriber: &Subscriber,
     spec: &QuerySpec,
     book: &CertificateBook,
-) -> bool {
+) -> Option<Bytes> {
     if subscriber
         .seen_up_to
         .is_some_and(|seen| event.cursor <= seen)
     {
-        return false;
+        return None;
     }
     let own = matches!(spec.scope, Scope::Own(_) | Scope::Shared(_));
     let can = |acl: &Option<Acl>| {
@@ -770,10 +807,10 @@ fn deliver(
         (false, true) => Kind::Add,
         (true, true) => Kind::Change,
         (true, false) => Kind::Remove,
-        (false, false) => return false,
+        (false, false) => return None,
     };
     let for_owner = subscriber.caller == event.owner;
-    subscriber.outbox.send(event.frame(kind, for_owner)).is_ok()
+    Some(event.frame(kind, for_owner))
 }
 
 #[derive(Serialize)]

@@ -93,17 +93,36 @@ impl Outbox {
     /// Queues a frame without waiting. A full queue marks the connection overflowed: nothing
     /// more is queued for it, and its writer closes it.
     pub fn send(&self, frame: Bytes) -> Result<(), NotQueued> {
+        self.push(1, |queue| queue.push_back(frame))
+    }
+
+    /// Queues every frame of `frames` (emptying it) in order, under one lock and with at most one
+    /// wake-up: a fan-out pass hands a subscriber all its frames of a batch at once. All or
+    /// nothing: frames that would not all fit overflow the connection as [`Outbox::send`] does.
+    pub fn send_all(&self, frames: &mut Vec<Bytes>) -> Result<(), NotQueued> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let count = frames.len();
+        let queued = self.push(count, |queue| queue.extend(frames.drain(..)));
+        frames.clear();
+        queued
+    }
+
+    /// Queues `count` frames with `fill` unless the queue is closed, overflowed, or would hold
+    /// more than its capacity (then it is marked overflowed and emptied).
+    fn push(&self, count: usize, fill: impl FnOnce(&mut VecDeque<Bytes>)) -> Result<(), NotQueued> {
         let mut state = self.shared.lock();
         if state.overflowed || self.shared.closed.load(Ordering::Relaxed) {
             return Err(NotQueued);
         }
-        let queued = if state.frames.len() >= self.shared.capacity {
+        let queued = if state.frames.len() + count > self.shared.capacity {
             state.overflowed = true;
             state.frames = VecDeque::new();
             metrics::counter!("vibe_ws_queue_overflows_total").increment(1);
             Err(NotQueued)
         } else {
-            state.frames.push_back(frame);
+            fill(&mut state.frames);
             Ok(())
         };
         // Only the first push after the writer went to sleep finds a waker: later pushes of the
@@ -213,6 +232,33 @@ mod tests {
             vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
         );
         assert_eq!(rx.try_recv(), None);
+    }
+
+    #[tokio::test]
+    async fn send_all_queues_in_order_after_what_was_queued_or_overflows_whole() {
+        let (tx, mut rx) = outbox(1, 3);
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        let mut frames = vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")];
+        tx.send_all(&mut frames).unwrap();
+        assert!(frames.is_empty(), "the frames were moved into the queue");
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.recv(&mut batch).await, Received::Frames);
+        assert_eq!(
+            Vec::from(std::mem::take(&mut batch)),
+            vec![
+                Bytes::from_static(b"a"),
+                Bytes::from_static(b"b"),
+                Bytes::from_static(b"c")
+            ]
+        );
+        // Two queued and two more would make four of three: nothing of them is queued.
+        tx.send(Bytes::from_static(b"d")).unwrap();
+        tx.send(Bytes::from_static(b"e")).unwrap();
+        let mut frames = vec![Bytes::from_static(b"f"), Bytes::from_static(b"g")];
+        assert_eq!(tx.send_all(&mut frames), Err(NotQueued));
+        assert!(frames.is_empty());
+        assert_eq!(rx.recv(&mut batch).await, Received::Overflowed);
+        assert!(batch.is_empty());
     }
 
     #[test]

@@ -189,6 +189,8 @@ pub(crate) struct SubTally {
     pub(crate) misrouted: u64,
     /// `reset` events (the live query restarted: events may have been skipped).
     pub(crate) resets: u64,
+    /// `remove` events: documents pushed out of the window by newer ones, once it is full.
+    pub(crate) removes: u64,
     /// Frames this client could not make sense of.
     pub(crate) bad_frames: u64,
     pub(crate) connect_error: bool,
@@ -208,6 +210,7 @@ impl SubTally {
             warmup_received: 0,
             misrouted: 0,
             resets: 0,
+            removes: 0,
             bad_frames: 0,
             connect_error: false,
             disconnected: false,
@@ -233,6 +236,7 @@ impl SubTally {
         self.warmup_received += other.warmup_received;
         self.misrouted += other.misrouted;
         self.resets += other.resets;
+        self.removes += other.removes;
         self.bad_frames += other.bad_frames;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
@@ -295,7 +299,8 @@ impl SubTally {
                 self.resets += 1;
                 self.error(format!("the live query was reset: {:.200}", text()));
             }
-            // `change` and `remove` (documents leaving the 10-document window) are not measured.
+            // Documents leaving the window: counted, not timed (so are `change` events).
+            Some("remove") => self.removes += 1,
             Some(_) => {}
             None => {
                 self.bad_frames += 1;
@@ -541,14 +546,18 @@ pub(crate) async fn close(stream: &mut Ws) {
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_frame(close)).await;
 }
 
-/// `{"id":1,"op":"read","type":T,"global":true,"limit":10}`, with `where` if given.
-pub(crate) fn read_request(doc_type: &str, filter: Option<serde_json::Value>) -> serde_json::Value {
+/// `{"id":1,"op":"read","type":T,"global":true,"limit":L}`, with `where` if given.
+pub(crate) fn read_request(
+    doc_type: &str,
+    filter: Option<serde_json::Value>,
+    limit: u16,
+) -> serde_json::Value {
     let mut read = serde_json::json!({
         "id": READ_ID,
         "op": "read",
         "type": doc_type,
         "global": true,
-        "limit": 10,
+        "limit": limit,
     });
     if let Some(filter) = filter {
         read["where"] = filter;

@@ -13,9 +13,15 @@
 //!   encodes ONE event frame `{"sub":"q1","event":"add","cursor":"<n>-0","doc":<doc>}` as a shared
 //!   `Bytes`, offers it to every subscriber's queue (`try_send`: a full queue drops the frame and
 //!   counts it) and answers 201 with the document.
+//! - Windows, as Vibe's live queries have them: a subscription with `limit` L holds the L newest
+//!   documents, so once L are held each new one pushes the oldest out, and the subscriber also
+//!   gets `{"sub":"q1","event":"remove","cursor":"<n>-1","id":<its id>}` (encoded once per limit,
+//!   queued with the `add` in the same pass). Without this the peer would send half the frames
+//!   Vibe does for the same subscription.
 //! - `GET /v1/ws` (subprotocol `vibe.v1`; any other offered value, such as a token, is ignored):
 //!   `{"id":..,"op":"read",..}` is answered with `{"re":..,"ok":true,"sub":"q1","docs":[],
-//!   "cursor":"0-0"}` and subscribes the connection to every later document; `ping` is answered
+//!   "cursor":"0-0"}` and subscribes the connection to every later document, with the request's
+//!   `limit` (1 to 1000, default 100, as Vibe's) as its window; `ping` is answered
 //!   with `{"re":..,"ok":true,"pong":true}`. Only the writer task writes to the socket (pongs and
 //!   close replies owed by the reader included).
 //! - `GET /health`: 200.
@@ -25,6 +31,7 @@
 // Printing the bound address is this server's job (the bench scripts read it).
 #![allow(clippy::print_stdout)]
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,10 +84,33 @@ const MAX_BODY: usize = 1 << 20;
 type Body = Full<Bytes>;
 type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 
+/// Vibe's default and largest `limit` of a query.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// A subscribed connection.
+#[derive(Debug)]
+struct Subscriber {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    /// Its window's size.
+    limit: usize,
+}
+
+/// The subscribers and the newest documents, under one lock so that every subscriber sees the
+/// same order of events.
+#[derive(Debug, Default)]
+struct Feed {
+    subscribers: Vec<Subscriber>,
+    /// Ids of the newest documents, newest first: at most `MAX_LIMIT + 1`, enough to know what
+    /// leaves any window.
+    recent: VecDeque<uuid::Uuid>,
+}
+
 /// Subscribers and counters shared by all connections.
 #[derive(Debug)]
 struct Hub {
-    subscribers: Mutex<Vec<(u64, mpsc::Sender<Bytes>)>>,
+    feed: Mutex<Feed>,
     /// Per-connection queue capacity.
     queue: usize,
     next_connection: AtomicU64,
@@ -91,36 +121,63 @@ struct Hub {
 }
 
 impl Hub {
-    fn subscribers(&self) -> std::sync::MutexGuard<'_, Vec<(u64, mpsc::Sender<Bytes>)>> {
-        // Nothing panics while holding the lock; a poisoned list is still a valid list.
-        self.subscribers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
+        // Nothing panics while holding the lock; a poisoned feed is still a valid one.
+        self.feed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn subscribe(&self, id: u64, tx: mpsc::Sender<Bytes>) {
-        let mut subscribers = self.subscribers();
-        if !subscribers.iter().any(|(s, _)| *s == id) {
-            subscribers.push((id, tx));
+    fn subscribe(&self, id: u64, tx: mpsc::Sender<Bytes>, limit: usize) {
+        let mut feed = self.feed();
+        if !feed.subscribers.iter().any(|s| s.id == id) {
+            feed.subscribers.push(Subscriber { id, tx, limit });
         }
     }
 
     fn unsubscribe(&self, id: u64) {
-        self.subscribers().retain(|(s, _)| *s != id);
+        self.feed().subscribers.retain(|s| s.id != id);
     }
 
-    /// Offers `frame` to every subscriber; full queues drop it, closed ones are removed.
-    fn broadcast(&self, frame: &Bytes) {
+    /// Offers the `add` frame of document `doc_id` (the `n`-th) to every subscriber, with the
+    /// `remove` of what leaves its window; full queues drop frames, closed ones are removed.
+    fn broadcast(&self, n: u64, doc_id: uuid::Uuid, add: &Bytes) {
         let mut dropped = 0_u64;
-        self.subscribers()
-            .retain(|(_, tx)| match tx.try_send(frame.clone()) {
+        let mut feed = self.feed();
+        feed.recent.push_front(doc_id);
+        feed.recent.truncate(MAX_LIMIT + 1);
+        let Feed {
+            subscribers,
+            recent,
+        } = &mut *feed;
+        // Encoded once per window size (one in the benchmarks).
+        let mut removes: Vec<(usize, Bytes)> = Vec::new();
+        subscribers.retain(|s| {
+            let mut offer = |frame: Bytes| match s.tx.try_send(frame) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
                     dropped += 1;
                     true
                 }
                 Err(TrySendError::Closed(_)) => false,
-            });
+            };
+            if !offer(add.clone()) {
+                return false;
+            }
+            let Some(left) = recent.get(s.limit) else {
+                return true;
+            };
+            let remove = match removes.iter().find(|(limit, _)| *limit == s.limit) {
+                Some((_, frame)) => frame.clone(),
+                None => {
+                    let frame = Bytes::from(format!(
+                        r#"{{"sub":"{SUB}","event":"remove","cursor":"{n}-1","id":"{left}"}}"#
+                    ));
+                    removes.push((s.limit, frame.clone()));
+                    frame
+                }
+            };
+            offer(remove)
+        });
+        drop(feed);
         if dropped > 0 {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
@@ -194,16 +251,16 @@ async fn create(hub: &Hub, doc_type: String, req: Request<Incoming>) -> Response
         .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     // Written by hand to keep Vibe's field order (a `serde_json::Map` sorts its keys).
+    let id = uuid::Uuid::now_v7();
     let doc = format!(
         r#"{{"id":"{id}","type":{doc_type},"owner":"{OWNER}","rev":1,"createdAt":"{now}","updatedAt":"{now}","acl":{acl},"data":{data}}}"#,
-        id = uuid::Uuid::now_v7(),
         doc_type = Value::String(doc_type),
     );
     let n = hub.documents.fetch_add(1, Ordering::Relaxed) + 1;
     let event = Bytes::from(format!(
         r#"{{"sub":"{SUB}","event":"add","cursor":"{n}-0","doc":{doc}}}"#
     ));
-    hub.broadcast(&event);
+    hub.broadcast(n, id, &event);
     response(StatusCode::CREATED, "application/json", Bytes::from(doc))
 }
 
@@ -303,40 +360,48 @@ async fn read_loop(
             OpCode::Text => {}
             _ => continue,
         }
-        let (reply, subscribe) = answer(&frame.payload);
+        let (reply, window) = answer(&frame.payload);
         // A reply waits for room in the queue (as Vibe's replies do); broadcasts never wait.
         if tx.send(reply).await.is_err() {
             return;
         }
         // Subscribed after the reply is queued, so no event can overtake it.
-        if subscribe {
-            hub.subscribe(id, tx.clone());
+        if let Some(limit) = window {
+            hub.subscribe(id, tx.clone(), limit);
         }
     }
 }
 
-/// The reply to one request frame, and whether the connection subscribes.
-fn answer(payload: &[u8]) -> (Bytes, bool) {
+/// The reply to one request frame, and the window size when the connection subscribes.
+fn answer(payload: &[u8]) -> (Bytes, Option<usize>) {
     let request: Value = match serde_json::from_slice(payload) {
         Ok(v) => v,
-        Err(e) => return (reply_error(&Value::Null, "bad_json", &e.to_string()), false),
+        Err(e) => return (reply_error(&Value::Null, "bad_json", &e.to_string()), None),
     };
     let id = request.get("id").cloned().unwrap_or(Value::Null);
     let reply = |body: Value| Bytes::from(body.to_string());
     match request.get("op").and_then(Value::as_str) {
-        Some("read") => (
-            reply(serde_json::json!({
-                "re": id, "ok": true, "sub": SUB, "docs": [], "cursor": "0-0",
-            })),
-            true,
-        ),
+        Some("read") => {
+            let limit = request
+                .get("limit")
+                .and_then(Value::as_u64)
+                .map_or(DEFAULT_LIMIT, |l| {
+                    usize::try_from(l).unwrap_or(MAX_LIMIT).clamp(1, MAX_LIMIT)
+                });
+            (
+                reply(serde_json::json!({
+                    "re": id, "ok": true, "sub": SUB, "docs": [], "cursor": "0-0",
+                })),
+                Some(limit),
+            )
+        }
         Some("ping") => (
             reply(serde_json::json!({"re": id, "ok": true, "pong": true})),
-            false,
+            None,
         ),
         _ => (
             reply_error(&id, "unsupported", "this peer answers read and ping only"),
-            false,
+            None,
         ),
     }
 }
@@ -445,7 +510,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot read the bound address")?;
     println!("listening on http://{addr}");
     let hub = Arc::new(Hub {
-        subscribers: Mutex::new(Vec::new()),
+        feed: Mutex::new(Feed::default()),
         queue: args.queue,
         next_connection: AtomicU64::new(1),
         documents: AtomicU64::new(0),

@@ -11,7 +11,8 @@
 //
 // Deliberately missing: authentication (tokens are accepted and never verified), ACLs (every
 // subscriber of a type gets every new document of it: a global, public feed), resume (`since`),
-// initial snapshots (`docs` is always []), updates/deletes, and reconnection of the LISTEN
+// initial snapshots (`docs` is always []), updates/deletes (the only `remove` events are of
+// documents leaving a window), and reconnection of the LISTEN
 // connection (if it drops the process exits).
 //
 // Config (environment): DATABASE_URL (required, a postgres:// URL), PORT (default 0 = any free
@@ -118,23 +119,28 @@ function toDoc(row) {
 
 // --- subscriptions -----------------------------------------------------------------------------
 
-// type -> { sub: 'qN', sockets: Set<WebSocket> }. One "live query" per type, shared by every
-// socket subscribed to it, so one event frame serves them all.
+// type -> { sub: 'qN', sockets: Map<WebSocket, limit>, recent: [id, ...] }. One "live query"
+// per type, shared by every socket subscribed to it, so one event frame serves them all. Each
+// socket has the window its `limit` asks for, as in Vibe: once it holds `limit` documents, each
+// new one pushes the oldest out and the socket also gets a `remove` for it. `recent` keeps the
+// newest ids, newest first, enough to know what leaves any window.
 const feeds = new Map();
+const DEFAULT_LIMIT = 100;
+const MAX_LIMIT = 1000;
 // sub id -> type
 const feedsBySub = new Map();
 let nextSub = 1;
 // Event cursors: a per-process counter. Opaque and not resumable (there is no `since`).
 let seq = 0;
 
-function subscribe(ws, type) {
+function subscribe(ws, type, limit) {
   let feed = feeds.get(type);
   if (!feed) {
-    feed = { sub: `q${nextSub++}`, sockets: new Set() };
+    feed = { sub: `q${nextSub++}`, sockets: new Map(), recent: [] };
     feeds.set(type, feed);
     feedsBySub.set(feed.sub, type);
   }
-  feed.sockets.add(ws);
+  feed.sockets.set(ws, limit);
   ws.subs.add(feed.sub);
   return feed.sub;
 }
@@ -161,7 +167,14 @@ function onNotification(msg) {
   }
   const feed = feeds.get(row.type);
   seq += 1;
-  if (!feed || feed.sockets.size === 0) {
+  if (!feed) {
+    return;
+  }
+  feed.recent.unshift(row.id);
+  if (feed.recent.length > MAX_LIMIT + 1) {
+    feed.recent.pop();
+  }
+  if (feed.sockets.size === 0) {
     return;
   }
   // Built and encoded once per notification; every subscriber gets the same bytes. No ACL check:
@@ -169,9 +182,22 @@ function onNotification(msg) {
   const frame = Buffer.from(
     JSON.stringify({ sub: feed.sub, event: 'add', cursor: `${seq}-0`, doc: toDoc(row) }),
   );
-  for (const ws of feed.sockets) {
+  // Encoded once per window size (one in the benchmarks).
+  const removes = new Map();
+  for (const [ws, limit] of feed.sockets) {
     // No backpressure: a slow socket buffers in memory (ws.bufferedAmount) without limit.
     ws.send(frame, { binary: false });
+    const left = feed.recent[limit];
+    if (left !== undefined) {
+      let remove = removes.get(limit);
+      if (!remove) {
+        remove = Buffer.from(
+          JSON.stringify({ sub: feed.sub, event: 'remove', cursor: `${seq}-1`, id: left }),
+        );
+        removes.set(limit, remove);
+      }
+      ws.send(remove, { binary: false });
+    }
   }
 }
 
@@ -325,8 +351,11 @@ function onMessage(ws, data, isBinary) {
       } else {
         // Registered before the reply is queued; Node runs this to the end before any
         // notification is handled, so the reply always comes before the first event.
-        // `limit` is ignored: no snapshot (`docs` is always []), no window, no `remove` events.
-        const sub = subscribe(ws, msg.type);
+        // No snapshot (`docs` is always []); `limit` sizes the socket's window (see feeds).
+        const limit = Number.isInteger(msg.limit)
+          ? Math.min(Math.max(msg.limit, 1), MAX_LIMIT)
+          : DEFAULT_LIMIT;
+        const sub = subscribe(ws, msg.type, limit);
         reply(ws, { re, ok: true, sub, docs: [], cursor: '0-0' });
       }
       break;
