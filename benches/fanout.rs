@@ -64,10 +64,10 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use common::{
-    CONNECT_TIMEOUT, Connected, EventFrame, Finish, Latency, ProcSample, Progress, SubTally,
-    SubscriberSetup, Target, WriterConfig, WriterTally, close, close_reason, collect_ready,
-    collect_ready_subs, connect, histogram, parse_url, raise_nofile, read_request, seconds,
-    spawn_progress, subscriber, unix_micros, writer,
+    CONNECT_TIMEOUT, Connected, EventFrame, Finish, Latency, ProcSample, Progress, Protocol,
+    SubTally, SubscriberSetup, Target, WriterConfig, WriterTally, close, close_reason,
+    collect_ready, collect_ready_subs, connect, histogram, parse_url, raise_nofile, read_request,
+    seconds, spawn_progress, subscriber, unix_micros, writer,
 };
 
 /// WebSocket fan-out benchmark load tool.
@@ -148,6 +148,11 @@ struct CommonArgs {
     /// adds only.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     limit: u16,
+    /// What the server's WebSocket speaks: `vibe` (`vibe.v1`: Vibe and the bare and Node peers),
+    /// or `graphql-ws` (the PostGraphile peer: `graphql-transport-ws` at `/graphql`, a pg-pubsub
+    /// `listen` subscription whose every result counts as an `add`; broadcast and idle only).
+    #[arg(long, value_enum, default_value_t = Protocol::Vibe)]
+    protocol: Protocol,
 }
 
 impl CommonArgs {
@@ -291,7 +296,15 @@ impl Setup {
         if duration.is_zero() {
             bail!("--duration must be positive");
         }
-        let target = Arc::new(parse_url(&common.url)?);
+        if common.protocol != Protocol::Vibe && matches!(label, "distinct" | "churn") {
+            bail!(
+                "--protocol graphql-ws serves broadcast and idle only ({label} needs Vibe's `where` and `since`)"
+            );
+        }
+        let target = Arc::new(Target {
+            protocol: common.protocol,
+            ..parse_url(&common.url)?
+        });
         if common.source_addrs > 1 && !target.addr.is_ipv4() {
             bail!("--source-addrs needs an IPv4 --url (127.0.0.1)");
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Vibe WebSocket fan-out benchmarks: one scenario of benches/fanout.rs against Vibe and, for
 # broadcast and idle, against the bare transport peer (benches/peers/bare.rs) and the Node.js
-# LISTEN/NOTIFY peer (benches/peers/node, when node and npm are installed) in the same run; or the
+# LISTEN/NOTIFY peer (benches/peers/node) and PostGraphile with pg-pubsub subscriptions
+# (benches/peers/postgraphile; both when node and npm are installed) in the same run; or the
 # write overhead of the change feed (pgbench).
 #
 #   SCENARIO=broadcast CONNECTIONS=1000 RATE=100 DURATION=10 benches/fanout.sh
@@ -35,11 +36,12 @@
 #              only)
 #
 # Needs: cargo, psql, curl, jq, python3 (write: pgbench), and a PostgreSQL 13+ at 127.0.0.1:5432
-# that lets user `postgres` in without a password (trust); node 18+ and npm for the Node peer
-# (skipped, saying why, without them). Creates a throwaway database vibe_bench_<random>, starts a
-# release `vibe serve` on it (and `bare_peer`, and `node server.js` on the same database after one
-# `npm ci` in benches/peers/node) at free 127.0.0.1 ports; everything is removed on exit. Server
-# CPU is the server process only (the PostgreSQL work of Vibe and of the Node peer is not in it).
+# that lets user `postgres` in without a password (trust); node 18+ and npm for the Node and
+# PostGraphile peers (skipped, saying why, without them). Creates a throwaway database
+# vibe_bench_<random>, starts a release `vibe serve` on it (and `bare_peer`, and each npm peer's
+# `node server.js` on the same database after one `npm ci` in its folder) at free 127.0.0.1 ports;
+# everything is removed on exit. Server CPU is the server process only (the PostgreSQL work of
+# Vibe and of the npm peers is not in it).
 #
 # Env knobs: SCENARIO (default broadcast), CONNECTIONS (1000), RATE (writes/s, 100; churn 20),
 # DURATION (measured seconds, 10; write: per pgbench run), WARMUP (2), DRAIN (5), SOURCE_ADDRS
@@ -48,7 +50,8 @@
 # (the live queries' `limit`, 10: once a window is full, each write also sends every subscriber a
 # `remove`, from every server, the peers keeping the same windows; above the run's writes, adds only),
 # PG_ROUNDS (write: rounds, 3), PG_CLIENTS (write: pgbench -c, 8),
-# SMOKE (0), NO_NODE (1: skip the Node peer), SWEEP (space-separated connection counts; broadcast
+# SMOKE (0), NO_NODE (1: skip the Node peer), NO_POSTGRAPHILE (1: skip PostGraphile; default:
+# NO_NODE's value), SWEEP (space-separated connection counts; broadcast
 # only), ROUNDS (broadcast: run every server ROUNDS times, alternating, and report the median of
 # the per-round ratios; 1), RESULTS_DIR (where the JSON results, and a sweep's fanout-sweep.svg, are kept; default:
 # a temporary folder removed on exit, for a sweep $CARGO_TARGET_DIR/fanout/sweep-<UTC time>),
@@ -73,6 +76,7 @@ PG_CLIENTS="${PG_CLIENTS:-8}"
 CHURN_RATE="${CHURN_RATE:-}"
 NO_SUBSCRIBE="${NO_SUBSCRIBE:-0}"
 NO_NODE="${NO_NODE:-0}"
+NO_POSTGRAPHILE="${NO_POSTGRAPHILE:-$NO_NODE}"
 SWEEP="${SWEEP:-}"
 ROUNDS="${ROUNDS:-1}"
 SAVE_PLOT="${SAVE_PLOT:-0}"
@@ -149,7 +153,8 @@ fi
 
 BARE_PID=""
 NODE_PID=""
-create_bench_db vibe-fanout BARE_PID NODE_PID
+PGL_PID=""
+create_bench_db vibe-fanout BARE_PID NODE_PID PGL_PID
 if [[ -z "$RESULTS_DIR" && ${#SWEEP_NS[@]} -gt 0 ]]; then
     RESULTS_DIR="$TARGET_DIR/fanout/sweep-$(date -u +%Y%m%dT%H%M%SZ)"
 fi
@@ -187,44 +192,61 @@ if (( needs_bare )); then
     echo "==> bare_peer on $BARE_URL" >&2
 fi
 
-# The Node.js peer: `npm ci` once per run (exactly package-lock.json), then `node server.js` on
-# the same throwaway database (its own table node_docs). Without node or npm its rows are skipped.
-NODE_URL=""
-NODE_SKIP=""
-NODE_DIR="$ROOT/benches/peers/node"
+# start_npm_peer DIR LABEL: `npm ci` in DIR (exactly its package-lock.json), then
+# `node DIR/server.js` on the same throwaway database (each peer has its own table). Sets
+# PEER_URL and PEER_PID, or PEER_SKIP (why it was not started: no node or npm, or npm ci failed).
+start_npm_peer() {
+    local dir=$1 label=$2 log
+    log="$WORK/$(basename "$dir")"
+    PEER_URL="" PEER_PID="" PEER_SKIP=""
+    if ! command -v node >/dev/null; then
+        PEER_SKIP="node is not installed"
+    elif ! command -v npm >/dev/null; then
+        PEER_SKIP="npm is not installed"
+    else
+        echo "==> npm ci in ${dir#"$ROOT"/} (node $(node --version), npm $(npm --version))" >&2
+        if ! (cd "$dir" && npm ci --no-audit --no-fund) >"$log-npm.log" 2>&1; then
+            sed 's/^/    | /' "$log-npm.log" | tail -n 20 >&2
+            PEER_SKIP="npm ci failed in ${dir#"$ROOT"/}"
+        fi
+    fi
+    if [[ -n "$PEER_SKIP" ]]; then
+        echo "==> skipping $label: $PEER_SKIP" >&2
+        return
+    fi
+    : >"$log.log"
+    DATABASE_URL="$VIBE_DATABASE_URL" PORT=0 node "$dir/server.js" >"$log.log" 2>&1 &
+    PEER_PID=$!
+    for _ in $(seq 1 300); do
+        PEER_URL="$(sed -nE 's/^listening on (http:\/\/[0-9.:]+)$/\1/p' "$log.log" | head -n 1)"
+        [[ -n "$PEER_URL" ]] && break
+        kill -0 "$PEER_PID" 2>/dev/null || { cat "$log.log" >&2; echo "error: $label exited" >&2; exit 1; }
+        sleep 0.1
+    done
+    [[ -n "$PEER_URL" ]] || { cat "$log.log" >&2; echo "error: $label never printed its address" >&2; exit 1; }
+    wait_health "$PEER_URL" "$PEER_PID" "$log.log"
+    echo "==> $label on $PEER_URL" >&2
+}
+
+# The Node.js peer and PostGraphile (skipped, saying why, without node and npm).
+NODE_URL="" NODE_SKIP="" PGL_URL="" PGL_SKIP=""
 if (( needs_bare )); then
     if [[ "$NO_NODE" == 1 ]]; then
         NODE_SKIP="NO_NODE=1"
-    elif ! command -v node >/dev/null; then
-        NODE_SKIP="node is not installed"
-    elif ! command -v npm >/dev/null; then
-        NODE_SKIP="npm is not installed"
     else
-        echo "==> npm ci in benches/peers/node (node $(node --version), npm $(npm --version))" >&2
-        if ! (cd "$NODE_DIR" && npm ci --no-audit --no-fund) >"$WORK/npm.log" 2>&1; then
-            sed 's/^/    | /' "$WORK/npm.log" | tail -n 20 >&2
-            NODE_SKIP="npm ci failed in benches/peers/node"
-        fi
+        start_npm_peer "$ROOT/benches/peers/node" "the Node peer"
+        NODE_URL=$PEER_URL NODE_PID=$PEER_PID NODE_SKIP=$PEER_SKIP
     fi
-    if [[ -z "$NODE_SKIP" ]]; then
-        : >"$WORK/node.log"
-        DATABASE_URL="$VIBE_DATABASE_URL" PORT=0 node "$NODE_DIR/server.js" >"$WORK/node.log" 2>&1 &
-        NODE_PID=$!
-        for _ in $(seq 1 150); do
-            NODE_URL="$(sed -nE 's/^listening on (http:\/\/[0-9.:]+)$/\1/p' "$WORK/node.log" | head -n 1)"
-            [[ -n "$NODE_URL" ]] && break
-            kill -0 "$NODE_PID" 2>/dev/null || { cat "$WORK/node.log" >&2; echo "error: the Node peer exited" >&2; exit 1; }
-            sleep 0.1
-        done
-        [[ -n "$NODE_URL" ]] || { cat "$WORK/node.log" >&2; echo "error: the Node peer never printed its address" >&2; exit 1; }
-        wait_health "$NODE_URL" "$NODE_PID" "$WORK/node.log"
-        echo "==> Node peer on $NODE_URL" >&2
+    if [[ "$NO_POSTGRAPHILE" == 1 ]]; then
+        PGL_SKIP="NO_POSTGRAPHILE=1"
     else
-        echo "==> skipping the Node peer: $NODE_SKIP" >&2
+        start_npm_peer "$ROOT/benches/peers/postgraphile" "the PostGraphile peer"
+        PGL_URL=$PEER_URL PGL_PID=$PEER_PID PGL_SKIP=$PEER_SKIP
     fi
 fi
 PEERS=(bare)
 if [[ -n "$NODE_URL" ]]; then PEERS+=(node); fi
+if [[ -n "$PGL_URL" ]]; then PEERS+=(postgraphile); fi
 
 # --- runs --------------------------------------------------------------------------------------
 
@@ -239,6 +261,10 @@ run() {
     local args=(--url "$url" --connections "$connections" --duration "$DURATION" --warmup "$WARMUP"
                 --drain "$DRAIN" --source-addrs "$SOURCE_ADDRS" --limit "$LIMIT" --server-pid "$pid" --json "$json")
     if (( processes > 1 )); then args+=(--processes "$processes"); fi
+    # A document type of its own per run: every run starts with empty windows (no `remove`
+    # before LIMIT writes), whatever ran before it on the same server.
+    args+=(--type "fanout-$scenario-$server$suffix")
+    [[ "$server" == postgraphile ]] && args+=(--protocol graphql-ws)
     case "$scenario" in
         broadcast|distinct) args+=(--rate "${RATE:-100}") ;;
         churn) args+=(--rate "${RATE:-20}" --churn-rate "$CHURN_RATE") ;;
@@ -254,8 +280,8 @@ run() {
     fi
 }
 
-url_of() { case "$1" in vibe) echo "$VIBE_URL" ;; bare) echo "$BARE_URL" ;; node) echo "$NODE_URL" ;; esac; }
-pid_of() { case "$1" in vibe) echo "$SERVER_PID" ;; bare) echo "$BARE_PID" ;; node) echo "$NODE_PID" ;; esac; }
+url_of() { case "$1" in vibe) echo "$VIBE_URL" ;; bare) echo "$BARE_URL" ;; node) echo "$NODE_URL" ;; postgraphile) echo "$PGL_URL" ;; esac; }
+pid_of() { case "$1" in vibe) echo "$SERVER_PID" ;; bare) echo "$BARE_PID" ;; node) echo "$NODE_PID" ;; postgraphile) echo "$PGL_PID" ;; esac; }
 
 if (( ${#SWEEP_NS[@]} > 0 )); then
     for n in "${SWEEP_NS[@]}"; do
@@ -297,10 +323,12 @@ if grep -qiE 'error|panic' "$WORK/vibe.log"; then
     echo "    vibe server log (warnings and errors):" >&2
     sed 's/^/    | /' "$WORK/vibe.log" | tail -n 20 >&2
 fi
-if [[ -n "$NODE_PID" ]] && grep -qiE 'error|failed' "$WORK/node.log"; then
-    echo "    Node peer log (errors):" >&2
-    sed 's/^/    | /' "$WORK/node.log" | tail -n 20 >&2
-fi
+for peer in node postgraphile; do
+    if [[ -n "$(pid_of "$peer")" ]] && grep -qiE 'error|failed' "$WORK/$peer.log"; then
+        echo "    $peer peer log (errors):" >&2
+        sed 's/^/    | /' "$WORK/$peer.log" | tail -n 20 >&2
+    fi
+done
 
 # write: only pgbench may run now. With every server stopped nothing else writes to the database
 # (Vibe's feed reader would tick and read the log meanwhile), as in benches/realtime.sh.
@@ -308,6 +336,8 @@ if (( WRITE )); then
     echo "==> stopping the servers for the write-overhead runs" >&2
     stop_pid "$NODE_PID"
     NODE_PID=""
+    stop_pid "$PGL_PID"
+    PGL_PID=""
     stop_pid "$BARE_PID"
     BARE_PID=""
     stop_vibe
@@ -347,10 +377,14 @@ $(machine_line)
   builds the document) → \`add\` received, the commit-to-client latency
 - every subscription reads with \`limit\` $LIMIT: once a subscriber's window holds $LIMIT documents, each
   write also sends it a \`remove\` (the "removes" column; every server does, the peers keep the same
-  windows), so a write costs each subscriber two frames, not one
+  windows), so a write costs each subscriber two frames, not one; each run writes a document type of
+  its own, so its windows start empty
 - bare = benches/peers/bare.rs (hyper + fastwebsockets, no database: the transport's ceiling);
   node = benches/peers/node (Node.js ${NODE_VERSION:-n/a}, ws + pg, one LISTEN connection fed by a
   per-row NOTIFY trigger; no auth, no ACLs, no resume)${NODE_SKIP:+ — not run: $NODE_SKIP};
+  postgraphile = benches/peers/postgraphile (PostGraphile 4 + @graphile/pg-pubsub: a per-row NOTIFY
+  trigger, a graphql-ws \`listen\` subscription per connection, each resolving the row with its own
+  query; no window, so no \`remove\` events)${PGL_SKIP:+ — not run: $PGL_SKIP};
   server CPU is the server process only (% of one core, over the writing window; the PostgreSQL
   backends of Vibe and of the Node peer are not included)
 - load client: $CLIENT_PROCS${SMOKE_P2:+ ($SMOKE_P2)}; open-files limit $(ulimit -n) per process,

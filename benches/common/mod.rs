@@ -114,6 +114,47 @@ pub(crate) struct EventFrame<'a> {
     pub(crate) cursor: Option<&'a str>,
     #[serde(borrow, default)]
     pub(crate) doc: Option<EventDoc<'a>>,
+    /// graphql-ws: the message type (`next` carries a subscription's result).
+    #[serde(borrow, default, rename = "type")]
+    pub(crate) message_type: Option<&'a str>,
+    #[serde(borrow, default)]
+    pub(crate) payload: Option<GraphqlPayload<'a>>,
+}
+
+/// `{"data":{"listen":{"relatedNode":<doc>}}}`: a PostGraphile pg-pubsub subscription's result.
+#[derive(Debug, Deserialize)]
+pub(crate) struct GraphqlPayload<'a> {
+    #[serde(borrow, default)]
+    data: Option<GraphqlData<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GraphqlData<'a> {
+    #[serde(borrow, default)]
+    listen: Option<GraphqlListen<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GraphqlListen<'a> {
+    #[serde(borrow, default, rename = "relatedNode")]
+    related_node: Option<EventDoc<'a>>,
+}
+
+impl<'a> EventFrame<'a> {
+    /// A graphql-ws `next` message is the `add` of the document it carries (the PostGraphile
+    /// peer's subscriptions report inserts only).
+    fn normalized(mut self) -> Self {
+        if self.message_type == Some("next") {
+            self.event = Some("add");
+            self.doc = self
+                .payload
+                .take()
+                .and_then(|p| p.data)
+                .and_then(|d| d.listen)
+                .and_then(|l| l.related_node);
+        }
+        self
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,7 +290,7 @@ impl SubTally {
         // Only for error messages: the happy path never builds a string.
         let text = || String::from_utf8_lossy(payload);
         let frame: EventFrame<'_> = match serde_json::from_slice(payload) {
-            Ok(f) => f,
+            Ok(f) => EventFrame::normalized(f),
             Err(e) => {
                 self.bad_frames += 1;
                 self.error(format!("unreadable frame ({e}): {:.200}", text()));
@@ -356,9 +397,21 @@ pub(crate) fn close_reason(payload: &[u8]) -> String {
     }
 }
 
+/// The WebSocket protocol a server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Protocol {
+    /// Vibe's `vibe.v1` (Vibe, the bare and the Node peers).
+    Vibe,
+    /// graphql-ws (`graphql-transport-ws`) at `/graphql`, subscribing to the PostGraphile peer's
+    /// insert topic; every result is taken as an `add`.
+    GraphqlWs,
+}
+
 /// Where the connections go.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
+    /// What the WebSocket speaks.
+    pub(crate) protocol: Protocol,
     /// `http://HOST:PORT`, for the writer.
     pub(crate) base_url: String,
     /// `HOST:PORT`, the `Host` header of the upgrades.
@@ -397,6 +450,7 @@ pub(crate) fn parse_url(url: &str) -> anyhow::Result<Target> {
     }
     let port = authority.port_u16().unwrap_or(80);
     Ok(Target {
+        protocol: Protocol::Vibe,
         base_url: format!("http://{authority}"),
         authority: format!("{host}:{port}"),
         addr: SocketAddr::new(ip, port),
@@ -445,10 +499,124 @@ pub(crate) async fn connect(
     source: Option<Ipv4Addr>,
     read: Option<&serde_json::Value>,
 ) -> anyhow::Result<Connected> {
+    if target.protocol == Protocol::GraphqlWs {
+        return connect_graphql(target, source, read.is_some()).await;
+    }
     let protocols = format!("vibe.v1, {}", token.trim().trim_end_matches('='));
+    let mut stream = open(target, source, WS_PATH, &protocols, "vibe.v1").await?;
+    let Some(read) = read else {
+        return Ok(Connected {
+            stream,
+            reply: None,
+            early: Vec::new(),
+        });
+    };
+    stream
+        .write_frame(Frame::text(Payload::from(read.to_string().into_bytes())))
+        .await
+        .context("cannot send the read request")?;
+    // Frames other than the reply are kept aside.
+    let mut early = Vec::new();
+    loop {
+        let frame = next_text(&mut stream, "the read reply").await?;
+        let reply: serde_json::Value =
+            serde_json::from_slice(&frame).context("the server sent a frame that is not JSON")?;
+        if reply["re"] != READ_ID {
+            early.push(frame);
+            continue;
+        }
+        if reply["ok"] != true {
+            bail!("the read request failed: {reply}");
+        }
+        if !reply["sub"].is_string() {
+            bail!("the read reply has no `sub`: {reply}");
+        }
+        return Ok(Connected {
+            stream,
+            reply: Some(reply),
+            early,
+        });
+    }
+}
+
+/// The PostGraphile peer's subscription (benches/peers/postgraphile): pg-pubsub's `listen` on
+/// the topic its insert trigger notifies, with the document fields the tallies read.
+const GRAPHQL_SUBSCRIPTION: &str = "subscription { listen(topic: \"pgl_docs\") { relatedNode { ... on PglDoc { id updatedAt data } } } }";
+
+/// [`connect`] for graphql-ws (subprotocol `graphql-transport-ws`): `connection_init`, waits for
+/// `connection_ack`, then (with `subscribe`) starts the subscription with id `1`, which the
+/// protocol does not acknowledge: the reply is `{"sub":"1"}` at once.
+async fn connect_graphql(
+    target: &Target,
+    source: Option<Ipv4Addr>,
+    subscribe: bool,
+) -> anyhow::Result<Connected> {
+    let protocol = "graphql-transport-ws";
+    let mut stream = open(target, source, "/graphql", protocol, protocol).await?;
+    let init = serde_json::json!({"type": "connection_init"});
+    stream
+        .write_frame(Frame::text(Payload::from(init.to_string().into_bytes())))
+        .await
+        .context("cannot send connection_init")?;
+    let ack = next_text(&mut stream, "connection_ack").await?;
+    let ack: serde_json::Value =
+        serde_json::from_slice(&ack).context("the server sent a frame that is not JSON")?;
+    if ack["type"] != "connection_ack" {
+        bail!("expected connection_ack, got {ack}");
+    }
+    if !subscribe {
+        return Ok(Connected {
+            stream,
+            reply: None,
+            early: Vec::new(),
+        });
+    }
+    let start = serde_json::json!({
+        "id": "1",
+        "type": "subscribe",
+        "payload": {"query": GRAPHQL_SUBSCRIPTION},
+    });
+    stream
+        .write_frame(Frame::text(Payload::from(start.to_string().into_bytes())))
+        .await
+        .context("cannot send the subscription")?;
+    Ok(Connected {
+        stream,
+        reply: Some(serde_json::json!({"sub": "1"})),
+        early: Vec::new(),
+    })
+}
+
+/// The next text frame's payload; `what` names what was awaited, for errors.
+async fn next_text(stream: &mut Ws, what: &str) -> anyhow::Result<Vec<u8>> {
+    loop {
+        let frame = stream
+            .read_frame()
+            .await
+            .with_context(|| format!("the connection failed before {what}"))?;
+        match frame.opcode {
+            OpCode::Text => return Ok(frame.payload.to_vec()),
+            OpCode::Close => bail!(
+                "the server closed the connection: {}",
+                close_reason(&frame.payload)
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// Connects (from `source`, if given) and upgrades `path` offering `protocols`; the server must
+/// choose `expected`.
+async fn open(
+    target: &Target,
+    source: Option<Ipv4Addr>,
+    path: &str,
+    protocols: &str,
+    expected: &str,
+) -> anyhow::Result<Ws> {
     let request = hyper::Request::builder()
         .method("GET")
-        .uri(WS_PATH)
+        .uri(path)
         .header("host", &target.authority)
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
@@ -490,54 +658,10 @@ pub(crate) async fn connect(
         .headers()
         .get("sec-websocket-protocol")
         .and_then(|v| v.to_str().ok());
-    if chosen != Some("vibe.v1") {
-        bail!("the server chose the subprotocol {chosen:?}, not vibe.v1");
+    if chosen != Some(expected) {
+        bail!("the server chose the subprotocol {chosen:?}, not {expected}");
     }
-    let mut stream = FragmentCollector::new(ws);
-    let Some(read) = read else {
-        return Ok(Connected {
-            stream,
-            reply: None,
-            early: Vec::new(),
-        });
-    };
-    stream
-        .write_frame(Frame::text(Payload::from(read.to_string().into_bytes())))
-        .await
-        .context("cannot send the read request")?;
-    // Frames other than the reply are kept aside.
-    let mut early = Vec::new();
-    loop {
-        let frame = stream
-            .read_frame()
-            .await
-            .context("the connection failed before the read reply")?;
-        match frame.opcode {
-            OpCode::Text => {}
-            OpCode::Close => bail!(
-                "the server closed the connection: {}",
-                close_reason(&frame.payload)
-            ),
-            _ => continue,
-        }
-        let reply: serde_json::Value = serde_json::from_slice(&frame.payload)
-            .context("the server sent a frame that is not JSON")?;
-        if reply["re"] != READ_ID {
-            early.push(frame.payload.to_vec());
-            continue;
-        }
-        if reply["ok"] != true {
-            bail!("the read request failed: {reply}");
-        }
-        if !reply["sub"].is_string() {
-            bail!("the read reply has no `sub`: {reply}");
-        }
-        return Ok(Connected {
-            stream,
-            reply: Some(reply),
-            early,
-        });
-    }
+    Ok(FragmentCollector::new(ws))
 }
 
 /// Sends a close frame (without waiting long for it to go out).

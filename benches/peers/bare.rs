@@ -15,9 +15,9 @@
 //!   counts it) and answers 201 with the document.
 //! - Windows, as Vibe's live queries have them: a subscription with `limit` L holds the L newest
 //!   documents, so once L are held each new one pushes the oldest out, and the subscriber also
-//!   gets `{"sub":"q1","event":"remove","cursor":"<n>-1","id":<its id>}` (encoded once per limit,
-//!   queued with the `add` in the same pass). Without this the peer would send half the frames
-//!   Vibe does for the same subscription.
+//!   gets `{"sub":"q1","event":"remove","cursor":"<n>-1","id":<its id>}` (windows per document
+//!   type; encoded once per limit, queued with the `add` in the same pass). Without this the peer
+//!   would send half the frames Vibe does for the same subscription.
 //! - `GET /v1/ws` (subprotocol `vibe.v1`; any other offered value, such as a token, is ignored):
 //!   `{"id":..,"op":"read",..}` is answered with `{"re":..,"ok":true,"sub":"q1","docs":[],
 //!   "cursor":"0-0"}` and subscribes the connection to every later document, with the request's
@@ -31,7 +31,7 @@
 // Printing the bound address is this server's job (the bench scripts read it).
 #![allow(clippy::print_stdout)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,9 +102,10 @@ struct Subscriber {
 #[derive(Debug, Default)]
 struct Feed {
     subscribers: Vec<Subscriber>,
-    /// Ids of the newest documents, newest first: at most `MAX_LIMIT + 1`, enough to know what
-    /// leaves any window.
-    recent: VecDeque<uuid::Uuid>,
+    /// Per document type, the ids of its newest documents, newest first: at most
+    /// `MAX_LIMIT + 1`, enough to know what leaves any window. (Every subscriber gets every
+    /// type's events; the benchmarks write one type per run.)
+    recent: HashMap<String, VecDeque<uuid::Uuid>>,
 }
 
 /// Subscribers and counters shared by all connections.
@@ -139,15 +140,16 @@ impl Hub {
 
     /// Offers the `add` frame of document `doc_id` (the `n`-th) to every subscriber, with the
     /// `remove` of what leaves its window; full queues drop frames, closed ones are removed.
-    fn broadcast(&self, n: u64, doc_id: uuid::Uuid, add: &Bytes) {
+    fn broadcast(&self, n: u64, doc_type: &str, doc_id: uuid::Uuid, add: &Bytes) {
         let mut dropped = 0_u64;
         let mut feed = self.feed();
-        feed.recent.push_front(doc_id);
-        feed.recent.truncate(MAX_LIMIT + 1);
         let Feed {
             subscribers,
             recent,
         } = &mut *feed;
+        let recent = recent.entry(doc_type.to_owned()).or_default();
+        recent.push_front(doc_id);
+        recent.truncate(MAX_LIMIT + 1);
         // Encoded once per window size (one in the benchmarks).
         let mut removes: Vec<(usize, Bytes)> = Vec::new();
         subscribers.retain(|s| {
@@ -254,13 +256,13 @@ async fn create(hub: &Hub, doc_type: String, req: Request<Incoming>) -> Response
     let id = uuid::Uuid::now_v7();
     let doc = format!(
         r#"{{"id":"{id}","type":{doc_type},"owner":"{OWNER}","rev":1,"createdAt":"{now}","updatedAt":"{now}","acl":{acl},"data":{data}}}"#,
-        doc_type = Value::String(doc_type),
+        doc_type = Value::String(doc_type.clone()),
     );
     let n = hub.documents.fetch_add(1, Ordering::Relaxed) + 1;
     let event = Bytes::from(format!(
         r#"{{"sub":"{SUB}","event":"add","cursor":"{n}-0","doc":{doc}}}"#
     ));
-    hub.broadcast(n, id, &event);
+    hub.broadcast(n, &doc_type, id, &event);
     response(StatusCode::CREATED, "application/json", Bytes::from(doc))
 }
 
