@@ -57,7 +57,63 @@ pub struct DatabaseConfig {
     pub create_batch_rows: usize,
     pub create_writers: usize,
     pub read_batch_rows: usize,
-    pub readers: usize,
+    pub readers: Slots,
+}
+
+/// How many statements of one kind may run at once: a count, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slots {
+    /// Half the CPUs this process may use, at least one and at most the pool's connections.
+    Auto,
+    Count(usize),
+}
+
+impl Slots {
+    /// The number of slots on a machine with `cpus` CPUs and a pool of `max_connections`.
+    pub fn resolve(self, cpus: usize, max_connections: u32) -> usize {
+        match self {
+            Slots::Auto => (cpus / 2).clamp(1, max_connections.max(1) as usize),
+            Slots::Count(n) => n,
+        }
+    }
+
+    /// [`Slots::resolve`] with this process's CPUs.
+    pub fn here(self, max_connections: u32) -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        self.resolve(cpus, max_connections)
+    }
+}
+
+impl<'de> Deserialize<'de> for Slots {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Slots;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Slots, E> {
+                usize::try_from(n)
+                    .map(Slots::Count)
+                    .map_err(|_| E::custom("too large"))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Slots, E> {
+                usize::try_from(n)
+                    .map(Slots::Count)
+                    .map_err(|_| E::custom("must not be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Slots, E> {
+                match s {
+                    "auto" => Ok(Slots::Auto),
+                    _ => s
+                        .parse()
+                        .map(Slots::Count)
+                        .map_err(|_| E::custom("expected a number or \"auto\"")),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -315,7 +371,7 @@ impl Config {
                 "database.read_batch_rows",
                 database.read_batch_rows,
                 "database.readers",
-                database.readers,
+                database.readers.here(database.max_connections),
             ),
         ] {
             if !(1..=1000).contains(&rows) {
@@ -494,6 +550,30 @@ mod tests {
         assert_eq!(config.http.max_body_bytes, 1024 * 1024);
         assert!(config.database_url.is_empty());
         assert_eq!(config.tokens.default_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn readers_is_a_number_or_auto() {
+        assert_eq!(
+            with("listen", "127.0.0.1:8080").unwrap().database.readers,
+            Slots::Auto
+        );
+        assert_eq!(
+            with("database.readers", 2).unwrap().database.readers,
+            Slots::Count(2)
+        );
+        // Environment values arrive as text.
+        assert_eq!(
+            with("database.readers", "3").unwrap().database.readers,
+            Slots::Count(3)
+        );
+        let err = refusal("database.readers", "many");
+        assert!(err.contains("readers"), "{err}");
+        assert_eq!(Slots::Auto.resolve(1, 16), 1);
+        assert_eq!(Slots::Auto.resolve(2, 16), 1);
+        assert_eq!(Slots::Auto.resolve(8, 16), 4);
+        assert_eq!(Slots::Auto.resolve(64, 16), 16, "never more than the pool");
+        assert_eq!(Slots::Count(3).resolve(64, 16), 3);
     }
 
     #[test]

@@ -86,7 +86,10 @@ impl Database {
             },
             Batching {
                 max_rows: config.database.read_batch_rows,
-                slots: config.database.readers,
+                slots: config
+                    .database
+                    .readers
+                    .here(config.database.max_connections),
             },
         )
         .await;
