@@ -55,7 +55,7 @@ pub struct DatabaseConfig {
     pub acquire_timeout: Duration,
     pub migrate_on_start: bool,
     pub create_batch_rows: usize,
-    pub create_writers: usize,
+    pub create_writers: Slots,
     pub read_batch_rows: usize,
     pub readers: Slots,
 }
@@ -365,7 +365,7 @@ impl Config {
                 "database.create_batch_rows",
                 database.create_batch_rows,
                 "database.create_writers",
-                database.create_writers,
+                database.create_writers.here(database.max_connections),
             ),
             (
                 "database.read_batch_rows",
@@ -553,10 +553,16 @@ mod tests {
     }
 
     #[test]
-    fn readers_is_a_number_or_auto() {
+    fn readers_and_writers_are_a_number_or_auto() {
+        let defaults = with("listen", "127.0.0.1:8080").unwrap().database;
+        assert_eq!(defaults.readers, Slots::Auto);
+        assert_eq!(defaults.create_writers, Slots::Auto);
         assert_eq!(
-            with("listen", "127.0.0.1:8080").unwrap().database.readers,
-            Slots::Auto
+            with("database.create_writers", "2")
+                .unwrap()
+                .database
+                .create_writers,
+            Slots::Count(2)
         );
         assert_eq!(
             with("database.readers", 2).unwrap().database.readers,

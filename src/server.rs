@@ -82,7 +82,10 @@ impl Database {
             config.database.acquire_timeout,
             Batching {
                 max_rows: config.database.create_batch_rows,
-                slots: config.database.create_writers,
+                slots: config
+                    .database
+                    .create_writers
+                    .here(config.database.max_connections),
             },
             Batching {
                 max_rows: config.database.read_batch_rows,
