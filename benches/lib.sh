@@ -25,12 +25,13 @@ psql_bench() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U "$PG
 
 # build_release: `cargo build --release --bins --benches` in the current folder. Sets BUILD_LOG
 # (cargo's JSON messages, for bench_bin), TARGET_DIR (cargo's target directory: CARGO_TARGET_DIR,
-# default ./target) and VIBE_BIN (the release `vibe`); exits 1 when that was not built.
+# default ./target) and VIBE_BIN (the release `vibe`, or the executable SERVER_BIN names, to measure
+# another build: `SERVER_BIN=/tmp/vibe-before`); exits 1 when that was not built.
 build_release() {
     echo "==> building release binaries (cargo build --release --bins --benches)" >&2
     BUILD_LOG="$(cargo build --release --bins --benches --message-format=json-render-diagnostics)"
     TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)"
-    VIBE_BIN="$TARGET_DIR/release/vibe"
+    VIBE_BIN="${SERVER_BIN:-$TARGET_DIR/release/vibe}"
     [[ -x "$VIBE_BIN" ]] || { echo "error: $VIBE_BIN was not built" >&2; exit 1; }
 }
 

@@ -10,8 +10,9 @@
 # concurrency C runs:
 #   create: Vibe POST /v1/docs/benchdocs          vs pgbench INSERT INTO documents ... (1 row)
 #   read:   Vibe GET  /v1/docs/benchdocs/{id}     vs pgbench SELECT ... WHERE id = ... (1 row)
-# The read runs share READ_ROWS documents that the first REST read run creates with
-# deterministic ids: document n is 00000000-0000-4000-8000-<n as 12 zero-padded digits>.
+# The read runs share READ_ROWS documents that a short REST run creates with deterministic ids
+# before any read is measured (then ANALYZE): document n is 00000000-0000-4000-8000-<n as 12
+# zero-padded digits>.
 # pgbench runs in both -M simple and -M prepared (Vibe's sqlx uses prepared statements).
 # Everything is loopback-only; the database, server and data dir are removed on exit.
 #
@@ -118,16 +119,20 @@ for c in $CONCURRENCY; do
     fi
     [[ " $OPS " == *" read "* ]] || continue
 
-    # The REST read run first creates (or, on later runs, finds) documents 1..READ_ROWS, so it
-    # must come before the pgbench read runs, which read the same rows.
-    rest_read="$(rest read "$c")"
+    # A REST read run first creates (or finds) documents 1..READ_ROWS. The first one is a short
+    # unmeasured run that only does that, so that the table's statistics are current (ANALYZE)
+    # before either side is measured: plans made without them can scan the whole table.
     if [[ -z "$READ_ROWS_READY" ]]; then
+        echo "==> seeding the $READ_ROWS read documents through the REST API" >&2
+        "$LOAD_BIN" --url "$URL" --token "$TOKEN" --mode read --type "$DOC_TYPE" \
+            --concurrency 1 --duration 0.1 --warmup 0 --read-docs "$READ_ROWS" >/dev/null
         have="$(psql_bench -At -c "SELECT count(*) FROM documents WHERE type = '$DOC_TYPE' AND id IN (
             SELECT $(read_id_sql n) FROM generate_series(1, $READ_ROWS) AS n)")"
         [[ "$have" == "$READ_ROWS" ]] || { echo "error: $have of the $READ_ROWS read documents exist" >&2; exit 1; }
         psql_bench -c 'ANALYZE documents'
         READ_ROWS_READY=1
     fi
+    rest_read="$(rest read "$c")"
     pg_read_s="$(pg "$WORK/read.sql" "$c" simple)"
     pg_read_p="$(pg "$WORK/read.sql" "$c" prepared)"
     row read "$c" "$rest_read" "$pg_read_s" "$pg_read_p"
@@ -151,7 +156,8 @@ $MACHINE
 - pgbench: \`-n -c C -j min(2,C) -T $DURATION\`, one statement per transaction (autocommit)
 - create: REST \`POST /v1/docs/$DOC_TYPE\` vs pgbench \`INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), ...)\`
 - read: both pick n uniformly in 1..$READ_ROWS and fetch the document with the deterministic id
-  \`$READ_ID_PREFIX\` + n as 12 zero-padded digits (seeded by the first REST read run, not measured):
+  \`$READ_ID_PREFIX\` + n as 12 zero-padded digits (seeded through the REST API and analyzed before
+  any read run):
   REST \`GET /v1/docs/$DOC_TYPE/{id}\` vs pgbench \`SELECT ... FROM documents WHERE id = $(read_id_sql :n) AND type = '$DOC_TYPE'\`
   with \`\\set n random(1, $READ_ROWS)\`; one primary-key lookup per read on both sides
 - ratio = Vibe REST req/s / pgbench tps (prepared)

@@ -60,10 +60,12 @@ pub struct DatabaseConfig {
     pub readers: Slots,
 }
 
-/// How many statements of one kind may run at once: a count, or `"auto"`.
+/// How many statements of one kind may run at once: a count, or `"auto"`. Each slot keeps a
+/// pooled connection (src/store/batch.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slots {
-    /// Half the CPUs this process may use, at least one and at most the pool's connections.
+    /// Half the CPUs this process may use, at least one and at most a quarter of the pool's
+    /// connections, so that creates and reads together keep at most half the pool.
     Auto,
     Count(usize),
 }
@@ -72,7 +74,7 @@ impl Slots {
     /// The number of slots on a machine with `cpus` CPUs and a pool of `max_connections`.
     pub fn resolve(self, cpus: usize, max_connections: u32) -> usize {
         match self {
-            Slots::Auto => (cpus / 2).clamp(1, max_connections.max(1) as usize),
+            Slots::Auto => (cpus / 2).clamp(1, (max_connections as usize / 4).max(1)),
             Slots::Count(n) => n,
         }
     }
@@ -359,30 +361,37 @@ impl Config {
             );
         }
         let database = &self.database;
+        let create_writers = database.create_writers.here(database.max_connections);
+        let readers = database.readers.here(database.max_connections);
         // Grouped statements (src/store/batch.rs): rows per statement, statements in flight.
         for (rows_key, rows, slots_key, slots) in [
             (
                 "database.create_batch_rows",
                 database.create_batch_rows,
                 "database.create_writers",
-                database.create_writers.here(database.max_connections),
+                create_writers,
             ),
             (
                 "database.read_batch_rows",
                 database.read_batch_rows,
                 "database.readers",
-                database.readers.here(database.max_connections),
+                readers,
             ),
         ] {
             if !(1..=1000).contains(&rows) {
                 return invalid(rows_key, "must be between 1 and 1000");
             }
-            if slots == 0 || slots > database.max_connections as usize {
-                return invalid(
-                    slots_key,
-                    "must be at least 1 and at most database.max_connections",
-                );
+            if slots == 0 {
+                return invalid(slots_key, "must be at least 1");
             }
+        }
+        // Each writer and reader keeps a connection; everything else needs at least one more.
+        if create_writers + readers >= database.max_connections as usize {
+            return invalid(
+                "database.max_connections",
+                "must be more than database.create_writers + database.readers (each keeps a \
+                 connection of the pool)",
+            );
         }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
@@ -578,8 +587,28 @@ mod tests {
         assert_eq!(Slots::Auto.resolve(1, 16), 1);
         assert_eq!(Slots::Auto.resolve(2, 16), 1);
         assert_eq!(Slots::Auto.resolve(8, 16), 4);
-        assert_eq!(Slots::Auto.resolve(64, 16), 16, "never more than the pool");
+        assert_eq!(
+            Slots::Auto.resolve(64, 16),
+            4,
+            "never more than a quarter of the pool"
+        );
+        assert_eq!(Slots::Auto.resolve(64, 3), 1);
         assert_eq!(Slots::Count(3).resolve(64, 16), 3);
+        // Writers and readers keep their connections: the pool (16) must have one more.
+        let slots = |create_writers: usize, readers: usize| {
+            Config::from_figment(
+                Figment::new()
+                    .merge(Toml::string(DEFAULT_TOML))
+                    .merge(Serialized::default(
+                        "database.create_writers",
+                        create_writers,
+                    ))
+                    .merge(Serialized::default("database.readers", readers)),
+            )
+        };
+        let err = slots(1, 15).unwrap_err().to_string();
+        assert!(err.contains("database.max_connections"), "{err}");
+        assert!(slots(1, 14).is_ok());
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl Database {
 
     /// Closes the pool, then stops the embedded cluster if there is one.
     pub async fn close(self) -> Result<(), ServerError> {
-        self.store.pool().close().await;
+        self.store.close().await;
         if let Some(db) = self.embedded {
             db.stop().await?;
         }
@@ -164,7 +164,7 @@ impl RunningServer {
         let _ = (&mut self.realtime).await;
         self.app.calls.stop(None);
         let _ = (&mut self.calls).await;
-        self.app.store.pool().close().await;
+        self.app.store.close().await;
         if let Some(db) = self.embedded.take() {
             db.stop().await?;
         }

@@ -26,7 +26,7 @@ async fn migrated_pool() -> (String, PgPool) {
     .await
     .unwrap();
     store.migrate().await.unwrap();
-    store.pool().close().await;
+    store.close().await;
     (name, pool)
 }
 

@@ -10,15 +10,27 @@
 //! trips into one — which is where a one-row statement's time goes here (waking the database
 //! backend twice, and for a write the commit's WAL flush), not in the row itself.
 //!
+//! Each slot keeps its database connection between statements instead of giving it back to the
+//! pool: sqlx's pool sends every connection it takes back a `Sync` and waits for the answer, one
+//! more round trip per statement (measured: 8 tasks reading through the pool 24k rows/s, on
+//! connections of their own 37k; docs/benchmarks.md). So a kind of statement holds at most
+//! [`Batching::slots`] of the pool's connections, set up by [`slot_connection`].
+//!
 //! Invariants: a queued request's statement starts after the request was queued, so it sees
 //! every write committed before the request arrived (a grouped read is as fresh as a lone one).
 //! Every request gets an answer; the queue is bounded and a request beyond it is refused with
-//! [`StoreError::Unavailable`].
+//! [`StoreError::Unavailable`]. A connection is kept only after a statement that ran to its end
+//! and did not fail on the connection itself; one dropped halfway, or after an I/O or protocol
+//! error, is closed.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::Postgres;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -42,10 +54,16 @@ impl Default for Batching {
     }
 }
 
+/// How long a slot keeps one connection before closing it for a new one (sqlx's default
+/// `max_lifetime`: a backend that lives for days keeps what its caches grew to).
+const MAX_KEPT: Duration = Duration::from_secs(30 * 60);
+
 /// A kind of statement that can carry one request or many.
 pub(super) trait Grouped: Send + Sync + 'static {
     type Input: Send + 'static;
     type Output: Send + 'static;
+    /// What a statement runs on (a pooled database connection).
+    type Connection: Send + 'static;
     /// What the requests are, for refusals ("document creates").
     const WHAT: &'static str;
     /// Histogram of requests per statement.
@@ -56,14 +74,51 @@ pub(super) trait Grouped: Send + Sync + 'static {
     /// An id no two requests of one statement may share (None: any requests may share one).
     fn exclusive_id(input: &Self::Input) -> Option<Uuid>;
 
+    /// A new connection, for a slot that has none yet.
+    fn connect(&self) -> impl Future<Output = Result<Self::Connection, StoreError>> + Send;
+
     /// One request, alone in its statement.
     fn one(
         &self,
+        connection: &mut Self::Connection,
         input: Self::Input,
     ) -> impl Future<Output = Result<Self::Output, StoreError>> + Send;
 
-    /// Several requests (two or more), each answered through its [`Reply`].
-    fn many(&self, batch: Vec<Pending<Self>>) -> impl Future<Output = ()> + Send;
+    /// Several requests (two or more), each answered through its [`Reply`]. Returns whether the
+    /// connection is still fit for the next statement (see [`connection_survives`]).
+    fn many(
+        &self,
+        connection: &mut Self::Connection,
+        batch: Vec<Pending<Self>>,
+    ) -> impl Future<Output = bool> + Send;
+}
+
+/// A connection for a slot of a database statement kind: from the pool, with generic plans, and
+/// closed instead of given back to the pool when the slot lets it go (the pool's other users
+/// would get the setting too).
+///
+/// Generic plans: the grouped statements bind arrays, whose length PostgreSQL's planner assumes
+/// to be 10. Planning a group of fewer with the real length always looks cheaper, so a prepared
+/// `id = ANY($1)` was planned afresh on every run: 29% of the database backend's time in a read
+/// run at 8 clients (`perf`, docs/benchmarks.md). The generic plan is the same index scan.
+pub(super) async fn slot_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, StoreError> {
+    let mut connection = pool.acquire().await?;
+    connection.close_on_drop();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *connection)
+        .await?;
+    Ok(connection)
+}
+
+/// Whether a connection on which a statement failed with `error` may run the next one: yes after
+/// an error the database reported (the connection is then back at its prompt), no after an I/O,
+/// pool or protocol failure.
+pub(super) fn connection_survives(error: &StoreError) -> bool {
+    match error {
+        StoreError::Unavailable(_) => false,
+        StoreError::Database(e) => matches!(e, sqlx::Error::Database(_)),
+        _ => true,
+    }
 }
 
 /// A queued request and where its answer goes.
@@ -114,6 +169,16 @@ struct State<G: Grouped> {
     /// Slots in use: statements running or about to run.
     busy: usize,
     queue: VecDeque<Pending<G>>,
+    /// Connections of the slots not in use (at most `slots`, as each slot takes one).
+    kept: Vec<Kept<G::Connection>>,
+    /// Set by [`Batcher::close`]: no connection is kept from then on.
+    closed: bool,
+}
+
+/// A slot's connection and when it was opened.
+struct Kept<C> {
+    connection: C,
+    since: Instant,
 }
 
 impl<G: Grouped> Batcher<G> {
@@ -128,8 +193,21 @@ impl<G: Grouped> Batcher<G> {
             state: Mutex::new(State {
                 busy: 0,
                 queue: VecDeque::new(),
+                kept: Vec::new(),
+                closed: false,
             }),
         }))
+    }
+
+    /// Closes the kept connections and keeps none from now on, so that closing the pool (which
+    /// waits for every connection) can finish.
+    pub(super) fn close(&self) {
+        let kept = {
+            let mut state = self.0.lock();
+            state.closed = true;
+            std::mem::take(&mut state.kept)
+        };
+        drop(kept);
     }
 
     /// Runs `input` alone if a slot is free, else with the requests queued beside it.
@@ -161,7 +239,7 @@ impl<G: Grouped> Batcher<G> {
                 // Released when this future ends, also when it is dropped mid-statement.
                 let slot = Slot(self.0.clone());
                 metrics::histogram!(G::ROWS_METRIC).record(1.0);
-                let result = shared.statement.one(input).await;
+                let result = shared.one(input).await;
                 drop(slot);
                 result
             }
@@ -205,17 +283,67 @@ impl<G: Grouped> Shared<G> {
         Some(batch)
     }
 
+    /// The connection of a free slot: a kept one, or a new one from the pool.
+    async fn connection(&self) -> Result<Kept<G::Connection>, StoreError> {
+        if let Some(kept) = self.lock().kept.pop() {
+            return Ok(kept);
+        }
+        Ok(Kept {
+            connection: self.statement.connect().await?,
+            since: Instant::now(),
+        })
+    }
+
+    /// Keeps a connection for the next statement, unless it is due to be replaced or the
+    /// batcher is closed (then it is closed as it drops, outside the lock).
+    fn keep(&self, kept: Kept<G::Connection>) {
+        if kept.since.elapsed() >= MAX_KEPT {
+            return;
+        }
+        let mut state = self.lock();
+        if !state.closed {
+            state.kept.push(kept);
+        }
+    }
+
+    /// One request in its own statement. If this future is dropped halfway, so is the connection.
+    async fn one(&self, input: G::Input) -> Result<G::Output, StoreError> {
+        let mut kept = self.connection().await?;
+        let result = self.statement.one(&mut kept.connection, input).await;
+        if result.as_ref().err().is_none_or(connection_survives) {
+            self.keep(kept);
+        }
+        result
+    }
+
+    /// Two or more requests in one statement.
+    async fn many(&self, batch: Vec<Pending<G>>) {
+        let mut kept = match self.connection().await {
+            Ok(kept) => kept,
+            Err(e) => {
+                let failure = shared_failure(&e);
+                for pending in batch {
+                    pending.reply.send(Err(failure()));
+                }
+                return;
+            }
+        };
+        if self.statement.many(&mut kept.connection, batch).await {
+            self.keep(kept);
+        }
+    }
+
     /// Runs queued batches while there are any, then gives the slot back.
     async fn drain(self: Arc<Self>, mut batch: Vec<Pending<G>>) {
         loop {
             metrics::histogram!(G::ROWS_METRIC).record(batch.len() as f64);
             if batch.len() == 1 {
                 for pending in batch {
-                    let result = self.statement.one(pending.input).await;
+                    let result = self.one(pending.input).await;
                     pending.reply.send(result);
                 }
             } else {
-                self.statement.many(batch).await;
+                self.many(batch).await;
             }
             match self.next_batch() {
                 Some(next) => batch = next,
@@ -284,6 +412,7 @@ mod tests {
     impl Grouped for Recorder {
         type Input = Uuid;
         type Output = Uuid;
+        type Connection = ();
         const WHAT: &'static str = "test requests";
         const ROWS_METRIC: &'static str = "test_batch_rows";
         const WAITING_METRIC: &'static str = "test_waiting";
@@ -292,19 +421,24 @@ mod tests {
             Some(*input)
         }
 
-        async fn one(&self, input: Uuid) -> Result<Uuid, StoreError> {
+        async fn connect(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        async fn one(&self, (): &mut (), input: Uuid) -> Result<Uuid, StoreError> {
             let _ = self.gate.clone().wait_for(|open| *open).await;
             self.ran.lock().unwrap().push(vec![input.as_u128()]);
             Ok(input)
         }
 
-        async fn many(&self, batch: Vec<Pending<Self>>) {
+        async fn many(&self, (): &mut (), batch: Vec<Pending<Self>>) -> bool {
             let inputs = batch.iter().map(|p| p.input.as_u128()).collect();
             self.ran.lock().unwrap().push(inputs);
             for pending in batch {
                 let input = pending.input;
                 pending.reply.send(Ok(input));
             }
+            true
         }
     }
 

@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 
-use sqlx::postgres::PgRow;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgRow, Postgres};
 use sqlx::types::Json;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::StoreError;
-use super::batch::{Grouped, Pending, shared_failure};
+use super::batch::{Grouped, Pending, connection_survives, shared_failure};
 use crate::acl::Acl;
 use crate::feed::listener::FeedWaker;
 use crate::wire::Document;
@@ -37,6 +38,7 @@ pub(super) struct Creates {
 impl Grouped for Creates {
     type Input = NewRow;
     type Output = Document;
+    type Connection = PoolConnection<Postgres>;
     const WHAT: &'static str = "document creates";
     const ROWS_METRIC: &'static str = "vibe_store_create_batch_rows";
     const WAITING_METRIC: &'static str = "vibe_store_creates_waiting";
@@ -45,16 +47,28 @@ impl Grouped for Creates {
         Some(row.id)
     }
 
-    async fn one(&self, row: NewRow) -> Result<Document, StoreError> {
-        let result = insert_one(&self.pool, row).await;
+    async fn connect(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        super::batch::slot_connection(&self.pool).await
+    }
+
+    async fn one(
+        &self,
+        connection: &mut PoolConnection<Postgres>,
+        row: NewRow,
+    ) -> Result<Document, StoreError> {
+        let result = insert_one(connection, row).await;
         if result.is_ok() {
             self.waker.committed();
         }
         result
     }
 
-    async fn many(&self, batch: Vec<Pending<Self>>) {
-        match insert_many(&self.pool, &batch).await {
+    async fn many(
+        &self,
+        connection: &mut PoolConnection<Postgres>,
+        batch: Vec<Pending<Self>>,
+    ) -> bool {
+        match insert_many(connection, &batch).await {
             Ok(mut rows) => {
                 self.waker.committed();
                 for create in batch {
@@ -64,21 +78,34 @@ impl Grouped for Creates {
                     };
                     create.reply.send(result);
                 }
+                true
+            }
+            // Refused as a whole, so nothing was written: find the row(s) at fault.
+            Err(e) if connection_survives(&e) => {
+                tracing::debug!(error = %e, rows = batch.len(), "batched create refused; retrying row by row");
+                // Once the connection fails, the rest get that failure.
+                let mut broken = None;
+                for create in batch {
+                    let result = match &broken {
+                        None => self.one(connection, create.input).await,
+                        Some(failure) => Err(shared_failure(failure)()),
+                    };
+                    if let Err(e) = &result
+                        && !connection_survives(e)
+                    {
+                        broken = Some(shared_failure(e)());
+                    }
+                    create.reply.send(result);
+                }
+                broken.is_none()
             }
             // The statement may or may not have committed: answer as a lone create would have.
-            Err(e @ StoreError::Unavailable(_)) => {
+            Err(e) => {
                 let failure = shared_failure(&e);
                 for create in batch {
                     create.reply.send(Err(failure()));
                 }
-            }
-            // Refused as a whole, so nothing was written: find the row(s) at fault.
-            Err(e) => {
-                tracing::debug!(error = %e, rows = batch.len(), "batched create refused; retrying row by row");
-                for create in batch {
-                    let result = self.one(create.input).await;
-                    create.reply.send(result);
-                }
+                false
             }
         }
     }
@@ -104,7 +131,7 @@ impl Inserted {
     }
 }
 
-async fn insert_one(pool: &PgPool, row: NewRow) -> Result<Document, StoreError> {
+async fn insert_one(connection: &mut PgConnection, row: NewRow) -> Result<Document, StoreError> {
     let inserted = sqlx::query(
         "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (id) DO NOTHING RETURNING rev, created_at, updated_at",
@@ -114,7 +141,7 @@ async fn insert_one(pool: &PgPool, row: NewRow) -> Result<Document, StoreError> 
     .bind(&row.doc_type)
     .bind(Json(&row.acl))
     .bind(&row.data)
-    .fetch_optional(pool)
+    .fetch_optional(connection)
     .await?;
     match inserted {
         Some(inserted) => Inserted(inserted).document(row),
@@ -125,7 +152,7 @@ async fn insert_one(pool: &PgPool, row: NewRow) -> Result<Document, StoreError> 
 /// One statement for the whole batch; the rows it inserted, by id (ids are distinct within a
 /// batch, see [`Shared::next_batch`]).
 async fn insert_many(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     batch: &[Pending<Creates>],
 ) -> Result<HashMap<Uuid, Inserted>, StoreError> {
     let mut ids = Vec::with_capacity(batch.len());
@@ -150,7 +177,7 @@ async fn insert_many(
     .bind(types)
     .bind(acls)
     .bind(data)
-    .fetch_all(pool)
+    .fetch_all(connection)
     .await?;
     rows.into_iter()
         .map(|r| Ok((r.try_get("id")?, Inserted(r))))

@@ -66,6 +66,15 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 StoreError::Unavailable(e)
             }
+            // Class 08 (connection exception) and 57P (the server shutting down, or the backend
+            // terminated): the connection is gone, as after an I/O error.
+            sqlx::Error::Database(ref db)
+                if db
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")) =>
+            {
+                StoreError::Unavailable(e)
+            }
             // untranslatable_character: jsonb refuses `\u0000`, which JSON itself allows.
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("22P05") => {
                 StoreError::Unstorable(db.message().to_owned())
@@ -149,6 +158,13 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Closes the pool: waits for the connections in use to come back, then closes them all.
+    pub async fn close(&self) {
+        self.creates.close();
+        self.reads.close();
+        self.pool.close().await;
     }
 
     /// Applies the embedded migrations that have not run yet.
@@ -421,7 +437,8 @@ impl Store {
 
     /// The documents with these ids (any type, any owner; callers apply the ACL).
     pub async fn fetch_many(&self, ids: &[Uuid]) -> Result<Vec<Document>, StoreError> {
-        fetch_by_ids(&self.pool, ids).await
+        let mut conn = self.pool.acquire().await?;
+        fetch_by_ids(&mut conn, ids).await
     }
 
     /// A query's first `limit + 1` documents and the snapshot they were read in, so a live query
@@ -499,14 +516,17 @@ async fn lock(
 }
 
 /// The documents with these ids, in no particular order (missing ids are left out).
-async fn fetch_by_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Document>, StoreError> {
+async fn fetch_by_ids(
+    connection: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<Document>, StoreError> {
     let rows = sqlx::query(concat!(
         "SELECT ",
         doc_columns!(),
         " FROM documents WHERE id = ANY($1)"
     ))
     .bind(ids)
-    .fetch_all(pool)
+    .fetch_all(connection)
     .await?;
     rows.iter().map(document).collect()
 }

@@ -7,10 +7,12 @@
 use std::collections::HashMap;
 
 use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::Postgres;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::batch::{Grouped, Pending, shared_failure};
+use super::batch::{Grouped, Pending, connection_survives, shared_failure};
 use crate::wire::Document;
 
 /// The SELECT by id.
@@ -21,6 +23,7 @@ pub(super) struct Reads {
 impl Grouped for Reads {
     type Input = Uuid;
     type Output = Option<Document>;
+    type Connection = PoolConnection<Postgres>;
     const WHAT: &'static str = "document reads";
     const ROWS_METRIC: &'static str = "vibe_store_read_batch_rows";
     const WAITING_METRIC: &'static str = "vibe_store_reads_waiting";
@@ -30,28 +33,40 @@ impl Grouped for Reads {
         None
     }
 
-    async fn one(&self, id: Uuid) -> Result<Option<Document>, StoreError> {
+    async fn connect(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        super::batch::slot_connection(&self.pool).await
+    }
+
+    async fn one(
+        &self,
+        connection: &mut PoolConnection<Postgres>,
+        id: Uuid,
+    ) -> Result<Option<Document>, StoreError> {
         let row = sqlx::query(concat!(
             "SELECT ",
             doc_columns!(),
             " FROM documents WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut **connection)
         .await?;
         row.as_ref().map(super::document).transpose()
     }
 
-    async fn many(&self, batch: Vec<Pending<Self>>) {
+    async fn many(
+        &self,
+        connection: &mut PoolConnection<Postgres>,
+        batch: Vec<Pending<Self>>,
+    ) -> bool {
         let ids: Vec<Uuid> = batch.iter().map(|read| read.input).collect();
-        let docs = match super::fetch_by_ids(&self.pool, &ids).await {
+        let docs = match super::fetch_by_ids(connection, &ids).await {
             Ok(docs) => docs,
             Err(e) => {
                 let failure = shared_failure(&e);
                 for read in batch {
                     read.reply.send(Err(failure()));
                 }
-                return;
+                return connection_survives(&e);
             }
         };
         // How many reads of the batch still want each id: the last one takes the document, the
@@ -75,5 +90,6 @@ impl Grouped for Reads {
             };
             read.reply.send(Ok(doc));
         }
+        true
     }
 }
