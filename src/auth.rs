@@ -6,10 +6,12 @@
 //! and `doc_type(TYPE)`. Subject and scopes are read from the authority block only, so an appended
 //! block can narrow a token but never widen it.
 //!
-//! The authority block also carries the same claims as JSON in its context (signed with it,
-//! [`MintedContext`]): a first sight of an unattenuated token reads them there, after the
-//! signature checks, instead of running the Datalog engine over the facts (a quarter of a first
-//! sight's time). Attenuated tokens, and tokens without such a context, go through Datalog.
+//! The authority block also carries the same claims as JSON in its context, and the token's
+//! proof key is derived from the root key ([`minted`]): a first sight of an unattenuated token
+//! checks one signature and reads its claims there, instead of biscuit's full verification and
+//! the Datalog engine. Attenuated tokens, and tokens without such a context, go through both.
+
+mod minted;
 
 use std::fmt;
 use std::path::Path;
@@ -19,11 +21,12 @@ use std::time::{Duration, SystemTime};
 use biscuit_auth::builder::{
     Expression, Fact, Op, Policy, PolicyKind, Rule, Term, date, fact, pred, rule, string, var,
 };
+use biscuit_auth::datalog::SymbolTable;
 use biscuit_auth::{AuthorizerLimits, Biscuit, KeyPair, PrivateKey, error as berror};
-use serde::{Deserialize, Serialize};
 
 use crate::acl::is_did;
 use crate::identity::revocation::Revocations;
+use minted::{FirstSight, MintedContext, ProofKey};
 
 /// Where the root key lives, relative to the data dir.
 const ROOT_KEY_FILE: &str = "keys/root.key";
@@ -196,6 +199,11 @@ pub struct Issued<'a> {
 /// The node's token root key: mints and verifies tokens.
 pub struct TokenAuthority {
     keypair: KeyPair,
+    /// The root key as Ed25519 verifies it, for [`minted::verify_first_sight`] (None for a
+    /// P-256 or a weak root key: such tokens verify in full).
+    root: Option<ed25519_dalek::VerifyingKey>,
+    /// Derives the proof keys of the tokens this node mints.
+    proofs: ProofKey,
     revocations: Arc<Revocations>,
     /// Verified single-block tokens. Such a token is signed by this node and was minted by
     /// [`TokenAuthority::mint_until`], so its only check is the expiry, which every hit re-checks:
@@ -215,7 +223,14 @@ impl fmt::Debug for TokenAuthority {
 
 impl TokenAuthority {
     fn new(keypair: KeyPair) -> Self {
+        // A weak (small-order) root key would make `verify` accept what `verify_strict` refuses
+        // (`minted::Unattenuated::signature_holds`); no generated key is weak.
+        let root = ed25519_dalek::VerifyingKey::try_from(keypair.public().to_bytes().as_slice())
+            .ok()
+            .filter(|key| !key.is_weak());
         Self {
+            proofs: ProofKey::new(&keypair.private()),
+            root,
             keypair,
             revocations: Arc::default(),
             verified: quick_cache::sync::Cache::new(VERIFIED_CACHE_CAPACITY),
@@ -303,6 +318,8 @@ impl TokenAuthority {
         let expires_secs = expires_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let nonce = ProofKey::nonce();
+        let next_key_pair = self.proofs.next_key_pair(&nonce)?;
         let context = MintedContext {
             v: MintedContext::VERSION,
             sub: subject.to_owned(),
@@ -311,6 +328,7 @@ impl TokenAuthority {
             client: issued.map(|i| i.client.to_owned()),
             grant: issued.map(|i| i.grant),
             identity_scopes: identity_scopes.clone(),
+            n: Some(nonce),
         };
         let context = serde_json::to_string(&context).map_err(AuthError::MintContext)?;
         let mut builder = Biscuit::builder()
@@ -341,7 +359,9 @@ impl TokenAuthority {
                     .map_err(AuthError::Mint)?;
             }
         }
-        let token = builder.build(&self.keypair).map_err(AuthError::Mint)?;
+        let token = builder
+            .build_with_key_pair(&self.keypair, SymbolTable::default(), &next_key_pair)
+            .map_err(AuthError::Mint)?;
         let id = token_id(&token)?;
         let encoded = token.to_base64().map_err(AuthError::Mint)?;
         // This node knows exactly what it just minted: remembered now, the token's first use
@@ -386,9 +406,12 @@ impl TokenAuthority {
             self.check_revoked(&claims)?;
             return Ok(claims);
         }
+        if let Some(claims) = self.first_sight_of_minted(token, now) {
+            return claims;
+        }
         let biscuit =
             Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
-        let claims = match MintedContext::claims(&biscuit, now) {
+        let claims = match context_claims(&biscuit, now) {
             Some(claims) => claims?,
             None => self.authorize(&biscuit, now, access, doc_type)?,
         };
@@ -411,9 +434,12 @@ impl TokenAuthority {
             self.check_revoked(&claims)?;
             return Ok(claims);
         }
+        if let Some(claims) = self.first_sight_of_minted(token, now) {
+            return claims;
+        }
         let biscuit =
             Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
-        let claims = match MintedContext::claims(&biscuit, now) {
+        let claims = match context_claims(&biscuit, now) {
             Some(claims) => claims?,
             None => match self.authorize(&biscuit, now, Access::Read, None) {
                 Ok(claims) => claims,
@@ -423,6 +449,27 @@ impl TokenAuthority {
         };
         self.check_revoked(&claims)?;
         Ok(Arc::new(claims))
+    }
+
+    /// A first sight of one of this node's unattenuated tokens, verified and remembered (its
+    /// only check is the expiry, re-checked on every hit); None for a token that needs
+    /// biscuit's full verification.
+    fn first_sight_of_minted(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Option<Result<Arc<Claims>, AuthError>> {
+        let root = self.root.as_ref()?;
+        let FirstSight::Minted(claims) = minted::verify_first_sight(token, root, &self.proofs, now)
+        else {
+            return None;
+        };
+        Some(claims.and_then(|claims| {
+            let claims = Arc::new(claims);
+            self.check_revoked(&claims)?;
+            self.verified.insert(token.to_owned(), claims.clone());
+            Ok(claims)
+        }))
     }
 
     fn check_revoked(&self, claims: &Claims) -> Result<(), AuthError> {
@@ -472,64 +519,17 @@ impl TokenAuthority {
     }
 }
 
-/// A minted token's claims as JSON in its authority block's context. Written by
-/// [`TokenAuthority::mint_issued`] from the same values as the block's facts (unit tests hold
-/// the two readings equal), and signed with them.
-#[derive(Debug, Serialize, Deserialize)]
-struct MintedContext {
-    /// The layout's version: a context of any other version or shape is not read.
-    v: u32,
-    sub: String,
-    /// Unix seconds.
-    exp: u64,
-    /// Sorted, without duplicates.
-    scopes: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    client: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    grant: Option<uuid::Uuid>,
-    /// Sorted, without duplicates.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    identity_scopes: Vec<String>,
-}
-
-impl MintedContext {
-    const VERSION: u32 = 1;
-
-    /// The claims of a token whose signatures were checked, from its context, as of `now`;
-    /// None when they must come from Datalog instead. Only an unattenuated token qualifies: its
-    /// one block was signed by this node's key, so this node minted it, and its only check (the
-    /// expiry) is the one made here. Appended blocks carry checks that need the engine.
-    fn claims(biscuit: &Biscuit, now: SystemTime) -> Option<Result<Claims, AuthError>> {
-        if biscuit.block_count() != 1 {
-            return None;
-        }
-        let context = biscuit.context().into_iter().next().flatten()?;
-        let minted: MintedContext = serde_json::from_str(&context).ok()?;
-        (minted.v == Self::VERSION).then(|| minted.into_claims(biscuit, now))
+/// The claims of a verified token from its context, as of `now`; None when they must come
+/// from Datalog instead. Only an unattenuated token qualifies: its one block was signed by this
+/// node's key, so this node minted it, and its only check (the expiry) is the one made here.
+/// Appended blocks carry checks that need the engine.
+fn context_claims(biscuit: &Biscuit, now: SystemTime) -> Option<Result<Claims, AuthError>> {
+    if biscuit.block_count() != 1 {
+        return None;
     }
-
-    fn into_claims(self, biscuit: &Biscuit, now: SystemTime) -> Result<Claims, AuthError> {
-        let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(self.exp);
-        if expires_at < now {
-            return Err(AuthError::Expired);
-        }
-        let scopes = self
-            .scopes
-            .iter()
-            .map(|s| s.parse())
-            .collect::<Result<Vec<Scope>, _>>()
-            .map_err(|_| AuthError::Invalid)?;
-        Ok(Claims {
-            subject: self.sub,
-            scopes,
-            expires_at,
-            client: self.client,
-            grant: self.grant,
-            identity_scopes: self.identity_scopes,
-            token_id: token_id(biscuit)?,
-        })
-    }
+    let context = biscuit.context().into_iter().next().flatten()?;
+    let minted = MintedContext::parse(&context)?;
+    Some(token_id(biscuit).and_then(|id| minted.into_claims(id, now)))
 }
 
 /// The queries that read a token's claims, `data($v) <- NAME($v)` for each claim fact, built
@@ -764,7 +764,7 @@ mod tests {
             .unwrap();
         let appended = Biscuit::from_base64(&narrowed, auth.keypair.public()).unwrap();
         assert!(
-            MintedContext::claims(&appended, SystemTime::now()).is_none(),
+            context_claims(&appended, SystemTime::now()).is_none(),
             "an attenuated token's checks need Datalog"
         );
         let claims = auth.verify(&narrowed, Access::Read, Some("posts")).unwrap();
@@ -810,7 +810,7 @@ mod tests {
             // That first sight read the context; Datalog reads the same from the facts.
             let biscuit = Biscuit::from_base64(&token, auth.keypair.public()).unwrap();
             let now = SystemTime::now();
-            let from_context = MintedContext::claims(&biscuit, now)
+            let from_context = context_claims(&biscuit, now)
                 .expect("a minted token carries its claims in its context")
                 .unwrap();
             let from_facts = other
@@ -850,12 +850,214 @@ mod tests {
             }
             let token = builder.build(&auth.keypair).unwrap().to_base64().unwrap();
             let biscuit = Biscuit::from_base64(&token, auth.keypair.public()).unwrap();
-            assert!(MintedContext::claims(&biscuit, SystemTime::now()).is_none());
+            assert!(context_claims(&biscuit, SystemTime::now()).is_none());
             let claims = auth.verify(&token, Access::Read, Some("posts")).unwrap();
             assert_eq!(claims.subject, ALICE, "{context:?}");
             assert_eq!(claims.scopes, vec!["read:posts".parse::<Scope>().unwrap()]);
             assert!(claims.client.is_none());
         }
+    }
+
+    /// The token's protobuf, changed by `edit` and encoded again.
+    fn tampered(
+        token: &str,
+        edit: impl FnOnce(&mut biscuit_auth::format::schema::Biscuit),
+    ) -> String {
+        use base64::Engine as _;
+        use prost::Message as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE;
+        let mut decoded =
+            biscuit_auth::format::schema::Biscuit::decode(b64.decode(token).unwrap().as_slice())
+                .unwrap();
+        edit(&mut decoded);
+        b64.encode(decoded.encode_to_vec())
+    }
+
+    /// What biscuit's own verification (every signature and the proof) and Datalog make of a
+    /// token, with nothing remembered.
+    fn verified_in_full(auth: &TokenAuthority, token: &str) -> Result<Claims, AuthError> {
+        let biscuit =
+            Biscuit::from_base64(token, auth.keypair.public()).map_err(|_| AuthError::Invalid)?;
+        auth.authorize(&biscuit, SystemTime::now(), Access::Read, Some("posts"))
+    }
+
+    #[test]
+    fn a_first_sight_of_a_minted_token_agrees_with_biscuit() {
+        let (dir, auth) = authority();
+        let identity = vec!["openid".to_owned()];
+        let scopes: Vec<Scope> = vec!["read:posts".parse().unwrap()];
+        let until = SystemTime::now() + Duration::from_secs(600);
+        for i in 0..50 {
+            let issued = Issued {
+                client: "app1",
+                grant: uuid::Uuid::now_v7(),
+                identity_scopes: &identity,
+            };
+            let subject = format!("did:key:zUser{i}");
+            let (token, _) = auth
+                .mint_issued(&subject, &scopes, until, (i % 2 == 0).then_some(&issued))
+                .unwrap();
+            let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+            let root = fresh.root.as_ref().unwrap();
+            let FirstSight::Minted(Ok(fast)) =
+                minted::verify_first_sight(&token, root, &fresh.proofs, SystemTime::now())
+            else {
+                panic!("a token this key minted is verified by the first-sight path");
+            };
+            let full = verified_in_full(&fresh, &token).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{full:?}"));
+            assert!(fresh.verify(&token, Access::Read, Some("posts")).is_ok());
+            assert!(fresh.verified.get(&token).is_some(), "remembered");
+        }
+    }
+
+    #[test]
+    fn a_first_sight_refuses_what_biscuit_refuses() {
+        let (_dir, auth) = authority();
+        let (_dir2, other) = authority();
+        let mint = |auth: &TokenAuthority| {
+            auth.mint(
+                ALICE,
+                &["read:posts".parse().unwrap()],
+                Duration::from_secs(600),
+            )
+            .unwrap()
+        };
+        let token = mint(&auth);
+        let second = mint(&auth);
+        let secret_of = |token: &str| {
+            let mut secret = None;
+            tampered(token, |b| secret = b.proof.content.clone());
+            secret
+        };
+        let attenuated = Biscuit::from_base64(&token, auth.keypair.public())
+            .unwrap()
+            .append(block!(r#"check if operation("read");"#))
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let mut forgeries = vec![
+            // Every signed part changed in turn: the context (claims and nonce), the next key.
+            tampered(&token, |b| {
+                let at = b.authority.block.len() - 3;
+                b.authority.block[at] ^= 1;
+            }),
+            tampered(&token, |b| b.authority.next_key.key[0] ^= 1),
+            tampered(&token, |b| b.authority.signature[10] ^= 1),
+            // A proof that is not the derived secret: random, or another token's.
+            tampered(&token, |b| {
+                b.proof.content = Some(biscuit_auth::format::schema::proof::Content::NextSecret(
+                    rand::random::<[u8; 32]>().to_vec(),
+                ));
+            }),
+            tampered(&token, |b| b.proof.content = secret_of(&second)),
+            // An attenuated token with its appended block stripped: its proof is the appended
+            // block's key, not the authority's.
+            tampered(&attenuated, |b| b.blocks.clear()),
+            // Minted by another root key.
+            mint(&other),
+        ];
+        forgeries.push(tampered(&token, |b| b.authority.version = Some(7)));
+        for (i, forged) in forgeries.iter().enumerate() {
+            let fresh = TokenAuthority::load_or_create(_dir.path()).unwrap();
+            assert!(
+                verified_in_full(&fresh, forged).is_err(),
+                "biscuit refuses #{i}"
+            );
+            assert!(
+                matches!(
+                    fresh.verify(forged, Access::Read, Some("posts")),
+                    Err(AuthError::Invalid)
+                ),
+                "verify refuses #{i}"
+            );
+            assert!(fresh.identify(forged).is_err(), "identify refuses #{i}");
+            assert!(
+                fresh.verified.get(forged).is_none(),
+                "#{i} is not remembered"
+            );
+        }
+        // The untouched token, a sealed copy (its proof is a signature, verified by biscuit)
+        // and the attenuated one still verify.
+        let sealed = Biscuit::from_base64(&token, auth.keypair.public())
+            .unwrap()
+            .seal()
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        for good in [&token, &sealed, &attenuated] {
+            let fresh = TokenAuthority::load_or_create(_dir.path()).unwrap();
+            let claims = fresh.verify(good, Access::Read, Some("posts")).unwrap();
+            assert_eq!(claims.subject, ALICE);
+        }
+    }
+
+    #[test]
+    fn a_first_sight_reads_both_signature_payload_versions() {
+        let (_dir, auth) = authority();
+        let root = auth.root.as_ref().unwrap();
+        let until = SystemTime::now() + Duration::from_secs(600);
+        let minted = auth.mint_until(ALICE, &[Scope::All], until).unwrap();
+        // A `reject if` needs Datalog 3.3, which biscuit signs with its version-1 payload.
+        let nonce = ProofKey::nonce();
+        let context = format!(
+            r#"{{"v":1,"sub":"{ALICE}","exp":{},"scopes":["*"],"n":"{nonce}"}}"#,
+            until
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        );
+        let v1 = Biscuit::builder()
+            .context(context)
+            .fact(fact("sub", &[string(ALICE)]))
+            .unwrap()
+            .code("reject if false")
+            .unwrap()
+            .build_with_key_pair(
+                &auth.keypair,
+                SymbolTable::default(),
+                &auth.proofs.next_key_pair(&nonce).unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let mut versions = vec![];
+        for token in [&minted, &v1] {
+            tampered(token, |b| versions.push(b.authority.version.unwrap_or(0)));
+            let FirstSight::Minted(Ok(claims)) =
+                minted::verify_first_sight(token, root, &auth.proofs, SystemTime::now())
+            else {
+                panic!("verified by the first-sight path");
+            };
+            assert_eq!(claims.subject, ALICE);
+        }
+        assert_eq!(versions, [0, 1]);
+    }
+
+    #[test]
+    fn a_first_sight_checks_expiry_and_revocation() {
+        let (dir, auth) = authority();
+        let now = SystemTime::now();
+        let token = auth
+            .mint_until(ALICE, &[Scope::All], now + Duration::from_secs(10))
+            .unwrap();
+        let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+        assert!(matches!(
+            fresh.verify_at(&token, Access::Read, None, now + Duration::from_secs(20)),
+            Err(AuthError::Expired)
+        ));
+        let claims = fresh.verify_at(&token, Access::Read, None, now).unwrap();
+        let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+        fresh
+            .revocations()
+            .apply_locally(crate::identity::revocation::Revoked::Token(
+                claims.token_id.clone(),
+            ));
+        assert!(matches!(
+            fresh.verify_at(&token, Access::Read, None, now),
+            Err(AuthError::Revoked)
+        ));
+        assert!(matches!(fresh.identify(&token), Err(AuthError::Revoked)));
     }
 
     #[test]

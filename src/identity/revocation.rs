@@ -149,6 +149,20 @@ impl Revocations {
         Ok(())
     }
 
+    /// Applies a revocation to this copy only, without the database (unit tests of the token
+    /// checks).
+    #[cfg(test)]
+    pub(crate) fn apply_locally(&self, revoked: Revoked) {
+        let mut lists = self
+            .lists
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match revoked {
+            Revoked::Grant(id) => lists.grants.insert(id),
+            Revoked::Token(id) => lists.tokens.insert(id),
+        };
+    }
+
     /// Polls for other nodes' revocations and prunes expired rows until `stop` resolves.
     pub async fn run(
         self: std::sync::Arc<Self>,
