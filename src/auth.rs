@@ -318,6 +318,8 @@ impl TokenAuthority {
         let expires_secs = expires_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // Every block this root key signs with a nonce in its context names the key pair derived
+        // from that nonce as its next key: `minted::verify_first_sight` relies on it.
         let nonce = ProofKey::nonce();
         let next_key_pair = self.proofs.next_key_pair(&nonce)?;
         let context = MintedContext {
@@ -911,9 +913,42 @@ mod tests {
         }
     }
 
+    /// What the first-sight path alone makes of a token, as this node's key sees it.
+    #[derive(Debug, PartialEq)]
+    enum Fast {
+        Accepted,
+        Refused,
+        LeftToBiscuit,
+    }
+
+    fn fast(auth: &TokenAuthority, token: &str) -> Fast {
+        let root = auth.root.as_ref().unwrap();
+        match minted::verify_first_sight(token, root, &auth.proofs, SystemTime::now()) {
+            FirstSight::Minted(Ok(_)) => Fast::Accepted,
+            FirstSight::Minted(Err(_)) => Fast::Refused,
+            FirstSight::Other => Fast::LeftToBiscuit,
+        }
+    }
+
+    /// The token with its authority block's context rewritten by `edit` (the block re-encoded,
+    /// the signature left as it was).
+    fn with_context(token: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        use prost::Message as _;
+        tampered(token, |b| {
+            let mut block =
+                biscuit_auth::format::schema::Block::decode(b.authority.block.as_slice()).unwrap();
+            let mut context: serde_json::Value =
+                serde_json::from_str(block.context.as_deref().unwrap()).unwrap();
+            edit(&mut context);
+            block.context = Some(context.to_string());
+            b.authority.block = block.encode_to_vec();
+        })
+    }
+
     #[test]
     fn a_first_sight_refuses_what_biscuit_refuses() {
-        let (_dir, auth) = authority();
+        use biscuit_auth::format::schema;
+        let (dir, auth) = authority();
         let (_dir2, other) = authority();
         let mint = |auth: &TokenAuthority| {
             auth.mint(
@@ -930,65 +965,156 @@ mod tests {
             tampered(token, |b| secret = b.proof.content.clone());
             secret
         };
+        let next_secret = |bytes: Vec<u8>| Some(schema::proof::Content::NextSecret(bytes));
         let attenuated = Biscuit::from_base64(&token, auth.keypair.public())
             .unwrap()
             .append(block!(r#"check if operation("read");"#))
             .unwrap()
             .to_base64()
             .unwrap();
-        let mut forgeries = vec![
-            // Every signed part changed in turn: the context (claims and nonce), the next key.
-            tampered(&token, |b| {
-                let at = b.authority.block.len() - 3;
-                b.authority.block[at] ^= 1;
-            }),
-            tampered(&token, |b| b.authority.next_key.key[0] ^= 1),
-            tampered(&token, |b| b.authority.signature[10] ^= 1),
-            // A proof that is not the derived secret: random, or another token's.
-            tampered(&token, |b| {
-                b.proof.content = Some(biscuit_auth::format::schema::proof::Content::NextSecret(
-                    rand::random::<[u8; 32]>().to_vec(),
-                ));
-            }),
-            tampered(&token, |b| b.proof.content = secret_of(&second)),
-            // An attenuated token with its appended block stripped: its proof is the appended
-            // block's key, not the authority's.
-            tampered(&attenuated, |b| b.blocks.clear()),
-            // Minted by another root key.
-            mint(&other),
+        use Fast::{LeftToBiscuit, Refused};
+        let forgeries = [
+            // Every signed part changed in turn: the claims, the nonce, the next key, the
+            // signature, the payload's version. The signature check refuses each.
+            (
+                "scopes widened in the context",
+                with_context(&token, |c| c["scopes"] = serde_json::json!(["*"])),
+                Refused,
+            ),
+            (
+                "nonce changed",
+                with_context(&second, |c| c["n"] = serde_json::json!("00")),
+                Refused,
+            ),
+            (
+                "next key changed",
+                tampered(&token, |b| b.authority.next_key.key[0] ^= 1),
+                Refused,
+            ),
+            (
+                "signature changed",
+                tampered(&token, |b| b.authority.signature[10] ^= 1),
+                Refused,
+            ),
+            (
+                "signed as version 1",
+                tampered(&token, |b| b.authority.version = Some(1)),
+                Refused,
+            ),
+            ("another root key", mint(&other), Refused),
+            // A proof that is not the derived secret: biscuit's proof check decides.
+            (
+                "random proof",
+                tampered(&token, |b| {
+                    b.proof.content = next_secret(rand::random::<[u8; 32]>().to_vec());
+                }),
+                LeftToBiscuit,
+            ),
+            (
+                "another token's proof",
+                tampered(&token, |b| b.proof.content = secret_of(&second)),
+                LeftToBiscuit,
+            ),
+            (
+                "truncated proof",
+                tampered(&token, |b| {
+                    let Some(schema::proof::Content::NextSecret(s)) = &mut b.proof.content else {
+                        unreachable!()
+                    };
+                    s.pop();
+                }),
+                LeftToBiscuit,
+            ),
+            (
+                "empty proof",
+                tampered(&token, |b| b.proof.content = next_secret(vec![])),
+                LeftToBiscuit,
+            ),
+            // An attenuated token stripped of its appended block: its proof is that block's
+            // secret, not the authority's.
+            (
+                "attenuation stripped",
+                tampered(&attenuated, |b| b.blocks.clear()),
+                LeftToBiscuit,
+            ),
+            // Shapes the path does not read.
+            (
+                "unknown version",
+                tampered(&token, |b| b.authority.version = Some(7)),
+                LeftToBiscuit,
+            ),
+            (
+                "P-256 next key",
+                tampered(&token, |b| {
+                    b.authority.next_key.algorithm =
+                        schema::public_key::Algorithm::Secp256r1 as i32;
+                }),
+                LeftToBiscuit,
+            ),
+            (
+                "external signature on the authority block",
+                tampered(&token, |b| {
+                    b.authority.external_signature = Some(schema::ExternalSignature {
+                        signature: vec![0; 64],
+                        public_key: b.authority.next_key.clone(),
+                    });
+                }),
+                LeftToBiscuit,
+            ),
         ];
-        forgeries.push(tampered(&token, |b| b.authority.version = Some(7)));
-        for (i, forged) in forgeries.iter().enumerate() {
-            let fresh = TokenAuthority::load_or_create(_dir.path()).unwrap();
+        for (name, forged, expected) in &forgeries {
+            let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+            assert_eq!(fast(&fresh, forged), *expected, "{name}");
             assert!(
                 verified_in_full(&fresh, forged).is_err(),
-                "biscuit refuses #{i}"
+                "biscuit refuses: {name}"
             );
             assert!(
                 matches!(
                     fresh.verify(forged, Access::Read, Some("posts")),
                     Err(AuthError::Invalid)
                 ),
-                "verify refuses #{i}"
+                "verify refuses: {name}"
             );
-            assert!(fresh.identify(forged).is_err(), "identify refuses #{i}");
+            assert!(fresh.identify(forged).is_err(), "identify refuses: {name}");
             assert!(
                 fresh.verified.get(forged).is_none(),
-                "#{i} is not remembered"
+                "not remembered: {name}"
             );
         }
-        // The untouched token, a sealed copy (its proof is a signature, verified by biscuit)
-        // and the attenuated one still verify.
+        // Genuine tokens the path leaves to biscuit: a sealed copy (its proof is a signature),
+        // the attenuated one, and a copy naming a root key id (outside the signature, so
+        // biscuit accepts it: it is the same token, with the same revocation id).
         let sealed = Biscuit::from_base64(&token, auth.keypair.public())
             .unwrap()
             .seal()
             .unwrap()
             .to_base64()
             .unwrap();
-        for good in [&token, &sealed, &attenuated] {
-            let fresh = TokenAuthority::load_or_create(_dir.path()).unwrap();
+        let with_key_id = tampered(&token, |b| b.root_key_id = Some(1));
+        for (good, expected) in [
+            (&token, Fast::Accepted),
+            (&sealed, LeftToBiscuit),
+            (&attenuated, LeftToBiscuit),
+            (&with_key_id, LeftToBiscuit),
+        ] {
+            let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+            assert_eq!(fast(&fresh, good), expected);
             let claims = fresh.verify(good, Access::Read, Some("posts")).unwrap();
             assert_eq!(claims.subject, ALICE);
+        }
+        // Revoking the token revokes every spelling of it.
+        let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+        let id = fresh
+            .verify(&token, Access::Read, None)
+            .unwrap()
+            .token_id
+            .clone();
+        fresh
+            .revocations()
+            .apply_locally(crate::identity::revocation::Revoked::Token(id));
+        for spelling in [&token, &sealed, &with_key_id] {
+            assert!(matches!(fresh.identify(spelling), Err(AuthError::Revoked)));
         }
     }
 

@@ -92,19 +92,26 @@ impl MintedContext {
     }
 }
 
-/// Derives the next key pair of the tokens this node mints: HMAC-SHA256 keyed with the root
-/// private key, over a label and the token's nonce, is the Ed25519 secret.
+/// Derives the next key pair of the tokens this node mints. A proof key is extracted from the
+/// root private key once, HKDF-style (HMAC-SHA256 keyed with a label, over the root secret), so
+/// the root secret itself never keys a MAC whose outputs holders see; HMAC-SHA256 with that key
+/// over the token's nonce is the Ed25519 secret.
 pub(super) struct ProofKey {
     mac: Hmac<Sha256>,
 }
 
+/// HMAC takes a key of any length.
+fn hmac(key: &[u8]) -> Hmac<Sha256> {
+    #[allow(clippy::expect_used)]
+    Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length")
+}
+
 impl ProofKey {
     pub(super) fn new(root: &PrivateKey) -> Self {
-        let secret = root.to_bytes();
-        // HMAC takes a key of any length.
-        #[allow(clippy::expect_used)]
-        let mac = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC accepts any key");
-        Self { mac }
+        let mut extract = hmac(PROOF_LABEL);
+        extract.update(&root.to_bytes());
+        let key = extract.finalize().into_bytes();
+        Self { mac: hmac(&key) }
     }
 
     /// A fresh nonce, as the context carries it.
@@ -114,7 +121,6 @@ impl ProofKey {
 
     fn keyed(&self, nonce: &str) -> Hmac<Sha256> {
         let mut mac = self.mac.clone();
-        mac.update(PROOF_LABEL);
         mac.update(nonce.as_bytes());
         mac
     }
@@ -177,12 +183,9 @@ struct Unattenuated {
     context: MintedContext,
 }
 
-/// Biscuit encodes tokens as URL-safe base64; accept them with or without padding.
-const TOKEN_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
-    &base64::alphabet::URL_SAFE,
-    base64::engine::GeneralPurposeConfig::new()
-        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-);
+/// Biscuit encodes tokens as padded URL-safe base64. Other spellings of the same bytes (which
+/// biscuit's decoder may take) go to biscuit.
+const TOKEN_BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE;
 
 impl Unattenuated {
     /// None for anything but one block signed with a version this path knows, an Ed25519 next
@@ -190,17 +193,20 @@ impl Unattenuated {
     fn parse(token: &str) -> Option<Self> {
         let bytes = TOKEN_BASE64.decode(token).ok()?;
         let decoded = schema::Biscuit::decode(bytes.as_slice()).ok()?;
-        let signed = decoded.authority;
-        let plain = decoded.root_key_id.is_none()
+        // Unknown or repeated fields make the same token spellable many ways: biscuit's.
+        let plain = decoded.encoded_len() == bytes.len()
+            && decoded.root_key_id.is_none()
             && decoded.blocks.is_empty()
-            && signed.external_signature.is_none()
-            && matches!(signed.version, None | Some(0 | 1))
-            && signed.next_key.algorithm == schema::public_key::Algorithm::Ed25519 as i32
-            && signed.next_key.key.len() == 32
-            && signed.signature.len() == 64;
+            && decoded.authority.external_signature.is_none()
+            && matches!(decoded.authority.version, None | Some(0 | 1))
+            && decoded.authority.next_key.algorithm
+                == schema::public_key::Algorithm::Ed25519 as i32
+            && decoded.authority.next_key.key.len() == 32
+            && decoded.authority.signature.len() == 64;
         if !plain {
             return None;
         }
+        let signed = decoded.authority;
         let Some(schema::proof::Content::NextSecret(proof)) = decoded.proof.content else {
             return None;
         };
