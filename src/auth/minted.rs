@@ -193,7 +193,8 @@ impl Unattenuated {
     fn parse(token: &str) -> Option<Self> {
         let bytes = TOKEN_BASE64.decode(token).ok()?;
         let decoded = schema::Biscuit::decode(bytes.as_slice()).ok()?;
-        // Unknown or repeated fields make the same token spellable many ways: biscuit's.
+        // Bytes that re-encode to another length (unknown or repeated fields) spell a token in
+        // a way biscuit never writes: left to biscuit.
         let plain = decoded.encoded_len() == bytes.len()
             && decoded.root_key_id.is_none()
             && decoded.blocks.is_empty()
