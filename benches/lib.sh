@@ -300,10 +300,23 @@ insert_run() {
 
 # --- report ------------------------------------------------------------------------------------
 
-# machine_line: prints "- machine: N CPUs, <CPU model>; PostgreSQL <version> at HOST:PORT".
+# machine_line: prints "- machine: N CPUs, <CPU model>; PostgreSQL <version> at HOST:PORT" and
+# "- idle CPUs: ..." (idle_line).
 machine_line() {
     local cpu_model pg_version
     cpu_model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
     pg_version="$(psql_admin -At -c 'SHOW server_version')"
     echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}; PostgreSQL $pg_version at $PG_HOST:$PG_PORT"
+    echo "- idle CPUs: $(idle_line)"
+}
+
+# idle_line: how an idle CPU waits here. In a VM a halted vCPU is expensive to wake, and whether
+# the guest polls first (cpuidle-haltpoll's guest_halt_poll_ns) moved Vibe's C = 8 reads by a
+# third while pgbench did not move (docs/benchmarks.md, session 14), so every record says which.
+idle_line() {
+    local dir=/sys/devices/system/cpu/cpuidle driver governor poll
+    driver="$(cat "$dir/current_driver" 2>/dev/null || echo unknown)"
+    governor="$(cat "$dir/current_governor" 2>/dev/null || cat "$dir/current_governor_ro" 2>/dev/null || echo unknown)"
+    poll="$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || true)"
+    echo "cpuidle driver $driver, governor $governor${poll:+, guest_halt_poll_ns $poll}"
 }
