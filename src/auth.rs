@@ -400,13 +400,8 @@ impl TokenAuthority {
         doc_type: Option<&str>,
         now: SystemTime,
     ) -> Result<Arc<Claims>, AuthError> {
-        if let Some(claims) = self.verified.get(token) {
-            if claims.expires_at < now {
-                self.verified.remove(token);
-                return Err(AuthError::Expired);
-            }
-            self.check_revoked(&claims)?;
-            return Ok(claims);
+        if let Some(claims) = self.remembered(token, now) {
+            return claims;
         }
         if let Some(claims) = self.first_sight_of_minted(token, now) {
             return claims;
@@ -428,13 +423,13 @@ impl TokenAuthority {
     /// Checks signature and expiry and reads the claims, without running the checks of
     /// appended blocks (they depend on each request; [`TokenAuthority::verify`] runs them).
     pub fn identify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
-        let now = SystemTime::now();
-        if let Some(claims) = self.verified.get(token) {
-            if claims.expires_at < now {
-                return Err(AuthError::Expired);
-            }
-            self.check_revoked(&claims)?;
-            return Ok(claims);
+        self.identify_at(token, SystemTime::now())
+    }
+
+    /// [`TokenAuthority::identify`] at `now`.
+    fn identify_at(&self, token: &str, now: SystemTime) -> Result<Arc<Claims>, AuthError> {
+        if let Some(claims) = self.remembered(token, now) {
+            return claims;
         }
         if let Some(claims) = self.first_sight_of_minted(token, now) {
             return claims;
@@ -451,6 +446,18 @@ impl TokenAuthority {
         };
         self.check_revoked(&claims)?;
         Ok(Arc::new(claims))
+    }
+
+    /// The claims of a token verified before (None: not remembered). Its only check, the
+    /// expiry, is made again; an expired token is forgotten, so it stops taking a place in the
+    /// bounded cache. Revocation is checked on every use.
+    fn remembered(&self, token: &str, now: SystemTime) -> Option<Result<Arc<Claims>, AuthError>> {
+        let claims = self.verified.get(token)?;
+        if claims.expires_at < now {
+            self.verified.remove(token);
+            return Some(Err(AuthError::Expired));
+        }
+        Some(self.check_revoked(&claims).map(|()| claims))
     }
 
     /// A first sight of one of this node's unattenuated tokens, verified and remembered (its
@@ -1188,7 +1195,7 @@ mod tests {
 
     #[test]
     fn remembered_tokens_still_expire() {
-        let (_dir, auth) = authority();
+        let (dir, auth) = authority();
         let now = SystemTime::now();
         let token = auth
             .mint_until(ALICE, &[Scope::All], now + Duration::from_secs(10))
@@ -1202,6 +1209,22 @@ mod tests {
             auth.verify_at(&token, Access::Read, None, now + Duration::from_secs(20)),
             Err(AuthError::Expired)
         ));
+        assert!(
+            auth.verified.get(&token).is_none(),
+            "an expired token is forgotten"
+        );
+        // The same through `identify` (WebSocket auth, userinfo), which remembers a first sight.
+        let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
+        assert!(fresh.identify_at(&token, now).is_ok());
+        assert!(fresh.verified.get(&token).is_some());
+        assert!(matches!(
+            fresh.identify_at(&token, now + Duration::from_secs(20)),
+            Err(AuthError::Expired)
+        ));
+        assert!(
+            fresh.verified.get(&token).is_none(),
+            "an expired token is forgotten"
+        );
     }
 
     #[test]
