@@ -1167,13 +1167,19 @@ mod tests {
         assert_eq!(versions, [0, 1]);
     }
 
-    #[test]
-    fn a_first_sight_checks_expiry_and_revocation() {
-        let (dir, auth) = authority();
+    /// The time now and a token for Alice (scope `*`) that expires ten seconds from it.
+    fn ten_second_token(auth: &TokenAuthority) -> (SystemTime, String) {
         let now = SystemTime::now();
         let token = auth
             .mint_until(ALICE, &[Scope::All], now + Duration::from_secs(10))
             .unwrap();
+        (now, token)
+    }
+
+    #[test]
+    fn a_first_sight_checks_expiry_and_revocation() {
+        let (dir, auth) = authority();
+        let (now, token) = ten_second_token(&auth);
         let fresh = TokenAuthority::load_or_create(dir.path()).unwrap();
         assert!(matches!(
             fresh.verify_at(&token, Access::Read, None, now + Duration::from_secs(20)),
@@ -1196,10 +1202,7 @@ mod tests {
     #[test]
     fn remembered_tokens_still_expire() {
         let (dir, auth) = authority();
-        let now = SystemTime::now();
-        let token = auth
-            .mint_until(ALICE, &[Scope::All], now + Duration::from_secs(10))
-            .unwrap();
+        let (now, token) = ten_second_token(&auth);
         assert!(auth.verify_at(&token, Access::Read, None, now).is_ok());
         assert!(
             auth.verified.get(&token).is_some(),
