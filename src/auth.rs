@@ -38,6 +38,12 @@ const LIMITS: AuthorizerLimits = AuthorizerLimits {
     max_time: Duration::from_millis(50),
 };
 
+/// The most work a token's own Datalog may ask of one verification, counted by
+/// [`datalog_cost`]. Biscuit's `max_time` is looked at only between checks, not inside one, so a
+/// check joining a few predicates over a few hundred appended facts would run for minutes on a
+/// runtime thread. Attenuations in use cost tens; this refuses only such joins.
+const MAX_DATALOG_COST: u64 = 20_000;
+
 /// Verified tokens remembered per node (a few hundred bytes each).
 const VERIFIED_CACHE_CAPACITY: usize = 16_384;
 
@@ -71,6 +77,9 @@ pub enum AuthError {
     /// Revoked: its grant (consent withdrawn, refresh token replayed) or the token itself.
     #[error("token revoked")]
     Revoked,
+    /// Its checks and rules would join more facts than one verification may ([`MAX_DATALOG_COST`]).
+    #[error("the token's checks are too costly to evaluate")]
+    TooComplex,
 }
 
 /// What a token lets its holder do.
@@ -495,6 +504,7 @@ impl TokenAuthority {
             .set_limits(LIMITS)
             .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
+        within_budget(&authorizer)?;
         read_claims(biscuit, &mut authorizer, now)
     }
 
@@ -522,10 +532,57 @@ impl TokenAuthority {
             .set_limits(LIMITS)
             .build(biscuit)
             .map_err(|_| AuthError::Invalid)?;
+        within_budget(&authorizer)?;
         let claims = read_claims(biscuit, &mut authorizer, now)?;
         authorizer.authorize().map_err(|_| AuthError::Restricted)?;
         Ok(claims)
     }
+}
+
+/// Refuses a token whose Datalog would cost more than [`MAX_DATALOG_COST`] before any of it runs.
+fn within_budget(authorizer: &biscuit_auth::Authorizer) -> Result<(), AuthError> {
+    let (facts, rules, checks, _) = authorizer.dump();
+    if datalog_cost(&facts, &rules, &checks) > MAX_DATALOG_COST {
+        return Err(AuthError::TooComplex);
+    }
+    Ok(())
+}
+
+/// An upper bound of the fact combinations the engine may try for these rules and checks, each
+/// weighted by the expression it evaluates per combination. A body's combinations are the
+/// product, over its predicates, of the facts that can match each one (name and arity); a
+/// predicate that rules derive can match up to `LIMITS.max_facts`, and rules run up to
+/// `LIMITS.max_iterations` times.
+fn datalog_cost(facts: &[Fact], rules: &[Rule], checks: &[biscuit_auth::builder::Check]) -> u64 {
+    use std::collections::HashMap;
+    let mut matching: HashMap<(&str, usize), u64> = HashMap::new();
+    for f in facts {
+        *matching
+            .entry((f.predicate.name.as_str(), f.predicate.terms.len()))
+            .or_default() += 1;
+    }
+    for r in rules {
+        matching.insert((r.head.name.as_str(), r.head.terms.len()), LIMITS.max_facts);
+    }
+    let body_cost = |r: &Rule| -> u64 {
+        let combinations = r.body.iter().fold(1u64, |n, p| {
+            let facts = matching
+                .get(&(p.name.as_str(), p.terms.len()))
+                .copied()
+                .unwrap_or(0);
+            n.saturating_mul(facts.max(1))
+        });
+        let ops: usize = r.expressions.iter().map(|e| e.ops.len()).sum();
+        combinations.saturating_mul(1 + ops as u64)
+    };
+    let checks_cost = checks
+        .iter()
+        .flat_map(|c| &c.queries)
+        .fold(0u64, |n, q| n.saturating_add(body_cost(q)));
+    let rules_cost = rules.iter().fold(0u64, |n, r| {
+        n.saturating_add(body_cost(r).saturating_mul(LIMITS.max_iterations))
+    });
+    checks_cost.saturating_add(rules_cost)
 }
 
 /// The claims of a verified token from its context, as of `now`; None when they must come
@@ -787,6 +844,75 @@ mod tests {
             auth.verify(&narrowed, Access::Write, Some("posts")),
             Err(AuthError::Restricted)
         ));
+    }
+
+    /// A check joining four predicates over 200 appended facts would try 1.6e9 combinations,
+    /// and biscuit's time limit is looked at only between checks: it is refused before it runs.
+    /// The same facts under a one-predicate check stay cheap and are evaluated.
+    #[test]
+    fn a_costly_attenuation_is_refused_before_it_runs() {
+        let (_dir, auth) = authority();
+        let token = auth
+            .mint(ALICE, &[Scope::All], Duration::from_secs(60))
+            .unwrap();
+        let biscuit = Biscuit::from_base64(&token, auth.keypair.public()).unwrap();
+        let with_facts = |check: &str| {
+            let mut block = biscuit_auth::BlockBuilder::new();
+            for i in 0..200 {
+                block = block
+                    .fact(fact("f", &[biscuit_auth::builder::int(i)]))
+                    .unwrap();
+            }
+            let block = block.code(check).unwrap();
+            biscuit.append(block).unwrap().to_base64().unwrap()
+        };
+        let costly = with_facts("check if f($a), f($b), f($c), f($d), $a == -1");
+        assert!(matches!(
+            auth.verify(&costly, Access::Read, Some("posts")),
+            Err(AuthError::TooComplex)
+        ));
+        assert!(matches!(auth.identify(&costly), Err(AuthError::TooComplex)));
+        let cheap = with_facts("check if f($a), $a == 7");
+        assert!(auth.verify(&cheap, Access::Read, Some("posts")).is_ok());
+        let failing = with_facts("check if f($a), $a == -1");
+        assert!(matches!(
+            auth.verify(&failing, Access::Read, Some("posts")),
+            Err(AuthError::Restricted)
+        ));
+    }
+
+    #[test]
+    fn rules_are_costed_at_their_iteration_budget() {
+        let one = |name: &str| pred(name, &[var("x")]);
+        let facts: Vec<Fact> = (0..10)
+            .map(|i| fact("f", &[biscuit_auth::builder::int(i)]))
+            .collect();
+        let check = |body: Vec<biscuit_auth::builder::Predicate>| biscuit_auth::builder::Check {
+            queries: vec![Rule::new(
+                pred("query", &[] as &[Term]),
+                body,
+                vec![],
+                vec![],
+            )],
+            kind: biscuit_auth::builder::CheckKind::One,
+        };
+        assert_eq!(datalog_cost(&facts, &[], &[check(vec![one("f")])]), 10);
+        assert_eq!(
+            datalog_cost(&facts, &[], &[check(vec![one("f"), one("f")])]),
+            100
+        );
+        // A predicate nothing can match costs one attempt, not zero.
+        assert_eq!(datalog_cost(&facts, &[], &[check(vec![one("g")])]), 1);
+        // `g` is derived by a rule: it may match up to `max_facts`.
+        let derive = Rule::new(one("g"), vec![one("f")], vec![], vec![]);
+        assert_eq!(
+            datalog_cost(
+                &facts,
+                std::slice::from_ref(&derive),
+                &[check(vec![one("g")])]
+            ),
+            LIMITS.max_facts + 10 * LIMITS.max_iterations
+        );
     }
 
     #[test]

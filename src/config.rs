@@ -126,6 +126,10 @@ pub struct HttpConfig {
     pub default_page_size: u32,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -466,6 +470,8 @@ impl Config {
             );
         }
         for (key, d) in [
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
             ("identity.access_token_ttl", id.access_token_ttl),
             ("identity.id_token_ttl", id.id_token_ttl),
             ("identity.refresh_token_ttl", id.refresh_token_ttl),

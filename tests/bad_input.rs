@@ -646,6 +646,98 @@ async fn chunked_oversized_body_is_refused() {
     s.finish().await;
 }
 
+/// Reads whatever the server sends until it closes the connection; fails the test if it never
+/// does (the bound is far above the timeouts under test).
+async fn until_closed(stream: &mut tokio::net::TcpStream, case: &str) -> String {
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut received))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: the server never closed the connection"))
+        .unwrap();
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// A client that opens a connection and sends nothing, a head a byte short, or a body that
+/// never completes does not hold the connection (and its file descriptor) forever; neither does
+/// a kept-alive connection that never sends its next request.
+#[tokio::test]
+async fn silent_and_slow_connections_are_closed() {
+    let s = TestServer::start_with(&[
+        ("http.header_read_timeout", "\"1s\""),
+        ("http.body_read_timeout", "\"1s\""),
+    ])
+    .await;
+    let alice = s.token(ALICE, &["*"]);
+    let addr = s.base.trim_start_matches("http://").to_owned();
+
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    until_closed(&mut silent, "silent").await;
+
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(format!("GET /health HTTP/1.1\r\nhost: {addr}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = until_closed(&mut partial, "partial head").await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(format!("GET /health HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = until_closed(&mut kept, "kept alive").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(
+            format!(
+                "POST /v1/docs/posts HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {alice}\r\n\
+                 content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"data\":"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let answer = until_closed(&mut slow_body, "slow body").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+
+    let pool = s.sql().await;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM documents")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    pool.close().await;
+    s.finish().await;
+}
+
+/// Methods nobody routes do not become metric series of their own.
+#[tokio::test]
+async fn invented_methods_share_one_metrics_label() {
+    let s = TestServer::start().await;
+    for invented in ["FOO1", "FOO2"] {
+        let response = s
+            .client
+            .request(
+                Method::from_bytes(invented.as_bytes()).unwrap(),
+                s.url("/health"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let metrics = s.metrics_text().await;
+    assert!(!metrics.contains("FOO1"), "{metrics}");
+    assert!(
+        metrics.contains(r#"route="/health",method="other",status="405""#),
+        "{metrics}"
+    );
+    s.finish().await;
+}
+
 /// /health reports the database; /metrics counts requests per route and status.
 #[tokio::test]
 async fn health_and_metrics() {

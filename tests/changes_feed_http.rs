@@ -178,6 +178,17 @@ async fn bad_and_expired_cursors() {
         (status, body["error"]["code"].as_str()),
         (400, Some("invalid_cursor"))
     );
+    let (status, body) = changes(&s, &alice, "since=999999-0").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_cursor")),
+        "a cursor ahead of the feed was never issued: {body}"
+    );
+    // A wait far past the longest one is clamped (it answers at once: a change is there).
+    s.post(&alice, "posts", json!({"data": {}})).await;
+    let (status, body) = changes(&s, &alice, "since=0&wait=1e20").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"].as_array().unwrap().len(), 1, "{body}");
     let (status, body) = changes(&s, &alice, "since=0&limit=0").await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),

@@ -734,6 +734,33 @@ async fn password_attempts_are_rate_limited_and_errors_reveal_nothing() {
     server.finish().await;
 }
 
+/// Re-entering the password to export the key counts against the same limits as a login, so a
+/// stolen session token does not buy unlimited guesses.
+#[tokio::test]
+async fn key_export_attempts_are_rate_limited() {
+    let server = TestServer::start_with(&[("identity.login_attempts_per_minute", "3")]).await;
+    sign_up(&server, "ada").await;
+    let first_party = first_party_token(&server, "ada").await;
+    let export = |password: &str| {
+        call(
+            server
+                .client
+                .post(server.url("/v1/me/key"))
+                .bearer_auth(&first_party)
+                .json(&json!({"password": password})),
+        )
+    };
+    for _ in 0..3 {
+        assert_api_error(
+            &export("not the password").await,
+            401,
+            "invalid_credentials",
+        );
+    }
+    assert_api_error(&export(PASSWORD).await, 429, "rate_limited");
+    server.finish().await;
+}
+
 #[tokio::test]
 async fn account_errors_and_the_exported_key_is_the_dids() {
     use base64::Engine as _;

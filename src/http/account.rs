@@ -174,6 +174,7 @@ struct Reauthentication {
 /// `POST /v1/me/key`: the user's DID private key as a JWK, after the password is re-entered.
 pub(super) async fn export_key(
     app: &App,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let claims = first_party(app, &req)?;
@@ -181,7 +182,7 @@ pub(super) async fn export_key(
     let key = app
         .identity
         .accounts
-        .export_key(&claims.subject, &body.password)
+        .export_key(&claims.subject, &body.password, peer.ip())
         .await
         .map_err(account_error)?;
     let mut response = json(StatusCode::OK, &key);

@@ -83,7 +83,10 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         ));
     }
     let wait = match params.wait {
-        Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_WAIT),
+        // Clamped before converting: `from_secs_f64` panics past `Duration::MAX`.
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64()))
+        }
         Some(_) => {
             return Err(ApiError::bad_request(
                 "invalid_query",
@@ -108,6 +111,15 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
     // learn of it through the doorbell the tick rings.
     if let Err(e) = app.feed.tick().await {
         tracing::warn!(error = %e, "tick before a changes read failed");
+    }
+    // A cursor past the head was never issued (its reader would wait for nothing, then skip
+    // whatever lands before it). The node's head may trail the database's, so ask that first.
+    let past_node_head = cursor > *app.feed_head.borrow();
+    if past_node_head && cursor > app.feed.head().await.map_err(feed_error)? {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            format!("cursor {cursor} is ahead of the feed"),
+        ));
     }
     // Whether the token (attenuations included) lets the caller read a type, asked once per type.
     let token = super::bearer_token(req.headers())?;

@@ -152,6 +152,11 @@ impl From<AuthError> for ApiError {
                 "token_revoked",
                 "the token was revoked (consent withdrawn, or the token or its grant revoked)",
             ),
+            AuthError::TooComplex => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_too_complex",
+                "the token's own checks join more facts than this server evaluates",
+            ),
             AuthError::Restricted => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "token_restricted",

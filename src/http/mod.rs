@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
@@ -138,7 +138,16 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper applies no header timeout at all: a client that opens connections
+    // and sends nothing (or a byte at a time) would hold them, and a file descriptor each,
+    // forever. The timeout also bounds how long a kept-alive connection waits for its next
+    // request.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.http.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -154,11 +163,28 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = hyper::service::service_fn(move |req| handle(app.clone(), peer, req));
+                let header_read_timeout = app.config.http.header_read_timeout;
+                // hyper's header timeout starts once it knows the protocol, and it learns that
+                // from the first bytes: a connection that sends none would wait forever.
+                let first_request = Arc::new(tokio::sync::Notify::new());
+                let on_request = first_request.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    on_request.notify_one();
+                    handle(app.clone(), peer, req)
+                });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    tokio::pin!(conn);
+                    let ended = tokio::select! {
+                        ended = &mut conn => ended,
+                        () = first_request.notified() => conn.await,
+                        () = tokio::time::sleep(header_read_timeout) => {
+                            tracing::debug!(%peer, "no request within the header timeout");
+                            return;
+                        }
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
                 });
@@ -217,17 +243,18 @@ async fn handle(
     }
     let status = response.status();
     let elapsed = started.elapsed();
+    let method_label = method_label(&method);
     metrics::counter!(
         "vibe_http_requests_total",
         "route" => label,
-        "method" => method.to_string(),
+        "method" => method_label,
         "status" => status.as_u16().to_string()
     )
     .increment(1);
     metrics::histogram!(
         "vibe_http_request_duration_seconds",
         "route" => label,
-        "method" => method.to_string()
+        "method" => method_label
     )
     .record(elapsed.as_secs_f64());
     tracing::debug!(
@@ -235,6 +262,21 @@ async fn handle(
         micros = elapsed.as_micros() as u64, "request"
     );
     Ok(response)
+}
+
+/// The method as a metrics label. Any method is a valid request line, so a client inventing
+/// new ones would otherwise create a series each, kept until the process exits.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// Keeps a caller's `x-request-id` if it is short printable ASCII, else makes a new one.
@@ -323,7 +365,7 @@ async fn dispatch(
             account::revoke_app(app, client, req).await
         }
         (Route::MyApp, _) => Err(method_not_allowed("DELETE")),
-        (Route::MyKey, _) if method == Method::POST => account::export_key(app, req).await,
+        (Route::MyKey, _) if method == Method::POST => account::export_key(app, peer, req).await,
         (Route::MyKey, _) => Err(method_not_allowed("POST")),
         (Route::Certificates, _) => match method {
             Method::GET => certificates::list(app, req).await,
@@ -531,9 +573,20 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let bytes = Limited::new(req.into_body(), limit)
-        .collect()
+    let timeout = app.config.http.body_read_timeout;
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body did not arrive within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        })?;
+    let bytes = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()

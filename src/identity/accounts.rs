@@ -185,8 +185,22 @@ impl Accounts {
         }
     }
 
-    /// Re-checks the password of the account `did` (re-authentication before a sensitive act).
-    pub async fn confirm_password(&self, did: &str, password: &str) -> Result<(), AccountError> {
+    /// Re-checks the password of the account `did` (re-authentication before a sensitive act),
+    /// within the same rate limits as a login: per address, and per account (its DID counts
+    /// where a login counts the handle). Whoever holds a stolen session token could otherwise
+    /// guess the password at the speed of argon2.
+    pub async fn confirm_password(
+        &self,
+        did: &str,
+        password: &str,
+        from: IpAddr,
+    ) -> Result<(), AccountError> {
+        use governor::clock::Clock as _;
+        self.check_address(from)?;
+        if let Err(not_until) = self.by_handle.check_key(&did.to_owned()) {
+            let now = governor::clock::DefaultClock::default().now();
+            return Err(AccountError::RateLimited(not_until.wait_time_from(now)));
+        }
         let hash: Option<(Option<String>,)> =
             sqlx::query_as("SELECT password_hash FROM users WHERE did = $1")
                 .bind(did)
@@ -242,8 +256,13 @@ impl Accounts {
     }
 
     /// The user's DID key, after the password is confirmed.
-    pub async fn export_key(&self, did: &str, password: &str) -> Result<ExportedKey, AccountError> {
-        self.confirm_password(did, password).await?;
+    pub async fn export_key(
+        &self,
+        did: &str,
+        password: &str,
+        from: IpAddr,
+    ) -> Result<ExportedKey, AccountError> {
+        self.confirm_password(did, password, from).await?;
         let secret = self.secret_key(did).await?;
         let public = ed25519_dalek::SigningKey::from_bytes(&secret)
             .verifying_key()

@@ -98,6 +98,9 @@ impl Keyset {
         let Ok(Value::Array(mut items)) = serde_json::from_slice::<Value>(&bytes) else {
             return Err(bad());
         };
+        if items.iter().any(super::holds_nul) {
+            return Err(bad());
+        }
         if items.len() != spec.sort.len() + 1 {
             return Err(bad());
         }

@@ -57,6 +57,17 @@ fn invalid(part: impl Into<String>, message: impl Into<String>) -> QueryError {
     }
 }
 
+/// Whether a string in `value` (a key or a value, at any depth) holds U+0000. PostgreSQL's text
+/// cannot hold it, so such a value bound to a statement fails there rather than matching nothing.
+fn holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 /// Whose documents a query ranges over.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {

@@ -57,6 +57,13 @@ pub(super) fn parse(
             "a type name matches ^[a-z][a-z0-9_.-]{0,63}$",
         ));
     }
+    if request
+        .filter
+        .iter()
+        .any(|(k, v)| k.contains('\0') || super::holds_nul(v))
+    {
+        return Err(invalid("where", "strings may not contain \\u0000"));
+    }
     let mut parser = Parser { limits, clauses: 0 };
     let filter = parser.object(&request.filter, "where", 1)?;
     let sort = sort(request.sort.as_ref())?;

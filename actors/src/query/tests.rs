@@ -190,6 +190,19 @@ fn invalid_queries_name_the_part() {
             "where.owner",
         ),
         (json!({"type": "posts", "sort": "title"}), "sort"),
+        // PostgreSQL's text cannot hold U+0000: refused here, not by the database.
+        (
+            json!({"type": "posts", "where": {"owner": "\u{0}"}}),
+            "where",
+        ),
+        (
+            json!({"type": "posts", "where": {"or": [{"data.a": {"startsWith": "a\u{0}"}}]}}),
+            "where",
+        ),
+        (
+            json!({"type": "posts", "where": {"data.a": {"contains": {"k\u{0}": 1}}}}),
+            "where",
+        ),
         (json!({"type": "posts", "limit": 0}), "limit"),
         (json!({"type": "posts", "limit": 5000}), "limit"),
     ] {
@@ -347,6 +360,19 @@ fn keysets_round_trip_and_reject_foreign_cursors() {
         "cursor"
     );
     assert!(keyset::Keyset::decode(&q, "not base64!").is_err());
+    // The same cursor with its `owner` value holding U+0000.
+    let with_nul = {
+        use base64::Engine;
+        let codec = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut items: Vec<serde_json::Value> =
+            serde_json::from_slice(&codec.decode(keyset.encode()).unwrap()).unwrap();
+        items[1] = json!("did:key:zA\u{0}");
+        codec.encode(serde_json::Value::Array(items).to_string())
+    };
+    assert_eq!(
+        keyset::Keyset::decode(&q, &with_nul).unwrap_err().part,
+        "cursor"
+    );
 }
 
 #[test]
