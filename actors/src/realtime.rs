@@ -96,6 +96,15 @@ pub enum RealtimeMsg {
     CrashQuery(QuerySpec),
     /// Distinct live queries and subscriptions, for metrics and tests.
     Stats(RpcReplyPort<(usize, usize)>),
+    /// Document-type actors running, for tests.
+    TypeActors(RpcReplyPort<usize>),
+    /// The type actor `actor` of `doc_type` has no live query left, after handling `subscribes`
+    /// subscriptions: it is stopped unless another was sent to it meanwhile.
+    TypeIdle {
+        doc_type: String,
+        actor: ractor::ActorId,
+        subscribes: u64,
+    },
     /// The feed skipped ahead to this position (changes were lost to this node): every live
     /// query reloads and resets its subscribers.
     Resync(Cursor),
@@ -106,10 +115,20 @@ pub enum RealtimeMsg {
 impl ractor::Message for RealtimeMsg {}
 
 #[derive(Debug)]
+struct TypeActor {
+    actor: ActorRef<DocTypeMsg>,
+    /// Subscriptions sent to it: an idle report that counts fewer raced one still on its way.
+    subscribes: u64,
+}
+
+#[derive(Debug)]
 pub struct RealtimeState {
     config: RealtimeConfig,
     position: Cursor,
-    types: HashMap<String, ActorRef<DocTypeMsg>>,
+    /// The type actors running: one per type with a live query. Any valid type name may be
+    /// subscribed to, so one that has lost its last query stops ([`RealtimeMsg::TypeIdle`]);
+    /// otherwise the map would only grow, and every page is sent to every entry.
+    types: HashMap<String, TypeActor>,
     next_sub: Arc<AtomicU64>,
     /// Every valid certificate, as of `position`.
     book: CertificateBook,
@@ -179,50 +198,70 @@ impl Actor for Realtime {
                 state.schedule_expiry(&myself);
             }
             RealtimeMsg::Subscribe(request) => {
-                let actor = match state.types.get(&request.spec.doc_type) {
-                    Some(actor) => actor.clone(),
-                    None => {
+                let doc_type = request.spec.doc_type.clone();
+                let entry = match state.types.entry(doc_type.clone()) {
+                    std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(vacant) => {
                         let args = DocTypeArgs {
                             config: state.config.clone(),
                             position: state.position,
                             next_sub: state.next_sub.clone(),
                             book: state.book.clone(),
+                            doc_type,
+                            root: myself.clone(),
                         };
                         let (actor, _) =
                             Actor::spawn_linked(None, DocType, args, myself.get_cell()).await?;
-                        state
-                            .types
-                            .insert(request.spec.doc_type.clone(), actor.clone());
-                        actor
+                        vacant.insert(TypeActor {
+                            actor,
+                            subscribes: 0,
+                        })
                     }
                 };
-                let _ = actor.cast(DocTypeMsg::Subscribe(request));
+                entry.subscribes += 1;
+                let _ = entry.actor.cast(DocTypeMsg::Subscribe(request));
+            }
+            RealtimeMsg::TypeIdle {
+                doc_type,
+                actor,
+                subscribes,
+            } => {
+                let idle = state
+                    .types
+                    .get(&doc_type)
+                    .is_some_and(|t| t.actor.get_id() == actor && t.subscribes == subscribes);
+                if let Some(t) = idle.then(|| state.types.remove(&doc_type)).flatten() {
+                    t.actor.stop(None);
+                }
             }
             RealtimeMsg::Unsubscribe { spec, conn_id } => {
-                if let Some(actor) = state.types.get(&spec.doc_type) {
-                    let _ = actor.cast(DocTypeMsg::Unsubscribe { spec, conn_id });
+                if let Some(t) = state.types.get(&spec.doc_type) {
+                    let _ = t.actor.cast(DocTypeMsg::Unsubscribe { spec, conn_id });
                 }
             }
             RealtimeMsg::CrashQuery(spec) => {
-                if let Some(actor) = state.types.get(&spec.doc_type) {
-                    let _ = actor.cast(DocTypeMsg::CrashQuery(spec));
+                if let Some(t) = state.types.get(&spec.doc_type) {
+                    let _ = t.actor.cast(DocTypeMsg::CrashQuery(spec));
                 }
             }
             RealtimeMsg::Resync(position) => {
                 state.position = position;
-                for actor in state.types.values() {
-                    let _ = actor.cast(DocTypeMsg::Resync(position));
+                for t in state.types.values() {
+                    let _ = t.actor.cast(DocTypeMsg::Resync(position));
                 }
             }
             RealtimeMsg::Stats(reply) => {
                 let mut totals = (0, 0);
-                for actor in state.types.values() {
-                    if let Ok((q, s)) = ractor::call!(actor, DocTypeMsg::Stats) {
+                for t in state.types.values() {
+                    if let Ok((q, s)) = ractor::call!(t.actor, DocTypeMsg::Stats) {
                         totals.0 += q;
                         totals.1 += s;
                     }
                 }
                 let _ = reply.send(totals);
+            }
+            RealtimeMsg::TypeActors(reply) => {
+                let _ = reply.send(state.types.len());
             }
         }
         Ok(())
@@ -243,9 +282,13 @@ impl Actor for Realtime {
         };
         if let Some((cell, reason)) = stopped {
             // A type actor holds no state worth rebuilding beyond its queries, which stopped
-            // with it; the next subscription of that type starts a fresh one.
-            tracing::error!(actor = %cell.get_id(), %reason, "document-type actor stopped");
-            state.types.retain(|_, a| a.get_id() != cell.get_id());
+            // with it; the next subscription of that type starts a fresh one. One stopped for
+            // being idle was taken out of the map before.
+            let before = state.types.len();
+            state.types.retain(|_, t| t.actor.get_id() != cell.get_id());
+            if state.types.len() < before {
+                tracing::error!(actor = %cell.get_id(), %reason, "document-type actor stopped");
+            }
         }
         Ok(())
     }
@@ -264,9 +307,11 @@ impl RealtimeState {
                     .push(change.clone());
             }
         }
-        for (doc_type, actor) in &self.types {
+        for (doc_type, t) in &self.types {
             let page = by_type.remove(doc_type.as_str()).map(Arc::from);
-            let _ = actor.cast(DocTypeMsg::Changes(page, position, in_flight.clone()));
+            let _ = t
+                .actor
+                .cast(DocTypeMsg::Changes(page, position, in_flight.clone()));
         }
     }
 
@@ -282,8 +327,8 @@ impl RealtimeState {
             subjects,
             cursor,
         });
-        for actor in self.types.values() {
-            let _ = actor.cast(DocTypeMsg::Credentials(message.clone()));
+        for t in self.types.values() {
+            let _ = t.actor.cast(DocTypeMsg::Credentials(message.clone()));
         }
     }
 
@@ -310,6 +355,8 @@ pub struct DocTypeArgs {
     position: Cursor,
     next_sub: Arc<AtomicU64>,
     book: CertificateBook,
+    doc_type: String,
+    root: ActorRef<RealtimeMsg>,
 }
 
 #[derive(Debug)]
@@ -381,6 +428,11 @@ pub struct DocTypeState {
     match_seconds: metrics::Histogram,
     /// The certificate book as of `position`.
     book: CertificateBook,
+    doc_type: String,
+    root: ActorRef<RealtimeMsg>,
+    /// Subscriptions handled, and that count when it last told the root it was idle.
+    subscribes: u64,
+    idle_reported: Option<u64>,
 }
 
 impl Actor for DocType {
@@ -405,6 +457,10 @@ impl Actor for DocType {
             candidates: Vec::new(),
             match_seconds: metrics::histogram!("vibe_live_query_match_seconds"),
             book: args.book,
+            doc_type: args.doc_type,
+            root: args.root,
+            subscribes: 0,
+            idle_reported: None,
         })
     }
 
@@ -421,7 +477,10 @@ impl Actor for DocType {
                     state.route(&page, position, &in_flight);
                 }
             }
-            DocTypeMsg::Subscribe(request) => state.subscribe(&myself, request),
+            DocTypeMsg::Subscribe(request) => {
+                state.subscribes += 1;
+                state.subscribe(&myself, request);
+            }
             DocTypeMsg::Unsubscribe { spec, conn_id } => {
                 if let Some(id) = state.ids.get(&spec).copied() {
                     state.release(&myself, id, conn_id);
@@ -465,6 +524,14 @@ impl Actor for DocType {
                 metrics::counter!("vibe_live_query_restarts_total").increment(1);
                 state.restart(&myself, id);
             }
+        }
+        if state.entries.is_empty() && state.idle_reported != Some(state.subscribes) {
+            state.idle_reported = Some(state.subscribes);
+            let _ = state.root.cast(RealtimeMsg::TypeIdle {
+                doc_type: state.doc_type.clone(),
+                actor: myself.get_id(),
+                subscribes: state.subscribes,
+            });
         }
         Ok(())
     }

@@ -1,0 +1,166 @@
+//! The root's type actors driven directly: no sockets, no database (snapshots come from memory).
+//! Any valid type name can be subscribed to, so a type actor must not outlive its last live
+//! query — nor stop while a subscription is on its way to it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use serde_json::json;
+use vibe_actors::change::{Cursor, SnapshotView};
+use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource, Subscriber};
+use vibe_actors::outbox::{OutboxReceiver, outbox};
+use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
+use vibe_actors::realtime::{Realtime, RealtimeConfig, RealtimeMsg, SubscribeRequest};
+
+const ALICE: &str = "did:key:zAlice";
+
+/// Every query's snapshot is empty.
+#[derive(Debug)]
+struct Empty;
+
+impl SnapshotSource for Empty {
+    fn load(&self, _spec: Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>> {
+        Box::pin(async move {
+            Ok(Snapshot {
+                docs: Vec::new(),
+                view: SnapshotView::parse("100:100:").unwrap(),
+                settled: Cursor::new(1, 0),
+            })
+        })
+    }
+}
+
+async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
+    let config = RealtimeConfig {
+        source: Arc::new(Empty),
+        replay_capacity: 16,
+        linger: Duration::ZERO,
+        max_live_queries,
+        live_queries: Arc::default(),
+    };
+    let args = (config, Cursor::new(2, 0), Default::default());
+    Actor::spawn(None, Realtime, args).await.unwrap().0
+}
+
+fn spec(doc_type: &str) -> Arc<QuerySpec> {
+    let request: QueryRequest = serde_json::from_value(json!({"type": doc_type})).unwrap();
+    Arc::new(QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap())
+}
+
+/// Subscribes connection `conn` to `spec`; the subscription id, or the refusal.
+async fn subscribe(
+    realtime: &ActorRef<RealtimeMsg>,
+    spec: &Arc<QuerySpec>,
+    conn: u64,
+) -> (Result<Arc<str>, String>, OutboxReceiver) {
+    let (out, rx) = outbox(conn, 16);
+    let answer = ractor::call!(realtime, |reply| {
+        RealtimeMsg::Subscribe(SubscribeRequest {
+            spec: spec.clone(),
+            subscriber: Subscriber {
+                outbox: out,
+                caller: ALICE.into(),
+                seen_up_to: None,
+            },
+            request_id: json!(conn),
+            since: None,
+            reply,
+        })
+    })
+    .unwrap();
+    (answer.map_err(|e| e.to_string()), rx)
+}
+
+/// Waits until the root runs `n` type actors. An idle type actor's report to the root is a
+/// message of its own, after the unsubscribe that emptied it: there is nothing to await but
+/// the root's count.
+async fn until_type_actors(realtime: &ActorRef<RealtimeMsg>, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let running = ractor::call!(realtime, RealtimeMsg::TypeActors).unwrap();
+        if running == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{running} type actors, expected {n}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_type_actor_stops_with_its_last_live_query() {
+    let realtime = root(100).await;
+    let types: Vec<_> = (0..20).map(|i| spec(&format!("t{i}"))).collect();
+    let mut outboxes = Vec::new();
+    for (conn, spec) in types.iter().enumerate() {
+        let (answer, rx) = subscribe(&realtime, spec, conn as u64).await;
+        answer.unwrap();
+        outboxes.push(rx);
+    }
+    until_type_actors(&realtime, 20).await;
+    for (conn, spec) in types.iter().enumerate() {
+        realtime
+            .cast(RealtimeMsg::Unsubscribe {
+                spec: spec.clone(),
+                conn_id: conn as u64,
+            })
+            .unwrap();
+    }
+    until_type_actors(&realtime, 0).await;
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (0, 0));
+
+    // A type comes back: a fresh actor serves it.
+    let (answer, _rx) = subscribe(&realtime, &types[3], 99).await;
+    answer.unwrap();
+    until_type_actors(&realtime, 1).await;
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 1));
+    realtime.stop(None);
+}
+
+/// A subscription the node refuses (too many live queries) leaves no type actor behind.
+#[tokio::test]
+async fn a_refused_subscription_leaves_no_type_actor() {
+    let realtime = root(1).await;
+    let (first, _rx) = subscribe(&realtime, &spec("kept"), 1).await;
+    first.unwrap();
+    for i in 0..10 {
+        let (refused, _rx) = subscribe(&realtime, &spec(&format!("r{i}")), 2).await;
+        assert!(refused.is_err());
+    }
+    until_type_actors(&realtime, 1).await;
+    realtime.stop(None);
+}
+
+/// Subscriptions racing the last unsubscribe of their type are all answered: none is lost to
+/// a type actor stopping under it.
+#[tokio::test]
+async fn subscriptions_racing_an_idle_type_are_all_answered() {
+    let realtime = root(100).await;
+    let posts = spec("posts");
+    for round in 0..50u64 {
+        let (answer, _rx) = subscribe(&realtime, &posts, round).await;
+        answer.unwrap();
+        realtime
+            .cast(RealtimeMsg::Unsubscribe {
+                spec: posts.clone(),
+                conn_id: round,
+            })
+            .unwrap();
+        // Sent right behind the unsubscribe: it may reach the type actor before or after the
+        // actor reports itself idle.
+        let (answer, _rx) = subscribe(&realtime, &posts, 1000 + round).await;
+        answer.unwrap();
+        realtime
+            .cast(RealtimeMsg::Unsubscribe {
+                spec: posts.clone(),
+                conn_id: 1000 + round,
+            })
+            .unwrap();
+    }
+    until_type_actors(&realtime, 0).await;
+    realtime.stop(None);
+}
