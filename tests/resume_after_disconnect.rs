@@ -234,3 +234,48 @@ async fn a_fresh_auth_of_the_same_did_extends_the_connection() {
     assert_eq!(pong["pong"], true, "{pong}");
     s.finish().await;
 }
+
+/// A fresh `auth` replaces the token the connection's subscriptions live under: one the new
+/// token does not let the caller read ends with an `error` event, the others go on.
+#[tokio::test]
+async fn a_narrower_auth_ends_the_subscriptions_it_does_not_cover() {
+    let s = TestServer::start().await;
+    let both = s.token(
+        ALICE,
+        &["read:posts", "read:notes", "write:posts", "write:notes"],
+    );
+    let notes_only = s.token(ALICE, &["read:notes"]);
+    let mut client = Ws::connect(&s.base, Some(&both)).await;
+    let posts = client.request(json!({"op": "read", "type": "posts"})).await["sub"].clone();
+    let notes = client.request(json!({"op": "read", "type": "notes"})).await["sub"].clone();
+    let reply = client
+        .request(json!({"op": "auth", "token": notes_only}))
+        .await;
+    assert_eq!(reply["did"], ALICE, "{reply}");
+    let ended = client.event(&posts).await;
+    assert_eq!(
+        (ended["event"].as_str(), ended["error"]["code"].as_str()),
+        (Some("error"), Some("missing_scope")),
+        "{ended}"
+    );
+    let unsub = client.request(json!({"op": "unsub", "sub": posts})).await;
+    assert_eq!(unsub["error"]["code"], "unknown_subscription", "{unsub}");
+
+    let writer = s.token(ALICE, &["*"]);
+    s.post(&writer, "posts", json!({"data": {"n": 1}})).await;
+    let note = s.post(&writer, "notes", json!({"data": {"n": 2}})).await;
+    let e = client.event(&notes).await;
+    assert_eq!(e["doc"]["id"], note["id"], "{e}");
+    // The post's event, had it been sent, would have come before the note's.
+    assert!(
+        client.pending.iter().all(|f| f["sub"] != posts),
+        "{:?}",
+        client.pending
+    );
+    let realtime = s.server.as_ref().unwrap().app().realtime.clone();
+    let (_, subscribers) =
+        ractor::call!(realtime, vibe_actors::realtime::RealtimeMsg::Stats).unwrap();
+    assert_eq!(subscribers, 1);
+    client.close().await;
+    s.finish().await;
+}

@@ -88,8 +88,12 @@ pub enum RealtimeMsg {
     /// A page of changes in feed order and the position after it; answered once routed.
     Changes(Vec<Change>, Cursor, InFlight, RpcReplyPort<()>),
     Subscribe(SubscribeRequest),
+    /// Releases one `read` of subscription `sub` (to `spec`) by `conn_id`. A subscription that
+    /// ended (its live query failed for good) is not released twice: a new live query for the
+    /// same spec has another id.
     Unsubscribe {
         spec: Arc<QuerySpec>,
+        sub: Arc<str>,
         conn_id: u64,
     },
     /// Fault injection for tests: make the live query for `spec` fail.
@@ -234,9 +238,9 @@ impl Actor for Realtime {
                     t.actor.stop(None);
                 }
             }
-            RealtimeMsg::Unsubscribe { spec, conn_id } => {
+            RealtimeMsg::Unsubscribe { spec, sub, conn_id } => {
                 if let Some(t) = state.types.get(&spec.doc_type) {
-                    let _ = t.actor.cast(DocTypeMsg::Unsubscribe { spec, conn_id });
+                    let _ = t.actor.cast(DocTypeMsg::Unsubscribe { spec, sub, conn_id });
                 }
             }
             RealtimeMsg::CrashQuery(spec) => {
@@ -364,8 +368,10 @@ pub enum DocTypeMsg {
     /// This type's changes in the page (None: the page had none) and the position after it.
     Changes(Option<Arc<[Change]>>, Cursor, InFlight),
     Subscribe(SubscribeRequest),
+    /// See [`RealtimeMsg::Unsubscribe`].
     Unsubscribe {
         spec: Arc<QuerySpec>,
+        sub: Arc<str>,
         conn_id: u64,
     },
     CrashQuery(QuerySpec),
@@ -481,8 +487,13 @@ impl Actor for DocType {
                 state.subscribes += 1;
                 state.subscribe(&myself, request);
             }
-            DocTypeMsg::Unsubscribe { spec, conn_id } => {
-                if let Some(id) = state.ids.get(&spec).copied() {
+            DocTypeMsg::Unsubscribe { spec, sub, conn_id } => {
+                let current = state
+                    .ids
+                    .get(&spec)
+                    .copied()
+                    .filter(|id| state.entries.get(id).is_some_and(|e| e.sub_id == sub));
+                if let Some(id) = current {
                     state.release(&myself, id, conn_id);
                 }
             }

@@ -73,6 +73,24 @@ async fn subscribe(
     (answer.map_err(|e| e.to_string()), rx)
 }
 
+fn unsubscribe(realtime: &ActorRef<RealtimeMsg>, spec: &Arc<QuerySpec>, sub: &Arc<str>, conn: u64) {
+    realtime
+        .cast(RealtimeMsg::Unsubscribe {
+            spec: spec.clone(),
+            sub: sub.clone(),
+            conn_id: conn,
+        })
+        .unwrap();
+}
+
+/// The next frame queued on `rx`.
+async fn next_frame(rx: &mut OutboxReceiver) -> serde_json::Value {
+    let mut batch = std::collections::VecDeque::new();
+    rx.recv(&mut batch).await;
+    assert_eq!(batch.len(), 1, "one frame at a time here: {batch:?}");
+    serde_json::from_slice(&batch[0]).unwrap()
+}
+
 /// Waits until the root runs `n` type actors. An idle type actor's report to the root is a
 /// message of its own, after the unsubscribe that emptied it: there is nothing to await but
 /// the root's count.
@@ -95,20 +113,14 @@ async fn until_type_actors(realtime: &ActorRef<RealtimeMsg>, n: usize) {
 async fn a_type_actor_stops_with_its_last_live_query() {
     let realtime = root(100).await;
     let types: Vec<_> = (0..20).map(|i| spec(&format!("t{i}"))).collect();
-    let mut outboxes = Vec::new();
+    let mut subs = Vec::new();
     for (conn, spec) in types.iter().enumerate() {
         let (answer, rx) = subscribe(&realtime, spec, conn as u64).await;
-        answer.unwrap();
-        outboxes.push(rx);
+        subs.push((answer.unwrap(), rx));
     }
     until_type_actors(&realtime, 20).await;
-    for (conn, spec) in types.iter().enumerate() {
-        realtime
-            .cast(RealtimeMsg::Unsubscribe {
-                spec: spec.clone(),
-                conn_id: conn as u64,
-            })
-            .unwrap();
+    for (conn, (spec, (sub, _))) in types.iter().zip(&subs).enumerate() {
+        unsubscribe(&realtime, spec, sub, conn as u64);
     }
     until_type_actors(&realtime, 0).await;
     assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (0, 0));
@@ -143,24 +155,45 @@ async fn subscriptions_racing_an_idle_type_are_all_answered() {
     let posts = spec("posts");
     for round in 0..50u64 {
         let (answer, _rx) = subscribe(&realtime, &posts, round).await;
-        answer.unwrap();
-        realtime
-            .cast(RealtimeMsg::Unsubscribe {
-                spec: posts.clone(),
-                conn_id: round,
-            })
-            .unwrap();
+        unsubscribe(&realtime, &posts, &answer.unwrap(), round);
         // Sent right behind the unsubscribe: it may reach the type actor before or after the
         // actor reports itself idle.
         let (answer, _rx) = subscribe(&realtime, &posts, 1000 + round).await;
-        answer.unwrap();
-        realtime
-            .cast(RealtimeMsg::Unsubscribe {
-                spec: posts.clone(),
-                conn_id: 1000 + round,
-            })
-            .unwrap();
+        unsubscribe(&realtime, &posts, &answer.unwrap(), 1000 + round);
     }
     until_type_actors(&realtime, 0).await;
+    realtime.stop(None);
+}
+
+/// A live query that fails past its restart budget ends its subscription; the client subscribes
+/// again and gets a new one. Its late `unsub` of the ended one must not release the new one.
+#[tokio::test]
+async fn unsubscribing_an_ended_subscription_leaves_its_successor_alone() {
+    let realtime = root(100).await;
+    let posts = spec("posts");
+    let (ended, mut rx) = subscribe(&realtime, &posts, 1).await;
+    let ended = ended.unwrap();
+    assert_eq!(next_frame(&mut rx).await["re"], 1);
+    loop {
+        realtime
+            .cast(RealtimeMsg::CrashQuery((*posts).clone()))
+            .unwrap();
+        let frame = next_frame(&mut rx).await;
+        match frame["event"].as_str() {
+            // Restarted: crash the new instance.
+            Some("reset") => continue,
+            Some("error") => {
+                assert_eq!(frame["error"]["code"], "subscription_failed", "{frame}");
+                break;
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    let (again, _rx) = subscribe(&realtime, &posts, 1).await;
+    let again = again.unwrap();
+    assert_ne!(again, ended);
+    unsubscribe(&realtime, &posts, &ended, 1);
+    // Stats asks the type actor after the root forwarded the unsub to it: handled in order.
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 1));
     realtime.stop(None);
 }

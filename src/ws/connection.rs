@@ -98,14 +98,24 @@ impl Session {
                 conn_id: self.outbox.conn_id,
             });
         }
-        for (_, (spec, refs)) in self.subs.drain() {
-            metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
-            for _ in 0..refs {
-                let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
-                    spec: spec.clone(),
-                    conn_id: self.outbox.conn_id,
-                });
-            }
+        let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+        for sub in subs {
+            self.release_all(&sub);
+        }
+    }
+
+    /// Releases every `read` this connection holds of `sub`.
+    fn release_all(&mut self, sub: &Arc<str>) {
+        let Some((spec, refs)) = self.subs.remove(sub) else {
+            return;
+        };
+        metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
+        for _ in 0..refs {
+            let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
+                spec: spec.clone(),
+                sub: sub.clone(),
+                conn_id: self.outbox.conn_id,
+            });
         }
     }
 }
@@ -438,7 +448,28 @@ impl Session {
         }
         let did = identity.subject.clone();
         self.identity = Some(identity);
+        self.end_unpermitted_subscriptions();
         Ok(Some(json!({"did": did})))
+    }
+
+    /// After `auth` with another token, ends each subscription the new one does not let the
+    /// caller read (fewer scopes, or an attenuation): a subscription lives under the token the
+    /// connection holds now, not the one it was made with. Its subscriber gets an `error` event.
+    fn end_unpermitted_subscriptions(&mut self) {
+        let ended: Vec<(Arc<str>, Failure)> = self
+            .subs
+            .iter()
+            .filter_map(|(sub, (spec, _))| {
+                let refused = self.claims(Access::Read, &spec.doc_type).err()?;
+                Some((sub.clone(), refused))
+            })
+            .collect();
+        for (sub, Failure(code, message)) in ended {
+            self.release_all(&sub);
+            let frame =
+                json!({"sub": sub, "event": "error", "error": {"code": code, "message": message}});
+            let _ = self.outbox.send(Bytes::from(frame.to_string()));
+        }
     }
 
     /// The caller, allowed `access` to `doc_type` by its token.
@@ -708,20 +739,22 @@ impl Session {
     }
 
     fn unsub(&mut self, sub: &str) -> Result<Option<Value>, Failure> {
-        let Some((spec, refs)) = self.subs.get_mut(sub) else {
+        let Some((sub, (spec, refs))) = self.subs.get_key_value(sub) else {
             return Err(Failure(
                 "unknown_subscription",
                 format!("no subscription {sub:?} on this connection"),
             ));
         };
-        *refs -= 1;
+        let (sub, spec, left) = (sub.clone(), spec.clone(), refs - 1);
         metrics::gauge!("vibe_ws_subscriptions").decrement(1.0);
-        let spec = spec.clone();
-        if *refs == 0 {
-            self.subs.remove(sub);
+        if left == 0 {
+            self.subs.remove(&sub);
+        } else if let Some((_, refs)) = self.subs.get_mut(&sub) {
+            *refs = left;
         }
         let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
             spec,
+            sub,
             conn_id: self.outbox.conn_id,
         });
         Ok(Some(json!({})))
