@@ -559,9 +559,39 @@ impl LiveQueryState {
                 self.emit(event, change.cursor.event(sub));
                 sub += 1;
             }
+            self.reset_subscribers_ahead(change.cursor, sub);
         }
         self.position = change.cursor;
         Ok(())
+    }
+
+    /// After a refill at `at` (which emitted `events` events): a subscriber that resumed from
+    /// a cursor at or past `at` (it came from a node further ahead) would have the refill's
+    /// events skipped as already seen, yet the load may have absorbed later changes it has not
+    /// seen, which then make no event of their own. It gets a `reset` with the window instead.
+    fn reset_subscribers_ahead(&mut self, at: Cursor, events: u32) {
+        let ahead: Vec<Arc<Subscriber>> = self
+            .subscribers
+            .values()
+            .filter(|s| s.seen_up_to.is_some_and(|seen| seen >= at))
+            .cloned()
+            .collect();
+        if ahead.is_empty() {
+            return;
+        }
+        // Everyone else gets the refill's events first.
+        self.flush();
+        let cursor = at.event(events.saturating_sub(1));
+        for subscriber in ahead {
+            let frame = self.reset_frame(&subscriber.caller, cursor);
+            let _ = subscriber.outbox.send(frame);
+            let caught_up = Arc::new(Subscriber {
+                seen_up_to: None,
+                ..Subscriber::clone(&subscriber)
+            });
+            self.subscribers
+                .insert(subscriber.outbox.conn_id, caught_up);
+        }
     }
 
     /// Queues the event for the next [`LiveQueryState::flush`] and keeps it for replays.
@@ -613,7 +643,10 @@ impl LiveQueryState {
         request_id: &serde_json::Value,
         since: Option<Cursor>,
     ) {
-        let seen_up_to = since.filter(|s| *s > self.position);
+        // Only a replayed resume may skip events as already seen: a fresh snapshot is the window
+        // as of this query's position, and every event after it is news to the client.
+        let resumed = since.is_some_and(|since| since >= self.replay_from);
+        let seen_up_to = since.filter(|since| resumed && *since > self.position);
         if seen_up_to != subscriber.seen_up_to {
             subscriber = Arc::new(Subscriber {
                 seen_up_to,

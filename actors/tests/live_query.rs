@@ -74,6 +74,18 @@ fn insert(d: &Document, xid: u64, seq: i64) -> Change {
     }
 }
 
+fn delete(d: &Document, xid: u64, seq: i64) -> Change {
+    Change {
+        op: Op::Delete,
+        new: None,
+        old: Some(Image {
+            acl: d.acl.clone(),
+            data: d.data.clone(),
+        }),
+        ..insert(d, xid, seq)
+    }
+}
+
 fn next(rx: &mut OutboxReceiver) -> Value {
     serde_json::from_slice(&rx.try_recv().expect("a frame is queued")).unwrap()
 }
@@ -195,11 +207,73 @@ async fn snapshot_events_acl_and_snapshot_skipping() {
 async fn a_resume_from_before_the_snapshot_settled_gets_a_fresh_snapshot() {
     let docs = vec![doc(1, json!({}))];
     let actor = start(json!({"type": "posts"}), OWNER, docs, Cursor::new(5, 0)).await;
+    let mut outboxes = Vec::new();
     for (conn, since, resumed) in [(1, Cursor::new(3, 7), false), (2, Cursor::new(5, 0), true)] {
         let mut rx = subscribe(&actor, conn, OWNER, Some(since), Cursor::new(2, 0)).await;
         let reply = next(&mut rx);
         assert_eq!(reply["resumed"], json!(resumed), "since {since}: {reply}");
+        outboxes.push(rx);
     }
+    // A change after the live query's position that its snapshot did not see, at a cursor
+    // before both clients' `since`: news to the one that got a fresh snapshot, already seen by
+    // the one that resumed.
+    let later = doc(2, json!({}));
+    feed_page(&actor, vec![insert(&later, 150, 3)], Cursor::new(3, 0)).await;
+    let event = next(&mut outboxes[0]);
+    assert_eq!(
+        (event["event"].as_str(), &event["doc"]["id"]),
+        (Some("add"), &json!(later.id))
+    );
+    assert!(outboxes[1].try_recv().is_none());
+    actor.stop();
+}
+
+/// A client that resumed from a cursor this node has not reached yet (it came from a node
+/// further ahead) skips events up to it. A refill of a limited window at such a cursor may have
+/// absorbed changes it has not seen: it gets a `reset` with the window, not a silent skip.
+#[tokio::test]
+async fn a_refill_resets_a_subscriber_resumed_from_further_ahead() {
+    let (first, second) = (doc(1, json!({})), doc(2, json!({})));
+    let query = json!({"type": "posts", "limit": 1});
+    let actor = start(
+        query,
+        OWNER,
+        vec![first.clone(), second.clone()],
+        Cursor::new(2, 0),
+    )
+    .await;
+    let mut here = subscribe(&actor, 1, OWNER, None, Cursor::new(2, 0)).await;
+    let reply = next(&mut here);
+    let shown = [&first, &second]
+        .into_iter()
+        .find(|d| reply["docs"][0]["id"] == json!(d.id))
+        .expect("the window shows one of them");
+    let mut ahead = subscribe(&actor, 2, OWNER, Some(Cursor::new(4, 0)), Cursor::new(2, 0)).await;
+    assert_eq!(next(&mut ahead)["resumed"], true);
+    // The window's one document is deleted: it refills from a load.
+    feed_page(&actor, vec![delete(shown, 150, 1)], Cursor::new(3, 0)).await;
+    let removed = next(&mut here);
+    assert_eq!(removed["event"], "remove", "{removed}");
+    let reset = next(&mut ahead);
+    assert_eq!(
+        (
+            reset["event"].as_str(),
+            reset["docs"].as_array().map(Vec::len)
+        ),
+        (Some("reset"), Some(1)),
+        "{reset}"
+    );
+    assert!(ahead.try_recv().is_none());
+    // From then on it follows like any other subscriber: a newer document enters.
+    let third = doc(3, json!({}));
+    let mut entering = insert(&third, 151, 2);
+    entering.cursor = Cursor::new(3, 2);
+    feed_page(&actor, vec![entering], Cursor::new(4, 0)).await;
+    let added = next(&mut ahead);
+    assert_eq!(
+        (added["event"].as_str(), &added["doc"]["id"]),
+        (Some("add"), &json!(third.id))
+    );
     actor.stop();
 }
 
