@@ -261,6 +261,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         tokio::spawn(listener.run(
             RealtimeSink {
                 realtime: realtime.clone(),
+                store: store.clone(),
                 calls: calls.clone(),
                 in_flight: Arc::new(tokio::sync::Semaphore::new(config.feed.max_pages_in_flight)),
             },
@@ -385,6 +386,8 @@ async fn open_identity(
 /// still being handled by live queries.
 struct RealtimeSink {
     realtime: ActorRef<RealtimeMsg>,
+    /// Reads the certificate book again on a resync.
+    store: Store,
     /// Told of changes to `call` documents: members who lost access leave the room.
     calls: ActorRef<CallsMsg>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -419,7 +422,16 @@ impl RoomAccess for StoreRoomAccess {
 
 impl ChangeSink for RealtimeSink {
     async fn resync(&mut self, position: Cursor) {
-        let _ = self.realtime.cast(RealtimeMsg::Resync(position));
+        // Read after the new position was: certificate changes past it come again from the
+        // feed, and applying one twice leaves the book as once.
+        let book = match self.store.certificate_book().await {
+            Ok(book) => Some(book),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the certificates again after a resync");
+                None
+            }
+        };
+        let _ = self.realtime.cast(RealtimeMsg::Resync { position, book });
     }
 
     async fn publish(&mut self, changes: Vec<vibe_actors::change::Change>, position: Cursor) {

@@ -167,8 +167,9 @@ pub enum LiveQueryMsg {
     Unsubscribe {
         conn_id: u64,
     },
-    /// Changes before this position were lost to this node: reload, and reset every subscriber.
-    Resync(Cursor),
+    /// Changes before this position were lost to this node: reload, and reset every subscriber
+    /// with the certificate book as of it.
+    Resync(Cursor, CertificateBook),
     /// Certificates changed: re-evaluate what the affected subscribers may see.
     Credentials(Arc<CredentialsMsg>),
     /// Fault injection for tests: the handler fails, as a bug would.
@@ -220,7 +221,7 @@ impl std::fmt::Debug for LiveQueryMsg {
             }
             LiveQueryMsg::Subscribe(s) => write!(f, "Subscribe(since {:?})", s.since),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
-            LiveQueryMsg::Resync(p) => write!(f, "Resync({p})"),
+            LiveQueryMsg::Resync(p, _) => write!(f, "Resync({p})"),
             LiveQueryMsg::Credentials(c) => write!(f, "Credentials({})", c.cursor),
             LiveQueryMsg::Crash => f.write_str("Crash"),
         }
@@ -406,7 +407,8 @@ impl LiveQueryState {
             LiveQueryMsg::Unsubscribe { conn_id } => {
                 self.subscribers.remove(conn_id);
             }
-            LiveQueryMsg::Resync(position) => {
+            LiveQueryMsg::Resync(position, book) => {
+                self.book = book;
                 let spec = self.window.spec().clone();
                 let snapshot = self.source.load(spec).await.map_err(LiveQueryError::Load)?;
                 self.window = Window::new(self.window.spec().clone(), snapshot.docs);

@@ -109,9 +109,13 @@ pub enum RealtimeMsg {
         actor: ractor::ActorId,
         subscribes: u64,
     },
-    /// The feed skipped ahead to this position (changes were lost to this node): every live
-    /// query reloads and resets its subscribers.
-    Resync(Cursor),
+    /// The feed skipped ahead to `position` (changes were lost to this node): every live query
+    /// reloads and resets its subscribers. The certificates issued or revoked in the skipped
+    /// changes were lost too: `book` is the book read again (None: it could not be; kept).
+    Resync {
+        position: Cursor,
+        book: Option<CertificateBook>,
+    },
     /// A certificate may have expired: drop expired ones and re-evaluate their subjects.
     ExpireCertificates,
 }
@@ -248,10 +252,17 @@ impl Actor for Realtime {
                     let _ = t.actor.cast(DocTypeMsg::CrashQuery(spec));
                 }
             }
-            RealtimeMsg::Resync(position) => {
+            RealtimeMsg::Resync { position, book } => {
                 state.position = position;
+                if let Some(book) = book {
+                    state.book = book;
+                    state.expiry_timer = None;
+                    state.schedule_expiry(&myself);
+                }
                 for t in state.types.values() {
-                    let _ = t.actor.cast(DocTypeMsg::Resync(position));
+                    let _ = t
+                        .actor
+                        .cast(DocTypeMsg::Resync(position, state.book.clone()));
                 }
             }
             RealtimeMsg::Stats(reply) => {
@@ -381,8 +392,8 @@ pub enum DocTypeMsg {
         id: QueryId,
         generation: u64,
     },
-    /// See [`RealtimeMsg::Resync`].
-    Resync(Cursor),
+    /// See [`RealtimeMsg::Resync`]: the position and the book as of it.
+    Resync(Cursor, CertificateBook),
     /// Certificates changed (in feed order with the changes): every live query re-evaluates.
     Credentials(Arc<CredentialsMsg>),
     /// The subscription of `conn_id` to live query `id` was not answered (the query stopped
@@ -499,10 +510,13 @@ impl Actor for DocType {
             }
             DocTypeMsg::SubscribeFailed { id, conn_id } => state.release(&myself, id, conn_id),
             DocTypeMsg::Expire { id, generation } => state.expire(id, generation),
-            DocTypeMsg::Resync(position) => {
+            DocTypeMsg::Resync(position, book) => {
                 state.position = position;
+                state.book = book;
                 for entry in state.entries.values() {
-                    let _ = entry.actor.cast(LiveQueryMsg::Resync(position));
+                    let _ = entry
+                        .actor
+                        .cast(LiveQueryMsg::Resync(position, state.book.clone()));
                 }
             }
             DocTypeMsg::Credentials(message) => {

@@ -324,7 +324,9 @@ async fn a_resync_reloads_and_resets_every_subscriber() {
     let actor = start(json!({"type": "posts"}), OWNER, docs, Cursor::new(2, 0)).await;
     let mut rx = subscribe(&actor, 1, OWNER, None, Cursor::new(2, 0)).await;
     next(&mut rx);
-    actor.cast(LiveQueryMsg::Resync(Cursor::new(9, 0))).unwrap();
+    actor
+        .cast(LiveQueryMsg::Resync(Cursor::new(9, 0), Default::default()))
+        .unwrap();
     // Messages are handled in order: once this subscribe returns, the resync has been handled.
     let _later = subscribe(&actor, 2, OWNER, None, Cursor::new(9, 0)).await;
     let reset = next(&mut rx);
@@ -333,5 +335,33 @@ async fn a_resync_reloads_and_resets_every_subscriber() {
         (Some("reset"), Some("9-0"))
     );
     assert_eq!(reset["docs"].as_array().unwrap().len(), 1);
+    actor.stop();
+}
+
+/// The changes a resync skipped may have issued or revoked certificates: the reset shows each
+/// subscriber what the book read again lets it see, not what the old one did.
+#[tokio::test]
+async fn a_resync_applies_the_certificates_read_again() {
+    let friends_only = json!({"read": {"allow": [[{"issuer": OWNER, "type": "friend-of"}]]}});
+    let docs = vec![doc(1, friends_only)];
+    let query = json!({"type": "posts", "global": true});
+    let actor = start(query, BOB, docs, Cursor::new(2, 0)).await;
+    let mut rx = subscribe(&actor, 1, BOB, None, Cursor::new(2, 0)).await;
+    assert_eq!(next(&mut rx)["docs"], json!([]));
+    let issued = vibe_actors::certs::Certificate {
+        id: Uuid::from_u128(77),
+        issuer: OWNER.into(),
+        subject: BOB.into(),
+        cert_type: "friend-of".into(),
+        expires_at: None,
+    };
+    let book = vibe_actors::certs::CertificateBook::new([issued], Utc::now());
+    actor
+        .cast(LiveQueryMsg::Resync(Cursor::new(9, 0), book))
+        .unwrap();
+    let _later = subscribe(&actor, 2, BOB, None, Cursor::new(9, 0)).await;
+    let reset = next(&mut rx);
+    assert_eq!(reset["event"], "reset", "{reset}");
+    assert_eq!(reset["docs"].as_array().unwrap().len(), 1, "{reset}");
     actor.stop();
 }
