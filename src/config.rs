@@ -151,6 +151,7 @@ pub struct FeedConfig {
 pub struct WsConfig {
     pub max_frame_bytes: usize,
     pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
     pub max_subscriptions: usize,
     pub requests_per_second: u32,
     #[serde(with = "humantime_serde")]
@@ -424,6 +425,12 @@ impl Config {
         }
         if self.ws.max_frame_bytes < 1024 {
             return invalid("ws.max_frame_bytes", "must be at least 1024");
+        }
+        if self.ws.outbound_queue_bytes < self.http.max_body_bytes {
+            return invalid(
+                "ws.outbound_queue_bytes",
+                "must be at least http.max_body_bytes (an event carrying the largest document must fit)",
+            );
         }
         if self.ws.outbound_queue == 0 {
             return invalid("ws.outbound_queue", "must be at least 1");

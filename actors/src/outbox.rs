@@ -1,6 +1,6 @@
 //! A connection's outbound queue as the rest of the tree sees it: bounded, never awaited.
 //! Producers (live queries, call rooms, the connection itself) `send` encoded frames; when the
-//! queue is full the connection is marked overflowed and its writer closes it with a reason, so a
+//! queue is full (in frames or in bytes) the connection is marked overflowed and its writer closes it with a reason, so a
 //! slow client can neither block a fan-out nor grow memory.
 //!
 //! The queue is a `VecDeque` behind a mutex, not a channel: a broadcast pushes one frame into
@@ -26,9 +26,28 @@ pub struct Outbox {
     shared: Arc<Shared>,
 }
 
+/// How much one connection's queue holds at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimit {
+    pub frames: usize,
+    /// The frames' encoded bytes: a few large frames (snapshots of big documents) are as much a
+    /// slow client's burden as many small ones.
+    pub bytes: usize,
+}
+
+impl QueueLimit {
+    /// A limit in frames alone.
+    pub fn frames(frames: usize) -> Self {
+        Self {
+            frames,
+            bytes: usize::MAX,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
-    capacity: usize,
+    limit: QueueLimit,
     state: Mutex<State>,
     /// The receiver is gone. Outside the lock: a fan-out asks once per subscriber per event.
     closed: AtomicBool,
@@ -37,6 +56,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// The encoded size of `frames`.
+    bytes: usize,
     /// The writer, when it waits for frames.
     waker: Option<Waker>,
     /// Sticky: an overflowed connection takes nothing more.
@@ -73,10 +94,13 @@ pub enum Received {
 #[error("the connection's outbound queue is full or closed")]
 pub struct NotQueued;
 
-/// A queue holding at most `capacity` frames.
-pub fn outbox(conn_id: u64, capacity: usize) -> (Outbox, OutboxReceiver) {
+/// A queue holding at most `limit`.
+pub fn outbox(conn_id: u64, limit: QueueLimit) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
-        capacity: capacity.max(1),
+        limit: QueueLimit {
+            frames: limit.frames.max(1),
+            bytes: limit.bytes.max(1),
+        },
         state: Mutex::new(State::default()),
         closed: AtomicBool::new(false),
     });
@@ -93,7 +117,7 @@ impl Outbox {
     /// Queues a frame without waiting. A full queue marks the connection overflowed: nothing
     /// more is queued for it, and its writer closes it.
     pub fn send(&self, frame: Bytes) -> Result<(), NotQueued> {
-        self.push(1, |queue| queue.push_back(frame))
+        self.push(1, frame.len(), |queue| queue.push_back(frame))
     }
 
     /// Queues every frame of `frames` (emptying it) in order, under one lock and with at most one
@@ -104,25 +128,36 @@ impl Outbox {
             return Ok(());
         }
         let count = frames.len();
-        let queued = self.push(count, |queue| queue.extend(frames.drain(..)));
+        let bytes = frames.iter().map(Bytes::len).sum();
+        let queued = self.push(count, bytes, |queue| queue.extend(frames.drain(..)));
         frames.clear();
         queued
     }
 
-    /// Queues `count` frames with `fill` unless the queue is closed, overflowed, or would hold
-    /// more than its capacity (then it is marked overflowed and emptied).
-    fn push(&self, count: usize, fill: impl FnOnce(&mut VecDeque<Bytes>)) -> Result<(), NotQueued> {
+    /// Queues `count` frames of `bytes` in all with `fill` unless the queue is closed,
+    /// overflowed, or would hold more than its limit (then it is marked overflowed and emptied).
+    fn push(
+        &self,
+        count: usize,
+        bytes: usize,
+        fill: impl FnOnce(&mut VecDeque<Bytes>),
+    ) -> Result<(), NotQueued> {
         let mut state = self.shared.lock();
         if state.overflowed || self.shared.closed.load(Ordering::Relaxed) {
             return Err(NotQueued);
         }
-        let queued = if state.frames.len() + count > self.shared.capacity {
+        let limit = self.shared.limit;
+        let queued = if state.frames.len() + count > limit.frames
+            || state.bytes.saturating_add(bytes) > limit.bytes
+        {
             state.overflowed = true;
             state.frames = VecDeque::new();
+            state.bytes = 0;
             metrics::counter!("vibe_ws_queue_overflows_total").increment(1);
             Err(NotQueued)
         } else {
             fill(&mut state.frames);
+            state.bytes += bytes;
             Ok(())
         };
         // Only the first push after the writer went to sleep finds a waker: later pushes of the
@@ -163,6 +198,7 @@ impl OutboxReceiver {
         debug_assert!(batch.is_empty());
         batch.clear();
         std::mem::swap(&mut state.frames, batch);
+        state.bytes = 0;
         Poll::Ready(Received::Frames)
     }
 
@@ -178,7 +214,9 @@ impl OutboxReceiver {
         if state.overflowed {
             return None;
         }
-        state.frames.pop_front()
+        let frame = state.frames.pop_front()?;
+        state.bytes -= frame.len();
+        Some(frame)
     }
 }
 
@@ -188,6 +226,7 @@ impl Drop for OutboxReceiver {
         // Set under the lock: no send that saw it clear can queue after the frames are dropped.
         self.shared.closed.store(true, Ordering::Relaxed);
         state.frames = VecDeque::new();
+        state.bytes = 0;
     }
 }
 
@@ -197,7 +236,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_is_sticky_and_signalled() {
-        let (tx, mut rx) = outbox(1, 2);
+        let (tx, mut rx) = outbox(1, QueueLimit::frames(2));
         tx.send(Bytes::from_static(b"a")).unwrap();
         tx.send(Bytes::from_static(b"b")).unwrap();
         assert_eq!(tx.send(Bytes::from_static(b"c")), Err(NotQueued));
@@ -212,7 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_takes_everything_queued_in_order_and_is_woken_by_a_send() {
-        let (tx, mut rx) = outbox(1, 8);
+        let (tx, mut rx) = outbox(1, QueueLimit::frames(8));
         let mut batch = VecDeque::new();
         let waiting = tokio::spawn(async move {
             let got = rx.recv(&mut batch).await;
@@ -236,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_all_queues_in_order_after_what_was_queued_or_overflows_whole() {
-        let (tx, mut rx) = outbox(1, 3);
+        let (tx, mut rx) = outbox(1, QueueLimit::frames(3));
         tx.send(Bytes::from_static(b"a")).unwrap();
         let mut frames = vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")];
         tx.send_all(&mut frames).unwrap();
@@ -261,9 +300,29 @@ mod tests {
         assert!(batch.is_empty());
     }
 
+    #[tokio::test]
+    async fn a_few_large_frames_overflow_the_byte_limit() {
+        let limit = QueueLimit {
+            frames: 100,
+            bytes: 10,
+        };
+        let (tx, mut rx) = outbox(1, limit);
+        tx.send(Bytes::from_static(b"12345")).unwrap();
+        // What the writer takes no longer counts.
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.recv(&mut batch).await, Received::Frames);
+        batch.clear();
+        tx.send(Bytes::from_static(b"12345")).unwrap();
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"12345")));
+        tx.send(Bytes::from_static(b"123456")).unwrap();
+        let mut frames = vec![Bytes::from_static(b"1234"), Bytes::from_static(b"5")];
+        assert_eq!(tx.send_all(&mut frames), Err(NotQueued));
+        assert_eq!(rx.recv(&mut batch).await, Received::Overflowed);
+    }
+
     #[test]
     fn a_closed_receiver_refuses_frames() {
-        let (tx, rx) = outbox(1, 8);
+        let (tx, rx) = outbox(1, QueueLimit::frames(8));
         assert!(!tx.is_closed());
         drop(rx);
         assert!(tx.is_closed());

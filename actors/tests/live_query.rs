@@ -11,7 +11,7 @@ use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
 use vibe_actors::live_query::{
     BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, Snapshot, SnapshotSource, Subscriber,
 };
-use vibe_actors::outbox::{OutboxReceiver, outbox};
+use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
 use vibe_actors::wire::Document;
 
@@ -120,7 +120,7 @@ async fn subscribe(
     since: Option<Cursor>,
     position: Cursor,
 ) -> OutboxReceiver {
-    let (out, rx) = outbox(conn, 16);
+    let (out, rx) = outbox(conn, QueueLimit::frames(16));
     let subscriber = Subscriber {
         outbox: out,
         caller: caller.into(),

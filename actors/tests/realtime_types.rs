@@ -10,7 +10,7 @@ use ractor::{Actor, ActorRef};
 use serde_json::json;
 use vibe_actors::change::{Cursor, SnapshotView};
 use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource, Subscriber};
-use vibe_actors::outbox::{OutboxReceiver, outbox};
+use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
 use vibe_actors::realtime::{Realtime, RealtimeConfig, RealtimeMsg, SubscribeRequest};
 
@@ -55,7 +55,7 @@ async fn subscribe(
     spec: &Arc<QuerySpec>,
     conn: u64,
 ) -> (Result<Arc<str>, String>, OutboxReceiver) {
-    let (out, rx) = outbox(conn, 16);
+    let (out, rx) = outbox(conn, QueueLimit::frames(16));
     let answer = ractor::call!(realtime, |reply| {
         RealtimeMsg::Subscribe(SubscribeRequest {
             spec: spec.clone(),

@@ -37,7 +37,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use vibe_actors::outbox::{Outbox, Received, outbox};
+use vibe_actors::outbox::{Outbox, QueueLimit, Received, outbox};
 
 use crate::app::App;
 use crate::http::{ApiError, HttpResponse};
@@ -156,7 +156,11 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
     // The transport refuses messages past 4x the frame limit (and closes with 1009); between the
     // limit and that, the loop answers `frame_too_large` and the connection lives on.
     let mut inbound = frame::Inbound::new(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
-    let (outbox, mut receiver) = outbox(app.next_connection_id(), config.outbound_queue);
+    let limit = QueueLimit {
+        frames: config.outbound_queue,
+        bytes: config.outbound_queue_bytes,
+    };
+    let (outbox, mut receiver) = outbox(app.next_connection_id(), limit);
     // Frames taken from the outbox and being written; swapped with the outbox's own queue.
     let mut batch = VecDeque::new();
     // Pongs owed to the client, encoded; written before anything else.
