@@ -429,6 +429,19 @@ impl TokenAuthority {
         Ok(claims)
     }
 
+    /// Does `token` carry appended blocks (an attenuation), whose checks may stop passing with
+    /// time alone? Only decides how often a holder of long-lived access re-checks it: a token
+    /// that is not even well-formed counts as attenuated.
+    pub fn is_attenuated(&self, token: &str) -> bool {
+        if self.verified.get(token).is_some() {
+            // Only single-block tokens are remembered.
+            return false;
+        }
+        biscuit_auth::UnverifiedBiscuit::from_base64(token)
+            .ok()
+            .is_none_or(|b| b.block_count() > 1)
+    }
+
     /// Checks signature and expiry and reads the claims, without running the checks of
     /// appended blocks (they depend on each request; [`TokenAuthority::verify`] runs them).
     pub fn identify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {

@@ -156,6 +156,8 @@ pub struct WsConfig {
     pub requests_per_second: u32,
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub attenuation_recheck: Duration,
     pub replay_buffer: usize,
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
@@ -479,6 +481,7 @@ impl Config {
         for (key, d) in [
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.body_read_timeout", self.http.body_read_timeout),
+            ("ws.attenuation_recheck", self.ws.attenuation_recheck),
             ("identity.access_token_ttl", id.access_token_ttl),
             ("identity.id_token_ttl", id.id_token_ttl),
             ("identity.refresh_token_ttl", id.refresh_token_ttl),

@@ -279,3 +279,40 @@ async fn a_narrower_auth_ends_the_subscriptions_it_does_not_cover() {
     client.close().await;
     s.finish().await;
 }
+
+/// A token attenuated with a time limit stops passing its checks before the token expires: the
+/// subscriptions it holds end then (the connection re-checks them every
+/// `ws.attenuation_recheck`), instead of streaming until the token's own expiry.
+#[tokio::test]
+async fn a_time_limited_attenuation_ends_its_subscriptions_when_it_lapses() {
+    let s = TestServer::start_with(&[("ws.attenuation_recheck", "\"200ms\"")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    let limited = {
+        use biscuit_auth::{Biscuit, builder_ext::BuilderExt};
+        let public = s.server.as_ref().unwrap().app().tokens.public_key();
+        Biscuit::from_base64(&alice, public)
+            .unwrap()
+            .append(biscuit_auth::BlockBuilder::new().check_expiration_date(until))
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    };
+    let mut client = Ws::connect(&s.base, Some(&limited)).await;
+    let sub = client.request(json!({"op": "read", "type": "posts"})).await["sub"].clone();
+    assert!(sub.is_string(), "{sub}");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), client.event(&sub))
+        .await
+        .expect("the subscription outlived its attenuation");
+    assert_eq!(
+        (ended["event"].as_str(), ended["error"]["code"].as_str()),
+        (Some("error"), Some("token_restricted")),
+        "{ended}"
+    );
+    // Biscuit dates have one-second resolution.
+    assert!(std::time::SystemTime::now() + std::time::Duration::from_secs(1) >= until);
+    // The connection itself lives on (its token has not expired); requests now fail the check.
+    let again = client.request(json!({"op": "read", "type": "posts"})).await;
+    assert_eq!(again["error"]["code"], "token_restricted", "{again}");
+    s.finish().await;
+}

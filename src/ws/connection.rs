@@ -39,6 +39,9 @@ pub struct Identity {
     token: String,
     /// The token's expiry: the connection closes then (a fresh `auth` of the same DID extends).
     pub expires_at: std::time::SystemTime,
+    /// The token is attenuated: its checks (a time limit, say) may stop passing before its
+    /// expiry, so held subscriptions are checked again every `ws.attenuation_recheck`.
+    pub attenuated: bool,
 }
 
 /// Checks a token's signature and expiry (its attenuations are checked per request).
@@ -48,6 +51,7 @@ pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
         subject: claims.subject.clone(),
         token: token.to_owned(),
         expires_at: claims.expires_at,
+        attenuated: app.tokens.is_attenuated(token),
     })
 }
 
@@ -84,6 +88,11 @@ impl Session {
         self.identity
             .as_ref()
             .is_some_and(|i| matches!(self.app.tokens.identify(&i.token), Err(AuthError::Revoked)))
+    }
+
+    /// Whether the identity's token is attenuated (see [`Identity::attenuated`]).
+    pub fn attenuated(&self) -> bool {
+        self.identity.as_ref().is_some_and(|i| i.attenuated)
     }
 
     /// When the identity's token expires (None before `auth`).
@@ -452,10 +461,11 @@ impl Session {
         Ok(Some(json!({"did": did})))
     }
 
-    /// After `auth` with another token, ends each subscription the new one does not let the
-    /// caller read (fewer scopes, or an attenuation): a subscription lives under the token the
-    /// connection holds now, not the one it was made with. Its subscriber gets an `error` event.
-    fn end_unpermitted_subscriptions(&mut self) {
+    /// Ends each subscription the connection's token no longer lets the caller read: after
+    /// `auth` with another token (fewer scopes, an attenuation), and as time passes for an
+    /// attenuated one (a time limit). A subscription lives under the token the connection holds
+    /// now, not the one it was made with. Its subscriber gets an `error` event.
+    pub fn end_unpermitted_subscriptions(&mut self) {
         let ended: Vec<(Arc<str>, Failure)> = self
             .subs
             .iter()

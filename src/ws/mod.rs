@@ -177,7 +177,10 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
     // registration per outbound frame.
     let mut expiry: Option<SystemTime> = None;
     let token_expired = tokio::time::sleep_until(auth_deadline);
-    tokio::pin!(shutting_down, token_expired);
+    // Armed only while the token is attenuated.
+    let mut rechecking = false;
+    let attenuation_due = tokio::time::sleep_until(auth_deadline);
+    tokio::pin!(shutting_down, token_expired, attenuation_due);
     // Revocations are rare: one boxed wait per connection, re-armed only when one happens.
     let mut revocation = wait_for_revocation(app.tokens.revocations().changed());
     let mut recheck_token = false;
@@ -231,6 +234,14 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
             }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
             if let Some(s) = &session
+                && s.attenuated() != rechecking
+            {
+                rechecking = s.attenuated();
+                attenuation_due
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + config.attenuation_recheck);
+            }
+            if let Some(s) = &session
                 && s.expires_at() != expiry
             {
                 expiry = s.expires_at();
@@ -247,6 +258,14 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
                 }
                 () = &mut token_expired, if expiry.is_some() => {
                     return End::Close(CLOSE_TOKEN_EXPIRED, b"token expired: reconnect with a fresh token and resume with since");
+                }
+                () = &mut attenuation_due, if rechecking && session.is_some() => {
+                    if let Some(s) = session.as_mut() {
+                        s.end_unpermitted_subscriptions();
+                    }
+                    attenuation_due
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + config.attenuation_recheck);
                 }
                 changes = &mut revocation => {
                     revocation = wait_for_revocation(changes);
