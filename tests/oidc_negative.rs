@@ -1303,3 +1303,69 @@ async fn open_registration_is_limited_per_address() {
     assert_eq!(status, 201);
     server.finish().await;
 }
+
+/// A grant is only written while the user's consent covers it, and a withdrawal racing a
+/// silent sign-in never leaves a grant it did not revoke.
+#[tokio::test]
+async fn grants_need_a_covering_consent_even_against_a_racing_withdrawal() {
+    use vibe::identity::oauth::{AuthorizationRequest, OAuthError};
+
+    let server = TestServer::start().await;
+    let did = sign_up(&server, "ada").await;
+    let client = register_client(&server, true, SCOPE).await;
+    let app = server.server.as_ref().unwrap().app().clone();
+    let oauth = &app.identity.oauth;
+    let request = |scopes: &[&str]| AuthorizationRequest {
+        client_id: client.id.clone(),
+        redirect_uri: client.redirect_uri.clone(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        state: None,
+        nonce: None,
+        code_challenge: None,
+        prompt: Some("none".into()),
+        max_age: None,
+    };
+    let now = chrono::Utc::now();
+    let narrow = request(&["openid", "read:posts"]);
+    assert!(matches!(
+        oauth.issue_code(&narrow, &did, now).await,
+        Err(OAuthError::AccessDenied)
+    ));
+    oauth
+        .save_consent(&did, &client.id, &narrow.scopes)
+        .await
+        .unwrap();
+    oauth.issue_code(&narrow, &did, now).await.unwrap();
+    let wider = request(&["openid", "read:posts", "write:posts"]);
+    assert!(matches!(
+        oauth.issue_code(&wider, &did, now).await,
+        Err(OAuthError::AccessDenied)
+    ));
+
+    let revocations = app.tokens.revocations().clone();
+    for _ in 0..20 {
+        oauth
+            .save_consent(&did, &client.id, &narrow.scopes)
+            .await
+            .unwrap();
+        let (issued, withdrawn) = tokio::join!(
+            oauth.issue_code(&narrow, &did, now),
+            oauth.revoke_consent(&did, &client.id, &revocations),
+        );
+        withdrawn.unwrap();
+        assert!(matches!(issued, Ok(_) | Err(OAuthError::AccessDenied)));
+        let pool = server.sql().await;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM oauth_grants \
+             WHERE user_did = $1 AND client_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(&did)
+        .bind(&client.id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        assert_eq!(live, 0, "a grant outlived the consent's withdrawal");
+    }
+    server.finish().await;
+}

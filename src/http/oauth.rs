@@ -340,12 +340,19 @@ async fn approve(
     did: &str,
     auth_time: DateTime<Utc>,
 ) -> Result<HttpResponse, ApiError> {
-    let code = app
-        .identity
-        .oauth
-        .issue_code(request, did, auth_time)
-        .await
-        .map_err(oauth_internal)?;
+    let code = match app.identity.oauth.issue_code(request, did, auth_time).await {
+        Ok(code) => code,
+        // The consent was withdrawn between the check and the grant.
+        Err(e @ OAuthError::AccessDenied) => {
+            return Ok(redirect_with_error(
+                &request.redirect_uri,
+                &e,
+                request.state.as_deref(),
+                &app.identity.issuer,
+            ));
+        }
+        Err(e) => return Err(oauth_internal(e)),
+    };
     Ok(redirect_with(
         &request.redirect_uri,
         &[("code", &code), ("iss", &app.identity.issuer)],

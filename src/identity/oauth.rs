@@ -799,7 +799,12 @@ impl OAuthStore {
         Ok(deleted > 0 || !revoked.is_empty())
     }
 
-    /// Creates the grant for an approved request; returns its one-time code.
+    /// Creates the grant for an approved request; returns its one-time code. The grant is only
+    /// written while the user's consent covers its scopes, in one statement that locks that
+    /// consent (`FOR SHARE`): a withdrawal running at the same time either commits first (no
+    /// grant is written: `AccessDenied`) or waits for this grant, then revokes it with the
+    /// others. A check made earlier and a plain insert would let a silent sign-in
+    /// (`prompt=none`) create a grant the withdrawal never saw.
     pub async fn issue_code(
         &self,
         request: &AuthorizationRequest,
@@ -807,10 +812,12 @@ impl OAuthStore {
         auth_time: DateTime<Utc>,
     ) -> Result<String, OAuthError> {
         let code = random_secret();
-        sqlx::query(
+        let written = sqlx::query(
             "INSERT INTO oauth_grants (id, user_did, client_id, scopes, nonce, auth_time, \
              code_hash, code_challenge, redirect_uri, code_expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
+             WHERE EXISTS (SELECT 1 FROM consents \
+               WHERE user_did = $2 AND client_id = $3 AND scopes @> $4::text[] FOR SHARE)",
         )
         .bind(Uuid::now_v7())
         .bind(did)
@@ -824,6 +831,9 @@ impl OAuthStore {
         .bind(as_ts(self.lifetimes.code))
         .execute(&self.pool)
         .await?;
+        if written.rows_affected() == 0 {
+            return Err(OAuthError::AccessDenied);
+        }
         Ok(code)
     }
 
