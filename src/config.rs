@@ -195,6 +195,9 @@ pub struct IndexesConfig {
     pub prune_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub unused_after: Duration,
+    pub max_shapes: usize,
+    #[serde(with = "humantime_serde")]
+    pub shape_retention: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

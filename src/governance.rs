@@ -91,12 +91,24 @@ impl Governance {
         self.store.pool()
     }
 
-    /// Writes the shapes recorded on this node since the last flush.
+    /// Writes the shapes recorded on this node since the last flush. Clients choose the data
+    /// paths a shape names, so the table is bounded: past `indexes.max_shapes` rows only shapes
+    /// already in it are counted (new ones are dropped and counted as such).
     pub async fn flush(&self) -> Result<(), GovernanceError> {
-        for stats in self.store.take_shapes() {
-            sqlx::query(
+        let shapes = self.store.take_shapes();
+        if shapes.is_empty() {
+            return Ok(());
+        }
+        let held: i64 = sqlx::query_scalar("SELECT count(*) FROM query_shapes")
+            .fetch_one(self.pool())
+            .await?;
+        let room = held < i64::try_from(self.config.max_shapes).unwrap_or(i64::MAX);
+        for stats in shapes {
+            let written = sqlx::query(
                 "INSERT INTO query_shapes (shape_id, doc_type, shape, calls, total_ms, buckets) \
-                 VALUES (md5($1::jsonb::text), $2, $1::jsonb, $3, $4, $5) \
+                 SELECT md5($1::jsonb::text), $2, $1::jsonb, $3, $4, $5 \
+                 WHERE $6 OR EXISTS \
+                   (SELECT 1 FROM query_shapes WHERE shape_id = md5($1::jsonb::text)) \
                  ON CONFLICT (shape_id) DO UPDATE SET \
                    calls = query_shapes.calls + EXCLUDED.calls, \
                    total_ms = query_shapes.total_ms + EXCLUDED.total_ms, \
@@ -108,8 +120,12 @@ impl Governance {
             .bind(stats.calls)
             .bind(stats.total_ms)
             .bind(&stats.buckets)
+            .bind(room)
             .execute(self.pool())
             .await?;
+            if written.rows_affected() == 0 {
+                metrics::counter!("vibe_query_shapes_dropped_total").increment(1);
+            }
         }
         Ok(())
     }
@@ -338,6 +354,11 @@ impl Governance {
     /// Notes which ready indexes were used since the last check, and drops those unused for
     /// `indexes.unused_after`. Returns the names dropped.
     pub async fn prune(&self) -> Result<Vec<String>, GovernanceError> {
+        // Shapes nobody has run for `indexes.shape_retention` suggest nothing any more.
+        sqlx::query("DELETE FROM query_shapes WHERE last_seen < now() - make_interval(secs => $1)")
+            .bind(self.config.shape_retention.as_secs_f64())
+            .execute(self.pool())
+            .await?;
         let rows: Vec<(String, i64, bool)> = sqlx::query_as(
             "SELECT m.name, coalesce(s.idx_scan, 0), \
                     m.last_used_at < now() - make_interval(secs => $1) \

@@ -275,3 +275,54 @@ async fn the_policy_builds_indexes_past_its_threshold() {
     );
     s.finish().await;
 }
+
+/// Clients choose the data paths a shape names: `query_shapes` keeps at most
+/// `indexes.max_shapes` rows (past that only known shapes are counted), and a prune forgets the
+/// shapes nobody ran for `indexes.shape_retention`.
+#[tokio::test]
+async fn recorded_shapes_are_bounded_and_pruned() {
+    let s = TestServer::start_with(&[("indexes.max_shapes", "2")]).await;
+    let user = s.token(ALICE, &["read:items"]);
+    let admin = s.token(ALICE, &["admin"]);
+    let query = |path: &str| json!({"type": "items", "where": {format!("data.{path}"): {"gt": 1}}});
+    let run = async |path: &str| {
+        let (status, body) = post(&s, "/v1/query", &user, Some(query(path))).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    // Suggestions flush what this node recorded first.
+    let flush = async || {
+        let (status, body) = get(&s, "/v1/admin/indexes/suggestions", &admin).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    run("a").await;
+    run("b").await;
+    flush().await;
+    run("c").await;
+    run("a").await;
+    flush().await;
+    let pool = s.sql().await;
+    let shapes: Vec<(String, i64)> =
+        sqlx::query_as("SELECT shape->'where'->>'field', calls FROM query_shapes ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        shapes,
+        vec![("data.a".to_owned(), 2), ("data.b".to_owned(), 1)],
+        "the new shape was dropped, the known one counted"
+    );
+
+    sqlx::query("UPDATE query_shapes SET last_seen = now() - interval '31 days' WHERE shape->'where'->>'field' = 'data.b'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (status, body) = post(&s, "/v1/admin/indexes/prune", &admin, None).await;
+    assert_eq!(status, 200, "{body}");
+    let left: Vec<String> = sqlx::query_scalar("SELECT shape->'where'->>'field' FROM query_shapes")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["data.a".to_owned()]);
+    pool.close().await;
+    s.finish().await;
+}

@@ -7,7 +7,7 @@
 //! nodes'. Every token check consults the memory copy only (no database round trip per request).
 //! Live connections watch [`Revocations::changed`] and re-check their token when it moves.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -44,10 +44,19 @@ impl Revoked {
     }
 }
 
+/// What is revoked, each with the time after which no token it concerns verifies anyway (and
+/// the entry can go).
 #[derive(Debug, Default)]
 struct Lists {
-    grants: HashSet<Uuid>,
-    tokens: HashSet<String>,
+    grants: HashMap<Uuid, chrono::DateTime<chrono::Utc>>,
+    tokens: HashMap<String, chrono::DateTime<chrono::Utc>>,
+}
+
+impl Lists {
+    fn forget_expired(&mut self, now: chrono::DateTime<chrono::Utc>) {
+        self.grants.retain(|_, expires_at| *expires_at > now);
+        self.tokens.retain(|_, expires_at| *expires_at > now);
+    }
 }
 
 /// This node's copy of the revocation list.
@@ -78,7 +87,7 @@ impl Revocations {
             .lists
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        grant.is_some_and(|g| lists.grants.contains(&g)) || lists.tokens.contains(token_id)
+        grant.is_some_and(|g| lists.grants.contains_key(&g)) || lists.tokens.contains_key(token_id)
     }
 
     /// Moves (to a new generation) whenever something is revoked on any node.
@@ -117,14 +126,14 @@ impl Revocations {
     /// Reads the rows this node has not seen yet.
     pub async fn sync(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         let mut seen = self.seen.lock().await;
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT seq, revoked FROM token_revocations \
+        let rows: Vec<(i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT seq, revoked, expires_at FROM token_revocations \
              WHERE seq > $1 AND expires_at > now() ORDER BY seq",
         )
         .bind(*seen)
         .fetch_all(pool)
         .await?;
-        let Some(&(last, _)) = rows.last() else {
+        let Some(&(last, _, _)) = rows.last() else {
             return Ok(());
         };
         {
@@ -132,13 +141,13 @@ impl Revocations {
                 .lists
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (_, name) in &rows {
+            for (_, name, expires_at) in &rows {
                 match Revoked::decode(name) {
                     Some(Revoked::Grant(id)) => {
-                        lists.grants.insert(id);
+                        lists.grants.insert(id, *expires_at);
                     }
                     Some(Revoked::Token(id)) => {
-                        lists.tokens.insert(id);
+                        lists.tokens.insert(id, *expires_at);
                     }
                     None => tracing::warn!(%name, "unreadable token revocation row"),
                 }
@@ -157,10 +166,19 @@ impl Revocations {
             .lists
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let forever = chrono::DateTime::<chrono::Utc>::MAX_UTC;
         match revoked {
-            Revoked::Grant(id) => lists.grants.insert(id),
-            Revoked::Token(id) => lists.tokens.insert(id),
+            Revoked::Grant(id) => lists.grants.insert(id, forever),
+            Revoked::Token(id) => lists.tokens.insert(id, forever),
         };
+    }
+
+    /// Drops the entries past their expiry: the tokens they concern no longer verify.
+    fn forget_expired(&self, now: chrono::DateTime<chrono::Utc>) {
+        self.lists
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget_expired(now);
     }
 
     /// Polls for other nodes' revocations and prunes expired rows until `stop` resolves.
@@ -183,15 +201,17 @@ impl Revocations {
                 tracing::warn!(error = %e, "reading token revocations failed; retrying");
             }
             turns += 1;
-            // Rows past their expiry concern tokens that no longer verify; memory keeps them
-            // until restart, which is harmless (a few dozen bytes each).
-            if turns.is_multiple_of(600)
-                && let Err(e) =
+            // Entries past their expiry concern tokens that no longer verify: dropped from
+            // memory and from the table, so neither grows with every revocation ever made.
+            if turns.is_multiple_of(600) {
+                self.forget_expired(chrono::Utc::now());
+                if let Err(e) =
                     sqlx::query("DELETE FROM token_revocations WHERE expires_at < now()")
                         .execute(&pool)
                         .await
-            {
-                tracing::warn!(error = %e, "pruning token revocations failed");
+                {
+                    tracing::warn!(error = %e, "pruning token revocations failed");
+                }
             }
         }
     }
@@ -209,5 +229,25 @@ mod tests {
         assert_eq!(Revoked::decode(&t.encode()), Some(t));
         assert_eq!(Revoked::decode("grant:not-a-uuid"), None);
         assert_eq!(Revoked::decode("other:x"), None);
+    }
+
+    #[test]
+    fn expired_entries_are_forgotten_and_live_ones_kept() {
+        let now = chrono::Utc::now();
+        let (old, live) = (Uuid::now_v7(), Uuid::now_v7());
+        let revocations = Revocations::default();
+        {
+            let mut lists = revocations.lists.write().unwrap();
+            lists.grants.insert(old, now - chrono::Duration::seconds(1));
+            lists.grants.insert(live, now + chrono::Duration::hours(1));
+            lists
+                .tokens
+                .insert("t-old".into(), now - chrono::Duration::seconds(1));
+        }
+        revocations.forget_expired(now);
+        assert!(!revocations.is_revoked(Some(old), "t-old"));
+        assert!(revocations.is_revoked(Some(live), "other"));
+        let lists = revocations.lists.read().unwrap();
+        assert_eq!((lists.grants.len(), lists.tokens.len()), (1, 0));
     }
 }
