@@ -122,6 +122,7 @@ impl<'de> Deserialize<'de> for Slots {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub max_body_bytes: usize,
+    pub max_page_bytes: usize,
     pub max_page_size: u32,
     pub default_page_size: u32,
     #[serde(with = "humantime_serde")]

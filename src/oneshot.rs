@@ -58,6 +58,9 @@ pub enum OneShotError {
     Query(#[from] QueryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The documents `expand` names hold more than `http.max_page_bytes`.
+    #[error("the expanded documents exceed {0} bytes; ask for fewer (a smaller limit)")]
+    ExpansionTooLarge(usize),
 }
 
 /// Runs `request` for the holder of `token` and its `claims` (who may read its type: the
@@ -76,7 +79,11 @@ pub async fn query_page(
         .as_deref()
         .map(|c| Keyset::decode(&spec, c))
         .transpose()?;
-    let (mut docs, more) = app.store.query_page(&spec, caller, after.as_ref()).await?;
+    let budget = app.config.http.max_page_bytes;
+    let (mut docs, more) = app
+        .store
+        .query_page(&spec, caller, after.as_ref(), budget)
+        .await?;
     // From the page as read, so a page the filter below empties still leads on.
     let next = if more {
         docs.last().map(|d| Keyset::after(&spec, d).encode())
@@ -108,7 +115,11 @@ pub async fn query_page(
         ids.dedup();
         // Bounded: a page holds at most `query.max_limit` documents, each path a list of ids.
         ids.truncate(app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND);
-        let found = app.store.fetch_many(&ids).await?;
+        let found = app
+            .store
+            .fetch_many(&ids, budget)
+            .await?
+            .ok_or(OneShotError::ExpansionTooLarge(budget))?;
         let held = if found
             .iter()
             .any(|d| d.owner != caller && d.acl.uses_certificates(Operation::Read))

@@ -1451,3 +1451,80 @@ async fn live_reads_refuse_cursor_and_expand() {
     ws.close().await;
     s.finish().await;
 }
+
+/// A page also ends once its documents pass `http.max_page_bytes` (a limit counts documents,
+/// each as large as a body): the list and the query say where to go on, and the pages still
+/// cover everything once; expansions past it are refused.
+#[tokio::test]
+async fn pages_are_bounded_in_bytes_too() {
+    let s = TestServer::start_with(&[("http.max_page_bytes", "50000")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let filler = "x".repeat(30_000);
+    let mut written = BTreeSet::new();
+    for n in 0..3 {
+        let doc = s
+            .post(&alice, "posts", json!({"data": {"n": n, "filler": filler}}))
+            .await;
+        written.insert(doc["id"].as_str().unwrap().to_owned());
+    }
+
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let url = match &cursor {
+            Some(c) => s.url(&format!("/v1/docs/posts?limit=100&cursor={c}")),
+            None => s.url("/v1/docs/posts?limit=100"),
+        };
+        let page: Value = s
+            .client
+            .get(url)
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let docs = page["docs"].as_array().unwrap();
+        assert!(
+            docs.len() <= 2,
+            "a page stops at the document that passes the budget"
+        );
+        listed.extend(docs.iter().map(|d| d["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert!(pages >= 2);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.iter().cloned().collect::<BTreeSet<_>>(), written);
+
+    let first = query_ok(&s, &alice, &json!({"type": "posts", "limit": 100})).await;
+    assert_eq!(
+        first["docs"].as_array().unwrap().len(),
+        2,
+        "{}",
+        first["next"]
+    );
+    let rest = query_ok(
+        &s,
+        &alice,
+        &json!({"type": "posts", "limit": 100, "cursor": first["next"]}),
+    )
+    .await;
+    assert_eq!(rest["docs"].as_array().unwrap().len(), 1);
+
+    // Three large documents named by one small one: their expansion would pass the budget.
+    let ids: Vec<&String> = written.iter().collect();
+    s.post(&alice, "links", json!({"data": {"to": ids}})).await;
+    let (status, body) = query(&s, &alice, &json!({"type": "links", "expand": ["data.to"]})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("page_too_large")),
+        "{body}"
+    );
+    s.finish().await;
+}

@@ -177,11 +177,18 @@ pub(super) async fn list(
     }
     let cursor = params.cursor.as_deref().map(decode_cursor).transpose()?;
     // One extra row tells whether a next page exists.
-    let mut docs = app
+    let (mut docs, cut) = app
         .store
-        .list_own(&claims.subject, doc_type, limit + 1, cursor)
+        .list_own(
+            &claims.subject,
+            doc_type,
+            limit + 1,
+            cursor,
+            http.max_page_bytes,
+        )
         .await?;
-    let next = if docs.len() > limit as usize {
+    // A page also ends once its documents pass `http.max_page_bytes`.
+    let next = if cut || docs.len() > limit as usize {
         docs.truncate(limit as usize);
         docs.last().map(|d| {
             encode_cursor(ListCursor {

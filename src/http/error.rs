@@ -82,6 +82,9 @@ impl From<crate::oneshot::OneShotError> for ApiError {
                 ApiError::bad_request(code, e.to_string())
             }
             crate::oneshot::OneShotError::Store(e) => e.into(),
+            e @ crate::oneshot::OneShotError::ExpansionTooLarge(_) => {
+                ApiError::bad_request("page_too_large", e.to_string())
+            }
         }
     }
 }

@@ -340,10 +340,11 @@ impl Store {
         doc_type: &str,
         limit: u32,
         cursor: Option<ListCursor>,
-    ) -> Result<Vec<Document>, StoreError> {
-        let rows = match cursor {
+        budget: usize,
+    ) -> Result<(Vec<Document>, bool), StoreError> {
+        let (rows, cut) = match cursor {
             None => {
-                sqlx::query(concat!(
+                let query = sqlx::query(concat!(
                     "SELECT ",
                     doc_columns!(),
                     " \
@@ -352,12 +353,11 @@ impl Store {
                 ))
                 .bind(owner)
                 .bind(doc_type)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?
+                .bind(i64::from(limit));
+                fetch_within(query, &self.pool, budget).await?
             }
             Some(c) => {
-                sqlx::query(concat!(
+                let query = sqlx::query(concat!(
                     "SELECT ",
                     doc_columns!(),
                     " \
@@ -369,12 +369,12 @@ impl Store {
                 .bind(doc_type)
                 .bind(i64::from(limit))
                 .bind(c.created_at)
-                .bind(c.id)
-                .fetch_all(&self.pool)
-                .await?
+                .bind(c.id);
+                fetch_within(query, &self.pool, budget).await?
             }
         };
-        rows.iter().map(document).collect()
+        let docs = rows.iter().map(document).collect::<Result<_, _>>()?;
+        Ok((docs, cut))
     }
 }
 
@@ -383,21 +383,26 @@ impl Store {
     pub async fn query(&self, spec: &QuerySpec, extra: u32) -> Result<Vec<Document>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let limit = i64::from(spec.limit) + i64::from(extra);
-        self.run_recorded(&mut conn, spec, &query::compile(spec, None, None, limit))
-            .await
+        let compiled = query::compile(spec, None, None, limit);
+        let (docs, _) = self
+            .run_recorded(&mut conn, spec, &compiled, usize::MAX)
+            .await?;
+        Ok(docs)
     }
 
-    /// Runs a compiled query and records its shape and latency.
+    /// Runs a compiled query (its rows up to `budget` bytes, see [`fetch_within`]) and records
+    /// its shape and latency.
     async fn run_recorded(
         &self,
         conn: &mut sqlx::PgConnection,
         spec: &QuerySpec,
         compiled: &query::Compiled,
-    ) -> Result<Vec<Document>, StoreError> {
+        budget: usize,
+    ) -> Result<(Vec<Document>, bool), StoreError> {
         let started = std::time::Instant::now();
-        let docs = query::run(conn, compiled).await?;
+        let page = query::run(conn, compiled, budget).await?;
         self.shapes.record(spec, started.elapsed());
-        Ok(docs)
+        Ok(page)
     }
 
     /// The query shapes recorded since the last call (see `crate::governance`).
@@ -418,27 +423,48 @@ impl Store {
         query::explain(&mut conn, &compiled, analyze).await
     }
 
-    /// One page of a one-shot query for `caller`: up to `spec.limit` documents after `after`,
-    /// and whether more follow. Global queries leave out documents whose ACL denies the caller.
+    /// One page of a one-shot query for `caller`: up to `spec.limit` documents after `after`
+    /// (fewer once they pass `budget` bytes), and whether more follow. Global queries leave out
+    /// documents whose ACL denies the caller.
     pub async fn query_page(
         &self,
         spec: &QuerySpec,
         caller: &str,
         after: Option<&Keyset>,
+        budget: usize,
     ) -> Result<(Vec<Document>, bool), StoreError> {
         let mut conn = self.pool.acquire().await?;
         let limit = i64::from(spec.limit);
         let compiled = query::compile(spec, Some(caller), after, limit + 1);
-        let mut docs = self.run_recorded(&mut conn, spec, &compiled).await?;
-        let more = docs.len() as i64 > limit;
+        let (mut docs, cut) = self
+            .run_recorded(&mut conn, spec, &compiled, budget)
+            .await?;
+        let more = cut || docs.len() as i64 > limit;
         docs.truncate(spec.limit as usize);
         Ok((docs, more))
     }
 
-    /// The documents with these ids (any type, any owner; callers apply the ACL).
-    pub async fn fetch_many(&self, ids: &[Uuid]) -> Result<Vec<Document>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        fetch_by_ids(&mut conn, ids).await
+    /// The documents with these ids (any type, any owner; callers apply the ACL); None if they
+    /// hold more than `budget` bytes.
+    pub async fn fetch_many(
+        &self,
+        ids: &[Uuid],
+        budget: usize,
+    ) -> Result<Option<Vec<Document>>, StoreError> {
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            doc_columns!(),
+            " FROM documents WHERE id = ANY($1)"
+        ))
+        .bind(ids);
+        let (rows, cut) = fetch_within(query, &self.pool, budget).await?;
+        if cut {
+            return Ok(None);
+        }
+        rows.iter()
+            .map(document)
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 
     /// A query's first `limit + 1` documents and the snapshot they were read in, so a live query
@@ -463,8 +489,9 @@ impl Store {
             )))
         })?;
         let limit = i64::from(spec.limit) + 1;
-        let docs = self
-            .run_recorded(&mut tx, spec, &query::compile(spec, None, None, limit))
+        let compiled = query::compile(spec, None, None, limit);
+        let (docs, _) = self
+            .run_recorded(&mut tx, spec, &compiled, usize::MAX)
             .await?;
         tx.commit().await?;
         Ok(Snapshot {
@@ -516,6 +543,38 @@ async fn lock(
 }
 
 /// The documents with these ids, in no particular order (missing ids are left out).
+/// The rows of `query` in order until they hold more than `budget` bytes, and whether it cut
+/// them short there. The row that crosses the budget is kept, so a page always moves on. A
+/// page's rows are bounded by count (its limit) and each by the body limit, but their product
+/// is not small: this bounds what one request holds in memory. Rows past the cut are read and
+/// dropped by sqlx before the connection is used again.
+async fn fetch_within<'c>(
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    executor: impl sqlx::PgExecutor<'c>,
+    budget: usize,
+) -> Result<(Vec<PgRow>, bool), StoreError> {
+    use futures_util::TryStreamExt as _;
+    let mut stream = query.fetch(executor);
+    let mut rows = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = stream.try_next().await? {
+        bytes = bytes.saturating_add(row_bytes(&row));
+        rows.push(row);
+        if bytes > budget {
+            return Ok((rows, true));
+        }
+    }
+    Ok((rows, false))
+}
+
+/// The encoded size of a row's values.
+fn row_bytes(row: &PgRow) -> usize {
+    (0..row.len())
+        .filter_map(|i| row.try_get_raw(i).ok())
+        .filter_map(|value| value.as_bytes().ok().map(<[u8]>::len))
+        .sum()
+}
+
 async fn fetch_by_ids(
     connection: &mut sqlx::PgConnection,
     ids: &[Uuid],

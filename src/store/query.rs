@@ -557,14 +557,16 @@ fn bound(
     query
 }
 
+/// The compiled query's documents, up to `budget` bytes of rows, and whether it was cut there.
 pub(super) async fn run(
     conn: &mut sqlx::PgConnection,
     compiled: &Compiled,
-) -> Result<Vec<Document>, StoreError> {
-    let rows = bound(compiled.sql.clone(), &compiled.binds)
-        .fetch_all(conn)
-        .await?;
-    rows.iter().map(document).collect()
+    budget: usize,
+) -> Result<(Vec<Document>, bool), StoreError> {
+    let query = bound(compiled.sql.clone(), &compiled.binds);
+    let (rows, cut) = super::fetch_within(query, conn, budget).await?;
+    let docs = rows.iter().map(document).collect::<Result<_, _>>()?;
+    Ok((docs, cut))
 }
 
 #[cfg(test)]
