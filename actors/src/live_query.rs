@@ -563,7 +563,9 @@ impl LiveQueryState {
             }
             self.reset_subscribers_ahead(change.cursor, sub);
         }
-        self.position = change.cursor;
+        // At its last event, not at the change: a page of the feed can end at this change, and a
+        // subscriber replied to here must not get the change's later events again on resume.
+        self.position = change.cursor.event(sub.saturating_sub(1));
         Ok(())
     }
 

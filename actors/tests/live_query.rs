@@ -316,6 +316,30 @@ async fn events_of_one_change_have_their_own_positions() {
     actor.stop();
 }
 
+/// A page of the feed that ends at a change which made two events: a subscriber that arrives
+/// then is replied at the second, so resuming from its reply replays nothing of that change.
+#[tokio::test]
+async fn a_reply_after_a_two_event_change_is_positioned_after_both() {
+    let query = json!({"type": "posts", "limit": 1});
+    let actor = start(query, OWNER, vec![doc(1, json!({}))], Cursor::new(2, 0)).await;
+    let mut first = subscribe(&actor, 1, OWNER, None, Cursor::new(2, 0)).await;
+    next(&mut first);
+    feed_page(
+        &actor,
+        vec![insert(&doc(2, json!({})), 101, 5)],
+        Cursor::new(2, 5),
+    )
+    .await;
+    let mut late = subscribe(&actor, 2, OWNER, None, Cursor::new(2, 5)).await;
+    let reply = next(&mut late);
+    assert_eq!(reply["cursor"], "2-5.1", "{reply}");
+    let since = Some(reply["cursor"].as_str().unwrap().parse().unwrap());
+    let mut back = subscribe(&actor, 3, OWNER, since, Cursor::new(2, 5)).await;
+    assert_eq!(next(&mut back)["resumed"], true);
+    assert!(back.try_recv().is_none(), "nothing of the change again");
+    actor.stop();
+}
+
 /// After the feed skipped ahead (this node fell behind retention), a resync reloads the window
 /// and every subscriber gets a `reset` at the new position.
 #[tokio::test]
