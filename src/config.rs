@@ -140,6 +140,7 @@ pub struct FeedConfig {
     pub poll_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub min_tick_interval: Duration,
+    pub tick_burst: u32,
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     #[serde(with = "humantime_serde")]
@@ -422,6 +423,9 @@ impl Config {
         }
         if self.feed.retention < Duration::from_secs(1) {
             return invalid("feed.retention", "must be at least 1s");
+        }
+        if self.feed.tick_burst == 0 {
+            return invalid("feed.tick_burst", "must be at least 1");
         }
         if self.feed.prune_interval < Duration::from_secs(1) {
             return invalid("feed.prune_interval", "must be at least 1s");

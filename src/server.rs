@@ -253,6 +253,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         settings: ListenerSettings {
             poll_interval: config.feed.poll_interval,
             min_tick_interval: config.feed.min_tick_interval,
+            tick_burst: config.feed.tick_burst,
         },
         position,
         head: head_tx,
