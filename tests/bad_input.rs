@@ -636,14 +636,18 @@ async fn chunked_oversized_body_is_refused() {
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("body_too_large"), "{text}");
+    assert_no_documents(&s).await;
+    s.finish().await;
+}
+
+async fn assert_no_documents(s: &TestServer) {
     let pool = s.sql().await;
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM documents")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(count, 0);
+    assert_eq!(count, 0, "a refused request stored a document");
     pool.close().await;
-    s.finish().await;
 }
 
 /// Reads whatever the server sends until it closes the connection; fails the test if it never
@@ -702,14 +706,7 @@ async fn silent_and_slow_connections_are_closed() {
     let answer = until_closed(&mut slow_body, "slow body").await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
-
-    let pool = s.sql().await;
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM documents")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(count, 0);
-    pool.close().await;
+    assert_no_documents(&s).await;
     s.finish().await;
 }
 

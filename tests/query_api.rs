@@ -1472,20 +1472,12 @@ async fn pages_are_bounded_in_bytes_too() {
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let url = match &cursor {
-            Some(c) => s.url(&format!("/v1/docs/posts?limit=100&cursor={c}")),
-            None => s.url("/v1/docs/posts?limit=100"),
+        let path = match &cursor {
+            Some(c) => format!("/v1/docs/posts?limit=100&cursor={c}"),
+            None => "/v1/docs/posts?limit=100".to_owned(),
         };
-        let page: Value = s
-            .client
-            .get(url)
-            .bearer_auth(&alice)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (status, page) = s.get_json(&alice, &path).await;
+        assert_eq!(status, 200, "{page}");
         let docs = page["docs"].as_array().unwrap();
         assert!(
             docs.len() <= 2,

@@ -144,6 +144,18 @@ impl TestServer {
         r.json().await.unwrap()
     }
 
+    /// `GET path` as the holder of `token`: the status and the JSON body (null if none).
+    pub async fn get_json(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
+    }
+
     /// The value of an unlabelled metric line `name value` in `GET /metrics` (0 when absent: a
     /// gauge or counter never touched is not rendered).
     pub async fn metric(&self, name: &str) -> f64 {
