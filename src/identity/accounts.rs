@@ -153,6 +153,23 @@ impl Accounts {
         })
     }
 
+    /// Counts one password attempt on the account `key` (a login's handle, a re-entry's DID)
+    /// against its rate limit, and lets both limiters forget keys that have gone quiet.
+    fn check_account(&self, key: &str) -> Result<(), AccountError> {
+        use governor::clock::Clock as _;
+        let counted = self
+            .by_handle
+            .check_key(&key.to_owned())
+            .map_err(|not_until| {
+                AccountError::RateLimited(
+                    not_until.wait_time_from(governor::clock::DefaultClock::default().now()),
+                )
+            });
+        self.by_address.retain_recent();
+        self.by_handle.retain_recent();
+        counted
+    }
+
     /// The account whose password this is, within the login rate limits of `handle` and `from`.
     pub async fn login(
         &self,
@@ -160,15 +177,9 @@ impl Accounts {
         password: &str,
         from: IpAddr,
     ) -> Result<Account, AccountError> {
-        use governor::clock::Clock as _;
         self.check_address(from)?;
         let key = handle.to_ascii_lowercase();
-        if let Err(not_until) = self.by_handle.check_key(&key) {
-            let now = governor::clock::DefaultClock::default().now();
-            return Err(AccountError::RateLimited(not_until.wait_time_from(now)));
-        }
-        self.by_address.retain_recent();
-        self.by_handle.retain_recent();
+        self.check_account(&key)?;
         let row: Option<(String, String, Option<String>)> =
             sqlx::query_as("SELECT did, handle, password_hash FROM users WHERE handle = $1")
                 .bind(&key)
@@ -195,12 +206,8 @@ impl Accounts {
         password: &str,
         from: IpAddr,
     ) -> Result<(), AccountError> {
-        use governor::clock::Clock as _;
         self.check_address(from)?;
-        if let Err(not_until) = self.by_handle.check_key(&did.to_owned()) {
-            let now = governor::clock::DefaultClock::default().now();
-            return Err(AccountError::RateLimited(not_until.wait_time_from(now)));
-        }
+        self.check_account(did)?;
         let hash: Option<(Option<String>,)> =
             sqlx::query_as("SELECT password_hash FROM users WHERE did = $1")
                 .bind(did)

@@ -451,13 +451,7 @@ impl Store {
         ids: &[Uuid],
         budget: usize,
     ) -> Result<Option<Vec<Document>>, StoreError> {
-        let query = sqlx::query(concat!(
-            "SELECT ",
-            doc_columns!(),
-            " FROM documents WHERE id = ANY($1)"
-        ))
-        .bind(ids);
-        let (rows, cut) = fetch_within(query, &self.pool, budget).await?;
+        let (rows, cut) = fetch_within(by_ids(ids), &self.pool, budget).await?;
         if cut {
             return Ok(None);
         }
@@ -542,7 +536,6 @@ async fn lock(
     Ok(doc)
 }
 
-/// The documents with these ids, in no particular order (missing ids are left out).
 /// The rows of `query` in order until they hold more than `budget` bytes, and whether it cut
 /// them short there. The row that crosses the budget is kept, so a page always moves on. A
 /// page's rows are bounded by count (its limit) and each by the body limit, but their product
@@ -575,18 +568,22 @@ fn row_bytes(row: &PgRow) -> usize {
         .sum()
 }
 
-async fn fetch_by_ids(
-    connection: &mut sqlx::PgConnection,
-    ids: &[Uuid],
-) -> Result<Vec<Document>, StoreError> {
-    let rows = sqlx::query(concat!(
+/// The statement reading the documents with these ids, in no particular order (missing ids
+/// are left out).
+fn by_ids(ids: &[Uuid]) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(concat!(
         "SELECT ",
         doc_columns!(),
         " FROM documents WHERE id = ANY($1)"
     ))
     .bind(ids)
-    .fetch_all(connection)
-    .await?;
+}
+
+async fn fetch_by_ids(
+    connection: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<Document>, StoreError> {
+    let rows = by_ids(ids).fetch_all(connection).await?;
     rows.iter().map(document).collect()
 }
 

@@ -749,22 +749,21 @@ impl Session {
     }
 
     fn unsub(&mut self, sub: &str) -> Result<Option<Value>, Failure> {
-        let Some((sub, (spec, refs))) = self.subs.get_key_value(sub) else {
+        let Some((spec, refs)) = self.subs.get_mut(sub) else {
             return Err(Failure(
                 "unknown_subscription",
                 format!("no subscription {sub:?} on this connection"),
             ));
         };
-        let (sub, spec, left) = (sub.clone(), spec.clone(), refs - 1);
+        *refs -= 1;
         metrics::gauge!("vibe_ws_subscriptions").decrement(1.0);
-        if left == 0 {
-            self.subs.remove(&sub);
-        } else if let Some((_, refs)) = self.subs.get_mut(&sub) {
-            *refs = left;
+        let spec = spec.clone();
+        if *refs == 0 {
+            self.subs.remove(sub);
         }
         let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
             spec,
-            sub,
+            sub: Arc::from(sub),
             conn_id: self.outbox.conn_id,
         });
         Ok(Some(json!({})))
