@@ -242,10 +242,13 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         Actor::spawn(None, Calls, (config.calls.to_actor_config(), room_access))
             .await
             .map_err(|e| ServerError::Actors(e.to_string()))?;
-    // The LISTEN connection lives in its own pool, apart from request traffic.
-    let listen_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with((*store.pool().connect_options()).clone());
+    // The LISTEN connection lives in its own pool, apart from request traffic, and under its
+    // own name in `pg_stat_activity`.
+    let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(
+        (*store.pool().connect_options())
+            .clone()
+            .application_name("vibe-feed"),
+    );
     let listener = FeedListener {
         feed: feed.clone(),
         listen_pool,

@@ -470,6 +470,80 @@ async fn a_tick_rings_the_doorbell_and_brings_the_first_page() {
     common::drop_database(&name).await;
 }
 
+/// The listener's way: ticks and reads on its LISTEN connection. The tick's own ring is already
+/// in hand when the reply is (it came on the same connection, so no other backend woke for it),
+/// reads on that connection page on like pooled ones, and a connection that dies under a tick
+/// fails that tick instead of losing changes: the next one finds them.
+#[tokio::test]
+async fn ticks_on_the_listen_connection_get_their_own_ring_with_the_reply() {
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(vibe::feed::DOORBELL_CHANNEL).await.unwrap();
+    for _ in 0..3 {
+        sqlx::query(INSERT)
+            .bind(Uuid::now_v7())
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    let conn = sqlx::Acquire::acquire(&mut listener).await.unwrap();
+    let (made, first) = feed.tick_and_read_on(Some(conn), start, 2).await.unwrap();
+    assert!(made.is_some(), "three inserts: a tick is cut");
+    assert_eq!(first.changes.len(), 2);
+    let bell = listener
+        .next_buffered()
+        .expect("the ring came back with the tick's reply");
+    assert_eq!(bell.payload(), feed.node());
+    assert!(listener.next_buffered().is_none(), "one ring per tick");
+
+    let conn = sqlx::Acquire::acquire(&mut listener).await.unwrap();
+    let rest = feed
+        .read_on(Some(conn), first.next.unwrap(), &Filter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.changes.len(), 1);
+    let head = rest.next.unwrap();
+    assert_eq!(head, feed.head().await.unwrap());
+
+    // Kill the LISTEN backend; a write commits meanwhile.
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut listener)
+        .await
+        .unwrap();
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    sqlx::query(INSERT)
+        .bind(Uuid::now_v7())
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The dead connection fails the tick (or, if sqlx already noticed, it has reconnected and
+    // the tick succeeds); either way the change is there for the next tick.
+    let conn = sqlx::Acquire::acquire(&mut listener).await;
+    let on_dead = match conn {
+        Ok(conn) => feed.tick_and_read_on(Some(conn), head, 10).await,
+        Err(e) => Err(e.into()),
+    };
+    let page = match on_dead {
+        Ok((_, page)) => page,
+        Err(_) => feed.tick_and_read_on(None, head, 10).await.unwrap().1,
+    };
+    assert_eq!(page.changes.len(), 1, "the write made meanwhile is read");
+
+    drop(listener);
+    pool.close().await;
+    common::drop_database(&name).await;
+}
+
 /// A change as the test below compares it: document, operation, rev, and `data.n` of the new and
 /// old images.
 type Written = (Uuid, Op, i64, Option<i64>, Option<i64>);

@@ -95,7 +95,7 @@ async fn terminated_listener_and_restarted_postgres_lose_nothing() {
     phase.store(1, Ordering::Relaxed);
     let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
     let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'vibe-feed'",
     )
     .fetch_all(&mut admin)
     .await

@@ -7,15 +7,16 @@
 //!
 //! A tick rings the doorbell at its own commit (one NOTIFY per tick, never inside a writer's
 //! transaction) and brings the first page of changes with it, so a light load's change reaches
-//! the node one round trip after its commit. A lost LISTEN connection (notifications sent
+//! the node one round trip after its commit. Ticks and reads run on the LISTEN connection
+//! itself, so the node's own ring comes back in the tick's reply and wakes nothing. A lost LISTEN connection (notifications sent
 //! meanwhile are gone) just triggers a read; a database outage delays reads and loses nothing,
 //! because the position is a cursor into the log.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{Acquire, PgPool};
 use tokio::sync::{Notify, watch};
 
 use super::{Change, Cursor, DOORBELL_CHANNEL, Feed, FeedError, Filter};
@@ -97,13 +98,21 @@ impl FeedListener {
             let result = async {
                 // A tick brings the first page with it (one round trip); the rest is read after.
                 let mut first_page = None;
+                // Ticks and reads run on the LISTEN connection while there is one (see
+                // `Feed::tick_and_read_on`), else on the pool.
+                let mut conn = match listener.as_mut() {
+                    Some(l) => Some(l.acquire().await?),
+                    None => None,
+                };
                 if must_tick {
                     let wait = pacer.wait(Instant::now());
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
                     let started = Instant::now();
-                    let (made, page) = feed.tick_and_read(position, TICK_PAGE).await?;
+                    let (made, page) = feed
+                        .tick_and_read_on(conn.as_deref_mut(), position, TICK_PAGE)
+                        .await?;
                     // The tick's round trip alone: with `vibe_feed_lag_seconds` it tells the
                     // database's share of the lag from the wait for this task to run.
                     metrics::histogram!("vibe_feed_tick_seconds")
@@ -117,7 +126,10 @@ impl FeedListener {
                 loop {
                     let page = match first_page.take() {
                         Some(page) => page,
-                        None => feed.read(position, &Filter::default(), PAGE).await?,
+                        None => {
+                            feed.read_on(conn.as_deref_mut(), position, &Filter::default(), PAGE)
+                                .await?
+                        }
                     };
                     let n = page.changes.len();
                     let full = page.full;
@@ -158,6 +170,9 @@ impl FeedListener {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, ?backoff, "change feed read failed; retrying");
+                    // The LISTEN connection may be what failed: the retry runs on the pool, and
+                    // a new one is opened after it (that read finds whatever rang meanwhile).
+                    listener = None;
                     metrics::counter!("vibe_feed_errors_total").increment(1);
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgRow;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgRow, Postgres};
 use sqlx::{PgPool, Row};
 pub use vibe_actors::change::{BadCursor, Change, Cursor, Image, Op, SnapshotView};
 use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource};
@@ -155,8 +156,27 @@ impl Feed {
         after: Cursor,
         limit: u32,
     ) -> Result<(Option<i64>, Page), FeedError> {
+        self.tick_and_read_on(None, after, limit).await
+    }
+
+    /// [`Feed::tick_and_read`] on `conn` when given, else on a pooled connection. The node's
+    /// listener passes its LISTEN connection: the tick's own doorbell then comes back on the
+    /// connection that rang it, in the reply, instead of waking a second backend and the
+    /// listener; and a pooled connection would cost one more round trip when it is given back
+    /// (sqlx tests every connection returned to the pool; see `store::batch`).
+    pub async fn tick_and_read_on(
+        &self,
+        conn: Option<&mut PgConnection>,
+        after: Cursor,
+        limit: u32,
+    ) -> Result<(Option<i64>, Page), FeedError> {
         let (made, page) = self
             .shared_tick(async || {
+                let mut pooled: Option<PoolConnection<Postgres>> = None;
+                let conn: &mut PgConnection = match conn {
+                    Some(conn) => conn,
+                    None => pooled.insert(self.pool.acquire().await?),
+                };
                 let rows = sqlx::query("SELECT * FROM vibe_tick_read($1, $2, $3, $4, $5, $6)")
                     .bind(TICK_LOCK)
                     .bind(DOORBELL_CHANNEL)
@@ -164,14 +184,14 @@ impl Feed {
                     .bind(after.tick)
                     .bind(after.seq)
                     .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *conn)
                     .await?;
                 // Every row carries the tick cut; no rows means none was (see the migration).
                 let made = match rows.first() {
                     Some(row) => row.try_get("made")?,
                     None => None,
                 };
-                let page = self.page(&rows, after, limit).await?;
+                let page = page(conn, &rows, after, limit).await?;
                 Ok((made, Some(page)))
             })
             .await?;
@@ -278,56 +298,31 @@ impl Feed {
         filter: &Filter,
         limit: u32,
     ) -> Result<Page, FeedError> {
+        self.read_on(None, after, filter, limit).await
+    }
+
+    /// [`Feed::read`] on `conn` when given, else on a pooled connection.
+    pub async fn read_on(
+        &self,
+        conn: Option<&mut PgConnection>,
+        after: Cursor,
+        filter: &Filter,
+        limit: u32,
+    ) -> Result<Page, FeedError> {
+        let mut pooled: Option<PoolConnection<Postgres>> = None;
+        let conn: &mut PgConnection = match conn {
+            Some(conn) => conn,
+            None => pooled.insert(self.pool.acquire().await?),
+        };
         let rows = sqlx::query("SELECT * FROM vibe_read($1, $2, $3, $4, $5)")
             .bind(after.tick)
             .bind(after.seq)
             .bind(&filter.types)
             .bind(filter.owner.as_deref())
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
-        self.page(&rows, after, limit).await
-    }
-
-    /// The page `vibe_read`'s `rows` (read after `after`, at most `limit`) make.
-    async fn page(&self, rows: &[PgRow], after: Cursor, limit: u32) -> Result<Page, FeedError> {
-        if rows.is_empty() {
-            // Either nothing new, or the base tick is gone: tell them apart. (Batch `after.tick`
-            // is cut by the tick before it; that tick must still be retained.)
-            let base: Option<i64> =
-                sqlx::query_scalar("SELECT max(tick) FROM feed_ticks WHERE tick < $1")
-                    .bind(after.tick)
-                    .fetch_one(&self.pool)
-                    .await?;
-            return match base {
-                Some(_) => Ok(Page::default()),
-                None => Err(FeedError::CursorExpired),
-            };
-        }
-        let base: Option<i64> = rows[0].try_get("base")?;
-        if base.is_none() {
-            return Err(FeedError::CursorExpired);
-        }
-        let full = rows.len() >= limit as usize;
-        let mut changes = Vec::with_capacity(rows.len());
-        let mut last_tick = after.tick;
-        for row in rows {
-            let tick: i64 = row.try_get("tick")?;
-            last_tick = last_tick.max(tick);
-            if let Some(change) = change(row, tick)? {
-                changes.push(change);
-            }
-        }
-        let next = match changes.last() {
-            // A full page may have cut a batch: continue right after the last change.
-            Some(last) if full => Some(last.cursor),
-            _ => Some(Cursor::after_batch(last_tick)),
-        };
-        Ok(Page {
-            changes,
-            next,
-            full,
-        })
+        page(conn, &rows, after, limit).await
     }
 
     /// Deletes ticks older than `retention` (keeping the newest) and the changes only they cover.
@@ -425,6 +420,52 @@ impl SnapshotSource for LiveSnapshots {
         let this = self.clone();
         Box::pin(async move { this.load(&spec).await })
     }
+}
+
+/// The page `vibe_read`'s `rows` (read after `after`, at most `limit`, on `conn`) make.
+async fn page(
+    conn: &mut PgConnection,
+    rows: &[PgRow],
+    after: Cursor,
+    limit: u32,
+) -> Result<Page, FeedError> {
+    if rows.is_empty() {
+        // Either nothing new, or the base tick is gone: tell them apart. (Batch `after.tick`
+        // is cut by the tick before it; that tick must still be retained.)
+        let base: Option<i64> =
+            sqlx::query_scalar("SELECT max(tick) FROM feed_ticks WHERE tick < $1")
+                .bind(after.tick)
+                .fetch_one(conn)
+                .await?;
+        return match base {
+            Some(_) => Ok(Page::default()),
+            None => Err(FeedError::CursorExpired),
+        };
+    }
+    let base: Option<i64> = rows[0].try_get("base")?;
+    if base.is_none() {
+        return Err(FeedError::CursorExpired);
+    }
+    let full = rows.len() >= limit as usize;
+    let mut changes = Vec::with_capacity(rows.len());
+    let mut last_tick = after.tick;
+    for row in rows {
+        let tick: i64 = row.try_get("tick")?;
+        last_tick = last_tick.max(tick);
+        if let Some(change) = change(row, tick)? {
+            changes.push(change);
+        }
+    }
+    let next = match changes.last() {
+        // A full page may have cut a batch: continue right after the last change.
+        Some(last) if full => Some(last.cursor),
+        _ => Some(Cursor::after_batch(last_tick)),
+    };
+    Ok(Page {
+        changes,
+        next,
+        full,
+    })
 }
 
 fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
