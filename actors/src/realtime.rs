@@ -779,12 +779,11 @@ impl DocTypeState {
 
 /// Tells subscribers their subscription ended for good.
 fn fail_subscribers(sub_id: &str, subscribers: &[Arc<Subscriber>]) {
-    let frame = serde_json::json!({
-        "sub": sub_id,
-        "event": "error",
-        "error": {"code": "subscription_failed", "message": "the live query failed repeatedly; subscribe again"},
-    });
-    let bytes = bytes::Bytes::from(frame.to_string());
+    let bytes = bytes::Bytes::from(crate::wire::subscription_error(
+        sub_id,
+        "subscription_failed",
+        "the live query failed repeatedly; subscribe again",
+    ));
     for s in subscribers {
         let _ = s.outbox.send(bytes.clone());
     }

@@ -107,3 +107,11 @@ pub struct ErrorDetail {
     /// For people; may change between versions.
     pub message: String,
 }
+
+/// The WebSocket event that ends subscription `sub` with an error (`code` is stable; see
+/// docs/protocol.md): the live query failed for good, or the connection's token no longer
+/// allows it.
+pub fn subscription_error(sub: &str, code: &str, message: &str) -> String {
+    serde_json::json!({"sub": sub, "event": "error", "error": {"code": code, "message": message}})
+        .to_string()
+}

@@ -476,9 +476,8 @@ impl Session {
             .collect();
         for (sub, Failure(code, message)) in ended {
             self.release_all(&sub);
-            let frame =
-                json!({"sub": sub, "event": "error", "error": {"code": code, "message": message}});
-            let _ = self.outbox.send(Bytes::from(frame.to_string()));
+            let frame = vibe_actors::wire::subscription_error(&sub, code, &message);
+            let _ = self.outbox.send(Bytes::from(frame));
         }
     }
 
