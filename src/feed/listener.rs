@@ -8,9 +8,9 @@
 //! A tick rings the doorbell at its own commit (one NOTIFY per tick, never inside a writer's
 //! transaction) and brings the first page of changes with it, so a light load's change reaches
 //! the node one round trip after its commit. Ticks and reads run on the LISTEN connection
-//! itself, so the node's own ring comes back in the tick's reply and wakes nothing. A lost LISTEN connection (notifications sent
-//! meanwhile are gone) just triggers a read; a database outage delays reads and loses nothing,
-//! because the position is a cursor into the log.
+//! itself, so the node's own ring comes back in the tick's reply and wakes nothing. A lost
+//! LISTEN connection (notifications sent meanwhile are gone) just triggers a read; a database
+//! outage delays reads and loses nothing, because the position is a cursor into the log.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
