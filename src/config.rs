@@ -173,6 +173,7 @@ pub struct QueryConfig {
     pub max_depth: usize,
     pub max_clauses: usize,
     pub max_live_queries: usize,
+    pub max_window_bytes: usize,
 }
 
 impl QueryConfig {
@@ -466,6 +467,9 @@ impl Config {
         if self.query.max_live_queries == 0 {
             return invalid("query.max_live_queries", "must be at least 1");
         }
+        if self.query.max_window_bytes == 0 {
+            return invalid("query.max_window_bytes", "must be at least 1");
+        }
         if self.query.max_depth == 0 {
             return invalid("query.max_depth", "must be at least 1");
         }
@@ -664,6 +668,7 @@ mod tests {
             ("database.readers", 0),
             ("database.read_batch_rows", 1001),
             ("identity.registrations_per_hour_per_address", 0),
+            ("query.max_window_bytes", 0),
         ] {
             let err = refusal(key, value);
             assert!(err.contains(key), "{err}");

@@ -227,6 +227,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             feed: feed.clone(),
         }),
         replay_capacity: config.ws.replay_buffer,
+        window_bytes: config.query.max_window_bytes,
         linger: config.ws.linger,
         max_live_queries: config.query.max_live_queries,
         live_queries: Arc::default(),

@@ -46,6 +46,8 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub docs: Vec<Document>,
+    /// The load stopped early: the documents passed the byte budget it was given.
+    pub cut: bool,
     pub view: SnapshotView,
     /// A feed position by which every change this snapshot saw has been cut into a batch: a
     /// client resuming from before it may have missed a change the snapshot absorbed.
@@ -54,7 +56,9 @@ pub struct Snapshot {
 
 /// Where live queries load their windows from (the server's store implements it).
 pub trait SnapshotSource: Send + Sync + std::fmt::Debug + 'static {
-    fn load(&self, spec: Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>>;
+    /// The query's documents, stopping once they hold more than `budget` bytes (the one that
+    /// crosses it included; [`Snapshot::cut`] then says so).
+    fn load(&self, spec: Arc<QuerySpec>, budget: usize) -> BoxFuture<Result<Snapshot, String>>;
 }
 
 /// A connection subscribed to a live query.
@@ -142,6 +146,8 @@ pub struct LiveQueryArgs {
     pub resync: Vec<Arc<Subscriber>>,
     pub source: Arc<dyn SnapshotSource>,
     pub replay_capacity: usize,
+    /// Most bytes the window's documents hold (see [`Window`]).
+    pub window_bytes: usize,
     /// The certificate book as of `start`.
     pub book: CertificateBook,
 }
@@ -349,12 +355,12 @@ impl LiveQueryState {
     async fn load(args: LiveQueryArgs) -> Result<Self, LiveQueryError> {
         let snapshot = args
             .source
-            .load(args.spec.clone())
+            .load(args.spec.clone(), args.window_bytes)
             .await
             .map_err(LiveQueryError::Load)?;
         let mut state = LiveQueryState {
             sub_id: args.sub_id,
-            window: Window::new(args.spec, snapshot.docs),
+            window: Window::new(args.spec, args.window_bytes, snapshot.docs, snapshot.cut),
             position: args.start,
             snapshot: snapshot.view,
             subscribers: ByConnection::default(),
@@ -410,8 +416,12 @@ impl LiveQueryState {
             LiveQueryMsg::Resync(position, book) => {
                 self.book = book;
                 let spec = self.window.spec().clone();
-                let snapshot = self.source.load(spec).await.map_err(LiveQueryError::Load)?;
-                self.window = Window::new(self.window.spec().clone(), snapshot.docs);
+                let snapshot = self
+                    .source
+                    .load(spec, self.window.budget())
+                    .await
+                    .map_err(LiveQueryError::Load)?;
+                self.window = self.window.reload(snapshot.docs, snapshot.cut);
                 self.snapshot = snapshot.view;
                 self.position = position;
                 self.replay.clear();
@@ -495,11 +505,11 @@ impl LiveQueryState {
         let spec = self.window.spec().clone();
         let snapshot = self
             .source
-            .load(spec.clone())
+            .load(spec, self.window.budget())
             .await
             .map_err(LiveQueryError::Load)?;
         let old: Vec<Document> = self.window.docs().to_vec();
-        self.window = Window::new(spec, snapshot.docs);
+        self.window = self.window.reload(snapshot.docs, snapshot.cut);
         self.snapshot = snapshot.view;
         self.replay_from = self.replay_from.max(snapshot.settled);
         let mut events = Vec::new();
@@ -551,13 +561,13 @@ impl LiveQueryState {
             self.flush();
             let snapshot = self
                 .source
-                .load(self.window.spec().clone())
+                .load(self.window.spec().clone(), self.window.budget())
                 .await
                 .map_err(LiveQueryError::Load)?;
             self.snapshot = snapshot.view;
             // Changes this load absorbed produce no events: resumes from before it are not exact.
             self.replay_from = self.replay_from.max(snapshot.settled);
-            for event in self.window.refill(snapshot.docs) {
+            for event in self.window.refill(snapshot.docs, snapshot.cut) {
                 self.emit(event, change.cursor.event(sub));
                 sub += 1;
             }

@@ -51,6 +51,8 @@ pub struct RealtimeConfig {
     pub source: Arc<dyn SnapshotSource>,
     /// Events each live query keeps for resuming clients.
     pub replay_capacity: usize,
+    /// Most bytes one live query's window holds.
+    pub window_bytes: usize,
     /// How long a live query outlives its last subscriber, so a client that reconnects within
     /// it resumes exactly (its events kept flowing into the replay buffer).
     pub linger: Duration,
@@ -657,6 +659,7 @@ impl DocTypeState {
             resync,
             source: self.config.source.clone(),
             replay_capacity: self.config.replay_capacity,
+            window_bytes: self.config.window_bytes,
             book: self.book.clone(),
         };
         let instance = self.next_instance;

@@ -25,11 +25,12 @@ const BOB: &str = "did:key:zBob";
 struct Memory(Vec<Document>, Cursor);
 
 impl SnapshotSource for Memory {
-    fn load(&self, _spec: Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>> {
+    fn load(&self, _spec: Arc<QuerySpec>, _budget: usize) -> BoxFuture<Result<Snapshot, String>> {
         let (docs, settled) = (self.0.clone(), self.1);
         Box::pin(async move {
             Ok(Snapshot {
                 docs,
+                cut: false,
                 view: SnapshotView::parse("100:100:").unwrap(),
                 settled,
             })
@@ -107,6 +108,7 @@ async fn start(query: Value, caller: &str, docs: Vec<Document>, settled: Cursor)
         resync: Vec::new(),
         source: Arc::new(Memory(docs, settled)),
         replay_capacity: 16,
+        window_bytes: 1 << 20,
         book: Default::default(),
     };
     vibe_actors::live_query::start(args, |_| {})

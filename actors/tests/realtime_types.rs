@@ -21,10 +21,11 @@ const ALICE: &str = "did:key:zAlice";
 struct Empty;
 
 impl SnapshotSource for Empty {
-    fn load(&self, _spec: Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>> {
+    fn load(&self, _spec: Arc<QuerySpec>, _budget: usize) -> BoxFuture<Result<Snapshot, String>> {
         Box::pin(async move {
             Ok(Snapshot {
                 docs: Vec::new(),
+                cut: false,
                 view: SnapshotView::parse("100:100:").unwrap(),
                 settled: Cursor::new(1, 0),
             })
@@ -36,6 +37,7 @@ async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
     let config = RealtimeConfig {
         source: Arc::new(Empty),
         replay_capacity: 16,
+        window_bytes: 1 << 20,
         linger: Duration::ZERO,
         max_live_queries,
         live_queries: Arc::default(),

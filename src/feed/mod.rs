@@ -396,13 +396,13 @@ pub struct LiveSnapshots {
 }
 
 impl LiveSnapshots {
-    async fn load(&self, spec: &QuerySpec) -> Result<Snapshot, String> {
-        let mut snapshot = match self.store.snapshot(spec).await {
+    async fn load(&self, spec: &QuerySpec, budget: usize) -> Result<Snapshot, String> {
+        let mut snapshot = match self.store.snapshot(spec, budget).await {
             // The pool does not test connections before use: after a database restart the first
             // one may be dead. It is discarded; a second attempt gets a fresh one.
             Err(StoreError::Unavailable(e)) => {
                 tracing::debug!(error = %e, "snapshot on a dead connection; retrying once");
-                self.store.snapshot(spec).await
+                self.store.snapshot(spec, budget).await
             }
             other => other,
         }
@@ -416,9 +416,13 @@ impl LiveSnapshots {
 }
 
 impl SnapshotSource for LiveSnapshots {
-    fn load(&self, spec: std::sync::Arc<QuerySpec>) -> BoxFuture<Result<Snapshot, String>> {
+    fn load(
+        &self,
+        spec: std::sync::Arc<QuerySpec>,
+        budget: usize,
+    ) -> BoxFuture<Result<Snapshot, String>> {
         let this = self.clone();
-        Box::pin(async move { this.load(&spec).await })
+        Box::pin(async move { this.load(&spec, budget).await })
     }
 }
 

@@ -461,9 +461,10 @@ impl Store {
             .map(Some)
     }
 
-    /// A query's first `limit + 1` documents and the snapshot they were read in, so a live query
-    /// can tell which later changes the load already saw.
-    pub async fn snapshot(&self, spec: &QuerySpec) -> Result<Snapshot, StoreError> {
+    /// A query's first `limit + 1` documents (fewer once they pass `budget` bytes) and the
+    /// snapshot they were read in, so a live query can tell which later changes the load
+    /// already saw.
+    pub async fn snapshot(&self, spec: &QuerySpec, budget: usize) -> Result<Snapshot, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
@@ -484,12 +485,11 @@ impl Store {
         })?;
         let limit = i64::from(spec.limit) + 1;
         let compiled = query::compile(spec, None, None, limit);
-        let (docs, _) = self
-            .run_recorded(&mut tx, spec, &compiled, usize::MAX)
-            .await?;
+        let (docs, cut) = self.run_recorded(&mut tx, spec, &compiled, budget).await?;
         tx.commit().await?;
         Ok(Snapshot {
             docs,
+            cut,
             view,
             // Filled in by the caller that knows the feed (feed::LiveSnapshots).
             settled: vibe_actors::change::Cursor::new(1, 0),
