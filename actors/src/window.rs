@@ -3,11 +3,12 @@
 //! entered, changed in place or moved, or left), and when it can no longer tell — the window
 //! shrank below the limit while unseen matches may exist — it asks for a refill.
 //!
-//! A window also ends once its documents hold more than its byte budget, as a REST page does:
+//! A window also ends once its documents hold more than its byte budget ([`encoded_len`]):
 //! `limit` counts documents and each may be as large as a request body, so without it one query
-//! could keep `limit` × that in memory. The first document is always held, so a window is never
-//! empty while something matches. A window ended by bytes asks for a refill only after it lost a
-//! document or one shrank (before that, nothing more could fit).
+//! could keep `limit` × that in memory. It holds the longest prefix that fits (its first document
+//! regardless) and keeps the first document past it without sending it, so it knows when room
+//! freed by a change lets that one in. Either way the window is what a fresh load at the same
+//! feed position would give, whatever order the changes came in.
 
 use uuid::Uuid;
 
@@ -32,17 +33,18 @@ pub enum WindowEvent {
 #[derive(Debug, Clone)]
 pub struct Window {
     spec: Arc<QuerySpec>,
-    /// Sorted by `spec.order`; at most `spec.limit` documents.
+    /// Sorted by `spec.order`: the `held` documents, then at most one more — the first match
+    /// past them, known but not held (past the limit or the budget).
     docs: Vec<Document>,
-    /// True when every matching document is in `docs` (the last load found fewer than the
-    /// limit, and nothing has been pushed out since).
+    /// [`encoded_len`] of each of `docs`.
+    sizes: Vec<usize>,
+    /// How many of `docs` the window holds: the longest prefix within the budget (at least
+    /// one), at most `spec.limit`.
+    held: usize,
+    /// True when every matching document is in `docs`.
     complete: bool,
-    /// Most bytes (see [`encoded_len`]) the documents may hold; the first is held regardless.
+    /// Most bytes the held documents may take; the first is held regardless.
     budget: usize,
-    /// What `docs` hold now.
-    bytes: usize,
-    /// The window ended early for bytes, and no document has left or shrunk since.
-    full: bool,
 }
 
 /// The outcome of applying one change.
@@ -56,20 +58,20 @@ pub struct Applied {
 impl Window {
     /// A window over `loaded`: the query's first `limit` documents (and one more, if the
     /// database has it, so we know whether the window is complete), or fewer when the load
-    /// stopped at the byte budget (`cut`), holding at most `budget` bytes.
+    /// stopped at the byte budget (`cut`; its last document is then the one that crossed it).
     pub fn new(spec: Arc<QuerySpec>, budget: usize, mut loaded: Vec<Document>, cut: bool) -> Self {
         loaded.sort_by(|a, b| spec.order(a, b));
         let complete = !cut && loaded.len() <= spec.limit as usize;
-        loaded.truncate(spec.limit as usize);
         let mut window = Self {
             spec,
-            bytes: loaded.iter().map(encoded_len).sum(),
+            sizes: loaded.iter().map(encoded_len).collect(),
             docs: loaded,
+            held: 0,
             complete,
             budget,
-            full: cut,
         };
-        window.trim(&mut Vec::new());
+        window.held = window.fitting();
+        window.forget_past_next();
         window
     }
 
@@ -82,32 +84,43 @@ impl Window {
         &self.spec
     }
 
+    /// The documents the window holds, in order.
     pub fn docs(&self) -> &[Document] {
-        &self.docs
+        &self.docs[..self.held]
     }
 
-    /// Most bytes the documents may hold.
+    /// Most bytes the held documents may take.
     pub fn budget(&self) -> usize {
         self.budget
     }
 
-    /// Drops documents from the end while the window holds more than its budget (keeping the
-    /// first), adding a `Remove` for each to `events`.
-    fn trim(&mut self, events: &mut Vec<WindowEvent>) {
-        while self.bytes > self.budget && self.docs.len() > 1 {
-            let Some(last) = self.docs.pop() else { break };
-            self.bytes = self.bytes.saturating_sub(encoded_len(&last));
+    /// The longest prefix of `docs` within the limit and the budget (at least one document).
+    fn fitting(&self) -> usize {
+        let mut bytes = 0usize;
+        let mut held = 0;
+        for &size in self.sizes.iter().take(self.spec.limit as usize) {
+            bytes = bytes.saturating_add(size);
+            if held > 0 && bytes > self.budget {
+                break;
+            }
+            held += 1;
+        }
+        held
+    }
+
+    /// Keeps one document past the held ones, no more.
+    fn forget_past_next(&mut self) {
+        if self.docs.len() > self.held + 1 {
+            self.docs.truncate(self.held + 1);
+            self.sizes.truncate(self.held + 1);
             self.complete = false;
-            self.full = true;
-            events.push(WindowEvent::Remove(last));
         }
     }
 
     /// Applies one change of this query's type.
     pub fn apply(&mut self, change: &Change) -> Applied {
-        let mut applied = Applied::default();
-        let bytes_before = self.bytes;
-        // In an incomplete window every unseen match sorts after the last held document.
+        let held_before = self.held;
+        // In an incomplete window every unseen match sorts after the last known document.
         let boundary = if self.complete {
             None
         } else {
@@ -117,53 +130,81 @@ impl Window {
             .docs
             .iter()
             .position(|d| d.id == change.doc_id)
-            .map(|i| self.docs.remove(i));
-        if let Some(old) = &old {
-            self.bytes = self.bytes.saturating_sub(encoded_len(old));
-        }
+            .map(|i| {
+                self.sizes.remove(i);
+                (i, self.docs.remove(i))
+            });
         let new = change.document().filter(|d| self.spec.matches(d));
-        let mut placed = false;
+        let mut placed = None;
         if let Some(doc) = new {
             let at = self
                 .docs
                 .partition_point(|d| self.spec.order(d, &doc).is_lt());
-            // Past the last held document of an incomplete window, unseen matches may come
+            // Past the last known document of an incomplete window, unseen matches may come
             // first: the document's place is unknown, so it is not in the window. Not sorting
             // after the boundary (as when the last document is edited in place) is known.
             let before_boundary = boundary
                 .as_ref()
                 .is_some_and(|b| !self.spec.order(&doc, b).is_gt());
             if at < self.docs.len() || self.complete || before_boundary {
-                self.bytes = self.bytes.saturating_add(encoded_len(&doc));
-                self.docs.insert(at, doc.clone());
-                placed = true;
-                match &old {
-                    Some(old) => applied.events.push(WindowEvent::Change {
-                        doc,
-                        old: Box::new(old.clone()),
-                    }),
-                    None => applied.events.push(WindowEvent::Add(doc)),
-                }
-                if self.docs.len() > self.spec.limit as usize
-                    && let Some(pushed) = self.docs.pop()
-                {
-                    self.bytes = self.bytes.saturating_sub(encoded_len(&pushed));
-                    self.complete = false;
-                    applied.events.push(WindowEvent::Remove(pushed));
-                }
+                self.sizes.insert(at, encoded_len(&doc));
+                self.docs.insert(at, doc);
+                placed = Some(at);
             }
         }
-        if !placed && let Some(old) = old {
-            applied.events.push(WindowEvent::Remove(old));
+        self.held = self.fitting();
+
+        let was_held = old.filter(|(i, _)| *i < held_before).map(|(_, doc)| doc);
+        let is_held = placed.filter(|&at| at < self.held);
+        // How many of the other documents were held, and are.
+        let others_before = held_before - usize::from(was_held.is_some());
+        let others_now = self.held - usize::from(is_held.is_some());
+        // The changed document's event first.
+        let mut events = Vec::new();
+        match (was_held, is_held) {
+            (Some(old), Some(at)) => events.push(WindowEvent::Change {
+                doc: self.docs[at].clone(),
+                old: Box::new(old),
+            }),
+            (Some(old), None) => events.push(WindowEvent::Remove(old)),
+            (None, Some(at)) => events.push(WindowEvent::Add(self.docs[at].clone())),
+            (None, None) => {}
         }
-        // Room freed: a window that had ended for bytes may take more now.
-        if self.bytes < bytes_before {
-            self.full = false;
+        // The other documents kept their order, so only the edge of what is held moved: the
+        // last ones held left (a client drops them from its end), or the next ones entered.
+        let others = || {
+            self.docs
+                .iter()
+                .enumerate()
+                .filter(move |(i, _)| Some(*i) != placed)
+                .map(|(_, doc)| doc)
+        };
+        if others_now < others_before {
+            let left: Vec<&Document> = others()
+                .skip(others_now)
+                .take(others_before - others_now)
+                .collect();
+            events.extend(
+                left.into_iter()
+                    .rev()
+                    .map(|doc| WindowEvent::Remove(doc.clone())),
+            );
+        } else {
+            events.extend(
+                others()
+                    .skip(others_before)
+                    .take(others_now - others_before)
+                    .map(|doc| WindowEvent::Add(doc.clone())),
+            );
         }
-        self.trim(&mut applied.events);
-        applied.needs_refill =
-            !self.complete && !self.full && self.docs.len() < self.spec.limit as usize;
-        applied
+        self.forget_past_next();
+        Applied {
+            events,
+            // Room for more, and no known document to take it: only the database can tell.
+            needs_refill: !self.complete
+                && self.docs.len() == self.held
+                && self.held < self.spec.limit as usize,
+        }
     }
 
     /// Replaces the window with a fresh load and returns the events that turn the old window
@@ -171,13 +212,13 @@ impl Window {
     pub fn refill(&mut self, loaded: Vec<Document>, cut: bool) -> Vec<WindowEvent> {
         let fresh = self.reload(loaded, cut);
         let mut events = Vec::new();
-        for old in &self.docs {
-            if !fresh.docs.iter().any(|d| d.id == old.id) {
+        for old in self.docs() {
+            if !fresh.docs().iter().any(|d| d.id == old.id) {
                 events.push(WindowEvent::Remove(old.clone()));
             }
         }
-        for doc in &fresh.docs {
-            match self.docs.iter().find(|d| d.id == doc.id) {
+        for doc in fresh.docs() {
+            match self.docs().iter().find(|d| d.id == doc.id) {
                 Some(old) if old.rev == doc.rev && old == doc => {}
                 Some(old) => events.push(WindowEvent::Change {
                     doc: doc.clone(),
@@ -192,13 +233,13 @@ impl Window {
 
     /// Whether a document is in the window.
     pub fn contains(&self, id: Uuid) -> bool {
-        self.docs.iter().any(|d| d.id == id)
+        self.docs().iter().any(|d| d.id == id)
     }
 }
 
-/// A document's size as the window counts it: its JSON encoding's length (what a frame that
-/// carries it costs, near enough).
-fn encoded_len(doc: &Document) -> usize {
+/// A document's size as a window counts it: the length of its JSON encoding (what a frame that
+/// carries it costs, near enough). The store counts the same when it loads a window.
+pub fn encoded_len(doc: &Document) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -329,21 +370,27 @@ mod tests {
         );
         assert!(!a.needs_refill);
         assert_eq!(ids(&w), [4, 3, 2]);
-        // An update that stops matching leaves, and the incomplete window needs a refill.
+        // An update that stops matching leaves; the pushed-out document, known to be next,
+        // comes back without a load.
         let a = w.apply(&change(
             Op::Update,
             Some(&doc(3, true, 1)),
             Some(&doc(3, false, 2)),
         ));
-        assert_eq!(a.events, vec![WindowEvent::Remove(doc(3, true, 1))]);
-        assert!(a.needs_refill);
-        // The refill brings the pushed-out document back.
-        let events = w.refill(
-            vec![doc(4, true, 1), doc(2, true, 2), doc(1, true, 1)],
-            false,
+        assert_eq!(
+            a.events,
+            vec![
+                WindowEvent::Remove(doc(3, true, 1)),
+                WindowEvent::Add(doc(1, true, 1))
+            ]
         );
-        assert_eq!(events, vec![WindowEvent::Add(doc(1, true, 1))]);
+        assert!(!a.needs_refill);
         assert_eq!(ids(&w), [4, 2, 1]);
+        // Another leaves: every match is known (1 was the last), so no load either.
+        let a = w.apply(&change(Op::Delete, Some(&doc(2, true, 2)), None));
+        assert_eq!(a.events, vec![WindowEvent::Remove(doc(2, true, 2))]);
+        assert!(!a.needs_refill);
+        assert_eq!(ids(&w), [4, 1]);
     }
 
     #[test]
@@ -363,9 +410,19 @@ mod tests {
             Some(&doc(2, true, 2)),
         ));
         assert_eq!(a, Applied::default());
-        // Deleting a held document leaves and asks for a refill.
+        // Deleting a held document lets the known next one in; after that, one more leaving
+        // needs a load.
         let a = w.apply(&change(Op::Delete, Some(&doc(4, true, 1)), None));
-        assert_eq!(a.events, vec![WindowEvent::Remove(doc(4, true, 1))]);
+        assert_eq!(
+            a.events,
+            vec![
+                WindowEvent::Remove(doc(4, true, 1)),
+                WindowEvent::Add(doc(3, true, 1))
+            ]
+        );
+        assert!(!a.needs_refill);
+        let a = w.apply(&change(Op::Delete, Some(&doc(5, true, 1)), None));
+        assert_eq!(a.events, vec![WindowEvent::Remove(doc(5, true, 1))]);
         assert!(a.needs_refill);
     }
 
@@ -412,87 +469,156 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_window_ends_at_its_byte_budget_and_always_holds_its_first_document() {
+    /// Newest first: 5, 4, 3, 2, 1, about 1 KB each but 2 (300 bytes smaller), in a budget that
+    /// holds two of them; 3 is known past the end.
+    fn two_of_five() -> (Window, usize) {
         let one = encoded_len(&big(1, 1000, 1));
-        // Room for two and a half documents: the third does not fit.
-        let budget = one * 5 / 2;
-        let w = Window::new(
-            spec(10),
-            budget,
-            (1..=5).map(|n| big(n, 1000, 1)).collect(),
-            false,
-        );
+        let docs = vec![
+            big(5, 1000, 1),
+            big(4, 1000, 1),
+            big(3, 1000, 1),
+            big(2, 300, 1),
+            big(1, 1000, 1),
+        ];
+        let w = Window::new(spec(10), one * 5 / 2, docs, false);
         assert_eq!(ids(&w), [5, 4]);
-        // A budget below one document still holds the first.
-        let w = Window::new(spec(10), 10, vec![big(1, 1000, 1), big(2, 1000, 1)], false);
-        assert_eq!(ids(&w), [2]);
-        // A load the store cut short for bytes is not complete, whatever it holds.
-        let mut w = Window::new(spec(10), usize::MAX, vec![big(1, 1000, 1)], true);
-        let a = w.apply(&change(Op::Insert, None, Some(&big(0, 10, 1))));
-        assert_eq!(a, Applied::default(), "unseen documents may sort first");
+        (w, one)
     }
 
     #[test]
-    fn growing_past_the_budget_pushes_documents_out_and_shrinking_asks_for_a_refill() {
-        let one = encoded_len(&big(1, 1000, 1));
-        let budget = one * 5 / 2;
+    fn a_window_ends_at_its_byte_budget_and_always_holds_its_first_document() {
+        let (_, one) = two_of_five();
+        // A budget below one document still holds the first.
+        let w = Window::new(spec(10), 10, vec![big(1, 1000, 1), big(2, 1000, 1)], false);
+        assert_eq!(ids(&w), [2]);
+        // A load the store cut at the budget: its last document is the one past the end.
         let mut w = Window::new(
             spec(10),
-            budget,
+            one * 3 / 2,
             vec![big(3, 1000, 1), big(2, 1000, 1)],
-            false,
+            true,
         );
-        assert_eq!(ids(&w), [3, 2]);
-        // A newer document enters; the oldest no longer fits and leaves.
-        let a = w.apply(&change(Op::Insert, None, Some(&big(4, 1000, 1))));
+        assert_eq!(ids(&w), [3]);
+        // Documents older than the one past the end may have unseen ones before them.
+        let a = w.apply(&change(Op::Insert, None, Some(&big(1, 10, 1))));
+        assert_eq!(a, Applied::default());
+    }
+
+    #[test]
+    fn growing_past_the_budget_pushes_documents_out_from_the_end() {
+        let (mut w, _) = two_of_five();
+        // A newer document enters; the last held one no longer fits and leaves.
+        let a = w.apply(&change(Op::Insert, None, Some(&big(6, 1000, 1))));
         assert_eq!(
             a.events,
             vec![
-                WindowEvent::Add(big(4, 1000, 1)),
-                WindowEvent::Remove(big(2, 1000, 1))
+                WindowEvent::Add(big(6, 1000, 1)),
+                WindowEvent::Remove(big(4, 1000, 1))
             ]
         );
-        assert!(!a.needs_refill, "full for bytes: nothing more could fit");
+        assert!(!a.needs_refill, "4 is known to be next");
         // An update that grows a held document pushes the last one out too.
         let a = w.apply(&change(
             Op::Update,
-            Some(&big(4, 1000, 1)),
-            Some(&big(4, 2000, 2)),
+            Some(&big(6, 1000, 1)),
+            Some(&big(6, 2000, 2)),
         ));
         assert_eq!(
             a.events,
             vec![
                 WindowEvent::Change {
-                    doc: big(4, 2000, 2),
-                    old: Box::new(big(4, 1000, 1))
+                    doc: big(6, 2000, 2),
+                    old: Box::new(big(6, 1000, 1))
                 },
-                WindowEvent::Remove(big(3, 1000, 1))
+                WindowEvent::Remove(big(5, 1000, 1))
             ]
         );
-        assert_eq!(ids(&w), [4]);
-        assert!(!a.needs_refill);
-        // Editing it in place without shrinking it frees nothing: still no refill.
+        assert_eq!(ids(&w), [6]);
+        // Shrinking it back lets the known next one in, without a load.
         let a = w.apply(&change(
             Op::Update,
-            Some(&big(4, 2000, 2)),
-            Some(&big(4, 2000, 3)),
+            Some(&big(6, 2000, 2)),
+            Some(&big(6, 1000, 3)),
         ));
-        assert!(!a.needs_refill);
-        // Shrinking it frees room: the window cannot know what fits now without a load.
-        let a = w.apply(&change(
-            Op::Update,
-            Some(&big(4, 2000, 3)),
-            Some(&big(4, 10, 4)),
-        ));
-        assert!(a.needs_refill);
-        let events = w.refill(vec![big(4, 10, 4), big(3, 1000, 1), big(2, 1000, 1)], false);
         assert_eq!(
-            events,
+            a.events,
             vec![
-                WindowEvent::Add(big(3, 1000, 1)),
-                WindowEvent::Add(big(2, 1000, 1))
+                WindowEvent::Change {
+                    doc: big(6, 1000, 3),
+                    old: Box::new(big(6, 2000, 2))
+                },
+                WindowEvent::Add(big(5, 1000, 1))
             ]
         );
+        assert!(
+            a.needs_refill,
+            "what follows 5 is unknown now, and there is room"
+        );
+    }
+
+    #[test]
+    fn changes_past_the_end_count_when_they_make_room_or_fit() {
+        // The next document shrinks: it fits now.
+        let (mut w, _) = two_of_five();
+        let a = w.apply(&change(
+            Op::Update,
+            Some(&big(3, 1000, 1)),
+            Some(&big(3, 300, 2)),
+        ));
+        assert_eq!(a.events, vec![WindowEvent::Add(big(3, 300, 2))]);
+        assert_eq!(ids(&w), [5, 4, 3]);
+
+        // A small document lands between the end and the next one: it fits.
+        let (mut w, _) = two_of_five();
+        let between = Document {
+            id: Uuid::from_u128(35),
+            created_at: at(3) + Duration::milliseconds(500),
+            updated_at: at(3) + Duration::milliseconds(500),
+            ..big(3, 300, 1)
+        };
+        let a = w.apply(&change(Op::Insert, None, Some(&between)));
+        assert_eq!(a.events, vec![WindowEvent::Add(between)]);
+        assert_eq!(ids(&w), [5, 4, 35]);
+        assert!(!a.needs_refill, "3 is still known to be next");
+
+        // The next one is deleted: what follows is unknown, and may fit.
+        let (mut w, _) = two_of_five();
+        let a = w.apply(&change(Op::Delete, Some(&big(3, 1000, 1)), None));
+        assert!(a.events.is_empty());
+        assert!(a.needs_refill);
+        let events = w.refill(vec![big(5, 1000, 1), big(4, 1000, 1), big(2, 300, 1)], true);
+        assert_eq!(events, vec![WindowEvent::Add(big(2, 300, 1))]);
+        assert_eq!(ids(&w), [5, 4, 2]);
+
+        // Editing a held document in place without freeing room loads nothing.
+        let (mut w, _) = two_of_five();
+        let a = w.apply(&change(
+            Op::Update,
+            Some(&big(4, 1000, 1)),
+            Some(&big(4, 999, 2)),
+        ));
+        assert_eq!(a.events.len(), 1);
+        assert!(!a.needs_refill, "3 is known and still does not fit");
+    }
+
+    #[test]
+    fn a_full_window_lets_the_next_document_in_when_one_leaves() {
+        // Limit 2 of 3 documents: the third is known past the end.
+        let mut w = Window::new(
+            spec(2),
+            usize::MAX,
+            vec![doc(3, true, 1), doc(2, true, 1), doc(1, true, 1)],
+            false,
+        );
+        let a = w.apply(&change(Op::Delete, Some(&doc(3, true, 1)), None));
+        assert_eq!(
+            a.events,
+            vec![
+                WindowEvent::Remove(doc(3, true, 1)),
+                WindowEvent::Add(doc(1, true, 1))
+            ]
+        );
+        assert_eq!(ids(&w), [2, 1]);
+        assert!(!a.needs_refill, "the window is full again");
     }
 }

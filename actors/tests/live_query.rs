@@ -252,8 +252,19 @@ async fn a_refill_resets_a_subscriber_resumed_from_further_ahead() {
         .expect("the window shows one of them");
     let mut ahead = subscribe(&actor, 2, OWNER, Some(Cursor::new(4, 0)), Cursor::new(2, 0)).await;
     assert_eq!(next(&mut ahead)["resumed"], true);
-    // The window's one document is deleted: it refills from a load.
-    feed_page(&actor, vec![delete(shown, 150, 1)], Cursor::new(3, 0)).await;
+    // Both documents are deleted, the one known past the window first: the window is empty
+    // and knows nothing past it, so it refills from a load.
+    let other = if shown.id == first.id {
+        &second
+    } else {
+        &first
+    };
+    feed_page(
+        &actor,
+        vec![delete(other, 149, 1), delete(shown, 150, 2)],
+        Cursor::new(3, 0),
+    )
+    .await;
     let removed = next(&mut here);
     assert_eq!(removed["event"], "remove", "{removed}");
     let reset = next(&mut ahead);
@@ -268,7 +279,7 @@ async fn a_refill_resets_a_subscriber_resumed_from_further_ahead() {
     assert!(ahead.try_recv().is_none());
     // From then on it follows like any other subscriber: a newer document enters.
     let third = doc(3, json!({}));
-    let mut entering = insert(&third, 151, 2);
+    let mut entering = insert(&third, 151, 3);
     entering.cursor = Cursor::new(3, 2);
     feed_page(&actor, vec![entering], Cursor::new(4, 0)).await;
     let added = next(&mut ahead);

@@ -461,9 +461,9 @@ impl Store {
             .map(Some)
     }
 
-    /// A query's first `limit + 1` documents (fewer once they pass `budget` bytes) and the
-    /// snapshot they were read in, so a live query can tell which later changes the load
-    /// already saw.
+    /// A query's first `limit + 1` documents (fewer once they pass `budget` bytes: see
+    /// [`query::run_window`]) and the snapshot they were read in, so a live query can tell which
+    /// later changes the load already saw.
     pub async fn snapshot(&self, spec: &QuerySpec, budget: usize) -> Result<Snapshot, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -485,7 +485,9 @@ impl Store {
         })?;
         let limit = i64::from(spec.limit) + 1;
         let compiled = query::compile(spec, None, None, limit);
-        let (docs, cut) = self.run_recorded(&mut tx, spec, &compiled, budget).await?;
+        let started = std::time::Instant::now();
+        let (docs, cut) = query::run_window(&mut tx, &compiled, budget).await?;
+        self.shapes.record(spec, started.elapsed());
         tx.commit().await?;
         Ok(Snapshot {
             docs,

@@ -557,6 +557,31 @@ fn bound(
     query
 }
 
+/// The compiled query's documents for a live query's window: they stop at the first one past
+/// the second whose documents hold more than `budget` bytes as the window counts them
+/// ([`vibe_actors::window::encoded_len`]), so the window gets what it holds and the document
+/// after it; and whether they stopped there. Rows past it are read and dropped by sqlx.
+pub(super) async fn run_window(
+    conn: &mut sqlx::PgConnection,
+    compiled: &Compiled,
+    budget: usize,
+) -> Result<(Vec<Document>, bool), StoreError> {
+    use futures_util::TryStreamExt as _;
+    let query = bound(compiled.sql.clone(), &compiled.binds);
+    let mut rows = query.fetch(conn);
+    let mut docs = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.try_next().await? {
+        let doc = document(&row)?;
+        bytes = bytes.saturating_add(vibe_actors::window::encoded_len(&doc));
+        docs.push(doc);
+        if bytes > budget && docs.len() >= 2 {
+            return Ok((docs, true));
+        }
+    }
+    Ok((docs, false))
+}
+
 /// The compiled query's documents, up to `budget` bytes of rows, and whether it was cut there.
 pub(super) async fn run(
     conn: &mut sqlx::PgConnection,
