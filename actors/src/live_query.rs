@@ -56,8 +56,9 @@ pub struct Snapshot {
 
 /// Where live queries load their windows from (the server's store implements it).
 pub trait SnapshotSource: Send + Sync + std::fmt::Debug + 'static {
-    /// The query's documents, stopping once they hold more than `budget` bytes (the one that
-    /// crosses it included; [`Snapshot::cut`] then says so).
+    /// The query's documents, stopping once they hold more than `budget` bytes as
+    /// [`crate::window::encoded_len`] counts them — with the one that crosses it, and never before
+    /// two, so the window knows the document past what it holds ([`Snapshot::cut`] then says so).
     fn load(&self, spec: Arc<QuerySpec>, budget: usize) -> BoxFuture<Result<Snapshot, String>>;
 }
 

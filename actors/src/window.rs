@@ -120,12 +120,7 @@ impl Window {
     /// Applies one change of this query's type.
     pub fn apply(&mut self, change: &Change) -> Applied {
         let held_before = self.held;
-        // In an incomplete window every unseen match sorts after the last known document.
-        let boundary = if self.complete {
-            None
-        } else {
-            self.docs.last().cloned()
-        };
+        let last = self.docs.len().checked_sub(1);
         let old = self
             .docs
             .iter()
@@ -134,6 +129,13 @@ impl Window {
                 self.sizes.remove(i);
                 (i, self.docs.remove(i))
             });
+        // In an incomplete window every unseen match sorts after the last known document (the
+        // changed one's old version, if it was the last).
+        let boundary = match &old {
+            _ if self.complete => None,
+            Some((i, doc)) if Some(*i) == last => Some(doc),
+            _ => self.docs.last(),
+        };
         let new = change.document().filter(|d| self.spec.matches(d));
         let mut placed = None;
         if let Some(doc) = new {
@@ -143,9 +145,7 @@ impl Window {
             // Past the last known document of an incomplete window, unseen matches may come
             // first: the document's place is unknown, so it is not in the window. Not sorting
             // after the boundary (as when the last document is edited in place) is known.
-            let before_boundary = boundary
-                .as_ref()
-                .is_some_and(|b| !self.spec.order(&doc, b).is_gt());
+            let before_boundary = boundary.is_some_and(|b| !self.spec.order(&doc, b).is_gt());
             if at < self.docs.len() || self.complete || before_boundary {
                 self.sizes.insert(at, encoded_len(&doc));
                 self.docs.insert(at, doc);
