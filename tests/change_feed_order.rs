@@ -392,6 +392,15 @@ async fn a_feed_recovers_from_transaction_ids_going_backwards() {
     common::drop_database(&name).await;
 }
 
+/// A connection listening on the feed's doorbell channel, as a node's listener has.
+async fn doorbell_listener(pool: &PgPool) -> sqlx::postgres::PgListener {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .unwrap();
+    listener.listen(vibe::feed::DOORBELL_CHANNEL).await.unwrap();
+    listener
+}
+
 /// A tick that cuts a batch rings the doorbell itself (its node's id as payload) and brings the
 /// batch's first page; the rest follows with plain reads, in order; a tick with nothing new cuts
 /// nothing; a tick after a pruned cursor still answers `CursorExpired`.
@@ -400,10 +409,7 @@ async fn a_tick_rings_the_doorbell_and_brings_the_first_page() {
     let (name, pool) = migrated_pool().await;
     let feed = Feed::new(pool.clone());
     let start = feed.head().await.unwrap();
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
-        .await
-        .unwrap();
-    listener.listen(vibe::feed::DOORBELL_CHANNEL).await.unwrap();
+    let mut listener = doorbell_listener(&pool).await;
 
     sqlx::query(
         "INSERT INTO documents (id, owner_did, type, data) \
@@ -479,10 +485,7 @@ async fn ticks_on_the_listen_connection_get_their_own_ring_with_the_reply() {
     let (name, pool) = migrated_pool().await;
     let feed = Feed::new(pool.clone());
     let start = feed.head().await.unwrap();
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
-        .await
-        .unwrap();
-    listener.listen(vibe::feed::DOORBELL_CHANNEL).await.unwrap();
+    let mut listener = doorbell_listener(&pool).await;
     for _ in 0..3 {
         sqlx::query(INSERT)
             .bind(Uuid::now_v7())
