@@ -174,13 +174,24 @@ pub enum LiveQueryMsg {
     Unsubscribe {
         conn_id: u64,
     },
-    /// Changes before this position were lost to this node: reload, and reset every subscriber
-    /// with the certificate book as of it.
-    Resync(Cursor, CertificateBook),
+    /// Changes were lost to this node: reload, and reset every subscriber.
+    Resync(Box<ResyncMsg>),
     /// Certificates changed: re-evaluate what the affected subscribers may see.
     Credentials(Arc<CredentialsMsg>),
     /// Fault injection for tests: the handler fails, as a bug would.
     Crash,
+}
+
+// Every idle live query's mailbox holds a message-sized node, so a payload of more than a pointer
+// is boxed: an inline certificate book once cost each of 100,000 idle live queries ~240 B
+// (docs/benchmarks.md, live queries at scale).
+const _: () = assert!(std::mem::size_of::<LiveQueryMsg>() <= 16);
+
+/// Changes before `position` were lost to this node; `book` is the certificate book as of it.
+#[derive(Debug)]
+pub struct ResyncMsg {
+    pub position: Cursor,
+    pub book: CertificateBook,
 }
 
 /// A page of changes of this query's type in feed order, the indexes of those that concern
@@ -228,7 +239,7 @@ impl std::fmt::Debug for LiveQueryMsg {
             }
             LiveQueryMsg::Subscribe(s) => write!(f, "Subscribe(since {:?})", s.since),
             LiveQueryMsg::Unsubscribe { conn_id } => write!(f, "Unsubscribe({conn_id})"),
-            LiveQueryMsg::Resync(p, _) => write!(f, "Resync({p})"),
+            LiveQueryMsg::Resync(r) => write!(f, "Resync({})", r.position),
             LiveQueryMsg::Credentials(c) => write!(f, "Credentials({})", c.cursor),
             LiveQueryMsg::Crash => f.write_str("Crash"),
         }
@@ -320,7 +331,7 @@ pub fn start(args: LiveQueryArgs, on_exit: impl FnOnce(Exit) + Send + 'static) -
     // A panicking handler must not take the node down, nor leave its subscribers waiting for
     // events that never come: it fails like an error, and the supervisor restarts it. Built from
     // combinators rather than an async block, which would hold the loop's state twice.
-    let task = AssertUnwindSafe(run(args, messages))
+    let task = AssertUnwindSafe(run(Box::new(args), messages))
         .catch_unwind()
         .map(move |result| {
             let exit = match result {
@@ -338,10 +349,13 @@ pub fn start(args: LiveQueryArgs, on_exit: impl FnOnce(Exit) + Send + 'static) -
 /// The query's task: the load, then one message at a time until every address is gone or one
 /// fails.
 async fn run(
-    args: LiveQueryArgs,
+    args: Box<LiveQueryArgs>,
     mut messages: mpsc::UnboundedReceiver<LiveQueryMsg>,
 ) -> Result<(), LiveQueryError> {
-    // Boxed: the load's future is large and only needed once.
+    // The task an idle query keeps is this future, allocated once per live query: everything
+    // in it is boxed (the arguments, the load's future, the state), because a future keeps a
+    // value it awaits or returns in a slot of its own beside its locals — with the state inline
+    // the task took 1,384 bytes for a 416-byte state; now 88.
     let mut state = Box::pin(LiveQueryState::load(args)).await?;
     while let Some(message) = messages.next().await {
         // Boxed per message, so the task an idle query keeps is small: handling a page (with
@@ -353,13 +367,14 @@ async fn run(
 }
 
 impl LiveQueryState {
-    async fn load(args: LiveQueryArgs) -> Result<Self, LiveQueryError> {
+    async fn load(args: Box<LiveQueryArgs>) -> Result<Box<Self>, LiveQueryError> {
         let snapshot = args
             .source
             .load(args.spec.clone(), args.window_bytes)
             .await
             .map_err(LiveQueryError::Load)?;
-        let mut state = LiveQueryState {
+        let args = *args;
+        let mut state = Box::new(LiveQueryState {
             sub_id: args.sub_id,
             window: Window::new(args.spec, args.window_bytes, snapshot.docs, snapshot.cut),
             position: args.start,
@@ -372,7 +387,7 @@ impl LiveQueryState {
             frames: Vec::new(),
             source: args.source,
             book: args.book,
-        };
+        });
         for subscriber in args.resync {
             let frame = state.reset_frame(&subscriber.caller, args.start);
             let _ = subscriber.outbox.send(frame);
@@ -414,7 +429,8 @@ impl LiveQueryState {
             LiveQueryMsg::Unsubscribe { conn_id } => {
                 self.subscribers.remove(conn_id);
             }
-            LiveQueryMsg::Resync(position, book) => {
+            LiveQueryMsg::Resync(resync) => {
+                let ResyncMsg { position, book } = *resync;
                 self.book = book;
                 let spec = self.window.spec().clone();
                 let snapshot = self

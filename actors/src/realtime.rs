@@ -23,8 +23,8 @@ use chrono::{DateTime, Utc};
 use crate::certs::{CERTIFICATE_TYPE, CertificateBook};
 use crate::change::{Change, Cursor};
 use crate::live_query::{
-    ByConnection, CredentialsMsg, Exit, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, SnapshotSource,
-    Subscriber,
+    ByConnection, CredentialsMsg, Exit, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ResyncMsg,
+    SnapshotSource, Subscriber,
 };
 use crate::query::QuerySpec;
 use crate::query_index::{QueryId, QueryIndex};
@@ -516,9 +516,10 @@ impl Actor for DocType {
                 state.position = position;
                 state.book = book;
                 for entry in state.entries.values() {
-                    let _ = entry
-                        .actor
-                        .cast(LiveQueryMsg::Resync(position, state.book.clone()));
+                    let _ = entry.actor.cast(LiveQueryMsg::Resync(Box::new(ResyncMsg {
+                        position,
+                        book: state.book.clone(),
+                    })));
                 }
             }
             DocTypeMsg::Credentials(message) => {

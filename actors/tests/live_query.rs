@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
 use vibe_actors::live_query::{
-    BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, Snapshot, SnapshotSource, Subscriber,
+    BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ResyncMsg, Snapshot, SnapshotSource,
+    Subscriber,
 };
 use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
@@ -362,7 +363,10 @@ async fn a_resync_reloads_and_resets_every_subscriber() {
     let mut rx = subscribe(&actor, 1, OWNER, None, Cursor::new(2, 0)).await;
     next(&mut rx);
     actor
-        .cast(LiveQueryMsg::Resync(Cursor::new(9, 0), Default::default()))
+        .cast(LiveQueryMsg::Resync(Box::new(ResyncMsg {
+            position: Cursor::new(9, 0),
+            book: Default::default(),
+        })))
         .unwrap();
     // Messages are handled in order: once this subscribe returns, the resync has been handled.
     let _later = subscribe(&actor, 2, OWNER, None, Cursor::new(9, 0)).await;
@@ -394,7 +398,10 @@ async fn a_resync_applies_the_certificates_read_again() {
     };
     let book = vibe_actors::certs::CertificateBook::new([issued], Utc::now());
     actor
-        .cast(LiveQueryMsg::Resync(Cursor::new(9, 0), book))
+        .cast(LiveQueryMsg::Resync(Box::new(ResyncMsg {
+            position: Cursor::new(9, 0),
+            book,
+        })))
         .unwrap();
     let _later = subscribe(&actor, 2, BOB, None, Cursor::new(9, 0)).await;
     let reset = next(&mut rx);
