@@ -433,6 +433,56 @@ async fn refresh_token_replay_revokes_the_whole_family() {
     server.finish().await;
 }
 
+/// RFC 7009 revocation of one access token closes the connections that use it and no other:
+/// not one on a sibling access token of the same grant, not the user's first-party one.
+#[tokio::test]
+async fn a_revoked_access_token_closes_only_its_own_connections() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let first_party = first_party_token(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let first = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let (access1, refresh1) = (
+        field(&first, "access_token"),
+        field(&first, "refresh_token"),
+    );
+    let (status, second) = refresh(&server, &client, refresh1).await;
+    assert_eq!(status, 200, "{second}");
+    let access2 = field(&second, "access_token");
+
+    let query = json!({"op": "read", "type": "posts", "where": {"data.status": "open"}});
+    let mut connections = Vec::new();
+    for token in [access1, access2, first_party.as_str()] {
+        let mut ws = Ws::connect(&server.base, Some(token)).await;
+        let reply = ws.request(query.clone()).await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        let sub = reply["sub"].clone();
+        connections.push((ws, sub));
+    }
+    let r = post_as_client(&server, &client, "/oauth/revoke", &[("token", access1)]).await;
+    assert_eq!(r, (200, json!({})));
+    let (mut revoked, _) = connections.remove(0);
+    assert_eq!(
+        revoked.closed_with().await,
+        Some(vibe::ws::CLOSE_TOKEN_REVOKED)
+    );
+    // The others are open and receive what is written after the revocation.
+    let post = server
+        .post(&first_party, "posts", json!({"data": {"status": "open"}}))
+        .await;
+    for (ws, sub) in &mut connections {
+        let event = ws.event(sub).await;
+        assert_eq!(
+            (event["event"].as_str(), &event["doc"]["id"]),
+            (Some("add"), &post["id"])
+        );
+    }
+    assert_api_error(&list_posts(&server, access1).await, 401, "token_revoked");
+    assert_eq!(list_posts(&server, access2).await.0, 200);
+    server.finish().await;
+}
+
 #[tokio::test]
 async fn tampered_narrow_and_attenuated_tokens_are_refused() {
     use biscuit_auth::Biscuit;

@@ -5,14 +5,18 @@
 //! The list lives in `token_revocations`; each node keeps it in memory and reads the rows after
 //! the last `seq` it saw: at once after its own revocations, and on a short poll for other
 //! nodes'. Every token check consults the memory copy only (no database round trip per request).
-//! Live connections watch [`Revocations::changed`] and re-check their token when it moves.
+//! A live connection holds a [`RevocationWatch`] for its token and is woken only by a revocation
+//! that names the token's grant or the token itself — not by every revocation on the node (each
+//! one would otherwise wake every connection: a revocation a user can cause, say by logging out,
+//! would cost the whole node's connections a wake-up and a token check).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify};
 use uuid::Uuid;
 
 /// Serialises revocation writers across nodes ("vibervk").
@@ -59,14 +63,30 @@ impl Lists {
     }
 }
 
+/// What a watch waits on: a grant, or a token by a hash of its revocation id (a 128-character
+/// signature in hex; a collision only costs a needless re-check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum WatchKey {
+    Grant(Uuid),
+    Token(u64),
+}
+
+/// The live connections' watches, by what would revoke their token.
+#[derive(Debug, Default)]
+struct Watchers {
+    next_id: u64,
+    by_key: HashMap<WatchKey, HashMap<u64, Arc<Notify>>>,
+}
+
 /// This node's copy of the revocation list.
 #[derive(Debug)]
 pub struct Revocations {
     lists: RwLock<Lists>,
     /// The highest `seq` read; the mutex also keeps two reads from racing.
     seen: Mutex<i64>,
-    /// Bumped whenever the lists grow.
-    generation: watch::Sender<u64>,
+    watchers: std::sync::Mutex<Watchers>,
+    /// Keys the token hashes of [`WatchKey::Token`] (random per process).
+    token_hasher: RandomState,
 }
 
 impl Default for Revocations {
@@ -74,7 +94,46 @@ impl Default for Revocations {
         Self {
             lists: RwLock::default(),
             seen: Mutex::new(0),
-            generation: watch::Sender::new(0),
+            watchers: std::sync::Mutex::default(),
+            token_hasher: RandomState::new(),
+        }
+    }
+}
+
+/// A live connection's watch on its token: [`RevocationWatch::notify`] is notified when a
+/// revocation names the token's grant or the token. Unregisters on drop.
+#[derive(Debug)]
+pub struct RevocationWatch {
+    revocations: Arc<Revocations>,
+    id: u64,
+    /// The hash of the token's revocation id.
+    token: u64,
+    grant: Option<Uuid>,
+    notify: Arc<Notify>,
+}
+
+impl RevocationWatch {
+    fn keys(&self) -> impl Iterator<Item = WatchKey> + use<> {
+        std::iter::once(WatchKey::Token(self.token)).chain(self.grant.map(WatchKey::Grant))
+    }
+
+    /// Notified (one stored permit) when something revoked may concern the token: the holder
+    /// checks the token again.
+    pub fn notify(&self) -> &Arc<Notify> {
+        &self.notify
+    }
+}
+
+impl Drop for RevocationWatch {
+    fn drop(&mut self) {
+        let mut watchers = self.revocations.lock_watchers();
+        for key in self.keys() {
+            if let Some(watches) = watchers.by_key.get_mut(&key) {
+                watches.remove(&self.id);
+                if watches.is_empty() {
+                    watchers.by_key.remove(&key);
+                }
+            }
         }
     }
 }
@@ -83,16 +142,67 @@ impl Revocations {
     /// Is a token of `grant` with authority revocation id `token_id` revoked?
     pub fn is_revoked(&self, grant: Option<Uuid>, token_id: &str) -> bool {
         // A poisoned lock means a panic while inserting into a set: the sets are still sound.
-        let lists = self
-            .lists
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lists = self.lists.read().unwrap_or_else(PoisonError::into_inner);
         grant.is_some_and(|g| lists.grants.contains_key(&g)) || lists.tokens.contains_key(token_id)
     }
 
-    /// Moves (to a new generation) whenever something is revoked on any node.
-    pub fn changed(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+    /// A watch on the token of `grant` with authority revocation id `token_id` (see
+    /// [`Revocations::is_revoked`]). Check the token once after creating it: a revocation applied
+    /// in between notifies nobody.
+    pub fn watch(self: &Arc<Self>, grant: Option<Uuid>, token_id: &str) -> RevocationWatch {
+        let notify = Arc::new(Notify::new());
+        let mut watchers = self.lock_watchers();
+        let id = watchers.next_id;
+        watchers.next_id += 1;
+        let watch = RevocationWatch {
+            revocations: self.clone(),
+            id,
+            token: self.token_hasher.hash_one(token_id),
+            grant,
+            notify,
+        };
+        for key in watch.keys() {
+            watchers
+                .by_key
+                .entry(key)
+                .or_default()
+                .insert(id, watch.notify.clone());
+        }
+        drop(watchers);
+        watch
+    }
+
+    fn lock_watchers(&self) -> std::sync::MutexGuard<'_, Watchers> {
+        // Inserts and removals of whole entries: a panic cannot leave the maps half-changed.
+        self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds `revoked` to the lists and notifies the watches it concerns.
+    fn apply(&self, revoked: &[(Revoked, chrono::DateTime<chrono::Utc>)]) {
+        {
+            let mut lists = self.lists.write().unwrap_or_else(PoisonError::into_inner);
+            for (name, expires_at) in revoked {
+                match name {
+                    Revoked::Grant(id) => lists.grants.insert(*id, *expires_at),
+                    Revoked::Token(id) => lists.tokens.insert(id.clone(), *expires_at),
+                };
+            }
+        }
+        let watchers = self.lock_watchers();
+        for (name, _) in revoked {
+            let key = match name {
+                Revoked::Grant(id) => WatchKey::Grant(*id),
+                Revoked::Token(id) => WatchKey::Token(self.token_hasher.hash_one(id)),
+            };
+            for notify in watchers
+                .by_key
+                .get(&key)
+                .into_iter()
+                .flat_map(HashMap::values)
+            {
+                notify.notify_one();
+            }
+        }
     }
 
     /// Records revocations in the database (in `tx`'s transaction), valid until `expires_at`
@@ -136,25 +246,18 @@ impl Revocations {
         let Some(&(last, _, _)) = rows.last() else {
             return Ok(());
         };
-        {
-            let mut lists = self
-                .lists
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (_, name, expires_at) in &rows {
-                match Revoked::decode(name) {
-                    Some(Revoked::Grant(id)) => {
-                        lists.grants.insert(id, *expires_at);
-                    }
-                    Some(Revoked::Token(id)) => {
-                        lists.tokens.insert(id, *expires_at);
-                    }
-                    None => tracing::warn!(%name, "unreadable token revocation row"),
+        let revoked: Vec<_> = rows
+            .into_iter()
+            .filter_map(|(_, name, expires_at)| {
+                let decoded = Revoked::decode(&name);
+                if decoded.is_none() {
+                    tracing::warn!(%name, "unreadable token revocation row");
                 }
-            }
-        }
+                decoded.map(|revoked| (revoked, expires_at))
+            })
+            .collect();
+        self.apply(&revoked);
         *seen = last;
-        self.generation.send_modify(|g| *g += 1);
         Ok(())
     }
 
@@ -162,22 +265,14 @@ impl Revocations {
     /// checks).
     #[cfg(test)]
     pub(crate) fn apply_locally(&self, revoked: Revoked) {
-        let mut lists = self
-            .lists
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let forever = chrono::DateTime::<chrono::Utc>::MAX_UTC;
-        match revoked {
-            Revoked::Grant(id) => lists.grants.insert(id, forever),
-            Revoked::Token(id) => lists.tokens.insert(id, forever),
-        };
+        self.apply(&[(revoked, chrono::DateTime::<chrono::Utc>::MAX_UTC)]);
     }
 
     /// Drops the entries past their expiry: the tokens they concern no longer verify.
     fn forget_expired(&self, now: chrono::DateTime<chrono::Utc>) {
         self.lists
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .forget_expired(now);
     }
 
@@ -249,5 +344,50 @@ mod tests {
         assert!(revocations.is_revoked(Some(live), "other"));
         let lists = revocations.lists.read().unwrap();
         assert_eq!((lists.grants.len(), lists.tokens.len()), (1, 0));
+    }
+
+    /// Whether the watch was notified since it was last asked (takes the stored permit).
+    fn notified(watch: &RevocationWatch) -> bool {
+        use futures_util::FutureExt;
+        watch.notify().notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_revocation_wakes_only_the_watches_it_concerns() {
+        let revocations = Arc::new(Revocations::default());
+        let (grant, other_grant) = (Uuid::now_v7(), Uuid::now_v7());
+        let of_grant = revocations.watch(Some(grant), "t-1");
+        let of_other_grant = revocations.watch(Some(other_grant), "t-2");
+        let of_token = revocations.watch(None, "t-3");
+        let of_same_token = revocations.watch(None, "t-3");
+
+        revocations.apply_locally(Revoked::Grant(grant));
+        assert_eq!(
+            [&of_grant, &of_other_grant, &of_token, &of_same_token].map(notified),
+            [true, false, false, false]
+        );
+        revocations.apply_locally(Revoked::Token("t-3".into()));
+        assert_eq!(
+            [&of_grant, &of_other_grant, &of_token, &of_same_token].map(notified),
+            [false, false, true, true]
+        );
+        // A token's own revocation id reaches a watch that also has a grant.
+        revocations.apply_locally(Revoked::Token("t-2".into()));
+        assert_eq!([&of_grant, &of_other_grant].map(notified), [false, true]);
+    }
+
+    #[test]
+    fn dropped_watches_leave_nothing_behind() {
+        let revocations = Arc::new(Revocations::default());
+        let grant = Uuid::now_v7();
+        let watches: Vec<_> = (0..3)
+            .map(|i| revocations.watch(Some(grant), &format!("t-{i}")))
+            .collect();
+        assert_eq!(revocations.lock_watchers().by_key.len(), 4);
+        drop(watches);
+        assert!(revocations.lock_watchers().by_key.is_empty());
+        // Revoking with nobody watching notifies nothing and still revokes.
+        revocations.apply_locally(Revoked::Grant(grant));
+        assert!(revocations.is_revoked(Some(grant), "t-0"));
     }
 }

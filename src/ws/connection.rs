@@ -29,10 +29,11 @@ use vibe_actors::realtime::{RealtimeMsg, SubscribeError, SubscribeRequest};
 use crate::app::App;
 use crate::auth::{Access, AuthError, Claims};
 use crate::http::ApiError;
+use crate::identity::revocation::RevocationWatch;
 use crate::store::StoreError;
 
 /// Who a connection acts as.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Identity {
     pub subject: String,
     /// Kept to re-check scopes and attenuations per request.
@@ -42,16 +43,32 @@ pub struct Identity {
     /// The token is attenuated: its checks (a time limit, say) may stop passing before its
     /// expiry, so held subscriptions are checked again every `ws.attenuation_recheck`.
     pub attenuated: bool,
+    /// Notified when a revocation names this token or its grant (and only then).
+    revocation: RevocationWatch,
 }
 
-/// Checks a token's signature and expiry (its attenuations are checked per request).
+/// Checks a token's signature and expiry (its attenuations are checked per request), and
+/// starts watching for its revocation.
 pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
     let claims = app.tokens.identify(token)?;
+    let revocation = app
+        .tokens
+        .revocations()
+        .watch(claims.grant, &claims.token_id);
+    // A revocation applied between the check above and the watch notified nobody.
+    if app
+        .tokens
+        .revocations()
+        .is_revoked(claims.grant, &claims.token_id)
+    {
+        return Err(AuthError::Revoked.into());
+    }
     Ok(Identity {
         subject: claims.subject.clone(),
         token: token.to_owned(),
         expires_at: claims.expires_at,
         attenuated: app.tokens.is_attenuated(token),
+        revocation,
     })
 }
 
@@ -88,6 +105,11 @@ impl Session {
         self.identity
             .as_ref()
             .is_some_and(|i| matches!(self.app.tokens.identify(&i.token), Err(AuthError::Revoked)))
+    }
+
+    /// What is notified when the identity's token may have been revoked (None before `auth`).
+    pub fn revocation_notify(&self) -> Option<&Arc<tokio::sync::Notify>> {
+        self.identity.as_ref().map(|i| i.revocation.notify())
     }
 
     /// Whether the identity's token is attenuated (see [`Identity::attenuated`]).

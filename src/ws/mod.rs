@@ -181,8 +181,10 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
     let mut rechecking = false;
     let attenuation_due = tokio::time::sleep_until(auth_deadline);
     tokio::pin!(shutting_down, token_expired, attenuation_due);
-    // Revocations are rare: one boxed wait per connection, re-armed only when one happens.
-    let mut revocation = wait_for_revocation(app.tokens.revocations().changed());
+    // A wait on the identity's revocation watch: boxed once per identity (and re-armed when it
+    // fires), not per loop turn. Only a revocation of this connection's token wakes it.
+    let mut watched: Option<Arc<tokio::sync::Notify>> = None;
+    let mut revocation = wait_for_revocation(None);
     let mut recheck_token = false;
     metrics::gauge!("vibe_ws_connections").increment(1.0);
 
@@ -232,6 +234,15 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
                     return End::Close(CLOSE_TOKEN_REVOKED, b"token revoked: access was withdrawn");
                 }
             }
+            // (Not while a request holds the session: a notification meanwhile is kept as the
+            // Notify's permit.)
+            if let Some(s) = &session {
+                let notify = s.revocation_notify();
+                if notify.map(Arc::as_ptr) != watched.as_ref().map(Arc::as_ptr) {
+                    watched = notify.cloned();
+                    revocation = wait_for_revocation(watched.clone());
+                }
+            }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
             if let Some(s) = &session
                 && s.attenuated() != rechecking
@@ -267,8 +278,8 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
                         .as_mut()
                         .reset(tokio::time::Instant::now() + config.attenuation_recheck);
                 }
-                changes = &mut revocation => {
-                    revocation = wait_for_revocation(changes);
+                () = &mut revocation => {
+                    revocation = wait_for_revocation(watched.clone());
                     recheck_token = true;
                 }
                 done = next_of(&mut handling), if handling.is_some() => {
@@ -432,17 +443,14 @@ async fn write_all(io: &mut Io, bytes: &[u8]) -> Result<(), End> {
     Ok(())
 }
 
-/// Resolves (handing the receiver back) when the revocation list next grows; pending forever if
-/// the list's sender is gone.
+/// Resolves when `watch` is next notified (pending forever without one: not authenticated).
 fn wait_for_revocation(
-    mut changes: tokio::sync::watch::Receiver<u64>,
-) -> Pin<Box<dyn Future<Output = tokio::sync::watch::Receiver<u64>> + Send>> {
-    Box::pin(async move {
-        if changes.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        changes
-    })
+    watch: Option<Arc<tokio::sync::Notify>>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    match watch {
+        Some(notify) => Box::pin(notify.notified_owned()),
+        None => Box::pin(std::future::pending()),
+    }
 }
 
 /// The output of the future in `slot` (pending forever when there is none: select! evaluates a
