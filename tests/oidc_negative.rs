@@ -394,20 +394,25 @@ async fn token_endpoint_refuses_bad_redemptions() {
     server.finish().await;
 }
 
+/// Ada's first tokens from `client`, and the response to refreshing them once.
+async fn tokens_refreshed_once(server: &TestServer, client: &RegisteredClient) -> (Value, Value) {
+    let mut browser = Browser::new();
+    let first = app_tokens(server, &mut browser, client, SCOPE, "ada").await;
+    let (status, second) = refresh(server, client, field(&first, "refresh_token")).await;
+    assert_eq!(status, 200, "{second}");
+    (first, second)
+}
+
 #[tokio::test]
 async fn refresh_token_replay_revokes_the_whole_family() {
     let server = TestServer::start().await;
     sign_up(&server, "ada").await;
     let client = register_client(&server, false, SCOPE).await;
-    let mut browser = Browser::new();
-    let first = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let (first, second) = tokens_refreshed_once(&server, &client).await;
     let (access1, refresh1) = (
         field(&first, "access_token"),
         field(&first, "refresh_token"),
     );
-
-    let (status, second) = refresh(&server, &client, refresh1).await;
-    assert_eq!(status, 200, "{second}");
     let (access2, refresh2) = (
         field(&second, "access_token"),
         field(&second, "refresh_token"),
@@ -441,15 +446,11 @@ async fn a_revoked_access_token_closes_only_its_own_connections() {
     sign_up(&server, "ada").await;
     let first_party = first_party_token(&server, "ada").await;
     let client = register_client(&server, false, SCOPE).await;
-    let mut browser = Browser::new();
-    let first = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
-    let (access1, refresh1) = (
+    let (first, second) = tokens_refreshed_once(&server, &client).await;
+    let (access1, access2) = (
         field(&first, "access_token"),
-        field(&first, "refresh_token"),
+        field(&second, "access_token"),
     );
-    let (status, second) = refresh(&server, &client, refresh1).await;
-    assert_eq!(status, 200, "{second}");
-    let access2 = field(&second, "access_token");
 
     let query = json!({"op": "read", "type": "posts", "where": {"data.status": "open"}});
     let mut connections = Vec::new();
