@@ -51,16 +51,10 @@ pub struct Identity {
 /// starts watching for its revocation.
 pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
     let claims = app.tokens.identify(token)?;
-    let revocation = app
-        .tokens
-        .revocations()
-        .watch(claims.grant, &claims.token_id);
+    let revocations = app.tokens.revocations();
+    let revocation = revocations.watch(claims.grant, &claims.token_id);
     // A revocation applied between the check above and the watch notified nobody.
-    if app
-        .tokens
-        .revocations()
-        .is_revoked(claims.grant, &claims.token_id)
-    {
+    if revocations.is_revoked(claims.grant, &claims.token_id) {
         return Err(AuthError::Revoked.into());
     }
     Ok(Identity {
