@@ -95,4 +95,12 @@ impl App {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
     }
+
+    /// Whether `cursor` is past the feed's head: it was never issued (a reader resuming from it
+    /// would wait for nothing, then skip whatever lands before it). The node's head may trail
+    /// the database's, so that is asked when the node's alone says so.
+    pub async fn is_ahead_of_feed(&self, cursor: Cursor) -> Result<bool, crate::feed::FeedError> {
+        let past_node_head = cursor > *self.feed_head.borrow();
+        Ok(past_node_head && cursor > self.feed.head().await?)
+    }
 }

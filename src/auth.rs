@@ -442,6 +442,48 @@ impl TokenAuthority {
             .is_none_or(|b| b.block_count() > 1)
     }
 
+    /// The scopes of `token` (whose claims are `claims`) that its own checks let it use now:
+    /// what introspection may call active. A token without appended blocks keeps them all; an
+    /// attenuated one keeps each scope its checks pass for, tried with the access it names and
+    /// its type (a wildcard without one, so a check naming a type drops it: the answer may say
+    /// less than the token can do, never more). `*` narrows to `read:*` or `write:*` when only
+    /// one of them passes.
+    pub fn usable_scopes(&self, token: &str, claims: &Claims) -> Vec<Scope> {
+        if !self.is_attenuated(token) {
+            return claims.scopes.clone();
+        }
+        let passes = |access: Access, selector: &TypeSelector| {
+            let doc_type = match selector {
+                TypeSelector::Any => None,
+                TypeSelector::Type(t) => Some(t.as_str()),
+            };
+            self.verify(token, access, doc_type).is_ok()
+        };
+        let mut usable = Vec::new();
+        for scope in &claims.scopes {
+            match scope {
+                Scope::All => match (
+                    passes(Access::Read, &TypeSelector::Any),
+                    passes(Access::Write, &TypeSelector::Any),
+                ) {
+                    (true, true) => usable.push(Scope::All),
+                    (true, false) => usable.push(Scope::Read(TypeSelector::Any)),
+                    (false, true) => usable.push(Scope::Write(TypeSelector::Any)),
+                    (false, false) => {}
+                },
+                Scope::Read(s) if passes(Access::Read, s) => usable.push(scope.clone()),
+                Scope::Write(s) if passes(Access::Write, s) => usable.push(scope.clone()),
+                Scope::Admin if self.verify(token, Access::Admin, None).is_ok() => {
+                    usable.push(Scope::Admin);
+                }
+                _ => {}
+            }
+        }
+        usable.sort();
+        usable.dedup();
+        usable
+    }
+
     /// Checks signature and expiry and reads the claims, without running the checks of
     /// appended blocks (they depend on each request; [`TokenAuthority::verify`] runs them).
     pub fn identify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {

@@ -161,6 +161,7 @@ pub struct WsConfig {
     #[serde(with = "humantime_serde")]
     pub attenuation_recheck: Duration,
     pub replay_buffer: usize,
+    pub replay_buffer_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
 }
@@ -236,6 +237,8 @@ pub struct IdentityConfig {
     pub signing_key_overlap: Duration,
     #[serde(with = "humantime_serde")]
     pub revocation_poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub signing_key_reload_interval: Duration,
     pub login_attempts_per_minute: u32,
     pub login_attempts_per_minute_per_address: u32,
     pub argon2_memory_kib: u32,
@@ -504,6 +507,10 @@ impl Config {
             (
                 "identity.revocation_poll_interval",
                 id.revocation_poll_interval,
+            ),
+            (
+                "identity.signing_key_reload_interval",
+                id.signing_key_reload_interval,
             ),
         ] {
             if d.is_zero() {

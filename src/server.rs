@@ -210,7 +210,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         .sync(store.pool())
         .await
         .map_err(ServerError::Revocations)?;
-    let feed = Feed::new(store.pool().clone());
+    let feed = Feed::new(store.pool().clone()).with_page_bytes(config.http.max_page_bytes);
     if feed.recover_from_xid_reset().await? {
         tracing::error!(
             "the database's transaction ids went backwards since the change feed's last tick \
@@ -226,7 +226,10 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             store: store.clone(),
             feed: feed.clone(),
         }),
-        replay_capacity: config.ws.replay_buffer,
+        replay: vibe_actors::live_query::ReplayLimit {
+            events: config.ws.replay_buffer,
+            bytes: config.ws.replay_buffer_bytes,
+        },
         window_bytes: config.query.max_window_bytes,
         linger: config.ws.linger,
         max_live_queries: config.query.max_live_queries,
@@ -292,6 +295,8 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         config.identity.revocation_poll_interval,
         stopped(shutdown.clone()),
     )));
+    let keys_stop = stopped(shutdown.clone());
+    let keys_reload = config.identity.signing_key_reload_interval;
     let grace = config.http.shutdown_grace;
     let app = Arc::new(App::new(
         config,
@@ -308,6 +313,10 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             shutdown,
         },
     ));
+    background.push(tokio::spawn({
+        let app = app.clone();
+        async move { app.identity.signing.run(keys_reload, keys_stop).await }
+    }));
     let (stop, stopped) = oneshot::channel::<()>();
     let serving = tokio::spawn(crate::http::serve(
         tcp,

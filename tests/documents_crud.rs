@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{ALICE, BOB, CAROL, TestServer};
+use common::{ALICE, BOB, CAROL, TestServer, Ws};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use vibe::wire::{Document, DocumentPage};
@@ -383,6 +383,66 @@ async fn acl_governs_other_users_and_the_global_index() {
         StatusCode::FORBIDDEN
     );
     pool.close().await;
+    s.finish().await;
+}
+
+/// A token that may write a type but not read it gets only the new revision back from a write,
+/// over REST and over the WebSocket, even for the caller's own documents: the reply would
+/// otherwise read the document for it.
+#[tokio::test]
+async fn a_write_only_token_gets_no_content_back_from_writes() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let write_only = s.token(ALICE, &["write:posts"]);
+    let doc = create(&s, &alice, json!({"data": {"secret": 1}})).await;
+    let url = s.url(&format!("/v1/docs/posts/{}", doc.id));
+
+    let r = s
+        .client
+        .patch(&url)
+        .bearer_auth(&write_only)
+        .header("content-type", "application/merge-patch+json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(r.headers()["etag"], "\"2\"");
+    assert!(r.text().await.unwrap().is_empty());
+    let r = s
+        .client
+        .put(&url)
+        .bearer_auth(&write_only)
+        .json(&json!({"data": {"secret": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(r.headers()["etag"], "\"3\"");
+
+    let mut ws = Ws::connect(&s.base, Some(&write_only)).await;
+    let r = ws
+        .request(
+            json!({"op": "write", "type": "posts", "doc": {"id": doc.id, "data": {"secret": 3}}}),
+        )
+        .await;
+    assert_eq!(r["rev"], 4, "{r}");
+    assert!(r.get("doc").is_none(), "{r}");
+    ws.close().await;
+
+    // A token that also reads gets the document, and the writes above all landed.
+    let r = s
+        .client
+        .patch(&url)
+        .bearer_auth(&alice)
+        .header("content-type", "application/merge-patch+json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let back: Document = r.json().await.unwrap();
+    assert_eq!((back.rev, &back.data), (5, &json!({"secret": 3})));
     s.finish().await;
 }
 

@@ -484,6 +484,57 @@ async fn a_revoked_access_token_closes_only_its_own_connections() {
     server.finish().await;
 }
 
+/// Signing out ends the first-party token on every path (REST, its attenuated copies, its live
+/// connection), and only that token; an attenuated copy or an app's token cannot do it.
+#[tokio::test]
+async fn signing_out_ends_the_first_party_token_and_nothing_else() {
+    use biscuit_auth::Biscuit;
+    use biscuit_auth::macros::block;
+
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let session = first_party_token(&server, "ada").await;
+    let other_session = first_party_token(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let app = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
+    let read_only = Biscuit::from_base64(&session, public_key)
+        .unwrap()
+        .append(block!(r#"check if operation("read");"#))
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    let sign_out = |token: &str| {
+        call(
+            server
+                .client
+                .delete(server.url("/v1/sessions"))
+                .bearer_auth(token),
+        )
+    };
+    assert_api_error(&sign_out(&read_only).await, 403, "token_restricted");
+    assert_api_error(
+        &sign_out(field(&app, "access_token")).await,
+        403,
+        "first_party_only",
+    );
+    assert_eq!(list_posts(&server, &session).await.0, 200);
+
+    let mut ws = Ws::connect(&server.base, Some(&session)).await;
+    assert_eq!(ws.request(json!({"op": "ping"})).await["pong"], true);
+    assert_eq!(sign_out(&session).await.0, 204);
+    assert_eq!(ws.closed_with().await, Some(vibe::ws::CLOSE_TOKEN_REVOKED));
+    for token in [&session, &read_only] {
+        assert_api_error(&list_posts(&server, token).await, 401, "token_revoked");
+    }
+    assert_eq!(list_posts(&server, &other_session).await.0, 200);
+    assert_eq!(
+        list_posts(&server, field(&app, "access_token")).await.0,
+        200
+    );
+    server.finish().await;
+}
+
 #[tokio::test]
 async fn tampered_narrow_and_attenuated_tokens_are_refused() {
     use biscuit_auth::Biscuit;
@@ -749,6 +800,111 @@ async fn login_and_consent_forms_need_their_csrf_token_and_interaction_cookie() 
     server.finish().await;
 }
 
+/// A consent form posted twice at once issues one code, and a consent given after the app's
+/// manifest narrowed (the page was opened before) issues none for the scopes it dropped.
+#[tokio::test]
+async fn a_consent_issues_one_code_and_only_within_the_current_manifest() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let metadata = json!({
+        "redirect_uris": ["http://127.0.0.1:9/cb"], "client_name": "Narrowing",
+        "scope": SCOPE, "token_endpoint_auth_method": "client_secret_post",
+    });
+    let (status, registered) = call(
+        server
+            .client
+            .post(server.url("/oauth/register"))
+            .bearer_auth(&admin)
+            .json(&metadata),
+    )
+    .await;
+    assert_eq!(status, 201, "{registered}");
+    let client = RegisteredClient {
+        id: field(&registered, "client_id").to_owned(),
+        secret: Some(field(&registered, "client_secret").to_owned()),
+        redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
+    };
+    let post = async |browser: &mut Browser, path: &str, fields: &[(&str, &str)]| {
+        browser.post_form(&server.url(path), fields).await
+    };
+    let mut browser = Browser::new();
+    let page = browser.get(&auth_url(&server, &client, &[])).await;
+    let (interaction, csrf) = (page.hidden("interaction"), page.hidden("csrf"));
+    let login = [
+        ("interaction", interaction.as_str()),
+        ("csrf", csrf.as_str()),
+        ("handle", "ada"),
+        ("password", PASSWORD),
+    ];
+    let page = post(&mut browser, "/oauth/login", &login).await;
+    assert!(page.body.contains("action=\"/oauth/consent\""), "{page:?}");
+    let (interaction, csrf) = (page.hidden("interaction"), page.hidden("csrf"));
+    let consent = [
+        ("interaction", interaction.as_str()),
+        ("csrf", csrf.as_str()),
+        ("decision", "allow"),
+    ];
+    let mut twin = Browser::new();
+    twin.cookies = browser.cookies.clone();
+    let (one, two) = tokio::join!(
+        post(&mut browser, "/oauth/consent", &consent),
+        post(&mut twin, "/oauth/consent", &consent)
+    );
+    let codes = [&one, &two]
+        .iter()
+        .filter(|page| page.status == 303 && page.redirect_params().contains_key("code"))
+        .count();
+    assert_eq!(codes, 1, "{one:?} {two:?}");
+    let pool = server.sql().await;
+    let grants = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM oauth_grants")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(grants().await, 1);
+
+    // A consent page opened for write:posts; meanwhile the app drops write:posts.
+    let page = browser
+        .get(&auth_url(&server, &client, &[("prompt", Some("consent"))]))
+        .await;
+    assert!(page.body.contains("action=\"/oauth/consent\""), "{page:?}");
+    let (interaction, csrf) = (page.hidden("interaction"), page.hidden("csrf"));
+    let mut narrowed = metadata.clone();
+    narrowed["client_id"] = json!(client.id);
+    narrowed["client_secret"] = json!(client.secret);
+    narrowed["scope"] = json!("openid profile offline_access read:posts");
+    let (status, body) = call(
+        server
+            .client
+            .put(field(&registered, "registration_client_uri"))
+            .bearer_auth(field(&registered, "registration_access_token"))
+            .json(&narrowed),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let page = post(
+        &mut browser,
+        "/oauth/consent",
+        &[
+            ("interaction", interaction.as_str()),
+            ("csrf", csrf.as_str()),
+            ("decision", "allow"),
+        ],
+    )
+    .await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert_eq!(
+        page.redirect_params().get("error").map(String::as_str),
+        Some("access_denied"),
+        "{page:?}"
+    );
+    assert_eq!(grants().await, 1, "no grant for the dropped scope");
+    pool.close().await;
+    server.finish().await;
+}
+
 #[tokio::test]
 async fn password_attempts_are_rate_limited_and_errors_reveal_nothing() {
     let server = TestServer::start_with(&[("identity.login_attempts_per_minute", "3")]).await;
@@ -983,6 +1139,67 @@ async fn introspection_and_revocation_check_the_client() {
             assert_oauth_error(&r, 401, "invalid_client");
         }
     }
+    server.finish().await;
+}
+
+/// Introspection answers a client about its own tokens only, and describes an attenuated token
+/// by what its checks let it do now, not by the scopes it was issued with.
+#[tokio::test]
+async fn introspection_tells_a_client_about_its_own_tokens_as_they_can_be_used() {
+    use biscuit_auth::Biscuit;
+    use biscuit_auth::macros::block;
+
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let other = register_client(&server, true, SCOPE).await;
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let (access, refresh_token) = (
+        field(&tokens, "access_token"),
+        field(&tokens, "refresh_token"),
+    );
+    async fn introspect(server: &TestServer, c: &RegisteredClient, token: &str) -> (u16, Value) {
+        post_as_client(server, c, "/oauth/introspect", &[("token", token)]).await
+    }
+    for token in [access, refresh_token] {
+        let (status, own) = introspect(&server, &client, token).await;
+        assert_eq!((status, &own["active"]), (200, &json!(true)), "{own}");
+        assert_eq!(own["client_id"], client.id.as_str());
+        assert_eq!(
+            introspect(&server, &other, token).await,
+            (200, json!({"active": false})),
+            "another client learns nothing of the token"
+        );
+    }
+    let first_party = first_party_token(&server, "ada").await;
+    assert_eq!(
+        introspect(&server, &client, &first_party).await,
+        (200, json!({"active": false}))
+    );
+
+    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
+    let attenuate = |check: biscuit_auth::BlockBuilder| {
+        Biscuit::from_base64(access, public_key)
+            .unwrap()
+            .append(check)
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    };
+    let read_only = attenuate(block!(r#"check if operation("read");"#));
+    let (_, narrowed) = introspect(&server, &client, &read_only).await;
+    assert_eq!(narrowed["active"], true, "{narrowed}");
+    assert_eq!(
+        narrowed["scope"],
+        "offline_access openid profile read:posts"
+    );
+    let lapsed = attenuate(block!(r#"check if time($t), $t < 2020-01-01T00:00:00Z;"#));
+    assert_eq!(
+        introspect(&server, &client, &lapsed).await,
+        (200, json!({"active": false})),
+        "a token whose time limit passed is not active"
+    );
     server.finish().await;
 }
 

@@ -170,6 +170,63 @@ async fn identical_queries_share_one_live_query() {
     s.finish().await;
 }
 
+/// A public document denied to everyone ("*") is in a global live query's window like any other
+/// public document, and hidden per subscriber: its owner sees it, others do not, whether the
+/// window was built by changes or loaded afresh (a window that held it by changes and left it out
+/// when loaded would tell a subscriber arriving later a different story).
+#[tokio::test]
+async fn a_public_document_denied_to_everyone_is_its_owners_alone_in_global_windows() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let bob = s.token(BOB, &["*"]);
+    let query = json!({"op": "read", "type": "posts", "global": true, "limit": 2});
+    let mut a = Ws::connect(&s.base, Some(&alice)).await;
+    let mut b = Ws::connect(&s.base, Some(&bob)).await;
+    let sub = a.request(query.clone()).await["sub"].clone();
+    b.request(query.clone()).await;
+    let open = s
+        .post(
+            &bob,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": 1}}),
+        )
+        .await;
+    let hidden = s
+        .post(
+            &alice,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"], "deny": ["*"]}}, "data": {"n": 2}}),
+        )
+        .await;
+    let ids = |events: [Value; 2]| events.map(|e| e["doc"]["id"].clone());
+    assert_eq!(
+        ids([a.event(&sub).await, a.event(&sub).await]),
+        [open["id"].clone(), hidden["id"].clone()]
+    );
+    // Loaded afresh (a live query of its own: another limit), the window holds it too.
+    let mut fresh = query.clone();
+    fresh["limit"] = json!(3);
+    let snapshot = a.request(fresh.clone()).await;
+    let held: Vec<&Value> = snapshot["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["id"])
+        .collect();
+    assert_eq!(held, [&hidden["id"], &open["id"]], "{snapshot}");
+    let snapshot = b.request(fresh).await;
+    let held: Vec<&Value> = snapshot["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["id"])
+        .collect();
+    assert_eq!(held, [&open["id"]], "{snapshot}");
+    a.close().await;
+    b.close().await;
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn global_queries_respect_each_subscribers_access() {
     let s = TestServer::start().await;

@@ -79,6 +79,10 @@ async fn bad_requests_get_errors_and_the_connection_lives_on() {
     ws.send(json!({"id": 13, "op": "read", "type": "posts", "since": "yesterday"}))
         .await;
     expect_error(&mut ws, "invalid_cursor", json!(13)).await;
+    // A cursor far past the feed's head was never issued: resuming from it would skip events.
+    ws.send(json!({"id": 13, "op": "read", "type": "posts", "since": "999999999-0"}))
+        .await;
+    expect_error(&mut ws, "invalid_cursor", json!(13)).await;
     ws.send(json!({"id": 14, "op": "unsub", "sub": "q999"}))
         .await;
     expect_error(&mut ws, "unknown_subscription", json!(14)).await;

@@ -36,7 +36,7 @@ use crate::certs::CertificateBook;
 use crate::change::{Change, Cursor, SnapshotView};
 use crate::outbox::Outbox;
 use crate::query::{QuerySpec, Scope};
-use crate::window::{Window, WindowEvent};
+use crate::window::{Window, WindowEvent, encoded_len};
 use crate::wire::{Document, DocumentView, views};
 
 /// A future the snapshot source returns.
@@ -146,7 +146,7 @@ pub struct LiveQueryArgs {
     /// On a restart: the subscribers to re-sync with a `reset`.
     pub resync: Vec<Arc<Subscriber>>,
     pub source: Arc<dyn SnapshotSource>,
-    pub replay_capacity: usize,
+    pub replay: ReplayLimit,
     /// Most bytes the window's documents hold (see [`Window`]).
     pub window_bytes: usize,
     /// The certificate book as of `start`.
@@ -186,6 +186,10 @@ pub enum LiveQueryMsg {
 // is boxed: an inline certificate book once cost each of 100,000 idle live queries ~240 B
 // (docs/benchmarks.md, live queries at scale).
 const _: () = assert!(std::mem::size_of::<LiveQueryMsg>() <= 16);
+
+/// What an event costs the replay buffer besides its document: the event itself, a remove's
+/// frame, the buffer's slot.
+const EVENT_OVERHEAD: usize = 256;
 
 /// Changes before `position` were lost to this node; `book` is the certificate book as of it.
 #[derive(Debug)]
@@ -258,7 +262,9 @@ pub struct LiveQueryState {
     /// Recent events, oldest first; together they cover every event after `replay_from`.
     replay: VecDeque<Arc<Encoded>>,
     replay_from: Cursor,
-    replay_capacity: usize,
+    /// What `replay` holds, as [`Encoded::bytes`] counts it.
+    replay_bytes: usize,
+    replay_limit: ReplayLimit,
     /// Events emitted while handling the current message, not yet sent: one pass over the
     /// subscribers sends them all (see [`LiveQueryState::flush`]).
     pending: Vec<Arc<Encoded>>,
@@ -382,7 +388,8 @@ impl LiveQueryState {
             subscribers: ByConnection::default(),
             replay: VecDeque::new(),
             replay_from: args.start.max(snapshot.settled),
-            replay_capacity: args.replay_capacity,
+            replay_bytes: 0,
+            replay_limit: args.replay,
             pending: Vec::new(),
             frames: Vec::new(),
             source: args.source,
@@ -441,8 +448,7 @@ impl LiveQueryState {
                 self.window = self.window.reload(snapshot.docs, snapshot.cut);
                 self.snapshot = snapshot.view;
                 self.position = position;
-                self.replay.clear();
-                self.replay_from = position.max(snapshot.settled);
+                self.forget_replay(position.max(snapshot.settled));
                 for subscriber in self.subscribers.values() {
                     let frame = self.reset_frame(&subscriber.caller, position);
                     let _ = subscriber.outbox.send(frame);
@@ -480,8 +486,9 @@ impl LiveQueryState {
         }
         // Frames for these events are per subscriber and not replayable: a resume from before
         // this point gets a fresh snapshot.
-        self.replay_from = self.replay_from.max(message.cursor);
         self.replay.clear();
+        self.replay_bytes = 0;
+        self.replay_from = self.replay_from.max(message.cursor);
         for subscriber in self.subscribers.values() {
             if !message.subjects.contains(&subscriber.caller) {
                 continue;
@@ -625,20 +632,30 @@ impl LiveQueryState {
         }
     }
 
-    /// Queues the event for the next [`LiveQueryState::flush`] and keeps it for replays.
+    /// Queues the event for the next [`LiveQueryState::flush`] and keeps it for replays, as far
+    /// as the replay limit allows (the oldest events go first; an event larger than the byte
+    /// limit is not kept at all).
     fn emit(&mut self, event: WindowEvent, cursor: Cursor) {
         let encoded = Arc::new(Encoded::new(self.sub_id.clone(), event, cursor));
         self.pending.push(encoded.clone());
-        if self.replay.len() >= self.replay_capacity
-            && let Some(evicted) = self.replay.pop_front()
+        self.replay_bytes += encoded.bytes;
+        self.replay.push_back(encoded);
+        while self.replay.len() > self.replay_limit.events
+            || self.replay_bytes > self.replay_limit.bytes
         {
+            let Some(evicted) = self.replay.pop_front() else {
+                break;
+            };
+            self.replay_bytes -= evicted.bytes;
             self.replay_from = evicted.cursor;
         }
-        if self.replay_capacity > 0 {
-            self.replay.push_back(encoded);
-        } else {
-            self.replay_from = cursor;
-        }
+    }
+
+    /// Empties the replay buffer: resumes from before `from` get a fresh snapshot.
+    fn forget_replay(&mut self, from: Cursor) {
+        self.replay.clear();
+        self.replay_bytes = 0;
+        self.replay_from = from;
     }
 
     /// Sends the pending events in one pass over the subscribers: each gets all of its frames
@@ -757,11 +774,22 @@ impl LiveQueryState {
     }
 }
 
+/// How much one live query's replay buffer keeps at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayLimit {
+    pub events: usize,
+    /// As [`Encoded::bytes`] counts them: a count alone would let a few writes of large
+    /// documents pin gigabytes per live query.
+    pub bytes: usize,
+}
+
 /// One event, encoded at most once per kind, shared by every subscriber and the replay buffer.
 #[derive(Debug)]
 pub struct Encoded {
     sub_id: Arc<str>,
     cursor: Cursor,
+    /// What keeping it costs, near enough: the document (as JSON) and a frame carrying it.
+    bytes: usize,
     owner: String,
     doc_id: Uuid,
     /// The document after the event, if it is in the window.
@@ -788,9 +816,12 @@ impl Encoded {
             WindowEvent::Remove(old) => (None, Some(old)),
         };
         let any = doc.as_ref().or(old.as_ref());
+        // The frames are encoded when first sent; typically one view of the document.
+        let bytes = EVENT_OVERHEAD + doc.as_ref().map_or(0, |d| 2 * encoded_len(d));
         Self {
             sub_id,
             cursor,
+            bytes,
             owner: any.map(|d| d.owner.clone()).unwrap_or_default(),
             doc_id: any.map(|d| d.id).unwrap_or_default(),
             acl_before: old.map(|d| d.acl),

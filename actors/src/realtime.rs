@@ -49,8 +49,8 @@ impl InFlight {
 #[derive(Debug, Clone)]
 pub struct RealtimeConfig {
     pub source: Arc<dyn SnapshotSource>,
-    /// Events each live query keeps for resuming clients.
-    pub replay_capacity: usize,
+    /// What each live query keeps for resuming clients.
+    pub replay: crate::live_query::ReplayLimit,
     /// Most bytes one live query's window holds.
     pub window_bytes: usize,
     /// How long a live query outlives its last subscriber, so a client that reconnects within
@@ -659,7 +659,7 @@ impl DocTypeState {
             start: self.position,
             resync,
             source: self.config.source.clone(),
-            replay_capacity: self.config.replay_capacity,
+            replay: self.config.replay,
             window_bytes: self.config.window_bytes,
             book: self.book.clone(),
         };

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
 use vibe_actors::live_query::{
-    BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ResyncMsg, Snapshot, SnapshotSource,
-    Subscriber,
+    BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ReplayLimit, ResyncMsg, Snapshot,
+    SnapshotSource, Subscriber,
 };
 use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
@@ -95,6 +95,21 @@ fn next(rx: &mut OutboxReceiver) -> Value {
 /// A live query over `query` for `caller`, started at 2-0, whose loads return `docs` settled at
 /// `settled`.
 async fn start(query: Value, caller: &str, docs: Vec<Document>, settled: Cursor) -> LiveQueryRef {
+    let replay = ReplayLimit {
+        events: 16,
+        bytes: 1 << 20,
+    };
+    start_with(query, caller, docs, settled, replay).await
+}
+
+/// [`start`] with its replay buffer limited to `replay`.
+async fn start_with(
+    query: Value,
+    caller: &str,
+    docs: Vec<Document>,
+    settled: Cursor,
+    replay: ReplayLimit,
+) -> LiveQueryRef {
     let request: QueryRequest = serde_json::from_value(query).unwrap();
     let limits = QueryLimits {
         default_limit: 10,
@@ -108,7 +123,7 @@ async fn start(query: Value, caller: &str, docs: Vec<Document>, settled: Cursor)
         start: Cursor::new(2, 0),
         resync: Vec::new(),
         source: Arc::new(Memory(docs, settled)),
-        replay_capacity: 16,
+        replay,
         window_bytes: 1 << 20,
         book: Default::default(),
     };
@@ -327,6 +342,37 @@ async fn events_of_one_change_have_their_own_positions() {
         (Some("remove"), json!(older.id))
     );
     assert!(back.try_recv().is_none());
+    actor.stop();
+}
+
+/// The replay buffer is bounded in bytes as well as in events: an event of a large document
+/// that does not fit is not kept, so a resume from before it gets a fresh snapshot, while small
+/// events after it are replayed.
+#[tokio::test]
+async fn the_replay_buffer_keeps_no_more_bytes_than_its_limit() {
+    let replay = ReplayLimit {
+        events: 16,
+        bytes: 2_000,
+    };
+    let query = json!({"type": "posts"});
+    let actor = start_with(query, OWNER, Vec::new(), Cursor::new(2, 0), replay).await;
+    let mut large = doc(1, json!({}));
+    large.data = json!({"text": "x".repeat(3_000)});
+    feed_page(&actor, vec![insert(&large, 101, 1)], Cursor::new(2, 1)).await;
+    let mut before = subscribe(&actor, 1, OWNER, Some(Cursor::new(2, 0)), Cursor::new(2, 1)).await;
+    let reply = next(&mut before);
+    assert_eq!(reply["resumed"], false, "{reply}");
+    assert_eq!(reply["docs"].as_array().map(Vec::len), Some(1), "{reply}");
+
+    let small = doc(2, json!({}));
+    feed_page(&actor, vec![insert(&small, 102, 2)], Cursor::new(2, 2)).await;
+    let mut after = subscribe(&actor, 2, OWNER, Some(Cursor::new(2, 1)), Cursor::new(2, 2)).await;
+    assert_eq!(next(&mut after)["resumed"], true);
+    let replayed = next(&mut after);
+    assert_eq!(
+        (replayed["event"].as_str(), &replayed["doc"]["id"]),
+        (Some("add"), &json!(small.id))
+    );
     actor.stop();
 }
 

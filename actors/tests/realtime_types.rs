@@ -9,7 +9,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use serde_json::json;
 use vibe_actors::change::{Cursor, SnapshotView};
-use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource, Subscriber};
+use vibe_actors::live_query::{BoxFuture, ReplayLimit, Snapshot, SnapshotSource, Subscriber};
 use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
 use vibe_actors::realtime::{Realtime, RealtimeConfig, RealtimeMsg, SubscribeRequest};
@@ -36,7 +36,10 @@ impl SnapshotSource for Empty {
 async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
     let config = RealtimeConfig {
         source: Arc::new(Empty),
-        replay_capacity: 16,
+        replay: ReplayLimit {
+            events: 16,
+            bytes: 1 << 20,
+        },
         window_bytes: 1 << 20,
         linger: Duration::ZERO,
         max_live_queries,

@@ -25,7 +25,7 @@ pub use vibe_actors::change::{BadCursor, Change, Cursor, Image, Op, SnapshotView
 use vibe_actors::live_query::{BoxFuture, Snapshot, SnapshotSource};
 use vibe_actors::query::QuerySpec;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, fetch_within};
 
 pub mod listener;
 
@@ -33,6 +33,8 @@ pub mod listener;
 const TICK_LOCK: i64 = 0x7669_6265_7469_636b; // "vibetick"
 /// Serialises pruning across nodes.
 const PRUNE_LOCK: i64 = 0x7669_6265_7072_756e; // "vibeprun"
+/// [`Feed::with_page_bytes`] unless set: the default of `http.max_page_bytes`.
+const DEFAULT_PAGE_BYTES: usize = 16 * 1024 * 1024;
 /// The channel other nodes LISTEN on; a tick that cut a batch NOTIFYs it at its commit, with the
 /// ticking node's id as payload.
 pub const DOORBELL_CHANNEL: &str = "vibe_feed";
@@ -52,7 +54,7 @@ pub struct Page {
     /// Pass back to continue exactly after what this page covered (also when every change was
     /// filtered out).
     pub next: Option<Cursor>,
-    /// The page hit its limit: more may follow at once.
+    /// The page hit its limit (in changes or in bytes): more may follow at once.
     pub full: bool,
 }
 
@@ -73,6 +75,8 @@ pub struct Feed {
     /// This node's name on the doorbell channel, so it can ignore its own rings.
     node: String,
     ticks: Arc<TickShare>,
+    /// A page ends once its rows hold more than this (see [`Feed::with_page_bytes`]).
+    page_bytes: usize,
 }
 
 /// Callers of [`Feed::tick`] on this node share ticks: at most one runs at a time, and every
@@ -120,7 +124,16 @@ impl Feed {
             pool,
             node: uuid::Uuid::new_v4().simple().to_string(),
             ticks: Arc::default(),
+            page_bytes: DEFAULT_PAGE_BYTES,
         }
+    }
+
+    /// Ends a page once its rows hold more than `bytes` (the row that crosses it is kept, so a
+    /// page always moves on). A change carries two images of up to a body's size each, so a page
+    /// bounded by count alone could hold gigabytes.
+    pub fn with_page_bytes(mut self, bytes: usize) -> Self {
+        self.page_bytes = bytes.max(1);
+        self
     }
 
     /// The payload of this node's doorbells.
@@ -177,21 +190,20 @@ impl Feed {
                     Some(conn) => conn,
                     None => pooled.insert(self.pool.acquire().await?),
                 };
-                let rows = sqlx::query("SELECT * FROM vibe_tick_read($1, $2, $3, $4, $5, $6)")
+                let query = sqlx::query("SELECT * FROM vibe_tick_read($1, $2, $3, $4, $5, $6)")
                     .bind(TICK_LOCK)
                     .bind(DOORBELL_CHANNEL)
                     .bind(&self.node)
                     .bind(after.tick)
                     .bind(after.seq)
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *conn)
-                    .await?;
+                    .bind(i64::from(limit));
+                let (rows, cut) = fetch_within(query, &mut *conn, self.page_bytes).await?;
                 // Every row carries the tick cut; no rows means none was (see the migration).
                 let made = match rows.first() {
                     Some(row) => row.try_get("made")?,
                     None => None,
                 };
-                let page = page(conn, &rows, after, limit).await?;
+                let page = page(conn, &rows, after, limit, cut).await?;
                 Ok((made, Some(page)))
             })
             .await?;
@@ -314,15 +326,14 @@ impl Feed {
             Some(conn) => conn,
             None => pooled.insert(self.pool.acquire().await?),
         };
-        let rows = sqlx::query("SELECT * FROM vibe_read($1, $2, $3, $4, $5)")
+        let query = sqlx::query("SELECT * FROM vibe_read($1, $2, $3, $4, $5)")
             .bind(after.tick)
             .bind(after.seq)
             .bind(&filter.types)
             .bind(filter.owner.as_deref())
-            .bind(i64::from(limit))
-            .fetch_all(&mut *conn)
-            .await?;
-        page(conn, &rows, after, limit).await
+            .bind(i64::from(limit));
+        let (rows, cut) = fetch_within(query, &mut *conn, self.page_bytes).await?;
+        page(conn, &rows, after, limit, cut).await
     }
 
     /// Deletes ticks older than `retention` (keeping the newest) and the changes only they cover.
@@ -427,11 +438,13 @@ impl SnapshotSource for LiveSnapshots {
 }
 
 /// The page `vibe_read`'s `rows` (read after `after`, at most `limit`, on `conn`) make.
+/// The page of `rows`; `cut`: they end at the byte budget, not where the statement did.
 async fn page(
     conn: &mut PgConnection,
     rows: &[PgRow],
     after: Cursor,
     limit: u32,
+    cut: bool,
 ) -> Result<Page, FeedError> {
     if rows.is_empty() {
         // Either nothing new, or the base tick is gone: tell them apart. (Batch `after.tick`
@@ -450,7 +463,7 @@ async fn page(
     if base.is_none() {
         return Err(FeedError::CursorExpired);
     }
-    let full = rows.len() >= limit as usize;
+    let full = cut || rows.len() >= limit as usize;
     let mut changes = Vec::with_capacity(rows.len());
     let mut last_tick = after.tick;
     for row in rows {

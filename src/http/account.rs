@@ -90,6 +90,34 @@ pub(super) async fn sign_in(
     ))
 }
 
+/// `DELETE /v1/sessions`: signs out: the first-party token making the request stops working
+/// on every node (and so do copies attenuated from it), and its live connections close. Only
+/// the token itself, unattenuated, may end it: a holder of an attenuated copy (say, read-only,
+/// handed to a tool) must not be able to end the token it was made from.
+pub(super) async fn sign_out(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let claims = first_party(app, &req)?;
+    if app
+        .tokens
+        .is_attenuated(super::bearer_token(req.headers())?)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "token_restricted",
+            "an attenuated token cannot end the session it was made from",
+        ));
+    }
+    app.identity
+        .oauth
+        .revoke_access_token(
+            &claims.token_id,
+            chrono::DateTime::<chrono::Utc>::from(claims.expires_at),
+            app.tokens.revocations(),
+        )
+        .await
+        .map_err(oauth_error)?;
+    Ok(super::empty(StatusCode::NO_CONTENT))
+}
+
 /// `GET /v1/me`: who the token speaks for, and for which app.
 pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let claims = bearer(app, req.headers())?;

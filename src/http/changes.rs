@@ -17,6 +17,8 @@ use crate::feed::{Cursor, FeedError, Filter, Op};
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Distinct type names one request may give in `types`.
+const MAX_TYPES: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +56,7 @@ struct Body {
 pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let params: Params = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
-    let types: Vec<String> = params
+    let mut types: Vec<String> = params
         .types
         .as_deref()
         .map(|t| {
@@ -64,6 +66,16 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
                 .collect()
         })
         .unwrap_or_default();
+    // Each named type costs a token check: a repeated name is checked once, and a request names
+    // at most `MAX_TYPES`.
+    types.sort_unstable();
+    types.dedup();
+    if types.len() > MAX_TYPES {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("types names at most {MAX_TYPES} types"),
+        ));
+    }
     if let Some(bad) = types.iter().find(|t| !crate::doc_type::is_valid(t)) {
         return Err(ApiError::bad_request(
             "invalid_type",
@@ -112,10 +124,7 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
     if let Err(e) = app.feed.tick().await {
         tracing::warn!(error = %e, "tick before a changes read failed");
     }
-    // A cursor past the head was never issued (its reader would wait for nothing, then skip
-    // whatever lands before it). The node's head may trail the database's, so ask that first.
-    let past_node_head = cursor > *app.feed_head.borrow();
-    if past_node_head && cursor > app.feed.head().await.map_err(feed_error)? {
+    if app.is_ahead_of_feed(cursor).await.map_err(feed_error)? {
         return Err(ApiError::bad_request(
             "invalid_cursor",
             format!("cursor {cursor} is ahead of the feed"),

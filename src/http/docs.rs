@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, HttpResponse, authorize, json, read_json};
+use super::{ApiError, HttpResponse, authorize, check_scope, json, read_json};
 use crate::app::App;
 use crate::auth::Access;
 use crate::store::ListCursor;
@@ -61,18 +61,20 @@ pub(super) async fn replace(
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
     let expected_rev = if_match(&req)?;
+    let token_reads = check_scope(app, &claims, req.headers(), Access::Read, doc_type).is_ok();
     let body: ReplaceDocument = read_json(app, req, JSON).await?;
     check_data(&body.data)?;
     let doc = app
         .store
-        .modify(&claims.subject, doc_type, id, expected_rev, |current| {
-            Ok::<_, ApiError>((body.data, body.acl.unwrap_or_else(|| current.acl.clone())))
+        .modify(&claims.subject, doc_type, id, expected_rev, |_| {
+            Ok::<_, ApiError>((body.data, body.acl))
         })
         .await??;
-    let readable = app
-        .store
-        .may(crate::acl::Operation::Read, &claims.subject, &doc)
-        .await?;
+    let readable = token_reads
+        && app
+            .store
+            .may(crate::acl::Operation::Read, &claims.subject, &doc)
+            .await?;
     Ok(written_response(
         readable.then_some(claims.subject.as_str()),
         &doc,
@@ -90,6 +92,7 @@ pub(super) async fn patch(
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
     let expected_rev = if_match(&req)?;
+    let token_reads = check_scope(app, &claims, req.headers(), Access::Read, doc_type).is_ok();
     let patch: serde_json::Value = read_json(app, req, MERGE_PATCH).await?;
     let Some(fields) = patch.as_object() else {
         return Err(ApiError::bad_request(
@@ -113,6 +116,9 @@ pub(super) async fn patch(
             json_patch::merge(&mut writable, &patch);
             let data = writable["data"].take();
             check_data(&data)?;
+            if !fields.contains_key("acl") {
+                return Ok((data, None));
+            }
             // A patch that removes `acl` (sets it to null) restores the default, owner-only ACL.
             let acl = match writable["acl"].take() {
                 serde_json::Value::Null => serde_json::json!({}),
@@ -120,13 +126,14 @@ pub(super) async fn patch(
             };
             let acl = serde_json::from_value(acl)
                 .map_err(|e| ApiError::bad_request("invalid_body", format!("acl: {e}")))?;
-            Ok::<_, ApiError>((data, acl))
+            Ok::<_, ApiError>((data, Some(acl)))
         })
         .await??;
-    let readable = app
-        .store
-        .may(crate::acl::Operation::Read, &claims.subject, &doc)
-        .await?;
+    let readable = token_reads
+        && app
+            .store
+            .may(crate::acl::Operation::Read, &claims.subject, &doc)
+            .await?;
     Ok(written_response(
         readable.then_some(claims.subject.as_str()),
         &doc,
@@ -202,8 +209,8 @@ pub(super) async fn list(
     Ok(json(StatusCode::OK, &DocumentPage { docs, next }))
 }
 
-/// The written document as `reader` sees it, or (for a writer the ACL does not let read it, None)
-/// just its new ETag: write access must not reveal the content.
+/// The written document as `reader` sees it, or (None: a writer whose token lacks `read:<type>` or
+/// whom the ACL does not let read it) just its new ETag: write access must not reveal the content.
 fn written_response(reader: Option<&str>, doc: &Document) -> HttpResponse {
     if let Some(reader) = reader {
         return document_response(StatusCode::OK, doc, reader);
@@ -282,6 +289,7 @@ fn decode_cursor(s: &str) -> Result<ListCursor, ApiError> {
     let (micros, id) = text.split_once('.').ok_or_else(bad)?;
     Ok(ListCursor {
         created_at: DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?)
+            .filter(vibe_actors::query::storable_time)
             .ok_or_else(bad)?,
         id: Uuid::try_parse(id).map_err(|_| bad())?,
     })
@@ -300,5 +308,8 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(c)).unwrap(), c);
         assert!(decode_cursor("garbage!").is_err());
         assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("12.notauuid")).is_err());
+        // A time PostgreSQL would refuse as a bound value (about 7500 BC).
+        let ancient = format!("-300000000000000000.{}", Uuid::now_v7().simple());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode(ancient)).is_err());
     }
 }

@@ -358,7 +358,8 @@ async fn dispatch(
         (Route::Accounts, _) if method == Method::POST => account::sign_up(app, peer, req).await,
         (Route::Accounts, _) => Err(method_not_allowed("POST")),
         (Route::Sessions, _) if method == Method::POST => account::sign_in(app, peer, req).await,
-        (Route::Sessions, _) => Err(method_not_allowed("POST")),
+        (Route::Sessions, _) if method == Method::DELETE => account::sign_out(app, req).await,
+        (Route::Sessions, _) => Err(method_not_allowed("POST, DELETE")),
         (Route::Me, _) if method == Method::GET => account::me(app, req).await,
         (Route::MyApps, _) if method == Method::GET => account::apps(app, req).await,
         (Route::MyApp, [client]) if method == Method::DELETE => {

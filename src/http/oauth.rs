@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::{ApiError, HttpResponse, read_body};
 use crate::app::App;
-use crate::auth::{AuthError, Claims, Issued};
+use crate::auth::{AuthError, Claims, Issued, Scope};
 use crate::identity::accounts::AccountError;
 use crate::identity::oauth::{
     AuthorizationRequest, Client, Grant, NewClient, OAuthError, Registered, document_scopes,
@@ -430,11 +430,15 @@ pub(super) async fn login(
         .await
         .map_err(oauth_internal)?;
     let mut response = if covered && request.prompt.as_deref() != Some("consent") {
-        app.identity
+        let first = app
+            .identity
             .oauth
             .finish_interaction(interaction.id)
             .await
             .map_err(oauth_internal)?;
+        if !first {
+            return Ok(expired_page());
+        }
         approve(app, &request, &account.did, auth_time).await?
     } else {
         app.identity
@@ -472,11 +476,16 @@ pub(super) async fn consent(app: &App, req: Request<Incoming>) -> Result<HttpRes
     let Some((did, auth_time)) = interaction.user else {
         return Ok(expired_page());
     };
-    app.identity
+    // Claimed before anything is decided: of two posts of the same form, one goes on.
+    let first = app
+        .identity
         .oauth
         .finish_interaction(interaction.id)
         .await
         .map_err(oauth_internal)?;
+    if !first {
+        return Ok(expired_page());
+    }
     let request = interaction.request;
     if form.decision != "allow" {
         return Ok(redirect_with_error(
@@ -730,12 +739,14 @@ struct TokenParam {
     client_secret: Option<String>,
 }
 
-/// `POST /oauth/introspect` (RFC 7662). Any registered client may ask about a token it holds.
+/// `POST /oauth/introspect` (RFC 7662). A registered client may ask about the tokens issued to
+/// it; any other token (another client's, a first-party one) is `{"active": false}` to it, so
+/// holding a client id does not make one a judge of every user's tokens (§4).
 pub(super) async fn introspect(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let (form, _client, _) = match client_request::<TokenParam>(app, req).await {
+    let (form, client, _) = match client_request::<TokenParam>(app, req).await {
         Ok(v) => v,
         Err(answer) => return Ok(answer),
     };
@@ -748,8 +759,10 @@ pub(super) async fn introspect(
     };
     let inactive = || no_store(super::json(StatusCode::OK, &json!({"active": false})));
     let access = || match app.tokens.identify(token) {
-        Ok(claims) => Some(access_introspection(&claims)),
-        Err(_) => None,
+        Ok(claims) if claims.client.as_deref() == Some(client.client_id.as_str()) => {
+            access_introspection(&claims, &app.tokens.usable_scopes(token, &claims))
+        }
+        _ => None,
     };
     let refresh_first = form.token_type_hint.as_deref() == Some("refresh_token");
     if !refresh_first && let Some(body) = access() {
@@ -761,6 +774,7 @@ pub(super) async fn introspect(
         .live_refresh(token)
         .await
         .map_err(oauth_internal)?
+        .filter(|info| info.grant.client_id == client.client_id)
     {
         return Ok(no_store(super::json(
             StatusCode::OK,
@@ -782,17 +796,22 @@ pub(super) async fn introspect(
     Ok(inactive())
 }
 
-fn access_introspection(claims: &Claims) -> serde_json::Value {
+/// What introspection says of an access token whose document scopes usable now are `usable`
+/// (None: inactive; its attenuations leave it none).
+fn access_introspection(claims: &Claims, usable: &[Scope]) -> Option<serde_json::Value> {
+    if usable.is_empty() && !claims.scopes.is_empty() {
+        return None;
+    }
     let mut scopes: Vec<String> = claims.identity_scopes.clone();
-    scopes.extend(claims.scopes.iter().map(ToString::to_string));
-    json!({
+    scopes.extend(usable.iter().map(ToString::to_string));
+    Some(json!({
         "active": true,
         "token_type": "Bearer",
         "scope": scopes.join(" "),
         "client_id": claims.client,
         "sub": claims.subject,
         "exp": unix(claims.expires_at),
-    })
+    }))
 }
 
 /// `POST /oauth/revoke` (RFC 7009). A refresh token revokes its whole grant (its access tokens

@@ -666,12 +666,14 @@ impl OAuthStore {
         Ok(())
     }
 
-    pub async fn finish_interaction(&self, id: Uuid) -> Result<(), OAuthError> {
-        sqlx::query("DELETE FROM oauth_interactions WHERE id = $1")
+    /// Ends an interaction; false if it had already ended (a form posted twice, at once or
+    /// again): only the first may go on to issue a code.
+    pub async fn finish_interaction(&self, id: Uuid) -> Result<bool, OAuthError> {
+        let deleted = sqlx::query("DELETE FROM oauth_interactions WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(deleted.rows_affected() == 1)
     }
 
     /// Starts a browser session; returns the cookie value.
@@ -804,7 +806,9 @@ impl OAuthStore {
     /// consent (`FOR SHARE`): a withdrawal running at the same time either commits first (no
     /// grant is written: `AccessDenied`) or waits for this grant, then revokes it with the
     /// others. A check made earlier and a plain insert would let a silent sign-in
-    /// (`prompt=none`) create a grant the withdrawal never saw.
+    /// (`prompt=none`) create a grant the withdrawal never saw. The app's manifest is checked
+    /// the same way: a request checked against it when the login page opened may have outlived
+    /// a narrowing of it (which revokes grants under the client's row lock).
     pub async fn issue_code(
         &self,
         request: &AuthorizationRequest,
@@ -812,12 +816,20 @@ impl OAuthStore {
         auth_time: DateTime<Utc>,
     ) -> Result<String, OAuthError> {
         let code = random_secret();
+        let document_scopes: Vec<&str> = request
+            .scopes
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !IDENTITY_SCOPES.contains(s))
+            .collect();
         let written = sqlx::query(
             "INSERT INTO oauth_grants (id, user_did, client_id, scopes, nonce, auth_time, \
              code_hash, code_challenge, redirect_uri, code_expires_at) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
              WHERE EXISTS (SELECT 1 FROM consents \
-               WHERE user_did = $2 AND client_id = $3 AND scopes @> $4::text[] FOR SHARE)",
+               WHERE user_did = $2 AND client_id = $3 AND scopes @> $4::text[] FOR SHARE) \
+             AND EXISTS (SELECT 1 FROM oauth_clients \
+               WHERE id = $3 AND scopes @> $11::text[] FOR SHARE)",
         )
         .bind(Uuid::now_v7())
         .bind(did)
@@ -829,6 +841,7 @@ impl OAuthStore {
         .bind(&request.code_challenge)
         .bind(&request.redirect_uri)
         .bind(as_ts(self.lifetimes.code))
+        .bind(&document_scopes)
         .execute(&self.pool)
         .await?;
         if written.rows_affected() == 0 {

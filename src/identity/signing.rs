@@ -4,7 +4,8 @@
 //! rotated on demand. Private-key operations are aws-lc-rs's (constant-time); keys are stored as
 //! PKCS#8 DER, and keys stored before as PKCS#1 DER still load. The newest unretired key signs; a
 //! retired key stays published for `publish_for` so tokens it signed keep verifying at relying
-//! parties that cache the JWKS.
+//! parties that cache the JWKS. Every node reads the keys again periodically, so a rotation on
+//! one node moves every node to the new key.
 //!
 //! Invariant: private keys leave this module only sealed; the JWKS holds public parts only.
 
@@ -58,6 +59,9 @@ struct KeyRing {
     /// Public JWKs of every published key, newest first.
     published: Vec<serde_json::Value>,
     decoding: Vec<(String, DecodingKey)>,
+    /// The key ids read, newest first, each with whether it signs: a reload that reads the same
+    /// keeps the ring (no private key opened again).
+    listed: Vec<(String, bool)>,
 }
 
 /// ID-token signing keys of this node (shared with the cluster through the database).
@@ -163,7 +167,17 @@ impl SigningKeys {
         .bind(self.publish_for.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
-        let mut ring = KeyRing::default();
+        let listed: Vec<(String, bool)> = rows
+            .iter()
+            .map(|(kid, _, _, active)| (kid.clone(), *active))
+            .collect();
+        if listed == self.ring().listed {
+            return Ok(());
+        }
+        let mut ring = KeyRing {
+            listed,
+            ..KeyRing::default()
+        };
         for (kid, sealed, jwk, active) in rows {
             let bad = |reason: &str| SigningError::BadKey {
                 kid: kid.clone(),
@@ -188,6 +202,25 @@ impl SigningKeys {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ring);
         Ok(())
+    }
+
+    /// Reloads the keys every `interval` until `stop` resolves: a rotation on another node
+    /// reaches this one (its new key signs here too, and is in this node's JWKS), and a retired
+    /// key leaves the JWKS once its overlap has passed.
+    pub async fn run(&self, interval: Duration, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = ticker.tick() => {}
+            }
+            if let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "reloading the ID token signing keys failed; retrying");
+            }
+        }
     }
 
     fn ring(&self) -> Arc<KeyRing> {

@@ -281,14 +281,14 @@ impl Store {
     }
 
     /// Rewrites a document under its row lock: checks write access and `expected_rev`, then asks
-    /// `change` for the new `(data, acl)` given the current document.
+    /// `change` for the new data and, if the request writes it, the new ACL (None keeps it).
     pub async fn modify<E>(
         &self,
         caller: &str,
         doc_type: &str,
         id: Uuid,
         expected_rev: Option<i64>,
-        change: impl FnOnce(&Document) -> Result<(serde_json::Value, Acl), E>,
+        change: impl FnOnce(&Document) -> Result<(serde_json::Value, Option<Acl>), E>,
     ) -> Result<Result<Document, E>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let current = lock(&mut tx, caller, doc_type, id, expected_rev).await?;
@@ -296,9 +296,12 @@ impl Store {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
-        if acl != current.acl && caller != current.owner {
+        // Refused whatever its value: were an ACL equal to the current one accepted, a writer
+        // could learn the owner's ACL by trying candidates.
+        if acl.is_some() && caller != current.owner {
             return Err(StoreError::AclOwnerOnly);
         }
+        let acl = acl.unwrap_or(current.acl);
         let row = sqlx::query(concat!(
             "UPDATE documents SET data = $2, acl = $3, rev = rev + 1, \
              updated_at = greatest(now(), updated_at) WHERE id = $1 RETURNING ",
@@ -543,11 +546,11 @@ async fn lock(
 /// page's rows are bounded by count (its limit) and each by the body limit, but their product
 /// is not small: this bounds what one request holds in memory. Rows past the cut are read and
 /// dropped by sqlx before the connection is used again.
-async fn fetch_within<'c>(
+pub(crate) async fn fetch_within<'c>(
     query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     executor: impl sqlx::PgExecutor<'c>,
     budget: usize,
-) -> Result<(Vec<PgRow>, bool), StoreError> {
+) -> Result<(Vec<PgRow>, bool), sqlx::Error> {
     use futures_util::TryStreamExt as _;
     let mut stream = query.fetch(executor);
     let mut rows = Vec::new();

@@ -386,19 +386,20 @@ pub(super) fn compile(
         Scope::Global => {
             // The public documents the caller is not denied: by "*", by DID, or by holding the
             // certificates of a deny predicate (evaluated only where the rule has predicates).
+            // Without a caller (a live query's window, shared by its subscribers) every public
+            // document, as `QuerySpec::matches` has it: each subscriber's denies are applied
+            // per subscriber, a deny of everyone ("*") included, so a window loaded afresh is
+            // the window the changes built.
             sql.push_str(" AND read_public");
-            match caller {
-                Some(caller) => {
-                    let p = b.param(Bind::Text(caller.to_owned()));
-                    let _ = write!(
-                        sql,
-                        " AND (owner_did = {p} OR (NOT read_deny_public \
-                         AND NOT ({p} = ANY(read_deny_dids)) \
-                         AND NOT (read_predicates \
-                         AND vibe_acl_preds_hold(acl, 'read', 'deny', {p}))))"
-                    );
-                }
-                None => sql.push_str(" AND NOT read_deny_public"),
+            if let Some(caller) = caller {
+                let p = b.param(Bind::Text(caller.to_owned()));
+                let _ = write!(
+                    sql,
+                    " AND (owner_did = {p} OR (NOT read_deny_public \
+                     AND NOT ({p} = ANY(read_deny_dids)) \
+                     AND NOT (read_predicates \
+                     AND vibe_acl_preds_hold(acl, 'read', 'deny', {p}))))"
+                );
             }
         }
         Scope::Shared(caller) => {

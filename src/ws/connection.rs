@@ -564,6 +564,21 @@ impl Session {
                     .map_err(|e| Failure("invalid_cursor", e.to_string()))
             })
             .transpose()?;
+        if let Some(since) = since {
+            let ahead = self.app.is_ahead_of_feed(since).await.map_err(|e| {
+                tracing::warn!(error = %e, "reading the feed's head failed");
+                Failure(
+                    "unavailable",
+                    "the live query could not start; retry".into(),
+                )
+            })?;
+            if ahead {
+                return Err(Failure(
+                    "invalid_cursor",
+                    format!("cursor {since} is ahead of the feed"),
+                ));
+            }
+        }
         let held: usize = self.subs.values().map(|(_, refs)| refs).sum();
         if held >= self.app.config.ws.max_subscriptions {
             return Err(Failure(
@@ -635,11 +650,8 @@ impl Session {
         let doc = match id {
             Some(id) => {
                 let replaced = store
-                    .modify(&caller, &args.doc_type, id, args.rev, |current| {
-                        Ok::<_, Failure>((
-                            data.clone(),
-                            acl.clone().unwrap_or_else(|| current.acl.clone()),
-                        ))
+                    .modify(&caller, &args.doc_type, id, args.rev, |_| {
+                        Ok::<_, Failure>((data.clone(), acl.clone()))
                     })
                     .await;
                 match replaced {
@@ -664,8 +676,11 @@ impl Session {
                     .await?
             }
         };
-        // Write access does not reveal content the ACL does not let the caller read.
-        if self.app.store.may(Operation::Read, &caller, &doc).await? {
+        // Write access does not reveal content the token (its scopes and attenuations) or the ACL
+        // does not let the caller read.
+        if self.claims(Access::Read, &args.doc_type).is_ok()
+            && self.app.store.may(Operation::Read, &caller, &doc).await?
+        {
             Ok(Some(json!({"doc": doc.view(Some(&caller))})))
         } else {
             Ok(Some(json!({"id": doc.id, "rev": doc.rev})))

@@ -118,9 +118,7 @@ impl Keyset {
                         let [rank, number, text] =
                             <[Value; 3]>::try_from(item.as_array()?.clone()).ok()?;
                         let rank = i16::try_from(rank.as_u64()?).ok().filter(|r| *r <= 5)?;
-                        let number = number.as_str()?;
-                        // Decimal text only: it is bound as numeric.
-                        number.parse::<f64>().ok().filter(|n| n.is_finite())?;
+                        let number = number.as_str().filter(|n| numeric_text(n))?;
                         KeyValue::Data {
                             rank,
                             number: number.to_owned(),
@@ -129,13 +127,31 @@ impl Keyset {
                     }
                     Field::Id => KeyValue::Id(Uuid::try_parse(item.as_str()?).ok()?),
                     Field::Owner | Field::Type => KeyValue::Text(item.as_str()?.to_owned()),
-                    Field::CreatedAt | Field::UpdatedAt => {
-                        KeyValue::Time(DateTime::from_timestamp_micros(item.as_i64()?)?)
-                    }
+                    Field::CreatedAt | Field::UpdatedAt => KeyValue::Time(
+                        DateTime::from_timestamp_micros(item.as_i64()?)
+                            .filter(super::storable_time)?,
+                    ),
                 })
             })
             .collect::<Option<Vec<_>>>()
             .ok_or_else(bad)?;
         Ok(Self { values, id })
+    }
+}
+
+/// Whether `number` is decimal text the database takes as `numeric`: what a JSON number prints
+/// as (an exponent within a double's range, a few dozen characters). A finite double alone is
+/// not enough: `0e-100000` parses as 0 but overflows `numeric` and would fail the statement.
+fn numeric_text(number: &str) -> bool {
+    const MAX_CHARS: usize = 64;
+    const MAX_EXPONENT: i32 = 400;
+    if number.len() > MAX_CHARS || !number.parse::<f64>().is_ok_and(f64::is_finite) {
+        return false;
+    }
+    match number.split_once(['e', 'E']) {
+        Some((_, exponent)) => exponent
+            .parse::<i32>()
+            .is_ok_and(|e| e.abs() <= MAX_EXPONENT),
+        None => true,
     }
 }

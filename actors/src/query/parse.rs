@@ -1,7 +1,7 @@
 //! From the wire form of a query to a normalised [`QuerySpec`], with an error that names the
 //! offending part for everything that is not a valid query.
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
@@ -367,7 +367,7 @@ fn operand_for(
 /// compare with the same instant.
 fn timestamp(value: &serde_json::Value) -> Option<DateTime<Utc>> {
     let parsed = DateTime::parse_from_rfc3339(value.as_str()?).ok()?.to_utc();
-    if !(1..=9999).contains(&parsed.year()) {
+    if !super::storable_time(&parsed) {
         return None;
     }
     DateTime::from_timestamp_micros(parsed.timestamp_micros())

@@ -360,19 +360,38 @@ fn keysets_round_trip_and_reject_foreign_cursors() {
         "cursor"
     );
     assert!(keyset::Keyset::decode(&q, "not base64!").is_err());
-    // The same cursor with its `owner` value holding U+0000.
-    let with_nul = {
+    // The same cursor with one value changed.
+    let tampered = |index: usize, value: serde_json::Value| {
         use base64::Engine;
         let codec = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut items: Vec<serde_json::Value> =
             serde_json::from_slice(&codec.decode(keyset.encode()).unwrap()).unwrap();
-        items[1] = json!("did:key:zA\u{0}");
-        codec.encode(serde_json::Value::Array(items).to_string())
+        items[index] = value;
+        keyset::Keyset::decode(
+            &q,
+            &codec.encode(serde_json::Value::Array(items).to_string()),
+        )
     };
-    assert_eq!(
-        keyset::Keyset::decode(&q, &with_nul).unwrap_err().part,
-        "cursor"
-    );
+    // Values the database would refuse as bound parameters are the cursor's fault (400), not a
+    // failed statement (500): U+0000 in text, a time outside years 1-9999, a number that is a
+    // finite double but overflows `numeric`.
+    for (index, value) in [
+        (1, json!("did:key:zA\u{0}")),
+        (2, json!(-300_000_000_000_000_000_i64)),
+        (0, json!([3, "0e-100000", ""])),
+        (0, json!([3, "1e-1001", ""])),
+        (0, json!([3, "1".repeat(65), ""])),
+    ] {
+        assert_eq!(
+            tampered(index, value.clone()).unwrap_err().part,
+            "cursor",
+            "{value}"
+        );
+    }
+    // What JSON numbers print as is taken.
+    for number in ["1e300", "-2.5", "5e-324", "18446744073709551615"] {
+        assert!(tampered(0, json!([3, number, ""])).is_ok(), "{number}");
+    }
 }
 
 #[test]
