@@ -169,6 +169,64 @@ async fn pages_cover_everything_once_and_long_polls_wake_on_writes() {
     s.finish().await;
 }
 
+/// A page ends once its changes pass `http.max_page_bytes` (each change holds whole document
+/// images), and its cursor goes on from there: every change arrives once, in order.
+#[tokio::test]
+async fn pages_are_bounded_in_bytes_and_lose_nothing() {
+    let s = TestServer::start_with(&[("http.max_page_bytes", "20000")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut written = Vec::new();
+    for n in 0..12 {
+        let doc = s
+            .post(
+                &alice,
+                "posts",
+                json!({"data": {"n": n, "pad": "x".repeat(4_000)}}),
+            )
+            .await;
+        written.push(doc["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut cursor = "0".to_owned();
+    let mut pages = 0;
+    loop {
+        let (status, page) = changes(&s, &alice, &format!("since={cursor}&limit=1000")).await;
+        assert_eq!(status, 200, "{page}");
+        let got = ids(&page);
+        if got.is_empty() {
+            break;
+        }
+        assert!(
+            got.len() < written.len(),
+            "a page holds at most ~20 kB: {}",
+            got.len()
+        );
+        seen.extend(got);
+        cursor = page["cursor"].as_str().unwrap().to_owned();
+        pages += 1;
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert_eq!(seen, written);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn type_lists_are_deduplicated_and_capped() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let doc = s.post(&alice, "posts", json!({"data": {}})).await;
+    let (status, body) = changes(&s, &alice, "since=0&types=posts,posts,posts").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(&body), vec![doc["id"].as_str().unwrap()]);
+    let many: Vec<String> = (0..65).map(|n| format!("t{n}")).collect();
+    let (status, body) = changes(&s, &alice, &format!("since=0&types={}", many.join(","))).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_query"))
+    );
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn bad_and_expired_cursors() {
     let s = TestServer::start().await;

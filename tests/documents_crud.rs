@@ -316,6 +316,17 @@ async fn acl_governs_other_users_and_the_global_index() {
         r.json::<Value>().await.unwrap()["error"]["code"],
         "acl_owner_only"
     );
+    // Even the ACL the document has: accepting that would let a writer probe the owner's ACL.
+    let r = s
+        .client
+        .put(&url)
+        .bearer_auth(&bob)
+        .json(&json!({"data": {"title": "edited"},
+                      "acl": {"read": {"allow": ["*"], "deny": [CAROL]}, "write": {"allow": [BOB]}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let r = s
         .client
         .delete(s.url(&format!("/v1/docs/posts/{}", private.id)))
