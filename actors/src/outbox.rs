@@ -9,12 +9,17 @@
 //! nobody else holds. The writer takes the whole queue at once (swapping in its own emptied one,
 //! so neither side allocates in steady state), and a queue that never held a frame holds no
 //! memory: an idle connection pays for its `Arc` only.
+//!
+//! The queue is also the connection's doorbell for things outside the tree: its
+//! [`Outbox::alarm`] waker (held, say, by the revocation list) makes the writer's next
+//! [`OutboxReceiver::recv`] report [`Received::Alerted`], so a connection needs no channel or
+//! `Notify` of its own for them.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 
@@ -62,6 +67,8 @@ struct State {
     waker: Option<Waker>,
     /// Sticky: an overflowed connection takes nothing more.
     overflowed: bool,
+    /// The alarm rang since the writer last looked (see [`Outbox::alarm`]).
+    alerted: bool,
 }
 
 impl Shared {
@@ -87,6 +94,9 @@ pub enum Received {
     Frames,
     /// The queue overflowed: what it held is dropped, the connection must close.
     Overflowed,
+    /// The alarm rang (once however often it rang since the last look); queued frames, if
+    /// any, come with the next call.
+    Alerted,
 }
 
 /// The frame was not queued: the connection is overflowed or gone.
@@ -174,6 +184,29 @@ impl Outbox {
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Relaxed)
     }
+
+    /// A waker that rings this connection's alarm: the writer's next look at its queue reports
+    /// [`Received::Alerted`]. It keeps the queue's shared state alive (not the connection), so
+    /// whoever holds it should drop it with the connection.
+    pub fn alarm(&self) -> Waker {
+        Waker::from(self.shared.clone())
+    }
+}
+
+impl Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut state = self.lock();
+        state.alerted = true;
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 impl OutboxReceiver {
@@ -187,6 +220,9 @@ impl OutboxReceiver {
         let mut state = self.shared.lock();
         if state.overflowed {
             return Poll::Ready(Received::Overflowed);
+        }
+        if std::mem::take(&mut state.alerted) {
+            return Poll::Ready(Received::Alerted);
         }
         if state.frames.is_empty() {
             match &mut state.waker {
@@ -202,8 +238,8 @@ impl OutboxReceiver {
         Poll::Ready(Received::Frames)
     }
 
-    /// Waits for frames (moved into `batch`) or the overflow. Cancel-safe: frames are only
-    /// moved when it completes.
+    /// Waits for frames (moved into `batch`), the overflow or the alarm. Cancel-safe: frames
+    /// are only moved, and the alarm only taken, when it completes.
     pub async fn recv(&mut self, batch: &mut VecDeque<Bytes>) -> Received {
         poll_fn(|cx| self.poll_recv(cx, batch)).await
     }
@@ -318,6 +354,27 @@ mod tests {
         let mut frames = vec![Bytes::from_static(b"1234"), Bytes::from_static(b"5")];
         assert_eq!(tx.send_all(&mut frames), Err(NotQueued));
         assert_eq!(rx.recv(&mut batch).await, Received::Overflowed);
+    }
+
+    #[tokio::test]
+    async fn the_alarm_wakes_the_writer_once_and_frames_follow() {
+        let (tx, mut rx) = outbox(1, QueueLimit::frames(8));
+        let alarm = tx.alarm();
+        let mut batch = VecDeque::new();
+        let waiting = tokio::spawn(async move {
+            let got = rx.recv(&mut batch).await;
+            (got, batch, rx)
+        });
+        // The writer is parked on an empty queue before the alarm rings.
+        tokio::task::yield_now().await;
+        alarm.wake_by_ref();
+        alarm.wake_by_ref();
+        let (got, mut batch, mut rx) = waiting.await.unwrap();
+        assert_eq!(got, Received::Alerted);
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        // Rung twice before the look: one alert, then the frame.
+        assert_eq!(rx.recv(&mut batch).await, Received::Frames);
+        assert_eq!(Vec::from(batch), vec![Bytes::from_static(b"a")]);
     }
 
     #[test]

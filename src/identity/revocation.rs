@@ -8,15 +8,18 @@
 //! A live connection holds a [`RevocationWatch`] for its token and is woken only by a revocation
 //! that names the token's grant or the token itself — not by every revocation on the node (each
 //! one would otherwise wake every connection: a revocation a user can cause, say by logging out,
-//! would cost the whole node's connections a wake-up and a token check).
+//! would cost the whole node's connections a wake-up and a token check). The watch wakes through
+//! a [`Waker`] the connection hands over (its outbox's alarm), so it costs the connection a map
+//! entry and nothing it must poll.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::task::Waker;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 /// Serialises revocation writers across nodes ("vibervk").
@@ -75,7 +78,7 @@ enum WatchKey {
 #[derive(Debug, Default)]
 struct Watchers {
     next_id: u64,
-    by_key: HashMap<WatchKey, HashMap<u64, Arc<Notify>>>,
+    by_key: HashMap<WatchKey, HashMap<u64, Waker>>,
 }
 
 /// This node's copy of the revocation list.
@@ -100,8 +103,8 @@ impl Default for Revocations {
     }
 }
 
-/// A live connection's watch on its token: [`RevocationWatch::notify`] is notified when a
-/// revocation names the token's grant or the token. Unregisters on drop.
+/// A live connection's watch on its token: its waker is woken when a revocation names the
+/// token's grant or the token (the holder then checks the token again). Unregisters on drop.
 #[derive(Debug)]
 pub struct RevocationWatch {
     revocations: Arc<Revocations>,
@@ -109,18 +112,11 @@ pub struct RevocationWatch {
     /// The hash of the token's revocation id.
     token: u64,
     grant: Option<Uuid>,
-    notify: Arc<Notify>,
 }
 
 impl RevocationWatch {
     fn keys(&self) -> impl Iterator<Item = WatchKey> + use<> {
         std::iter::once(WatchKey::Token(self.token)).chain(self.grant.map(WatchKey::Grant))
-    }
-
-    /// Notified (one stored permit) when something revoked may concern the token: the holder
-    /// checks the token again.
-    pub fn notify(&self) -> &Arc<Notify> {
-        &self.notify
     }
 }
 
@@ -147,10 +143,14 @@ impl Revocations {
     }
 
     /// A watch on the token of `grant` with authority revocation id `token_id` (see
-    /// [`Revocations::is_revoked`]). Check the token once after creating it: a revocation applied
-    /// in between notifies nobody.
-    pub fn watch(self: &Arc<Self>, grant: Option<Uuid>, token_id: &str) -> RevocationWatch {
-        let notify = Arc::new(Notify::new());
+    /// [`Revocations::is_revoked`]) that wakes `waker` when a revocation may concern it. Check
+    /// the token once after creating it: a revocation applied in between wakes nobody.
+    pub fn watch(
+        self: &Arc<Self>,
+        grant: Option<Uuid>,
+        token_id: &str,
+        waker: Waker,
+    ) -> RevocationWatch {
         let mut watchers = self.lock_watchers();
         let id = watchers.next_id;
         watchers.next_id += 1;
@@ -159,14 +159,13 @@ impl Revocations {
             id,
             token: self.token_hasher.hash_one(token_id),
             grant,
-            notify,
         };
         for key in watch.keys() {
             watchers
                 .by_key
                 .entry(key)
                 .or_default()
-                .insert(id, watch.notify.clone());
+                .insert(id, waker.clone());
         }
         drop(watchers);
         watch
@@ -194,13 +193,13 @@ impl Revocations {
                 Revoked::Grant(id) => WatchKey::Grant(*id),
                 Revoked::Token(id) => WatchKey::Token(self.token_hasher.hash_one(id)),
             };
-            for notify in watchers
+            for waker in watchers
                 .by_key
                 .get(&key)
                 .into_iter()
                 .flat_map(HashMap::values)
             {
-                notify.notify_one();
+                waker.wake_by_ref();
             }
         }
     }
@@ -346,20 +345,49 @@ mod tests {
         assert_eq!((lists.grants.len(), lists.tokens.len()), (1, 0));
     }
 
-    /// Whether the watch was notified since it was last asked (takes the stored permit).
-    fn notified(watch: &RevocationWatch) -> bool {
-        use futures_util::FutureExt;
-        watch.notify().notified().now_or_never().is_some()
+    /// A waker that records that it was woken.
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A watch (held for its registration) with its flag.
+    struct Watched {
+        _watch: RevocationWatch,
+        flag: Arc<Flag>,
+    }
+
+    fn watched(revocations: &Arc<Revocations>, grant: Option<Uuid>, token: &str) -> Watched {
+        let flag = Arc::new(Flag::default());
+        Watched {
+            _watch: revocations.watch(grant, token, Waker::from(flag.clone())),
+            flag,
+        }
+    }
+
+    /// Whether the watch was woken since it was last asked.
+    fn notified(watch: &Watched) -> bool {
+        watch
+            .flag
+            .0
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     #[test]
     fn a_revocation_wakes_only_the_watches_it_concerns() {
         let revocations = Arc::new(Revocations::default());
         let (grant, other_grant) = (Uuid::now_v7(), Uuid::now_v7());
-        let of_grant = revocations.watch(Some(grant), "t-1");
-        let of_other_grant = revocations.watch(Some(other_grant), "t-2");
-        let of_token = revocations.watch(None, "t-3");
-        let of_same_token = revocations.watch(None, "t-3");
+        let of_grant = watched(&revocations, Some(grant), "t-1");
+        let of_other_grant = watched(&revocations, Some(other_grant), "t-2");
+        let of_token = watched(&revocations, None, "t-3");
+        let of_same_token = watched(&revocations, None, "t-3");
 
         revocations.apply_locally(Revoked::Grant(grant));
         assert_eq!(
@@ -381,7 +409,7 @@ mod tests {
         let revocations = Arc::new(Revocations::default());
         let grant = Uuid::now_v7();
         let watches: Vec<_> = (0..3)
-            .map(|i| revocations.watch(Some(grant), &format!("t-{i}")))
+            .map(|i| watched(&revocations, Some(grant), &format!("t-{i}")))
             .collect();
         assert_eq!(revocations.lock_watchers().by_key.len(), 4);
         drop(watches);

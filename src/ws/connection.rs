@@ -43,16 +43,17 @@ pub struct Identity {
     /// The token is attenuated: its checks (a time limit, say) may stop passing before its
     /// expiry, so held subscriptions are checked again every `ws.attenuation_recheck`.
     pub attenuated: bool,
-    /// Notified when a revocation names this token or its grant (and only then).
-    revocation: RevocationWatch,
+    /// Rings the connection's outbox alarm when a revocation names this token or its grant (and
+    /// only then). Held for its registration, which ends when it is dropped.
+    _revocation: RevocationWatch,
 }
 
 /// Checks a token's signature and expiry (its attenuations are checked per request), and
-/// starts watching for its revocation.
-pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
+/// starts watching for its revocation: one rings the alarm of `outbox` (the connection's).
+pub fn identify(app: &App, token: &str, outbox: &Outbox) -> Result<Identity, ApiError> {
     let claims = app.tokens.identify(token)?;
     let revocations = app.tokens.revocations();
-    let revocation = revocations.watch(claims.grant, &claims.token_id);
+    let revocation = revocations.watch(claims.grant, &claims.token_id, outbox.alarm());
     // A revocation applied between the check above and the watch notified nobody.
     if revocations.is_revoked(claims.grant, &claims.token_id) {
         return Err(AuthError::Revoked.into());
@@ -62,7 +63,7 @@ pub fn identify(app: &App, token: &str) -> Result<Identity, ApiError> {
         token: token.to_owned(),
         expires_at: claims.expires_at,
         attenuated: app.tokens.is_attenuated(token),
-        revocation,
+        _revocation: revocation,
     })
 }
 
@@ -99,11 +100,6 @@ impl Session {
         self.identity
             .as_ref()
             .is_some_and(|i| matches!(self.app.tokens.identify(&i.token), Err(AuthError::Revoked)))
-    }
-
-    /// What is notified when the identity's token may have been revoked (None before `auth`).
-    pub fn revocation_notify(&self) -> Option<&Arc<tokio::sync::Notify>> {
-        self.identity.as_ref().map(|i| i.revocation.notify())
     }
 
     /// Whether the identity's token is attenuated (see [`Identity::attenuated`]).
@@ -462,7 +458,7 @@ impl Session {
     }
 
     fn auth(&mut self, token: &str) -> Result<Option<Value>, Failure> {
-        let identity = identify(&self.app, token)?;
+        let identity = identify(&self.app, token, &self.outbox)?;
         if let Some(current) = &self.identity
             && current.subject != identity.subject
         {

@@ -5,7 +5,8 @@
 //!
 //! - takes everything queued in the outbox at once and writes it in as few writes as fit
 //!   `WRITE_CHUNK`; closes the socket if the outbox overflowed (4008) or the server is stopping
-//!   (1001);
+//!   (1001); when the outbox's alarm rang (a revocation named the token), checks the token and
+//!   closes (4003) if it was revoked;
 //! - reads the next message, answers what needs no session (pings, binary, oversized, over the
 //!   rate), and runs each request to completion before taking another: a client cannot queue
 //!   unbounded work, and outbound frames keep flowing while a request waits on the database.
@@ -37,7 +38,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use vibe_actors::outbox::{Outbox, QueueLimit, Received, outbox};
+use vibe_actors::outbox::{Outbox, OutboxReceiver, QueueLimit, Received, outbox};
 
 use crate::app::App;
 use crate::http::{ApiError, HttpResponse};
@@ -101,9 +102,15 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(|t| t.trim().to_owned())
         });
+    let config = &app.config.ws;
+    let limit = QueueLimit {
+        frames: config.outbound_queue,
+        bytes: config.outbound_queue_bytes,
+    };
+    let queue = outbox(app.next_connection_id(), limit);
     // A token given with the upgrade is checked before upgrading, so a bad one gets a plain 401.
     let identity = match &token {
-        Some(t) => Some(connection::identify(&app, t)?),
+        Some(t) => Some(connection::identify(&app, t, &queue.0)?),
         None => None,
     };
     let (response, upgraded) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
@@ -129,7 +136,7 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
         let _open = open;
         match upgraded.await {
             // fastwebsockets did the handshake; the framing is ours (frame.rs).
-            Ok(ws) => run(app, ws.into_inner(), identity).await,
+            Ok(ws) => run(app, ws.into_inner(), queue, identity).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
         }
     });
@@ -151,16 +158,18 @@ enum End {
     Protocol(frame::FrameError),
 }
 
-async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) {
+/// The connection's loop, on its outbox (made at the upgrade, so a token given with it could
+/// watch for its revocation through the outbox's alarm from the start).
+async fn run(
+    app: Arc<App>,
+    mut io: Io,
+    (outbox, mut receiver): (Outbox, OutboxReceiver),
+    identity: Option<connection::Identity>,
+) {
     let config = &app.config.ws;
     // The transport refuses messages past 4x the frame limit (and closes with 1009); between the
     // limit and that, the loop answers `frame_too_large` and the connection lives on.
     let mut inbound = frame::Inbound::new(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
-    let limit = QueueLimit {
-        frames: config.outbound_queue,
-        bytes: config.outbound_queue_bytes,
-    };
-    let (outbox, mut receiver) = outbox(app.next_connection_id(), limit);
     // Frames taken from the outbox and being written; swapped with the outbox's own queue.
     let mut batch = VecDeque::new();
     // Pongs owed to the client, encoded; written before anything else.
@@ -181,10 +190,7 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
     let mut rechecking = false;
     let attenuation_due = tokio::time::sleep_until(auth_deadline);
     tokio::pin!(shutting_down, token_expired, attenuation_due);
-    // A wait on the identity's revocation watch: boxed once per identity (and re-armed when it
-    // fires), not per loop turn. Only a revocation of this connection's token wakes it.
-    let mut watched: Option<Arc<tokio::sync::Notify>> = None;
-    let mut revocation = wait_for_revocation(None);
+    // Set when the outbox's alarm rang: a revocation named this connection's token or grant.
     let mut recheck_token = false;
     metrics::gauge!("vibe_ws_connections").increment(1.0);
 
@@ -234,15 +240,6 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
                     return End::Close(CLOSE_TOKEN_REVOKED, b"token revoked: access was withdrawn");
                 }
             }
-            // (Not while a request holds the session: a notification meanwhile is kept as the
-            // Notify's permit.)
-            if let Some(s) = &session {
-                let notify = s.revocation_notify();
-                if notify.map(Arc::as_ptr) != watched.as_ref().map(Arc::as_ptr) {
-                    watched = notify.cloned();
-                    revocation = wait_for_revocation(watched.clone());
-                }
-            }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
             if let Some(s) = &session
                 && s.attenuated() != rechecking
@@ -278,10 +275,6 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
                         .as_mut()
                         .reset(tokio::time::Instant::now() + config.attenuation_recheck);
                 }
-                () = &mut revocation => {
-                    revocation = wait_for_revocation(watched.clone());
-                    recheck_token = true;
-                }
                 done = next_of(&mut handling), if handling.is_some() => {
                     handling = None;
                     session = Some(done);
@@ -298,14 +291,18 @@ async fn run(app: Arc<App>, mut io: Io, identity: Option<connection::Identity>) 
                 }
                 // Last in the biased order: a busy outbox must not starve a running request
                 // (it may hold a row lock) or the reader.
-                received = receiver.recv(&mut batch) => {
-                    if received == Received::Overflowed {
+                received = receiver.recv(&mut batch) => match received {
+                    Received::Overflowed => {
                         return End::Close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since");
                     }
-                    if let Err(end) = write_batch(&mut io, &mut batch).await {
-                        return end;
+                    // Checked at the top of the loop, once the session is not held by a request.
+                    Received::Alerted => recheck_token = true,
+                    Received::Frames => {
+                        if let Err(end) = write_batch(&mut io, &mut batch).await {
+                            return end;
+                        }
                     }
-                }
+                },
             }
         }
     }
@@ -441,16 +438,6 @@ async fn write_all(io: &mut Io, bytes: &[u8]) -> Result<(), End> {
         }
     }
     Ok(())
-}
-
-/// Resolves when `watch` is next notified (pending forever without one: not authenticated).
-fn wait_for_revocation(
-    watch: Option<Arc<tokio::sync::Notify>>,
-) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    match watch {
-        Some(notify) => Box::pin(notify.notified_owned()),
-        None => Box::pin(std::future::pending()),
-    }
 }
 
 /// The output of the future in `slot` (pending forever when there is none: select! evaluates a
