@@ -21,6 +21,18 @@ async fn create(s: &TestServer, token: &str, body: Value) -> Document {
     serde_json::from_value(s.post(token, "posts", body).await).unwrap()
 }
 
+/// An empty merge patch of the document at `url`: a write that changes nothing but the revision.
+async fn empty_patch(s: &TestServer, url: &str, token: &str) -> reqwest::Response {
+    s.client
+        .patch(url)
+        .bearer_auth(token)
+        .header("content-type", "application/merge-patch+json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn create_get_round_trip() {
     let s = TestServer::start().await;
@@ -343,15 +355,12 @@ async fn acl_governs_other_users_and_the_global_index() {
         json!({"acl": {"write": {"allow": [BOB]}}, "data": {"secret": 1}}),
     )
     .await;
-    let r = s
-        .client
-        .patch(s.url(&format!("/v1/docs/posts/{}", write_only.id)))
-        .bearer_auth(&bob)
-        .header("content-type", "application/merge-patch+json")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let r = empty_patch(
+        &s,
+        &s.url(&format!("/v1/docs/posts/{}", write_only.id)),
+        &bob,
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()["etag"], "\"2\"");
     assert!(r.text().await.unwrap().is_empty());
@@ -408,15 +417,7 @@ async fn a_write_only_token_gets_no_content_back_from_writes() {
     let doc = create(&s, &alice, json!({"data": {"secret": 1}})).await;
     let url = s.url(&format!("/v1/docs/posts/{}", doc.id));
 
-    let r = s
-        .client
-        .patch(&url)
-        .bearer_auth(&write_only)
-        .header("content-type", "application/merge-patch+json")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let r = empty_patch(&s, &url, &write_only).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()["etag"], "\"2\"");
     assert!(r.text().await.unwrap().is_empty());
@@ -442,15 +443,7 @@ async fn a_write_only_token_gets_no_content_back_from_writes() {
     ws.close().await;
 
     // A token that also reads gets the document, and the writes above all landed.
-    let r = s
-        .client
-        .patch(&url)
-        .bearer_auth(&alice)
-        .header("content-type", "application/merge-patch+json")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let r = empty_patch(&s, &url, &alice).await;
     assert_eq!(r.status(), StatusCode::OK);
     let back: Document = r.json().await.unwrap();
     assert_eq!((back.rev, &back.data), (5, &json!({"secret": 3})));

@@ -206,22 +206,18 @@ async fn a_public_document_denied_to_everyone_is_its_owners_alone_in_global_wind
     // Loaded afresh (a live query of its own: another limit), the window holds it too.
     let mut fresh = query.clone();
     fresh["limit"] = json!(3);
+    let held = |snapshot: &Value| -> Vec<Value> {
+        let docs = snapshot["docs"].as_array().unwrap();
+        docs.iter().map(|d| d["id"].clone()).collect()
+    };
     let snapshot = a.request(fresh.clone()).await;
-    let held: Vec<&Value> = snapshot["docs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| &d["id"])
-        .collect();
-    assert_eq!(held, [&hidden["id"], &open["id"]], "{snapshot}");
+    assert_eq!(
+        held(&snapshot),
+        [hidden["id"].clone(), open["id"].clone()],
+        "{snapshot}"
+    );
     let snapshot = b.request(fresh).await;
-    let held: Vec<&Value> = snapshot["docs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| &d["id"])
-        .collect();
-    assert_eq!(held, [&open["id"]], "{snapshot}");
+    assert_eq!(held(&snapshot), [open["id"].clone()], "{snapshot}");
     a.close().await;
     b.close().await;
     s.finish().await;
