@@ -291,8 +291,21 @@ impl Revocations {
                 () = &mut stop => return,
                 _ = ticker.tick() => {}
             }
-            if let Err(e) = self.sync(&pool).await {
-                tracing::warn!(error = %e, "reading token revocations failed; retrying");
+            // A node that cannot read the list keeps accepting tokens revoked elsewhere (failing
+            // closed would turn a database hiccup into an outage): the metrics let an operator
+            // alert on `time() - vibe_revocations_synced_timestamp_seconds`.
+            match self.sync(&pool).await {
+                Ok(()) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    metrics::gauge!("vibe_revocations_synced_timestamp_seconds")
+                        .set(now.as_secs_f64());
+                }
+                Err(e) => {
+                    metrics::counter!("vibe_revocations_sync_failures_total").increment(1);
+                    tracing::warn!(error = %e, "reading token revocations failed; retrying");
+                }
             }
             turns += 1;
             // Entries past their expiry concern tokens that no longer verify: dropped from

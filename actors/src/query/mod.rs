@@ -30,16 +30,16 @@ use uuid::Uuid;
 pub use eval::lookup;
 pub use parse::QueryLimits;
 
+use crate::acl::Acl;
+use crate::change::Change;
+use crate::wire::Document;
+
 /// Whether the database can take `time` as a bound value: years 1 to 9999 (chrono reaches far
 /// past PostgreSQL's range, and a value it refuses would fail the statement).
 pub fn storable_time(time: &DateTime<Utc>) -> bool {
     use chrono::Datelike as _;
     (1..=9999).contains(&time.year())
 }
-
-use crate::acl::Acl;
-use crate::change::Change;
-use crate::wire::Document;
 
 /// Segments per JSON path.
 pub const MAX_PATH_DEPTH: usize = 8;
