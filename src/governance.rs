@@ -45,6 +45,11 @@ pub struct Suggestion {
 pub struct Governance {
     store: Store,
     config: IndexesConfig,
+    /// Held for a whole flush: a flush that finds nothing to take (another has just taken it)
+    /// must not return before those shapes are written, and two flushes must not both find room
+    /// under `indexes.max_shapes`.
+    /// (Shared by clones: they are the same governance.)
+    flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The index name for a (type, path, kind): stable, so one suggestion is one index.
@@ -84,7 +89,11 @@ fn definition(doc_type: &str, path: &[String], kind: IndexKind) -> Result<String
 
 impl Governance {
     pub fn new(store: Store, config: IndexesConfig) -> Self {
-        Self { store, config }
+        Self {
+            store,
+            config,
+            flushing: std::sync::Arc::default(),
+        }
     }
 
     fn pool(&self) -> &PgPool {
@@ -95,6 +104,7 @@ impl Governance {
     /// paths a shape names, so the table is bounded: past `indexes.max_shapes` rows only shapes
     /// already in it are counted (new ones are dropped and counted as such).
     pub async fn flush(&self) -> Result<(), GovernanceError> {
+        let _flushing = self.flushing.lock().await;
         let shapes = self.store.take_shapes();
         if shapes.is_empty() {
             return Ok(());
