@@ -1572,6 +1572,71 @@ async fn open_registration_is_limited_per_address() {
     server.finish().await;
 }
 
+/// An app anyone registered does not get errors redirected to its URI before this browser's
+/// user approved it (RFC 9700 §4.11.2: the endpoint must not be an open redirector); once
+/// approved, or for an app the operator registered, errors go back to the app as usual.
+#[tokio::test]
+async fn an_openly_registered_app_gets_no_error_redirects_until_approved() {
+    let server = TestServer::start_with(&[("identity.open_registration", "true")]).await;
+    sign_up(&server, "ada").await;
+    let metadata = json!({
+        "redirect_uris": ["http://127.0.0.1:9/cb"],
+        "token_endpoint_auth_method": "none",
+        "scope": SCOPE,
+    });
+    let (status, body) = call(
+        server
+            .client
+            .post(server.url("/oauth/register"))
+            .json(&metadata),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let open = RegisteredClient {
+        id: field(&body, "client_id").to_owned(),
+        secret: None,
+        redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
+    };
+    let operators = register_client(&server, true, SCOPE).await;
+    let bad_requests: [&[(&str, Option<&str>)]; 3] = [
+        &[("response_type", Some("token"))],
+        &[("prompt", Some("none"))],
+        &[("code_challenge_method", Some("plain"))],
+    ];
+    let mut browser = Browser::new();
+    for changes in bad_requests {
+        let page = browser.get(&auth_url(&server, &open, changes)).await;
+        assert_error_page(&page);
+        let page = browser.get(&auth_url(&server, &operators, changes)).await;
+        assert_eq!(page.status, 303, "{changes:?}: {page:?}");
+    }
+    // Ada approves the app in this browser: now its errors go back to it.
+    app_tokens(&server, &mut browser, &open, SCOPE, "ada").await;
+    let page = browser
+        .get(&auth_url(
+            &server,
+            &open,
+            &[("response_type", Some("token"))],
+        ))
+        .await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert_eq!(
+        page.redirect_params().get("error").map(String::as_str),
+        Some("unsupported_response_type")
+    );
+    // Another browser, not signed in, is not sent there.
+    assert_error_page(
+        &Browser::new()
+            .get(&auth_url(
+                &server,
+                &open,
+                &[("response_type", Some("token"))],
+            ))
+            .await,
+    );
+    server.finish().await;
+}
+
 /// A grant is only written while the user's consent covers it, and a withdrawal racing a
 /// silent sign-in never leaves a grant it did not revoke.
 #[tokio::test]

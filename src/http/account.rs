@@ -232,7 +232,7 @@ pub(super) async fn register_client(
     let registered = app
         .identity
         .oauth
-        .register_client(body, false)
+        .register_client(body, crate::identity::oauth::Registrant::Operator)
         .await
         .map_err(oauth_error)?;
     Ok(json(

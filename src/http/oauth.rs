@@ -30,8 +30,8 @@ use crate::app::App;
 use crate::auth::{AuthError, Claims, Issued, Scope};
 use crate::identity::accounts::AccountError;
 use crate::identity::oauth::{
-    AuthorizationRequest, Client, Grant, NewClient, OAuthError, Registered, document_scopes,
-    identity_scopes, requested_scopes,
+    AuthorizationRequest, Client, Grant, NewClient, OAuthError, Registered, Registrant,
+    document_scopes, identity_scopes, requested_scopes,
 };
 
 const SESSION_COOKIE: &str = "vibe_session";
@@ -152,38 +152,46 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
         ));
     };
     let issuer = &app.identity.issuer;
+    // RFC 9700 §4.11.2: an error goes back to the app's redirect URI by itself only if that URI
+    // is trusted — the operator registered the app, or this browser's user approved it. An app
+    // anyone may register would otherwise make this endpoint a redirector to a URI of its
+    // choosing; its errors are shown here instead.
+    let trusted = !client.registered_openly || approved_here(app, &headers, &client).await?;
+    let error_to_app = |pairs: &[(&str, &str)]| -> Result<HttpResponse, ApiError> {
+        if trusted {
+            Ok(redirect_with(redirect_uri, pairs, params.state.as_deref()))
+        } else {
+            Ok(error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in request cannot be completed, and the app has not been approved \
+                 here, so you are not sent back to it.",
+            ))
+        }
+    };
     let fail = |e: OAuthError| {
-        Ok(redirect_with_error(
-            redirect_uri,
-            &e,
-            params.state.as_deref(),
-            issuer,
-        ))
+        if trusted {
+            Ok(redirect_with_error(
+                redirect_uri,
+                &e,
+                params.state.as_deref(),
+                issuer,
+            ))
+        } else {
+            error_to_app(&[])
+        }
     };
     if params.request.is_some() {
-        return Ok(redirect_with(
-            redirect_uri,
-            &[("error", "request_not_supported"), ("iss", issuer)],
-            params.state.as_deref(),
-        ));
+        return error_to_app(&[("error", "request_not_supported"), ("iss", issuer)]);
     }
     if params.request_uri.is_some() {
-        return Ok(redirect_with(
-            redirect_uri,
-            &[("error", "request_uri_not_supported"), ("iss", issuer)],
-            params.state.as_deref(),
-        ));
+        return error_to_app(&[("error", "request_uri_not_supported"), ("iss", issuer)]);
     }
     if params.response_type.as_deref() != Some("code") {
-        return Ok(redirect_with(
-            redirect_uri,
-            &[
-                ("error", "unsupported_response_type"),
-                ("error_description", "only response_type=code is supported"),
-                ("iss", issuer),
-            ],
-            params.state.as_deref(),
-        ));
+        return error_to_app(&[
+            ("error", "unsupported_response_type"),
+            ("error_description", "only response_type=code is supported"),
+            ("iss", issuer),
+        ]);
     }
     if params
         .response_mode
@@ -325,6 +333,21 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
             ))
         }
     }
+}
+
+/// Whether the user signed in on this browser (its session cookie) has approved `client`.
+async fn approved_here(app: &App, headers: &HeaderMap, client: &Client) -> Result<bool, ApiError> {
+    let Some(id) = cookie_value(headers, SESSION_COOKIE) else {
+        return Ok(false);
+    };
+    let oauth = &app.identity.oauth;
+    let Some((did, _)) = oauth.session(&id).await.map_err(oauth_internal)? else {
+        return Ok(false);
+    };
+    oauth
+        .consent_covers(&did, &client.client_id, &[])
+        .await
+        .map_err(oauth_internal)
 }
 
 fn within_max_age(auth_time: DateTime<Utc>, max_age: Option<u64>) -> bool {
@@ -1075,7 +1098,14 @@ pub(super) async fn register(
         Err(e) => return Ok(oauth_error(e.status, "invalid_client_metadata", &e.message)),
     };
     let registered = match request.into_new_client() {
-        Ok(new) => app.identity.oauth.register_client(new, true).await,
+        Ok(new) => {
+            let registrant = if with_token {
+                Registrant::OperatorToken
+            } else {
+                Registrant::Anyone
+            };
+            app.identity.oauth.register_client(new, registrant).await
+        }
         Err(e) => Err(e),
     };
     match registered {

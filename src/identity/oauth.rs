@@ -28,7 +28,7 @@ pub const IDENTITY_SCOPES: [&str; 3] = ["openid", "profile", "offline_access"];
 macro_rules! client_columns {
     () => {
         "id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, auth_method, \
-         created_at"
+         created_at, registered_openly"
     };
 }
 
@@ -101,6 +101,22 @@ pub struct Client {
     /// confidential client may use either secret method at the token endpoint.
     pub token_endpoint_auth_method: String,
     pub created_at: DateTime<Utc>,
+    /// Anyone registered it ([`Registrant::Anyone`]): its redirect URIs are not trusted until
+    /// a user approves the app.
+    #[serde(skip)]
+    pub registered_openly: bool,
+}
+
+/// Who registered a client, which decides how it manages itself and what it is trusted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registrant {
+    /// The operator, through the admin API: no registration access token.
+    Operator,
+    /// Dynamic registration with the operator's token (an RFC 7591 initial access token): the
+    /// client manages itself with a registration access token.
+    OperatorToken,
+    /// Open dynamic registration: anyone, rate-limited per address. Manages itself too.
+    Anyone,
 }
 
 impl Client {
@@ -373,16 +389,18 @@ impl OAuthStore {
     pub async fn register_client(
         &self,
         new: NewClient,
-        self_managed: bool,
+        registrant: Registrant,
     ) -> Result<Registered, OAuthError> {
         let checked = check_client(&new)?;
         let secret = (!checked.public).then(random_secret);
-        let registration_token = self_managed.then(random_secret);
+        let registration_token = (registrant != Registrant::Operator).then(random_secret);
+        let registered_openly = registrant == Registrant::Anyone;
         let id = Uuid::now_v7().simple().to_string();
         let row = sqlx::query(
             "INSERT INTO oauth_clients (id, name, secret_hash, redirect_uris, \
-             post_logout_redirect_uris, scopes, auth_method, registration_token_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at",
+             post_logout_redirect_uris, scopes, auth_method, registration_token_hash, \
+             registered_openly) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at",
         )
         .bind(&id)
         .bind(&checked.name)
@@ -392,6 +410,7 @@ impl OAuthStore {
         .bind(&checked.scopes)
         .bind(&checked.auth_method)
         .bind(registration_token.as_deref().map(sha256))
+        .bind(registered_openly)
         .fetch_one(&self.pool)
         .await?;
         let client = Client {
@@ -403,6 +422,7 @@ impl OAuthStore {
             scopes: checked.scopes,
             token_endpoint_auth_method: checked.auth_method,
             created_at: row.try_get("created_at")?,
+            registered_openly,
         };
         Ok(Registered {
             client,
@@ -1076,6 +1096,7 @@ fn client_from_row(r: &sqlx::postgres::PgRow) -> Result<Client, OAuthError> {
         scopes: r.try_get("scopes")?,
         token_endpoint_auth_method: r.try_get("auth_method")?,
         created_at: r.try_get("created_at")?,
+        registered_openly: r.try_get("registered_openly")?,
     })
 }
 
