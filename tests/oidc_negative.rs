@@ -1574,13 +1574,15 @@ async fn open_registration_is_limited_per_address() {
 
 /// An app anyone registered does not get errors redirected to its URI before this browser's
 /// user approved it (RFC 9700 §4.11.2: the endpoint must not be an open redirector); once
-/// approved, or for an app the operator registered, errors go back to the app as usual.
+/// approved, or for an app the operator registered, errors go back to the app as usual. Its
+/// post-logout URI is only used with an ID token it was issued.
 #[tokio::test]
 async fn an_openly_registered_app_gets_no_error_redirects_until_approved() {
     let server = TestServer::start_with(&[("identity.open_registration", "true")]).await;
     sign_up(&server, "ada").await;
     let metadata = json!({
         "redirect_uris": ["http://127.0.0.1:9/cb"],
+        "post_logout_redirect_uris": ["http://127.0.0.1:9/bye"],
         "token_endpoint_auth_method": "none",
         "scope": SCOPE,
     });
@@ -1610,8 +1612,24 @@ async fn an_openly_registered_app_gets_no_error_redirects_until_approved() {
         let page = browser.get(&auth_url(&server, &operators, changes)).await;
         assert_eq!(page.status, 303, "{changes:?}: {page:?}");
     }
+    // Logging out through the app's registered URI needs an ID token the app was issued.
+    let end_session = |hint: Option<&str>| {
+        let mut params = vec![
+            ("client_id", open.id.as_str()),
+            ("post_logout_redirect_uri", "http://127.0.0.1:9/bye"),
+        ];
+        params.extend(hint.map(|h| ("id_token_hint", h)));
+        format!(
+            "{}?{}",
+            server.url("/oauth/end-session"),
+            serde_urlencoded::to_string(params).unwrap()
+        )
+    };
+    let page = Browser::new().get(&end_session(None)).await;
+    assert_eq!((page.status, &page.location), (200, &None), "{page:?}");
+
     // Ada approves the app in this browser: now its errors go back to it.
-    app_tokens(&server, &mut browser, &open, SCOPE, "ada").await;
+    let tokens = app_tokens(&server, &mut browser, &open, SCOPE, "ada").await;
     let page = browser
         .get(&auth_url(
             &server,
@@ -1634,6 +1652,10 @@ async fn an_openly_registered_app_gets_no_error_redirects_until_approved() {
             ))
             .await,
     );
+    let page = browser
+        .get(&end_session(Some(field(&tokens, "id_token"))))
+        .await;
+    assert_eq!(page.status, 303, "{page:?}");
     server.finish().await;
 }
 

@@ -935,13 +935,16 @@ pub(super) async fn end_session(
                 .client(&client_id)
                 .await
                 .map_err(oauth_internal)?;
-            if !client.is_some_and(|c| c.post_logout_redirect_uris.contains(uri)) {
+            let Some(client) = client.filter(|c| c.post_logout_redirect_uris.contains(uri)) else {
                 return Ok(error_page(
                     StatusCode::BAD_REQUEST,
                     "The post_logout_redirect_uri is not registered for this app.",
                 ));
-            }
-            Some(uri.clone())
+            };
+            // An app anyone may register names its URIs itself: without an ID token it issued
+            // to prove the request is the app's, the browser is not sent there (no open
+            // redirector); it is signed out all the same.
+            (hinted.is_some() || !client.registered_openly).then(|| uri.clone())
         }
     };
     if let Some(session) = cookie_value(&headers, SESSION_COOKIE) {
