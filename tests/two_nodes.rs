@@ -67,16 +67,11 @@ async fn a_signing_key_rotated_on_one_node_reaches_the_other() {
             .unwrap()
             .to_owned()
     };
+    // (The key set needs no token; one does no harm.)
+    let anyone = b.token(ALICE, &["read:posts"]);
     let kids_on_b = async || -> Vec<String> {
-        let jwks: serde_json::Value = b
-            .client
-            .get(b.url("/oauth/jwks"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (status, jwks) = b.get_json(&anyone, "/oauth/jwks").await;
+        assert_eq!(status, 200, "{jwks}");
         jwks["keys"]
             .as_array()
             .unwrap_or_else(|| panic!("a key set: {jwks}"))
