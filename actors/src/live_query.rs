@@ -475,20 +475,19 @@ impl LiveQueryState {
             Scope::Shared(_) => return Ok(()),
             Scope::Global => {}
         }
-        let tested: Vec<&Document> = self
-            .window
-            .docs()
-            .iter()
-            .filter(|d| d.acl.uses_certificates(Operation::Read))
-            .collect();
-        if tested.is_empty() {
+        let tests_certificates = |d: &&Document| d.acl.uses_certificates(Operation::Read);
+        if !self.window.docs().iter().any(|d| tests_certificates(&d)) {
             return Ok(());
         }
         // Frames for these events are per subscriber and not replayable: a resume from before
         // this point gets a fresh snapshot.
-        self.replay.clear();
-        self.replay_bytes = 0;
-        self.replay_from = self.replay_from.max(message.cursor);
+        self.forget_replay(self.replay_from.max(message.cursor));
+        let tested: Vec<&Document> = self
+            .window
+            .docs()
+            .iter()
+            .filter(tests_certificates)
+            .collect();
         for subscriber in self.subscribers.values() {
             if !message.subjects.contains(&subscriber.caller) {
                 continue;
