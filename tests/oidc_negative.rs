@@ -800,6 +800,93 @@ async fn login_and_consent_forms_need_their_csrf_token_and_interaction_cookie() 
     server.finish().await;
 }
 
+/// A client gets refresh tokens only if it registered the `refresh_token` grant (without
+/// `grant_types`, RFC 7591 registers `authorization_code` alone), and a client that drops the
+/// grant can no longer use the refresh tokens it holds.
+#[tokio::test]
+async fn refresh_tokens_only_for_clients_that_registered_the_grant() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let register = async |metadata: &Value| {
+        let (status, registered) = call(
+            server
+                .client
+                .post(server.url("/oauth/register"))
+                .bearer_auth(&admin)
+                .json(metadata),
+        )
+        .await;
+        assert_eq!(status, 201, "{registered}");
+        let client = RegisteredClient {
+            id: field(&registered, "client_id").to_owned(),
+            secret: Some(field(&registered, "client_secret").to_owned()),
+            redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
+        };
+        (registered, client)
+    };
+    let metadata = json!({
+        "redirect_uris": ["http://127.0.0.1:9/cb"], "client_name": "Codes only",
+        "scope": SCOPE, "token_endpoint_auth_method": "client_secret_post",
+    });
+    let (registered, codes_only) = register(&metadata).await;
+    assert_eq!(registered["grant_types"], json!(["authorization_code"]));
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&server, &mut browser, &codes_only, SCOPE, "ada").await;
+    assert!(tokens["refresh_token"].is_null(), "{tokens}");
+    assert_eq!(tokens["scope"], "openid profile read:posts write:posts");
+
+    let mut with_refresh = metadata.clone();
+    with_refresh["grant_types"] = json!(["refresh_token", "authorization_code", "refresh_token"]);
+    let (registered, client) = register(&with_refresh).await;
+    assert_eq!(
+        registered["grant_types"],
+        json!(["authorization_code", "refresh_token"])
+    );
+    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let (status, refreshed) = refresh(&server, &client, field(&tokens, "refresh_token")).await;
+    assert_eq!(status, 200, "{refreshed}");
+
+    // The app updates its registration without the grant: its refresh token stops working.
+    let mut dropped = metadata.clone();
+    dropped["client_id"] = json!(client.id);
+    dropped["client_secret"] = json!(client.secret);
+    let (status, updated) = call(
+        server
+            .client
+            .put(field(&registered, "registration_client_uri"))
+            .bearer_auth(field(&registered, "registration_access_token"))
+            .json(&dropped),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["grant_types"], json!(["authorization_code"]));
+    let (status, body) = refresh(&server, &client, field(&refreshed, "refresh_token")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unauthorized_client")),
+        "{body}"
+    );
+
+    // Refresh tokens without codes would be a client with no way to its first token.
+    let mut refresh_alone = metadata.clone();
+    refresh_alone["grant_types"] = json!(["refresh_token"]);
+    let (status, body) = call(
+        server
+            .client
+            .post(server.url("/oauth/register"))
+            .bearer_auth(&admin)
+            .json(&refresh_alone),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_client_metadata")),
+        "{body}"
+    );
+    server.finish().await;
+}
+
 /// A consent form posted twice at once issues one code, and a consent given after the app's
 /// manifest narrowed (the page was opened before) issues none for the scopes it dropped.
 #[tokio::test]
@@ -1088,7 +1175,45 @@ async fn end_session_redirects_only_to_registered_uris() {
     assert!(page.redirect_params().contains_key("code"), "{page:?}");
 
     let logged_out = format!("{}/logged-out", client.redirect_uri);
+    // Without an ID token of the signed-in user, the user is asked first: a link or a form on
+    // any page, without the confirmation's token, leaves the session as it is.
     let page = browser.get(&end_session(&logged_out)).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("Sign out?"), "{page:?}");
+    let confirmation: Vec<(&str, String)> =
+        ["client_id", "post_logout_redirect_uri", "state", "csrf"]
+            .into_iter()
+            .map(|name| (name, page.hidden(name)))
+            .collect();
+    let end_session_url = server.url("/oauth/end-session");
+    let forged = [
+        vec![("client_id", client.id.clone())],
+        vec![
+            ("client_id", client.id.clone()),
+            ("csrf", "guess".to_owned()),
+        ],
+    ];
+    for fields in forged {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let page = browser.post_form(&end_session_url, &fields).await;
+        assert!(page.body.contains("Sign out?"), "{page:?}");
+    }
+    // Nor does an ID token the app was issued for someone else.
+    sign_up(&server, "bob").await;
+    let bobs = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "bob").await;
+    let page = browser
+        .get(&server.url(&format!(
+            "/oauth/end-session?{}",
+            serde_urlencoded::to_string([("id_token_hint", field(&bobs, "id_token"))]).unwrap()
+        )))
+        .await;
+    assert!(page.body.contains("Sign out?"), "{page:?}");
+    assert_eq!(browser.cookies.get("vibe_session"), Some(&session));
+    let page = browser.get(&silent).await;
+    assert!(page.redirect_params().contains_key("code"), "{page:?}");
+
+    let fields: Vec<(&str, &str)> = confirmation.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let page = browser.post_form(&end_session_url, &fields).await;
     assert_eq!(page.status, 303, "{page:?}");
     assert_eq!(
         page.location.as_deref(),
@@ -1322,6 +1447,7 @@ async fn dynamic_registration_needs_its_token_and_refuses_what_it_cannot_honour(
     let registered: Value = r.json().await.unwrap();
     assert_eq!(registered["client_name"], "127.0.0.1");
     assert_eq!(registered["scope"], "openid");
+    assert_eq!(registered["grant_types"], json!(["authorization_code"]));
     assert_eq!(
         registered["token_endpoint_auth_method"],
         "client_secret_basic"
@@ -1372,6 +1498,7 @@ async fn a_registration_is_managed_with_its_own_rotating_token() {
     let metadata = json!({
         "redirect_uris": ["http://127.0.0.1:9/cb"], "client_name": "Managed",
         "scope": SCOPE, "token_endpoint_auth_method": "client_secret_post",
+        "grant_types": ["authorization_code", "refresh_token"],
     });
     let registered = register(metadata.clone()).await;
     let other = register(metadata.clone()).await;

@@ -253,7 +253,7 @@ pub(super) fn registration(client: &Client, secret: Option<String>) -> serde_jso
         "post_logout_redirect_uris": client.post_logout_redirect_uris,
         "scope": client.scopes.join(" "),
         "token_endpoint_auth_method": client.token_endpoint_auth_method,
-        "grant_types": ["authorization_code", "refresh_token"],
+        "grant_types": client.grant_types,
         "response_types": ["code"],
     })
 }

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
 use super::{ApiError, HttpResponse, read_body};
@@ -202,10 +203,15 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
             "only response_mode=query is supported".into(),
         ));
     }
-    let scopes = match requested_scopes(params.scope.as_deref(), &client.scopes) {
+    let mut scopes = match requested_scopes(params.scope.as_deref(), &client.scopes) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // OIDC Core §11 lets the provider ignore `offline_access`; an app that did not register
+    // the refresh_token grant would get no refresh token, so its user is not asked for one.
+    if !client.may_refresh() {
+        scopes.retain(|s| s != "offline_access");
+    }
     match (
         params.code_challenge.as_deref(),
         params.code_challenge_method.as_deref(),
@@ -889,16 +895,21 @@ struct EndSessionParams {
     post_logout_redirect_uri: Option<String>,
     state: Option<String>,
     client_id: Option<String>,
+    /// The confirmation form's token ([`end_session_csrf`]), posted when the user confirms.
+    csrf: Option<String>,
 }
 
 /// `GET|POST /oauth/end-session` (OIDC RP-Initiated Logout): ends the browser's session and, if
-/// the app registered the URI, returns the browser to it.
+/// the app registered the URI, returns the browser to it. Unless the request carries an ID
+/// token of the signed-in user (so the app that user signed in to asks), the user confirms
+/// first: any page could otherwise sign a browser out (RP-Initiated Logout §2 requires asking).
 pub(super) async fn end_session(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let headers = req.headers().clone();
-    let params: EndSessionParams = if req.method() == Method::POST {
+    let posted = req.method() == Method::POST;
+    let params: EndSessionParams = if posted {
         parse_form(&read_body(app, req, FORM).await?)?
     } else {
         serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
@@ -920,7 +931,16 @@ pub(super) async fn end_session(
         .as_ref()
         .map(|c| c.aud.clone())
         .or(params.client_id.clone());
-    let target = match (&params.post_logout_redirect_uri, client_id) {
+    let client = match &client_id {
+        Some(id) => app
+            .identity
+            .oauth
+            .client(id)
+            .await
+            .map_err(oauth_internal)?,
+        None => None,
+    };
+    let target = match (&params.post_logout_redirect_uri, &client_id) {
         (None, _) => None,
         (Some(_), None) => {
             return Ok(error_page(
@@ -928,14 +948,11 @@ pub(super) async fn end_session(
                 "post_logout_redirect_uri needs an id_token_hint or client_id.",
             ));
         }
-        (Some(uri), Some(client_id)) => {
-            let client = app
-                .identity
-                .oauth
-                .client(&client_id)
-                .await
-                .map_err(oauth_internal)?;
-            let Some(client) = client.filter(|c| c.post_logout_redirect_uris.contains(uri)) else {
+        (Some(uri), Some(_)) => {
+            let Some(client) = client
+                .as_ref()
+                .filter(|c| c.post_logout_redirect_uris.contains(uri))
+            else {
                 return Ok(error_page(
                     StatusCode::BAD_REQUEST,
                     "The post_logout_redirect_uri is not registered for this app.",
@@ -948,6 +965,31 @@ pub(super) async fn end_session(
         }
     };
     if let Some(session) = cookie_value(&headers, SESSION_COOKIE) {
+        let signed_in = app
+            .identity
+            .oauth
+            .session(&session)
+            .await
+            .map_err(oauth_internal)?;
+        if let Some((did, _)) = signed_in {
+            let csrf = end_session_csrf(&session);
+            let hinted_for_user = hinted.as_ref().is_some_and(|c| c.sub == did);
+            let confirmed = posted
+                && params
+                    .csrf
+                    .as_deref()
+                    .is_some_and(|c| bool::from(c.as_bytes().ct_eq(csrf.as_bytes())));
+            if !hinted_for_user && !confirmed {
+                let handle = app
+                    .identity
+                    .accounts
+                    .by_did(&did)
+                    .await
+                    .map(|a| a.handle)
+                    .unwrap_or_default();
+                return Ok(end_session_page(&params, client.as_ref(), &handle, &csrf));
+            }
+        }
         app.identity
             .oauth
             .end_session(&session)
@@ -1255,13 +1297,6 @@ impl RegistrationRequest {
             ))),
             None => Ok(()),
         };
-        if let Some(grants) = &self.grant_types {
-            unsupported(
-                "grant_types",
-                grants,
-                &["authorization_code", "refresh_token"],
-            )?;
-        }
         if let Some(types) = &self.response_types {
             unsupported("response_types", types, &["code"])?;
         }
@@ -1281,6 +1316,7 @@ impl RegistrationRequest {
             post_logout_redirect_uris: self.post_logout_redirect_uris,
             scope: self.scope.unwrap_or_else(|| "openid".to_owned()),
             token_endpoint_auth_method: self.token_endpoint_auth_method,
+            grant_types: self.grant_types,
         })
     }
 }
@@ -1570,6 +1606,55 @@ fn consent_page(
              <button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button></form>",
             handle = esc(handle),
             app_name = esc(&client.client_name),
+            csrf = esc(csrf),
+        ),
+    )
+}
+
+/// The confirmation form's token for the session `session`: derived from the session id,
+/// which only the browser holds, so another site can neither read nor compute it.
+fn end_session_csrf(session: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(format!("vibe end-session {session}")))
+}
+
+/// "Sign out?": the request's parameters carried through a form that posts them back with
+/// the confirmation token.
+fn end_session_page(
+    params: &EndSessionParams,
+    client: Option<&Client>,
+    handle: &str,
+    csrf: &str,
+) -> HttpResponse {
+    let asker = match client {
+        Some(c) => format!("<strong>{}</strong> asks", esc(&c.client_name)),
+        None => "A page asks".to_owned(),
+    };
+    let carried: String = [
+        ("id_token_hint", &params.id_token_hint),
+        ("post_logout_redirect_uri", &params.post_logout_redirect_uri),
+        ("state", &params.state),
+        ("client_id", &params.client_id),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| {
+        value.as_deref().map(|v| {
+            format!(
+                "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+                esc(v)
+            )
+        })
+    })
+    .collect();
+    page(
+        StatusCode::OK,
+        "Sign out?",
+        &format!(
+            "<p>{asker} to sign you out of Vibe. You are signed in as <strong>{handle}</strong>.</p>\
+             <form method=\"post\" action=\"/oauth/end-session\">{carried}\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <button type=\"submit\">Sign out</button></form>\
+             <p>To stay signed in, close this page.</p>",
+            handle = esc(handle),
             csrf = esc(csrf),
         ),
     )

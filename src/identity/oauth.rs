@@ -28,7 +28,7 @@ pub const IDENTITY_SCOPES: [&str; 3] = ["openid", "profile", "offline_access"];
 macro_rules! client_columns {
     () => {
         "id, name, secret_hash, redirect_uris, post_logout_redirect_uris, scopes, auth_method, \
-         created_at, registered_openly"
+         created_at, registered_openly, grant_types"
     };
 }
 
@@ -45,6 +45,9 @@ pub enum OAuthError {
     InvalidScope(String),
     #[error("{0}")]
     UnsupportedGrantType(String),
+    /// The client did not register the grant type it uses.
+    #[error("{0}")]
+    UnauthorizedClient(String),
     #[error("the user denied the request")]
     AccessDenied,
     #[error("the user is not signed in")]
@@ -75,6 +78,7 @@ impl OAuthError {
             OAuthError::InvalidGrant(_) => "invalid_grant",
             OAuthError::InvalidScope(_) => "invalid_scope",
             OAuthError::UnsupportedGrantType(_) => "unsupported_grant_type",
+            OAuthError::UnauthorizedClient(_) => "unauthorized_client",
             OAuthError::AccessDenied => "access_denied",
             OAuthError::LoginRequired => "login_required",
             OAuthError::ConsentRequired => "consent_required",
@@ -105,6 +109,9 @@ pub struct Client {
     /// a user approves the app.
     #[serde(skip)]
     pub registered_openly: bool,
+    /// [`GRANT_TYPES`] it registered: always `authorization_code`, and `refresh_token` if it
+    /// may hold refresh tokens.
+    pub grant_types: Vec<String>,
 }
 
 /// Who registered a client, which decides how it manages itself and what it is trusted with.
@@ -123,7 +130,17 @@ impl Client {
     pub fn is_public(&self) -> bool {
         self.secret_hash.is_none()
     }
+
+    /// Whether the client registered the `refresh_token` grant: only then does `offline_access`
+    /// give it refresh tokens, and only then may it use them.
+    pub fn may_refresh(&self) -> bool {
+        self.grant_types.iter().any(|g| g == "refresh_token")
+    }
 }
+
+/// The grant types a client may register. Without `grant_types`, a client registers
+/// `authorization_code` alone (RFC 7591 §2).
+pub const GRANT_TYPES: [&str; 2] = ["authorization_code", "refresh_token"];
 
 /// Client metadata for registration (the RFC 7591 names).
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +155,10 @@ pub struct NewClient {
     /// `client_secret_basic` (default), `client_secret_post` or `none` (a public client).
     #[serde(default)]
     pub token_endpoint_auth_method: Option<String>,
+    /// [`GRANT_TYPES`]; `["authorization_code"]` when absent, as RFC 7591 §2 says. An app that
+    /// wants refresh tokens (the `offline_access` scope) registers `refresh_token` too.
+    #[serde(default)]
+    pub grant_types: Option<Vec<String>>,
 }
 
 /// A new registration and what it shows once: the client secret (a confidential client) and
@@ -155,6 +176,7 @@ struct CheckedClient {
     scopes: Vec<String>,
     auth_method: String,
     public: bool,
+    grant_types: Vec<String>,
 }
 
 fn check_client(new: &NewClient) -> Result<CheckedClient, OAuthError> {
@@ -195,11 +217,34 @@ fn check_client(new: &NewClient) -> Result<CheckedClient, OAuthError> {
             )));
         }
     };
+    let grant_types = match &new.grant_types {
+        None => vec![GRANT_TYPES[0].to_owned()],
+        Some(listed) => {
+            if let Some(unknown) = listed.iter().find(|g| !GRANT_TYPES.contains(&g.as_str())) {
+                return Err(OAuthError::InvalidClientMetadata(format!(
+                    "grant_types {unknown:?} is not supported (supported: {})",
+                    GRANT_TYPES.join(", ")
+                )));
+            }
+            // Codes are the only way to a first token here, and response_types is `code`
+            // (RFC 7591 §2.1: the two must agree).
+            if !listed.iter().any(|g| g == GRANT_TYPES[0]) {
+                return Err(OAuthError::InvalidClientMetadata(
+                    "grant_types must include authorization_code".into(),
+                ));
+            }
+            let mut listed = listed.clone();
+            listed.sort();
+            listed.dedup();
+            listed
+        }
+    };
     Ok(CheckedClient {
         name: name.to_owned(),
         scopes,
         auth_method: auth_method.to_owned(),
         public,
+        grant_types,
     })
 }
 
@@ -399,8 +444,8 @@ impl OAuthStore {
         let row = sqlx::query(
             "INSERT INTO oauth_clients (id, name, secret_hash, redirect_uris, \
              post_logout_redirect_uris, scopes, auth_method, registration_token_hash, \
-             registered_openly) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at",
+             registered_openly, grant_types) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING created_at",
         )
         .bind(&id)
         .bind(&checked.name)
@@ -411,6 +456,7 @@ impl OAuthStore {
         .bind(&checked.auth_method)
         .bind(registration_token.as_deref().map(sha256))
         .bind(registered_openly)
+        .bind(&checked.grant_types)
         .fetch_one(&self.pool)
         .await?;
         let client = Client {
@@ -423,6 +469,7 @@ impl OAuthStore {
             token_endpoint_auth_method: checked.auth_method,
             created_at: row.try_get("created_at")?,
             registered_openly,
+            grant_types: checked.grant_types,
         };
         Ok(Registered {
             client,
@@ -506,7 +553,7 @@ impl OAuthStore {
         sqlx::query(
             "UPDATE oauth_clients SET name = $2, redirect_uris = $3, \
              post_logout_redirect_uris = $4, scopes = $5, auth_method = $6, \
-             registration_token_hash = $7 WHERE id = $1",
+             registration_token_hash = $7, grant_types = $8 WHERE id = $1",
         )
         .bind(id)
         .bind(&checked.name)
@@ -515,6 +562,7 @@ impl OAuthStore {
         .bind(&checked.scopes)
         .bind(&checked.auth_method)
         .bind(sha256(&next))
+        .bind(&checked.grant_types)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -527,6 +575,7 @@ impl OAuthStore {
             post_logout_redirect_uris: new.post_logout_redirect_uris,
             scopes: checked.scopes,
             token_endpoint_auth_method: checked.auth_method,
+            grant_types: checked.grant_types,
             ..current
         };
         Ok((client, next))
@@ -872,7 +921,8 @@ impl OAuthStore {
 
     /// Redeems a code once (RFC 6749 §4.1.3 with PKCE, RFC 7636 §4.6). A second redemption is
     /// a replay: the grant and every token issued from it are revoked (RFC 6749 §4.1.2).
-    /// Returns the grant and, when `offline_access` was granted, a first refresh token.
+    /// Returns the grant and, when `offline_access` was granted to a client that registered
+    /// `refresh_token`, a first refresh token.
     pub async fn redeem_code(
         &self,
         code: &str,
@@ -938,7 +988,10 @@ impl OAuthStore {
             .bind(grant.id)
             .execute(&mut *tx)
             .await?;
-        let refresh = if grant.scopes.iter().any(|s| s == "offline_access") {
+        // The client is read at redemption, so a registration that dropped `refresh_token`
+        // since the authorization request is honoured.
+        let refresh = if client.may_refresh() && grant.scopes.iter().any(|s| s == "offline_access")
+        {
             Some(self.insert_refresh(&mut tx, grant.id).await?)
         } else {
             None
@@ -972,6 +1025,13 @@ impl OAuthStore {
         client: &Client,
         revocations: &Revocations,
     ) -> Result<(Grant, String), OAuthError> {
+        // A client whose registration no longer lists the grant keeps no way to use the refresh
+        // tokens it still holds (RFC 6749 §5.2).
+        if !client.may_refresh() {
+            return Err(OAuthError::UnauthorizedClient(
+                "this client did not register the refresh_token grant".into(),
+            ));
+        }
         let invalid = |m: &str| OAuthError::InvalidGrant(m.to_owned());
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -1097,6 +1157,7 @@ fn client_from_row(r: &sqlx::postgres::PgRow) -> Result<Client, OAuthError> {
         token_endpoint_auth_method: r.try_get("auth_method")?,
         created_at: r.try_get("created_at")?,
         registered_openly: r.try_get("registered_openly")?,
+        grant_types: r.try_get("grant_types")?,
     })
 }
 

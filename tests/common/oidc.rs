@@ -45,7 +45,8 @@ pub struct RegisteredClient {
     pub redirect_uri: String,
 }
 
-/// Registers an app through the admin API.
+/// Registers an app through the admin API, with both grant types (refresh tokens with
+/// `offline_access`).
 pub async fn register_client(server: &TestServer, public: bool, scope: &str) -> RegisteredClient {
     let admin = server.token("did:key:zOperator", &["admin"]);
     let redirect_uri = "http://127.0.0.1:9/cb".to_owned();
@@ -59,6 +60,7 @@ pub async fn register_client(server: &TestServer, public: bool, scope: &str) -> 
             "post_logout_redirect_uris": [format!("{redirect_uri}/logged-out")],
             "scope": scope,
             "token_endpoint_auth_method": if public { "none" } else { "client_secret_basic" },
+            "grant_types": ["authorization_code", "refresh_token"],
         }))
         .send()
         .await
@@ -172,7 +174,7 @@ pub struct Page {
 }
 
 impl Page {
-    /// The value of the hidden input `name` (the pages put `name` before `value`).
+    /// The value of the hidden input `name` (the pages put `name` before `value`), unescaped.
     pub fn hidden(&self, name: &str) -> String {
         let marker = format!("name=\"{name}\" value=\"");
         let start = self.body.find(&marker).unwrap_or_else(|| {
@@ -182,7 +184,7 @@ impl Page {
             )
         }) + marker.len();
         let end = self.body[start..].find('"').unwrap() + start;
-        self.body[start..end].to_owned()
+        html_escape::decode_html_entities(&self.body[start..end]).into_owned()
     }
 
     /// The query parameters of the redirect target.
