@@ -177,6 +177,45 @@ type Case<'a> = (
     &'a str,
 );
 
+/// Registers `metadata` at `/oauth/register` with the operator's `admin` token as initial access
+/// token (RFC 7591).
+async fn register_dynamically(server: &TestServer, admin: &str, metadata: &Value) -> (u16, Value) {
+    call(
+        server
+            .client
+            .post(server.url("/oauth/register"))
+            .bearer_auth(admin)
+            .json(metadata),
+    )
+    .await
+}
+
+/// The confidential client a registration answer describes, at the tests' redirect URI.
+fn client_of(registered: &Value) -> RegisteredClient {
+    RegisteredClient {
+        id: field(registered, "client_id").to_owned(),
+        secret: Some(field(registered, "client_secret").to_owned()),
+        redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
+    }
+}
+
+/// Replaces a registration (RFC 7592 §2.2) with the registration access token `registered`
+/// (the answer to the registration) carries.
+async fn update_registration(
+    server: &TestServer,
+    registered: &Value,
+    metadata: &Value,
+) -> (u16, Value) {
+    call(
+        server
+            .client
+            .put(field(registered, "registration_client_uri"))
+            .bearer_auth(field(registered, "registration_access_token"))
+            .json(metadata),
+    )
+    .await
+}
+
 fn field<'a>(body: &'a Value, name: &str) -> &'a str {
     body[name]
         .as_str()
@@ -809,20 +848,9 @@ async fn refresh_tokens_only_for_clients_that_registered_the_grant() {
     sign_up(&server, "ada").await;
     let admin = server.token("did:key:zOperator", &["admin"]);
     let register = async |metadata: &Value| {
-        let (status, registered) = call(
-            server
-                .client
-                .post(server.url("/oauth/register"))
-                .bearer_auth(&admin)
-                .json(metadata),
-        )
-        .await;
+        let (status, registered) = register_dynamically(&server, &admin, metadata).await;
         assert_eq!(status, 201, "{registered}");
-        let client = RegisteredClient {
-            id: field(&registered, "client_id").to_owned(),
-            secret: Some(field(&registered, "client_secret").to_owned()),
-            redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
-        };
+        let client = client_of(&registered);
         (registered, client)
     };
     let metadata = json!({
@@ -851,14 +879,7 @@ async fn refresh_tokens_only_for_clients_that_registered_the_grant() {
     let mut dropped = metadata.clone();
     dropped["client_id"] = json!(client.id);
     dropped["client_secret"] = json!(client.secret);
-    let (status, updated) = call(
-        server
-            .client
-            .put(field(&registered, "registration_client_uri"))
-            .bearer_auth(field(&registered, "registration_access_token"))
-            .json(&dropped),
-    )
-    .await;
+    let (status, updated) = update_registration(&server, &registered, &dropped).await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["grant_types"], json!(["authorization_code"]));
     let (status, body) = refresh(&server, &client, field(&refreshed, "refresh_token")).await;
@@ -871,14 +892,7 @@ async fn refresh_tokens_only_for_clients_that_registered_the_grant() {
     // Refresh tokens without codes would be a client with no way to its first token.
     let mut refresh_alone = metadata.clone();
     refresh_alone["grant_types"] = json!(["refresh_token"]);
-    let (status, body) = call(
-        server
-            .client
-            .post(server.url("/oauth/register"))
-            .bearer_auth(&admin)
-            .json(&refresh_alone),
-    )
-    .await;
+    let (status, body) = register_dynamically(&server, &admin, &refresh_alone).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (400, Some("invalid_client_metadata")),
@@ -898,20 +912,9 @@ async fn a_consent_issues_one_code_and_only_within_the_current_manifest() {
         "redirect_uris": ["http://127.0.0.1:9/cb"], "client_name": "Narrowing",
         "scope": SCOPE, "token_endpoint_auth_method": "client_secret_post",
     });
-    let (status, registered) = call(
-        server
-            .client
-            .post(server.url("/oauth/register"))
-            .bearer_auth(&admin)
-            .json(&metadata),
-    )
-    .await;
+    let (status, registered) = register_dynamically(&server, &admin, &metadata).await;
     assert_eq!(status, 201, "{registered}");
-    let client = RegisteredClient {
-        id: field(&registered, "client_id").to_owned(),
-        secret: Some(field(&registered, "client_secret").to_owned()),
-        redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
-    };
+    let client = client_of(&registered);
     let post = async |browser: &mut Browser, path: &str, fields: &[(&str, &str)]| {
         browser.post_form(&server.url(path), fields).await
     };
@@ -962,14 +965,7 @@ async fn a_consent_issues_one_code_and_only_within_the_current_manifest() {
     narrowed["client_id"] = json!(client.id);
     narrowed["client_secret"] = json!(client.secret);
     narrowed["scope"] = json!("openid profile offline_access read:posts");
-    let (status, body) = call(
-        server
-            .client
-            .put(field(&registered, "registration_client_uri"))
-            .bearer_auth(field(&registered, "registration_access_token"))
-            .json(&narrowed),
-    )
-    .await;
+    let (status, body) = update_registration(&server, &registered, &narrowed).await;
     assert_eq!(status, 200, "{body}");
     let page = post(
         &mut browser,

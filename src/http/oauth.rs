@@ -325,13 +325,7 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
                 .set_interaction_user(id, &did, auth_time)
                 .await
                 .map_err(oauth_internal)?;
-            let handle = app
-                .identity
-                .accounts
-                .by_did(&did)
-                .await
-                .map(|a| a.handle)
-                .unwrap_or_default();
+            let handle = handle_of(app, &did).await;
             Ok(with_interaction_cookie(
                 app,
                 consent_page(&client, &request, id, &csrf, &handle),
@@ -339,6 +333,16 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
             ))
         }
     }
+}
+
+/// The handle the pages greet the signed-in user `did` by (empty if the account is gone).
+async fn handle_of(app: &App, did: &str) -> String {
+    app.identity
+        .accounts
+        .by_did(did)
+        .await
+        .map(|a| a.handle)
+        .unwrap_or_default()
 }
 
 /// Whether the user signed in on this browser (its session cookie) has approved `client`.
@@ -980,13 +984,7 @@ pub(super) async fn end_session(
                     .as_deref()
                     .is_some_and(|c| bool::from(c.as_bytes().ct_eq(csrf.as_bytes())));
             if !hinted_for_user && !confirmed {
-                let handle = app
-                    .identity
-                    .accounts
-                    .by_did(&did)
-                    .await
-                    .map(|a| a.handle)
-                    .unwrap_or_default();
+                let handle = handle_of(app, &did).await;
                 return Ok(end_session_page(&params, client.as_ref(), &handle, &csrf));
             }
         }
