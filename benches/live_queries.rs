@@ -149,6 +149,7 @@ fn core_bench(args: &Args) -> anyhow::Result<Value> {
             doc_id: Uuid::now_v7(),
             doc_type: args.doc_type.clone(),
             owner: args.owner.clone(),
+            parent: None,
             rev: 2,
             created_at: Utc::now(),
             updated_at: Utc::now(),

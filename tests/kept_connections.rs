@@ -16,7 +16,7 @@ use serde_json::json;
 /// lone read by id or a create (each runs only on a slot's kept connection).
 const SLOT_BACKENDS: &str = "SELECT pid FROM pg_stat_activity \
      WHERE datname = current_database() AND pid <> pg_backend_pid() \
-     AND (query LIKE 'SELECT id, owner_did, type, created_at, updated_at, rev, acl, data \
+     AND (query LIKE 'SELECT id, owner_did, type, parent, created_at, updated_at, rev, acl, data \
           FROM documents WHERE id = $1%' OR query LIKE 'INSERT INTO documents %')";
 
 #[tokio::test]

@@ -87,6 +87,8 @@ fn data() -> impl Strategy<Value = Value> {
 #[derive(Debug, Clone)]
 struct NewDoc {
     owner: usize,
+    /// 0: made under no document, else `PARENTS[parent - 1]`.
+    parent: usize,
     created: usize,
     updated: usize,
     acl: usize,
@@ -94,15 +96,22 @@ struct NewDoc {
 }
 
 fn new_doc() -> impl Strategy<Value = NewDoc> {
-    (0..3usize, 0..4usize, 0..4usize, 0..4usize, data()).prop_map(
-        |(owner, created, updated, acl, data)| NewDoc {
+    (
+        0..3usize,
+        0..4usize,
+        0..4usize,
+        0..4usize,
+        0..3usize,
+        data(),
+    )
+        .prop_map(|(owner, created, updated, acl, parent, data)| NewDoc {
             owner,
+            parent,
             created,
             updated,
             acl,
             data,
-        },
-    )
+        })
 }
 
 fn acl(kind: usize) -> Value {
@@ -114,7 +123,17 @@ fn acl(kind: usize) -> Value {
     }
 }
 
-const FIELDS: [&str; 11] = [
+/// Parents the documents are made under (the store does not require them to exist).
+const PARENTS: [Uuid; 2] = [
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001),
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0002),
+];
+
+fn parent_of(d: &NewDoc) -> Option<Uuid> {
+    d.parent.checked_sub(1).map(|i| PARENTS[i])
+}
+
+const FIELDS: [&str; 12] = [
     "data.a",
     "data.b",
     "data.o",
@@ -126,6 +145,7 @@ const FIELDS: [&str; 11] = [
     "createdAt",
     "updatedAt",
     "id",
+    "parent",
 ];
 const OPERATORS: [&str; 11] = [
     "eq",
@@ -175,6 +195,11 @@ fn condition(ids: Vec<Uuid>) -> impl Strategy<Value = Map<String, Value>> {
                             json!(times.get(pick).cloned().unwrap_or_else(|| nanos.clone()))
                         }
                         "id" => json!(id),
+                        // Both parents and, now and then, a document id no one was made under.
+                        "parent" => match pick % 3 {
+                            2 => json!(id),
+                            k => json!(PARENTS[k]),
+                        },
                         _ => Value::Null,
                     }
                 };
@@ -269,8 +294,8 @@ async fn insert(s: &TestServer, docs: &[NewDoc]) -> Vec<Document> {
     let times = times();
     for (i, d) in docs.iter().enumerate() {
         sqlx::query(
-            "INSERT INTO documents (id, owner_did, type, created_at, updated_at, acl, data) \
-             VALUES ($1, $2, 'items', $3, $4, $5, $6)",
+            "INSERT INTO documents (id, owner_did, type, created_at, updated_at, acl, data, \
+             parent) VALUES ($1, $2, 'items', $3, $4, $5, $6, $7)",
         )
         .bind(Uuid::from_u128(
             0x0190_0000_0000_7000_8000_0000_0000_0000 + i as u128 * 7919,
@@ -280,12 +305,13 @@ async fn insert(s: &TestServer, docs: &[NewDoc]) -> Vec<Document> {
         .bind(times[d.updated])
         .bind(acl(d.acl))
         .bind(&d.data)
+        .bind(parent_of(d))
         .execute(&pool)
         .await
         .unwrap();
     }
     let rows = sqlx::query(
-        "SELECT id, owner_did, type, created_at, updated_at, rev, acl, data FROM documents",
+        "SELECT id, owner_did, type, parent, created_at, updated_at, rev, acl, data FROM documents",
     )
     .fetch_all(&pool)
     .await
@@ -295,6 +321,7 @@ async fn insert(s: &TestServer, docs: &[NewDoc]) -> Vec<Document> {
             id: r.get("id"),
             doc_type: r.get("type"),
             owner: r.get("owner_did"),
+            parent: r.get("parent"),
             rev: r.get("rev"),
             created_at: r.get("created_at"),
             updated_at: r.get("updated_at"),

@@ -104,6 +104,8 @@ pub struct Change {
     pub doc_id: Uuid,
     pub doc_type: String,
     pub owner: String,
+    /// The document this one was made under.
+    pub parent: Option<Uuid>,
     pub rev: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -123,6 +125,7 @@ impl Change {
             id: self.doc_id,
             doc_type: self.doc_type.clone(),
             owner: self.owner.clone(),
+            parent: self.parent,
             rev: self.rev,
             created_at: self.created_at,
             updated_at: self.updated_at,

@@ -3,8 +3,8 @@
 //! can match rather than to all live queries.
 //!
 //! Each query is filed under one *anchor*, an equality every match must meet: a data-path
-//! equality of its top-level conjunction if it has one (the most selective in practice), else
-//! its owner (own-document queries, or an `owner` equality), else an `id` equality. Queries with
+//! equality of its top-level conjunction if it has one (the most selective in practice), else a
+//! `parent` equality (the documents made under one), else its owner (own-document queries, or an `owner` equality), else an `id` equality. Queries with
 //! no anchor are candidates for every change. A change's candidates are the queries filed under
 //! the values its old and its new version hold at each anchored field — both versions, so a
 //! document leaving a query is found as surely as one entering it. Candidates are a superset;
@@ -40,6 +40,9 @@ fn anchor(spec: &QuerySpec) -> Option<(Field, String)> {
     if let Some((field, value)) = equalities.iter().find(|(f, _)| matches!(f, Field::Data(_))) {
         return Some(((*field).clone(), key(value)));
     }
+    if let Some((field, value)) = equalities.iter().find(|(f, _)| *f == &Field::Parent) {
+        return Some(((*field).clone(), key(value)));
+    }
     if let Scope::Own(owner) = &spec.scope {
         return Some((Field::Owner, owner.clone()));
     }
@@ -55,6 +58,7 @@ fn key_of(field: &Field, change: &Change, image: &Image) -> Option<String> {
         Field::Data(path) => lookup(&image.data, path).map(canonical_text),
         Field::Owner => Some(change.owner.clone()),
         Field::Id => Some(change.doc_id.to_string()),
+        Field::Parent => change.parent.map(|parent| parent.to_string()),
         // Never anchors (see `anchor`).
         Field::Type | Field::CreatedAt | Field::UpdatedAt => None,
     }
@@ -164,6 +168,7 @@ mod tests {
             doc_id: Uuid::now_v7(),
             doc_type: "msgs".into(),
             owner: owner.into(),
+            parent: None,
             rev: 1,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
@@ -221,6 +226,36 @@ mod tests {
         );
         assert_eq!(out, vec![5]);
         assert_eq!(index.len(), 4);
+    }
+
+    #[test]
+    fn parent_equalities_anchor() {
+        let rooms = [Uuid::now_v7(), Uuid::now_v7()];
+        let queries: Vec<QuerySpec> = rooms
+            .iter()
+            .map(|room| {
+                spec(
+                    json!({"type": "msgs", "shared": true, "where": {"parent": room}}),
+                    "did:key:zA",
+                )
+            })
+            .collect();
+        let mut index = QueryIndex::default();
+        for (i, q) in queries.iter().enumerate() {
+            index.insert(i as QueryId, q);
+        }
+        let mut out = Vec::new();
+        for (i, room) in rooms.iter().enumerate() {
+            let c = Change {
+                parent: Some(*room),
+                ..change("did:key:zB", None, Some(json!({})))
+            };
+            index.candidates(&c, &mut out);
+            assert_eq!(out, vec![i as QueryId], "only the room's query");
+        }
+        // A document under no parent concerns neither.
+        index.candidates(&change("did:key:zB", None, Some(json!({}))), &mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

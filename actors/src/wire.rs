@@ -15,6 +15,10 @@ pub struct Document {
     pub doc_type: String,
     /// The owner's DID.
     pub owner: String,
+    /// The document this one was made under (set at creation, never changed by the API); its
+    /// ACL `create` rule admitted the creator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Uuid>,
     /// Starts at 1 and grows by one with every write; the ETag and `If-Match` value.
     pub rev: i64,
     pub created_at: DateTime<Utc>,
@@ -35,6 +39,8 @@ pub struct DocumentView<'a> {
     #[serde(rename = "type")]
     pub doc_type: &'a str,
     pub owner: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Uuid>,
     pub rev: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -50,6 +56,7 @@ impl Document {
             id: self.id,
             doc_type: &self.doc_type,
             owner: &self.owner,
+            parent: self.parent,
             rev: self.rev,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -71,6 +78,10 @@ pub struct NewDocument {
     /// Client-chosen id; the server assigns a UUIDv7 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
+    /// Make the document under this one: allowed to its owner and to whom its ACL `create` rule
+    /// admits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acl: Option<Acl>,
     pub data: serde_json::Value,

@@ -514,6 +514,7 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
         doc_id: row.try_get("doc_id")?,
         doc_type: row.try_get("type")?,
         owner: row.try_get("owner_did")?,
+        parent: row.try_get("parent")?,
         rev: row.try_get("rev")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

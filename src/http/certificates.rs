@@ -104,6 +104,7 @@ pub(super) async fn issue(app: &App, req: Request<Incoming>) -> Result<HttpRespo
             issuer,
             CERTIFICATE_TYPE,
             Some(id),
+            None,
             acl,
             certificate_data(&claim, &signature),
         )

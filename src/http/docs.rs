@@ -29,7 +29,14 @@ pub(super) async fn create(
     let acl = body.acl.unwrap_or_default();
     let doc = app
         .store
-        .create(&claims.subject, doc_type, body.id, acl, body.data)
+        .create(
+            &claims.subject,
+            doc_type,
+            body.id,
+            body.parent,
+            acl,
+            body.data,
+        )
         .await?;
     let mut response = document_response(StatusCode::CREATED, &doc, &claims.subject);
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/docs/{}/{}", doc.doc_type, doc.id)) {

@@ -110,6 +110,11 @@ impl From<StoreError> for ApiError {
                 "forbidden",
                 "the document's ACL does not allow this",
             ),
+            StoreError::ParentNotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "parent_not_found",
+                "the parent document does not exist",
+            ),
             StoreError::AclOwnerOnly => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "acl_owner_only",

@@ -25,6 +25,9 @@ pub(super) struct NewRow {
     pub id: Uuid,
     pub owner: String,
     pub doc_type: String,
+    /// Set only for a create under a parent, which runs alone in a transaction of its own
+    /// (`Store::create`): grouped statements never carry one.
+    pub parent: Option<Uuid>,
     pub acl: Acl,
     pub data: serde_json::Value,
 }
@@ -122,6 +125,7 @@ impl Inserted {
             id: row.id,
             doc_type: row.doc_type,
             owner: row.owner,
+            parent: row.parent,
             rev: self.0.try_get("rev")?,
             created_at: self.0.try_get("created_at")?,
             updated_at: self.0.try_get("updated_at")?,
@@ -131,14 +135,19 @@ impl Inserted {
     }
 }
 
-async fn insert_one(connection: &mut PgConnection, row: NewRow) -> Result<Document, StoreError> {
+pub(super) async fn insert_one(
+    connection: &mut PgConnection,
+    row: NewRow,
+) -> Result<Document, StoreError> {
     let inserted = sqlx::query(
-        "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO documents (id, owner_did, type, parent, acl, data) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (id) DO NOTHING RETURNING rev, created_at, updated_at",
     )
     .bind(row.id)
     .bind(&row.owner)
     .bind(&row.doc_type)
+    .bind(row.parent)
     .bind(Json(&row.acl))
     .bind(&row.data)
     .fetch_optional(connection)

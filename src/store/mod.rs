@@ -23,7 +23,7 @@ use crate::wire::Document;
 /// The columns [`document`] reads, spliced into static SQL text with `concat!`.
 macro_rules! doc_columns {
     () => {
-        "id, owner_did, type, created_at, updated_at, rev, acl, data"
+        "id, owner_did, type, parent, created_at, updated_at, rev, acl, data"
     };
 }
 
@@ -49,6 +49,8 @@ pub enum StoreError {
     Forbidden,
     #[error("only the owner may change a document's ACL")]
     AclOwnerOnly,
+    #[error("the parent document does not exist")]
+    ParentNotFound,
     /// Valid JSON that PostgreSQL's `jsonb` cannot hold (a `\u0000` in a string or key).
     #[error("the document holds a value the database cannot store: {0}")]
     Unstorable(String),
@@ -181,12 +183,14 @@ impl Store {
 
     /// Inserts a new document owned by `owner` (a server-assigned UUIDv7 id unless `id` is
     /// given); [`StoreError::AlreadyExists`] if the id is taken. Concurrent creates share a
-    /// statement and a commit ([`batch`]).
+    /// statement and a commit ([`batch`]). A create under a `parent` needs the parent's ACL
+    /// `create` right and runs alone (see [`Store::create_under`]).
     pub async fn create(
         &self,
         owner: &str,
         doc_type: &str,
         id: Option<Uuid>,
+        parent: Option<Uuid>,
         acl: Acl,
         data: serde_json::Value,
     ) -> Result<Document, StoreError> {
@@ -194,10 +198,48 @@ impl Store {
             id: id.unwrap_or_else(Uuid::now_v7),
             owner: owner.to_owned(),
             doc_type: doc_type.to_owned(),
+            parent,
             acl,
             data,
         };
-        self.creates.run(row).await
+        match parent {
+            None => self.creates.run(row).await,
+            Some(parent) => self.create_under(row, parent).await,
+        }
+    }
+
+    /// Inserts `row` under `parent` if the parent's ACL lets its owner create there. The parent
+    /// stays locked `FOR SHARE` until the insert commits: a concurrent change of its ACL, or its
+    /// delete, waits for this create or this create for it (and then reads the new rule), so no
+    /// document is made under a rule already withdrawn.
+    async fn create_under(
+        &self,
+        row: creates::NewRow,
+        parent: Uuid,
+    ) -> Result<Document, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (parent_owner, parent_acl): (String, serde_json::Value) =
+            sqlx::query_as("SELECT owner_did, acl FROM documents WHERE id = $1 FOR SHARE")
+                .bind(parent)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::ParentNotFound)?;
+        let parent_acl = stored_acl(parent, parent_acl);
+        if !allowed_in(
+            &mut tx,
+            Operation::Create,
+            &row.owner,
+            &parent_owner,
+            &parent_acl,
+        )
+        .await?
+        {
+            return Err(StoreError::Forbidden);
+        }
+        let doc = creates::insert_one(&mut tx, row).await?;
+        tx.commit().await?;
+        self.waker.committed();
+        Ok(doc)
     }
 
     /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.
@@ -522,15 +564,7 @@ async fn lock(
     .await?
     .ok_or(StoreError::NotFound)?;
     let doc = document(&row)?;
-    let allowed = if caller != doc.owner && doc.acl.uses_certificates(Operation::Write) {
-        let held = credentials_in(&mut *tx, caller).await?;
-        doc.acl
-            .allows(Operation::Write, Some(caller), &doc.owner, &held)
-    } else {
-        doc.acl
-            .allows(Operation::Write, Some(caller), &doc.owner, &NoCredentials)
-    };
-    if !allowed {
+    if !allowed_in(tx, Operation::Write, caller, &doc.owner, &doc.acl).await? {
         return Err(StoreError::Forbidden);
     }
     if let Some(expected) = expected_rev
@@ -539,6 +573,22 @@ async fn lock(
         return Err(StoreError::RevMismatch { current: doc.rev });
     }
     Ok(doc)
+}
+
+/// May `caller` perform `op` under `acl` on a document of `owner`? Reads the caller's
+/// certificates on `conn` (inside the caller's transaction) only when the rule tests some.
+async fn allowed_in(
+    conn: &mut sqlx::PgConnection,
+    op: Operation,
+    caller: &str,
+    owner: &str,
+    acl: &Acl,
+) -> Result<bool, StoreError> {
+    if caller != owner && acl.uses_certificates(op) {
+        let held = credentials_in(conn, caller).await?;
+        return Ok(acl.allows(op, Some(caller), owner, &held));
+    }
+    Ok(acl.allows(op, Some(caller), owner, &NoCredentials))
 }
 
 /// The rows of `query` in order until they hold more than `budget` bytes, and whether it cut
@@ -592,18 +642,23 @@ async fn fetch_by_ids(
     rows.iter().map(document).collect()
 }
 
-fn document(row: &PgRow) -> Result<Document, StoreError> {
-    let acl_json: serde_json::Value = row.try_get("acl")?;
-    let id: Uuid = row.try_get("id")?;
-    // Rows written straight in SQL may carry an ACL this version cannot read; fail closed.
-    let acl = serde_json::from_value(acl_json).unwrap_or_else(|e| {
+/// The ACL stored for document `id`. Rows written straight in SQL may carry one this version
+/// cannot read: it fails closed, to the owner-only default.
+fn stored_acl(id: Uuid, json: serde_json::Value) -> Acl {
+    serde_json::from_value(json).unwrap_or_else(|e| {
         tracing::warn!(%id, error = %e, "unreadable ACL in the database; treating as owner-only");
         Acl::default()
-    });
+    })
+}
+
+fn document(row: &PgRow) -> Result<Document, StoreError> {
+    let id: Uuid = row.try_get("id")?;
+    let acl = stored_acl(id, row.try_get("acl")?);
     Ok(Document {
         id,
         doc_type: row.try_get("type")?,
         owner: row.try_get("owner_did")?,
+        parent: row.try_get("parent")?,
         rev: row.try_get("rev")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

@@ -92,6 +92,7 @@ fn column(field: &Field) -> &'static str {
         Field::Type => "type",
         Field::CreatedAt => "created_at",
         Field::UpdatedAt => "updated_at",
+        Field::Parent => "parent",
         // Data paths never reach here: callers match them first.
         Field::Data(_) => "data",
     }
@@ -236,7 +237,7 @@ impl Builder {
             }
             Predicate::In(field, operands) => {
                 let bind = match field {
-                    Field::Id => Bind::Ids(
+                    Field::Id | Field::Parent => Bind::Ids(
                         operands
                             .iter()
                             .filter_map(|o| match o {

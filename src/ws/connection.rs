@@ -205,6 +205,9 @@ struct WriteArgs {
 struct WriteDoc {
     #[serde(default)]
     id: Option<Uuid>,
+    /// Only for a create; a write to an existing document may repeat its parent, not change it.
+    #[serde(default)]
+    parent: Option<Uuid>,
     #[serde(default)]
     acl: Option<Acl>,
     data: Value,
@@ -642,12 +645,23 @@ impl Session {
             ));
         }
         let store = &self.app.store;
-        let WriteDoc { id, acl, data } = args.doc;
+        let WriteDoc {
+            id,
+            parent,
+            acl,
+            data,
+        } = args.doc;
         let doc = match id {
             Some(id) => {
                 let replaced = store
-                    .modify(&caller, &args.doc_type, id, args.rev, |_| {
-                        Ok::<_, Failure>((data.clone(), acl.clone()))
+                    .modify(&caller, &args.doc_type, id, args.rev, |current| {
+                        if parent.is_some() && parent != current.parent {
+                            return Err(Failure(
+                                "read_only_field",
+                                "a document's `parent` is set when it is created".into(),
+                            ));
+                        }
+                        Ok((data.clone(), acl.clone()))
                     })
                     .await;
                 match replaced {
@@ -658,6 +672,7 @@ impl Session {
                                 &caller,
                                 &args.doc_type,
                                 Some(id),
+                                parent,
                                 acl.unwrap_or_default(),
                                 data,
                             )
@@ -668,7 +683,14 @@ impl Session {
             }
             None => {
                 store
-                    .create(&caller, &args.doc_type, None, acl.unwrap_or_default(), data)
+                    .create(
+                        &caller,
+                        &args.doc_type,
+                        None,
+                        parent,
+                        acl.unwrap_or_default(),
+                        data,
+                    )
                     .await?
             }
         };

@@ -39,6 +39,7 @@ fn core<'a>(field: &Field, doc: &DocRef<'a>) -> Option<Core<'a>> {
         Field::Type => Core::Text(doc.doc_type),
         Field::CreatedAt => Core::Time(doc.created_at),
         Field::UpdatedAt => Core::Time(doc.updated_at),
+        Field::Parent => Core::Id(doc.parent?),
         Field::Data(_) => return None,
     })
 }
@@ -213,5 +214,7 @@ pub(super) fn compare_sort_values(field: &Field, a: &Document, b: &Document) -> 
         Field::Type => a.doc_type.cmp(&b.doc_type),
         Field::CreatedAt => a.created_at.cmp(&b.created_at),
         Field::UpdatedAt => a.updated_at.cmp(&b.updated_at),
+        // Not a sort key (the parser refuses it); any consistent order does.
+        Field::Parent => a.parent.cmp(&b.parent),
     }
 }

@@ -63,6 +63,8 @@ impl Keyset {
                 Field::Type => KeyValue::Text(doc.doc_type.clone()),
                 Field::CreatedAt => KeyValue::Time(doc.created_at),
                 Field::UpdatedAt => KeyValue::Time(doc.updated_at),
+                // Not a sort key (refused by the parser), so never part of a keyset.
+                Field::Parent => KeyValue::Id(doc.parent.unwrap_or_default()),
             })
             .collect();
         Self { values, id: doc.id }
@@ -126,6 +128,8 @@ impl Keyset {
                         }
                     }
                     Field::Id => KeyValue::Id(Uuid::try_parse(item.as_str()?).ok()?),
+                    // Not a sort key: a cursor naming it is not one this server issued.
+                    Field::Parent => return None,
                     Field::Owner | Field::Type => KeyValue::Text(item.as_str()?.to_owned()),
                     Field::CreatedAt | Field::UpdatedAt => KeyValue::Time(
                         DateTime::from_timestamp_micros(item.as_i64()?)

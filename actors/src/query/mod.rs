@@ -97,6 +97,9 @@ pub enum Field {
     Type,
     CreatedAt,
     UpdatedAt,
+    /// The document this one was made under; missing (like an absent data path) for a document
+    /// made under none. Not a sort key.
+    Parent,
     /// A path under `data`, e.g. `["author", "name"]` for `data.author.name`. Every segment
     /// passes [`is_path_segment`], so the path may appear in SQL text.
     Data(Vec<String>),
@@ -111,6 +114,7 @@ impl Field {
             Field::Type => "type".into(),
             Field::CreatedAt => "createdAt".into(),
             Field::UpdatedAt => "updatedAt".into(),
+            Field::Parent => "parent".into(),
             Field::Data(path) => format!("data.{}", path.join(".")),
         }
     }
@@ -372,6 +376,7 @@ pub struct DocRef<'a> {
     pub id: Uuid,
     pub doc_type: &'a str,
     pub owner: &'a str,
+    pub parent: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub acl: &'a Acl,
@@ -384,6 +389,7 @@ impl<'a> From<&'a Document> for DocRef<'a> {
             id: doc.id,
             doc_type: &doc.doc_type,
             owner: &doc.owner,
+            parent: doc.parent,
             created_at: doc.created_at,
             updated_at: doc.updated_at,
             acl: &doc.acl,
@@ -526,6 +532,7 @@ fn side<'a>(change: &'a Change, image: &'a crate::change::Image) -> DocRef<'a> {
         id: change.doc_id,
         doc_type: &change.doc_type,
         owner: &change.owner,
+        parent: change.parent,
         created_at: change.created_at,
         updated_at: change.updated_at,
         acl: &image.acl,

@@ -97,11 +97,12 @@ pub(super) fn field(name: &str) -> Result<Field, String> {
         "type" => Field::Type,
         "createdAt" => Field::CreatedAt,
         "updatedAt" => Field::UpdatedAt,
+        "parent" => Field::Parent,
         other => {
             let Some(rest) = other.strip_prefix("data.") else {
                 return Err(
-                    "a field is `id`, `owner`, `type`, `createdAt`, `updatedAt` or a path under \
-                     `data.` such as `data.author.name`"
+                    "a field is `id`, `owner`, `type`, `createdAt`, `updatedAt`, `parent` or a \
+                     path under `data.` such as `data.author.name`"
                         .into(),
                 );
             };
@@ -286,7 +287,10 @@ impl Parser {
                 CanonicalValue::new(operand),
             )),
             "startsWith" => {
-                if matches!(field, Field::Id | Field::CreatedAt | Field::UpdatedAt) {
+                if matches!(
+                    field,
+                    Field::Id | Field::CreatedAt | Field::UpdatedAt | Field::Parent
+                ) {
                     return Err(invalid(
                         part,
                         format!("`startsWith` applies to strings, not `{}`", field.name()),
@@ -339,11 +343,16 @@ fn operand_for(
         })
     };
     Ok(match field {
-        Field::Id => {
+        Field::Id | Field::Parent => {
             let id = text()
                 .ok()
                 .and_then(|s| Uuid::try_parse(s).ok())
-                .ok_or_else(|| invalid(part, "`id` is compared with a UUID string"))?;
+                .ok_or_else(|| {
+                    invalid(
+                        part,
+                        format!("`{}` is compared with a UUID string", field.name()),
+                    )
+                })?;
             Operand::Id(id)
         }
         Field::Owner | Field::Type => Operand::Text(text()?.to_owned()),
@@ -399,6 +408,9 @@ fn sort(request: Option<&SortRequest>) -> Result<Vec<Sort>, QueryError> {
         let field = field(name).map_err(|message| {
             invalid(&part, format!("{message}; a leading `-` sorts descending"))
         })?;
+        if field == Field::Parent {
+            return Err(invalid(part, "`parent` is not a sort key"));
+        }
         if sort.iter().any(|s| s.field == field) {
             return Err(invalid(part, format!("sorts twice by `{name}`")));
         }

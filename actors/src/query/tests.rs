@@ -25,6 +25,7 @@ fn doc(owner: &str, data: serde_json::Value, public: bool) -> Document {
         id: Uuid::now_v7(),
         doc_type: "posts".into(),
         owner: owner.into(),
+        parent: None,
         rev: 1,
         created_at: chrono::Utc::now(),
         updated_at: chrono::Utc::now(),
@@ -404,4 +405,38 @@ fn required_equalities_are_the_top_level_eqs() {
     let eqs: Vec<_> = q.filter.required_equalities().collect();
     assert_eq!(eqs.len(), 1);
     assert_eq!(eqs[0].0, &Field::Data(vec!["room".into()]));
+}
+
+#[test]
+fn parent_is_missing_for_documents_made_under_none() {
+    let room = Uuid::now_v7();
+    let under = Document {
+        parent: Some(room),
+        ..doc("did:key:zA", json!({}), false)
+    };
+    let loose = doc("did:key:zA", json!({}), false);
+    let matches = |filter: serde_json::Value| {
+        let q = spec(json!({"type": "posts", "where": filter}), "did:key:zA").unwrap();
+        (q.matches(&under), q.matches(&loose))
+    };
+    assert_eq!(matches(json!({"parent": room})), (true, false));
+    assert_eq!(matches(json!({"parent": {"ne": room}})), (false, true));
+    assert_eq!(
+        matches(json!({"parent": {"in": [room, Uuid::now_v7()]}})),
+        (true, false)
+    );
+    assert_eq!(matches(json!({"parent": {"nin": [room]}})), (false, true));
+    assert_eq!(matches(json!({"parent": {"gte": room}})), (true, false));
+    assert_eq!(
+        matches(json!({"not": {"parent": {"lt": room}}})),
+        (true, true)
+    );
+    for bad in [
+        json!({"type": "posts", "where": {"parent": 7}}),
+        json!({"type": "posts", "where": {"parent": {"exists": true}}}),
+        json!({"type": "posts", "where": {"parent": {"startsWith": "0"}}}),
+        json!({"type": "posts", "sort": "-parent"}),
+    ] {
+        assert!(spec(bad.clone(), "did:key:zA").is_err(), "{bad}");
+    }
 }

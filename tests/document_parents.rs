@@ -1,0 +1,396 @@
+//! Documents made under another one, and the ACL `create` rule that admits them: over REST and
+//! the WebSocket the parent's owner and whom its rule allows (DID entries, certificate
+//! predicates; a deny wins) may create there and nobody else; a missing parent is
+//! `parent_not_found`; the parent cannot be changed afterwards; a create waits for a concurrent
+//! change of the parent's rule and then obeys the new one; queries and live queries select by
+//! `parent`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
+
+mod common;
+
+use common::oidc::{first_party_token, sign_up};
+use common::{ALICE, BOB, CAROL, TestServer, Ws, until};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const DAVE: &str = "did:key:zDave";
+
+/// `METHOD /v1/docs/{path}` with `body`: the status and the JSON answer (null if none).
+async fn send(
+    s: &TestServer,
+    method: reqwest::Method,
+    token: &str,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let mut request = s
+        .client
+        .request(method, s.url(&format!("/v1/docs/{path}")))
+        .bearer_auth(token);
+    if !body.is_null() {
+        request = request.json(body);
+    }
+    let r = request.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// A `msgs` document under `parent` created by the holder of `token`.
+async fn create_under(s: &TestServer, token: &str, parent: &Value, n: i64) -> (u16, Value) {
+    send(
+        s,
+        reqwest::Method::POST,
+        token,
+        "msgs",
+        &json!({"parent": parent, "data": {"n": n}}),
+    )
+    .await
+}
+
+/// How many documents name `parent`.
+async fn children(s: &TestServer, parent: &Value) -> i64 {
+    let parent: Uuid = parent.as_str().unwrap().parse().unwrap();
+    sqlx::query_scalar("SELECT count(*) FROM documents WHERE parent = $1")
+        .bind(parent)
+        .fetch_one(&s.sql().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_create_rule_admits_children_and_deny_wins() {
+    let s = TestServer::start().await;
+    let [alice, bob, carol, dave] = [ALICE, BOB, CAROL, DAVE].map(|who| s.token(who, &["*"]));
+    let room = s
+        .post(
+            &alice,
+            "rooms",
+            json!({"data": {}, "acl": {"create": {"allow": [BOB, CAROL], "deny": [CAROL]}}}),
+        )
+        .await;
+    let room_id = room["id"].clone();
+    assert!(room.get("parent").is_none(), "{room}");
+
+    // The owner, and Bob by a DID entry.
+    for (who, token) in [("alice", &alice), ("bob", &bob)] {
+        let (status, child) = create_under(&s, token, &room_id, 1).await;
+        assert_eq!(status, 201, "{who}: {child}");
+        assert_eq!(child["parent"], room_id, "{who}: {child}");
+        let (status, read) = s
+            .get_json(
+                token,
+                &format!("/v1/docs/msgs/{}", child["id"].as_str().unwrap()),
+            )
+            .await;
+        assert_eq!((status, &read["parent"]), (200, &room_id), "{read}");
+    }
+    // Carol is allowed and denied: the deny wins. Dave is not listed.
+    for token in [&carol, &dave] {
+        let (status, answer) = create_under(&s, token, &room_id, 2).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{answer}"
+        );
+    }
+    assert_eq!(
+        children(&s, &room_id).await,
+        2,
+        "refused creates wrote nothing"
+    );
+
+    // A parent that does not exist.
+    let (status, answer) = create_under(&s, &alice, &json!(Uuid::now_v7()), 3).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (404, Some("parent_not_found")),
+        "{answer}"
+    );
+
+    // The parent is set at creation: neither PUT nor PATCH takes it.
+    let child = create_under(&s, &bob, &room_id, 4).await.1;
+    let path = format!("msgs/{}", child["id"].as_str().unwrap());
+    let other = s.post(&bob, "rooms", json!({"data": {}})).await["id"].clone();
+    let (status, answer) = send(
+        &s,
+        reqwest::Method::PUT,
+        &bob,
+        &path,
+        &json!({"parent": other, "data": {}}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    let (status, answer) = send(
+        &s,
+        reqwest::Method::PATCH,
+        &bob,
+        &path,
+        &json!({"parent": other}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("read_only_field"))
+    );
+    assert_eq!(
+        s.get_json(&bob, &format!("/v1/docs/{path}")).await.1["parent"],
+        room_id
+    );
+
+    // The owner withdraws Bob's right and lifts Carol's deny (a merge patch): Bob's next create
+    // is refused, Carol's admitted.
+    let (status, _) = send(
+        &s,
+        reqwest::Method::PATCH,
+        &alice,
+        &format!("rooms/{}", room_id.as_str().unwrap()),
+        &json!({"acl": {"create": {"allow": [CAROL], "deny": null}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(create_under(&s, &bob, &room_id, 5).await.0, 403);
+    assert_eq!(create_under(&s, &carol, &room_id, 5).await.0, 201);
+
+    // A deleted parent admits no more children; the ones made stay.
+    let (status, _) = send(
+        &s,
+        reqwest::Method::DELETE,
+        &alice,
+        &format!("rooms/{}", room_id.as_str().unwrap()),
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(create_under(&s, &alice, &room_id, 6).await.0, 404);
+    assert_eq!(s.get_json(&bob, &format!("/v1/docs/{path}")).await.0, 200);
+    assert_eq!(children(&s, &room_id).await, 4);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn certificate_predicates_in_the_create_rule() {
+    let s = TestServer::start().await;
+    let alice_did = sign_up(&s, "alice").await;
+    let bob_did = sign_up(&s, "bob").await;
+    let alice = first_party_token(&s, "alice").await;
+    let bob = first_party_token(&s, "bob").await;
+    let room = s
+        .post(
+            &alice,
+            "rooms",
+            json!({"data": {}, "acl": {"create": {"allow": [[{"issuer": alice_did, "type": "member-of"}]]}}}),
+        )
+        .await;
+    let room_id = room["id"].clone();
+    assert_eq!(create_under(&s, &bob, &room_id, 1).await.0, 403);
+
+    let r = s
+        .client
+        .post(s.url("/v1/certificates"))
+        .bearer_auth(&alice)
+        .json(&json!({"subject": bob_did, "type": "member-of"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let cert: Value = r.json().await.unwrap();
+    let (status, child) = create_under(&s, &bob, &room_id, 2).await;
+    assert_eq!(status, 201, "the certificate admits Bob: {child}");
+    assert_eq!(child["owner"], bob_did, "the creator owns the child");
+
+    let r = s
+        .client
+        .delete(s.url(&format!(
+            "/v1/certificates/{}",
+            cert["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(create_under(&s, &bob, &room_id, 3).await.0, 403);
+    assert_eq!(children(&s, &room_id).await, 1);
+    s.finish().await;
+}
+
+/// A create under a parent whose ACL is being changed waits for that change and obeys it.
+#[tokio::test]
+async fn a_create_waits_for_a_concurrent_change_of_the_rule() {
+    let s = TestServer::start().await;
+    let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
+    let room = s
+        .post(
+            &alice,
+            "rooms",
+            json!({"data": {}, "acl": {"create": {"allow": [BOB]}}}),
+        )
+        .await;
+    let room_id = room["id"].clone();
+    let id: Uuid = room_id.as_str().unwrap().parse().unwrap();
+
+    // The owner's change, not yet committed, holds the parent's row.
+    let sql = s.sql().await;
+    let mut change = sql.begin().await.unwrap();
+    sqlx::query("UPDATE documents SET acl = '{}' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    let create = tokio::spawn({
+        let (client, url, bob, room_id) = (
+            s.client.clone(),
+            s.url("/v1/docs/msgs"),
+            bob.clone(),
+            room_id.clone(),
+        );
+        async move {
+            client
+                .post(url)
+                .bearer_auth(bob)
+                .json(&json!({"parent": room_id, "data": {}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    until("the create waits for the parent's row", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'vibe' \
+               AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&sql)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    change.commit().await.unwrap();
+    assert_eq!(create.await.unwrap(), 403, "the create read the new rule");
+    assert_eq!(children(&s, &room_id).await, 0);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn queries_and_live_queries_select_by_parent() {
+    let s = TestServer::start().await;
+    let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
+    let open = json!({"data": {}, "acl": {"create": {"allow": ["*"]}}});
+    let room = s.post(&alice, "rooms", open.clone()).await["id"].clone();
+    let elsewhere = s.post(&alice, "rooms", open).await["id"].clone();
+
+    // Alice follows what others write in her room and may read.
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = ws
+        .request(json!({"op": "read", "type": "msgs", "shared": true, "where": {"parent": room}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let sub = reply["sub"].clone();
+
+    let readable = json!({"read": {"allow": [ALICE]}});
+    let mut in_room = Vec::new();
+    for (parent, n) in [(&room, 1), (&elsewhere, 2), (&room, 3)] {
+        let (status, child) = send(
+            &s,
+            reqwest::Method::POST,
+            &bob,
+            "msgs",
+            &json!({"parent": parent, "acl": readable, "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(status, 201, "{child}");
+        if parent == &room {
+            in_room.push(child["id"].clone());
+        }
+    }
+    for expected in &in_room {
+        let event = ws.event(&sub).await;
+        assert_eq!(
+            (
+                event["event"].as_str(),
+                &event["doc"]["id"],
+                &event["doc"]["parent"]
+            ),
+            (Some("add"), expected, &room),
+            "{event}"
+        );
+    }
+
+    // A write over the WebSocket makes a child too, and cannot move one.
+    let written = ws
+        .request(json!({"op": "write", "type": "msgs", "doc": {"parent": room, "data": {"n": 4}}}))
+        .await;
+    assert_eq!(written["doc"]["parent"], room, "{written}");
+    let moved = ws
+        .request(json!({"op": "write", "type": "msgs",
+                        "doc": {"id": written["doc"]["id"], "parent": elsewhere, "data": {}}}))
+        .await;
+    assert_eq!(moved["error"]["code"], "read_only_field", "{moved}");
+    let same = ws
+        .request(json!({"op": "write", "type": "msgs",
+                        "doc": {"id": written["doc"]["id"], "parent": room, "data": {"n": 5}}}))
+        .await;
+    assert_eq!(
+        same["doc"]["rev"], 2,
+        "repeating the parent is a write: {same}"
+    );
+
+    // The same selection once, over HTTP: Bob's two in the room, not the one elsewhere.
+    let r = s
+        .client
+        .post(s.url("/v1/query"))
+        .bearer_auth(&alice)
+        .json(&json!({"type": "msgs", "shared": true, "where": {"parent": room}, "sort": "createdAt"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    let ids: Vec<&Value> = answer["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["id"])
+        .collect();
+    assert_eq!(ids, in_room.iter().collect::<Vec<_>>(), "{answer}");
+
+    // Documents under no parent are missing there: `ne` matches them, `eq` does not.
+    s.post(&alice, "msgs", json!({"data": {"n": 6}})).await;
+    let r = s
+        .client
+        .post(s.url("/v1/query"))
+        .bearer_auth(&alice)
+        .json(&json!({"type": "msgs", "where": {"parent": {"ne": room}}}))
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["docs"].as_array().map(Vec::len), Some(1), "{answer}");
+    assert!(answer["docs"][0].get("parent").is_none(), "{answer}");
+
+    for bad in [
+        json!({"type": "msgs", "where": {"parent": "not-a-uuid"}}),
+        json!({"type": "msgs", "where": {"parent": {"startsWith": "01"}}}),
+        json!({"type": "msgs", "sort": "parent"}),
+    ] {
+        let r = s
+            .client
+            .post(s.url("/v1/query"))
+            .bearer_auth(&alice)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "invalid_query", "{bad} → {answer}");
+    }
+    ws.close().await;
+    s.finish().await;
+}
