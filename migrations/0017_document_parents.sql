@@ -53,12 +53,13 @@ BEGIN
 END
 $$;
 
--- The reads gain a column, which CREATE OR REPLACE cannot do: both are dropped and made again
--- as in 0013 and 0011 (+ 0014), with `parent` after `owner_did`.
-DROP FUNCTION vibe_tick_read(bigint, text, text, bigint, bigint, bigint);
-DROP FUNCTION vibe_read(bigint, bigint, text[], text, bigint);
-
-CREATE FUNCTION vibe_read(after_tick bigint, after_seq bigint, types text[], owner text, lim bigint)
+-- The reads gain a column, which CREATE OR REPLACE cannot do, and nodes of the previous version
+-- hold prepared statements over `vibe_read` / `vibe_tick_read` whose result type must not change
+-- under them (PostgreSQL refuses such a statement until it is prepared again): those two stay as
+-- they are for those nodes during a rolling upgrade, and this version reads through the two
+-- below — the same definitions as 0013's and 0011's (+ 0014's plan setting), with `parent` after
+-- `owner_did`. A later migration drops the old pair.
+CREATE FUNCTION vibe_feed_read(after_tick bigint, after_seq bigint, types text[], owner text, lim bigint)
 RETURNS TABLE (
     base bigint, tick bigint, seq bigint, xid bigint, op "char", doc_id uuid, type text,
     owner_did text, parent uuid, rev bigint, created_at timestamptz, updated_at timestamptz,
@@ -105,7 +106,7 @@ LANGUAGE sql STABLE AS $$
     ORDER BY t.tick, c.seq NULLS FIRST LIMIT lim
 $$;
 
-CREATE FUNCTION vibe_tick_read(lock_key bigint, channel text, node text, after_tick bigint,
+CREATE FUNCTION vibe_feed_tick_read(lock_key bigint, channel text, node text, after_tick bigint,
                                after_seq bigint, lim bigint)
 RETURNS TABLE (
     made bigint, base bigint, tick bigint, seq bigint, xid bigint, op "char", doc_id uuid,
@@ -118,6 +119,6 @@ DECLARE
     cut bigint;
 BEGIN
     cut := vibe_tick(lock_key, channel, node);
-    RETURN QUERY SELECT cut, r.* FROM vibe_read(after_tick, after_seq, '{}', NULL, lim) r;
+    RETURN QUERY SELECT cut, r.* FROM vibe_feed_read(after_tick, after_seq, '{}', NULL, lim) r;
 END
 $$;

@@ -663,22 +663,22 @@ async fn an_insert_keeps_its_image_and_place_after_its_row_changes() {
     common::drop_database(&name).await;
 }
 
-/// The tick's page read runs on a cached generic plan (migrations/0014): with the default
-/// plan cache mode PL/pgSQL planned it afresh on every tick, most of a tick's database time. A
-/// later `CREATE OR REPLACE FUNCTION vibe_tick_read` without the SET clause would silently drop
-/// the setting; this catches that.
+/// The tick's page read runs on a cached generic plan (migrations/0014, kept by 0017's
+/// `vibe_feed_tick_read`): with the default plan cache mode PL/pgSQL planned it afresh on every
+/// tick, most of a tick's database time. A later `CREATE OR REPLACE FUNCTION` without the SET
+/// clause would silently drop the setting; this catches that.
 #[tokio::test]
 async fn the_tick_keeps_its_generic_plan_setting() {
     let (name, pool) = migrated_pool().await;
     let config: Vec<Option<Vec<String>>> =
-        sqlx::query_scalar("SELECT proconfig FROM pg_proc WHERE proname = 'vibe_tick_read'")
+        sqlx::query_scalar("SELECT proconfig FROM pg_proc WHERE proname = 'vibe_feed_tick_read'")
             .fetch_all(&pool)
             .await
             .unwrap();
     assert_eq!(
         config,
         vec![Some(vec!["plan_cache_mode=force_generic_plan".to_owned()])],
-        "exactly one vibe_tick_read, planned generically"
+        "exactly one vibe_feed_tick_read, planned generically"
     );
     // Under that setting a tick still reads from any cursor: the start, and one past a batch.
     let feed = Feed::new(pool.clone());

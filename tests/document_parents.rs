@@ -1,9 +1,11 @@
 //! Documents made under another one, and the ACL `create` rule that admits them: over REST and
 //! the WebSocket the parent's owner and whom its rule allows (DID entries, certificate
-//! predicates; a deny wins) may create there and nobody else; a missing parent is
-//! `parent_not_found`; the parent cannot be changed afterwards; a create waits for a concurrent
-//! change of the parent's rule and then obeys the new one; queries and live queries select by
-//! `parent`.
+//! predicates; a deny wins) may create there and nobody else; a parent that is missing, or that
+//! the caller may neither read nor create under, is `parent_not_found`; the parent cannot be
+//! changed through the API, nor named by a writer who is not the owner; a create and a change of
+//! the parent's rule (or a revocation of the certificate that admitted the create) wait for each
+//! other; queries and live queries select by `parent`, through inserts, updates, moves and
+//! deletes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
@@ -47,6 +49,50 @@ async fn create_under(s: &TestServer, token: &str, parent: &Value, n: i64) -> (u
     .await
 }
 
+/// A create's answer as (status, error code).
+fn refusal((status, answer): (u16, Value)) -> (u16, Option<String>) {
+    (status, answer["error"]["code"].as_str().map(str::to_owned))
+}
+
+fn forbidden() -> (u16, Option<String>) {
+    (403, Some("forbidden".into()))
+}
+
+fn parent_not_found() -> (u16, Option<String>) {
+    (404, Some("parent_not_found".into()))
+}
+
+/// Waits until `n` of the server's database sessions wait for a lock.
+async fn lock_waiters(s: &TestServer, n: i64) {
+    let sql = s.sql().await;
+    until(&format!("{n} server sessions wait for a lock"), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'vibe' \
+               AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&sql)
+        .await
+        .unwrap()
+            == n
+    })
+    .await;
+}
+
+/// Holds a create of document `id` in flight: an uncommitted insert of that id makes the create's
+/// own insert wait for this transaction's outcome (after the create has checked its rule).
+async fn block_insert_of(s: &TestServer, id: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = s.sql().await.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, data) VALUES ($1, 'did:key:zX', 'x', '{}')",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx
+}
+
 /// How many documents name `parent`.
 async fn children(s: &TestServer, parent: &Value) -> i64 {
     let parent: Uuid = parent.as_str().unwrap().parse().unwrap();
@@ -65,7 +111,8 @@ async fn the_create_rule_admits_children_and_deny_wins() {
         .post(
             &alice,
             "rooms",
-            json!({"data": {}, "acl": {"create": {"allow": [BOB, CAROL], "deny": [CAROL]}}}),
+            json!({"data": {}, "acl": {"read": {"allow": ["*"]},
+                   "create": {"allow": [BOB, CAROL], "deny": [CAROL]}}}),
         )
         .await;
     let room_id = room["id"].clone();
@@ -98,6 +145,37 @@ async fn the_create_rule_admits_children_and_deny_wins() {
         2,
         "refused creates wrote nothing"
     );
+
+    // A parent Dave may read but not create under: 403. One he may not even read: as if it did
+    // not exist, so the create route tells nobody which documents exist.
+    let readable = s
+        .post(
+            &bob,
+            "rooms",
+            json!({"data": {}, "acl": {"read": {"allow": [DAVE]}}}),
+        )
+        .await["id"]
+        .clone();
+    let private = s.post(&bob, "rooms", json!({"data": {}})).await["id"].clone();
+    assert_eq!(
+        refusal(create_under(&s, &dave, &readable, 2).await),
+        forbidden()
+    );
+    assert_eq!(
+        refusal(create_under(&s, &dave, &private, 2).await),
+        parent_not_found()
+    );
+    assert_eq!(
+        children(&s, &readable).await + children(&s, &private).await,
+        0
+    );
+    // The same over the WebSocket.
+    let mut ws = Ws::connect(&s.base, Some(&dave)).await;
+    let refused = ws
+        .request(json!({"op": "write", "type": "msgs", "doc": {"parent": room_id, "data": {}}}))
+        .await;
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    ws.close().await;
 
     // A parent that does not exist.
     let (status, answer) = create_under(&s, &alice, &json!(Uuid::now_v7()), 3).await;
@@ -151,7 +229,10 @@ async fn the_create_rule_admits_children_and_deny_wins() {
     )
     .await;
     assert_eq!(status, 200);
-    assert_eq!(create_under(&s, &bob, &room_id, 5).await.0, 403);
+    assert_eq!(
+        refusal(create_under(&s, &bob, &room_id, 5).await),
+        forbidden()
+    );
     assert_eq!(create_under(&s, &carol, &room_id, 5).await.0, 201);
 
     // A deleted parent admits no more children; the ones made stay.
@@ -164,7 +245,10 @@ async fn the_create_rule_admits_children_and_deny_wins() {
     )
     .await;
     assert_eq!(status, 204);
-    assert_eq!(create_under(&s, &alice, &room_id, 6).await.0, 404);
+    assert_eq!(
+        refusal(create_under(&s, &alice, &room_id, 6).await),
+        parent_not_found()
+    );
     assert_eq!(s.get_json(&bob, &format!("/v1/docs/{path}")).await.0, 200);
     assert_eq!(children(&s, &room_id).await, 4);
     s.finish().await;
@@ -181,11 +265,15 @@ async fn certificate_predicates_in_the_create_rule() {
         .post(
             &alice,
             "rooms",
-            json!({"data": {}, "acl": {"create": {"allow": [[{"issuer": alice_did, "type": "member-of"}]]}}}),
+            json!({"data": {}, "acl": {"read": {"allow": ["*"]},
+                   "create": {"allow": [[{"issuer": alice_did, "type": "member-of"}]]}}}),
         )
         .await;
     let room_id = room["id"].clone();
-    assert_eq!(create_under(&s, &bob, &room_id, 1).await.0, 403);
+    assert_eq!(
+        refusal(create_under(&s, &bob, &room_id, 1).await),
+        forbidden()
+    );
 
     let r = s
         .client
@@ -201,45 +289,9 @@ async fn certificate_predicates_in_the_create_rule() {
     assert_eq!(status, 201, "the certificate admits Bob: {child}");
     assert_eq!(child["owner"], bob_did, "the creator owns the child");
 
-    let r = s
-        .client
-        .delete(s.url(&format!(
-            "/v1/certificates/{}",
-            cert["id"].as_str().unwrap()
-        )))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
-    assert_eq!(create_under(&s, &bob, &room_id, 3).await.0, 403);
-    assert_eq!(children(&s, &room_id).await, 1);
-    s.finish().await;
-}
-
-/// A create under a parent whose ACL is being changed waits for that change and obeys it.
-#[tokio::test]
-async fn a_create_waits_for_a_concurrent_change_of_the_rule() {
-    let s = TestServer::start().await;
-    let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
-    let room = s
-        .post(
-            &alice,
-            "rooms",
-            json!({"data": {}, "acl": {"create": {"allow": [BOB]}}}),
-        )
-        .await;
-    let room_id = room["id"].clone();
-    let id: Uuid = room_id.as_str().unwrap().parse().unwrap();
-
-    // The owner's change, not yet committed, holds the parent's row.
-    let sql = s.sql().await;
-    let mut change = sql.begin().await.unwrap();
-    sqlx::query("UPDATE documents SET acl = '{}' WHERE id = $1")
-        .bind(id)
-        .execute(&mut *change)
-        .await
-        .unwrap();
+    // A revocation waits for a create the certificate admitted and that is still in flight.
+    let in_flight = Uuid::now_v7();
+    let blocker = block_insert_of(&s, in_flight).await;
     let create = tokio::spawn({
         let (client, url, bob, room_id) = (
             s.client.clone(),
@@ -248,32 +300,147 @@ async fn a_create_waits_for_a_concurrent_change_of_the_rule() {
             room_id.clone(),
         );
         async move {
-            client
+            let r = client
                 .post(url)
                 .bearer_auth(bob)
-                .json(&json!({"parent": room_id, "data": {}}))
+                .json(&json!({"id": in_flight, "parent": room_id, "data": {}}))
                 .send()
                 .await
-                .unwrap()
-                .status()
-                .as_u16()
+                .unwrap();
+            r.status().as_u16()
         }
     });
-    until("the create waits for the parent's row", || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'vibe' \
-               AND wait_event_type = 'Lock'",
+    lock_waiters(&s, 1).await;
+    let revoke = tokio::spawn({
+        let (client, alice) = (s.client.clone(), alice.clone());
+        let url = s.url(&format!(
+            "/v1/certificates/{}",
+            cert["id"].as_str().unwrap()
+        ));
+        async move {
+            let r = client.delete(url).bearer_auth(alice).send().await.unwrap();
+            r.status().as_u16()
+        }
+    });
+    lock_waiters(&s, 2).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(create.await.unwrap(), 201, "admitted before the revocation");
+    assert_eq!(revoke.await.unwrap(), 204);
+    assert_eq!(
+        refusal(create_under(&s, &bob, &room_id, 3).await),
+        forbidden()
+    );
+    assert_eq!(children(&s, &room_id).await, 2);
+
+    // A deny predicate: everyone but those Alice banned.
+    let open_room = s
+        .post(
+            &alice,
+            "rooms",
+            json!({"data": {}, "acl": {"read": {"allow": ["*"]}, "create": {"allow": ["*"],
+                   "deny": [[{"issuer": alice_did, "type": "banned"}]]}}}),
         )
-        .fetch_one(&sql)
+        .await["id"]
+        .clone();
+    assert_eq!(create_under(&s, &bob, &open_room, 4).await.0, 201);
+    let r = s
+        .client
+        .post(s.url("/v1/certificates"))
+        .bearer_auth(&alice)
+        .json(&json!({"subject": bob_did, "type": "banned"}))
+        .send()
         .await
-        .unwrap()
-            == 1
-    })
-    .await;
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        refusal(create_under(&s, &bob, &open_room, 5).await),
+        forbidden()
+    );
+    s.finish().await;
+}
+
+/// A create under a parent whose ACL is being changed waits for that change and obeys it; a
+/// change of the ACL waits for a create in flight.
+#[tokio::test]
+async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
+    let s = TestServer::start().await;
+    let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
+    let room = s
+        .post(
+            &alice,
+            "rooms",
+            json!({"data": {}, "acl": {"read": {"allow": [BOB]}, "create": {"allow": [BOB]}}}),
+        )
+        .await;
+    let room_id = room["id"].clone();
+    let id: Uuid = room_id.as_str().unwrap().parse().unwrap();
+    let post = |body: Value| {
+        let (client, url, bob) = (s.client.clone(), s.url("/v1/docs/msgs"), bob.clone());
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(bob)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+
+    // The owner's change, not yet committed, holds the parent's row.
+    let sql = s.sql().await;
+    let mut change = sql.begin().await.unwrap();
+    sqlx::query(
+        r#"UPDATE documents SET acl = '{"read": {"allow": ["did:key:zBob"]}}' WHERE id = $1"#,
+    )
+    .bind(id)
+    .execute(&mut *change)
+    .await
+    .unwrap();
+    let create = tokio::spawn(post(json!({"parent": room_id, "data": {}})));
+    lock_waiters(&s, 1).await;
     change.commit().await.unwrap();
     assert_eq!(create.await.unwrap(), 403, "the create read the new rule");
     assert_eq!(children(&s, &room_id).await, 0);
+
+    // The other way round: Bob's create is in flight (its insert waits on another transaction)
+    // when Alice withdraws his right again; her change waits until his create has committed.
+    let (status, _) = send(
+        &s,
+        reqwest::Method::PATCH,
+        &alice,
+        &format!("rooms/{room_id}", room_id = room_id.as_str().unwrap()),
+        &json!({"acl": {"create": {"allow": [BOB]}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let in_flight = Uuid::now_v7();
+    let blocker = block_insert_of(&s, in_flight).await;
+    let create = tokio::spawn(post(
+        json!({"id": in_flight, "parent": room_id, "data": {}}),
+    ));
+    lock_waiters(&s, 1).await;
+    let withdraw = tokio::spawn({
+        let (client, alice) = (s.client.clone(), alice.clone());
+        let url = s.url(&format!("/v1/docs/rooms/{}", room_id.as_str().unwrap()));
+        async move {
+            let r = client
+                .patch(url)
+                .bearer_auth(alice)
+                .json(&json!({"acl": {"create": null}}))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    });
+    lock_waiters(&s, 2).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(create.await.unwrap(), 201, "admitted before the change");
+    assert_eq!(withdraw.await.unwrap(), 200);
+    assert_eq!(post(json!({"parent": room_id, "data": {}})).await, 403);
+    assert_eq!(children(&s, &room_id).await, 1);
     s.finish().await;
 }
 
@@ -340,6 +507,24 @@ async fn queries_and_live_queries_select_by_parent() {
         same["doc"]["rev"], 2,
         "repeating the parent is a write: {same}"
     );
+    // A writer who is not the owner may not name the parent at all (were the right one
+    // accepted, a writer who cannot read the document could find it by trying candidates).
+    let shared = ws
+        .request(json!({"op": "write", "type": "msgs",
+                        "doc": {"parent": room, "acl": {"write": {"allow": [BOB]}}, "data": {}}}))
+        .await;
+    let mut bob_ws = Ws::connect(&s.base, Some(&bob)).await;
+    let guessed = bob_ws
+        .request(json!({"op": "write", "type": "msgs",
+                        "doc": {"id": shared["doc"]["id"], "parent": room, "data": {"n": 7}}}))
+        .await;
+    assert_eq!(guessed["error"]["code"], "read_only_field", "{guessed}");
+    let plain = bob_ws
+        .request(json!({"op": "write", "type": "msgs",
+                        "doc": {"id": shared["doc"]["id"], "data": {"n": 7}}}))
+        .await;
+    assert_eq!(plain["rev"], 2, "{plain}");
+    bob_ws.close().await;
 
     // The same selection once, over HTTP: Bob's two in the room, not the one elsewhere.
     let r = s
@@ -373,6 +558,58 @@ async fn queries_and_live_queries_select_by_parent() {
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["docs"].as_array().map(Vec::len), Some(1), "{answer}");
     assert!(answer["docs"][0].get("parent").is_none(), "{answer}");
+
+    // Updates and deletes of children reach the subscription through the change log.
+    let uuid = |v: &Value| -> Uuid { v.as_str().unwrap().parse().unwrap() };
+    let first = in_room[0].as_str().unwrap();
+    let (status, _) = send(
+        &s,
+        reqwest::Method::PATCH,
+        &bob,
+        &format!("msgs/{first}"),
+        &json!({"data": {"n": 10}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let event = ws.event(&sub).await;
+    assert_eq!(
+        (
+            event["event"].as_str(),
+            &event["doc"]["id"],
+            &event["doc"]["data"]["n"],
+            &event["doc"]["parent"]
+        ),
+        (Some("change"), &in_room[0], &json!(10), &room),
+        "{event}"
+    );
+    // Moved under another parent in SQL (the API never does that): it leaves the room's query.
+    sqlx::query("UPDATE documents SET parent = $1 WHERE id = $2")
+        .bind(uuid(&elsewhere))
+        .bind(uuid(&in_room[1]))
+        .execute(&s.sql().await)
+        .await
+        .unwrap();
+    let event = ws.event(&sub).await;
+    assert_eq!(
+        (event["event"].as_str(), &event["id"]),
+        (Some("remove"), &in_room[1]),
+        "{event}"
+    );
+    let (status, _) = send(
+        &s,
+        reqwest::Method::DELETE,
+        &bob,
+        &format!("msgs/{first}"),
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let event = ws.event(&sub).await;
+    assert_eq!(
+        (event["event"].as_str(), &event["id"]),
+        (Some("remove"), &in_room[0]),
+        "{event}"
+    );
 
     for bad in [
         json!({"type": "msgs", "where": {"parent": "not-a-uuid"}}),

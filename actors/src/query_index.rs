@@ -3,8 +3,9 @@
 //! can match rather than to all live queries.
 //!
 //! Each query is filed under one *anchor*, an equality every match must meet: a data-path
-//! equality of its top-level conjunction if it has one (the most selective in practice), else a
-//! `parent` equality (the documents made under one), else its owner (own-document queries, or an `owner` equality), else an `id` equality. Queries with
+//! equality of its top-level conjunction if it has one (the most selective in practice), else the
+//! caller for own-document queries, else a `parent` equality (the documents made under one), else
+//! an `owner` equality, else an `id` equality. Queries with
 //! no anchor are candidates for every change. A change's candidates are the queries filed under
 //! the values its old and its new version hold at each anchored field — both versions, so a
 //! document leaving a query is found as surely as one entering it. Candidates are a superset;
@@ -40,11 +41,12 @@ fn anchor(spec: &QuerySpec) -> Option<(Field, String)> {
     if let Some((field, value)) = equalities.iter().find(|(f, _)| matches!(f, Field::Data(_))) {
         return Some(((*field).clone(), key(value)));
     }
-    if let Some((field, value)) = equalities.iter().find(|(f, _)| *f == &Field::Parent) {
-        return Some(((*field).clone(), key(value)));
-    }
     if let Scope::Own(owner) = &spec.scope {
         return Some((Field::Owner, owner.clone()));
+    }
+    // A room's members each follow its documents: filed by owner, every post would test them all.
+    if let Some((field, value)) = equalities.iter().find(|(f, _)| *f == &Field::Parent) {
+        return Some(((*field).clone(), key(value)));
     }
     equalities
         .iter()

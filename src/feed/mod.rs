@@ -190,13 +190,14 @@ impl Feed {
                     Some(conn) => conn,
                     None => pooled.insert(self.pool.acquire().await?),
                 };
-                let query = sqlx::query("SELECT * FROM vibe_tick_read($1, $2, $3, $4, $5, $6)")
-                    .bind(TICK_LOCK)
-                    .bind(DOORBELL_CHANNEL)
-                    .bind(&self.node)
-                    .bind(after.tick)
-                    .bind(after.seq)
-                    .bind(i64::from(limit));
+                let query =
+                    sqlx::query("SELECT * FROM vibe_feed_tick_read($1, $2, $3, $4, $5, $6)")
+                        .bind(TICK_LOCK)
+                        .bind(DOORBELL_CHANNEL)
+                        .bind(&self.node)
+                        .bind(after.tick)
+                        .bind(after.seq)
+                        .bind(i64::from(limit));
                 let (rows, cut) = fetch_within(query, &mut *conn, self.page_bytes).await?;
                 // Every row carries the tick cut; no rows means none was (see the migration).
                 let made = match rows.first() {
@@ -326,7 +327,7 @@ impl Feed {
             Some(conn) => conn,
             None => pooled.insert(self.pool.acquire().await?),
         };
-        let query = sqlx::query("SELECT * FROM vibe_read($1, $2, $3, $4, $5)")
+        let query = sqlx::query("SELECT * FROM vibe_feed_read($1, $2, $3, $4, $5)")
             .bind(after.tick)
             .bind(after.seq)
             .bind(&filter.types)
@@ -437,7 +438,7 @@ impl SnapshotSource for LiveSnapshots {
     }
 }
 
-/// The page `vibe_read`'s `rows` (read after `after`, at most `limit`, on `conn`) make.
+/// The page `vibe_feed_read`'s `rows` (read after `after`, at most `limit`, on `conn`) make.
 /// The page of `rows`; `cut`: they end at the byte budget, not where the statement did.
 async fn page(
     conn: &mut PgConnection,

@@ -113,7 +113,7 @@ impl From<StoreError> for ApiError {
             StoreError::ParentNotFound => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "parent_not_found",
-                "the parent document does not exist",
+                "no parent document with this id that the caller may see",
             ),
             StoreError::AclOwnerOnly => ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -27,6 +27,20 @@ macro_rules! doc_columns {
     };
 }
 
+/// The certificates `$1` holds (documents of the reserved certificate type naming it as subject,
+/// unexpired when the statement starts — not when its transaction did, which may have waited for
+/// a lock since), as `(issuer, type)`. The type is spelled out (it is a constant): a bound one
+/// would keep the planner from the partial index `documents_certificates` in generic plans.
+macro_rules! held_certificates {
+    () => {
+        "SELECT owner_did, data ->> 'type' FROM documents \
+         WHERE type = 'vibe.certificate' AND data ->> 'subject' = $1 \
+         AND data ->> 'type' IS NOT NULL \
+         AND (data ->> 'expires_at' IS NULL \
+              OR (data ->> 'expires_at')::timestamptz > statement_timestamp())"
+    };
+}
+
 mod batch;
 mod creates;
 mod query;
@@ -49,7 +63,7 @@ pub enum StoreError {
     Forbidden,
     #[error("only the owner may change a document's ACL")]
     AclOwnerOnly,
-    #[error("the parent document does not exist")]
+    #[error("no parent document with this id that the caller may see")]
     ParentNotFound,
     /// Valid JSON that PostgreSQL's `jsonb` cannot hold (a `\u0000` in a string or key).
     #[error("the document holds a value the database cannot store: {0}")]
@@ -208,33 +222,36 @@ impl Store {
         }
     }
 
-    /// Inserts `row` under `parent` if the parent's ACL lets its owner create there. The parent
-    /// stays locked `FOR SHARE` until the insert commits: a concurrent change of its ACL, or its
-    /// delete, waits for this create or this create for it (and then reads the new rule), so no
-    /// document is made under a rule already withdrawn.
+    /// Inserts `row` under `parent` if the parent's ACL lets the new document's owner create
+    /// there. The rule is decided on the parent locked `FOR SHARE` until the insert commits, and
+    /// on the creator's certificates locked the same way: a concurrent change of the parent's ACL,
+    /// its delete or the revocation of a certificate the rule tests waits for this create, or
+    /// this create for it (and then obeys the new state) — nothing is made under a right already
+    /// withdrawn. A caller the rule refuses is turned away before any lock, so refused creates
+    /// never hold up the owner's writes; one that may not read the parent either gets
+    /// [`StoreError::ParentNotFound`], as for a parent that does not exist, so the create route
+    /// does not tell who may see which documents exist.
     async fn create_under(
         &self,
         row: creates::NewRow,
         parent: Uuid,
     ) -> Result<Document, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (parent_owner, parent_acl): (String, serde_json::Value) =
-            sqlx::query_as("SELECT owner_did, acl FROM documents WHERE id = $1 FOR SHARE")
-                .bind(parent)
-                .fetch_optional(&mut *tx)
+        let creator = row.owner.as_str();
+        // First unlocked, then locked: the rule may have changed while the lock was awaited.
+        for lock in [false, true] {
+            let (owner, acl) = parent_rule(&mut tx, parent, lock)
                 .await?
                 .ok_or(StoreError::ParentNotFound)?;
-        let parent_acl = stored_acl(parent, parent_acl);
-        if !allowed_in(
-            &mut tx,
-            Operation::Create,
-            &row.owner,
-            &parent_owner,
-            &parent_acl,
-        )
-        .await?
-        {
-            return Err(StoreError::Forbidden);
+            if !allowed_in(&mut tx, Operation::Create, creator, &owner, &acl, lock).await? {
+                let readable =
+                    allowed_in(&mut tx, Operation::Read, creator, &owner, &acl, false).await?;
+                return Err(if readable {
+                    StoreError::Forbidden
+                } else {
+                    StoreError::ParentNotFound
+                });
+            }
         }
         let doc = creates::insert_one(&mut tx, row).await?;
         tx.commit().await?;
@@ -564,7 +581,7 @@ async fn lock(
     .await?
     .ok_or(StoreError::NotFound)?;
     let doc = document(&row)?;
-    if !allowed_in(tx, Operation::Write, caller, &doc.owner, &doc.acl).await? {
+    if !allowed_in(tx, Operation::Write, caller, &doc.owner, &doc.acl, true).await? {
         return Err(StoreError::Forbidden);
     }
     if let Some(expected) = expected_rev
@@ -576,19 +593,42 @@ async fn lock(
 }
 
 /// May `caller` perform `op` under `acl` on a document of `owner`? Reads the caller's
-/// certificates on `conn` (inside the caller's transaction) only when the rule tests some.
+/// certificates on `conn` (inside the caller's transaction) only when the rule tests some; with
+/// `lock_certificates`, locked `FOR SHARE` until that transaction ends, so a revocation waits for
+/// the write the certificate admitted.
 async fn allowed_in(
     conn: &mut sqlx::PgConnection,
     op: Operation,
     caller: &str,
     owner: &str,
     acl: &Acl,
+    lock_certificates: bool,
 ) -> Result<bool, StoreError> {
     if caller != owner && acl.uses_certificates(op) {
-        let held = credentials_in(conn, caller).await?;
+        let held = if lock_certificates {
+            credentials_from(conn, caller, concat!(held_certificates!(), " FOR SHARE")).await?
+        } else {
+            credentials_in(conn, caller).await?
+        };
         return Ok(acl.allows(op, Some(caller), owner, &held));
     }
     Ok(acl.allows(op, Some(caller), owner, &NoCredentials))
+}
+
+/// The owner and ACL of document `id` (None: there is none), locked `FOR SHARE` with `lock`.
+async fn parent_rule(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    lock: bool,
+) -> Result<Option<(String, Acl)>, StoreError> {
+    let query = if lock {
+        "SELECT owner_did, acl FROM documents WHERE id = $1 FOR SHARE"
+    } else {
+        "SELECT owner_did, acl FROM documents WHERE id = $1"
+    };
+    let row: Option<(String, serde_json::Value)> =
+        sqlx::query_as(query).bind(id).fetch_optional(conn).await?;
+    Ok(row.map(|(owner, acl)| (owner, stored_acl(id, acl))))
 }
 
 /// The rows of `query` in order until they hold more than `budget` bytes, and whether it cut
@@ -667,22 +707,20 @@ fn document(row: &PgRow) -> Result<Document, StoreError> {
     })
 }
 
-/// The certificates `caller` holds now (documents of the reserved certificate type naming it as
-/// subject, unexpired), as ACL predicates test them.
+/// The certificates `caller` holds now, as ACL predicates test them.
 async fn credentials_in(
     conn: &mut sqlx::PgConnection,
     caller: &str,
 ) -> Result<HeldCertificates, StoreError> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        // The type is spelled out (it is a constant): a bound one would keep the planner from
-        // the partial index `documents_certificates` in generic plans.
-        "SELECT owner_did, data ->> 'type' FROM documents \
-         WHERE type = 'vibe.certificate' AND data ->> 'subject' = $1 \
-         AND data ->> 'type' IS NOT NULL \
-         AND (data ->> 'expires_at' IS NULL OR (data ->> 'expires_at')::timestamptz > now())",
-    )
-    .bind(caller)
-    .fetch_all(conn)
-    .await?;
+    credentials_from(conn, caller, held_certificates!()).await
+}
+
+/// The certificates `caller` holds, read by `query` ([`held_certificates`], maybe locking).
+async fn credentials_from(
+    conn: &mut sqlx::PgConnection,
+    caller: &str,
+    query: &'static str,
+) -> Result<HeldCertificates, StoreError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(query).bind(caller).fetch_all(conn).await?;
     Ok(HeldCertificates(rows))
 }

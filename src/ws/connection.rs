@@ -205,7 +205,8 @@ struct WriteArgs {
 struct WriteDoc {
     #[serde(default)]
     id: Option<Uuid>,
-    /// Only for a create; a write to an existing document may repeat its parent, not change it.
+    /// Only for a create; the owner's write to an existing document may repeat its parent (a
+    /// retried create), nothing may change it.
     #[serde(default)]
     parent: Option<Uuid>,
     #[serde(default)]
@@ -655,7 +656,10 @@ impl Session {
             Some(id) => {
                 let replaced = store
                     .modify(&caller, &args.doc_type, id, args.rev, |current| {
-                        if parent.is_some() && parent != current.parent {
+                        // Only the owner (who may read the document) may repeat its parent: a
+                        // writer who cannot read it must not learn it by trying candidates.
+                        if parent.is_some() && (current.owner != caller || parent != current.parent)
+                        {
                             return Err(Failure(
                                 "read_only_field",
                                 "a document's `parent` is set when it is created".into(),
