@@ -7,7 +7,8 @@
 //! latencies are those of requests both sent and answered inside it.
 //!
 //! Modes:
-//! - `create`: `POST /v1/docs/{type}` with `{"data":{"title":"bench","n":<counter>}}`.
+//! - `create`: `POST /v1/docs/{type}` with `{"data":{"title":"bench","n":<counter>}}`, plus
+//!   `"parent":"<id>"` with `--parent` (the create rule's path).
 //! - `read`: first creates `--read-docs` documents (not measured) with deterministic ids, then
 //!   `GET /v1/docs/{type}/{id}` on ids drawn uniformly at random among them. Document n
 //!   (1..=`--read-docs`) has the id `00000000-0000-4000-8000-` followed by n as 12 zero-padded
@@ -72,6 +73,10 @@ struct Args {
     /// them.
     #[arg(long, default_value_t = 1000)]
     read_docs: u64,
+    /// Create every document under this one (its ACL `create` rule must admit the token's
+    /// subject): the locked, ungrouped create path.
+    #[arg(long, value_name = "ID")]
+    parent: Option<uuid::Uuid>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -105,6 +110,8 @@ struct Target {
     collection_path: String,
     /// Counter for the `n` field of created documents.
     counter: AtomicU64,
+    /// `,"parent":"<id>"` for creates under a parent, else empty.
+    parent_field: String,
 }
 
 /// One worker's tallies.
@@ -223,7 +230,8 @@ impl Target {
 
     fn create_request(&self) -> anyhow::Result<Request<Full<Bytes>>> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let body = format!(r#"{{"data":{{"title":"bench","n":{n}}}}}"#);
+        let parent = &self.parent_field;
+        let body = format!(r#"{{"data":{{"title":"bench","n":{n}}}{parent}}}"#);
         self.request(Method::POST, &self.collection_path, Some(body))
     }
 
@@ -370,6 +378,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         authorization,
         collection_path: format!("/v1/docs/{}", args.doc_type),
         counter: AtomicU64::new(0),
+        parent_field: args
+            .parent
+            .map(|id| format!(r#","parent":"{id}""#))
+            .unwrap_or_default(),
     });
 
     if args.mode == Mode::Read {
@@ -469,6 +481,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let report = serde_json::json!({
             "mode": args.mode.as_str(),
+            "parent": args.parent,
             "url": args.url,
             "type": args.doc_type,
             "concurrency": args.concurrency,

@@ -10,6 +10,9 @@
 # concurrency C runs:
 #   create: Vibe POST /v1/docs/benchdocs          vs pgbench INSERT INTO documents ... (1 row)
 #   read:   Vibe GET  /v1/docs/benchdocs/{id}     vs pgbench SELECT ... WHERE id = ... (1 row)
+#   child:  Vibe POST /v1/docs/benchdocs with "parent" (one parent owned by another DID, whose ACL
+#           `create` rule admits the bench's subject) vs pgbench doing the same in a transaction:
+#           the parent's owner and ACL read FOR SHARE, then the INSERT
 # The read runs share READ_ROWS documents that a short REST run creates with deterministic ids
 # before any read is measured (then ANALYZE): document n is 00000000-0000-4000-8000-<n as 12
 # zero-padded digits>.
@@ -18,7 +21,9 @@
 #
 # Env knobs: DURATION (seconds per run, default 10), WARMUP (seconds of unmeasured load before
 # each REST run, default 2), CONCURRENCY (space-separated list, default "8"), OPS (which of
-# "create read" to run, default both),
+# "create read child" to run, default "create read"), PARENT_OWNER (the child runs' parent is
+# another DID's by default, whose rule the server checks under a lock; `self`: the subject's own,
+# which needs no rule),
 # CARGO_TARGET_DIR (where the release build goes, default ./target).
 
 set -euo pipefail
@@ -64,19 +69,33 @@ READ_ID_PREFIX=00000000-0000-4000-8000-
 read_id_sql() { echo "('$READ_ID_PREFIX' || lpad($1::text, 12, '0'))::uuid"; }
 cat >"$WORK/read.sql" <<SQL
 \set n random(1, $READ_ROWS)
-SELECT id, owner_did, type, created_at, updated_at, rev, acl, data FROM documents WHERE id = $(read_id_sql :n) AND type = '$DOC_TYPE';
+SELECT id, owner_did, type, parent, created_at, updated_at, rev, acl, data FROM documents WHERE id = $(read_id_sql :n) AND type = '$DOC_TYPE';
 SQL
+
+# The parent of the `child` runs: another DID's document whose `create` rule admits SUBJECT. The
+# pgbench side does what an application on the database would: lock the parent's row, check its
+# rule (here: read it), insert.
+PARENT_ID=00000000-0000-4000-8000-ffffffffffff
+PARENT_SQL="SELECT owner_did, acl FROM documents WHERE id = '$PARENT_ID' FOR SHARE;"
+{
+    echo "BEGIN;"
+    echo "$PARENT_SQL"
+    insert_sql "$DOC_TYPE" | sed "s/INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), /INSERT INTO documents (id, parent, owner_did, type, acl, data) VALUES (gen_random_uuid(), '$PARENT_ID', /"
+    echo "COMMIT;"
+} >"$WORK/child.sql"
+grep -q "parent, owner_did" "$WORK/child.sql" || { echo "error: the child insert was not built" >&2; exit 1; }
 
 # --- runs --------------------------------------------------------------------------------------
 
-# rest MODE C -> prints "rps p50_us p99_us errors"
+# rest MODE C [HTTP_LOAD_ARG...] -> prints "rps p50_us p99_us errors"
 rest() {
-    local mode=$1 c=$2 out="$WORK/rest_${1}_${2}.json"
-    echo "==> Vibe REST $mode, concurrency $c, ${WARMUP}s warmup + ${DURATION}s" >&2
+    local mode=$1 c=$2 out="$WORK/rest_${1}_${2}_$#.json"
+    shift 2
+    echo "==> Vibe REST $mode $*, concurrency $c, ${WARMUP}s warmup + ${DURATION}s" >&2
     psql_bench -c 'CHECKPOINT'
     "$LOAD_BIN" --url "$URL" --token "$TOKEN" --mode "$mode" --type "$DOC_TYPE" \
         --concurrency "$c" --duration "$DURATION" --warmup "$WARMUP" --read-docs "$READ_ROWS" \
-        --json "$out" | sed 's/^/    /' >&2
+        --json "$out" "$@" | sed 's/^/    /' >&2
     jq -r '"\(.requests_per_sec) \(.latency_us.p50) \(.latency_us.p99) \(.errors)"' "$out"
 }
 
@@ -109,6 +128,15 @@ row() { # op c rest_line simple_line prepared_line
     return 0
 }
 
+if [[ " $OPS " == *" child "* ]]; then
+    pg_subject="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
+    parent_owner="'did:key:zParentOwner'"
+    [[ "${PARENT_OWNER:-}" == self ]] && parent_owner="E'$pg_subject'"
+    psql_bench -c "INSERT INTO documents (id, owner_did, type, acl, data) VALUES ('$PARENT_ID',
+        $parent_owner, 'benchrooms', jsonb_build_object('create',
+        jsonb_build_object('allow', jsonb_build_array(E'$pg_subject'))), '{}')"
+fi
+
 READ_ROWS_READY=""
 for c in $CONCURRENCY; do
     if [[ " $OPS " == *" create "* ]]; then
@@ -116,6 +144,12 @@ for c in $CONCURRENCY; do
         pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
         pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
         row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
+    fi
+    if [[ " $OPS " == *" child "* ]]; then
+        rest_child="$(rest create "$c" --parent "$PARENT_ID")"
+        pg_child_s="$(pg "$WORK/child.sql" "$c" simple)"
+        pg_child_p="$(pg "$WORK/child.sql" "$c" prepared)"
+        row child "$c" "$rest_child" "$pg_child_s" "$pg_child_p"
     fi
     [[ " $OPS " == *" read "* ]] || continue
 
@@ -155,6 +189,8 @@ $MACHINE
 - REST: one keep-alive HTTP/1.1 connection per concurrent client; req/s counts 2xx answers only
 - pgbench: \`-n -c C -j min(2,C) -T $DURATION\`, one statement per transaction (autocommit)
 - create: REST \`POST /v1/docs/$DOC_TYPE\` vs pgbench \`INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), ...)\`
+- child: REST \`POST /v1/docs/$DOC_TYPE\` with \`"parent"\` (one parent, another DID's, whose \`create\`
+  rule lists the subject) vs pgbench \`BEGIN; $PARENT_SQL INSERT ... (parent = it); COMMIT\`
 - read: both pick n uniformly in 1..$READ_ROWS and fetch the document with the deterministic id
   \`$READ_ID_PREFIX\` + n as 12 zero-padded digits (seeded through the REST API and analyzed before
   any read run):

@@ -90,6 +90,10 @@ async fn queued_creates_share_a_statement_and_keep_their_own_answers() {
     bodies.push(json!({"id": twice, "data": {"twice": 1}}));
     bodies.push(json!({"id": twice, "data": {"twice": 2}}));
     bodies.push(json!({"id": taken, "data": {"again": true}}));
+    // Under a parent of the same owner: no rule to check, so it queues like the others (it comes
+    // last, after reading the parent; every statement that leaves the queue here holds two or
+    // more creates, as the duplicates cut it in two).
+    bodies.push(json!({"parent": taken, "data": {"child": true}}));
     let queued = bodies.len();
     let tasks: Vec<_> = bodies
         .into_iter()
@@ -126,6 +130,18 @@ async fn queued_creates_share_a_statement_and_keep_their_own_answers() {
             );
             assert_eq!(answer["owner"], ALICE);
             assert_eq!(answer["rev"], 1);
+            if body.get("parent").is_some() {
+                assert_eq!(answer["parent"], json!(taken), "{answer}");
+                let stored: Option<Uuid> =
+                    sqlx::query_scalar("SELECT parent FROM documents WHERE id = $1")
+                        .bind(answer["id"].as_str().unwrap().parse::<Uuid>().unwrap())
+                        .fetch_one(&sql)
+                        .await
+                        .unwrap();
+                assert_eq!(stored, Some(taken), "the grouped insert stored the parent");
+                continue;
+            }
+            assert!(answer.get("parent").is_none(), "{answer}");
             created.push(answer);
         }
     }
@@ -159,8 +175,8 @@ async fn queued_creates_share_a_statement_and_keep_their_own_answers() {
     assert!(!batch_xids.contains(&xid_of[&held_id]));
     assert_eq!(
         logged.len(),
-        1 + 1 + 6,
-        "the first create, the held one, the batch"
+        1 + 1 + 6 + 1,
+        "the first create, the held one, the batch, the child"
     );
     let twice_data: Value = sqlx::query_scalar("SELECT data FROM documents WHERE id = $1")
         .bind(twice)

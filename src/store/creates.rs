@@ -25,8 +25,8 @@ pub(super) struct NewRow {
     pub id: Uuid,
     pub owner: String,
     pub doc_type: String,
-    /// Set only for a create under a parent, which runs alone in a transaction of its own
-    /// (`Store::create`): grouped statements never carry one.
+    /// The document it is made under; the caller has checked the parent's `create` rule (see
+    /// `Store::create_under`).
     pub parent: Option<Uuid>,
     pub acl: Acl,
     pub data: serde_json::Value,
@@ -169,16 +169,19 @@ async fn insert_many(
     let mut types = Vec::with_capacity(batch.len());
     let mut acls = Vec::with_capacity(batch.len());
     let mut data = Vec::with_capacity(batch.len());
+    let mut parents = Vec::with_capacity(batch.len());
     for Pending { input: row, .. } in batch {
         ids.push(row.id);
         owners.push(row.owner.as_str());
         types.push(row.doc_type.as_str());
         acls.push(Json(&row.acl));
         data.push(&row.data);
+        parents.push(row.parent);
     }
     let rows = sqlx::query(
-        "INSERT INTO documents (id, owner_did, type, acl, data) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[]) \
+        "INSERT INTO documents (id, owner_did, type, acl, data, parent) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], \
+                              $6::uuid[]) \
          ON CONFLICT (id) DO NOTHING RETURNING id, rev, created_at, updated_at",
     )
     .bind(ids)
@@ -186,6 +189,7 @@ async fn insert_many(
     .bind(types)
     .bind(acls)
     .bind(data)
+    .bind(parents)
     .fetch_all(connection)
     .await?;
     rows.into_iter()
