@@ -11,19 +11,6 @@ use common::oidc::{first_party_token, sign_up};
 use common::{TestServer, Ws};
 use serde_json::{Value, json};
 
-async fn issue(s: &TestServer, token: &str, body: Value) -> (u16, Value) {
-    let r = s
-        .client
-        .post(s.url("/v1/certificates"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn revoke(s: &TestServer, token: &str, id: &str) -> u16 {
     s.client
         .delete(s.url(&format!("/v1/certificates/{id}")))
@@ -67,7 +54,9 @@ async fn certificates_are_signed_listed_and_revocable_and_predicates_grant_reads
     let path = format!("/v1/docs/posts/{}", doc["id"].as_str().unwrap());
     assert_eq!(get_status(&s, &bob, &path).await, 403);
 
-    let (status, cert) = issue(&s, &alice, json!({"subject": bob_did, "type": "friend-of"})).await;
+    let (status, cert) = s
+        .issue_certificate(&alice, json!({"subject": bob_did, "type": "friend-of"}))
+        .await;
     assert_eq!(status, 201, "{cert}");
     assert_eq!(cert["issuer"], alice_did);
     assert_eq!(cert["signature_valid"], true);
@@ -116,12 +105,14 @@ async fn certificates_are_signed_listed_and_revocable_and_predicates_grant_reads
         json!({"subject": bob_did, "type": "Friend Of"}),
         json!({"subject": bob_did, "type": "x", "expires_at": "2001-01-01T00:00:00Z"}),
     ] {
-        let (status, body) = issue(&s, &alice, bad.clone()).await;
+        let (status, body) = s.issue_certificate(&alice, bad.clone()).await;
         assert_eq!(status, 400, "{bad} → {body}");
     }
     // An operator-minted DID has no key on this server: it cannot sign.
     let keyless = s.token("did:key:zNoAccount", &["*"]);
-    let (status, body) = issue(&s, &keyless, json!({"subject": bob_did, "type": "x"})).await;
+    let (status, body) = s
+        .issue_certificate(&keyless, json!({"subject": bob_did, "type": "x"}))
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (400, Some("no_signing_key"))
@@ -178,7 +169,9 @@ async fn deny_predicates_act_live_on_global_subscriptions_and_queries() {
     assert_eq!(query().await, 1);
 
     // Blocked: the subscription loses the document at once, the query no longer returns it.
-    let (status, cert) = issue(&s, &alice, json!({"subject": carol_did, "type": "blocked"})).await;
+    let (status, cert) = s
+        .issue_certificate(&alice, json!({"subject": carol_did, "type": "blocked"}))
+        .await;
     assert_eq!(status, 201);
     let event = ws.event(&sub).await;
     assert_eq!(event["event"], "remove", "{event}");
@@ -205,12 +198,12 @@ async fn deny_predicates_act_live_on_global_subscriptions_and_queries() {
 
     // A certificate that expires: removed when issued, added back when it expires.
     let expires = chrono::Utc::now() + chrono::Duration::seconds(2);
-    let (status, _) = issue(
-        &s,
-        &alice,
-        json!({"subject": carol_did, "type": "blocked", "expires_at": expires}),
-    )
-    .await;
+    let (status, _) = s
+        .issue_certificate(
+            &alice,
+            json!({"subject": carol_did, "type": "blocked", "expires_at": expires}),
+        )
+        .await;
     assert_eq!(status, 201);
     let event = ws.event(&sub).await;
     assert_eq!(event["event"], "remove", "{event}");

@@ -93,6 +93,11 @@ async fn block_insert_of(s: &TestServer, id: Uuid) -> sqlx::Transaction<'static,
     tx
 }
 
+/// Sends `request` from a task of its own (it may wait on a lock); the task answers its status.
+fn spawned(request: reqwest::RequestBuilder) -> tokio::task::JoinHandle<u16> {
+    tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+}
+
 /// How many documents name `parent`.
 async fn children(s: &TestServer, parent: &Value) -> i64 {
     let parent: Uuid = parent.as_str().unwrap().parse().unwrap();
@@ -275,16 +280,10 @@ async fn certificate_predicates_in_the_create_rule() {
         forbidden()
     );
 
-    let r = s
-        .client
-        .post(s.url("/v1/certificates"))
-        .bearer_auth(&alice)
-        .json(&json!({"subject": bob_did, "type": "member-of"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let cert: Value = r.json().await.unwrap();
+    let (status, cert) = s
+        .issue_certificate(&alice, json!({"subject": bob_did, "type": "member-of"}))
+        .await;
+    assert_eq!(status, 201, "{cert}");
     let (status, child) = create_under(&s, &bob, &room_id, 2).await;
     assert_eq!(status, 201, "the certificate admits Bob: {child}");
     assert_eq!(child["owner"], bob_did, "the creator owns the child");
@@ -292,36 +291,21 @@ async fn certificate_predicates_in_the_create_rule() {
     // A revocation waits for a create the certificate admitted and that is still in flight.
     let in_flight = Uuid::now_v7();
     let blocker = block_insert_of(&s, in_flight).await;
-    let create = tokio::spawn({
-        let (client, url, bob, room_id) = (
-            s.client.clone(),
-            s.url("/v1/docs/msgs"),
-            bob.clone(),
-            room_id.clone(),
-        );
-        async move {
-            let r = client
-                .post(url)
-                .bearer_auth(bob)
-                .json(&json!({"id": in_flight, "parent": room_id, "data": {}}))
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
-    });
+    let create = spawned(
+        s.client
+            .post(s.url("/v1/docs/msgs"))
+            .bearer_auth(&bob)
+            .json(&json!({"id": in_flight, "parent": room_id, "data": {}})),
+    );
     lock_waiters(&s, 1).await;
-    let revoke = tokio::spawn({
-        let (client, alice) = (s.client.clone(), alice.clone());
-        let url = s.url(&format!(
-            "/v1/certificates/{}",
-            cert["id"].as_str().unwrap()
-        ));
-        async move {
-            let r = client.delete(url).bearer_auth(alice).send().await.unwrap();
-            r.status().as_u16()
-        }
-    });
+    let revoke = spawned(
+        s.client
+            .delete(s.url(&format!(
+                "/v1/certificates/{}",
+                cert["id"].as_str().unwrap()
+            )))
+            .bearer_auth(&alice),
+    );
     lock_waiters(&s, 2).await;
     blocker.rollback().await.unwrap();
     assert_eq!(create.await.unwrap(), 201, "admitted before the revocation");
@@ -343,15 +327,10 @@ async fn certificate_predicates_in_the_create_rule() {
         .await["id"]
         .clone();
     assert_eq!(create_under(&s, &bob, &open_room, 4).await.0, 201);
-    let r = s
-        .client
-        .post(s.url("/v1/certificates"))
-        .bearer_auth(&alice)
-        .json(&json!({"subject": bob_did, "type": "banned"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    let (status, _) = s
+        .issue_certificate(&alice, json!({"subject": bob_did, "type": "banned"}))
+        .await;
+    assert_eq!(status, 201);
     assert_eq!(
         refusal(create_under(&s, &bob, &open_room, 5).await),
         forbidden()
@@ -375,17 +354,12 @@ async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
     let room_id = room["id"].clone();
     let id: Uuid = room_id.as_str().unwrap().parse().unwrap();
     let post = |body: Value| {
-        let (client, url, bob) = (s.client.clone(), s.url("/v1/docs/msgs"), bob.clone());
-        async move {
-            let r = client
-                .post(url)
-                .bearer_auth(bob)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
+        spawned(
+            s.client
+                .post(s.url("/v1/docs/msgs"))
+                .bearer_auth(&bob)
+                .json(&body),
+        )
     };
 
     // The owner's change, not yet committed, holds the parent's row.
@@ -398,7 +372,7 @@ async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
     .execute(&mut *change)
     .await
     .unwrap();
-    let create = tokio::spawn(post(json!({"parent": room_id, "data": {}})));
+    let create = post(json!({"parent": room_id, "data": {}}));
     lock_waiters(&s, 1).await;
     change.commit().await.unwrap();
     assert_eq!(create.await.unwrap(), 403, "the create read the new rule");
@@ -417,29 +391,22 @@ async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
     assert_eq!(status, 200);
     let in_flight = Uuid::now_v7();
     let blocker = block_insert_of(&s, in_flight).await;
-    let create = tokio::spawn(post(
-        json!({"id": in_flight, "parent": room_id, "data": {}}),
-    ));
+    let create = post(json!({"id": in_flight, "parent": room_id, "data": {}}));
     lock_waiters(&s, 1).await;
-    let withdraw = tokio::spawn({
-        let (client, alice) = (s.client.clone(), alice.clone());
-        let url = s.url(&format!("/v1/docs/rooms/{}", room_id.as_str().unwrap()));
-        async move {
-            let r = client
-                .patch(url)
-                .bearer_auth(alice)
-                .json(&json!({"acl": {"create": null}}))
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
-    });
+    let withdraw = spawned(
+        s.client
+            .patch(s.url(&format!("/v1/docs/rooms/{}", room_id.as_str().unwrap())))
+            .bearer_auth(&alice)
+            .json(&json!({"acl": {"create": null}})),
+    );
     lock_waiters(&s, 2).await;
     blocker.rollback().await.unwrap();
     assert_eq!(create.await.unwrap(), 201, "admitted before the change");
     assert_eq!(withdraw.await.unwrap(), 200);
-    assert_eq!(post(json!({"parent": room_id, "data": {}})).await, 403);
+    assert_eq!(
+        post(json!({"parent": room_id, "data": {}})).await.unwrap(),
+        403
+    );
     assert_eq!(children(&s, &room_id).await, 1);
     s.finish().await;
 }

@@ -144,6 +144,25 @@ impl TestServer {
         r.json().await.unwrap()
     }
 
+    /// `POST /v1/certificates` with `body` as the holder of `token`: the status and the JSON
+    /// answer (null if none).
+    pub async fn issue_certificate(
+        &self,
+        token: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .post(self.url("/v1/certificates"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+
     /// `GET path` as the holder of `token`: the status and the JSON body (null if none).
     pub async fn get_json(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
         let r = self
