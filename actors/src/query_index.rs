@@ -44,7 +44,8 @@ fn anchor(spec: &QuerySpec) -> Option<(Field, String)> {
     if let Scope::Own(owner) = &spec.scope {
         return Some((Field::Owner, owner.clone()));
     }
-    // A room's members each follow its documents: filed by owner, every post would test them all.
+    // Shared and global queries on one parent (a room): filed under it, a change elsewhere never
+    // tests them.
     if let Some((field, value)) = equalities.iter().find(|(f, _)| *f == &Field::Parent) {
         return Some(((*field).clone(), key(value)));
     }

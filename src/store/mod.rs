@@ -197,8 +197,8 @@ impl Store {
 
     /// Inserts a new document owned by `owner` (a server-assigned UUIDv7 id unless `id` is
     /// given); [`StoreError::AlreadyExists`] if the id is taken. Concurrent creates share a
-    /// statement and a commit ([`batch`]). A create under a `parent` needs the parent's ACL
-    /// `create` right and runs alone (see [`Store::create_under`]).
+    /// statement and a commit ([`batch`]). A create under a `parent` needs to own the parent or
+    /// to be admitted by its ACL `create` rule (see [`Store::create_under`]).
     pub async fn create(
         &self,
         owner: &str,
