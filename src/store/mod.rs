@@ -235,8 +235,9 @@ impl Store {
     /// with the certificates the rule tests locked the same way: a concurrent change of the
     /// parent's ACL, its delete or the revocation of such a certificate waits for this create, or
     /// this create for it (and then obeys the new state) — nothing is made under a right already
-    /// withdrawn. (Reading the rule through the grouped reads instead, outside the transaction,
-    /// measured 0.6x and 0.3x of this at 8 and 32 clients: docs/benchmarks.md.)
+    /// withdrawn. (Two variants measured slower, docs/benchmarks.md: reading the rule through
+    /// the grouped reads outside the transaction, 0.6x and 0.3x of this at 8 and 32 clients; and
+    /// deciding the rules in the grouped creates' transaction, 0.4x to 0.6x.)
     async fn create_under(
         &self,
         row: creates::NewRow,
