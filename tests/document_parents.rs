@@ -429,6 +429,7 @@ async fn queries_and_live_queries_select_by_parent() {
 
     let readable = json!({"read": {"allow": [ALICE]}});
     let mut in_room = Vec::new();
+    let mut bobs = Vec::new();
     for (parent, n) in [(&room, 1), (&elsewhere, 2), (&room, 3)] {
         let (status, child) = send(
             &s,
@@ -439,6 +440,7 @@ async fn queries_and_live_queries_select_by_parent() {
         )
         .await;
         assert_eq!(status, 201, "{child}");
+        bobs.push(child["id"].clone());
         if parent == &room {
             in_room.push(child["id"].clone());
         }
@@ -525,6 +527,29 @@ async fn queries_and_live_queries_select_by_parent() {
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["docs"].as_array().map(Vec::len), Some(1), "{answer}");
     assert!(answer["docs"][0].get("parent").is_none(), "{answer}");
+    let top_level = answer["docs"][0]["id"].clone();
+    // `exists` tells them apart: Alice's own under no parent, and what Bob made under any.
+    for (exists, want) in [(false, vec![&top_level]), (true, bobs.iter().collect())] {
+        let r = s
+            .client
+            .post(s.url("/v1/query"))
+            .bearer_auth(&alice)
+            .json(
+                &json!({"type": "msgs", "shared": exists, "sort": "createdAt",
+                          "where": {"parent": {"exists": exists}}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let answer: Value = r.json().await.unwrap();
+        let ids: Vec<&Value> = answer["docs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| &d["id"])
+            .collect();
+        assert_eq!(ids, want, "exists {exists}: {answer}");
+    }
 
     // Updates and deletes of children reach the subscription through the change log.
     let uuid = |v: &Value| -> Uuid { v.as_str().unwrap().parse().unwrap() };

@@ -289,7 +289,8 @@ impl Builder {
                 let p = self.param(operand_bind(operand));
                 format!("{} {} {p}", ordered_column(field), comparison.sql())
             }
-            Predicate::Exists(path) => format!("({} IS NOT NULL)", json_at(path)),
+            Predicate::Exists(Field::Data(path)) => format!("({} IS NOT NULL)", json_at(path)),
+            Predicate::Exists(field) => format!("({} IS NOT NULL)", column(field)),
             Predicate::Contains(path, v) => {
                 if v.is_container() {
                     // Below the top level, containment of a container is the same test.

@@ -80,7 +80,8 @@ fn holds(predicate: &Predicate, doc: &DocRef<'_>) -> bool {
         Predicate::Compare(field, comparison, operand) => {
             compare(field, operand, doc).is_some_and(|ord| comparison.holds(ord))
         }
-        Predicate::Exists(path) => lookup(doc.data, path).is_some(),
+        Predicate::Exists(Field::Data(path)) => lookup(doc.data, path).is_some(),
+        Predicate::Exists(field) => core(field, doc).is_some(),
         Predicate::Contains(path, expected) => {
             lookup(doc.data, path).is_some_and(|found| contains_top(found, expected.value()))
         }

@@ -279,8 +279,9 @@ pub enum Predicate {
     In(Field, Vec<Operand>),
     /// The field and the operand are of the same kind and compare so.
     Compare(Field, Comparison, Operand),
-    /// The data path leads to a value (`null` included).
-    Exists(Vec<String>),
+    /// The field has a value: a data path leads to one (`null` included), or the document was
+    /// made under a parent. Only those two fields can be missing.
+    Exists(Field),
     /// The value at the data path contains the operand (JSONB `@>`).
     Contains(Vec<String>, CanonicalValue),
     /// The field is a string that starts with the prefix.
@@ -360,9 +361,10 @@ impl Filter {
                 Predicate::Eq(f, _)
                 | Predicate::In(f, _)
                 | Predicate::Compare(f, _, _)
+                | Predicate::Exists(f)
                 | Predicate::StartsWith(f, _),
             ) => f == field,
-            Filter::Is(Predicate::Exists(path) | Predicate::Contains(path, _)) => {
+            Filter::Is(Predicate::Contains(path, _)) => {
                 matches!(field, Field::Data(p) if p == path)
             }
         }

@@ -275,11 +275,20 @@ impl Parser {
                 Filter::Is(Predicate::Compare(field.clone(), comparison, value))
             }
             "exists" => {
-                let path = data_path()?;
+                if !matches!(field, Field::Data(_) | Field::Parent) {
+                    return Err(invalid(
+                        part,
+                        format!(
+                            "`exists` applies to data paths and `parent`, not `{}` (every \
+                             document has one)",
+                            field.name()
+                        ),
+                    ));
+                }
                 let Some(present) = operand.as_bool() else {
                     return Err(invalid(part, "`exists` takes true or false"));
                 };
-                let exists = Filter::Is(Predicate::Exists(path));
+                let exists = Filter::Is(Predicate::Exists(field.clone()));
                 if present { exists } else { exists.negate() }
             }
             "contains" => Filter::Is(Predicate::Contains(

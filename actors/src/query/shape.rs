@@ -35,7 +35,7 @@ fn filter_shape(filter: &Filter) -> Value {
                 Predicate::Eq(f, v) => (f.name(), "eq", kind(v)),
                 Predicate::In(f, vs) => (f.name(), "in", vs.first().map_or("null", kind)),
                 Predicate::Compare(f, c, v) => (f.name(), c.name(), kind(v)),
-                Predicate::Exists(path) => (Field::Data(path.clone()).name(), "exists", "boolean"),
+                Predicate::Exists(f) => (f.name(), "exists", "boolean"),
                 Predicate::Contains(path, v) => (
                     Field::Data(path.clone()).name(),
                     "contains",

@@ -431,9 +431,15 @@ fn parent_is_missing_for_documents_made_under_none() {
         matches(json!({"not": {"parent": {"lt": room}}})),
         (true, true)
     );
+    assert_eq!(matches(json!({"parent": {"exists": true}})), (true, false));
+    assert_eq!(matches(json!({"parent": {"exists": false}})), (false, true));
+    assert_eq!(
+        matches(json!({"not": {"parent": {"exists": false}}})),
+        (true, false)
+    );
     for bad in [
         json!({"type": "posts", "where": {"parent": 7}}),
-        json!({"type": "posts", "where": {"parent": {"exists": true}}}),
+        json!({"type": "posts", "where": {"parent": {"exists": 1}}}),
         json!({"type": "posts", "where": {"parent": {"startsWith": "0"}}}),
         json!({"type": "posts", "sort": "-parent"}),
     ] {
