@@ -24,13 +24,17 @@
 # "create read child" to run, default "create read"), PARENT_OWNER (the child runs' parent is
 # another DID's by default, whose rule the server checks under a lock; `self`: the subject's own,
 # which needs no rule),
-# CARGO_TARGET_DIR (where the release build goes, default ./target).
+# ROUNDS (how many times each operation's three runs repeat, one after the other, default 1:
+# this machine's rates drift by a third over minutes, so a ratio of runs made side by side and
+# the median over rounds say more than one long run), CARGO_TARGET_DIR (where the release build
+# goes, default ./target).
 
 set -euo pipefail
 shopt -s inherit_errexit
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DURATION="${DURATION:-10}"
+ROUNDS="${ROUNDS:-1}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-8}"
 OPS="${OPS:-create read}"
@@ -117,15 +121,26 @@ int() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
 
 ROWS=()
 NOTES=()
+RATIOS=()
 row() { # op c rest_line simple_line prepared_line
     local op=$1 c=$2 rps p50 p99 errors tps_s fail_s tps_p fail_p
     read -r rps p50 p99 errors <<<"$3"
     read -r tps_s fail_s <<<"$4"
     read -r tps_p fail_p <<<"$5"
-    ROWS+=("| $op | $c | $(int "$rps") | $(int "$tps_s") | $(int "$tps_p") | $(ratio "$rps" "$tps_p") | $(ms "$p50") / $(ms "$p99") ms |")
+    RATIOS+=("$(ratio "$rps" "$tps_p")")
+    ROWS+=("| $op | $c | $(int "$rps") | $(int "$tps_s") | $(int "$tps_p") | ${RATIOS[-1]} | $(ms "$p50") / $(ms "$p99") ms |")
     (( errors > 0 )) && NOTES+=("- $op at concurrency $c: $errors REST requests failed (see the run output above).")
     (( fail_s + fail_p > 0 )) && NOTES+=("- $op at concurrency $c: pgbench reported $fail_s (simple) / $fail_p (prepared) failed transactions.")
     return 0
+}
+
+# After ROUNDS > 1 rows of one operation: a row with the median of their ratios.
+median_row() { # op c
+    (( ROUNDS > 1 )) || return 0
+    local median
+    median="$(printf '%s\n' "${RATIOS[@]}" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
+    ROWS+=("| $1 | $2 | median of $ROUNDS rounds | | | **$median** | |")
 }
 
 if [[ " $OPS " == *" child "* ]]; then
@@ -140,16 +155,24 @@ fi
 READ_ROWS_READY=""
 for c in $CONCURRENCY; do
     if [[ " $OPS " == *" create "* ]]; then
-        rest_create="$(rest create "$c")"
-        pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
-        pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
-        row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
+        RATIOS=()
+        for ((round = 1; round <= ROUNDS; round++)); do
+            rest_create="$(rest create "$c")"
+            pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
+            pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
+            row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
+        done
+        median_row create "$c"
     fi
     if [[ " $OPS " == *" child "* ]]; then
-        rest_child="$(rest create "$c" --parent "$PARENT_ID")"
-        pg_child_s="$(pg "$WORK/child.sql" "$c" simple)"
-        pg_child_p="$(pg "$WORK/child.sql" "$c" prepared)"
-        row child "$c" "$rest_child" "$pg_child_s" "$pg_child_p"
+        RATIOS=()
+        for ((round = 1; round <= ROUNDS; round++)); do
+            rest_child="$(rest create "$c" --parent "$PARENT_ID")"
+            pg_child_s="$(pg "$WORK/child.sql" "$c" simple)"
+            pg_child_p="$(pg "$WORK/child.sql" "$c" prepared)"
+            row child "$c" "$rest_child" "$pg_child_s" "$pg_child_p"
+        done
+        median_row child "$c"
     fi
     [[ " $OPS " == *" read "* ]] || continue
 
@@ -166,10 +189,14 @@ for c in $CONCURRENCY; do
         psql_bench -c 'ANALYZE documents'
         READ_ROWS_READY=1
     fi
-    rest_read="$(rest read "$c")"
-    pg_read_s="$(pg "$WORK/read.sql" "$c" simple)"
-    pg_read_p="$(pg "$WORK/read.sql" "$c" prepared)"
-    row read "$c" "$rest_read" "$pg_read_s" "$pg_read_p"
+    RATIOS=()
+    for ((round = 1; round <= ROUNDS; round++)); do
+        rest_read="$(rest read "$c")"
+        pg_read_s="$(pg "$WORK/read.sql" "$c" simple)"
+        pg_read_p="$(pg "$WORK/read.sql" "$c" prepared)"
+        row read "$c" "$rest_read" "$pg_read_s" "$pg_read_p"
+    done
+    median_row read "$c"
 done
 
 # --- report ------------------------------------------------------------------------------------
@@ -186,6 +213,8 @@ $MACHINE
 - each run: \`CHECKPOINT\` first (a checkpoint landing inside one run and not another was the
   largest source of run-to-run spread), then ${DURATION}s measured (REST runs add ${WARMUP}s of
   unmeasured warmup; pgbench runs have none)
+- rounds: $ROUNDS (an operation's REST, simple and prepared runs, repeated in turn; with more than
+  one, a last row gives the median of their ratios)
 - REST: one keep-alive HTTP/1.1 connection per concurrent client; req/s counts 2xx answers only
 - pgbench: \`-n -c C -j min(2,C) -T $DURATION\`, one statement per transaction (autocommit)
 - create: REST \`POST /v1/docs/$DOC_TYPE\` vs pgbench \`INSERT INTO documents (id, owner_did, type, acl, data) VALUES (gen_random_uuid(), ...)\`
