@@ -2,7 +2,8 @@
 //! or redirected only to a registered URI), bad code and refresh token redemptions (replays
 //! revoking their whole grant), tampered, narrowed and attenuated access tokens, withdrawn
 //! consent (tokens refused, live connections closed), forged login forms, login rate limits,
-//! account errors and key export, end-session and introspection. Each test runs its own server on
+//! account errors and key export, end-session (no redirector for apps anyone registers),
+//! introspection and revocation (not by an attenuated copy). Each test runs its own server on
 //! its own database; nothing waits on a clock except a code's expiry, which is set in SQL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
@@ -1263,6 +1264,45 @@ async fn introspection_and_revocation_check_the_client() {
     server.finish().await;
 }
 
+/// An attenuated copy of an app's access token revokes nothing (400 `unsupported_token_type`,
+/// RFC 7009 §2.2.1): it carries the id of the token it was made from, and a public client's id
+/// is no secret, so anyone the app handed a read-only copy to could otherwise end the app's
+/// token and every copy.
+#[tokio::test]
+async fn an_attenuated_copy_cannot_revoke_the_token_it_was_made_from() {
+    use biscuit_auth::Biscuit;
+    use biscuit_auth::macros::block;
+
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, true, SCOPE).await;
+    let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    let access = field(&tokens, "access_token");
+    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
+    let read_only = Biscuit::from_base64(access, public_key)
+        .unwrap()
+        .append(block!(r#"check if operation("read");"#))
+        .unwrap()
+        .to_base64()
+        .unwrap();
+    for hint in [None, Some("access_token")] {
+        let mut fields = vec![("token", read_only.as_str())];
+        fields.extend(hint.map(|h| ("token_type_hint", h)));
+        let r = post_as_client(&server, &client, "/oauth/revoke", &fields).await;
+        assert_oauth_error(&r, 400, "unsupported_token_type");
+    }
+    for token in [access, read_only.as_str()] {
+        assert_eq!(list_posts(&server, token).await.0, 200);
+    }
+    // The token itself still revokes itself and its copies.
+    let r = post_as_client(&server, &client, "/oauth/revoke", &[("token", access)]).await;
+    assert_eq!(r, (200, json!({})));
+    for token in [access, read_only.as_str()] {
+        assert_api_error(&list_posts(&server, token).await, 401, "token_revoked");
+    }
+    server.finish().await;
+}
+
 /// Introspection answers a client about its own tokens only, and describes an attenuated token
 /// by what its checks let it do now, not by the scopes it was issued with.
 #[tokio::test]
@@ -1779,6 +1819,104 @@ async fn an_openly_registered_app_gets_no_error_redirects_until_approved() {
         .get(&end_session(Some(field(&tokens, "id_token"))))
         .await;
     assert_eq!(page.status, 303, "{page:?}");
+    server.finish().await;
+}
+
+/// The end-session page of a browser that is not sent back to the app.
+#[track_caller]
+fn assert_signed_out_here(page: &Page) {
+    assert_eq!((page.status, &page.location), (200, &None), "{page:?}");
+    assert!(page.body.contains("You are signed out."), "{page:?}");
+}
+
+/// Follows the end-session `link` (with an ID token hint, a post-logout URI and state) in
+/// `browser`, whose user is asked first, and confirms; returns the answer to the confirmation.
+async fn end_session_confirmed(server: &TestServer, browser: &mut Browser, link: &str) -> Page {
+    let page = browser.get(link).await;
+    assert_eq!((page.status, &page.location), (200, &None), "{page:?}");
+    assert!(page.body.contains("Sign out?"), "{page:?}");
+    let carried: Vec<(&str, String)> =
+        ["id_token_hint", "post_logout_redirect_uri", "state", "csrf"]
+            .into_iter()
+            .map(|name| (name, page.hidden(name)))
+            .collect();
+    let fields: Vec<(&str, &str)> = carried.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    browser
+        .post_form(&server.url("/oauth/end-session"), &fields)
+        .await
+}
+
+/// Anyone may register an app with a post-logout URI of their choosing and sign in to it for an
+/// ID token, so a link to end-session carrying that token must send no one else's browser there
+/// (RFC 9700 §4.11.2): not a browser no one is signed in on, not one whose user has not approved
+/// the app. Those are signed out (once confirmed) and shown a page; the browser of the hint's
+/// user, or of a user who approved the app, goes back to it.
+#[tokio::test]
+async fn end_session_sends_no_one_elses_browser_to_an_openly_registered_app() {
+    let server = TestServer::start_with(&[("identity.open_registration", "true")]).await;
+    sign_up(&server, "mallory").await;
+    sign_up(&server, "ada").await;
+    let evil = "https://evil.example/bye";
+    let (status, body) = call(
+        server
+            .client
+            .post(server.url("/oauth/register"))
+            .json(&json!({
+                "redirect_uris": ["http://127.0.0.1:9/cb"],
+                "post_logout_redirect_uris": [evil],
+                "token_endpoint_auth_method": "none",
+                "scope": SCOPE,
+            })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let open = RegisteredClient {
+        id: field(&body, "client_id").to_owned(),
+        secret: None,
+        redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
+    };
+    let mut mallorys = Browser::new();
+    let tokens = app_tokens(&server, &mut mallorys, &open, SCOPE, "mallory").await;
+    let link = server.url(&format!(
+        "/oauth/end-session?{}",
+        serde_urlencoded::to_string([
+            ("id_token_hint", field(&tokens, "id_token")),
+            ("post_logout_redirect_uri", evil),
+            ("state", "bye"),
+        ])
+        .unwrap()
+    ));
+
+    assert_signed_out_here(&Browser::new().get(&link).await);
+
+    // Ada, signed in through an app the operator registered, has not approved Mallory's.
+    let operators = register_client(&server, true, SCOPE).await;
+    let mut adas = Browser::new();
+    app_tokens(&server, &mut adas, &operators, SCOPE, "ada").await;
+    assert_signed_out_here(&end_session_confirmed(&server, &mut adas, &link).await);
+    assert!(
+        !adas.cookies.contains_key("vibe_session"),
+        "signed out all the same"
+    );
+
+    // Once she has approved it, she trusts its URIs.
+    let mut approving = Browser::new();
+    app_tokens(&server, &mut approving, &open, SCOPE, "ada").await;
+    let page = end_session_confirmed(&server, &mut approving, &link).await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert_eq!(
+        page.location.as_deref(),
+        Some(format!("{evil}?state=bye").as_str())
+    );
+
+    // Mallory's own browser: her session, her hint, back to her app without being asked.
+    let page = mallorys.get(&link).await;
+    assert_eq!(page.status, 303, "{page:?}");
+    assert_eq!(
+        page.location.as_deref(),
+        Some(format!("{evil}?state=bye").as_str())
+    );
+    assert!(!mallorys.cookies.contains_key("vibe_session"));
     server.finish().await;
 }
 

@@ -350,12 +350,23 @@ async fn approved_here(app: &App, headers: &HeaderMap, client: &Client) -> Resul
     let Some(id) = cookie_value(headers, SESSION_COOKIE) else {
         return Ok(false);
     };
-    let oauth = &app.identity.oauth;
-    let Some((did, _)) = oauth.session(&id).await.map_err(oauth_internal)? else {
+    let Some((did, _)) = app
+        .identity
+        .oauth
+        .session(&id)
+        .await
+        .map_err(oauth_internal)?
+    else {
         return Ok(false);
     };
-    oauth
-        .consent_covers(&did, &client.client_id, &[])
+    approved_by(app, &did, client).await
+}
+
+/// Whether the user `did` has approved `client` (a consent to any of its scopes).
+async fn approved_by(app: &App, did: &str, client: &Client) -> Result<bool, ApiError> {
+    app.identity
+        .oauth
+        .consent_covers(did, &client.client_id, &[])
         .await
         .map_err(oauth_internal)
 }
@@ -848,7 +859,8 @@ fn access_introspection(claims: &Claims, usable: &[Scope]) -> Option<serde_json:
 }
 
 /// `POST /oauth/revoke` (RFC 7009). A refresh token revokes its whole grant (its access tokens
-/// included, §2.1); an access token revokes itself and its attenuations.
+/// included, §2.1); an access token revokes itself and its attenuations. An attenuated copy
+/// revokes nothing (`unsupported_token_type`).
 pub(super) async fn revoke(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let (form, client, _) = match client_request::<TokenParam>(app, req).await {
         Ok(v) => v,
@@ -883,6 +895,19 @@ pub(super) async fn revoke(app: &App, req: Request<Incoming>) -> Result<HttpResp
                 "the token was issued to another client",
             ));
         }
+        // An attenuated copy carries the id of the token it was made from, and a revocation
+        // names that id: revoking the copy would end the original and every copy, so anyone the
+        // app handed a narrowed copy to (a public client's id is no secret) could end the app's
+        // token (`DELETE /v1/sessions` refuses copies for the same reason). A copy cannot be
+        // revoked alone; like another client's token, it is refused with an error rather than
+        // a 200 that would tell the app the copy no longer works (RFC 7009 §2.2.1).
+        if app.tokens.is_attenuated(token) {
+            return Ok(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_token_type",
+                "an attenuated token cannot be revoked: revoke the token it was made from",
+            ));
+        }
         let until = DateTime::<Utc>::from(claims.expires_at);
         oauth
             .revoke_access_token(&claims.token_id, until, revocations)
@@ -904,9 +929,11 @@ struct EndSessionParams {
 }
 
 /// `GET|POST /oauth/end-session` (OIDC RP-Initiated Logout): ends the browser's session and, if
-/// the app registered the URI, returns the browser to it. Unless the request carries an ID
-/// token of the signed-in user (so the app that user signed in to asks), the user confirms
-/// first: any page could otherwise sign a browser out (RP-Initiated Logout §2 requires asking).
+/// the app registered the URI, returns the browser to it — an app anyone may register only when
+/// the session's user is the one its ID token hint names or has approved the app. Unless the
+/// request carries an ID token of the signed-in user (so the app that user signed in to asks),
+/// the user confirms first: any page could otherwise sign a browser out (RP-Initiated Logout §2
+/// requires asking).
 pub(super) async fn end_session(
     app: &App,
     req: Request<Incoming>,
@@ -919,6 +946,9 @@ pub(super) async fn end_session(
         serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
             .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?
     };
+    // An expired hint is accepted (RP-Initiated Logout §2: ID tokens expire long before their
+    // users sign out): it only names the app and a user, and counts for nothing unless that
+    // user is the one signed in on this browser.
     let hinted: Option<IdTokenClaims> = params.id_token_hint.as_deref().and_then(|t| {
         app.identity
             .signing
@@ -944,7 +974,7 @@ pub(super) async fn end_session(
             .map_err(oauth_internal)?,
         None => None,
     };
-    let target = match (&params.post_logout_redirect_uri, &client_id) {
+    let requested = match (&params.post_logout_redirect_uri, &client_id) {
         (None, _) => None,
         (Some(_), None) => {
             return Ok(error_page(
@@ -962,40 +992,62 @@ pub(super) async fn end_session(
                     "The post_logout_redirect_uri is not registered for this app.",
                 ));
             };
-            // An app anyone may register names its URIs itself: without an ID token it issued
-            // to prove the request is the app's, the browser is not sent there (no open
-            // redirector); it is signed out all the same.
-            (hinted.is_some() || !client.registered_openly).then(|| uri.clone())
+            Some((uri.as_str(), client))
         }
     };
-    if let Some(session) = cookie_value(&headers, SESSION_COOKIE) {
-        let signed_in = app
+    let session = cookie_value(&headers, SESSION_COOKIE);
+    let signed_in = match &session {
+        Some(id) => app
             .identity
             .oauth
-            .session(&session)
+            .session(id)
             .await
-            .map_err(oauth_internal)?;
-        if let Some((did, _)) = signed_in {
-            let csrf = end_session_csrf(&session);
-            let hinted_for_user = hinted.as_ref().is_some_and(|c| c.sub == did);
-            let confirmed = posted
-                && params
-                    .csrf
-                    .as_deref()
-                    .is_some_and(|c| bool::from(c.as_bytes().ct_eq(csrf.as_bytes())));
-            if !hinted_for_user && !confirmed {
-                let handle = handle_of(app, &did).await;
-                return Ok(end_session_page(&params, client.as_ref(), &handle, &csrf));
-            }
+            .map_err(oauth_internal)?
+            .map(|(did, _)| did),
+        None => None,
+    };
+    let hinted_for_user = match (&hinted, &signed_in) {
+        (Some(h), Some(did)) => h.sub == *did,
+        _ => false,
+    };
+    if let (Some(session), Some(did)) = (&session, &signed_in) {
+        let csrf = end_session_csrf(session);
+        let confirmed = posted
+            && params
+                .csrf
+                .as_deref()
+                .is_some_and(|c| bool::from(c.as_bytes().ct_eq(csrf.as_bytes())));
+        if !hinted_for_user && !confirmed {
+            let handle = handle_of(app, did).await;
+            return Ok(end_session_page(&params, client.as_ref(), &handle, &csrf));
         }
+    }
+    // RFC 9700 §4.11.2: an app anyone may register names its URIs itself, and anyone may sign
+    // in to it and so hold an ID token it issued; neither proves that this browser's user
+    // trusts the app, and a link carrying them would send anyone's browser where the
+    // registrant likes. The browser goes there only if its signed-in user is the hint's, or
+    // approved the app; otherwise (another user's hint, no session) it is signed out all the
+    // same and shown a page.
+    let target = match requested {
+        None => None,
+        Some((uri, c)) if !c.registered_openly => Some(uri),
+        Some((uri, c)) => {
+            let trusted = match signed_in.as_deref() {
+                Some(did) => hinted_for_user || approved_by(app, did, c).await?,
+                None => false,
+            };
+            trusted.then_some(uri)
+        }
+    };
+    if let Some(session) = &session {
         app.identity
             .oauth
-            .end_session(&session)
+            .end_session(session)
             .await
             .map_err(oauth_internal)?;
     }
     let mut response = match target {
-        Some(uri) => redirect_with(&uri, &[], params.state.as_deref()),
+        Some(uri) => redirect_with(uri, &[], params.state.as_deref()),
         None => page(StatusCode::OK, "Signed out", "<p>You are signed out.</p>"),
     };
     let mut removal = Cookie::build((SESSION_COOKIE, ""))
