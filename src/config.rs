@@ -155,11 +155,14 @@ pub struct WsConfig {
     pub outbound_queue: usize,
     pub outbound_queue_bytes: usize,
     pub max_subscriptions: usize,
+    pub max_calls: usize,
     pub requests_per_second: u32,
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub attenuation_recheck: Duration,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     pub replay_buffer: usize,
     pub replay_buffer_bytes: usize,
     #[serde(with = "humantime_serde")]
@@ -497,6 +500,7 @@ impl Config {
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.body_read_timeout", self.http.body_read_timeout),
             ("ws.attenuation_recheck", self.ws.attenuation_recheck),
+            ("ws.write_timeout", self.ws.write_timeout),
             ("identity.access_token_ttl", id.access_token_ttl),
             ("identity.id_token_ttl", id.id_token_ttl),
             ("identity.refresh_token_ttl", id.refresh_token_ttl),

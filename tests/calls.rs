@@ -475,3 +475,57 @@ async fn members_who_lose_access_to_the_room_document_are_removed() {
     assert_eq!(e["reason"], "removed");
     server.finish().await;
 }
+
+#[tokio::test]
+async fn a_connection_is_in_a_bounded_number_of_calls_and_leaves_those_its_token_stops_allowing() {
+    let server = TestServer::start_with(&[("ws.max_calls", "2")]).await;
+    let mut rooms = Vec::new();
+    for _ in 0..3 {
+        rooms.push(create_room(&server, "alice", &[], json!({})).await);
+    }
+    let mut alice = Ws::connect(&server.base, Some(&server.token(&did("alice"), SCOPES))).await;
+    let mut ids = Vec::new();
+    for room in &rooms[..2] {
+        let r = alice
+            .request(json!({"op": "call.join", "room": room}))
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        ids.push(r["participant"].as_str().unwrap().to_owned());
+    }
+    let r = alice
+        .request(json!({"op": "call.join", "room": rooms[2]}))
+        .await;
+    assert_eq!(error_code(&r), "too_many_calls", "{r}");
+    // Joining a room it is in is not one more (the room answers as before).
+    let r = alice
+        .request(json!({"op": "call.join", "room": rooms[1]}))
+        .await;
+    assert_eq!(error_code(&r), "already_in_call", "{r}");
+    let r = alice
+        .request(json!({"op": "call.leave", "room": rooms[0]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = alice
+        .request(json!({"op": "call.join", "room": rooms[2]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    ids[0] = r["participant"].as_str().unwrap().to_owned();
+
+    // A token for the same DID without `read:call`: she leaves both calls, and is told.
+    let narrower = server.token(&did("alice"), &["read:posts"]);
+    let r = alice
+        .request(json!({"op": "auth", "token": narrower}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    for (room, id) in [(&rooms[1], &ids[1]), (&rooms[2], &ids[0])] {
+        assert_eq!(
+            left_event(&mut alice, room).await,
+            json!({"call": room, "event": "left", "participant": id, "reason": "removed"})
+        );
+        let r = alice
+            .request(json!({"op": "call.mute", "room": room, "kind": "audio", "muted": true}))
+            .await;
+        assert_eq!(error_code(&r), "not_in_call", "{r}");
+    }
+    server.finish().await;
+}

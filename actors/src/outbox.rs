@@ -63,8 +63,16 @@ struct State {
     frames: VecDeque<Bytes>,
     /// The encoded size of `frames`.
     bytes: usize,
-    /// The writer, when it waits for frames.
+    /// The last batch the writer took, until it comes for the next one: frames being written
+    /// still count against the limit, so a slow client's memory is bounded by the limit, not
+    /// twice it.
+    taken_frames: usize,
+    taken_bytes: usize,
+    /// The writer, when it waits.
     waker: Option<Waker>,
+    /// Whether a send wakes the writer (it waits for frames), or only the alarm does (it is busy
+    /// writing, and watches for that meanwhile).
+    wants_frames: bool,
     /// Sticky: an overflowed connection takes nothing more.
     overflowed: bool,
     /// The alarm rang since the writer last looked (see [`Outbox::alarm`]).
@@ -157,8 +165,8 @@ impl Outbox {
             return Err(NotQueued);
         }
         let limit = self.shared.limit;
-        let queued = if state.frames.len() + count > limit.frames
-            || state.bytes.saturating_add(bytes) > limit.bytes
+        let queued = if state.frames.len() + state.taken_frames + count > limit.frames
+            || (state.bytes + state.taken_bytes).saturating_add(bytes) > limit.bytes
         {
             state.overflowed = true;
             state.frames = VecDeque::new();
@@ -171,8 +179,13 @@ impl Outbox {
             Ok(())
         };
         // Only the first push after the writer went to sleep finds a waker: later pushes of the
-        // same burst cost no wake-up.
-        let waker = state.waker.take();
+        // same burst cost no wake-up. A writer busy writing learns of an overflow when it comes
+        // for more frames.
+        let waker = if state.wants_frames {
+            state.waker.take()
+        } else {
+            None
+        };
         drop(state);
         if let Some(waker) = waker {
             waker.wake();
@@ -210,14 +223,17 @@ impl Wake for Shared {
 }
 
 impl OutboxReceiver {
-    /// Moves every queued frame into `batch` (which must be empty), or reports the overflow;
-    /// pending (the task woken by the next send) while the queue is empty.
+    /// Moves every queued frame into `batch` (which must be empty: the writer comes for more
+    /// once it wrote the last batch, which then stops counting against the limit), or reports
+    /// the overflow; pending (the task woken by the next send) while the queue is empty.
     pub fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
         batch: &mut VecDeque<Bytes>,
     ) -> Poll<Received> {
         let mut state = self.shared.lock();
+        state.taken_frames = 0;
+        state.taken_bytes = 0;
         if state.overflowed {
             return Poll::Ready(Received::Overflowed);
         }
@@ -225,17 +241,35 @@ impl OutboxReceiver {
             return Poll::Ready(Received::Alerted);
         }
         if state.frames.is_empty() {
-            match &mut state.waker {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                slot => *slot = Some(cx.waker().clone()),
-            }
+            Self::register(&mut state, cx, true);
             return Poll::Pending;
         }
         debug_assert!(batch.is_empty());
         batch.clear();
         std::mem::swap(&mut state.frames, batch);
-        state.bytes = 0;
+        state.taken_frames = batch.len();
+        state.taken_bytes = std::mem::take(&mut state.bytes);
         Poll::Ready(Received::Frames)
+    }
+
+    /// The alarm ([`Received::Alerted`]), leaving queued frames and an overflow to the next
+    /// [`OutboxReceiver::poll_recv`]: what a writer busy writing the last batch watches for
+    /// (neither sends nor an overflow wake it meanwhile).
+    pub fn poll_signal(&mut self, cx: &mut Context<'_>) -> Poll<Received> {
+        let mut state = self.shared.lock();
+        if std::mem::take(&mut state.alerted) {
+            return Poll::Ready(Received::Alerted);
+        }
+        Self::register(&mut state, cx, false);
+        Poll::Pending
+    }
+
+    fn register(state: &mut State, cx: &mut Context<'_>, wants_frames: bool) {
+        state.wants_frames = wants_frames;
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
     }
 
     /// Waits for frames (moved into `batch`), the overflow or the alarm. Cancel-safe: frames
@@ -326,6 +360,11 @@ mod tests {
                 Bytes::from_static(b"c")
             ]
         );
+        // The writer wrote them and waits for more: they no longer count.
+        assert_eq!(
+            rx.poll_recv(&mut Context::from_waker(Waker::noop()), &mut batch),
+            Poll::Pending
+        );
         // Two queued and two more would make four of three: nothing of them is queued.
         tx.send(Bytes::from_static(b"d")).unwrap();
         tx.send(Bytes::from_static(b"e")).unwrap();
@@ -344,16 +383,68 @@ mod tests {
         };
         let (tx, mut rx) = outbox(1, limit);
         tx.send(Bytes::from_static(b"12345")).unwrap();
-        // What the writer takes no longer counts.
         let mut batch = VecDeque::new();
         assert_eq!(rx.recv(&mut batch).await, Received::Frames);
         batch.clear();
+        // What the writer took counts until it comes for more: 5 taken and 5 queued fit.
         tx.send(Bytes::from_static(b"12345")).unwrap();
-        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"12345")));
-        tx.send(Bytes::from_static(b"123456")).unwrap();
-        let mut frames = vec![Bytes::from_static(b"1234"), Bytes::from_static(b"5")];
+        // Back for more: the first batch is written and no longer counts, the second does.
+        assert_eq!(rx.recv(&mut batch).await, Received::Frames);
+        batch.clear();
+        tx.send(Bytes::from_static(b"1234")).unwrap();
+        let mut frames = vec![Bytes::from_static(b"1"), Bytes::from_static(b"2")];
         assert_eq!(tx.send_all(&mut frames), Err(NotQueued));
         assert_eq!(rx.recv(&mut batch).await, Received::Overflowed);
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_writer_busy_writing_is_woken_by_the_alarm_only() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || wakes.0.load(Ordering::SeqCst);
+
+        let (tx, mut rx) = outbox(1, QueueLimit::frames(3));
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        let mut batch = VecDeque::new();
+        assert_eq!(
+            rx.poll_recv(&mut cx, &mut batch),
+            Poll::Ready(Received::Frames)
+        );
+        // Writing that batch, the writer watches for signals only.
+        assert_eq!(rx.poll_signal(&mut cx), Poll::Pending);
+        tx.send(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(woken(), 0, "a frame does not wake a busy writer");
+        tx.alarm().wake_by_ref();
+        assert_eq!(woken(), 1, "the alarm does");
+        assert_eq!(rx.poll_signal(&mut cx), Poll::Ready(Received::Alerted));
+        assert_eq!(rx.poll_signal(&mut cx), Poll::Pending);
+        // One taken and one queued: a third fits, a fourth overflows (the taken one counts),
+        // which the writer learns when it comes for more.
+        tx.send(Bytes::from_static(b"c")).unwrap();
+        assert_eq!(tx.send(Bytes::from_static(b"d")), Err(NotQueued));
+        assert_eq!(woken(), 1);
+        assert_eq!(rx.poll_signal(&mut cx), Poll::Pending);
+        assert_eq!(
+            rx.poll_recv(&mut cx, &mut VecDeque::new()),
+            Poll::Ready(Received::Overflowed)
+        );
+
+        // A writer waiting for frames is woken by the first of them.
+        let (tx, mut rx) = outbox(2, QueueLimit::frames(3));
+        assert_eq!(rx.poll_recv(&mut cx, &mut VecDeque::new()), Poll::Pending);
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        assert_eq!(woken(), 2);
     }
 
     #[tokio::test]

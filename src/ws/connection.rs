@@ -473,15 +473,24 @@ impl Session {
         }
         let did = identity.subject.clone();
         self.identity = Some(identity);
-        self.end_unpermitted_subscriptions();
+        self.end_unpermitted();
         Ok(Some(json!({"did": did})))
     }
 
-    /// Ends each subscription the connection's token no longer lets the caller read: after
-    /// `auth` with another token (fewer scopes, an attenuation), and as time passes for an
-    /// attenuated one (a time limit). A subscription lives under the token the connection holds
-    /// now, not the one it was made with. Its subscriber gets an `error` event.
-    pub fn end_unpermitted_subscriptions(&mut self) {
+    /// Ends each subscription the connection's token no longer lets the caller read, and leaves
+    /// the calls once it no longer lets the caller read `call` documents: after `auth` with
+    /// another token (fewer scopes, an attenuation), and as time passes for an attenuated one (a
+    /// time limit). A subscription or a call lives under the token the connection holds now, not
+    /// the one it was made with. A subscriber gets an `error` event; a call's member is removed
+    /// (`left` with `removed`, sent to it as well).
+    pub fn end_unpermitted(&mut self) {
+        if !self.calls.is_empty() && self.claims(Access::Read, CALL_TYPE).is_err() {
+            for (_, room) in self.calls.drain() {
+                let _ = room.cast(CallRoomMsg::Removed {
+                    conn_id: self.outbox.conn_id,
+                });
+            }
+        }
         let ended: Vec<(Arc<str>, Failure)> = self
             .subs
             .iter()
@@ -726,6 +735,13 @@ impl Session {
         args: CallJoinArgs,
     ) -> Result<Option<Value>, Failure> {
         let caller = self.permit(Access::Read, CALL_TYPE)?;
+        let max_calls = self.app.config.ws.max_calls;
+        if self.calls.len() >= max_calls && !self.calls.contains_key(&args.room.to_string()) {
+            return Err(Failure(
+                "too_many_calls",
+                format!("a connection is in at most {max_calls} calls at once"),
+            ));
+        }
         let doc = self.app.store.get(&caller, CALL_TYPE, args.room).await?;
         let settings = RoomSettings {
             mode: match doc.data.get("mode").and_then(Value::as_str) {
@@ -772,6 +788,11 @@ impl Session {
             return Err(CallError::NotInCall.into());
         };
         let leaving = matches!(op, CallOp::Leave);
+        // The token is checked on every op, not only at the join: an attenuation's time limit
+        // may lapse between the connection's periodic re-checks. Leaving needs no permission.
+        if !leaving {
+            self.claims(Access::Read, CALL_TYPE)?;
+        }
         let result = ractor::call!(actor, |reply| CallRoomMsg::Op {
             conn_id: self.outbox.conn_id,
             op,

@@ -4,16 +4,22 @@
 //! (connection.rs). In one loop it
 //!
 //! - takes everything queued in the outbox at once and writes it in as few writes as fit
-//!   `WRITE_CHUNK`; closes the socket if the outbox overflowed (4008) or the server is stopping
-//!   (1001); when the outbox's alarm rang (a revocation named the token), checks the token and
-//!   closes (4003) if it was revoked;
+//!   `WRITE_CHUNK`, once what it took before is written; closes the socket if the outbox
+//!   overflowed (4008) or the server is stopping (1001); when the outbox's alarm rang (a
+//!   revocation named the token), checks the token and closes (4003) if it was revoked;
 //! - reads the next message, answers what needs no session (pings, binary, oversized, over the
 //!   rate), and runs each request to completion before taking another: a client cannot queue
 //!   unbounded work, and outbound frames keep flowing while a request waits on the database.
 //!
+//! A write the socket cannot take at once waits in the same `select!` as everything else, never
+//! in place of it: a client that reads slowly does not hold up its own request (which may hold a
+//! row lock and a database connection), its token's expiry or revocation, or shutdown. One that
+//! takes nothing for `ws.write_timeout` is dropped; one that reads slowly but steadily overflows.
+//!
 //! Memory is designed for many idle connections: the framing (frame.rs) holds no read buffer
-//! between messages, a write buffer lives for one batch, the outbox holds nothing until a frame is
-//! queued, and a write arms a timer only when the socket is full.
+//! between messages, a write buffer holds one chunk and is dropped once everything is written,
+//! the outbox holds nothing until a frame is queued, and a write arms a timer only when the
+//! socket is full.
 //!
 //! It is a task, not a ractor actor: it never crosses nodes and ends with its socket, and a
 //! ractor actor (its own task and four channels) would more than double a connection's memory.
@@ -63,9 +69,10 @@ const READ_CHUNK: usize = 8192;
 const WRITE_CHUNK: usize = 64 * 1024;
 /// Pongs owed to the client beyond this are not queued (a pinging client must also read).
 const MAX_OWED_CONTROL: usize = 4096;
-/// A write to a client that does not read blocks; past this the connection is dropped, so the
-/// loop never stops watching overflow, shutdown and its session.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Chunks written per turn of the loop at most, before the request, the reader and the timers
+/// get their turn.
+const WRITES_PER_TURN: usize = 16;
+const OVERFLOW_REASON: &[u8] = b"outbound queue overflow: reconnect and resume with since";
 
 /// Answers the upgrade request and starts the connection.
 pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -170,14 +177,21 @@ async fn run(
     // The transport refuses messages past 4x the frame limit (and closes with 1009); between the
     // limit and that, the loop answers `frame_too_large` and the connection lives on.
     let mut inbound = frame::Inbound::new(config.max_frame_bytes.saturating_mul(4).max(64 * 1024));
-    // Frames taken from the outbox and being written; swapped with the outbox's own queue.
+    // Frames taken from the outbox and not yet encoded; swapped with the outbox's own queue.
     let mut batch = VecDeque::new();
-    // Pongs owed to the client, encoded; written before anything else.
+    // Pongs owed to the client, encoded; written at the next frame boundary.
     let mut owed = Vec::new();
+    // Encoded bytes on their way to the socket.
+    let mut out = Outgoing::default();
+    // Whether bytes wait for the socket beyond this turn (it refused them, or the turn's budget
+    // ran out): then the write waits in the select below, and the stall timer runs (armed only
+    // then, so a healthy client's writes cost no timer).
+    let mut write_waiting = false;
     let mut session = Some(Session::new(app.clone(), outbox.clone(), identity));
     let mut handling: Option<RequestFuture> = None;
     let mut bucket = limits::TokenBucket::new(config.requests_per_second, Instant::now());
     let auth_deadline = tokio::time::Instant::now() + config.auth_timeout;
+    let write_stall = tokio::time::sleep_until(auth_deadline);
     let mut shutdown = app.shutdown_signal();
     // Created once: each creation would register a waiter (the shutdown channel is shared by
     // every connection, so that would be a contended lock per event).
@@ -189,19 +203,40 @@ async fn run(
     // Armed only while the token is attenuated.
     let mut rechecking = false;
     let attenuation_due = tokio::time::sleep_until(auth_deadline);
-    tokio::pin!(shutting_down, token_expired, attenuation_due);
+    tokio::pin!(shutting_down, token_expired, attenuation_due, write_stall);
     // Set when the outbox's alarm rang: a revocation named this connection's token or grant.
     let mut recheck_token = false;
     metrics::gauge!("vibe_ws_connections").increment(1.0);
 
     let end: End = async {
         loop {
-            if !owed.is_empty() {
-                if let Err(end) = write_all(&mut io, &owed).await {
-                    return end;
+            // What the socket takes now is written now, up to a budget per turn, so that a fast
+            // reader of a long backlog still lets the request and the timers below run.
+            if !write_waiting {
+                for _ in 0..WRITES_PER_TURN {
+                    if out.is_done() && !out.refill(&mut owed, &mut batch) {
+                        break;
+                    }
+                    let attempt = poll_fn(|cx| Poll::Ready(Pin::new(&mut io).poll_write(cx, out.pending()))).await;
+                    match attempt {
+                        Poll::Ready(wrote) => {
+                            if let Err(end) = out.advance(wrote) {
+                                return end;
+                            }
+                        }
+                        Poll::Pending => break,
+                    }
                 }
-                owed = Vec::new();
+                if out.is_done() {
+                    out.refill(&mut owed, &mut batch);
+                }
+                if !out.is_done() {
+                    write_waiting = true;
+                    write_stall.as_mut().reset(tokio::time::Instant::now() + config.write_timeout);
+                }
             }
+            // Everything taken from the outbox is written: frames are taken only then.
+            let writer_idle = out.is_done();
             // One request at a time: the next message is taken only when none is being handled.
             // A message already buffered is taken before the socket is read again.
             if handling.is_none() {
@@ -241,6 +276,8 @@ async fn run(
                 }
             }
             let authenticated = session.as_ref().is_none_or(Session::is_authenticated);
+            // One request at a time: the socket is read only when none is being handled.
+            let reading = handling.is_none();
             if let Some(s) = &session
                 && s.attenuated() != rechecking
             {
@@ -269,7 +306,7 @@ async fn run(
                 }
                 () = &mut attenuation_due, if rechecking && session.is_some() => {
                     if let Some(s) = session.as_mut() {
-                        s.end_unpermitted_subscriptions();
+                        s.end_unpermitted();
                     }
                     attenuation_due
                         .as_mut()
@@ -279,29 +316,42 @@ async fn run(
                     handling = None;
                     session = Some(done);
                 }
-                read = poll_fn(|cx| poll_read_into(Pin::new(&mut io), cx, &mut inbound)), if handling.is_none() => {
-                    match read {
-                        Ok(0) => return End::Client,
-                        Ok(_) => {}
-                        Err(e) => {
+                // A blocked write is waited for here, beside everything else: a client that
+                // reads slowly must not hold up its own request (which may hold a row lock and
+                // a database connection), the timers or shutdown.
+                event = poll_fn(|cx| poll_socket(Pin::new(&mut io), cx, (!writer_idle).then(|| out.pending()), reading.then_some(&mut inbound))), if reading || !writer_idle => {
+                    match event {
+                        Socket::Wrote(wrote) => {
+                            if let Err(end) = out.advance(wrote) {
+                                return end;
+                            }
+                            write_waiting = false;
+                        }
+                        Socket::Read(Ok(0)) => return End::Client,
+                        Socket::Read(Ok(_)) => {}
+                        Socket::Read(Err(e)) => {
                             tracing::debug!(error = %e, "WebSocket read ended");
                             return End::Client;
                         }
                     }
                 }
+                () = &mut write_stall, if write_waiting => {
+                    tracing::debug!("WebSocket write stalled: the client stopped reading");
+                    return End::Client;
+                }
                 // Last in the biased order: a busy outbox must not starve a running request
-                // (it may hold a row lock) or the reader.
-                received = receiver.recv(&mut batch) => match received {
-                    Received::Overflowed => {
-                        return End::Close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since");
-                    }
+                // (it may hold a row lock) or the reader. While frames are still being written,
+                // the alarm is watched for all the same; an overflow is acted on once they are
+                // (the client learns of it, 4008, after what it was sent before).
+                received = poll_fn(|cx| if writer_idle {
+                    receiver.poll_recv(cx, &mut batch)
+                } else {
+                    receiver.poll_signal(cx)
+                }) => match received {
+                    Received::Overflowed => return End::Close(CLOSE_OVERFLOW, OVERFLOW_REASON),
                     // Checked at the top of the loop, once the session is not held by a request.
                     Received::Alerted => recheck_token = true,
-                    Received::Frames => {
-                        if let Err(end) = write_batch(&mut io, &mut batch).await {
-                            return end;
-                        }
-                    }
+                    Received::Frames => {}
                 },
             }
         }
@@ -318,7 +368,12 @@ async fn run(
         End::Client => None,
     };
     if let Some((code, reason)) = last {
-        let mut bytes = Vec::new();
+        // A frame partly written is finished first: the close frame must start at a boundary.
+        let mut bytes = if out.is_started() {
+            out.pending().to_vec()
+        } else {
+            Vec::new()
+        };
         frame::encode_close(&mut bytes, code, reason);
         let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(&bytes)).await;
     }
@@ -380,12 +435,59 @@ fn poll_read_into(
     Poll::Ready(Ok(buf.filled().len()))
 }
 
-/// Writes every frame of `batch` (emptying it), a chunk of up to `WRITE_CHUNK` bytes at a time,
-/// through a buffer that lives for this batch only.
-async fn write_batch(io: &mut Io, batch: &mut VecDeque<Bytes>) -> Result<(), End> {
-    let mut out = Vec::new();
-    while !batch.is_empty() {
+/// Encoded bytes on their way to the socket: one chunk at a time (owed pongs, or up to
+/// `WRITE_CHUNK` bytes of queued frames), so frames never interleave and a pong waits only for
+/// the chunk being written. The buffer is dropped when nothing is left, so an idle connection
+/// holds none.
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    written: usize,
+}
+
+impl Outgoing {
+    fn is_done(&self) -> bool {
+        self.written >= self.buf.len()
+    }
+
+    /// Some of the chunk is on the wire and some is not.
+    fn is_started(&self) -> bool {
+        self.written > 0 && !self.is_done()
+    }
+
+    fn pending(&self) -> &[u8] {
+        self.buf.get(self.written..).unwrap_or_default()
+    }
+
+    /// Counts what a write took; a failed write, or one that took nothing, ends the connection.
+    fn advance(&mut self, wrote: std::io::Result<usize>) -> Result<(), End> {
+        match wrote {
+            Ok(0) => Err(End::Client),
+            Ok(n) => {
+                self.written += n;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket write ended");
+                Err(End::Client)
+            }
+        }
+    }
+
+    /// The next chunk, once this one is written: the owed pongs, else frames from `batch`.
+    /// False when there is nothing more to write.
+    fn refill(&mut self, owed: &mut Vec<u8>, batch: &mut VecDeque<Bytes>) -> bool {
+        self.written = 0;
+        if !owed.is_empty() {
+            self.buf = std::mem::take(owed);
+            return true;
+        }
+        let Some(first) = batch.front() else {
+            self.buf = Vec::new();
+            return false;
+        };
         let mut size = 0;
+        let first_len = frame::encoded_len(first.len());
         let take = batch
             .iter()
             .take_while(|f| {
@@ -394,50 +496,40 @@ async fn write_batch(io: &mut Io, batch: &mut VecDeque<Bytes>) -> Result<(), End
                 fits
             })
             .count();
-        out.clear();
-        out.reserve(size.min(WRITE_CHUNK.max(frame::encoded_len(batch[0].len()))));
+        self.buf.clear();
+        self.buf.reserve(size.min(WRITE_CHUNK.max(first_len)));
         for f in batch.drain(..take) {
-            frame::encode_text(&mut out, &f);
+            frame::encode_text(&mut self.buf, &f);
         }
-        write_all(io, &out).await?;
+        true
     }
-    Ok(())
 }
 
-/// Writes all of `bytes`. The first attempt needs no timer (a healthy client's socket takes it at
-/// once); only a write that has to wait is bounded by `WRITE_TIMEOUT`, past which the client is
-/// taken to have stopped reading and is dropped, so the loop never stops watching overflow,
-/// shutdown and its session.
-async fn write_all(io: &mut Io, bytes: &[u8]) -> Result<(), End> {
-    let mut written = 0;
-    while written < bytes.len() {
-        let attempt =
-            poll_fn(|cx| Poll::Ready(Pin::new(&mut *io).poll_write(cx, &bytes[written..]))).await;
-        match attempt {
-            Poll::Ready(Ok(0)) => return Err(End::Client),
-            Poll::Ready(Ok(n)) => written += n,
-            Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "WebSocket write ended");
-                return Err(End::Client);
-            }
-            Poll::Pending => {
-                return match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(&bytes[written..]))
-                    .await
-                {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "WebSocket write ended");
-                        Err(End::Client)
-                    }
-                    Err(_) => {
-                        tracing::debug!("WebSocket write stalled: the client stopped reading");
-                        Err(End::Client)
-                    }
-                };
-            }
-        }
+/// What the socket did.
+enum Socket {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Writes `pending` and reads into `inbound`, each when given; whichever the socket is ready for
+/// first. One future for both, as both need the socket.
+fn poll_socket(
+    mut io: Pin<&mut Io>,
+    cx: &mut Context<'_>,
+    pending: Option<&[u8]>,
+    inbound: Option<&mut frame::Inbound>,
+) -> Poll<Socket> {
+    if let Some(bytes) = pending
+        && let Poll::Ready(wrote) = io.as_mut().poll_write(cx, bytes)
+    {
+        return Poll::Ready(Socket::Wrote(wrote));
     }
-    Ok(())
+    if let Some(inbound) = inbound
+        && let Poll::Ready(read) = poll_read_into(io, cx, inbound)
+    {
+        return Poll::Ready(Socket::Read(read));
+    }
+    Poll::Pending
 }
 
 /// The output of the future in `slot` (pending forever when there is none: select! evaluates a
