@@ -143,6 +143,21 @@ median_row() { # op c
     ROWS+=("| $1 | $2 | median of $ROUNDS rounds | | | **$median** | |")
 }
 
+# measure OP C MODE [HTTP_LOAD_ARG...]: ROUNDS rounds of the REST run (http_load --mode MODE) and
+# pgbench's simple and prepared runs of $WORK/OP.sql, a row each, then the median row.
+measure() {
+    local op=$1 c=$2 mode=$3 rest_line simple_line prepared_line round
+    shift 3
+    RATIOS=()
+    for ((round = 1; round <= ROUNDS; round++)); do
+        rest_line="$(rest "$mode" "$c" "$@")"
+        simple_line="$(pg "$WORK/$op.sql" "$c" simple)"
+        prepared_line="$(pg "$WORK/$op.sql" "$c" prepared)"
+        row "$op" "$c" "$rest_line" "$simple_line" "$prepared_line"
+    done
+    median_row "$op" "$c"
+}
+
 if [[ " $OPS " == *" child "* ]]; then
     pg_subject="$(sed 's/:/\\x3a/g' <<<"$SUBJECT")"
     parent_owner="'did:key:zParentOwner'"
@@ -154,26 +169,8 @@ fi
 
 READ_ROWS_READY=""
 for c in $CONCURRENCY; do
-    if [[ " $OPS " == *" create "* ]]; then
-        RATIOS=()
-        for ((round = 1; round <= ROUNDS; round++)); do
-            rest_create="$(rest create "$c")"
-            pg_create_s="$(pg "$WORK/create.sql" "$c" simple)"
-            pg_create_p="$(pg "$WORK/create.sql" "$c" prepared)"
-            row create "$c" "$rest_create" "$pg_create_s" "$pg_create_p"
-        done
-        median_row create "$c"
-    fi
-    if [[ " $OPS " == *" child "* ]]; then
-        RATIOS=()
-        for ((round = 1; round <= ROUNDS; round++)); do
-            rest_child="$(rest create "$c" --parent "$PARENT_ID")"
-            pg_child_s="$(pg "$WORK/child.sql" "$c" simple)"
-            pg_child_p="$(pg "$WORK/child.sql" "$c" prepared)"
-            row child "$c" "$rest_child" "$pg_child_s" "$pg_child_p"
-        done
-        median_row child "$c"
-    fi
+    [[ " $OPS " == *" create "* ]] && measure create "$c" create
+    [[ " $OPS " == *" child "* ]] && measure child "$c" create --parent "$PARENT_ID"
     [[ " $OPS " == *" read "* ]] || continue
 
     # A REST read run first creates (or finds) documents 1..READ_ROWS. The first one is a short
@@ -189,14 +186,7 @@ for c in $CONCURRENCY; do
         psql_bench -c 'ANALYZE documents'
         READ_ROWS_READY=1
     fi
-    RATIOS=()
-    for ((round = 1; round <= ROUNDS; round++)); do
-        rest_read="$(rest read "$c")"
-        pg_read_s="$(pg "$WORK/read.sql" "$c" simple)"
-        pg_read_p="$(pg "$WORK/read.sql" "$c" prepared)"
-        row read "$c" "$rest_read" "$pg_read_s" "$pg_read_p"
-    done
-    median_row read "$c"
+    measure read "$c" read
 done
 
 # --- report ------------------------------------------------------------------------------------

@@ -524,26 +524,31 @@ async fn a_revoked_access_token_closes_only_its_own_connections() {
     server.finish().await;
 }
 
+/// `token` attenuated offline to reads only, as an app holding the server's public key would.
+fn read_only_copy(server: &TestServer, token: &str) -> String {
+    use biscuit_auth::Biscuit;
+    use biscuit_auth::macros::block;
+
+    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
+    Biscuit::from_base64(token, public_key)
+        .unwrap()
+        .append(block!(r#"check if operation("read");"#))
+        .unwrap()
+        .to_base64()
+        .unwrap()
+}
+
 /// Signing out ends the first-party token on every path (REST, its attenuated copies, its live
 /// connection), and only that token; an attenuated copy or an app's token cannot do it.
 #[tokio::test]
 async fn signing_out_ends_the_first_party_token_and_nothing_else() {
-    use biscuit_auth::Biscuit;
-    use biscuit_auth::macros::block;
-
     let server = TestServer::start().await;
     sign_up(&server, "ada").await;
     let session = first_party_token(&server, "ada").await;
     let other_session = first_party_token(&server, "ada").await;
     let client = register_client(&server, false, SCOPE).await;
     let app = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
-    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
-    let read_only = Biscuit::from_base64(&session, public_key)
-        .unwrap()
-        .append(block!(r#"check if operation("read");"#))
-        .unwrap()
-        .to_base64()
-        .unwrap();
+    let read_only = read_only_copy(&server, &session);
     let sign_out = |token: &str| {
         call(
             server
@@ -577,9 +582,6 @@ async fn signing_out_ends_the_first_party_token_and_nothing_else() {
 
 #[tokio::test]
 async fn tampered_narrow_and_attenuated_tokens_are_refused() {
-    use biscuit_auth::Biscuit;
-    use biscuit_auth::macros::block;
-
     let server = TestServer::start().await;
     sign_up(&server, "ada").await;
     let client = register_client(&server, false, SCOPE).await;
@@ -603,13 +605,7 @@ async fn tampered_narrow_and_attenuated_tokens_are_refused() {
     assert_api_error(&create_post(&server, narrow).await, 403, "missing_scope");
 
     // The app attenuates its write:posts token to reads, offline, with the server's public key.
-    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
-    let attenuated = Biscuit::from_base64(access, public_key)
-        .unwrap()
-        .append(block!(r#"check if operation("read");"#))
-        .unwrap()
-        .to_base64()
-        .unwrap();
+    let attenuated = read_only_copy(&server, access);
     assert_api_error(
         &create_post(&server, &attenuated).await,
         403,
@@ -622,12 +618,7 @@ async fn tampered_narrow_and_attenuated_tokens_are_refused() {
     // A first-party token attenuated to reads cannot manage the account: no consent listing or
     // withdrawal, no key export.
     let first_party = first_party_token(&server, "ada").await;
-    let read_only = Biscuit::from_base64(&first_party, public_key)
-        .unwrap()
-        .append(block!(r#"check if operation("read");"#))
-        .unwrap()
-        .to_base64()
-        .unwrap();
+    let read_only = read_only_copy(&server, &first_party);
     let (status, _) = call(
         server
             .client
@@ -1270,21 +1261,12 @@ async fn introspection_and_revocation_check_the_client() {
 /// token and every copy.
 #[tokio::test]
 async fn an_attenuated_copy_cannot_revoke_the_token_it_was_made_from() {
-    use biscuit_auth::Biscuit;
-    use biscuit_auth::macros::block;
-
     let server = TestServer::start().await;
     sign_up(&server, "ada").await;
     let client = register_client(&server, true, SCOPE).await;
     let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
     let access = field(&tokens, "access_token");
-    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
-    let read_only = Biscuit::from_base64(access, public_key)
-        .unwrap()
-        .append(block!(r#"check if operation("read");"#))
-        .unwrap()
-        .to_base64()
-        .unwrap();
+    let read_only = read_only_copy(&server, access);
     for hint in [None, Some("access_token")] {
         let mut fields = vec![("token", read_only.as_str())];
         fields.extend(hint.map(|h| ("token_type_hint", h)));
