@@ -63,11 +63,6 @@ struct State {
     frames: VecDeque<Bytes>,
     /// The encoded size of `frames`.
     bytes: usize,
-    /// The last batch the writer took, until it comes for the next one: frames being written
-    /// still count against the limit, so a slow client's memory is bounded by the limit, not
-    /// twice it.
-    taken_frames: usize,
-    taken_bytes: usize,
     /// The writer, when it waits.
     waker: Option<Waker>,
     /// Whether a send wakes the writer (it waits for frames), or only the alarm does (it is busy
@@ -165,8 +160,8 @@ impl Outbox {
             return Err(NotQueued);
         }
         let limit = self.shared.limit;
-        let queued = if state.frames.len() + state.taken_frames + count > limit.frames
-            || (state.bytes + state.taken_bytes).saturating_add(bytes) > limit.bytes
+        let queued = if state.frames.len() + count > limit.frames
+            || state.bytes.saturating_add(bytes) > limit.bytes
         {
             state.overflowed = true;
             state.frames = VecDeque::new();
@@ -224,16 +219,15 @@ impl Wake for Shared {
 
 impl OutboxReceiver {
     /// Moves every queued frame into `batch` (which must be empty: the writer comes for more
-    /// once it wrote the last batch, which then stops counting against the limit), or reports
-    /// the overflow; pending (the task woken by the next send) while the queue is empty.
+    /// once it wrote the last batch), or reports the overflow; pending (the task woken by the
+    /// next send) while the queue is empty. What the writer took no longer counts against the
+    /// limit: a client holds at most one batch being written besides a full queue.
     pub fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
         batch: &mut VecDeque<Bytes>,
     ) -> Poll<Received> {
         let mut state = self.shared.lock();
-        state.taken_frames = 0;
-        state.taken_bytes = 0;
         if state.overflowed {
             return Poll::Ready(Received::Overflowed);
         }
@@ -247,8 +241,7 @@ impl OutboxReceiver {
         debug_assert!(batch.is_empty());
         batch.clear();
         std::mem::swap(&mut state.frames, batch);
-        state.taken_frames = batch.len();
-        state.taken_bytes = std::mem::take(&mut state.bytes);
+        state.bytes = 0;
         Poll::Ready(Received::Frames)
     }
 
@@ -360,11 +353,6 @@ mod tests {
                 Bytes::from_static(b"c")
             ]
         );
-        // The writer wrote them and waits for more: they no longer count.
-        assert_eq!(
-            rx.poll_recv(&mut Context::from_waker(Waker::noop()), &mut batch),
-            Poll::Pending
-        );
         // Two queued and two more would make four of three: nothing of them is queued.
         tx.send(Bytes::from_static(b"d")).unwrap();
         tx.send(Bytes::from_static(b"e")).unwrap();
@@ -383,16 +371,14 @@ mod tests {
         };
         let (tx, mut rx) = outbox(1, limit);
         tx.send(Bytes::from_static(b"12345")).unwrap();
+        // What the writer takes no longer counts.
         let mut batch = VecDeque::new();
         assert_eq!(rx.recv(&mut batch).await, Received::Frames);
         batch.clear();
-        // What the writer took counts until it comes for more: 5 taken and 5 queued fit.
         tx.send(Bytes::from_static(b"12345")).unwrap();
-        // Back for more: the first batch is written and no longer counts, the second does.
-        assert_eq!(rx.recv(&mut batch).await, Received::Frames);
-        batch.clear();
-        tx.send(Bytes::from_static(b"1234")).unwrap();
-        let mut frames = vec![Bytes::from_static(b"1"), Bytes::from_static(b"2")];
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"12345")));
+        tx.send(Bytes::from_static(b"123456")).unwrap();
+        let mut frames = vec![Bytes::from_static(b"1234"), Bytes::from_static(b"5")];
         assert_eq!(tx.send_all(&mut frames), Err(NotQueued));
         assert_eq!(rx.recv(&mut batch).await, Received::Overflowed);
     }
@@ -429,10 +415,11 @@ mod tests {
         assert_eq!(woken(), 1, "the alarm does");
         assert_eq!(rx.poll_signal(&mut cx), Poll::Ready(Received::Alerted));
         assert_eq!(rx.poll_signal(&mut cx), Poll::Pending);
-        // One taken and one queued: a third fits, a fourth overflows (the taken one counts),
-        // which the writer learns when it comes for more.
+        // One queued: two more fit, a fourth overflows, which the writer learns when it comes
+        // for more.
         tx.send(Bytes::from_static(b"c")).unwrap();
-        assert_eq!(tx.send(Bytes::from_static(b"d")), Err(NotQueued));
+        tx.send(Bytes::from_static(b"d")).unwrap();
+        assert_eq!(tx.send(Bytes::from_static(b"e")), Err(NotQueued));
         assert_eq!(woken(), 1);
         assert_eq!(rx.poll_signal(&mut cx), Poll::Pending);
         assert_eq!(
