@@ -478,6 +478,40 @@ async fn refresh_token_replay_revokes_the_whole_family() {
     server.finish().await;
 }
 
+/// A refresh that asks for more than the grant is refused before the refresh token is used up:
+/// the client still holds a working token (were it consumed, its next try would look like a
+/// replay and revoke the grant). A narrower one is honoured.
+#[tokio::test]
+async fn a_refused_refresh_leaves_the_refresh_token_usable() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    let refresh_token = field(&tokens, "refresh_token");
+    let wider = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+        ("scope", "read:posts write:notes"),
+    ];
+    assert_oauth_error(
+        &token_request(&server, &client, &wider).await,
+        400,
+        "invalid_scope",
+    );
+    let narrower = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+        ("scope", "read:posts"),
+    ];
+    let (status, narrowed) = token_request(&server, &client, &narrower).await;
+    assert_eq!(status, 200, "{narrowed}");
+    assert_eq!(narrowed["scope"], "read:posts", "{narrowed}");
+    let access = field(&narrowed, "access_token");
+    assert_eq!(list_posts(&server, access).await.0, 200);
+    assert_api_error(&create_post(&server, access).await, 403, "missing_scope");
+    server.finish().await;
+}
+
 /// RFC 7009 revocation of one access token closes the connections that use it and no other:
 /// not one on a sibling access token of the same grant, not the user's first-party one.
 #[tokio::test]

@@ -596,6 +596,13 @@ pub(super) async fn token(app: &App, req: Request<Incoming>) -> Result<HttpRespo
     };
     let oauth = &app.identity.oauth;
     let revocations = app.tokens.revocations();
+    // Before a code or refresh token is used up: a failure after that would look like a replay
+    // when the client retries, and revoke the grant.
+    app.identity
+        .signing
+        .ensure_key()
+        .await
+        .map_err(signing_error)?;
     let issued = match form.grant_type.as_deref() {
         Some("authorization_code") => {
             let Some(code) = form.code.as_deref() else {
@@ -624,8 +631,24 @@ pub(super) async fn token(app: &App, req: Request<Incoming>) -> Result<HttpRespo
                     "refresh_token is required",
                 ));
             };
+            // A refresh may narrow the scopes of the new access token (RFC 6749 §6), never
+            // widen them.
+            let narrow = |grant: &mut Grant| {
+                let Some(scope) = form.scope.as_deref() else {
+                    return Ok(());
+                };
+                match requested_scopes(Some(scope), &grant.scopes) {
+                    Ok(narrowed) if narrowed.iter().all(|s| grant.scopes.contains(s)) => {
+                        grant.scopes = narrowed;
+                        Ok(())
+                    }
+                    _ => Err(OAuthError::InvalidScope(
+                        "a refresh may only narrow the granted scopes".into(),
+                    )),
+                }
+            };
             oauth
-                .rotate_refresh(refresh, &client, revocations)
+                .rotate_refresh(refresh, &client, revocations, narrow)
                 .await
                 .map(|(grant, next)| (grant, Some(next), false))
         }
@@ -634,30 +657,10 @@ pub(super) async fn token(app: &App, req: Request<Incoming>) -> Result<HttpRespo
         ))),
         None => Err(OAuthError::InvalidRequest("grant_type is required".into())),
     };
-    let (mut grant, refresh_token, with_nonce) = match issued {
+    let (grant, refresh_token, with_nonce) = match issued {
         Ok(v) => v,
         Err(e) => return Ok(oauth_failure(e, &headers)),
     };
-    // A refresh may narrow the scopes of the new access token (RFC 6749 §6), never widen them.
-    if let Some(scope) = form.scope.as_deref().filter(|_| !with_nonce) {
-        match requested_scopes(Some(scope), &grant.scopes) {
-            Ok(narrowed) if narrowed.iter().all(|s| grant.scopes.contains(s)) => {
-                grant.scopes = narrowed
-            }
-            _ => {
-                return Ok(oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_scope",
-                    "a refresh may only narrow the granted scopes",
-                ));
-            }
-        }
-    }
-    app.identity
-        .signing
-        .ensure_key()
-        .await
-        .map_err(signing_error)?;
     let response = issue_tokens(app, &grant, refresh_token, with_nonce)?;
     Ok(no_store(super::json(StatusCode::OK, &response)))
 }

@@ -1024,6 +1024,7 @@ impl OAuthStore {
         token: &str,
         client: &Client,
         revocations: &Revocations,
+        narrow: impl FnOnce(&mut Grant) -> Result<(), OAuthError>,
     ) -> Result<(Grant, String), OAuthError> {
         // A client whose registration no longer lists the grant keeps no way to use the refresh
         // tokens it still holds (RFC 6749 §5.2).
@@ -1045,7 +1046,7 @@ impl OAuthStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| invalid("the refresh token is unknown"))?;
-        let grant = grant_from_row(&row)?;
+        let mut grant = grant_from_row(&row)?;
         if grant.client_id != client.client_id {
             return Err(invalid("the refresh token was issued to another client"));
         }
@@ -1065,6 +1066,9 @@ impl OAuthStore {
         if row.try_get::<bool, _>("expired")? {
             return Err(invalid("the refresh token has expired"));
         }
+        // Before the token is used up: a request refused here leaves it as it was (a client
+        // that retried with it would otherwise look like a replay and lose the grant).
+        narrow(&mut grant)?;
         sqlx::query("UPDATE oauth_refresh_tokens SET used_at = now() WHERE token_hash = $1")
             .bind(sha256(token))
             .execute(&mut *tx)
