@@ -37,6 +37,29 @@ async fn send(
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// `POST /v1/query` with `body`: the status and the JSON answer.
+async fn query(s: &TestServer, token: &str, body: &Value) -> (u16, Value) {
+    let r = s
+        .client
+        .post(s.url("/v1/query"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The ids of a query answer's documents, in order.
+fn ids(answer: &Value) -> Vec<&Value> {
+    answer["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["id"])
+        .collect()
+}
+
 /// A `msgs` document under `parent` created by the holder of `token`.
 async fn create_under(s: &TestServer, token: &str, parent: &Value, n: i64) -> (u16, Value) {
     send(
@@ -496,59 +519,36 @@ async fn queries_and_live_queries_select_by_parent() {
     bob_ws.close().await;
 
     // The same selection once, over HTTP: Bob's two in the room, not the one elsewhere.
-    let r = s
-        .client
-        .post(s.url("/v1/query"))
-        .bearer_auth(&alice)
-        .json(&json!({"type": "msgs", "shared": true, "where": {"parent": room}, "sort": "createdAt"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let answer: Value = r.json().await.unwrap();
-    let ids: Vec<&Value> = answer["docs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| &d["id"])
-        .collect();
-    assert_eq!(ids, in_room.iter().collect::<Vec<_>>(), "{answer}");
+    let (status, answer) = query(
+        &s,
+        &alice,
+        &json!({"type": "msgs", "shared": true, "where": {"parent": room}, "sort": "createdAt"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&answer), in_room.iter().collect::<Vec<_>>(), "{answer}");
 
     // Documents under no parent are missing there: `ne` matches them, `eq` does not.
     s.post(&alice, "msgs", json!({"data": {"n": 6}})).await;
-    let r = s
-        .client
-        .post(s.url("/v1/query"))
-        .bearer_auth(&alice)
-        .json(&json!({"type": "msgs", "where": {"parent": {"ne": room}}}))
-        .send()
-        .await
-        .unwrap();
-    let answer: Value = r.json().await.unwrap();
+    let (_, answer) = query(
+        &s,
+        &alice,
+        &json!({"type": "msgs", "where": {"parent": {"ne": room}}}),
+    )
+    .await;
     assert_eq!(answer["docs"].as_array().map(Vec::len), Some(1), "{answer}");
     assert!(answer["docs"][0].get("parent").is_none(), "{answer}");
     let top_level = answer["docs"][0]["id"].clone();
     // `exists` tells them apart: Alice's own under no parent, and what Bob made under any.
     for (exists, want) in [(false, vec![&top_level]), (true, bobs.iter().collect())] {
-        let r = s
-            .client
-            .post(s.url("/v1/query"))
-            .bearer_auth(&alice)
-            .json(
-                &json!({"type": "msgs", "shared": exists, "sort": "createdAt",
-                          "where": {"parent": {"exists": exists}}}),
-            )
-            .send()
-            .await
-            .unwrap();
-        let answer: Value = r.json().await.unwrap();
-        let ids: Vec<&Value> = answer["docs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| &d["id"])
-            .collect();
-        assert_eq!(ids, want, "exists {exists}: {answer}");
+        let (_, answer) = query(
+            &s,
+            &alice,
+            &json!({"type": "msgs", "shared": exists, "sort": "createdAt",
+                    "where": {"parent": {"exists": exists}}}),
+        )
+        .await;
+        assert_eq!(ids(&answer), want, "exists {exists}: {answer}");
     }
 
     // Updates and deletes of children reach the subscription through the change log.
@@ -608,16 +608,8 @@ async fn queries_and_live_queries_select_by_parent() {
         json!({"type": "msgs", "where": {"parent": {"startsWith": "01"}}}),
         json!({"type": "msgs", "sort": "parent"}),
     ] {
-        let r = s
-            .client
-            .post(s.url("/v1/query"))
-            .bearer_auth(&alice)
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400, "{bad}");
-        let answer: Value = r.json().await.unwrap();
+        let (status, answer) = query(&s, &alice, &bad).await;
+        assert_eq!(status, 400, "{bad}");
         assert_eq!(answer["error"]["code"], "invalid_query", "{bad} → {answer}");
     }
     ws.close().await;

@@ -20,7 +20,6 @@ async fn a_stalled_client_is_cut_off_and_the_healthy_one_gets_everything() {
 
     // The stalled client reads nothing from here on; big documents fill its socket buffers
     // quickly, then its queue.
-    let blob = "x".repeat(32 * 1024);
     let mut writer = Ws::connect(&s.base, Some(&alice)).await;
     let writes = 300;
     let reader = tokio::spawn(async move {
@@ -32,14 +31,7 @@ async fn a_stalled_client_is_cut_off_and_the_healthy_one_gets_everything() {
         }
         healthy
     });
-    for n in 0..writes {
-        let r = writer
-            .request(
-                json!({"op": "write", "type": "posts", "doc": {"data": {"n": n, "blob": blob}}}),
-            )
-            .await;
-        assert_eq!(r["ok"], true);
-    }
+    writer.write_big_posts(writes, 32 * 1024).await;
     let healthy = reader.await.unwrap();
 
     // The stalled connection was closed for overflowing, after whatever fit in its buffers.

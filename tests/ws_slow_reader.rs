@@ -24,17 +24,9 @@ async fn a_client_that_does_not_read_still_has_its_requests_run() {
 
     // The stalled client reads nothing while ~13 MB of events (more than loopback's socket
     // buffers hold, less than its outbound queue) are sent to it.
-    let blob = "x".repeat(32 * 1024);
     let writes = 400;
     let mut writer = Ws::connect(&s.base, Some(&alice)).await;
-    for n in 0..writes {
-        let r = writer
-            .request(
-                json!({"op": "write", "type": "posts", "doc": {"data": {"n": n, "blob": blob}}}),
-            )
-            .await;
-        assert_eq!(r["ok"], true);
-    }
+    writer.write_big_posts(writes, 32 * 1024).await;
     stalled
         .send(json!({"id": 99, "op": "write", "type": "posts", "doc": {"data": {"n": writes}}}))
         .await;

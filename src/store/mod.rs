@@ -268,7 +268,7 @@ impl Store {
     /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.
     pub async fn credentials(&self, caller: &str) -> Result<HeldCertificates, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        credentials_in(&mut conn, caller).await
+        credentials_in(&mut conn, caller, false).await
     }
 
     /// Every valid certificate, for the realtime tree's book (read after the feed head is
@@ -611,11 +611,7 @@ async fn allowed_in(
     lock_certificates: bool,
 ) -> Result<bool, StoreError> {
     if caller != owner && acl.uses_certificates(op) {
-        let held = if lock_certificates {
-            credentials_from(conn, caller, concat!(held_certificates!(), " FOR SHARE")).await?
-        } else {
-            credentials_in(conn, caller).await?
-        };
+        let held = credentials_in(conn, caller, lock_certificates).await?;
         return Ok(acl.allows(op, Some(caller), owner, &held));
     }
     Ok(acl.allows(op, Some(caller), owner, &NoCredentials))
@@ -723,20 +719,18 @@ fn document(row: &PgRow) -> Result<Document, StoreError> {
     })
 }
 
-/// The certificates `caller` holds now, as ACL predicates test them.
+/// The certificates `caller` holds now, as ACL predicates test them; with `lock`, locked
+/// `FOR SHARE` until the transaction on `conn` ends.
 async fn credentials_in(
     conn: &mut sqlx::PgConnection,
     caller: &str,
+    lock: bool,
 ) -> Result<HeldCertificates, StoreError> {
-    credentials_from(conn, caller, held_certificates!()).await
-}
-
-/// The certificates `caller` holds, read by `query` ([`held_certificates`], maybe locking).
-async fn credentials_from(
-    conn: &mut sqlx::PgConnection,
-    caller: &str,
-    query: &'static str,
-) -> Result<HeldCertificates, StoreError> {
+    let query = if lock {
+        concat!(held_certificates!(), " FOR SHARE")
+    } else {
+        held_certificates!()
+    };
     let rows: Vec<(String, String)> = sqlx::query_as(query).bind(caller).fetch_all(conn).await?;
     Ok(HeldCertificates(rows))
 }

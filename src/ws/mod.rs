@@ -72,7 +72,6 @@ const MAX_OWED_CONTROL: usize = 4096;
 /// Chunks written per turn of the loop at most, before the request, the reader and the timers
 /// get their turn.
 const WRITES_PER_TURN: usize = 16;
-const OVERFLOW_REASON: &[u8] = b"outbound queue overflow: reconnect and resume with since";
 
 /// Answers the upgrade request and starts the connection.
 pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -348,7 +347,9 @@ async fn run(
                 } else {
                     receiver.poll_signal(cx)
                 }) => match received {
-                    Received::Overflowed => return End::Close(CLOSE_OVERFLOW, OVERFLOW_REASON),
+                    Received::Overflowed => {
+                        return End::Close(CLOSE_OVERFLOW, b"outbound queue overflow: reconnect and resume with since");
+                    }
                     // Checked at the top of the loop, once the session is not held by a request.
                     Received::Alerted => recheck_token = true,
                     Received::Frames => {}

@@ -376,6 +376,19 @@ impl Ws {
         }
     }
 
+    /// Writes `count` `posts` documents `{"n": 0..count, "blob": <bytes of "x">}`, one request
+    /// each, each answered ok: events large enough to fill a non-reading client's buffers.
+    pub async fn write_big_posts(&mut self, count: i64, bytes: usize) {
+        let blob = "x".repeat(bytes);
+        for n in 0..count {
+            let r = self
+                .request(serde_json::json!({"op": "write", "type": "posts",
+                                            "doc": {"data": {"n": n, "blob": blob}}}))
+                .await;
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
     }
