@@ -37,19 +37,6 @@ async fn send(
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-/// `POST /v1/query` with `body`: the status and the JSON answer.
-async fn query(s: &TestServer, token: &str, body: &Value) -> (u16, Value) {
-    let r = s
-        .client
-        .post(s.url("/v1/query"))
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 /// The ids of a query answer's documents, in order.
 fn ids(answer: &Value) -> Vec<&Value> {
     answer["docs"]
@@ -519,9 +506,7 @@ async fn queries_and_live_queries_select_by_parent() {
     bob_ws.close().await;
 
     // The same selection once, over HTTP: Bob's two in the room, not the one elsewhere.
-    let (status, answer) = query(
-        &s,
-        &alice,
+    let (status, answer) = s.query(&alice,
         &json!({"type": "msgs", "shared": true, "where": {"parent": room}, "sort": "createdAt"}),
     )
     .await;
@@ -530,24 +515,24 @@ async fn queries_and_live_queries_select_by_parent() {
 
     // Documents under no parent are missing there: `ne` matches them, `eq` does not.
     s.post(&alice, "msgs", json!({"data": {"n": 6}})).await;
-    let (_, answer) = query(
-        &s,
-        &alice,
-        &json!({"type": "msgs", "where": {"parent": {"ne": room}}}),
-    )
-    .await;
+    let (_, answer) = s
+        .query(
+            &alice,
+            &json!({"type": "msgs", "where": {"parent": {"ne": room}}}),
+        )
+        .await;
     assert_eq!(answer["docs"].as_array().map(Vec::len), Some(1), "{answer}");
     assert!(answer["docs"][0].get("parent").is_none(), "{answer}");
     let top_level = answer["docs"][0]["id"].clone();
     // `exists` tells them apart: Alice's own under no parent, and what Bob made under any.
     for (exists, want) in [(false, vec![&top_level]), (true, bobs.iter().collect())] {
-        let (_, answer) = query(
-            &s,
-            &alice,
-            &json!({"type": "msgs", "shared": exists, "sort": "createdAt",
+        let (_, answer) = s
+            .query(
+                &alice,
+                &json!({"type": "msgs", "shared": exists, "sort": "createdAt",
                     "where": {"parent": {"exists": exists}}}),
-        )
-        .await;
+            )
+            .await;
         assert_eq!(ids(&answer), want, "exists {exists}: {answer}");
     }
 
@@ -608,7 +593,7 @@ async fn queries_and_live_queries_select_by_parent() {
         json!({"type": "msgs", "where": {"parent": {"startsWith": "01"}}}),
         json!({"type": "msgs", "sort": "parent"}),
     ] {
-        let (status, answer) = query(&s, &alice, &bad).await;
+        let (status, answer) = s.query(&alice, &bad).await;
         assert_eq!(status, 400, "{bad}");
         assert_eq!(answer["error"]["code"], "invalid_query", "{bad} → {answer}");
     }

@@ -18,23 +18,9 @@ use common::{ALICE, BOB, CAROL, TestServer, Ws};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// `POST /v1/query` with `body`: the status and the JSON answer.
-async fn query(s: &TestServer, token: &str, body: &Value) -> (u16, Value) {
-    let r = s
-        .client
-        .post(s.url("/v1/query"))
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
-}
-
 /// `POST /v1/query` expecting 200.
 async fn query_ok(s: &TestServer, token: &str, body: &Value) -> Value {
-    let (status, answer) = query(s, token, body).await;
+    let (status, answer) = s.query(token, body).await;
     assert_eq!(status, 200, "{body} → {answer}");
     answer
 }
@@ -112,13 +98,13 @@ async fn query_requires_a_token_and_the_read_scope() {
         assert_error(status, &answer, (401, "unauthenticated", None), &json!(raw));
     }
     // A token that is not one.
-    let (status, answer) = query(&s, "garbage", &body).await;
+    let (status, answer) = s.query("garbage", &body).await;
     assert_error(status, &answer, (401, "invalid_token", None), &body);
 
     // Tokens without `read:posts`: other types, or write only.
     for scopes in [&["read:profiles"][..], &["write:posts"], &["write:*"]] {
         let token = s.token(ALICE, scopes);
-        let (status, answer) = query(&s, &token, &body).await;
+        let (status, answer) = s.query(&token, &body).await;
         assert_error(status, &answer, (403, "missing_scope", None), &body);
         assert!(
             answer["error"]["message"]
@@ -339,7 +325,7 @@ async fn invalid_queries_name_the_offending_part() {
         if q.get("type").is_none() {
             q["type"] = json!("posts");
         }
-        let (status, answer) = query(&s, &token, &q).await;
+        let (status, answer) = s.query(&token, &q).await;
         assert_error(status, &answer, (400, "invalid_query", Some(part)), &q);
     }
 
@@ -392,12 +378,12 @@ async fn cursors_that_are_not_this_querys_are_invalid_cursor() {
     for cursor in garbage {
         let mut q = by_score.clone();
         q["cursor"] = json!(cursor);
-        let (status, answer) = query(&s, &token, &q).await;
+        let (status, answer) = s.query(&token, &q).await;
         assert_error(status, &answer, (400, "invalid_cursor", Some("cursor")), &q);
     }
     // A real cursor of a query sorted otherwise.
     let by_two = json!({"type": "scores", "sort": ["-data.score", "createdAt"], "cursor": next});
-    let (status, answer) = query(&s, &token, &by_two).await;
+    let (status, answer) = s.query(&token, &by_two).await;
     assert_error(
         status,
         &answer,
@@ -405,7 +391,7 @@ async fn cursors_that_are_not_this_querys_are_invalid_cursor() {
         &by_two,
     );
     let by_time = json!({"type": "scores", "sort": "createdAt", "cursor": next});
-    let (status, answer) = query(&s, &token, &by_time).await;
+    let (status, answer) = s.query(&token, &by_time).await;
     assert_error(
         status,
         &answer,
@@ -927,7 +913,7 @@ async fn expand_honours_token_attenuations() {
     let answer = query_ok(&s, &reader, &q).await;
     assert_eq!(answer["expanded"].as_object().unwrap().len(), 2, "{answer}");
     // The attenuated token cannot read profiles directly…
-    let (status, answer) = query(&s, &attenuated, &json!({"type": "profiles"})).await;
+    let (status, answer) = s.query(&attenuated, &json!({"type": "profiles"})).await;
     assert_error(
         status,
         &answer,
@@ -1512,7 +1498,9 @@ async fn pages_are_bounded_in_bytes_too() {
     // Three large documents named by one small one: their expansion would pass the budget.
     let ids: Vec<&String> = written.iter().collect();
     s.post(&alice, "links", json!({"data": {"to": ids}})).await;
-    let (status, body) = query(&s, &alice, &json!({"type": "links", "expand": ["data.to"]})).await;
+    let (status, body) = s
+        .query(&alice, &json!({"type": "links", "expand": ["data.to"]}))
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (400, Some("page_too_large")),

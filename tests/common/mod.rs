@@ -164,6 +164,19 @@ impl TestServer {
     }
 
     /// `GET path` as the holder of `token`: the status and the JSON body (null if none).
+    /// `POST /v1/query` with `body`: the status and the JSON answer.
+    pub async fn query(&self, token: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .post(self.url("/v1/query"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
     pub async fn get_json(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
         let r = self
             .client
