@@ -229,6 +229,8 @@ pub struct IdentityConfig {
     #[serde(with = "humantime_serde")]
     pub refresh_token_ttl: Duration,
     #[serde(with = "humantime_serde")]
+    pub refresh_token_absolute_ttl: Duration,
+    #[serde(with = "humantime_serde")]
     pub code_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub interaction_ttl: Duration,
@@ -504,6 +506,10 @@ impl Config {
             ("identity.access_token_ttl", id.access_token_ttl),
             ("identity.id_token_ttl", id.id_token_ttl),
             ("identity.refresh_token_ttl", id.refresh_token_ttl),
+            (
+                "identity.refresh_token_absolute_ttl",
+                id.refresh_token_absolute_ttl,
+            ),
             ("identity.code_ttl", id.code_ttl),
             ("identity.interaction_ttl", id.interaction_ttl),
             ("identity.session_ttl", id.session_ttl),
@@ -525,6 +531,12 @@ impl Config {
             return invalid(
                 "identity.code_ttl",
                 "must be at most 10 minutes (RFC 6749 §4.1.2)",
+            );
+        }
+        if id.refresh_token_absolute_ttl > Duration::from_secs(100 * 365 * 86_400) {
+            return invalid(
+                "identity.refresh_token_absolute_ttl",
+                "must be at most 100 years",
             );
         }
         if id.login_attempts_per_minute == 0 || id.login_attempts_per_minute_per_address == 0 {

@@ -375,6 +375,7 @@ async fn open_identity(
             interaction: id.interaction_ttl,
             session: id.session_ttl,
             refresh_token: id.refresh_token_ttl,
+            refresh_token_absolute: id.refresh_token_absolute_ttl,
             access_token: id.access_token_ttl,
         },
     );

@@ -310,6 +310,40 @@ async fn authorize_errors_are_shown_or_redirected_to_the_registered_uri_only() {
     server.finish().await;
 }
 
+/// A native app registers a loopback redirect URI and listens on whatever port the OS gives it
+/// (RFC 8252 §7.3): any port is accepted, nothing else about the URI may change, and the code is
+/// bound to the port the request named.
+#[tokio::test]
+async fn a_loopback_redirect_uri_may_name_any_port() {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let registered = register_client(&server, true, SCOPE).await;
+    assert_eq!(registered.redirect_uri, "http://127.0.0.1:9/cb");
+    let at = |redirect_uri: &str| RegisteredClient {
+        id: registered.id.clone(),
+        secret: registered.secret.clone(),
+        redirect_uri: redirect_uri.to_owned(),
+    };
+    let native = at("http://127.0.0.1:51234/cb");
+    let mut browser = Browser::new();
+    let (code, verifier) = fresh_code(&server, &mut browser, &native).await;
+    let (status, body) = redeem_code(&server, &registered, &code, Some(&verifier)).await;
+    assert_oauth_error(&(status, body), 400, "invalid_grant");
+    let (status, body) = redeem_code(&server, &native, &code, Some(&verifier)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["access_token"].is_string(), "{body}");
+
+    for other in [
+        "http://127.0.0.1:51234/cb/other",
+        "http://localhost:51234/cb",
+        "http://127.0.0.2:9/cb",
+        "https://127.0.0.1:9/cb",
+    ] {
+        assert_error_page(&browser.get(&auth_url(&server, &at(other), &[])).await);
+    }
+    server.finish().await;
+}
+
 #[tokio::test]
 async fn token_endpoint_refuses_bad_redemptions() {
     let server = TestServer::start().await;
@@ -478,6 +512,41 @@ async fn refresh_token_replay_revokes_the_whole_family() {
     server.finish().await;
 }
 
+/// Each rotation gives the successor a fresh `identity.refresh_token_ttl`, but no refresh token
+/// outlives `identity.refresh_token_absolute_ttl` from the authorization: rotating does not
+/// push that end back.
+#[tokio::test]
+async fn refresh_tokens_rotate_within_an_absolute_lifetime() {
+    let server = TestServer::start_with(&[("identity.refresh_token_absolute_ttl", "\"1h\"")]).await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let expiry = |token: String| {
+        let (server, client) = (&server, &client);
+        async move {
+            let (status, body) =
+                post_as_client(server, client, "/oauth/introspect", &[("token", &token)]).await;
+            assert_eq!((status, &body["active"]), (200, &json!(true)), "{body}");
+            body["exp"].as_i64().unwrap()
+        }
+    };
+    let mut browser = Browser::new();
+    let before = chrono::Utc::now().timestamp();
+    let first = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let first_expiry = expiry(field(&first, "refresh_token").to_owned()).await;
+    assert!(
+        (before + 3600..=chrono::Utc::now().timestamp() + 3600).contains(&first_expiry),
+        "the first refresh token ends an hour after the authorization, not {first_expiry}"
+    );
+    let (status, second) = refresh(&server, &client, field(&first, "refresh_token")).await;
+    assert_eq!(status, 200, "{second}");
+    let second_expiry = expiry(field(&second, "refresh_token").to_owned()).await;
+    assert_eq!(
+        second_expiry, first_expiry,
+        "rotating does not extend the end"
+    );
+    server.finish().await;
+}
+
 /// A refresh that asks for more than the grant is refused before the refresh token is used up:
 /// the client still holds a working token (were it consumed, its next try would look like a
 /// replay and revoke the grant). A narrower one is honoured.
@@ -570,6 +639,57 @@ fn read_only_copy(server: &TestServer, token: &str) -> String {
         .unwrap()
         .to_base64()
         .unwrap()
+}
+
+/// `/oauth/userinfo` runs an attenuated token's checks as for a read: a read-only copy still
+/// gets the user's claims, a copy limited to writes or past its time limit gets 403.
+#[tokio::test]
+async fn userinfo_honours_the_checks_of_an_attenuated_token() {
+    use biscuit_auth::Biscuit;
+    use biscuit_auth::macros::block;
+
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let access = field(&tokens, "access_token");
+    let userinfo = |token: String| {
+        call_with_headers(
+            server
+                .client
+                .get(server.url("/oauth/userinfo"))
+                .bearer_auth(token),
+        )
+    };
+    let (status, _, info) = userinfo(read_only_copy(&server, access)).await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["preferred_username"], "ada");
+
+    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
+    let attenuate = |check: biscuit_auth::BlockBuilder| {
+        Biscuit::from_base64(access, public_key)
+            .unwrap()
+            .append(check)
+            .unwrap()
+            .to_base64()
+            .unwrap()
+    };
+    for copy in [
+        attenuate(block!(r#"check if operation("write");"#)),
+        attenuate(block!(r#"check if time($t), $t < 2020-01-01T00:00:00Z;"#)),
+    ] {
+        let (status, headers, body) = userinfo(copy).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (403, &json!("insufficient_scope"))
+        );
+        assert_eq!(
+            headers[reqwest::header::WWW_AUTHENTICATE],
+            "Bearer error=\"insufficient_scope\""
+        );
+    }
+    server.finish().await;
 }
 
 /// Signing out ends the first-party token on every path (REST, its attenuated copies, its live

@@ -28,11 +28,11 @@ use uuid::Uuid;
 
 use super::{ApiError, HttpResponse, read_body};
 use crate::app::App;
-use crate::auth::{AuthError, Claims, Issued, Scope};
+use crate::auth::{Access, AuthError, Claims, Issued, Scope};
 use crate::identity::accounts::AccountError;
 use crate::identity::oauth::{
     AuthorizationRequest, Client, Grant, NewClient, OAuthError, Registered, Registrant,
-    document_scopes, identity_scopes, requested_scopes,
+    document_scopes, identity_scopes, redirect_uri_registered, requested_scopes,
 };
 
 const SESSION_COOKIE: &str = "vibe_session";
@@ -145,7 +145,7 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
     let Some(redirect_uri) = params
         .redirect_uri
         .as_deref()
-        .filter(|r| client.redirect_uris.iter().any(|u| u == r))
+        .filter(|r| redirect_uri_registered(&client.redirect_uris, r))
     else {
         return Ok(error_page(
             StatusCode::BAD_REQUEST,
@@ -749,11 +749,20 @@ fn unix(t: SystemTime) -> u64 {
 
 /// `GET|POST /oauth/userinfo` with an access token carrying `openid`.
 pub(super) async fn userinfo(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    // The token's own checks run as for a read of no particular type: an attenuated copy
+    // limited to writes, to one document type, or past its time limit, says nothing of its user.
     let claims = match super::bearer_token(req.headers())
         .map_err(|_| AuthError::Invalid)
-        .and_then(|t| app.tokens.identify(t))
+        .and_then(|t| app.tokens.verify(t, Access::Read, None))
     {
         Ok(c) => c,
+        Err(e @ AuthError::Restricted) => {
+            return Ok(bearer_challenge(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                &e.to_string(),
+            ));
+        }
         Err(e) => {
             return Ok(bearer_challenge(
                 StatusCode::UNAUTHORIZED,
@@ -988,7 +997,7 @@ pub(super) async fn end_session(
         (Some(uri), Some(_)) => {
             let Some(client) = client
                 .as_ref()
-                .filter(|c| c.post_logout_redirect_uris.contains(uri))
+                .filter(|c| redirect_uri_registered(&c.post_logout_redirect_uris, uri))
             else {
                 return Ok(error_page(
                     StatusCode::BAD_REQUEST,
@@ -1180,7 +1189,12 @@ pub(super) async fn register(
             );
             return Ok(r);
         }
-    } else if app.identity.registrations.check_key(&peer.ip()).is_err() {
+    } else if app
+        .identity
+        .registrations
+        .check_key(&crate::identity::rate_limit_key(peer.ip()))
+        .is_err()
+    {
         let mut r = oauth_error(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_requests",

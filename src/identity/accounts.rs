@@ -146,11 +146,13 @@ impl Accounts {
     /// Counts one password attempt (login or sign-up) from `from` against its rate limit.
     pub fn check_address(&self, from: IpAddr) -> Result<(), AccountError> {
         use governor::clock::Clock as _;
-        self.by_address.check_key(&from).map_err(|not_until| {
-            AccountError::RateLimited(
-                not_until.wait_time_from(governor::clock::DefaultClock::default().now()),
-            )
-        })
+        self.by_address
+            .check_key(&super::rate_limit_key(from))
+            .map_err(|not_until| {
+                AccountError::RateLimited(
+                    not_until.wait_time_from(governor::clock::DefaultClock::default().now()),
+                )
+            })
     }
 
     /// Counts one password attempt on the account `key` (a login's handle, a re-entry's DID)

@@ -306,7 +306,10 @@ pub struct Lifetimes {
     pub code: Duration,
     pub interaction: Duration,
     pub session: Duration,
+    /// A refresh token's lifetime: each rotation's successor gets it afresh...
     pub refresh_token: Duration,
+    /// ...but never beyond this from the grant's authorization.
+    pub refresh_token_absolute: Duration,
     pub access_token: Duration,
 }
 
@@ -344,6 +347,40 @@ pub fn valid_redirect_uri(uri: &str) -> bool {
         // Private-use schemes are reverse domain names (RFC 8252 §7.1).
         scheme => scheme.contains('.'),
     }
+}
+
+/// Is `requested` one of the `registered` redirect URIs? Exactly, except that a loopback IP
+/// redirect URI (`http://127.0.0.1` or `http://[::1]`) matches whatever port the request names:
+/// a native app listens on a port the OS picks when it starts the sign-in (RFC 8252 §7.3). The
+/// scheme, host, path and query still have to match; `localhost` gets no such leeway, as RFC
+/// 8252 §8.3 advises against it (a name can resolve elsewhere).
+pub fn redirect_uri_registered(registered: &[String], requested: &str) -> bool {
+    if registered.iter().any(|uri| uri == requested) {
+        return true;
+    }
+    let Some(requested) = loopback_ip_without_port(requested) else {
+        return false;
+    };
+    registered
+        .iter()
+        .filter_map(|uri| loopback_ip_without_port(uri))
+        .any(|uri| uri == requested)
+}
+
+/// A loopback IP `http` redirect URI with its port taken out, or None for any other URI.
+fn loopback_ip_without_port(uri: &str) -> Option<url::Url> {
+    let mut parsed = url::Url::parse(uri).ok()?;
+    let loopback = match parsed.host()? {
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+        url::Host::Domain(_) => false,
+    };
+    if parsed.scheme() != "http" || !loopback || parsed.fragment().is_some() {
+        return None;
+    }
+    // Cannot fail: an http URL with a host has a port to change.
+    parsed.set_port(None).ok()?;
+    Some(parsed)
 }
 
 /// Splits and checks a requested scope string against a manifest. Document scopes must be in
@@ -1007,11 +1044,14 @@ impl OAuthStore {
     ) -> Result<String, OAuthError> {
         let token = random_secret();
         sqlx::query(
-            "INSERT INTO oauth_refresh_tokens (token_hash, grant_id, expires_at) VALUES ($1, $2, $3)",
+            "INSERT INTO oauth_refresh_tokens (token_hash, grant_id, expires_at) \
+             SELECT $1, id, LEAST($3, created_at + make_interval(secs => $4)) \
+             FROM oauth_grants WHERE id = $2",
         )
         .bind(sha256(&token))
         .bind(grant)
         .bind(as_ts(self.lifetimes.refresh_token))
+        .bind(self.lifetimes.refresh_token_absolute.as_secs_f64())
         .execute(tx)
         .await?;
         Ok(token)
@@ -1211,6 +1251,38 @@ mod tests {
             "",
         ] {
             assert!(!valid_redirect_uri(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_redirect_uris_match_any_port() {
+        let registered = vec![
+            "http://127.0.0.1:9/cb".to_owned(),
+            "http://[::1]/native?app=1".to_owned(),
+            "http://localhost:9/cb".to_owned(),
+            "https://app.example/cb".to_owned(),
+        ];
+        for ok in [
+            "http://127.0.0.1:9/cb",
+            "http://127.0.0.1:51234/cb",
+            "http://127.0.0.1/cb",
+            "http://[::1]:4000/native?app=1",
+            "http://localhost:9/cb",
+            "https://app.example/cb",
+        ] {
+            assert!(redirect_uri_registered(&registered, ok), "{ok}");
+        }
+        for bad in [
+            "http://127.0.0.1:51234/cb/other",
+            "http://127.0.0.1:51234/cb?x=1",
+            "http://127.0.0.2:9/cb",
+            "http://[::1]:4000/native",
+            "http://localhost:51234/cb",
+            "https://127.0.0.1:9/cb",
+            "https://app.example:8443/cb",
+            "http://127.0.0.1:51234/cb#x",
+        ] {
+            assert!(!redirect_uri_registered(&registered, bad), "{bad}");
         }
     }
 

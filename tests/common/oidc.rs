@@ -262,6 +262,13 @@ pub async fn authorize(
             .await;
     }
     assert_eq!(page.status, 303, "expected the redirect back: {page:?}");
+    let back_to_app = format!("{}?", request.client.redirect_uri);
+    assert!(
+        page.location
+            .as_deref()
+            .is_some_and(|l| l.starts_with(&back_to_app)),
+        "expected the redirect to {back_to_app}: {page:?}"
+    );
     let params = page.redirect_params();
     assert_eq!(params.get("state").map(String::as_str), Some(request.state));
     params
