@@ -101,7 +101,7 @@ async fn bad_requests_get_errors_and_the_connection_lives_on() {
         "x".repeat(3000)
     )))
     .await;
-    expect_error(&mut ws, "frame_too_large", Value::Null).await;
+    expect_error(&mut ws, "frame_too_large", json!(1)).await;
 
     // After all that, the session still reads and writes.
     let r = ws.request(json!({"op": "read", "type": "posts"})).await;
@@ -170,21 +170,25 @@ async fn limits_on_rate_subscriptions_and_auth_time() {
     );
     let c = ws.request(json!({"op": "read", "type": "other"})).await;
     assert_eq!(c["error"]["code"], "too_many_subscriptions");
-    // Burst past the rate: some requests are refused with `rate_limited`.
+    // Burst past the rate: some requests are refused with `rate_limited`, each reply naming its
+    // request, so every request is settled once.
     for i in 0..10 {
         ws.send(json!({"id": 100 + i, "op": "ping"})).await;
     }
-    let mut limited = 0;
-    let mut answered = 0;
-    while answered + limited < 10 {
+    let mut limited = std::collections::BTreeSet::new();
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() + limited.len() < 10 {
         let f = ws.next().await;
+        let re = f["re"].as_u64().unwrap_or_else(|| panic!("no id in {f}"));
         if f["error"]["code"] == "rate_limited" {
-            limited += 1;
+            assert!(limited.insert(re), "{f}");
         } else if f["pong"] == true {
-            answered += 1;
+            assert!(answered.insert(re), "{f}");
         }
     }
-    assert!(limited >= 1, "the burst was not limited");
+    assert!(!limited.is_empty(), "the burst was not limited");
+    let settled: Vec<u64> = answered.union(&limited).copied().collect();
+    assert_eq!(settled, (100..110).collect::<Vec<u64>>());
     ws.close().await;
 
     // A connection that never authenticates is closed after the auth timeout.

@@ -67,6 +67,9 @@ impl FrameError {
     }
 }
 
+/// How much room a frame's header makes the buffer reserve ahead of its payload's bytes.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 /// The read side of one connection.
 #[derive(Debug)]
 pub struct Inbound {
@@ -129,8 +132,11 @@ impl Inbound {
             // Within max_message, so it fits a usize.
             let end = header_len + length as usize;
             if self.buffered.len() < end {
-                // Room for the rest of this frame at once, not by repeated doubling.
-                self.buffered.reserve(end - self.buffered.len());
+                // Room for the rest of this frame at once, not by repeated doubling — up to
+                // RESERVE_AHEAD: the header alone must not make a peer that has not even
+                // authenticated allocate a whole `max_message`; more room comes as bytes do.
+                self.buffered
+                    .reserve((end - self.buffered.len()).min(RESERVE_AHEAD));
                 return Ok(None);
             }
             let mut payload = self.buffered[header_len..end].to_vec();
@@ -284,6 +290,27 @@ mod tests {
                 "no buffer held between messages"
             );
         }
+    }
+
+    #[test]
+    fn a_large_frame_header_reserves_room_only_as_its_payload_arrives() {
+        let payload = vec![b'x'; 900_000];
+        let wire = client_frame(true, 0x2, &payload);
+        let mut inbound = Inbound::new(1_000_000);
+        inbound.extend(&wire[..14]);
+        assert_eq!(inbound.next_message().unwrap(), None);
+        assert!(
+            inbound.buffered.capacity() <= 14 + RESERVE_AHEAD,
+            "a header alone reserved {} bytes",
+            inbound.buffered.capacity()
+        );
+        for chunk in wire[14..].chunks(16 * 1024) {
+            inbound.extend(chunk);
+        }
+        assert_eq!(
+            inbound.next_message().unwrap(),
+            Some(Message::Binary(payload))
+        );
     }
 
     #[test]

@@ -400,7 +400,7 @@ fn admit(
     let config = &app.config.ws;
     if text.len() > config.max_frame_bytes {
         let _ = outbox.send(error_frame(
-            &serde_json::Value::Null,
+            &refused_request_id(text),
             "frame_too_large",
             &format!("frames are limited to {} bytes", config.max_frame_bytes),
         ));
@@ -408,7 +408,7 @@ fn admit(
     }
     if !bucket.allow(Instant::now()) {
         let _ = outbox.send(error_frame(
-            &serde_json::Value::Null,
+            &refused_request_id(text),
             "rate_limited",
             &format!(
                 "at most {} requests per second; retry in {:?}",
@@ -419,6 +419,24 @@ fn admit(
         return None;
     }
     session.take()
+}
+
+/// The `id` of a request refused before the session reads it (too large, over the rate), so
+/// that its reply names it like any other and the client's pending request is settled: a string
+/// or a number at the top level, otherwise (not JSON, no or another kind of `id`) `null`. The
+/// other fields are skipped unread.
+fn refused_request_id(text: &[u8]) -> serde_json::Value {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: serde_json::Value,
+    }
+    match serde_json::from_slice::<IdOnly>(text) {
+        Ok(IdOnly {
+            id: id @ (serde_json::Value::String(_) | serde_json::Value::Number(_)),
+        }) => id,
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// Reads what the socket holds (one chunk at most) into `inbound`; the number of bytes, 0 at the
