@@ -178,6 +178,9 @@ pub struct QueryConfig {
     pub max_clauses: usize,
     pub max_live_queries: usize,
     pub max_window_bytes: usize,
+    pub connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 impl QueryConfig {
@@ -457,6 +460,9 @@ impl Config {
         if self.ws.requests_per_second == 0 {
             return invalid("ws.requests_per_second", "must be at least 1");
         }
+        if self.query.connections == 0 {
+            return invalid("query.connections", "must be at least 1");
+        }
         if self.query.max_limit == 0
             || self.query.default_limit == 0
             || self.query.default_limit > self.query.max_limit
@@ -503,6 +509,7 @@ impl Config {
             ("http.body_read_timeout", self.http.body_read_timeout),
             ("ws.attenuation_recheck", self.ws.attenuation_recheck),
             ("ws.write_timeout", self.ws.write_timeout),
+            ("query.statement_timeout", self.query.statement_timeout),
             ("identity.access_token_ttl", id.access_token_ttl),
             ("identity.id_token_ttl", id.id_token_ttl),
             ("identity.refresh_token_ttl", id.refresh_token_ttl),

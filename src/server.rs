@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::embedded_db::{EmbeddedDbError, EmbeddedPostgres};
 use crate::feed::listener::{ChangeSink, FeedListener, ListenerSettings};
 use crate::feed::{Feed, FeedError};
-use crate::store::{Batching, Store, StoreError};
+use crate::store::{Batching, QueryPool, Store, StoreError};
 use crate::ws::connection::CALL_TYPE;
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,10 @@ impl Database {
                     .database
                     .readers
                     .here(config.database.max_connections),
+            },
+            QueryPool {
+                connections: config.query.connections,
+                statement_timeout: config.query.statement_timeout,
             },
         )
         .await;

@@ -22,6 +22,10 @@ async fn migrated_pool() -> (String, PgPool) {
         Duration::from_secs(5),
         vibe::store::Batching::default(),
         vibe::store::Batching::default(),
+        vibe::store::QueryPool {
+            connections: 1,
+            statement_timeout: Duration::from_secs(10),
+        },
     )
     .await
     .unwrap();

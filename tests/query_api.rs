@@ -1508,3 +1508,43 @@ async fn pages_are_bounded_in_bytes_too() {
     );
     s.finish().await;
 }
+
+/// A one-shot query that runs past `query.statement_timeout` is cancelled by PostgreSQL and
+/// answered `query_timeout` (503 over REST, and over `readOnce`); the documents API goes on, its
+/// writes and reads by id on a pool of their own.
+#[tokio::test]
+async fn a_query_past_its_statement_timeout_is_cancelled() {
+    let s = TestServer::start_with(&[("query.statement_timeout", "\"1ms\"")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    // Enough rows that an unindexed scan and sort takes well past a millisecond.
+    let pool = sqlx::PgPool::connect(&s.db_url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, data) \
+         SELECT gen_random_uuid(), $1, 'posts', jsonb_build_object('n', g, 'pad', repeat('x', 100)) \
+         FROM generate_series(1, 50000) g",
+    )
+    .bind(ALICE)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let slow =
+        json!({"type": "posts", "where": {"data.pad": {"startsWith": "y"}}, "sort": ["data.n"]});
+
+    let (status, answer) = s.query(&alice, &slow).await;
+    assert_error(status, &answer, (503, "query_timeout", None), &slow);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let mut once = slow.clone();
+    once["op"] = json!("readOnce");
+    let reply = ws.request(once).await;
+    assert_eq!(reply["error"]["code"], "query_timeout", "{reply}");
+    let pong = ws.request(json!({"op": "ping"})).await;
+    assert_eq!(pong["pong"], true, "the connection lives on: {pong}");
+    ws.close().await;
+
+    let created = s.post(&alice, "posts", json!({"data": {"n": 0}})).await;
+    let id = created["id"].as_str().unwrap();
+    let (status, read) = s.get_json(&alice, &format!("/v1/docs/posts/{id}")).await;
+    assert_eq!((status, &read["data"]), (200, &json!({"n": 0})));
+    s.finish().await;
+}

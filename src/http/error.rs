@@ -126,6 +126,12 @@ impl From<StoreError> for ApiError {
                     "the document cannot be stored ({reason}): strings and keys may not contain \\u0000"
                 ),
             ),
+            StoreError::QueryTimeout => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "query_timeout",
+                "the query ran past query.statement_timeout and was cancelled; narrow it, or \
+                 ask the operator for an index (docs/queries.md)",
+            ),
             StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 ApiError::new(

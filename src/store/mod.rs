@@ -70,6 +70,9 @@ pub enum StoreError {
     Unstorable(String),
     #[error("the database is unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// A query ran past `query.statement_timeout` and PostgreSQL cancelled it.
+    #[error("the query ran past its statement timeout")]
+    QueryTimeout,
     #[error("database error: {0}")]
     Database(sqlx::Error),
     #[error("migration failed: {0}")]
@@ -91,6 +94,10 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::Unavailable(e)
             }
+            // query_canceled: here only by statement_timeout (nothing else cancels statements).
+            sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57014") => {
+                StoreError::QueryTimeout
+            }
             // untranslatable_character: jsonb refuses `\u0000`, which JSON itself allows.
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("22P05") => {
                 StoreError::Unstorable(db.message().to_owned())
@@ -111,10 +118,24 @@ const DOC_COLUMNS: &str = doc_columns!();
 
 pub use batch::Batching;
 
+/// The pool the queries clients compose run on (`POST /v1/query`, `readOnce`, `expand`, the
+/// query plan): apart from the pool of writes and reads by id, so slow queries hold at most
+/// `connections` and cannot starve those; PostgreSQL cancels each of its statements after
+/// `statement_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryPool {
+    pub connections: u32,
+    pub statement_timeout: Duration,
+}
+
 /// Pool and statements over the documents schema.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// See [`QueryPool`].
+    queries: PgPool,
+    /// `query.statement_timeout` in milliseconds, also set for live-query loads.
+    statement_timeout_ms: u128,
     /// Told after every committed write, so this node's feed reader makes a tick at once.
     waker: FeedWaker,
     /// Shapes and latencies of the queries run (index governance).
@@ -133,6 +154,7 @@ impl Store {
         acquire_timeout: Duration,
         create_batching: Batching,
         read_batching: Batching,
+        query_pool: QueryPool,
     ) -> Result<Self, StoreError> {
         // JIT compiles a plan in tens to hundreds of milliseconds once its cost estimate is
         // high (the change-feed reads can be): a latency cliff no OLTP query here wants.
@@ -142,6 +164,17 @@ impl Store {
             ("jit", "off"),
             ("default_transaction_isolation", "read committed"),
         ]);
+        let statement_timeout_ms = query_pool.statement_timeout.as_millis();
+        // Opened as queries come: most nodes serve few of them.
+        let queries = PgPoolOptions::new()
+            .test_before_acquire(false)
+            .max_connections(query_pool.connections)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(
+                options
+                    .clone()
+                    .options([("statement_timeout", format!("{statement_timeout_ms}ms"))]),
+            );
         let pool = PgPoolOptions::new()
             // sqlx pings a pooled connection before every use by default: one extra round trip
             // per request. A connection broken by a database restart fails its next query
@@ -160,6 +193,8 @@ impl Store {
         let reads = reads::Reads { pool: pool.clone() };
         Ok(Self {
             pool,
+            queries,
+            statement_timeout_ms,
             waker,
             shapes: Arc::default(),
             creates: batch::Batcher::new(creates, create_batching),
@@ -181,6 +216,7 @@ impl Store {
         self.creates.close();
         self.reads.close();
         self.pool.close().await;
+        self.queries.close().await;
     }
 
     /// Applies the embedded migrations that have not run yet.
@@ -447,17 +483,6 @@ impl Store {
 }
 
 impl Store {
-    /// The first `spec.limit + extra` documents of a query, in its order.
-    pub async fn query(&self, spec: &QuerySpec, extra: u32) -> Result<Vec<Document>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let limit = i64::from(spec.limit) + i64::from(extra);
-        let compiled = query::compile(spec, None, None, limit);
-        let (docs, _) = self
-            .run_recorded(&mut conn, spec, &compiled, usize::MAX)
-            .await?;
-        Ok(docs)
-    }
-
     /// Runs a compiled query (its rows up to `budget` bytes, see [`fetch_within`]) and records
     /// its shape and latency.
     async fn run_recorded(
@@ -486,7 +511,7 @@ impl Store {
         caller: &str,
         analyze: bool,
     ) -> Result<serde_json::Value, StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.queries.acquire().await?;
         let compiled = query::compile(spec, Some(caller), None, i64::from(spec.limit) + 1);
         query::explain(&mut conn, &compiled, analyze).await
     }
@@ -501,7 +526,7 @@ impl Store {
         after: Option<&Keyset>,
         budget: usize,
     ) -> Result<(Vec<Document>, bool), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.queries.acquire().await?;
         let limit = i64::from(spec.limit);
         let compiled = query::compile(spec, Some(caller), after, limit + 1);
         let (mut docs, cut) = self
@@ -519,7 +544,7 @@ impl Store {
         ids: &[Uuid],
         budget: usize,
     ) -> Result<Option<Vec<Document>>, StoreError> {
-        let (rows, cut) = fetch_within(by_ids(ids), &self.pool, budget).await?;
+        let (rows, cut) = fetch_within(by_ids(ids), &self.queries, budget).await?;
         if cut {
             return Ok(None);
         }
@@ -539,7 +564,8 @@ impl Store {
             .await?;
         // A live query's load runs inside its actor: bound it, so one pathological query cannot
         // hold up its document type (and, through the page budget, the feed) for long.
-        sqlx::query("SET LOCAL statement_timeout = '10s'")
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(format!("{}ms", self.statement_timeout_ms))
             .execute(&mut *tx)
             .await?;
         // The first statement fixes the transaction's snapshot; the query below reads in it.
