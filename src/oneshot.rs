@@ -120,7 +120,7 @@ pub async fn query_page(
         ids.truncate(app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND);
         let found = app
             .store
-            .fetch_many(&ids, budget)
+            .fetch_readable(&ids, caller, budget)
             .await?
             .ok_or(OneShotError::ExpansionTooLarge(budget))?;
         let held = if found

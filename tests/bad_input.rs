@@ -372,6 +372,27 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
         case("put not found", M::PUT, &missing, S::NOT_FOUND, "not_found")
             .token(&alice)
             .json(r#"{"data": {}}"#),
+        // A body that is wrong by itself is refused before the stored document is looked at:
+        // neither a missing document nor a stale revision hides it.
+        case(
+            "patch data not an object, not found",
+            M::PATCH,
+            &missing,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .json(r#"{"data": 5}"#),
+        case(
+            "patch acl not an object, stale",
+            M::PATCH,
+            &item,
+            S::BAD_REQUEST,
+            "invalid_body",
+        )
+        .token(&alice)
+        .header("if-match", "\"0\"")
+        .json(r#"{"acl": [1]}"#),
         case(
             "delete not found",
             M::DELETE,

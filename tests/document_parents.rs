@@ -421,6 +421,60 @@ async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
     s.finish().await;
 }
 
+/// A create under someone else's parent that waited for the parent's lock is dated when it is
+/// written, not when it began to wait: it lists newer than a create that committed meanwhile, so
+/// a client paging newest-first from the head, or polling for what is newer than the head, does
+/// not pass over it.
+#[tokio::test]
+async fn a_create_that_waited_for_its_parent_is_dated_when_written() {
+    let s = TestServer::start().await;
+    let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
+    let room = s
+        .post(
+            &alice,
+            "rooms",
+            json!({"data": {}, "acl": {"read": {"allow": [BOB]}, "create": {"allow": [BOB]}}}),
+        )
+        .await;
+    let room_id = room["id"].clone();
+    let sql = s.sql().await;
+    let mut hold = sql.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM documents WHERE id = $1 FOR UPDATE")
+        .bind(room_id.as_str().unwrap().parse::<Uuid>().unwrap())
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let waiting = spawned(
+        s.client
+            .post(s.url("/v1/docs/msgs"))
+            .bearer_auth(&bob)
+            .json(&json!({"parent": room_id, "data": {"n": 1}})),
+    );
+    lock_waiters(&s, 1).await;
+    let (status, _) = send(
+        &s,
+        reqwest::Method::POST,
+        &bob,
+        "msgs",
+        &json!({"data": {"n": 2}}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    hold.commit().await.unwrap();
+    assert_eq!(waiting.await.unwrap(), 201);
+
+    let (status, listed) = send(&s, reqwest::Method::GET, &bob, "msgs", &Value::Null).await;
+    assert_eq!(status, 200, "{listed}");
+    let newest_first: Vec<&Value> = listed["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["data"]["n"])
+        .collect();
+    assert_eq!(newest_first, [&json!(1), &json!(2)], "{listed}");
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn queries_and_live_queries_select_by_parent() {
     let s = TestServer::start().await;

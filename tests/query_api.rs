@@ -164,7 +164,7 @@ async fn malformed_bodies_are_bad_requests() {
         let answer: Value = r.json().await.unwrap();
         assert_eq!(answer["error"]["code"], "bad_json", "{raw:?}: {answer}");
     }
-    // JSON, but not a query's shape.
+    // JSON, but not a query's shape: refused like any body of the wrong shape.
     for raw in [
         "[1, 2]",
         "{}",
@@ -179,7 +179,7 @@ async fn malformed_bodies_are_bad_requests() {
         let r = send(raw).await.unwrap();
         assert_eq!(r.status(), 400, "{raw}");
         let answer: Value = r.json().await.unwrap();
-        assert!(answer["error"]["code"].is_string(), "{raw}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_body", "{raw}: {answer}");
     }
     // Not sent as JSON.
     let r = s
@@ -1506,6 +1506,33 @@ async fn pages_are_bounded_in_bytes_too() {
         (400, Some("page_too_large")),
         "{body}"
     );
+
+    // Only what the caller may read counts: Bob's large private documents, named by Alice's
+    // link, neither pass the budget nor come back (so their size tells her nothing).
+    let bob = s.token(BOB, &["*"]);
+    let mut named = Vec::new();
+    for _ in 0..2 {
+        let private = s
+            .post(&bob, "posts", json!({"data": {"filler": filler}}))
+            .await;
+        named.push(private["id"].clone());
+    }
+    let public = s
+        .post(
+            &bob,
+            "posts",
+            json!({"acl": {"read": {"allow": ["*"]}}, "data": {"n": "public"}}),
+        )
+        .await;
+    named.push(public["id"].clone());
+    s.post(&alice, "refs", json!({"data": {"to": named}})).await;
+    let page = query_ok(&s, &alice, &json!({"type": "refs", "expand": ["data.to"]})).await;
+    let expanded: Vec<&String> = page["expanded"]
+        .as_object()
+        .unwrap_or_else(|| panic!("`expanded` is an object: {page}"))
+        .keys()
+        .collect();
+    assert_eq!(expanded, [public["id"].as_str().unwrap()], "{page}");
     s.finish().await;
 }
 

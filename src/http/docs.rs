@@ -116,6 +116,21 @@ pub(super) async fn patch(
             format!("`{key}` cannot be patched; only `data` and `acl` are writable"),
         ));
     }
+    // What the patch alone decides is checked before the stored document is: merged into an
+    // object, a `data` that is no object (null removes it) replaces it with no object, and an
+    // `acl` that is neither an object nor null (the default ACL) is no ACL.
+    if let Some(data) = fields.get("data") {
+        check_data(data)?;
+    }
+    if fields
+        .get("acl")
+        .is_some_and(|acl| !acl.is_object() && !acl.is_null())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "`acl` must be a JSON object (or null for the default ACL)",
+        ));
+    }
     let doc = app
         .store
         .modify(&claims.subject, doc_type, id, expected_rev, |current| {

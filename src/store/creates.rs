@@ -139,9 +139,13 @@ pub(super) async fn insert_one(
     connection: &mut PgConnection,
     row: NewRow,
 ) -> Result<Document, StoreError> {
+    // Dated by the clock when the row is written, not by the transaction's start: a create
+    // under a parent may have waited for the parent's lock, and a date from before that wait
+    // would list it behind creates that committed meanwhile (a client paging or polling from
+    // the newest would pass over it).
     let inserted = sqlx::query(
-        "INSERT INTO documents (id, owner_did, type, parent, acl, data) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
+        "INSERT INTO documents (id, owner_did, type, parent, acl, data, created_at, updated_at) \
+         SELECT $1, $2, $3, $4, $5, $6, written, written FROM clock_timestamp() AS written \
          ON CONFLICT (id) DO NOTHING RETURNING rev, created_at, updated_at",
     )
     .bind(row.id)

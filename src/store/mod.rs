@@ -537,14 +537,31 @@ impl Store {
         Ok((docs, more))
     }
 
-    /// The documents with these ids (any type, any owner; callers apply the ACL); None if they
-    /// hold more than `budget` bytes.
-    pub async fn fetch_many(
+    /// The documents with these ids that `caller` may read by their ACL (any type: callers
+    /// check the token's scopes and evaluate the ACL again); None if they hold more than
+    /// `budget` bytes. The read rule runs in the SQL, so documents the caller may not read are
+    /// neither fetched nor counted against the budget (which would tell their size).
+    pub async fn fetch_readable(
         &self,
         ids: &[Uuid],
+        caller: &str,
         budget: usize,
     ) -> Result<Option<Vec<Document>>, StoreError> {
-        let (rows, cut) = fetch_within(by_ids(ids), &self.queries, budget).await?;
+        // The rule of `Acl::allows` over the summary columns, as the shared and global queries
+        // have it (src/store/query.rs): the owner, or allowed (publicly, by DID or by held
+        // certificates) and not denied.
+        let query = sqlx::query(concat!(
+            "SELECT ",
+            doc_columns!(),
+            " FROM documents WHERE id = ANY($1) AND (owner_did = $2 OR (\
+             (read_public OR read_allow_dids @> ARRAY[$2]::text[] \
+              OR (read_predicates AND vibe_acl_preds_hold(acl, 'read', 'allow', $2))) \
+             AND NOT read_deny_public AND NOT ($2 = ANY(read_deny_dids)) \
+             AND NOT (read_predicates AND vibe_acl_preds_hold(acl, 'read', 'deny', $2))))"
+        ))
+        .bind(ids)
+        .bind(caller);
+        let (rows, cut) = fetch_within(query, &self.queries, budget).await?;
         if cut {
             return Ok(None);
         }
