@@ -35,6 +35,32 @@ impl Cursor {
     pub fn event(self, sub: u32) -> Self {
         Self { sub, ..self }
     }
+
+    /// The first position after every event the change at this position caused itself, and
+    /// before the next change: where the events of a certificate change's (or expiry's)
+    /// re-evaluation go, so they never share a position with a change's own events.
+    pub fn after_events(self) -> Self {
+        self.event(AFTER_EVENTS)
+    }
+}
+
+/// Far above the events one change causes in a live query (an `add`, a `remove`, a window's
+/// refill: at most a window's `limit` plus two).
+const AFTER_EVENTS: u32 = 1 << 31;
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn events_after_a_change_come_before_the_next_change() {
+        let change = Cursor::new(7, 41);
+        let after = change.after_events();
+        assert!(after > change.event(10_000));
+        assert!(after < Cursor::new(7, 42));
+        assert!(Cursor::after_batch(7).after_events() < Cursor::new(8, 1));
+        assert_eq!(after.to_string().parse::<Cursor>().ok(), Some(after));
+    }
 }
 
 impl fmt::Display for Cursor {

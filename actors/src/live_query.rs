@@ -162,7 +162,8 @@ pub struct CredentialsMsg {
     pub before: CertificateBook,
     /// The subjects whose holdings changed.
     pub subjects: Vec<String>,
-    /// The certificate change's position (or, for an expiry, the feed position then).
+    /// Where its events go: after the events of the certificate change (or, for an expiry, of
+    /// the last change routed), before the next change ([`Cursor::after_events`]).
     pub cursor: Cursor,
 }
 
@@ -476,12 +477,24 @@ impl LiveQueryState {
             Scope::Global => {}
         }
         let tests_certificates = |d: &&Document| d.acl.uses_certificates(Operation::Read);
-        if !self.window.docs().iter().any(|d| tests_certificates(&d)) {
+        let window_tests = self.window.docs().iter().any(|d| tests_certificates(&d));
+        // A replayed event is judged by the book at the resume, not the one at the event: for
+        // an ACL that tests certificates, a document denied then would be shown, or a `remove`
+        // dropped for a reader who since lost the right.
+        let replay_tests = self.replay.iter().any(|e| {
+            [&e.acl_before, &e.acl_after]
+                .into_iter()
+                .flatten()
+                .any(|acl| acl.uses_certificates(Operation::Read))
+        });
+        if window_tests || replay_tests {
+            // Frames for these events are per subscriber and not replayable: a resume from
+            // before this point gets a fresh snapshot.
+            self.forget_replay(self.replay_from.max(message.cursor));
+        }
+        if !window_tests {
             return Ok(());
         }
-        // Frames for these events are per subscriber and not replayable: a resume from before
-        // this point gets a fresh snapshot.
-        self.forget_replay(self.replay_from.max(message.cursor));
         let tested: Vec<&Document> = self
             .window
             .docs()
@@ -489,7 +502,12 @@ impl LiveQueryState {
             .filter(tests_certificates)
             .collect();
         for subscriber in self.subscribers.values() {
-            if !message.subjects.contains(&subscriber.caller) {
+            // One that resumed from further ahead got these frames from that node already.
+            if !message.subjects.contains(&subscriber.caller)
+                || subscriber
+                    .seen_up_to
+                    .is_some_and(|seen| seen >= message.cursor)
+            {
                 continue;
             }
             let caller = subscriber.caller.as_str();
@@ -551,9 +569,13 @@ impl LiveQueryState {
                 events.push(WindowEvent::Add(doc.clone()));
             }
         }
-        for (i, event) in events.into_iter().enumerate() {
-            self.emit(event, cursor.event(u32::try_from(i).unwrap_or(u32::MAX)));
+        let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        for (i, event) in (0..count).zip(events) {
+            self.emit(event, cursor.event(cursor.sub.saturating_add(i)));
         }
+        // As after a refill: the load may have absorbed changes a subscriber resumed from
+        // further ahead has not seen.
+        self.reset_subscribers_ahead(cursor, count);
         Ok(())
     }
 
@@ -602,10 +624,11 @@ impl LiveQueryState {
         Ok(())
     }
 
-    /// After a refill at `at` (which emitted `events` events): a subscriber that resumed from
-    /// a cursor at or past `at` (it came from a node further ahead) would have the refill's
-    /// events skipped as already seen, yet the load may have absorbed later changes it has not
-    /// seen, which then make no event of their own. It gets a `reset` with the window instead.
+    /// After a refill or reload at `at` (which emitted `events` events from there): a subscriber
+    /// that resumed from a cursor at or past `at` (it came from a node further ahead) would have
+    /// the refill's events skipped as already seen, yet the load may have absorbed later changes
+    /// it has not seen, which then make no event of their own. It gets a `reset` with the window
+    /// instead.
     fn reset_subscribers_ahead(&mut self, at: Cursor, events: u32) {
         let ahead: Vec<Arc<Subscriber>> = self
             .subscribers
@@ -618,7 +641,7 @@ impl LiveQueryState {
         }
         // Everyone else gets the refill's events first.
         self.flush();
-        let cursor = at.event(events.saturating_sub(1));
+        let cursor = at.event(at.sub.saturating_add(events.saturating_sub(1)));
         for subscriber in ahead {
             let frame = self.reset_frame(&subscriber.caller, cursor);
             let _ = subscriber.outbox.send(frame);

@@ -342,7 +342,9 @@ impl RealtimeState {
             book: self.book.clone(),
             before,
             subjects,
-            cursor,
+            // After the events of the change at `cursor` (the certificate change itself, or the
+            // last change routed before an expiry), which a live query may have sent already.
+            cursor: cursor.after_events(),
         });
         for t in self.types.values() {
             let _ = t.actor.cast(DocTypeMsg::Credentials(message.clone()));

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
+use vibe_actors::certs::{Certificate, CertificateBook};
 use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
 use vibe_actors::live_query::{
-    BoxFuture, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ReplayLimit, ResyncMsg, Snapshot,
-    SnapshotSource, Subscriber,
+    BoxFuture, CredentialsMsg, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ReplayLimit, ResyncMsg,
+    Snapshot, SnapshotSource, Subscriber,
 };
 use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
@@ -455,5 +456,94 @@ async fn a_resync_applies_the_certificates_read_again() {
     let reset = next(&mut rx);
     assert_eq!(reset["event"], "reset", "{reset}");
     assert_eq!(reset["docs"].as_array().unwrap().len(), 1, "{reset}");
+    actor.stop();
+}
+
+/// `subject`'s certificates changed to `held` (issued by OWNER), re-evaluated after the events of
+/// the change at `at`.
+fn credentials(subject: &str, held: &[&str], at: Cursor) -> LiveQueryMsg {
+    let certificates = held
+        .iter()
+        .zip(100u128..)
+        .map(|(cert_type, n)| Certificate {
+            id: Uuid::from_u128(n),
+            issuer: OWNER.into(),
+            subject: subject.into(),
+            cert_type: (*cert_type).into(),
+            expires_at: None,
+        });
+    LiveQueryMsg::Credentials(Arc::new(CredentialsMsg {
+        book: CertificateBook::new(certificates, Utc::now()),
+        before: CertificateBook::default(),
+        subjects: vec![subject.into()],
+        cursor: at.after_events(),
+    }))
+}
+
+/// Replayed events are judged by the certificates held at the resume, not at the event: once
+/// certificates change, a resume from before that gets a fresh snapshot if a kept event's ACL
+/// tests certificates — here a `remove` that Bob, blocked since, would otherwise never get.
+#[tokio::test]
+async fn a_certificate_change_ends_the_replay_of_events_whose_acl_tests_certificates() {
+    let unless_blocked =
+        json!({"read": {"allow": ["*"], "deny": [[{"issuer": OWNER, "type": "blocked"}]]}});
+    let gone = doc(1, unless_blocked);
+    let query = json!({"type": "posts", "global": true});
+    let actor = start(query, BOB, vec![gone.clone()], Cursor::new(2, 0)).await;
+    let mut first = subscribe(&actor, 1, BOB, None, Cursor::new(2, 0)).await;
+    assert_eq!(next(&mut first)["docs"][0]["id"], json!(gone.id));
+    feed_page(&actor, vec![delete(&gone, 150, 1)], Cursor::new(3, 0)).await;
+    assert_eq!(next(&mut first)["event"], "remove");
+    actor
+        .cast(credentials(BOB, &["blocked"], Cursor::new(3, 0)))
+        .unwrap();
+    // Bob's other connection missed the delete and resumes from before it.
+    let mut second = subscribe(&actor, 2, BOB, Some(Cursor::new(2, 0)), Cursor::new(3, 0)).await;
+    let reply = next(&mut second);
+    assert_eq!(
+        (&reply["resumed"], &reply["docs"]),
+        (&json!(false), &json!([])),
+        "{reply}"
+    );
+    actor.stop();
+}
+
+/// A shared query reloads when its caller's certificates change: the others get the difference
+/// after the change's own events, and a subscriber that resumed from further ahead than the
+/// reload a `reset`, as after a refill (the load may hold changes it has not seen).
+#[tokio::test]
+async fn a_shared_reload_resets_a_subscriber_resumed_from_further_ahead() {
+    let for_bob = doc(1, json!({"read": {"allow": [BOB]}}));
+    let query = json!({"type": "posts", "shared": true});
+    let actor = start(query, BOB, vec![for_bob.clone()], Cursor::new(2, 0)).await;
+    let mut here = subscribe(&actor, 1, BOB, None, Cursor::new(2, 0)).await;
+    assert_eq!(next(&mut here)["docs"][0]["id"], json!(for_bob.id));
+    let mut ahead = subscribe(&actor, 2, BOB, Some(Cursor::new(4, 0)), Cursor::new(2, 0)).await;
+    assert_eq!(next(&mut ahead)["resumed"], true);
+    // Deleted; then a certificate change, whose reload (the source still holds the document)
+    // brings it back.
+    feed_page(&actor, vec![delete(&for_bob, 150, 1)], Cursor::new(3, 0)).await;
+    let removed = next(&mut here);
+    assert_eq!(removed["event"], "remove", "{removed}");
+    actor
+        .cast(credentials(BOB, &["friend-of"], Cursor::new(2, 1)))
+        .unwrap();
+    let _after = subscribe(&actor, 3, BOB, None, Cursor::new(3, 0)).await;
+    let added = next(&mut here);
+    assert_eq!(added["event"], "add", "{added}");
+    let cursor = |frame: &Value| frame["cursor"].as_str().unwrap().parse::<Cursor>().unwrap();
+    assert!(
+        cursor(&added) > cursor(&removed),
+        "the reload's events follow the change's own: {added}"
+    );
+    let reset = next(&mut ahead);
+    assert_eq!(
+        (
+            reset["event"].as_str(),
+            reset["docs"].as_array().map(Vec::len)
+        ),
+        (Some("reset"), Some(1)),
+        "{reset}"
+    );
     actor.stop();
 }
