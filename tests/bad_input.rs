@@ -727,6 +727,26 @@ async fn silent_and_slow_connections_are_closed() {
     let answer = until_closed(&mut slow_body, "slow body").await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
+
+    // HTTP/2 (prior knowledge): after its request, a connection that sends no other is closed
+    // with a GOAWAY, which ends the client's side of it cleanly.
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let health = http::Request::get(format!("http://{addr}/health"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = h2.send_request(health).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(response);
+    tokio::time::timeout(Duration::from_secs(60), connection)
+        .await
+        .expect("the server never closed the idle HTTP/2 connection")
+        .unwrap()
+        .expect("closed with a GOAWAY, not torn down");
     assert_no_documents(&s).await;
     s.finish().await;
 }

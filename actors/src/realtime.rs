@@ -92,11 +92,15 @@ pub enum RealtimeMsg {
     Subscribe(SubscribeRequest),
     /// Releases one `read` of subscription `sub` (to `spec`) by `conn_id`. A subscription that
     /// ended (its live query failed for good) is not released twice: a new live query for the
-    /// same spec has another id.
+    /// same spec has another id. A live query left without subscribers lingers
+    /// (`RealtimeConfig::linger`, for a client that reconnects and resumes) only if `linger`:
+    /// the connection ended, rather than the client asked to stop — so a client cannot keep
+    /// thousands of queries alive by subscribing and unsubscribing in a loop.
     Unsubscribe {
         spec: Arc<QuerySpec>,
         sub: Arc<str>,
         conn_id: u64,
+        linger: bool,
     },
     /// Fault injection for tests: make the live query for `spec` fail.
     CrashQuery(QuerySpec),
@@ -244,9 +248,19 @@ impl Actor for Realtime {
                     t.actor.stop(None);
                 }
             }
-            RealtimeMsg::Unsubscribe { spec, sub, conn_id } => {
+            RealtimeMsg::Unsubscribe {
+                spec,
+                sub,
+                conn_id,
+                linger,
+            } => {
                 if let Some(t) = state.types.get(&spec.doc_type) {
-                    let _ = t.actor.cast(DocTypeMsg::Unsubscribe { spec, sub, conn_id });
+                    let _ = t.actor.cast(DocTypeMsg::Unsubscribe {
+                        spec,
+                        sub,
+                        conn_id,
+                        linger,
+                    });
                 }
             }
             RealtimeMsg::CrashQuery(spec) => {
@@ -388,6 +402,7 @@ pub enum DocTypeMsg {
         spec: Arc<QuerySpec>,
         sub: Arc<str>,
         conn_id: u64,
+        linger: bool,
     },
     CrashQuery(QuerySpec),
     Stats(RpcReplyPort<(usize, usize)>),
@@ -502,17 +517,24 @@ impl Actor for DocType {
                 state.subscribes += 1;
                 state.subscribe(&myself, request);
             }
-            DocTypeMsg::Unsubscribe { spec, sub, conn_id } => {
+            DocTypeMsg::Unsubscribe {
+                spec,
+                sub,
+                conn_id,
+                linger,
+            } => {
                 let current = state
                     .ids
                     .get(&spec)
                     .copied()
                     .filter(|id| state.entries.get(id).is_some_and(|e| e.sub_id == sub));
                 if let Some(id) = current {
-                    state.release(&myself, id, conn_id);
+                    state.release(&myself, id, conn_id, linger);
                 }
             }
-            DocTypeMsg::SubscribeFailed { id, conn_id } => state.release(&myself, id, conn_id),
+            DocTypeMsg::SubscribeFailed { id, conn_id } => {
+                state.release(&myself, id, conn_id, false);
+            }
             DocTypeMsg::Expire { id, generation } => state.expire(id, generation),
             DocTypeMsg::Resync(position, book) => {
                 state.position = position;
@@ -569,8 +591,8 @@ impl Actor for DocType {
 
 impl DocTypeState {
     /// Drops one reference of `conn_id` to live query `id`; a query left without subscribers
-    /// stops after the linger.
-    fn release(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId, conn_id: u64) {
+    /// stops after the linger if `linger`, else at once.
+    fn release(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId, conn_id: u64, linger: bool) {
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
@@ -584,7 +606,11 @@ impl DocTypeState {
         if entry.subscribers.is_empty() {
             entry.idle_generation += 1;
             let generation = entry.idle_generation;
-            let linger = self.config.linger;
+            let linger = if linger {
+                self.config.linger
+            } else {
+                Duration::ZERO
+            };
             if linger.is_zero() {
                 self.expire(id, generation);
             } else {

@@ -34,6 +34,11 @@ impl SnapshotSource for Empty {
 }
 
 async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
+    root_lingering(max_live_queries, Duration::ZERO).await
+}
+
+/// A root whose live queries left without subscribers linger for `linger`.
+async fn root_lingering(max_live_queries: usize, linger: Duration) -> ActorRef<RealtimeMsg> {
     let config = RealtimeConfig {
         source: Arc::new(Empty),
         replay: ReplayLimit {
@@ -41,7 +46,7 @@ async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
             bytes: 1 << 20,
         },
         window_bytes: 1 << 20,
-        linger: Duration::ZERO,
+        linger,
         max_live_queries,
         live_queries: Arc::default(),
     };
@@ -78,14 +83,26 @@ async fn subscribe(
     (answer.map_err(|e| e.to_string()), rx)
 }
 
-fn unsubscribe(realtime: &ActorRef<RealtimeMsg>, spec: &Arc<QuerySpec>, sub: &Arc<str>, conn: u64) {
+/// Releases `conn`'s subscription `sub`: an `unsub`, or with `linger` the connection's end.
+fn release(
+    realtime: &ActorRef<RealtimeMsg>,
+    spec: &Arc<QuerySpec>,
+    sub: &Arc<str>,
+    conn: u64,
+    linger: bool,
+) {
     realtime
         .cast(RealtimeMsg::Unsubscribe {
             spec: spec.clone(),
             sub: sub.clone(),
             conn_id: conn,
+            linger,
         })
         .unwrap();
+}
+
+fn unsubscribe(realtime: &ActorRef<RealtimeMsg>, spec: &Arc<QuerySpec>, sub: &Arc<str>, conn: u64) {
+    release(realtime, spec, sub, conn, false);
 }
 
 /// The next frame queued on `rx`.
@@ -200,5 +217,22 @@ async fn unsubscribing_an_ended_subscription_leaves_its_successor_alone() {
     unsubscribe(&realtime, &posts, &ended, 1);
     // Stats asks the type actor after the root forwarded the unsub to it: handled in order.
     assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 1));
+    realtime.stop(None);
+}
+
+/// A live query its last subscriber left by `unsub` stops at once; one whose last subscriber's
+/// connection ended lingers for a resume. So subscribing and unsubscribing in a loop does not
+/// leave a lingering live query behind each time.
+#[tokio::test]
+async fn only_a_connection_that_ended_leaves_its_live_query_lingering() {
+    let realtime = root_lingering(100, Duration::from_secs(3600)).await;
+    let (posts, notes) = (spec("posts"), spec("notes"));
+    let (unsubscribed, _rx1) = subscribe(&realtime, &posts, 1).await;
+    let (disconnected, _rx2) = subscribe(&realtime, &notes, 2).await;
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (2, 2));
+    unsubscribe(&realtime, &posts, &unsubscribed.unwrap(), 1);
+    release(&realtime, &notes, &disconnected.unwrap(), 2, true);
+    // Stats asks the type actors after the root forwarded the releases to them.
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 0));
     realtime.stop(None);
 }

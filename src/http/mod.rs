@@ -21,7 +21,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -137,7 +136,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a receiver: a send asks them to close gracefully, and the
+    // sender's `closed()` tells when the last one has ended.
+    let (stop, stopping) = tokio::sync::watch::channel(());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper applies no header timeout at all: a client that opens connections
     // and sends nothing (or a byte at a time) would hold them, and a file descriptor each,
@@ -163,25 +164,50 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let header_read_timeout = app.config.http.header_read_timeout;
-                // hyper's header timeout starts once it knows the protocol, and it learns that
-                // from the first bytes: a connection that sends none would wait forever.
-                let first_request = Arc::new(tokio::sync::Notify::new());
-                let on_request = first_request.clone();
+                let idle_timeout = app.config.http.header_read_timeout;
+                let activity = Arc::new(Activity::default());
+                let requests = activity.clone();
                 let service = hyper::service::service_fn(move |req| {
-                    on_request.notify_one();
-                    handle(app.clone(), peer, req)
+                    let running = requests.start();
+                    let app = app.clone();
+                    async move {
+                        let response = handle(app, peer, req).await;
+                        drop(running);
+                        response
+                    }
                 });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let mut stopping = stopping.clone();
                 tokio::spawn(async move {
                     tokio::pin!(conn);
-                    let ended = tokio::select! {
-                        ended = &mut conn => ended,
-                        () = first_request.notified() => conn.await,
-                        () = tokio::time::sleep(header_read_timeout) => {
-                            tracing::debug!(%peer, "no request within the header timeout");
-                            return;
+                    // hyper's header timeout covers an HTTP/1 connection only once it knows the
+                    // protocol (from the first bytes), and an HTTP/2 connection not at all: a
+                    // connection with no request running for `idle_timeout` is closed here —
+                    // dropped if it never made a request, else closed gracefully (GOAWAY), with
+                    // as long again to finish.
+                    let mut closing: Option<tokio::time::Instant> = None;
+                    let ended = loop {
+                        tokio::select! {
+                            ended = &mut conn => break ended,
+                            _ = stopping.changed(), if closing.is_none() => {
+                                conn.as_mut().graceful_shutdown();
+                                closing = Some(tokio::time::Instant::now() + grace);
+                            }
+                            () = activity.idle(idle_timeout), if closing.is_none() => {
+                                if !activity.served_any() {
+                                    tracing::debug!(%peer, "no request within the header timeout");
+                                    return;
+                                }
+                                conn.as_mut().graceful_shutdown();
+                                closing = Some(tokio::time::Instant::now() + idle_timeout);
+                            }
+                            () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)),
+                                if closing.is_some() => {
+                                tracing::debug!(%peer, "connection still open after closing");
+                                return;
+                            }
                         }
                     };
                     if let Err(e) = ended {
@@ -193,15 +219,65 @@ pub async fn serve(
         }
     }
     drop(listener);
+    drop(stopping);
     tracing::info!("stopped accepting; waiting for in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop.send(());
+    if tokio::time::timeout(grace, stop.closed()).await.is_err() {
         tracing::warn!(
             ?grace,
             "in-flight requests still running after the grace period"
         );
+    }
+}
+
+/// The requests of one connection: how many are running, whether any ran, and a signal for
+/// every start and end.
+#[derive(Debug, Default)]
+struct Activity {
+    running: std::sync::atomic::AtomicUsize,
+    served: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+/// A running request: counted until dropped (its handler finished or was cancelled).
+struct Running(Arc<Activity>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Running {
+        use std::sync::atomic::Ordering;
+        self.running.fetch_add(1, Ordering::SeqCst);
+        self.served.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        Running(self.clone())
+    }
+
+    fn served_any(&self) -> bool {
+        self.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once no request has run for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            // Registered before the count is read, so a start or end after it wakes this.
+            let changed = self.changed.notified();
+            if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(timeout) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
     }
 }
 

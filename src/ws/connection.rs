@@ -121,12 +121,14 @@ impl Session {
         }
         let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
         for sub in subs {
-            self.release_all(&sub);
+            // Its live queries linger for the client's reconnection and resume.
+            self.release_all(&sub, true);
         }
     }
 
-    /// Releases every `read` this connection holds of `sub`.
-    fn release_all(&mut self, sub: &Arc<str>) {
+    /// Releases every `read` this connection holds of `sub`; see
+    /// [`RealtimeMsg::Unsubscribe`] for `linger`.
+    fn release_all(&mut self, sub: &Arc<str>, linger: bool) {
         let Some((spec, refs)) = self.subs.remove(sub) else {
             return;
         };
@@ -136,6 +138,7 @@ impl Session {
                 spec: spec.clone(),
                 sub: sub.clone(),
                 conn_id: self.outbox.conn_id,
+                linger,
             });
         }
     }
@@ -500,7 +503,7 @@ impl Session {
             })
             .collect();
         for (sub, Failure(code, message)) in ended {
-            self.release_all(&sub);
+            self.release_all(&sub, false);
             let frame = vibe_actors::wire::subscription_error(&sub, code, &message);
             let _ = self.outbox.send(Bytes::from(frame));
         }
@@ -838,6 +841,7 @@ impl Session {
             spec,
             sub: Arc::from(sub),
             conn_id: self.outbox.conn_id,
+            linger: false,
         });
         Ok(Some(json!({})))
     }
