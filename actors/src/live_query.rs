@@ -22,6 +22,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -80,6 +81,8 @@ pub struct Subscriber {
 #[derive(Debug, Clone)]
 pub struct LiveQueryRef {
     mailbox: mpsc::UnboundedSender<LiveQueryMsg>,
+    /// Pages of changes sent and not yet handled (the one being handled included).
+    pages: Arc<AtomicUsize>,
 }
 
 /// The live query's task has ended.
@@ -89,7 +92,18 @@ pub struct Stopped;
 
 impl LiveQueryRef {
     pub fn cast(&self, message: LiveQueryMsg) -> Result<(), Stopped> {
-        self.mailbox.unbounded_send(message).map_err(|_| Stopped)
+        let page = matches!(message, LiveQueryMsg::Changes(_));
+        self.mailbox.unbounded_send(message).map_err(|_| Stopped)?;
+        if page {
+            self.pages.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// How many pages of changes wait for this query (the one it handles included): the type
+    /// actor stops sending more past a few (see `realtime::MAX_QUEUED_PAGES`).
+    pub fn pages_queued(&self) -> usize {
+        self.pages.load(Ordering::Relaxed)
     }
 
     /// Stops the query once the messages already queued are handled.
@@ -334,11 +348,12 @@ impl<T> ByConnection<T> {
 /// hold up its type.
 pub fn start(args: LiveQueryArgs, on_exit: impl FnOnce(Exit) + Send + 'static) -> LiveQueryRef {
     let (mailbox, messages) = mpsc::unbounded();
+    let pages = Arc::new(AtomicUsize::new(0));
     metrics::gauge!("vibe_live_queries").increment(1.0);
     // A panicking handler must not take the node down, nor leave its subscribers waiting for
     // events that never come: it fails like an error, and the supervisor restarts it. Built from
     // combinators rather than an async block, which would hold the loop's state twice.
-    let task = AssertUnwindSafe(run(Box::new(args), messages))
+    let task = AssertUnwindSafe(run(Box::new(args), messages, pages.clone()))
         .catch_unwind()
         .map(move |result| {
             let exit = match result {
@@ -350,7 +365,7 @@ pub fn start(args: LiveQueryArgs, on_exit: impl FnOnce(Exit) + Send + 'static) -
             on_exit(exit);
         });
     tokio::spawn(task);
-    LiveQueryRef { mailbox }
+    LiveQueryRef { mailbox, pages }
 }
 
 /// The query's task: the load, then one message at a time until every address is gone or one
@@ -358,6 +373,7 @@ pub fn start(args: LiveQueryArgs, on_exit: impl FnOnce(Exit) + Send + 'static) -
 async fn run(
     args: Box<LiveQueryArgs>,
     mut messages: mpsc::UnboundedReceiver<LiveQueryMsg>,
+    pages: Arc<AtomicUsize>,
 ) -> Result<(), LiveQueryError> {
     // The task an idle query keeps is this future, allocated once per live query: everything
     // in it is boxed (the arguments, the load's future, the state), because a future keeps a
@@ -365,10 +381,14 @@ async fn run(
     // the task took 1,384 bytes for a 416-byte state; now 88.
     let mut state = Box::pin(LiveQueryState::load(args)).await?;
     while let Some(message) = messages.next().await {
+        let page = matches!(message, LiveQueryMsg::Changes(_));
         // Boxed per message, so the task an idle query keeps is small: handling a page (with
         // its snapshot reload) needs far more room than waiting does.
         Box::pin(state.handle(message)).await?;
         state.flush();
+        if page {
+            pages.fetch_sub(1, Ordering::Relaxed);
+        }
     }
     Ok(())
 }

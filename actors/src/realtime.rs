@@ -45,6 +45,13 @@ impl InFlight {
     }
 }
 
+/// Pages of changes one live query may have waiting before the type actor sends it no more:
+/// a query whose handling is slow (a refill's load can take up to the statement timeout) holds
+/// at most these of the tree's pages in flight, so it cannot stall the feed for every other
+/// live query of the node. Past it the query skips pages and, when it gets to it, reloads (see
+/// [`DocTypeState::route`]).
+pub const MAX_QUEUED_PAGES: usize = 4;
+
 /// Settings shared by the whole tree.
 #[derive(Debug, Clone)]
 pub struct RealtimeConfig {
@@ -446,6 +453,8 @@ struct Entry {
     failures: VecDeque<Instant>,
     /// Bumped each time the query loses its last subscriber.
     idle_generation: u64,
+    /// Pages were skipped for it (it had [`MAX_QUEUED_PAGES`] waiting) and a reload is queued.
+    lagging: bool,
 }
 
 #[derive(Debug)]
@@ -640,14 +649,31 @@ impl DocTypeState {
         }
         self.candidates = candidates;
         for (id, only) in per_query {
-            if let Some(entry) = self.entries.get(&id) {
-                let _ = entry.actor.cast(LiveQueryMsg::changes(
-                    page.clone(),
-                    only,
-                    position,
-                    in_flight.clone(),
-                ));
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            if entry.actor.pages_queued() >= MAX_QUEUED_PAGES {
+                // It falls behind: this page is skipped, and a reload queued behind the pages
+                // it holds. The reload's snapshot is read after every skipped page's changes
+                // were committed (pages are skipped only while the ones before the reload
+                // wait), so it holds them; its subscribers get a `reset`.
+                if !entry.lagging {
+                    entry.lagging = true;
+                    metrics::counter!("vibe_live_query_lagging_total").increment(1);
+                    let _ = entry.actor.cast(LiveQueryMsg::Resync(Box::new(ResyncMsg {
+                        position,
+                        book: self.book.clone(),
+                    })));
+                }
+                continue;
             }
+            entry.lagging = false;
+            let _ = entry.actor.cast(LiveQueryMsg::changes(
+                page.clone(),
+                only,
+                position,
+                in_flight.clone(),
+            ));
         }
     }
 
@@ -743,6 +769,7 @@ impl DocTypeState {
                         subscribers: ByConnection::default(),
                         failures: VecDeque::new(),
                         idle_generation: 0,
+                        lagging: false,
                     },
                 );
                 id

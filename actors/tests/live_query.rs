@@ -2,13 +2,16 @@
 //! memory), no sleeps — replies and events are read off the subscribers' outboxes.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
+mod common;
+
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
+use common::{delete, insert};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use vibe_actors::certs::{Certificate, CertificateBook};
-use vibe_actors::change::{Change, Cursor, Image, Op, SnapshotView};
+use vibe_actors::change::{Change, Cursor, SnapshotView};
 use vibe_actors::live_query::{
     BoxFuture, CredentialsMsg, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ReplayLimit, ResyncMsg,
     Snapshot, SnapshotSource, Subscriber,
@@ -40,55 +43,8 @@ impl SnapshotSource for Memory {
     }
 }
 
-fn at(n: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp(1_700_000_000 + n, 0).unwrap()
-}
-
 fn doc(n: u128, acl: Value) -> Document {
-    Document {
-        id: Uuid::from_u128(n),
-        doc_type: "posts".into(),
-        owner: OWNER.into(),
-        parent: None,
-        rev: 1,
-        created_at: at(n as i64),
-        updated_at: at(n as i64),
-        acl: serde_json::from_value(acl).unwrap(),
-        data: json!({"n": n}),
-    }
-}
-
-fn insert(d: &Document, xid: u64, seq: i64) -> Change {
-    Change {
-        cursor: Cursor::new(2, seq),
-        xid,
-        op: Op::Insert,
-        doc_id: d.id,
-        doc_type: d.doc_type.clone(),
-        owner: d.owner.clone(),
-        parent: d.parent,
-        rev: d.rev,
-        created_at: d.created_at,
-        updated_at: d.updated_at,
-        logged_at: Utc::now(),
-        new: Some(Image {
-            acl: d.acl.clone(),
-            data: d.data.clone(),
-        }),
-        old: None,
-    }
-}
-
-fn delete(d: &Document, xid: u64, seq: i64) -> Change {
-    Change {
-        op: Op::Delete,
-        new: None,
-        old: Some(Image {
-            acl: d.acl.clone(),
-            data: d.data.clone(),
-        }),
-        ..insert(d, xid, seq)
-    }
+    common::doc_by(OWNER, n, acl)
 }
 
 fn next(rx: &mut OutboxReceiver) -> Value {

@@ -1,18 +1,25 @@
 //! The root's type actors driven directly: no sockets, no database (snapshots come from memory).
 //! Any valid type name can be subscribed to, so a type actor must not outlive its last live
-//! query — nor stop while a subscription is on its way to it.
+//! query — nor stop while a subscription is on its way to it. A live query that stops by `unsub`
+//! does not linger, and one slow to handle its pages does not hold up the feed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
+mod common;
+
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::{delete, doc_by, insert};
 use ractor::{Actor, ActorRef};
 use serde_json::json;
-use vibe_actors::change::{Cursor, SnapshotView};
+use tokio::sync::Semaphore;
+use vibe_actors::change::{Change, Cursor, SnapshotView};
 use vibe_actors::live_query::{BoxFuture, ReplayLimit, Snapshot, SnapshotSource, Subscriber};
 use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
-use vibe_actors::realtime::{Realtime, RealtimeConfig, RealtimeMsg, SubscribeRequest};
+use vibe_actors::realtime::{InFlight, Realtime, RealtimeConfig, RealtimeMsg, SubscribeRequest};
+use vibe_actors::wire::Document;
 
 const ALICE: &str = "did:key:zAlice";
 
@@ -34,13 +41,18 @@ impl SnapshotSource for Empty {
 }
 
 async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
-    root_lingering(max_live_queries, Duration::ZERO).await
+    root_with(Arc::new(Empty), max_live_queries, Duration::ZERO).await
 }
 
-/// A root whose live queries left without subscribers linger for `linger`.
-async fn root_lingering(max_live_queries: usize, linger: Duration) -> ActorRef<RealtimeMsg> {
+/// A root whose live queries load from `source` and, left without subscribers, linger for
+/// `linger`.
+async fn root_with(
+    source: Arc<dyn SnapshotSource>,
+    max_live_queries: usize,
+    linger: Duration,
+) -> ActorRef<RealtimeMsg> {
     let config = RealtimeConfig {
-        source: Arc::new(Empty),
+        source,
         replay: ReplayLimit {
             events: 16,
             bytes: 1 << 20,
@@ -225,7 +237,7 @@ async fn unsubscribing_an_ended_subscription_leaves_its_successor_alone() {
 /// leave a lingering live query behind each time.
 #[tokio::test]
 async fn only_a_connection_that_ended_leaves_its_live_query_lingering() {
-    let realtime = root_lingering(100, Duration::from_secs(3600)).await;
+    let realtime = root_with(Arc::new(Empty), 100, Duration::from_secs(3600)).await;
     let (posts, notes) = (spec("posts"), spec("notes"));
     let (unsubscribed, _rx1) = subscribe(&realtime, &posts, 1).await;
     let (disconnected, _rx2) = subscribe(&realtime, &notes, 2).await;
@@ -235,4 +247,114 @@ async fn only_a_connection_that_ended_leaves_its_live_query_lingering() {
     // Stats asks the type actors after the root forwarded the releases to them.
     assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 0));
     realtime.stop(None);
+}
+
+/// Each query's first load answers at once with `docs`; every later one (a refill, a reload)
+/// waits until the test opens `gate`.
+#[derive(Debug)]
+struct Gated {
+    docs: Vec<Document>,
+    loads: AtomicUsize,
+    gate: Arc<Semaphore>,
+}
+
+impl SnapshotSource for Gated {
+    fn load(&self, _spec: Arc<QuerySpec>, _budget: usize) -> BoxFuture<Result<Snapshot, String>> {
+        let first = self.loads.fetch_add(1, Ordering::SeqCst) == 0;
+        let (docs, gate) = (self.docs.clone(), self.gate.clone());
+        Box::pin(async move {
+            if !first {
+                let _open = gate.acquire().await.unwrap();
+            }
+            Ok(Snapshot {
+                docs,
+                cut: false,
+                view: SnapshotView::parse("100:100:").unwrap(),
+                settled: Cursor::new(1, 0),
+            })
+        })
+    }
+}
+
+/// A live query whose refill waits on a slow load holds only a few of the tree's pages in
+/// flight, so the feed goes on (here: a budget of 64 pages never runs out over 100 pages);
+/// once the load returns, the query reloads and resets its subscriber, as it skipped pages.
+#[tokio::test]
+async fn a_slow_live_query_does_not_hold_up_the_feed() {
+    let (first, second) = (doc_by(ALICE, 1, json!({})), doc_by(ALICE, 2, json!({})));
+    let gate = Arc::new(Semaphore::new(0));
+    let source = Gated {
+        docs: vec![first.clone(), second.clone()],
+        loads: AtomicUsize::new(0),
+        gate: gate.clone(),
+    };
+    let realtime = root_with(Arc::new(source), 100, Duration::ZERO).await;
+    let request: QueryRequest =
+        serde_json::from_value(json!({"type": "posts", "limit": 1})).unwrap();
+    let limited = Arc::new(QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap());
+    let (sub, mut rx) = subscribe(&realtime, &limited, 1).await;
+    sub.unwrap();
+    let reply = next_frame(&mut rx).await;
+    assert_eq!(reply["re"], 1, "{reply}");
+
+    let budget = Arc::new(Semaphore::new(64));
+    // Both deleted, the one past the window first: the window is empty and knows nothing past
+    // it, so it refills from a load, which waits.
+    let shown = reply["docs"][0]["id"].clone();
+    let (other, shown) = if shown == json!(first.id) {
+        (&second, &first)
+    } else {
+        (&first, &second)
+    };
+    let deletes = vec![delete(other, 150, 1), delete(shown, 151, 2)];
+    route(&realtime, &budget, deletes, Cursor::new(3, 0)).await;
+    for n in 0..100 {
+        let mut entering = insert(&doc_by(ALICE, 10 + n, json!({})), 152 + n as u64, 1);
+        entering.cursor = Cursor::new(3 + n as i64, 1);
+        route(
+            &realtime,
+            &budget,
+            vec![entering],
+            Cursor::new(4 + n as i64, 0),
+        )
+        .await;
+    }
+    gate.add_permits(1);
+    let reset = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut batch = std::collections::VecDeque::new();
+        loop {
+            rx.recv(&mut batch).await;
+            for frame in batch.drain(..) {
+                let frame: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+                if frame["event"] == "reset" {
+                    return frame;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the lagging query reloads and resets its subscriber");
+    assert_eq!(reset["docs"].as_array().map(Vec::len), Some(1), "{reset}");
+    realtime.stop(None);
+}
+
+/// Routes one page as the feed reader does, with a permit of `budget`: the test fails if none is
+/// free.
+async fn route(
+    realtime: &ActorRef<RealtimeMsg>,
+    budget: &Arc<Semaphore>,
+    changes: Vec<Change>,
+    position: Cursor,
+) {
+    let permit = budget
+        .clone()
+        .try_acquire_owned()
+        .expect("the feed has a page permit free");
+    ractor::call!(realtime, |done| RealtimeMsg::Changes(
+        changes,
+        position,
+        InFlight::new(permit),
+        done
+    ))
+    .unwrap();
 }
