@@ -35,7 +35,7 @@ use uuid::Uuid;
 use crate::acl::{Acl, Operation};
 use crate::certs::CertificateBook;
 use crate::change::{Change, Cursor, SnapshotView};
-use crate::outbox::Outbox;
+use crate::outbox::{Gate, NotQueued, Outbox};
 use crate::query::{QuerySpec, Scope};
 use crate::window::{Window, WindowEvent, encoded_len};
 use crate::wire::{Document, DocumentView, views};
@@ -67,11 +67,26 @@ pub trait SnapshotSource: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     pub outbox: Outbox,
+    /// Closed by the connection when the subscription ends (`unsub`, a lost permission): no
+    /// event after that reaches the client, however late the live query learns of it.
+    pub gate: Gate,
     /// The DID whose read access decides what this subscriber sees.
     pub caller: String,
     /// Events at or before this cursor are not sent: a client resuming from a cursor this node
     /// has not reached yet (it came from a node further ahead) already has them.
     pub seen_up_to: Option<Cursor>,
+}
+
+impl Subscriber {
+    /// Queues `frame` for this subscriber, unless its subscription ended.
+    pub fn send(&self, frame: Bytes) -> Result<(), NotQueued> {
+        self.outbox.send_through(&self.gate, frame)
+    }
+
+    /// Queues all `frames` (emptying it) for this subscriber, unless its subscription ended.
+    pub fn send_all(&self, frames: &mut Vec<Bytes>) -> Result<(), NotQueued> {
+        self.outbox.send_all_through(&self.gate, frames)
+    }
 }
 
 /// A running live query's address. Messages queue without bound (the page budget bounds what the
@@ -418,7 +433,7 @@ impl LiveQueryState {
         });
         for subscriber in args.resync {
             let frame = state.reset_frame(&subscriber.caller, args.start);
-            let _ = subscriber.outbox.send(frame);
+            let _ = subscriber.send(frame);
             state
                 .subscribers
                 .insert(subscriber.outbox.conn_id, subscriber);
@@ -472,7 +487,7 @@ impl LiveQueryState {
                 self.forget_replay(position.max(snapshot.settled));
                 for subscriber in self.subscribers.values() {
                     let frame = self.reset_frame(&subscriber.caller, position);
-                    let _ = subscriber.outbox.send(frame);
+                    let _ = subscriber.send(frame);
                 }
             }
             LiveQueryMsg::Credentials(message) => self.credentials_changed(&message).await?,
@@ -553,7 +568,7 @@ impl LiveQueryState {
                     id,
                     docs: None,
                 });
-                let _ = subscriber.outbox.send(frame);
+                let _ = subscriber.send(frame);
             }
         }
         Ok(())
@@ -664,7 +679,7 @@ impl LiveQueryState {
         let cursor = at.event(at.sub.saturating_add(events.saturating_sub(1)));
         for subscriber in ahead {
             let frame = self.reset_frame(&subscriber.caller, cursor);
-            let _ = subscriber.outbox.send(frame);
+            let _ = subscriber.send(frame);
             let caught_up = Arc::new(Subscriber {
                 seen_up_to: None,
                 ..Subscriber::clone(&subscriber)
@@ -715,7 +730,7 @@ impl LiveQueryState {
         self.subscribers.retain(|s| {
             frames.extend(pending.iter().filter_map(|e| frame_for(e, s, spec, book)));
             let count = frames.len() as u64;
-            if s.outbox.send_all(frames).is_ok() {
+            if s.send_all(frames).is_ok() {
                 delivered += count;
             }
             !s.outbox.is_closed()
@@ -747,14 +762,14 @@ impl LiveQueryState {
             Some(since) if since >= self.replay_from => {
                 let cursor = self.position.max(since);
                 let frame = reply_frame(request_id, &self.sub_id, cursor, None, true);
-                let _ = subscriber.outbox.send(frame);
+                let _ = subscriber.send(frame);
                 self.frames.extend(
                     self.replay
                         .iter()
                         .filter(|e| e.cursor > since)
                         .filter_map(|e| frame_for(e, &subscriber, self.window.spec(), &self.book)),
                 );
-                let _ = subscriber.outbox.send_all(&mut self.frames);
+                let _ = subscriber.send_all(&mut self.frames);
                 None
             }
             Some(_) => Some(reply_frame(
@@ -779,7 +794,7 @@ impl LiveQueryState {
             )),
         };
         if let Some(frame) = frame {
-            let _ = subscriber.outbox.send(frame);
+            let _ = subscriber.send(frame);
         }
         self.subscribers
             .insert(subscriber.outbox.conn_id, subscriber);

@@ -23,6 +23,14 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 
+/// One producer's right to queue frames on a connection (a subscription's): once
+/// [`Outbox::close_gate`] closed it, nothing sent through it is queued. Open when made. The
+/// check and the close both take the queue's lock, so a close orders every frame: those sent
+/// through the gate before it are queued before whatever the connection queues after it (the
+/// reply to `unsub`, an `error` event), and none after.
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<AtomicBool>);
+
 /// The sending side, cloned into every subscription of the connection.
 #[derive(Debug, Clone)]
 pub struct Outbox {
@@ -130,33 +138,58 @@ impl Outbox {
     /// Queues a frame without waiting. A full queue marks the connection overflowed: nothing
     /// more is queued for it, and its writer closes it.
     pub fn send(&self, frame: Bytes) -> Result<(), NotQueued> {
-        self.push(1, frame.len(), |queue| queue.push_back(frame))
+        self.push(None, 1, frame.len(), |queue| queue.push_back(frame))
+    }
+
+    /// [`Outbox::send`] unless `gate` is closed (then the frame is dropped: `NotQueued`).
+    pub fn send_through(&self, gate: &Gate, frame: Bytes) -> Result<(), NotQueued> {
+        self.push(Some(gate), 1, frame.len(), |queue| queue.push_back(frame))
+    }
+
+    /// [`Outbox::send_all`] unless `gate` is closed (then `frames` are dropped: `NotQueued`).
+    pub fn send_all_through(&self, gate: &Gate, frames: &mut Vec<Bytes>) -> Result<(), NotQueued> {
+        self.push_all(Some(gate), frames)
+    }
+
+    /// Closes `gate`: nothing sent through it from now on is queued.
+    pub fn close_gate(&self, gate: &Gate) {
+        let _queue = self.shared.lock();
+        gate.0.store(true, Ordering::Relaxed);
     }
 
     /// Queues every frame of `frames` (emptying it) in order, under one lock and with at most one
     /// wake-up: a fan-out pass hands a subscriber all its frames of a batch at once. All or
     /// nothing: frames that would not all fit overflow the connection as [`Outbox::send`] does.
     pub fn send_all(&self, frames: &mut Vec<Bytes>) -> Result<(), NotQueued> {
+        self.push_all(None, frames)
+    }
+
+    fn push_all(&self, gate: Option<&Gate>, frames: &mut Vec<Bytes>) -> Result<(), NotQueued> {
         if frames.is_empty() {
             return Ok(());
         }
         let count = frames.len();
         let bytes = frames.iter().map(Bytes::len).sum();
-        let queued = self.push(count, bytes, |queue| queue.extend(frames.drain(..)));
+        let queued = self.push(gate, count, bytes, |queue| queue.extend(frames.drain(..)));
         frames.clear();
         queued
     }
 
     /// Queues `count` frames of `bytes` in all with `fill` unless the queue is closed,
-    /// overflowed, or would hold more than its limit (then it is marked overflowed and emptied).
+    /// overflowed, `gate` is closed, or the queue would hold more than its limit (then it is
+    /// marked overflowed and emptied).
     fn push(
         &self,
+        gate: Option<&Gate>,
         count: usize,
         bytes: usize,
         fill: impl FnOnce(&mut VecDeque<Bytes>),
     ) -> Result<(), NotQueued> {
         let mut state = self.shared.lock();
-        if state.overflowed || self.shared.closed.load(Ordering::Relaxed) {
+        if state.overflowed
+            || self.shared.closed.load(Ordering::Relaxed)
+            || gate.is_some_and(|g| g.0.load(Ordering::Relaxed))
+        {
             return Err(NotQueued);
         }
         let limit = self.shared.limit;

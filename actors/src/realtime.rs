@@ -844,6 +844,6 @@ fn fail_subscribers(sub_id: &str, subscribers: &[Arc<Subscriber>]) {
         "the live query failed repeatedly; subscribe again",
     ));
     for s in subscribers {
-        let _ = s.outbox.send(bytes.clone());
+        let _ = s.send(bytes.clone());
     }
 }

@@ -16,7 +16,7 @@ use vibe_actors::live_query::{
     BoxFuture, CredentialsMsg, LiveQueryArgs, LiveQueryMsg, LiveQueryRef, ReplayLimit, ResyncMsg,
     Snapshot, SnapshotSource, Subscriber,
 };
-use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
+use vibe_actors::outbox::{Gate, OutboxReceiver, QueueLimit, outbox};
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
 use vibe_actors::wire::Document;
 
@@ -101,6 +101,7 @@ async fn subscribe(
     let subscriber = Subscriber {
         outbox: out,
         caller: caller.into(),
+        gate: Default::default(),
         seen_up_to: None,
     };
     let sub = actor
@@ -501,5 +502,48 @@ async fn a_shared_reload_resets_a_subscriber_resumed_from_further_ahead() {
         (Some("reset"), Some(1)),
         "{reset}"
     );
+    actor.stop();
+}
+
+/// Once the connection closes a subscription's gate (`unsub`, a lost permission), nothing more
+/// of the live query reaches its queue: what it sent before stays ahead of the connection's own
+/// next frame (the reply), and nothing comes after, however late the query learns of the end.
+#[tokio::test]
+async fn nothing_passes_a_closed_gate() {
+    let actor = start(
+        json!({"type": "posts"}),
+        OWNER,
+        Vec::new(),
+        Cursor::new(2, 0),
+    )
+    .await;
+    let (out, mut rx) = outbox(1, QueueLimit::frames(16));
+    let gate = Gate::default();
+    let subscriber = Subscriber {
+        outbox: out.clone(),
+        gate: gate.clone(),
+        caller: OWNER.into(),
+        seen_up_to: None,
+    };
+    actor
+        .subscribe(Arc::new(subscriber), json!(1), None, Cursor::new(2, 0))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut rx)["re"], 1);
+    let (before, after) = (doc(1, json!({})), doc(2, json!({})));
+    feed_page(&actor, vec![insert(&before, 150, 1)], Cursor::new(3, 0)).await;
+    out.close_gate(&gate);
+    out.send(bytes::Bytes::from_static(br#"{"re":2,"ok":true}"#))
+        .unwrap();
+    let mut late = insert(&after, 151, 1);
+    late.cursor = Cursor::new(3, 1);
+    feed_page(&actor, vec![late], Cursor::new(4, 0)).await;
+    let added = next(&mut rx);
+    assert_eq!(
+        (added["event"].as_str(), &added["doc"]["id"]),
+        (Some("add"), &json!(before.id))
+    );
+    assert_eq!(next(&mut rx)["re"], 2);
+    assert!(rx.try_recv().is_none(), "nothing after the reply");
     actor.stop();
 }

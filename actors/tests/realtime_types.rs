@@ -84,6 +84,7 @@ async fn subscribe(
             subscriber: Subscriber {
                 outbox: out,
                 caller: ALICE.into(),
+                gate: Default::default(),
                 seen_up_to: None,
             },
             request_id: json!(conn),

@@ -22,7 +22,7 @@ use vibe_actors::call::actor::{CallOp, CallRoomMsg, CallsMsg, Member, RoomSettin
 use vibe_actors::call::{CallError, ParticipantId, Quality, RoomMode, SdpKind, TrackKind};
 use vibe_actors::change::Cursor;
 use vibe_actors::live_query::Subscriber;
-use vibe_actors::outbox::Outbox;
+use vibe_actors::outbox::{Gate, Outbox};
 use vibe_actors::query::{QueryRequest, QuerySpec};
 use vibe_actors::realtime::{RealtimeMsg, SubscribeError, SubscribeRequest};
 
@@ -74,10 +74,20 @@ pub struct Session {
     app: Arc<App>,
     outbox: Outbox,
     identity: Option<Identity>,
-    /// Subscription id → its query and how many `read`s of it this connection holds.
-    subs: HashMap<Arc<str>, (Arc<QuerySpec>, usize)>,
+    /// The subscriptions this connection holds, by id.
+    subs: HashMap<Arc<str>, Held>,
     /// Call rooms this connection joined (room id → the room's actor).
     calls: HashMap<String, ActorRef<CallRoomMsg>>,
+}
+
+/// One subscription a connection holds: its query, how many `read`s of it, and the gates of the
+/// subscribers those reads made (the live query sends through one of them). All close when the
+/// last read is released, before its reply or `error` event is queued: no event of it follows.
+#[derive(Debug)]
+struct Held {
+    spec: Arc<QuerySpec>,
+    refs: usize,
+    gates: Vec<Gate>,
 }
 
 impl Session {
@@ -129,9 +139,12 @@ impl Session {
     /// Releases every `read` this connection holds of `sub`; see
     /// [`RealtimeMsg::Unsubscribe`] for `linger`.
     fn release_all(&mut self, sub: &Arc<str>, linger: bool) {
-        let Some((spec, refs)) = self.subs.remove(sub) else {
+        let Some(Held { spec, refs, gates }) = self.subs.remove(sub) else {
             return;
         };
+        for gate in &gates {
+            self.outbox.close_gate(gate);
+        }
         metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
         for _ in 0..refs {
             let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
@@ -497,12 +510,13 @@ impl Session {
         let ended: Vec<(Arc<str>, Failure)> = self
             .subs
             .iter()
-            .filter_map(|(sub, (spec, _))| {
-                let refused = self.claims(Access::Read, &spec.doc_type).err()?;
+            .filter_map(|(sub, held)| {
+                let refused = self.claims(Access::Read, &held.spec.doc_type).err()?;
                 Some((sub.clone(), refused))
             })
             .collect();
         for (sub, Failure(code, message)) in ended {
+            // Its gates close first: the `error` event is the subscription's last.
             self.release_all(&sub, false);
             let frame = vibe_actors::wire::subscription_error(&sub, code, &message);
             let _ = self.outbox.send(Bytes::from(frame));
@@ -591,7 +605,7 @@ impl Session {
                 ));
             }
         }
-        let held: usize = self.subs.values().map(|(_, refs)| refs).sum();
+        let held: usize = self.subs.values().map(|held| held.refs).sum();
         if held >= self.app.config.ws.max_subscriptions {
             return Err(Failure(
                 "too_many_subscriptions",
@@ -601,8 +615,10 @@ impl Session {
                 ),
             ));
         }
+        let gate = Gate::default();
         let subscriber = Subscriber {
             outbox: self.outbox.clone(),
+            gate: gate.clone(),
             caller,
             seen_up_to: None,
         };
@@ -617,7 +633,13 @@ impl Session {
         ));
         match reply {
             Ok(Ok(sub)) => {
-                self.subs.entry(sub).or_insert_with(|| (spec, 0)).1 += 1;
+                let held = self.subs.entry(sub).or_insert_with(|| Held {
+                    spec,
+                    refs: 0,
+                    gates: Vec::new(),
+                });
+                held.refs += 1;
+                held.gates.push(gate);
                 metrics::gauge!("vibe_ws_subscriptions").increment(1.0);
                 Ok(None)
             }
@@ -825,17 +847,22 @@ impl Session {
     }
 
     fn unsub(&mut self, sub: &str) -> Result<Option<Value>, Failure> {
-        let Some((spec, refs)) = self.subs.get_mut(sub) else {
+        let Some(held) = self.subs.get_mut(sub) else {
             return Err(Failure(
                 "unknown_subscription",
                 format!("no subscription {sub:?} on this connection"),
             ));
         };
-        *refs -= 1;
+        held.refs -= 1;
         metrics::gauge!("vibe_ws_subscriptions").decrement(1.0);
-        let spec = spec.clone();
-        if *refs == 0 {
-            self.subs.remove(sub);
+        let spec = held.spec.clone();
+        if held.refs == 0
+            && let Some(ended) = self.subs.remove(sub)
+        {
+            // Before the reply is queued: no event of the subscription comes after it.
+            for gate in &ended.gates {
+                self.outbox.close_gate(gate);
+            }
         }
         let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
             spec,
