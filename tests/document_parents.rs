@@ -72,6 +72,18 @@ fn parent_not_found() -> (u16, Option<String>) {
     (404, Some("parent_not_found".into()))
 }
 
+/// The id of a room of Alice's (`alice` is her token) that Bob may read and create under.
+async fn room_open_to_bob(s: &TestServer, alice: &str) -> Value {
+    let room = s
+        .post(
+            alice,
+            "rooms",
+            json!({"data": {}, "acl": {"read": {"allow": [BOB]}, "create": {"allow": [BOB]}}}),
+        )
+        .await;
+    room["id"].clone()
+}
+
 /// Waits until `n` of the server's database sessions wait for a lock.
 async fn lock_waiters(s: &TestServer, n: i64) {
     let sql = s.sql().await;
@@ -354,14 +366,7 @@ async fn certificate_predicates_in_the_create_rule() {
 async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
     let s = TestServer::start().await;
     let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
-    let room = s
-        .post(
-            &alice,
-            "rooms",
-            json!({"data": {}, "acl": {"read": {"allow": [BOB]}, "create": {"allow": [BOB]}}}),
-        )
-        .await;
-    let room_id = room["id"].clone();
+    let room_id = room_open_to_bob(&s, &alice).await;
     let id: Uuid = room_id.as_str().unwrap().parse().unwrap();
     let post = |body: Value| {
         spawned(
@@ -429,14 +434,7 @@ async fn a_create_and_a_change_of_the_rule_wait_for_each_other() {
 async fn a_create_that_waited_for_its_parent_is_dated_when_written() {
     let s = TestServer::start().await;
     let [alice, bob] = [ALICE, BOB].map(|who| s.token(who, &["*"]));
-    let room = s
-        .post(
-            &alice,
-            "rooms",
-            json!({"data": {}, "acl": {"read": {"allow": [BOB]}, "create": {"allow": [BOB]}}}),
-        )
-        .await;
-    let room_id = room["id"].clone();
+    let room_id = room_open_to_bob(&s, &alice).await;
     let sql = s.sql().await;
     let mut hold = sql.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM documents WHERE id = $1 FOR UPDATE")

@@ -627,25 +627,31 @@ async fn a_revoked_access_token_closes_only_its_own_connections() {
     server.finish().await;
 }
 
-/// `token` attenuated offline to reads only, as an app holding the server's public key would.
-fn read_only_copy(server: &TestServer, token: &str) -> String {
-    use biscuit_auth::Biscuit;
-    use biscuit_auth::macros::block;
-
+/// `token` with the block `check` appended offline, as an app holding the server's public key
+/// would attenuate it.
+fn attenuated_copy(server: &TestServer, token: &str, check: biscuit_auth::BlockBuilder) -> String {
     let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
-    Biscuit::from_base64(token, public_key)
+    biscuit_auth::Biscuit::from_base64(token, public_key)
         .unwrap()
-        .append(block!(r#"check if operation("read");"#))
+        .append(check)
         .unwrap()
         .to_base64()
         .unwrap()
+}
+
+/// `token` attenuated offline to reads only.
+fn read_only_copy(server: &TestServer, token: &str) -> String {
+    attenuated_copy(
+        server,
+        token,
+        biscuit_auth::macros::block!(r#"check if operation("read");"#),
+    )
 }
 
 /// `/oauth/userinfo` runs an attenuated token's checks as for a read: a read-only copy still
 /// gets the user's claims, a copy limited to writes or past its time limit gets 403.
 #[tokio::test]
 async fn userinfo_honours_the_checks_of_an_attenuated_token() {
-    use biscuit_auth::Biscuit;
     use biscuit_auth::macros::block;
 
     let server = TestServer::start().await;
@@ -666,15 +672,7 @@ async fn userinfo_honours_the_checks_of_an_attenuated_token() {
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["preferred_username"], "ada");
 
-    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
-    let attenuate = |check: biscuit_auth::BlockBuilder| {
-        Biscuit::from_base64(access, public_key)
-            .unwrap()
-            .append(check)
-            .unwrap()
-            .to_base64()
-            .unwrap()
-    };
+    let attenuate = |check| attenuated_copy(&server, access, check);
     for copy in [
         attenuate(block!(r#"check if operation("write");"#)),
         attenuate(block!(r#"check if time($t), $t < 2020-01-01T00:00:00Z;"#)),
@@ -1443,7 +1441,6 @@ async fn an_attenuated_copy_cannot_revoke_the_token_it_was_made_from() {
 /// by what its checks let it do now, not by the scopes it was issued with.
 #[tokio::test]
 async fn introspection_tells_a_client_about_its_own_tokens_as_they_can_be_used() {
-    use biscuit_auth::Biscuit;
     use biscuit_auth::macros::block;
 
     let server = TestServer::start().await;
@@ -1475,15 +1472,7 @@ async fn introspection_tells_a_client_about_its_own_tokens_as_they_can_be_used()
         (200, json!({"active": false}))
     );
 
-    let public_key = server.server.as_ref().unwrap().app().tokens.public_key();
-    let attenuate = |check: biscuit_auth::BlockBuilder| {
-        Biscuit::from_base64(access, public_key)
-            .unwrap()
-            .append(check)
-            .unwrap()
-            .to_base64()
-            .unwrap()
-    };
+    let attenuate = |check| attenuated_copy(&server, access, check);
     let read_only = attenuate(block!(r#"check if operation("read");"#));
     let (_, narrowed) = introspect(&server, &client, &read_only).await;
     assert_eq!(narrowed["active"], true, "{narrowed}");

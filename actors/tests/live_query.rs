@@ -47,6 +47,18 @@ fn doc(n: u128, acl: Value) -> Document {
     common::doc_by(OWNER, n, acl)
 }
 
+/// Asserts `frame` is a `reset` to a window of `docs` documents.
+fn assert_reset_with(frame: &Value, docs: usize) {
+    assert_eq!(
+        (
+            frame["event"].as_str(),
+            frame["docs"].as_array().map(Vec::len)
+        ),
+        (Some("reset"), Some(docs)),
+        "{frame}"
+    );
+}
+
 fn next(rx: &mut OutboxReceiver) -> Value {
     serde_json::from_slice(&rx.try_recv().expect("a frame is queued")).unwrap()
 }
@@ -243,15 +255,7 @@ async fn a_refill_resets_a_subscriber_resumed_from_further_ahead() {
     .await;
     let removed = next(&mut here);
     assert_eq!(removed["event"], "remove", "{removed}");
-    let reset = next(&mut ahead);
-    assert_eq!(
-        (
-            reset["event"].as_str(),
-            reset["docs"].as_array().map(Vec::len)
-        ),
-        (Some("reset"), Some(1)),
-        "{reset}"
-    );
+    assert_reset_with(&next(&mut ahead), 1);
     assert!(ahead.try_recv().is_none());
     // From then on it follows like any other subscriber: a newer document enters.
     let third = doc(3, json!({}));
@@ -410,9 +414,7 @@ async fn a_resync_applies_the_certificates_read_again() {
         })))
         .unwrap();
     let _later = subscribe(&actor, 2, BOB, None, Cursor::new(9, 0)).await;
-    let reset = next(&mut rx);
-    assert_eq!(reset["event"], "reset", "{reset}");
-    assert_eq!(reset["docs"].as_array().unwrap().len(), 1, "{reset}");
+    assert_reset_with(&next(&mut rx), 1);
     actor.stop();
 }
 
@@ -493,15 +495,7 @@ async fn a_shared_reload_resets_a_subscriber_resumed_from_further_ahead() {
         cursor(&added) > cursor(&removed),
         "the reload's events follow the change's own: {added}"
     );
-    let reset = next(&mut ahead);
-    assert_eq!(
-        (
-            reset["event"].as_str(),
-            reset["docs"].as_array().map(Vec::len)
-        ),
-        (Some("reset"), Some(1)),
-        "{reset}"
-    );
+    assert_reset_with(&next(&mut ahead), 1);
     actor.stop();
 }
 
