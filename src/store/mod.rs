@@ -94,7 +94,8 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::Unavailable(e)
             }
-            // query_canceled: here only by statement_timeout (nothing else cancels statements).
+            // query_canceled: by statement_timeout (Vibe cancels no statement itself; an
+            // operator's pg_cancel_backend would read the same).
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("57014") => {
                 StoreError::QueryTimeout
             }
@@ -585,7 +586,8 @@ impl Store {
             .bind(format!("{}ms", self.statement_timeout_ms))
             .execute(&mut *tx)
             .await?;
-        // The first statement fixes the transaction's snapshot; the query below reads in it.
+        // The transaction's first query (the set_config above) fixed its snapshot: this reports
+        // it, and the query below reads in it.
         let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
             .fetch_one(&mut *tx)
             .await?;
