@@ -317,6 +317,26 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
         .header("if-match", "W/\"x\"")
         .json(r#"{"data": {}}"#),
         case(
+            "if-match quoted twice",
+            M::PUT,
+            &item,
+            S::BAD_REQUEST,
+            "bad_if_match",
+        )
+        .token(&alice)
+        .header("if-match", "\"\"\"1\"\"\"")
+        .json(r#"{"data": {}}"#),
+        case(
+            "if-match signed",
+            M::PUT,
+            &item,
+            S::BAD_REQUEST,
+            "bad_if_match",
+        )
+        .token(&alice)
+        .header("if-match", "+1")
+        .json(r#"{"data": {}}"#),
+        case(
             "stale if-match delete",
             M::DELETE,
             &item,

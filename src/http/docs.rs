@@ -289,10 +289,18 @@ fn if_match(req: &Request<Incoming>) -> Result<Option<i64>, ApiError> {
     if text == "*" {
         return Ok(None);
     }
-    text.trim_matches('"')
-        .parse::<i64>()
+    // A revision as an entity tag (`"3"`) or bare (`3`); nothing else passes for one.
+    let rev = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    rev.parse::<i64>()
+        .ok()
+        .filter(|_| rev.bytes().all(|b| b.is_ascii_digit()))
         .map(Some)
-        .map_err(|_| ApiError::bad_request("bad_if_match", "If-Match takes a revision, e.g. \"3\""))
+        .ok_or_else(|| {
+            ApiError::bad_request("bad_if_match", "If-Match takes a revision, e.g. \"3\"")
+        })
 }
 
 fn encode_cursor(c: ListCursor) -> String {
