@@ -1,5 +1,6 @@
 //! A live query that crashes is restarted by its supervisor; its subscribers get a `reset` with a
-//! fresh snapshot and keep receiving events.
+//! fresh snapshot and keep receiving events. One that keeps crashing ends its subscriptions with
+//! `subscription_failed`, which then no longer count against the connection's limit.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -43,6 +44,42 @@ async fn crashed_live_query_resets_its_subscribers_and_continues() {
     );
     let (queries, subscribers) = ractor::call!(realtime, RealtimeMsg::Stats).unwrap();
     assert_eq!((queries, subscribers), (1, 1));
+    ws.close().await;
+    s.finish().await;
+}
+
+/// A subscription whose live query failed for good stops counting against
+/// `ws.max_subscriptions` as soon as its `error` event is sent: the client can `read` again at
+/// once, and its `unsub` of the ended id is still answered.
+#[tokio::test]
+async fn a_failed_subscription_frees_its_place() {
+    let s = TestServer::start_with(&[("ws.max_subscriptions", "1")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = ws.request(json!({"op": "read", "type": "posts"})).await;
+    let sub = reply["sub"].clone();
+    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
+    let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
+    let realtime = s.server.as_ref().unwrap().app().realtime.clone();
+    loop {
+        realtime
+            .cast(RealtimeMsg::CrashQuery(spec.clone()))
+            .unwrap();
+        let frame = ws.event(&sub).await;
+        match frame["event"].as_str() {
+            // Restarted: crash the new instance.
+            Some("reset") => continue,
+            Some("error") => {
+                assert_eq!(frame["error"]["code"], "subscription_failed", "{frame}");
+                break;
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    let again = ws.request(json!({"op": "read", "type": "notes"})).await;
+    assert_eq!(again["ok"], true, "{again}");
+    let unsub = ws.request(json!({"op": "unsub", "sub": sub})).await;
+    assert_eq!(unsub["ok"], true, "{unsub}");
     ws.close().await;
     s.finish().await;
 }

@@ -29,7 +29,26 @@ use bytes::Bytes;
 /// through the gate before it are queued before whatever the connection queues after it (the
 /// reply to `unsub`, an `error` event), and none after.
 #[derive(Debug, Clone, Default)]
-pub struct Gate(Arc<AtomicBool>);
+pub struct Gate(Arc<GateState>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: AtomicBool,
+    /// The producer ended the stream itself (a live query that failed for good).
+    failed: AtomicBool,
+}
+
+impl Gate {
+    /// The producer ended the stream for good (it sent its last frame).
+    pub fn mark_failed(&self) {
+        self.0.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Gate::mark_failed`] was called.
+    pub fn failed(&self) -> bool {
+        self.0.failed.load(Ordering::Relaxed)
+    }
+}
 
 /// The sending side, cloned into every subscription of the connection.
 #[derive(Debug, Clone)]
@@ -154,7 +173,7 @@ impl Outbox {
     /// Closes `gate`: nothing sent through it from now on is queued.
     pub fn close_gate(&self, gate: &Gate) {
         let _queue = self.shared.lock();
-        gate.0.store(true, Ordering::Relaxed);
+        gate.0.closed.store(true, Ordering::Relaxed);
     }
 
     /// Queues every frame of `frames` (emptying it) in order, under one lock and with at most one
@@ -188,7 +207,7 @@ impl Outbox {
         let mut state = self.shared.lock();
         if state.overflowed
             || self.shared.closed.load(Ordering::Relaxed)
-            || gate.is_some_and(|g| g.0.load(Ordering::Relaxed))
+            || gate.is_some_and(|g| g.0.closed.load(Ordering::Relaxed))
         {
             return Err(NotQueued);
         }

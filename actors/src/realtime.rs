@@ -836,7 +836,7 @@ impl DocTypeState {
     }
 }
 
-/// Tells subscribers their subscription ended for good.
+/// Tells subscribers their subscription ended for good (their connections stop counting it).
 fn fail_subscribers(sub_id: &str, subscribers: &[Arc<Subscriber>]) {
     let bytes = bytes::Bytes::from(crate::wire::subscription_error(
         sub_id,
@@ -845,5 +845,6 @@ fn fail_subscribers(sub_id: &str, subscribers: &[Arc<Subscriber>]) {
     ));
     for s in subscribers {
         let _ = s.send(bytes.clone());
+        s.gate.mark_failed();
     }
 }

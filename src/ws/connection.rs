@@ -90,6 +90,14 @@ struct Held {
     gates: Vec<Gate>,
 }
 
+impl Held {
+    /// Its live query failed for good (the client got `subscription_failed`): it no longer
+    /// counts against `ws.max_subscriptions`, though `unsub` still answers for it.
+    fn failed(&self) -> bool {
+        self.gates.iter().all(Gate::failed)
+    }
+}
+
 impl Session {
     pub fn new(app: Arc<App>, outbox: Outbox, identity: Option<Identity>) -> Self {
         Self {
@@ -605,7 +613,12 @@ impl Session {
                 ));
             }
         }
-        let held: usize = self.subs.values().map(|held| held.refs).sum();
+        let held: usize = self
+            .subs
+            .values()
+            .filter(|held| !held.failed())
+            .map(|held| held.refs)
+            .sum();
         if held >= self.app.config.ws.max_subscriptions {
             return Err(Failure(
                 "too_many_subscriptions",
