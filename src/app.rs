@@ -100,6 +100,9 @@ impl App {
     /// would wait for nothing, then skip whatever lands before it). The node's head may trail
     /// the database's, so that is asked when the node's alone says so.
     pub async fn is_ahead_of_feed(&self, cursor: Cursor) -> Result<bool, crate::feed::FeedError> {
+        // An event's place within its change (`sub`) does not count: the events a certificate
+        // expiry causes at the head are numbered after it (`Cursor::after_events`).
+        let cursor = cursor.event(0);
         let past_node_head = cursor > *self.feed_head.borrow();
         Ok(past_node_head && cursor > self.feed.head().await?)
     }

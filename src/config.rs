@@ -463,6 +463,12 @@ impl Config {
         if self.query.connections == 0 {
             return invalid("query.connections", "must be at least 1");
         }
+        // PostgreSQL takes whole milliseconds up to 2^31 - 1; 0 would mean no timeout at all.
+        if !(Duration::from_millis(1)..=Duration::from_millis(i32::MAX as u64))
+            .contains(&self.query.statement_timeout)
+        {
+            return invalid("query.statement_timeout", "must be between 1ms and 24 days");
+        }
         if self.query.max_limit == 0
             || self.query.default_limit == 0
             || self.query.default_limit > self.query.max_limit
@@ -617,6 +623,29 @@ mod tests {
         assert_eq!(config.http.max_body_bytes, 1024 * 1024);
         assert!(config.database_url.is_empty());
         assert_eq!(config.tokens.default_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_statement_timeout_postgresql_would_not_apply_is_refused() {
+        for (value, accepted) in [
+            ("500us", false),
+            ("1ms", true),
+            ("10s", true),
+            ("24days", true),
+            ("25days", false),
+        ] {
+            match with("query.statement_timeout", value) {
+                Ok(c) => assert!(
+                    accepted,
+                    "{value} was accepted: {:?}",
+                    c.query.statement_timeout
+                ),
+                Err(e) => {
+                    assert!(!accepted, "{value}: {e}");
+                    assert!(e.to_string().contains("query.statement_timeout"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

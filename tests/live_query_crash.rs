@@ -49,15 +49,17 @@ async fn crashed_live_query_resets_its_subscribers_and_continues() {
 }
 
 /// A subscription whose live query failed for good stops counting against
-/// `ws.max_subscriptions` as soon as its `error` event is sent: the client can `read` again at
-/// once, and its `unsub` of the ended id is still answered.
+/// `ws.max_subscriptions` as soon as its `error` event is sent — every `read` of it (here two):
+/// the client can `read` again at once, and its `unsub` of the ended id is still answered.
 #[tokio::test]
 async fn a_failed_subscription_frees_its_place() {
-    let s = TestServer::start_with(&[("ws.max_subscriptions", "1")]).await;
+    let s = TestServer::start_with(&[("ws.max_subscriptions", "2")]).await;
     let alice = s.token(ALICE, &["*"]);
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let reply = ws.request(json!({"op": "read", "type": "posts"})).await;
     let sub = reply["sub"].clone();
+    let again = ws.request(json!({"op": "read", "type": "posts"})).await;
+    assert_eq!(again["sub"], sub, "{again}");
     let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
     let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
     let realtime = s.server.as_ref().unwrap().app().realtime.clone();
@@ -76,8 +78,8 @@ async fn a_failed_subscription_frees_its_place() {
             _ => panic!("unexpected frame {frame}"),
         }
     }
-    let again = ws.request(json!({"op": "read", "type": "notes"})).await;
-    assert_eq!(again["ok"], true, "{again}");
+    let other = ws.request(json!({"op": "read", "type": "notes"})).await;
+    assert_eq!(other["ok"], true, "{other}");
     let unsub = ws.request(json!({"op": "unsub", "sub": sub})).await;
     assert_eq!(unsub["ok"], true, "{unsub}");
     ws.close().await;

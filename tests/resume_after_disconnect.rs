@@ -316,3 +316,26 @@ async fn a_time_limited_attenuation_ends_its_subscriptions_when_it_lapses() {
     assert_eq!(again["error"]["code"], "token_restricted", "{again}");
     s.finish().await;
 }
+
+/// Events a certificate expiry causes at a quiet feed's head are numbered after it
+/// (`<head>.2147483648`): a client resuming from such a cursor is not told it is ahead of the
+/// feed.
+#[tokio::test]
+async fn a_cursor_numbered_after_the_heads_events_resumes() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let (status, changes) = s.get_json(&alice, "/v1/changes?since=now").await;
+    assert_eq!(status, 200, "{changes}");
+    let head = changes["cursor"].as_str().unwrap().to_owned();
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = ws
+        .request(json!({"op": "read", "type": "posts", "since": format!("{head}.2147483648")}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let ahead = ws
+        .request(json!({"op": "read", "type": "notes", "since": "999999-1"}))
+        .await;
+    assert_eq!(ahead["error"]["code"], "invalid_cursor", "{ahead}");
+    ws.close().await;
+    s.finish().await;
+}

@@ -185,23 +185,28 @@ pub async fn serve(
                     // hyper's header timeout covers an HTTP/1 connection only once it knows the
                     // protocol (from the first bytes), and an HTTP/2 connection not at all: a
                     // connection with no request running for `idle_timeout` is closed here —
-                    // dropped if it never made a request, else closed gracefully (GOAWAY), with
-                    // as long again to finish.
+                    // dropped if it never made a request, else closed gracefully (GOAWAY on
+                    // HTTP/2): a response still being written, or a stream accepted before
+                    // the GOAWAY, is finished first, however long that takes. At server
+                    // shutdown the graceful close has `grace` (`closing`).
                     let mut closing: Option<tokio::time::Instant> = None;
+                    let mut idle_closed = false;
                     let ended = loop {
                         tokio::select! {
                             ended = &mut conn => break ended,
                             _ = stopping.changed(), if closing.is_none() => {
-                                conn.as_mut().graceful_shutdown();
+                                if !idle_closed {
+                                    conn.as_mut().graceful_shutdown();
+                                }
                                 closing = Some(tokio::time::Instant::now() + grace);
                             }
-                            () = activity.idle(idle_timeout), if closing.is_none() => {
+                            () = activity.idle(idle_timeout), if closing.is_none() && !idle_closed => {
                                 if !activity.served_any() {
                                     tracing::debug!(%peer, "no request within the header timeout");
                                     return;
                                 }
                                 conn.as_mut().graceful_shutdown();
-                                closing = Some(tokio::time::Instant::now() + idle_timeout);
+                                idle_closed = true;
                             }
                             () = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)),
                                 if closing.is_some() => {

@@ -94,7 +94,9 @@ impl Held {
     /// Its live query failed for good (the client got `subscription_failed`): it no longer
     /// counts against `ws.max_subscriptions`, though `unsub` still answers for it.
     fn failed(&self) -> bool {
-        self.gates.iter().all(Gate::failed)
+        // Every read of a `sub` shares its live query, which marks the gate it was given (the
+        // first read's): one failed gate is the whole subscription's end.
+        self.gates.iter().any(Gate::failed)
     }
 }
 
@@ -612,6 +614,11 @@ impl Session {
                     format!("cursor {since} is ahead of the feed"),
                 ));
             }
+        }
+        let max = self.app.config.ws.max_subscriptions;
+        // Failed subscriptions stay for their `unsub`, but not without bound.
+        if self.subs.values().filter(|held| held.failed()).count() >= max {
+            self.subs.retain(|_, held| !held.failed());
         }
         let held: usize = self
             .subs

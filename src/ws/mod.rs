@@ -421,11 +421,19 @@ fn admit(
     session.take()
 }
 
+/// The largest refused frame whose `id` is looked for.
+const REFUSED_ID_MAX_BYTES: usize = 64 * 1024;
+
 /// The `id` of a request refused before the session reads it (too large, over the rate), so
 /// that its reply names it like any other and the client's pending request is settled: a string
 /// or a number at the top level, otherwise (not JSON, no or another kind of `id`) `null`. The
 /// other fields are skipped unread.
 fn refused_request_id(text: &[u8]) -> serde_json::Value {
+    // Read only a frame small enough for the look to cost little: the refusal exists to spare
+    // the server a client's excess.
+    if text.len() > REFUSED_ID_MAX_BYTES {
+        return serde_json::Value::Null;
+    }
     #[derive(serde::Deserialize)]
     struct IdOnly {
         #[serde(default)]
