@@ -600,7 +600,9 @@ impl Actor for DocType {
 
 impl DocTypeState {
     /// Drops one reference of `conn_id` to live query `id`; a query left without subscribers
-    /// stops after the linger if `linger`, else at once.
+    /// stops after the linger if `linger`, else at once — and at once while the node runs half
+    /// its `max_live_queries` or more: lingering queries (kept for clients that may come back)
+    /// never take the room of live ones, however fast clients connect, subscribe and leave.
     fn release(&mut self, myself: &ActorRef<DocTypeMsg>, id: QueryId, conn_id: u64, linger: bool) {
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
@@ -615,7 +617,9 @@ impl DocTypeState {
         if entry.subscribers.is_empty() {
             entry.idle_generation += 1;
             let generation = entry.idle_generation;
-            let linger = if linger {
+            let room =
+                self.config.live_queries.load(Ordering::Relaxed) < self.config.max_live_queries / 2;
+            let linger = if linger && room {
                 self.config.linger
             } else {
                 Duration::ZERO

@@ -250,6 +250,23 @@ async fn only_a_connection_that_ended_leaves_its_live_query_lingering() {
     realtime.stop(None);
 }
 
+/// A node running half its `max_live_queries` or more lets no live query linger: queries kept
+/// for clients that may come back never take the room of live ones.
+#[tokio::test]
+async fn a_node_half_full_of_live_queries_lets_none_linger() {
+    let realtime = root_with(Arc::new(Empty), 4, Duration::from_secs(3600)).await;
+    let (posts, notes) = (spec("posts"), spec("notes"));
+    let (first, _rx1) = subscribe(&realtime, &posts, 1).await;
+    let (second, _rx2) = subscribe(&realtime, &notes, 2).await;
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (2, 2));
+    release(&realtime, &posts, &first.unwrap(), 1, true);
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 1));
+    // One live query of four: room for a lingering one again.
+    release(&realtime, &notes, &second.unwrap(), 2, true);
+    assert_eq!(ractor::call!(realtime, RealtimeMsg::Stats).unwrap(), (1, 0));
+    realtime.stop(None);
+}
+
 /// Each query's first load answers at once with `docs`; every later one (a refill, a reload)
 /// waits until the test opens `gate`.
 #[derive(Debug)]
