@@ -191,6 +191,16 @@ async fn register_dynamically(server: &TestServer, admin: &str, metadata: &Value
     .await
 }
 
+/// A server with Ada signed up, an app registered through the admin API (public or
+/// confidential), and the tokens Ada's sign-in to it gave the app.
+async fn ada_with_app_tokens(public: bool) -> (TestServer, RegisteredClient, Value) {
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, public, SCOPE).await;
+    let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    (server, client, tokens)
+}
+
 /// The confidential client a registration answer describes, at the tests' redirect URI.
 fn client_of(registered: &Value) -> RegisteredClient {
     RegisteredClient {
@@ -552,10 +562,7 @@ async fn refresh_tokens_rotate_within_an_absolute_lifetime() {
 /// replay and revoke the grant). A narrower one is honoured.
 #[tokio::test]
 async fn a_refused_refresh_leaves_the_refresh_token_usable() {
-    let server = TestServer::start().await;
-    sign_up(&server, "ada").await;
-    let client = register_client(&server, false, SCOPE).await;
-    let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    let (server, client, tokens) = ada_with_app_tokens(false).await;
     let refresh_token = field(&tokens, "refresh_token");
     let wider = [
         ("grant_type", "refresh_token"),
@@ -654,11 +661,7 @@ fn read_only_copy(server: &TestServer, token: &str) -> String {
 async fn userinfo_honours_the_checks_of_an_attenuated_token() {
     use biscuit_auth::macros::block;
 
-    let server = TestServer::start().await;
-    sign_up(&server, "ada").await;
-    let client = register_client(&server, false, SCOPE).await;
-    let mut browser = Browser::new();
-    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let (server, _, tokens) = ada_with_app_tokens(false).await;
     let access = field(&tokens, "access_token");
     let userinfo = |token: String| {
         call_with_headers(
@@ -1413,10 +1416,7 @@ async fn introspection_and_revocation_check_the_client() {
 /// token and every copy.
 #[tokio::test]
 async fn an_attenuated_copy_cannot_revoke_the_token_it_was_made_from() {
-    let server = TestServer::start().await;
-    sign_up(&server, "ada").await;
-    let client = register_client(&server, true, SCOPE).await;
-    let tokens = app_tokens(&server, &mut Browser::new(), &client, SCOPE, "ada").await;
+    let (server, client, tokens) = ada_with_app_tokens(true).await;
     let access = field(&tokens, "access_token");
     let read_only = read_only_copy(&server, access);
     for hint in [None, Some("access_token")] {
