@@ -13,6 +13,7 @@ mod query;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -165,7 +166,7 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
                 let idle_timeout = app.config.http.header_read_timeout;
-                let activity = Arc::new(Activity::default());
+                let activity = Arc::new(Activity::new());
                 let requests = activity.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let running = requests.start();
@@ -235,13 +236,18 @@ pub async fn serve(
     }
 }
 
-/// The requests of one connection: how many are running, whether any ran, and a signal for
-/// every start and end.
-#[derive(Debug, Default)]
+/// The requests of one connection: how many are running, whether any ran, and when one last
+/// started or ended. Requests only write atomics: the connection's task is woken by its idle
+/// timer alone (at most once per timeout), never by a request — a wake-up per request start and
+/// end would cost the hot path what it spends on its own socket hops.
+#[derive(Debug)]
 struct Activity {
-    running: std::sync::atomic::AtomicUsize,
-    served: std::sync::atomic::AtomicBool,
-    changed: tokio::sync::Notify,
+    running: AtomicUsize,
+    served: AtomicBool,
+    /// The connection's start, which `last` counts from.
+    opened: tokio::time::Instant,
+    /// Milliseconds from `opened` to the last request start or end.
+    last: AtomicU64,
 }
 
 /// A running request: counted until dropped (its handler finished or was cancelled).
@@ -249,39 +255,52 @@ struct Running(Arc<Activity>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0
-            .running
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        self.0.changed.notify_waiters();
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        self.0.touch();
     }
 }
 
 impl Activity {
+    fn new() -> Self {
+        Self {
+            running: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            opened: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
     fn start(self: &Arc<Self>) -> Running {
-        use std::sync::atomic::Ordering;
         self.running.fetch_add(1, Ordering::SeqCst);
         self.served.store(true, Ordering::SeqCst);
-        self.changed.notify_waiters();
+        self.touch();
         Running(self.clone())
     }
 
+    fn touch(&self) {
+        let since = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(since, Ordering::SeqCst);
+    }
+
     fn served_any(&self) -> bool {
-        self.served.load(std::sync::atomic::Ordering::SeqCst)
+        self.served.load(Ordering::SeqCst)
     }
 
     /// Resolves once no request has run for `timeout`.
     async fn idle(&self, timeout: Duration) {
         loop {
-            // Registered before the count is read, so a start or end after it wakes this.
-            let changed = self.changed.notified();
-            if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(timeout) => return,
-                    () = changed => {}
-                }
-            } else {
-                changed.await;
+            let quiet_since = self.opened + Duration::from_millis(self.last.load(Ordering::SeqCst));
+            let running = self.running.load(Ordering::SeqCst) > 0;
+            if !running && quiet_since + timeout <= tokio::time::Instant::now() {
+                return;
             }
+            // A running request is looked at again a whole timeout later.
+            let wake = if running {
+                tokio::time::Instant::now() + timeout
+            } else {
+                quiet_since + timeout
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
