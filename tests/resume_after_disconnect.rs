@@ -318,7 +318,7 @@ async fn a_time_limited_attenuation_ends_its_subscriptions_when_it_lapses() {
 }
 
 /// Events a certificate expiry causes at a quiet feed's head are numbered after it
-/// (`<head>.2147483648`): a client resuming from such a cursor is not told it is ahead of the
+/// (`<head>.4294967296`): a client resuming from such a cursor is not told it is ahead of the
 /// feed.
 #[tokio::test]
 async fn a_cursor_numbered_after_the_heads_events_resumes() {
@@ -329,7 +329,7 @@ async fn a_cursor_numbered_after_the_heads_events_resumes() {
     let head = changes["cursor"].as_str().unwrap().to_owned();
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let reply = ws
-        .request(json!({"op": "read", "type": "posts", "since": format!("{head}.2147483648")}))
+        .request(json!({"op": "read", "type": "posts", "since": format!("{head}.4294967296")}))
         .await;
     assert_eq!(reply["ok"], true, "{reply}");
     let ahead = ws

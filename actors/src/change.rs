@@ -18,7 +18,7 @@ use crate::wire::Document;
 pub struct Cursor {
     pub tick: i64,
     pub seq: i64,
-    pub sub: u32,
+    pub sub: u64,
 }
 
 impl Cursor {
@@ -32,7 +32,7 @@ impl Cursor {
     }
 
     /// The `sub`-th event caused by the change at this position.
-    pub fn event(self, sub: u32) -> Self {
+    pub fn event(self, sub: u64) -> Self {
         Self { sub, ..self }
     }
 
@@ -42,11 +42,19 @@ impl Cursor {
     pub fn after_events(self) -> Self {
         self.event(AFTER_EVENTS)
     }
+
+    /// The place of the next re-evaluation after the one at this position (two certificate
+    /// expiries with no change routed between them): after every event this one can cause, so
+    /// a client that resumed from one of its events does not count the next one's as seen.
+    pub fn after_reevaluation(self) -> Self {
+        self.event(self.sub.saturating_add(AFTER_EVENTS))
+    }
 }
 
-/// Far above the events one change causes in a live query (an `add`, a `remove`, a window's
-/// refill: at most a window's `limit` plus two).
-const AFTER_EVENTS: u32 = 1 << 31;
+/// Far above the events one change, or one re-evaluation, causes in a live query (an `add`, a
+/// `remove`, a window's refill: at most a window's `limit` plus two), and leaves room for 2^32
+/// re-evaluations numbered after one change.
+const AFTER_EVENTS: u64 = 1 << 32;
 
 #[cfg(test)]
 mod cursor_tests {
@@ -60,6 +68,10 @@ mod cursor_tests {
         assert!(after < Cursor::new(7, 42));
         assert!(Cursor::after_batch(7).after_events() < Cursor::new(8, 1));
         assert_eq!(after.to_string().parse::<Cursor>().ok(), Some(after));
+        let next = after.after_reevaluation();
+        assert!(next > after.event(after.sub + 10_000));
+        assert!(next < Cursor::new(7, 42));
+        assert_eq!(next.to_string().parse::<Cursor>().ok(), Some(next));
     }
 }
 
@@ -83,7 +95,7 @@ impl FromStr for Cursor {
     fn from_str(s: &str) -> Result<Self, BadCursor> {
         let (tick, rest) = s.split_once('-').ok_or(BadCursor)?;
         let (seq, sub) = match rest.split_once('.') {
-            Some((seq, sub)) => (seq, sub.parse::<u32>().map_err(|_| BadCursor)?),
+            Some((seq, sub)) => (seq, sub.parse::<u64>().map_err(|_| BadCursor)?),
             None => (rest, 0),
         };
         let tick: i64 = tick.parse().map_err(|_| BadCursor)?;

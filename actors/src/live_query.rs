@@ -192,7 +192,8 @@ pub struct CredentialsMsg {
     /// The subjects whose holdings changed.
     pub subjects: Vec<String>,
     /// Where its events go: after the events of the certificate change (or, for an expiry, of
-    /// the last change routed), before the next change ([`Cursor::after_events`]).
+    /// the last change routed) and of any earlier re-evaluation there, before the next change
+    /// ([`Cursor::after_events`], [`Cursor::after_reevaluation`]).
     pub cursor: Cursor,
 }
 
@@ -604,7 +605,7 @@ impl LiveQueryState {
                 events.push(WindowEvent::Add(doc.clone()));
             }
         }
-        let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        let count = u64::try_from(events.len()).unwrap_or(u64::MAX);
         for (i, event) in (0..count).zip(events) {
             self.emit(event, cursor.event(cursor.sub.saturating_add(i)));
         }
@@ -664,7 +665,7 @@ impl LiveQueryState {
     /// the refill's events skipped as already seen, yet the load may have absorbed later changes
     /// it has not seen, which then make no event of their own. It gets a `reset` with the window
     /// instead.
-    fn reset_subscribers_ahead(&mut self, at: Cursor, events: u32) {
+    fn reset_subscribers_ahead(&mut self, at: Cursor, events: u64) {
         let ahead: Vec<Arc<Subscriber>> = self
             .subscribers
             .values()

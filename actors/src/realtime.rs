@@ -155,6 +155,9 @@ pub struct RealtimeState {
     book: CertificateBook,
     /// The expiry the pending [`RealtimeMsg::ExpireCertificates`] timer is set for.
     expiry_timer: Option<DateTime<Utc>>,
+    /// Where the last certificate re-evaluation was numbered: the next one at the same place in
+    /// the feed goes after it.
+    last_reevaluation: Option<Cursor>,
 }
 
 impl Actor for Realtime {
@@ -175,6 +178,7 @@ impl Actor for Realtime {
             next_sub: Arc::new(AtomicU64::new(1)),
             book,
             expiry_timer: None,
+            last_reevaluation: None,
         };
         state.schedule_expiry(&myself);
         Ok(state)
@@ -354,18 +358,24 @@ impl RealtimeState {
     }
 
     fn broadcast_credentials(
-        &self,
+        &mut self,
         before: CertificateBook,
         subjects: Vec<String>,
         cursor: Cursor,
     ) {
+        // After the events of the change at `cursor` (the certificate change itself, or the last
+        // change routed before an expiry), which a live query may have sent already — and after
+        // an earlier re-evaluation at the same place (two expiries with no change between).
+        let mut at = cursor.after_events();
+        if let Some(last) = self.last_reevaluation.filter(|last| *last >= at) {
+            at = last.after_reevaluation();
+        }
+        self.last_reevaluation = Some(at);
         let message = Arc::new(CredentialsMsg {
             book: self.book.clone(),
             before,
             subjects,
-            // After the events of the change at `cursor` (the certificate change itself, or the
-            // last change routed before an expiry), which a live query may have sent already.
-            cursor: cursor.after_events(),
+            cursor: at,
         });
         for t in self.types.values() {
             let _ = t.actor.cast(DocTypeMsg::Credentials(message.clone()));

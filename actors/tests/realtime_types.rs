@@ -1,7 +1,8 @@
 //! The root's type actors driven directly: no sockets, no database (snapshots come from memory).
 //! Any valid type name can be subscribed to, so a type actor must not outlive its last live
 //! query — nor stop while a subscription is on its way to it. A live query that stops by `unsub`
-//! does not linger, and one slow to handle its pages does not hold up the feed.
+//! does not linger, and one slow to handle its pages does not hold up the feed. Certificate
+//! expiries are numbered in order, also with no change between them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -10,10 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use chrono::Utc;
 use common::{delete, doc_by, insert};
 use ractor::{Actor, ActorRef};
 use serde_json::json;
 use tokio::sync::Semaphore;
+use vibe_actors::certs::{Certificate, CertificateBook};
 use vibe_actors::change::{Change, Cursor, SnapshotView};
 use vibe_actors::live_query::{BoxFuture, ReplayLimit, Snapshot, SnapshotSource, Subscriber};
 use vibe_actors::outbox::{OutboxReceiver, QueueLimit, outbox};
@@ -22,6 +25,7 @@ use vibe_actors::realtime::{InFlight, Realtime, RealtimeConfig, RealtimeMsg, Sub
 use vibe_actors::wire::Document;
 
 const ALICE: &str = "did:key:zAlice";
+const BOB: &str = "did:key:zBob";
 
 /// Every query's snapshot is empty.
 #[derive(Debug)]
@@ -51,6 +55,16 @@ async fn root_with(
     max_live_queries: usize,
     linger: Duration,
 ) -> ActorRef<RealtimeMsg> {
+    root_holding(source, max_live_queries, linger, CertificateBook::default()).await
+}
+
+/// As [`root_with`], the certificates in `book` valid.
+async fn root_holding(
+    source: Arc<dyn SnapshotSource>,
+    max_live_queries: usize,
+    linger: Duration,
+    book: CertificateBook,
+) -> ActorRef<RealtimeMsg> {
     let config = RealtimeConfig {
         source,
         replay: ReplayLimit {
@@ -62,7 +76,7 @@ async fn root_with(
         max_live_queries,
         live_queries: Arc::default(),
     };
-    let args = (config, Cursor::new(2, 0), Default::default());
+    let args = (config, Cursor::new(2, 0), book);
     Actor::spawn(None, Realtime, args).await.unwrap().0
 }
 
@@ -71,11 +85,22 @@ fn spec(doc_type: &str) -> Arc<QuerySpec> {
     Arc::new(QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap())
 }
 
-/// Subscribes connection `conn` to `spec`; the subscription id, or the refusal.
+/// Subscribes connection `conn` to `spec` as Alice; the subscription id, or the refusal.
 async fn subscribe(
     realtime: &ActorRef<RealtimeMsg>,
     spec: &Arc<QuerySpec>,
     conn: u64,
+) -> (Result<Arc<str>, String>, OutboxReceiver) {
+    subscribe_as(realtime, spec, conn, ALICE, None).await
+}
+
+/// Subscribes connection `conn` to `spec` as `caller`, resuming from `since`.
+async fn subscribe_as(
+    realtime: &ActorRef<RealtimeMsg>,
+    spec: &Arc<QuerySpec>,
+    conn: u64,
+    caller: &str,
+    since: Option<Cursor>,
 ) -> (Result<Arc<str>, String>, OutboxReceiver) {
     let (out, rx) = outbox(conn, QueueLimit::frames(16));
     let answer = ractor::call!(realtime, |reply| {
@@ -83,12 +108,12 @@ async fn subscribe(
             spec: spec.clone(),
             subscriber: Subscriber {
                 outbox: out,
-                caller: ALICE.into(),
+                caller: caller.into(),
                 gate: Default::default(),
                 seen_up_to: None,
             },
             request_id: json!(conn),
-            since: None,
+            since,
             reply,
         })
     })
@@ -353,6 +378,87 @@ async fn a_slow_live_query_does_not_hold_up_the_feed() {
     .await
     .expect("the lagging query reloads and resets its subscriber");
     assert_eq!(reset["docs"].as_array().map(Vec::len), Some(1), "{reset}");
+    realtime.stop(None);
+}
+
+/// Every query's snapshot is `docs`.
+#[derive(Debug)]
+struct Fixed(Vec<Document>);
+
+impl SnapshotSource for Fixed {
+    fn load(&self, _spec: Arc<QuerySpec>, _budget: usize) -> BoxFuture<Result<Snapshot, String>> {
+        let docs = self.0.clone();
+        Box::pin(async move {
+            Ok(Snapshot {
+                docs,
+                cut: false,
+                view: SnapshotView::parse("100:100:").unwrap(),
+                settled: Cursor::new(1, 0),
+            })
+        })
+    }
+}
+
+/// Two certificates that expire with no change routed between them: the second expiry's events
+/// are numbered after the first's, so a client that resumed from the first one's event still
+/// gets the second's (with one shared position, it counted them as seen and never learnt).
+#[tokio::test]
+async fn a_second_expiry_with_no_change_between_reaches_a_client_resumed_after_the_first() {
+    let holders_of =
+        |cert_type: &str| json!({"read": {"allow": [[{"issuer": ALICE, "type": cert_type}]]}});
+    let (first, second) = (
+        doc_by(ALICE, 1, holders_of("a")),
+        doc_by(ALICE, 2, holders_of("b")),
+    );
+    let now = Utc::now();
+    let held = |n: u128, cert_type: &str, ms: i64| Certificate {
+        id: uuid::Uuid::from_u128(n),
+        issuer: ALICE.into(),
+        subject: BOB.into(),
+        cert_type: cert_type.into(),
+        expires_at: Some(now + chrono::Duration::milliseconds(ms)),
+    };
+    // The second expiry comes well after the first, so the resume below falls between them.
+    let book = CertificateBook::new([held(90, "a", 300), held(91, "b", 1_500)], now);
+    let source = Fixed(vec![first.clone(), second.clone()]);
+    let realtime = root_holding(Arc::new(source), 100, Duration::ZERO, book).await;
+    let request: QueryRequest =
+        serde_json::from_value(json!({"type": "posts", "global": true})).unwrap();
+    let global = Arc::new(QuerySpec::parse(&request, BOB, QueryLimits::default()).unwrap());
+    let (sub, mut watching) = subscribe_as(&realtime, &global, 1, BOB, None).await;
+    sub.unwrap();
+    let reply = next_frame(&mut watching).await;
+    assert_eq!(reply["docs"].as_array().map(Vec::len), Some(2), "{reply}");
+
+    let expired = next_frame(&mut watching).await;
+    assert_eq!(
+        (&expired["event"], &expired["id"]),
+        (&json!("remove"), &json!(first.id)),
+        "{expired}"
+    );
+    let since: Cursor = expired["cursor"].as_str().unwrap().parse().unwrap();
+    let (sub, mut resumed) = subscribe_as(&realtime, &global, 2, BOB, Some(since)).await;
+    sub.unwrap();
+    let reply = next_frame(&mut resumed).await;
+    assert_eq!(
+        reply["resumed"], true,
+        "the resume came before the second expiry: {reply}"
+    );
+
+    let expired = next_frame(&mut watching).await;
+    assert_eq!(
+        (&expired["event"], &expired["id"]),
+        (&json!("remove"), &json!(second.id)),
+        "{expired}"
+    );
+    let later: Cursor = expired["cursor"].as_str().unwrap().parse().unwrap();
+    assert!(later > since, "{later} after {since}");
+    // Both frames are queued in the same turn of the live query: the first one's arrival means
+    // the resumed connection's is queued already, if it was sent at all.
+    let missed = tokio::time::timeout(Duration::from_secs(5), next_frame(&mut resumed))
+        .await
+        .expect("the resumed client gets the second expiry's remove");
+    assert_eq!(missed, expired);
     realtime.stop(None);
 }
 
