@@ -2,7 +2,7 @@
 //! query for a caller, the cursor of the next page, and the documents its `expand` paths refer
 //! to — each of those checked against its own ACL and the caller's token scopes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 use uuid::Uuid;
@@ -118,11 +118,27 @@ pub async fn query_page(
         ids.dedup();
         // Bounded: a page holds at most `query.max_limit` documents, each path a list of ids.
         ids.truncate(app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND);
-        let found = app
+        // The types the token may read (its scopes and its attenuation checks, as a query of
+        // each type would be checked), before anything is fetched: documents of the others must
+        // not count against the budget either.
+        let types: Vec<String> = app
             .store
-            .fetch_readable(&ids, caller, budget)
+            .types_of(&ids)
             .await?
-            .ok_or(OneShotError::ExpansionTooLarge(budget))?;
+            .into_iter()
+            .filter(|t| {
+                claims.permits(Access::Read, t)
+                    && app.tokens.verify(token, Access::Read, Some(t)).is_ok()
+            })
+            .collect();
+        let found = if types.is_empty() {
+            Vec::new()
+        } else {
+            app.store
+                .fetch_readable(&ids, &types, caller, budget)
+                .await?
+                .ok_or(OneShotError::ExpansionTooLarge(budget))?
+        };
         let held = if found
             .iter()
             .any(|d| d.owner != caller && d.acl.uses_certificates(Operation::Read))
@@ -131,24 +147,11 @@ pub async fn query_page(
         } else {
             held
         };
-        // Per referenced type: the token's scopes and its attenuation checks, as a query of that
-        // type would be checked.
-        let mut readable_types: HashMap<String, bool> = HashMap::new();
         let mut expanded = BTreeMap::new();
         for doc in found {
-            let readable = *readable_types
-                .entry(doc.doc_type.clone())
-                .or_insert_with(|| {
-                    claims.permits(Access::Read, &doc.doc_type)
-                        && app
-                            .tokens
-                            .verify(token, Access::Read, Some(&doc.doc_type))
-                            .is_ok()
-                });
-            if readable
-                && doc
-                    .acl
-                    .allows(Operation::Read, Some(caller), &doc.owner, &held)
+            if doc
+                .acl
+                .allows(Operation::Read, Some(caller), &doc.owner, &held)
             {
                 expanded.insert(doc.id, doc);
             }

@@ -1,11 +1,11 @@
 //! Documents made under another one, and the ACL `create` rule that admits them: over REST and
 //! the WebSocket the parent's owner and whom its rule allows (DID entries, certificate
 //! predicates; a deny wins) may create there and nobody else; a parent that is missing, or that
-//! the caller may neither read nor create under, is `parent_not_found`; the parent cannot be
-//! changed through the API, nor named by a writer who is not the owner; a create and a change of
-//! the parent's rule (or a revocation of the certificate that admitted the create) wait for each
-//! other; queries and live queries select by `parent`, through inserts, updates, moves and
-//! deletes.
+//! the caller (or their token) may neither read nor create under, is `parent_not_found`; the
+//! parent cannot be changed through the API, nor named by a writer who is not the owner; a create
+//! and a change of the parent's rule (or a revocation of the certificate that admitted the
+//! create) wait for each other; queries and live queries select by `parent`, through inserts,
+//! updates, moves and deletes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
@@ -202,6 +202,19 @@ async fn the_create_rule_admits_children_and_deny_wins() {
         .request(json!({"op": "write", "type": "msgs", "doc": {"parent": room_id, "data": {}}}))
         .await;
     assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    ws.close().await;
+    // A token that may not read rooms learns no more than a user who may not read this one:
+    // Dave's app with `write:msgs` alone is told the room he may read is not found.
+    let writes_only = s.token(DAVE, &["write:msgs"]);
+    assert_eq!(
+        refusal(create_under(&s, &writes_only, &readable, 2).await),
+        parent_not_found()
+    );
+    let mut ws = Ws::connect(&s.base, Some(&writes_only)).await;
+    let refused = ws
+        .request(json!({"op": "write", "type": "msgs", "doc": {"parent": readable, "data": {}}}))
+        .await;
+    assert_eq!(refused["error"]["code"], "parent_not_found", "{refused}");
     ws.close().await;
 
     // A parent that does not exist.

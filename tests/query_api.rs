@@ -1440,7 +1440,8 @@ async fn live_reads_refuse_cursor_and_expand() {
 
 /// A page also ends once its documents pass `http.max_page_bytes` (a limit counts documents,
 /// each as large as a body): the list and the query say where to go on, and the pages still
-/// cover everything once; expansions past it are refused.
+/// cover everything once; expansions past it are refused (counting only what the caller and the
+/// token may read).
 #[tokio::test]
 async fn pages_are_bounded_in_bytes_too() {
     let s = TestServer::start_with(&[("http.max_page_bytes", "50000")]).await;
@@ -1505,6 +1506,20 @@ async fn pages_are_bounded_in_bytes_too() {
         (status, body["error"]["code"].as_str()),
         (400, Some("page_too_large")),
         "{body}"
+    );
+    // Nor do documents of a type the token may not read count: a token for links alone gets the
+    // link and no expansion, where the posts' size would refuse the page.
+    let links_only = s.token(ALICE, &["read:links"]);
+    let page = query_ok(
+        &s,
+        &links_only,
+        &json!({"type": "links", "expand": ["data.to"]}),
+    )
+    .await;
+    assert_eq!(
+        (page["docs"].as_array().map(Vec::len), &page["expanded"]),
+        (Some(1), &json!({})),
+        "{page}"
     );
 
     // Only what the caller may read counts: Bob's large private documents, named by Alice's

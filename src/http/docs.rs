@@ -8,7 +8,10 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, HttpResponse, authorize, check_scope, json, read_json};
+use super::{
+    ApiError, HttpResponse, authorize, bearer_token, check_scope, check_token_scope, json,
+    read_json,
+};
 use crate::app::App;
 use crate::auth::Access;
 use crate::store::ListCursor;
@@ -24,6 +27,7 @@ pub(super) async fn create(
 ) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
+    let token = bearer_token(req.headers())?.to_owned();
     let body: NewDocument = read_json(app, req, JSON).await?;
     check_data(&body.data)?;
     let acl = body.acl.unwrap_or_default();
@@ -37,7 +41,12 @@ pub(super) async fn create(
             acl,
             body.data,
         )
-        .await?;
+        .await
+        .map_err(|e| {
+            e.hiding_parent_unless(|t| {
+                check_token_scope(app, &claims, &token, Access::Read, t).is_ok()
+            })
+        })?;
     let mut response = document_response(StatusCode::CREATED, &doc, &claims.subject);
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/docs/{}/{}", doc.doc_type, doc.id)) {
         response.headers_mut().insert(header::LOCATION, v);

@@ -110,6 +110,11 @@ impl From<StoreError> for ApiError {
                 "forbidden",
                 "the document's ACL does not allow this",
             ),
+            StoreError::ParentForbidden { .. } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the parent's ACL does not allow creating under it",
+            ),
             StoreError::ParentNotFound => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "parent_not_found",

@@ -563,8 +563,18 @@ pub fn check_scope(
     access: Access,
     doc_type: &str,
 ) -> Result<(), ApiError> {
-    app.tokens
-        .verify(bearer_token(headers)?, access, Some(doc_type))?;
+    check_token_scope(app, claims, bearer_token(headers)?, access, doc_type)
+}
+
+/// [`check_scope`] for the bearer `token` itself (read from a request already consumed).
+pub fn check_token_scope(
+    app: &App,
+    claims: &Claims,
+    token: &str,
+    access: Access,
+    doc_type: &str,
+) -> Result<(), ApiError> {
+    app.tokens.verify(token, access, Some(doc_type))?;
     require_scope(claims, access, doc_type)
 }
 

@@ -65,6 +65,11 @@ pub enum StoreError {
     AclOwnerOnly,
     #[error("no parent document with this id that the caller may see")]
     ParentNotFound,
+    /// The caller may read the parent (of `parent_type`) but its ACL does not let them create
+    /// under it. An edge whose token may not read that type turns this into
+    /// [`StoreError::ParentNotFound`] ([`StoreError::hiding_parent_unless`]).
+    #[error("the parent's ACL does not allow creating under it")]
+    ParentForbidden { parent_type: String },
     /// Valid JSON that PostgreSQL's `jsonb` cannot hold (a `\u0000` in a string or key).
     #[error("the document holds a value the database cannot store: {0}")]
     Unstorable(String),
@@ -283,7 +288,11 @@ impl Store {
         let creator = row.owner.as_str();
         let mut tx = self.pool.begin().await?;
         for lock in [false, true] {
-            let (owner, acl) = parent_rule(&mut tx, parent, lock)
+            let ParentRule {
+                owner,
+                doc_type,
+                acl,
+            } = parent_rule(&mut tx, parent, lock)
                 .await?
                 .ok_or(StoreError::ParentNotFound)?;
             if creator == owner {
@@ -293,7 +302,7 @@ impl Store {
             if !allowed_in(&mut tx, Operation::Create, creator, &owner, &acl, lock).await? {
                 let readable =
                     allowed_in(&mut tx, Operation::Read, creator, &owner, &acl, false).await?;
-                return Err(refusal(readable));
+                return Err(refusal(readable, doc_type));
             }
         }
         let doc = creates::insert_one(&mut tx, row).await?;
@@ -538,13 +547,26 @@ impl Store {
         Ok((docs, more))
     }
 
-    /// The documents with these ids that `caller` may read by their ACL (any type: callers
-    /// check the token's scopes and evaluate the ACL again); None if they hold more than
-    /// `budget` bytes. The read rule runs in the SQL, so documents the caller may not read are
-    /// neither fetched nor counted against the budget (which would tell their size).
+    /// The types of the documents with these ids (each once), so a caller can tell which of them
+    /// its token may read before [`Store::fetch_readable`].
+    pub async fn types_of(&self, ids: &[Uuid]) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT type FROM documents WHERE id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.queries)
+                .await?,
+        )
+    }
+
+    /// The documents with these ids and of these types that `caller` may read by their ACL
+    /// (callers evaluate the ACL again); None if they hold more than `budget` bytes. The type
+    /// filter and the read rule run in the SQL, so documents the caller (or its token, whose
+    /// types callers pass) may not read are neither fetched nor counted against the budget,
+    /// which would tell their size.
     pub async fn fetch_readable(
         &self,
         ids: &[Uuid],
+        types: &[String],
         caller: &str,
         budget: usize,
     ) -> Result<Option<Vec<Document>>, StoreError> {
@@ -554,14 +576,15 @@ impl Store {
         let query = sqlx::query(concat!(
             "SELECT ",
             doc_columns!(),
-            " FROM documents WHERE id = ANY($1) AND (owner_did = $2 OR (\
+            " FROM documents WHERE id = ANY($1) AND type = ANY($3) AND (owner_did = $2 OR (\
              (read_public OR read_allow_dids @> ARRAY[$2]::text[] \
               OR (read_predicates AND vibe_acl_preds_hold(acl, 'read', 'allow', $2))) \
              AND NOT read_deny_public AND NOT ($2 = ANY(read_deny_dids)) \
              AND NOT (read_predicates AND vibe_acl_preds_hold(acl, 'read', 'deny', $2))))"
         ))
         .bind(ids)
-        .bind(caller);
+        .bind(caller)
+        .bind(types);
         let (rows, cut) = fetch_within(query, &self.queries, budget).await?;
         if cut {
             return Ok(None);
@@ -662,29 +685,54 @@ async fn allowed_in(
     Ok(acl.allows(op, Some(caller), owner, &NoCredentials))
 }
 
-/// The owner and ACL of document `id` (None: there is none), locked `FOR SHARE` with `lock`.
+/// What decides a create under a document: its owner, type and ACL.
+struct ParentRule {
+    owner: String,
+    doc_type: String,
+    acl: Acl,
+}
+
+/// The rule of document `id` (None: there is none), locked `FOR SHARE` with `lock`.
 async fn parent_rule(
     conn: &mut sqlx::PgConnection,
     id: Uuid,
     lock: bool,
-) -> Result<Option<(String, Acl)>, StoreError> {
+) -> Result<Option<ParentRule>, StoreError> {
     let query = if lock {
-        "SELECT owner_did, acl FROM documents WHERE id = $1 FOR SHARE"
+        "SELECT owner_did, type, acl FROM documents WHERE id = $1 FOR SHARE"
     } else {
-        "SELECT owner_did, acl FROM documents WHERE id = $1"
+        "SELECT owner_did, type, acl FROM documents WHERE id = $1"
     };
-    let row: Option<(String, serde_json::Value)> =
+    let row: Option<(String, String, serde_json::Value)> =
         sqlx::query_as(query).bind(id).fetch_optional(conn).await?;
-    Ok(row.map(|(owner, acl)| (owner, stored_acl(id, acl))))
+    Ok(row.map(|(owner, doc_type, acl)| ParentRule {
+        owner,
+        doc_type,
+        acl: stored_acl(id, acl),
+    }))
 }
 
-/// Why a create under a parent was refused: the caller may read the parent (it knows the parent
-/// exists) or may not (as if there were none).
-fn refusal(parent_readable: bool) -> StoreError {
+/// Why a create under a parent (of `parent_type`) was refused: the caller may read the parent
+/// (it knows the parent exists) or may not (as if there were none).
+fn refusal(parent_readable: bool, parent_type: String) -> StoreError {
     if parent_readable {
-        StoreError::Forbidden
+        StoreError::ParentForbidden { parent_type }
     } else {
         StoreError::ParentNotFound
+    }
+}
+
+impl StoreError {
+    /// A refusal to create under a parent the caller's ACL rights let them read, seen through a
+    /// token: one that may not read documents of the parent's type (`token_reads` says no) learns
+    /// no more than that no such parent is in its reach, as for a parent the user may not read.
+    pub fn hiding_parent_unless(self, token_reads: impl FnOnce(&str) -> bool) -> Self {
+        match self {
+            StoreError::ParentForbidden { parent_type } if !token_reads(&parent_type) => {
+                StoreError::ParentNotFound
+            }
+            other => other,
+        }
     }
 }
 

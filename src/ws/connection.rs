@@ -539,6 +539,12 @@ impl Session {
     }
 
     /// The caller's verified claims, which allow `access` to `doc_type`.
+    /// A refused create under a parent, as this connection's token may know of the parent
+    /// ([`StoreError::hiding_parent_unless`]).
+    fn hiding_parent(&self, error: StoreError) -> StoreError {
+        error.hiding_parent_unless(|t| self.claims(Access::Read, t).is_ok())
+    }
+
     fn claims(&self, access: Access, doc_type: &str) -> Result<Arc<Claims>, Failure> {
         let Some(identity) = &self.identity else {
             return Err(Failure(
@@ -724,33 +730,31 @@ impl Session {
                     .await;
                 match replaced {
                     Ok(result) => result?,
-                    Err(StoreError::NotFound) if args.rev.is_none() => {
-                        store
-                            .create(
-                                &caller,
-                                &args.doc_type,
-                                Some(id),
-                                parent,
-                                acl.unwrap_or_default(),
-                                data,
-                            )
-                            .await?
-                    }
+                    Err(StoreError::NotFound) if args.rev.is_none() => store
+                        .create(
+                            &caller,
+                            &args.doc_type,
+                            Some(id),
+                            parent,
+                            acl.unwrap_or_default(),
+                            data,
+                        )
+                        .await
+                        .map_err(|e| self.hiding_parent(e))?,
                     Err(e) => return Err(e.into()),
                 }
             }
-            None => {
-                store
-                    .create(
-                        &caller,
-                        &args.doc_type,
-                        None,
-                        parent,
-                        acl.unwrap_or_default(),
-                        data,
-                    )
-                    .await?
-            }
+            None => store
+                .create(
+                    &caller,
+                    &args.doc_type,
+                    None,
+                    parent,
+                    acl.unwrap_or_default(),
+                    data,
+                )
+                .await
+                .map_err(|e| self.hiding_parent(e))?,
         };
         // Write access does not reveal content the token (its scopes and attenuations) or the ACL
         // does not let the caller read.
