@@ -480,6 +480,75 @@ async fn a_tick_rings_the_doorbell_and_brings_the_first_page() {
     common::drop_database(&name).await;
 }
 
+/// Retention keeps the base of the first fresh batch: after a quiet spell longer than retention,
+/// a reader that was caught up before it still reads the first change after it (the old tick
+/// its batch is cut against was pruned once, and the change was then out of every reader's
+/// reach); the batches before it are gone.
+#[tokio::test]
+async fn a_prune_after_a_quiet_spell_keeps_the_next_batch_readable() {
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let insert = || sqlx::query(INSERT).bind(Uuid::now_v7()).execute(&pool);
+    insert().await.unwrap();
+    let (_, first) = feed.tick_and_read(start, 10).await.unwrap();
+    assert_eq!(first.changes.len(), 1);
+    let caught_up = first.next.unwrap();
+
+    // Two hours without a write, then one.
+    sqlx::query("UPDATE feed_ticks SET created_at = created_at - interval '2 hours'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    insert().await.unwrap();
+    let fresh = feed.tick().await.unwrap().expect("the write cuts a tick");
+    feed.prune(Duration::from_secs(3600)).await.unwrap();
+
+    let after = feed.read(caught_up, &Filter::default(), 10).await.unwrap();
+    assert_eq!(after.changes.len(), 1, "the change after the quiet spell");
+    assert_eq!(after.changes[0].cursor.tick, fresh);
+    assert!(matches!(
+        feed.read(start, &Filter::default(), 10).await,
+        Err(vibe::feed::FeedError::CursorExpired)
+    ));
+    pool.close().await;
+    common::drop_database(&name).await;
+}
+
+/// A document version written in SQL that JSON here cannot hold (`jsonb` keeps a number past an
+/// f64) passes through the feed as unreadable, and the feed goes on past it: one such row would
+/// otherwise fail every read of its page, on every node, for good.
+#[tokio::test]
+async fn an_undecodable_document_version_does_not_stop_the_feed() {
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let odd = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO documents (id, owner_did, type, data) \
+         VALUES ($1, 'did:key:zA', 'posts', '{\"n\": 1e400}')",
+    )
+    .bind(odd)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(INSERT)
+        .bind(Uuid::now_v7())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, page) = feed.tick_and_read(start, 10).await.unwrap();
+    assert_eq!(page.changes.len(), 2, "both changes, in order");
+    assert_eq!(page.changes[0].doc_id, odd);
+    assert!(
+        page.changes[0].new.is_none(),
+        "the odd version passes unread"
+    );
+    assert!(page.changes[1].new.is_some());
+    pool.close().await;
+    common::drop_database(&name).await;
+}
+
 /// The listener's way: ticks and reads on its LISTEN connection. The tick's own ring is already
 /// in hand when the reply is (it came on the same connection, so no other backend woke for it),
 /// reads on that connection page on like pooled ones, and a connection that dies under a tick

@@ -337,8 +337,15 @@ impl Feed {
         page(conn, &rows, after, limit, cut).await
     }
 
-    /// Deletes ticks older than `retention` (keeping the newest) and the changes only they cover.
-    /// One node prunes at a time; the others skip.
+    /// Deletes the ticks older than `retention` but the newest of them, and the changes only the
+    /// deleted ones cover. One node prunes at a time; the others skip.
+    ///
+    /// The newest old tick stays because the batch after it is cut against it: after a quiet
+    /// spell longer than retention, the newest tick is old, and deleting it when the next one is
+    /// cut would make that fresh batch unreadable (a caught-up cursor would get
+    /// `cursor_expired`, and a reader starting over from the tail would skip the batch). Only a
+    /// prefix goes, never a tick between two kept ones (tick dates follow transaction starts, so
+    /// they need not grow with tick numbers): a hole would merge two batches.
     pub async fn prune(&self, retention: Duration) -> Result<u64, FeedError> {
         let mut tx = self.pool.begin().await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -350,8 +357,8 @@ impl Feed {
         }
         let secs = retention.as_secs_f64();
         sqlx::query(
-            "DELETE FROM feed_ticks WHERE created_at < now() - make_interval(secs => $1) \
-             AND tick < (SELECT max(tick) FROM feed_ticks)",
+            "DELETE FROM feed_ticks WHERE tick < (SELECT max(tick) FROM feed_ticks \
+             WHERE created_at < now() - make_interval(secs => $1))",
         )
         .bind(secs)
         .execute(&mut *tx)
@@ -495,13 +502,28 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
         b'u' => Op::Update,
         _ => Op::Delete,
     };
+    let doc_id: uuid::Uuid = row.try_get("doc_id")?;
     let image = |acl: &str, data: &str| -> Result<Option<Image>, sqlx::Error> {
-        let Some(data) = row.try_get::<Option<serde_json::Value>, _>(data)? else {
-            return Ok(None);
+        let data = match row.try_get::<Option<serde_json::Value>, _>(data) {
+            Ok(Some(data)) => data,
+            Ok(None) => return Ok(None),
+            // `jsonb` written in SQL can hold what JSON here cannot (a number past an f64,
+            // nesting past 128 levels). One such row must not stop the feed for every node and
+            // reader: the change passes without this version, as if nobody could see it (a live
+            // query drops the document, a reader of `/v1/changes` gets a `remove`).
+            Err(sqlx::Error::ColumnDecode { source, .. }) => {
+                tracing::warn!(%doc_id, column = data, error = %source,
+                    "a document version the feed cannot decode passes as unreadable");
+                metrics::counter!("vibe_feed_undecodable_total").increment(1);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
         };
-        let acl: Option<serde_json::Value> = row.try_get(acl)?;
         // An ACL this version cannot read fails closed to owner-only, as in the store.
-        let acl = acl
+        let acl = row
+            .try_get::<Option<serde_json::Value>, _>(acl)
+            .ok()
+            .flatten()
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         Ok(Some(Image { acl, data }))
@@ -512,7 +534,7 @@ fn change(row: &PgRow, tick: i64) -> Result<Option<Change>, FeedError> {
         cursor: Cursor::new(tick, seq),
         xid,
         op,
-        doc_id: row.try_get("doc_id")?,
+        doc_id,
         doc_type: row.try_get("type")?,
         owner: row.try_get("owner_did")?,
         parent: row.try_get("parent")?,
