@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{ALICE, BOB, TestServer};
+use common::{ALICE, BOB, TestServer, Ws};
 use serde_json::{Value, json};
 
 async fn changes(s: &TestServer, token: &str, query: &str) -> (u16, Value) {
@@ -273,5 +273,34 @@ async fn bad_and_expired_cursors() {
         (410, Some("cursor_expired")),
         "{body}"
     );
+    s.finish().await;
+}
+
+/// A tick cut for a request on this node (here `/v1/changes`) wakes this node's own feed reader
+/// too: a change written straight in SQL, which rings nothing itself, reaches a live query on the
+/// node at once — here the poll, the only other way it would, is an hour apart.
+#[tokio::test]
+async fn a_tick_cut_for_a_request_wakes_its_own_nodes_feed_reader() {
+    let s = TestServer::start_with(&[("feed.poll_interval", "\"1h\"")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = ws.request(json!({"op": "read", "type": "posts"})).await;
+    assert_eq!(reply["docs"], json!([]), "{reply}");
+    let id = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO documents (id, owner_did, type, data) VALUES ($1, $2, 'posts', '{}')")
+        .bind(id)
+        .bind(ALICE)
+        .execute(&s.sql().await)
+        .await
+        .unwrap();
+    let (status, body) = changes(&s, &alice, "since=0").await;
+    assert_eq!((status, ids(&body)), (200, vec![id.to_string()]), "{body}");
+    let added = ws.event(&reply["sub"]).await;
+    assert_eq!(
+        (&added["event"], &added["doc"]["id"]),
+        (&json!("add"), &json!(id)),
+        "{added}"
+    );
+    ws.close().await;
     s.finish().await;
 }

@@ -72,8 +72,12 @@ pub struct Filter {
 #[derive(Debug, Clone)]
 pub struct Feed {
     pool: PgPool,
-    /// This node's name on the doorbell channel, so it can ignore its own rings.
+    /// This node's name on the doorbell channel, so its feed reader can ignore the rings of the
+    /// ticks it cut itself (it has read their batches already).
     node: String,
+    /// The payload of the ticks cut for requests on this node ([`Feed::tick`]): other than
+    /// `node`, so this node's own reader wakes for them too.
+    requests_ring: String,
     ticks: Arc<TickShare>,
     /// A page ends once its rows hold more than this (see [`Feed::with_page_bytes`]).
     page_bytes: usize,
@@ -120,9 +124,11 @@ impl XminWatch {
 
 impl Feed {
     pub fn new(pool: PgPool) -> Self {
+        let node = uuid::Uuid::new_v4().simple().to_string();
         Self {
             pool,
-            node: uuid::Uuid::new_v4().simple().to_string(),
+            requests_ring: format!("{node}-requests"),
+            node,
             ticks: Arc::default(),
             page_bytes: DEFAULT_PAGE_BYTES,
         }
@@ -136,7 +142,7 @@ impl Feed {
         self
     }
 
-    /// The payload of this node's doorbells.
+    /// The payload of the doorbells of this node's feed reader's ticks ([`Feed::tick_and_read`]).
     pub fn node(&self) -> &str {
         &self.node
     }
@@ -144,14 +150,15 @@ impl Feed {
     /// Makes sure a tick taken after this call began has cut every change committed before it;
     /// returns the id of the tick that did, if one was needed (None: nothing new was visible).
     /// A tick that cut a batch rings the doorbell at its commit (one round trip for both), so
-    /// every node learns of every batch whoever cut it.
+    /// every node learns of every batch whoever cut it — this node's reader included, as these
+    /// ticks are requests' (`/v1/changes`, a live query's load), not the reader's own.
     /// Concurrent callers on this node share one tick (see [`TickShare`]).
     pub async fn tick(&self) -> Result<Option<i64>, FeedError> {
         self.shared_tick(async || {
             let made: Option<i64> = sqlx::query_scalar("SELECT vibe_tick($1, $2, $3)")
                 .bind(TICK_LOCK)
                 .bind(DOORBELL_CHANNEL)
-                .bind(&self.node)
+                .bind(&self.requests_ring)
                 .fetch_one(&self.pool)
                 .await?;
             Ok((made, None))
