@@ -1,5 +1,6 @@
 //! The SFU core (`vibe_actors::call::room::Room`) driven by real str0m peers over a simulated
-//! network with simulated time: media from each participant reaches every other one,
+//! network with simulated time: media from each participant reaches every other one (a burst
+//! too, without ending anyone's session),
 //! keyframe requests reach the source (throttled), a leaving peer's tracks end, an ICE timeout
 //! removes a participant, peer-to-peer rooms relay and switch to the SFU, bad input is refused
 //! without disturbing the others, and the active speaker follows audio levels.
@@ -596,6 +597,44 @@ fn an_ice_timeout_removes_the_participant_and_tells_everyone() {
         sim.peer(B).signals.contains(&expected),
         "the timed-out participant is told why"
     );
+}
+
+/// A publisher's burst — here 600 video frames arriving back to back, with no timer turn of the
+/// room between them (as datagrams queued ahead of the room's timer message) — reaches every
+/// subscriber whole, and nobody leaves: each subscriber's session packetizes what it is given
+/// as it goes, instead of piling up frames until str0m refuses them (at 512), which ended the
+/// subscriber's session.
+#[test]
+fn a_burst_of_frames_reaches_every_subscriber_and_nobody_leaves() {
+    const BURST: usize = 600;
+    let mut sim = Sim::call(&[A, B, C]);
+    sim.media = false;
+    sim.run_for(Duration::from_millis(200));
+    let before: Vec<usize> = [B, C].map(|n| sim.peer(n).received_from(A).1).to_vec();
+    let (now, start) = (sim.now, sim.start);
+    let Sim { peers, net, .. } = &mut sim;
+    let a = peers.iter_mut().find(|p| p.name == A).unwrap();
+    let (mid, pt) = (a.video.unwrap(), a.pt(Codec::Vp8));
+    for n in 0..BURST {
+        // Inter frames (bit 0 set), each its own time.
+        let time = (now - start) + Duration::from_millis(n as u64);
+        a.rtc
+            .writer(mid)
+            .unwrap()
+            .write(pt, now, time.into(), vec![A, 0x00, 0x00, n as u8])
+            .unwrap();
+        a.rtc.handle_input(Input::Timeout(now)).unwrap();
+        poll_peer(a, now, net);
+    }
+    sim.run_until(Duration::from_secs(2), |s| {
+        [B, C].iter().zip(&before).all(|(n, was)| {
+            s.peers
+                .iter()
+                .any(|p| p.name == *n && p.received_from(A).1 >= was + BURST)
+        })
+    });
+    assert_eq!(sim.room.len(), 3, "nobody left");
+    assert_eq!(sim.room.stats().dropped, 0);
 }
 
 #[test]

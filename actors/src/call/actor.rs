@@ -660,6 +660,8 @@ impl CallRoomState {
                 .increment(stats.forwarded - self.reported.forwarded);
             metrics::counter!("vibe_call_keyframe_requests_total")
                 .increment(stats.keyframe_requests - self.reported.keyframe_requests);
+            metrics::counter!("vibe_call_dropped_frames_total")
+                .increment(stats.dropped - self.reported.dropped);
             self.reported = stats;
         }
         self.deadline.send_if_modified(|d| {

@@ -19,7 +19,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError};
 
 use super::{
     CallError, LeaveReason, Muted, ParticipantId, ParticipantInfo, Quality, RoomMode, SdpKind,
@@ -76,7 +76,26 @@ pub struct RoomStats {
     pub keyframe_requests: u64,
     /// Datagrams no participant accepted.
     pub unrouted: u64,
+    /// Media frames a subscriber's session could not take ([`frame_lost`]): the frame is lost,
+    /// the subscriber stays.
+    pub dropped: u64,
 }
+
+/// Whether a media session's error costs one frame only, not the session: the frame could not
+/// be packetized (the publisher sent what the codec's packetizer refuses) or the subscriber's
+/// frames waiting to be packetized passed str0m's bound. A publisher's bad or bursty frames
+/// must not end every subscriber's session.
+fn frame_lost(error: &RtcError) -> bool {
+    matches!(
+        error,
+        RtcError::Packet(..) | RtcError::WriteWithoutPoll | RtcError::NoSenderSource
+    )
+}
+
+/// How many already-due timeouts one poll of a session handles at once (each packetizes up to
+/// one frame per m-line); past it, the room's timer takes over. Bounds a session whose timeout
+/// would not move.
+const MAX_DUE_TIMEOUTS: usize = 64;
 
 pub struct Room {
     config: RoomConfig,
@@ -648,6 +667,10 @@ impl Room {
             if let Some(rtc) = p.rtc.as_mut()
                 && let Err(e) = rtc.handle_input(Input::Timeout(now))
             {
+                if frame_lost(&e) {
+                    self.stats.dropped += 1;
+                    continue;
+                }
                 tracing::debug!(participant = %p.id, error = %e, "media session failed");
                 p.gone = Some(LeaveReason::MediaFailed);
             }
@@ -672,7 +695,7 @@ impl Room {
         loop {
             let mut next: Option<Instant> = None;
             for p in &mut self.participants {
-                if let Some(t) = p.poll(send, &mut queue) {
+                if let Some(t) = p.poll(now, send, &mut queue, &mut self.stats) {
                     next = Some(next.map_or(t, |n: Instant| n.min(t)));
                 }
             }
@@ -809,6 +832,10 @@ impl Room {
                 continue;
             };
             if let Err(e) = writer.write(pt, data.network_time, data.time, data.data.clone()) {
+                if frame_lost(&e) {
+                    self.stats.dropped += 1;
+                    continue;
+                }
                 tracing::debug!(participant = %p.id, error = %e, "forwarding failed");
                 p.gone = Some(LeaveReason::MediaFailed);
                 continue;
@@ -979,9 +1006,12 @@ impl Participant {
     /// what concerns others goes to `queue`.
     fn poll(
         &mut self,
+        now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
         queue: &mut VecDeque<Propagated>,
+        stats: &mut RoomStats,
     ) -> Option<Instant> {
+        let mut due = 0;
         loop {
             let rtc = self.rtc.as_mut()?;
             if self.gone.is_some() || !rtc.is_alive() {
@@ -997,6 +1027,21 @@ impl Participant {
                 }
             };
             match output {
+                // Frames forwarded to this session are packetized on its timeout, which is then
+                // already due: handled here, not after the room's timer message, which waits
+                // behind every datagram already queued (a burst would pile frames up meanwhile).
+                Output::Timeout(t) if t <= now && due < MAX_DUE_TIMEOUTS => {
+                    due += 1;
+                    if let Err(e) = rtc.handle_input(Input::Timeout(now)) {
+                        if !frame_lost(&e) {
+                            tracing::debug!(participant = %self.id, error = %e,
+                                "media session failed");
+                            self.gone = Some(LeaveReason::MediaFailed);
+                            return None;
+                        }
+                        stats.dropped += 1;
+                    }
+                }
                 Output::Timeout(t) => {
                     self.deadline = Some(t);
                     return Some(t);
