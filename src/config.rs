@@ -267,6 +267,10 @@ pub struct CallsConfig {
     pub bandwidth_estimation: bool,
     pub max_queued_datagrams: usize,
     pub resend_buffer_packets: usize,
+    pub max_published_tracks: usize,
+    pub max_candidates: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
 }
 
 impl CallsConfig {
@@ -282,6 +286,9 @@ impl CallsConfig {
             bandwidth_estimation: self.bandwidth_estimation,
             max_queued_datagrams: self.max_queued_datagrams,
             resend_buffer_packets: self.resend_buffer_packets,
+            max_tracks: self.max_published_tracks,
+            max_candidates: self.max_candidates,
+            connect_timeout: self.connect_timeout,
         }
     }
 }
@@ -371,6 +378,15 @@ impl Config {
                 "calls.resend_buffer_packets",
                 "must be at least 16 (a large video frame alone spans several packets)",
             );
+        }
+        if calls.max_published_tracks == 0 {
+            return invalid("calls.max_published_tracks", "must be at least 1");
+        }
+        if calls.max_candidates == 0 {
+            return invalid("calls.max_candidates", "must be at least 1");
+        }
+        if calls.connect_timeout < Duration::from_secs(1) {
+            return invalid("calls.connect_timeout", "must be at least 1s");
         }
         if calls.max_queued_datagrams == 0 {
             return invalid("calls.max_queued_datagrams", "must be at least 1");
@@ -743,6 +759,8 @@ mod tests {
             ("calls.port_min", 40000),
             ("calls.max_participants", 1),
             ("calls.resend_buffer_packets", 3),
+            ("calls.max_published_tracks", 0),
+            ("calls.max_candidates", 0),
         ] {
             let err = refusal(key, value);
             assert!(err.contains(key), "{err}");

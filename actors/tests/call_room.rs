@@ -200,16 +200,23 @@ impl Sim {
     }
 
     fn with_estimation(mode: RoomMode, max_participants: usize, estimation: bool) -> Self {
+        Self::with_config(RoomConfig {
+            mode,
+            max_participants,
+            bandwidth_estimation: estimation,
+            ..RoomConfig::default()
+        })
+    }
+
+    /// A room of `config` (its candidate and intervals set as every test has them).
+    fn with_config(config: RoomConfig) -> Self {
         init_crypto();
         let now = Instant::now();
         let room = Room::new(RoomConfig {
-            mode,
-            max_participants,
             candidates: vec![room_addr()],
             keyframe_request_interval: Duration::from_millis(500),
             speaker_interval: Duration::from_millis(300),
-            bandwidth_estimation: estimation,
-            ..RoomConfig::default()
+            ..config
         });
         Sim {
             start: now,
@@ -637,6 +644,92 @@ fn a_burst_of_frames_reaches_every_subscriber_and_nobody_leaves() {
     assert_eq!(sim.room.stats().dropped, 0);
 }
 
+/// A participant publishes at most `max_tracks` tracks and its session takes at most
+/// `max_candidates` remote candidates (its offers' and trickled ones together): an offer of
+/// thousands of m-lines or a stream of candidates cannot grow the room without bound, nor flood
+/// the others with `track` events.
+#[test]
+fn tracks_and_candidates_are_bounded_per_participant() {
+    let mut sim = Sim::with_config(RoomConfig {
+        max_participants: 4,
+        max_tracks: 2,
+        max_candidates: 3,
+        ..RoomConfig::default()
+    });
+    // Three audio tracks: one too many.
+    let mut greedy = Peer::new(7, sim.now);
+    let mut api = greedy.rtc.sdp_api();
+    for _ in 0..3 {
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    }
+    let (offer, _) = api.apply().unwrap();
+    let refused = sim
+        .room
+        .join(sim.now, "did:key:z7".into(), Some(&offer.to_sdp_string()));
+    assert!(
+        matches!(&refused, Err(CallError::InvalidSdp(m)) if m.contains("at most 2 tracks")),
+        "{refused:?}"
+    );
+    assert_eq!(sim.room.len(), 0);
+
+    // Audio and video (two tracks, one candidate in the offer) are fine; two more trickled
+    // candidates fill the session's three.
+    sim.join(A).unwrap();
+    sim.join(B).unwrap();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+    let a = sim.id(A);
+    for n in 1..=2 {
+        let line = format!("candidate:{n} 1 udp 2122260223 192.0.2.{n} 5000 typ host");
+        sim.room.ice(a, None, &line).unwrap();
+    }
+    let refused = sim.room.ice(
+        a,
+        None,
+        "candidate:9 1 udp 2122260223 192.0.2.9 5000 typ host",
+    );
+    assert_eq!(refused, Err(CallError::TooManyCandidates(3)));
+    // The session goes on.
+    let before = sim.peer(B).received_from(A).1;
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.peers[1].received_from(A).1 > before
+    });
+}
+
+/// A participant whose ICE never connects — its offer carries no candidate and none is
+/// trickled, so str0m's own ICE timeout never starts — is removed `connect_timeout` after its
+/// offer, instead of holding its place for as long as its WebSocket stays open.
+#[test]
+fn a_participant_whose_ice_never_connects_is_removed() {
+    let mut sim = Sim::with_config(RoomConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..RoomConfig::default()
+    });
+    sim.join(A).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| s.peers[0].rtc.is_connected());
+    let mut silent = Rtc::builder().build(sim.now);
+    let mut api = silent.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, _) = api.apply().unwrap();
+    let offer = offer.to_sdp_string();
+    assert!(!offer.contains("a=candidate"), "{offer}");
+    let joined = sim
+        .room
+        .join(sim.now, "did:key:zS".into(), Some(&offer))
+        .unwrap();
+    sim.drive_room();
+    let joined_at = sim.now;
+    sim.run_until(Duration::from_secs(10), |s| s.room.len() == 1);
+    assert!(
+        sim.now >= joined_at + Duration::from_secs(5),
+        "not before its time"
+    );
+    assert!(sim.peer(A).signals.contains(&Signal::Left {
+        participant: joined.participant,
+        reason: LeaveReason::IceTimeout,
+    }));
+    assert!(sim.peer(A).rtc.is_connected(), "the connected one stays");
+}
+
 #[test]
 fn bad_input_is_refused_and_the_room_keeps_working() {
     let mut sim = Sim::new(RoomMode::Sfu, 3);
@@ -757,6 +850,19 @@ fn peer_to_peer_rooms_relay_signalling_and_switch_to_the_sfu_for_a_third() {
         Err(CallError::PeerToPeer),
         "no server session in a peer-to-peer room"
     );
+
+    // A third joiner whose offer the server's session refuses (it has no media) is refused,
+    // and the room stays peer-to-peer: nobody is told to move.
+    let mut refused_peer = Peer::new(7, now);
+    let offer = refused_peer.publish_offer();
+    let no_media = &offer[..offer.find("m=").unwrap()];
+    let refused = room.join(now, "did:key:zX".into(), Some(no_media));
+    assert!(
+        matches!(refused, Err(CallError::InvalidSdp(_))),
+        "{refused:?}"
+    );
+    assert_eq!(room.take_signals().count(), 0);
+    assert_eq!(room.len(), 2);
 
     // A third participant: everyone moves to the SFU.
     let mut c_peer = Peer::new(C, now);

@@ -42,6 +42,12 @@ pub struct CallsConfig {
     pub max_queued_datagrams: usize,
     /// Sent video packets kept per forwarded stream for retransmissions.
     pub resend_buffer_packets: usize,
+    /// Tracks one participant may publish.
+    pub max_tracks: usize,
+    /// Remote ICE candidates one participant's session takes, in all.
+    pub max_candidates: usize,
+    /// How long after an SDP exchange a participant's ICE must connect.
+    pub connect_timeout: Duration,
 }
 
 impl Default for CallsConfig {
@@ -56,6 +62,9 @@ impl Default for CallsConfig {
             bandwidth_estimation: false,
             max_queued_datagrams: 4096,
             resend_buffer_packets: 500,
+            max_tracks: 8,
+            max_candidates: 64,
+            connect_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -443,6 +452,9 @@ impl Actor for CallRoom {
             keyframe_request_interval: args.config.keyframe_request_interval,
             bandwidth_estimation: args.config.bandwidth_estimation,
             resend_buffer_packets: args.config.resend_buffer_packets,
+            max_tracks: args.config.max_tracks,
+            max_candidates: args.config.max_candidates,
+            connect_timeout: args.config.connect_timeout,
             ..RoomConfig::default()
         });
         let queued = Arc::new(AtomicUsize::new(0));

@@ -195,6 +195,8 @@ pub enum CallError {
     InvalidSdp(String),
     #[error("invalid ICE candidate: {0}")]
     InvalidCandidate(String),
+    #[error("a participant's session takes at most {0} remote candidates")]
+    TooManyCandidates(usize),
     #[error("{0}")]
     NegotiationConflict(&'static str),
     #[error("no such participant in the room")]
@@ -216,6 +218,7 @@ impl CallError {
             CallError::NotInCall => "not_in_call",
             CallError::InvalidSdp(_) => "invalid_sdp",
             CallError::InvalidCandidate(_) => "invalid_candidate",
+            CallError::TooManyCandidates(_) => "too_many_candidates",
             CallError::NegotiationConflict(_) => "negotiation_conflict",
             CallError::UnknownParticipant => "unknown_participant",
             CallError::NotPeerToPeer => "not_peer_to_peer",

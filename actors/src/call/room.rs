@@ -41,6 +41,17 @@ pub struct RoomConfig {
     pub bandwidth_estimation: bool,
     /// Sent video packets kept per stream for retransmission (NACK) and probing.
     pub resend_buffer_packets: usize,
+    /// Tracks one participant may publish: an offer with more sending m-lines is refused (and
+    /// one with more m-lines than the room could ever send it and this, or more candidates
+    /// than `max_candidates`).
+    pub max_tracks: usize,
+    /// Remote ICE candidates one participant's session takes (in offers and trickled), in all.
+    pub max_candidates: usize,
+    /// A participant with a server session must reach ICE connectivity this long after an
+    /// offer or answer of its session was exchanged, or it is removed (`ice_timeout`): one
+    /// whose candidates never come would otherwise hold its place for as long as its WebSocket
+    /// stays open.
+    pub connect_timeout: Duration,
 }
 
 impl Default for RoomConfig {
@@ -53,6 +64,9 @@ impl Default for RoomConfig {
             speaker_interval: Duration::from_millis(300),
             bandwidth_estimation: false,
             resend_buffer_packets: 500,
+            max_tracks: 8,
+            max_candidates: 64,
+            connect_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -136,6 +150,10 @@ struct Participant {
     gone: Option<LeaveReason>,
     /// When its session next needs `Input::Timeout` (from its last poll).
     deadline: Option<Instant>,
+    /// Until its ICE connects: when it must have (see [`RoomConfig::connect_timeout`]).
+    connect_by: Option<Instant>,
+    /// Remote candidates its session took.
+    candidates: usize,
 }
 
 /// A track the participant publishes.
@@ -257,19 +275,12 @@ impl Room {
         if self.participants.len() >= self.config.max_participants {
             return Err(CallError::RoomFull(self.config.max_participants));
         }
-        let offer = offer.map(parse_offer).transpose()?;
+        let offer = offer.map(|sdp| self.parse_offer(sdp, 0)).transpose()?;
         let id = ParticipantId(self.next_id);
-        if self.mode == RoomMode::P2p && self.participants.len() >= 2 {
-            self.mode = RoomMode::Sfu;
-            for p in &self.participants {
-                self.signals.push_back((
-                    p.id,
-                    Signal::Mode {
-                        mode: RoomMode::Sfu,
-                    },
-                ));
-            }
-        }
+        // A third joiner moves a peer-to-peer room to the SFU — once its own session is set up:
+        // a join refused below leaves the room as it was.
+        let to_sfu = self.mode == RoomMode::P2p && self.participants.len() >= 2;
+        let mode = if to_sfu { RoomMode::Sfu } else { self.mode };
         let mut participant = Participant {
             id,
             did: did.clone(),
@@ -283,17 +294,21 @@ impl Room {
             loudness: 0.0,
             gone: None,
             deadline: None,
+            connect_by: None,
+            candidates: 0,
         };
         let mut answer = None;
-        match self.mode {
+        match mode {
             RoomMode::Sfu => {
                 let mut rtc = self.new_rtc(now)?;
-                if let Some(offer) = offer {
+                if let Some((offer, candidates)) = offer {
                     let sdp = rtc
                         .sdp_api()
                         .accept_offer(offer)
                         .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
                     answer = Some(spread_candidates(&sdp.to_sdp_string()));
+                    participant.candidates = candidates;
+                    participant.connect_by = Some(now + self.config.connect_timeout);
                 }
                 participant.rtc = Some(rtc);
                 for other in &self.participants {
@@ -330,6 +345,17 @@ impl Room {
                         },
                     ));
                 }
+            }
+        }
+        if to_sfu {
+            self.mode = RoomMode::Sfu;
+            for p in &self.participants {
+                self.signals.push_back((
+                    p.id,
+                    Signal::Mode {
+                        mode: RoomMode::Sfu,
+                    },
+                ));
             }
         }
         self.next_id += 1;
@@ -403,7 +429,8 @@ impl Room {
         }
         match kind {
             SdpKind::Offer => {
-                let offer = parse_offer(sdp)?;
+                let (offer, candidates) =
+                    self.parse_offer(sdp, self.participants[index].candidates)?;
                 if self.participants[index].rtc.is_none() {
                     // A former peer-to-peer participant moving to the SFU.
                     let rtc = self.new_rtc(now)?;
@@ -433,6 +460,10 @@ impl Room {
                     .sdp_api()
                     .accept_offer(offer)
                     .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                p.candidates = candidates;
+                if !rtc.is_connected() {
+                    p.connect_by = Some(now + self.config.connect_timeout);
+                }
                 // accept_offer rolled back the server's own outstanding offer: offer its
                 // changes again after this exchange.
                 p.pending = None;
@@ -462,6 +493,9 @@ impl Room {
                 rtc.sdp_api()
                     .accept_answer(pending, answer)
                     .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                if !rtc.is_connected() {
+                    p.connect_by = Some(now + self.config.connect_timeout);
+                }
                 for track in &mut p.tracks_out {
                     if let OutState::Negotiating(m) = track.state {
                         track.state = OutState::Open(m);
@@ -511,9 +545,13 @@ impl Room {
         }
         let parsed = Candidate::from_sdp_string(line)
             .map_err(|e| CallError::InvalidCandidate(e.to_string()))?;
-        match self.participants[index].rtc.as_mut() {
+        let max = self.config.max_candidates;
+        let p = &mut self.participants[index];
+        match p.rtc.as_mut() {
+            Some(_) if p.candidates >= max => Err(CallError::TooManyCandidates(max)),
             Some(rtc) => {
                 rtc.add_remote_candidate(parsed);
+                p.candidates += 1;
                 Ok(())
             }
             None if self.mode == RoomMode::P2p => Err(CallError::PeerToPeer),
@@ -661,6 +699,10 @@ impl Room {
     /// [`Room::drive`].
     pub fn handle_timeout(&mut self, now: Instant) {
         for p in &mut self.participants {
+            if p.connect_by.is_some_and(|d| d <= now) {
+                p.gone = Some(LeaveReason::IceTimeout);
+                continue;
+            }
             if p.deadline.is_some_and(|d| d > now) {
                 continue;
             }
@@ -695,7 +737,8 @@ impl Room {
         loop {
             let mut next: Option<Instant> = None;
             for p in &mut self.participants {
-                if let Some(t) = p.poll(now, send, &mut queue, &mut self.stats) {
+                let max_tracks = self.config.max_tracks;
+                if let Some(t) = p.poll(now, send, &mut queue, &mut self.stats, max_tracks) {
                     next = Some(next.map_or(t, |n: Instant| n.min(t)));
                 }
             }
@@ -1010,6 +1053,7 @@ impl Participant {
         send: &mut dyn FnMut(SocketAddr, &[u8]),
         queue: &mut VecDeque<Propagated>,
         stats: &mut RoomStats,
+        max_tracks: usize,
     ) -> Option<Instant> {
         let mut due = 0;
         loop {
@@ -1044,24 +1088,29 @@ impl Participant {
                 }
                 Output::Timeout(t) => {
                     self.deadline = Some(t);
-                    return Some(t);
+                    return Some(self.connect_by.map_or(t, |c| c.min(t)));
                 }
                 Output::Transmit(t) => send(t.destination, &t.contents),
-                Output::Event(event) => self.handle_event(event, queue),
+                Output::Event(event) => self.handle_event(event, queue, max_tracks),
             }
         }
     }
 
-    fn handle_event(&mut self, event: Event, queue: &mut VecDeque<Propagated>) {
+    fn handle_event(&mut self, event: Event, queue: &mut VecDeque<Propagated>, max_tracks: usize) {
         match event {
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                 self.gone = Some(LeaveReason::IceTimeout);
             }
+            Event::IceConnectionStateChange(
+                IceConnectionState::Connected | IceConnectionState::Completed,
+            ) => self.connect_by = None,
             Event::MediaAdded(added) => {
                 let ours = self.tracks_out.iter().any(|t| t.mid() == Some(added.mid));
                 if !ours
                     && added.direction.is_receiving()
                     && !self.tracks_in.iter().any(|t| t.mid == added.mid)
+                    // Offers are checked, but m-lines once published stay in the list.
+                    && self.tracks_in.len() < max_tracks
                 {
                     self.tracks_in.push(TrackIn {
                         mid: added.mid,
@@ -1141,8 +1190,81 @@ fn spread_candidates(sdp: &str) -> String {
     out
 }
 
-fn parse_offer(sdp: &str) -> Result<SdpOffer, CallError> {
-    SdpOffer::from_sdp_string(sdp).map_err(|e| CallError::InvalidSdp(e.to_string()))
+impl Room {
+    /// A participant's offer, checked against the room's bounds before str0m sees it, and the
+    /// participant's candidates with those it carries (`had` before it).
+    fn parse_offer(&self, sdp: &str, had: usize) -> Result<(SdpOffer, usize), CallError> {
+        let shape = OfferShape::of(sdp);
+        let max_tracks = self.config.max_tracks;
+        if shape.publishing > max_tracks {
+            return Err(CallError::InvalidSdp(format!(
+                "an offer publishes at most {max_tracks} tracks, this one {}",
+                shape.publishing
+            )));
+        }
+        // Its own tracks and one m-line per track of every other participant.
+        let max_sections = max_tracks.saturating_mul(self.config.max_participants.max(1));
+        if shape.sections > max_sections {
+            return Err(CallError::InvalidSdp(format!(
+                "an offer in this room has at most {max_sections} m-lines, this one {}",
+                shape.sections
+            )));
+        }
+        let candidates = had.saturating_add(shape.candidates);
+        if candidates > self.config.max_candidates {
+            return Err(CallError::TooManyCandidates(self.config.max_candidates));
+        }
+        let offer =
+            SdpOffer::from_sdp_string(sdp).map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+        Ok((offer, candidates))
+    }
+}
+
+/// What an offer's text asks of the room, counted from its lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct OfferShape {
+    /// m-lines.
+    sections: usize,
+    /// m-lines the offerer sends on (`sendrecv`, `sendonly`, or no direction: sendrecv) with a
+    /// port other than 0 (0: rejected or stopped).
+    publishing: usize,
+    /// `a=candidate` lines.
+    candidates: usize,
+}
+
+impl OfferShape {
+    fn of(sdp: &str) -> Self {
+        let mut shape = Self::default();
+        // The current m-section: whether it is live and sends.
+        let mut section: Option<(bool, bool)> = None;
+        let close = |section: Option<(bool, bool)>, shape: &mut Self| {
+            if let Some((live, sends)) = section {
+                shape.publishing += usize::from(live && sends);
+            }
+        };
+        for line in sdp.lines().map(str::trim) {
+            if let Some(media) = line.strip_prefix("m=") {
+                close(section, &mut shape);
+                shape.sections += 1;
+                let live = media
+                    .split_whitespace()
+                    .nth(1)
+                    .is_some_and(|port| port != "0");
+                section = Some((live, true));
+            } else if let Some((_, sends)) = section.as_mut() {
+                match line {
+                    "a=recvonly" | "a=inactive" => *sends = false,
+                    "a=sendrecv" | "a=sendonly" => *sends = true,
+                    _ => {}
+                }
+            }
+            if line.starts_with("a=candidate:") {
+                shape.candidates += 1;
+            }
+        }
+        close(section, &mut shape);
+        shape
+    }
 }
 
 fn layer_rank(rid: &Rid) -> usize {
@@ -1177,6 +1299,26 @@ fn choose_layer(quality: Quality, estimate: Option<Bitrate>, layers: &[Rid]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offers_shape_counts_live_sending_sections_and_candidates() {
+        let sdp = "v=0\r\na=sendrecv\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=candidate:1 1 udp 1 10.0.0.1 5 typ host\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=inactive\r\n\
+                   m=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=candidate:2 1 udp 1 10.0.0.2 5 typ host\r\n";
+        assert_eq!(
+            OfferShape::of(sdp),
+            OfferShape {
+                sections: 6,
+                // The first (no direction: sendrecv), the sendonly one and the last.
+                publishing: 3,
+                candidates: 2,
+            }
+        );
+    }
 
     #[test]
     fn candidates_are_repeated_in_every_active_section() {
