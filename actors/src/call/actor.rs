@@ -419,6 +419,18 @@ pub struct CallRoomState {
     timer: tokio::task::JoinHandle<()>,
 }
 
+/// Whether the room stopped or crashed (a panic skips `post_stop`, so this is not there): the
+/// socket reader notices a dead room only when a datagram comes, and meanwhile would keep the
+/// room's port — a quiet room's for good; and the participants gauge would keep counting the
+/// crashed room's members.
+impl Drop for CallRoomState {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.timer.abort();
+        metrics::gauge!("vibe_call_participants").decrement(self.members.len() as f64);
+    }
+}
+
 impl Actor for CallRoom {
     type Msg = CallRoomMsg;
     type State = CallRoomState;
@@ -482,16 +494,6 @@ impl Actor for CallRoom {
             reader,
             timer,
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        state.reader.abort();
-        state.timer.abort();
-        Ok(())
     }
 
     async fn handle(
