@@ -532,13 +532,30 @@ async fn a_connection_is_in_a_bounded_number_of_calls_and_leaves_those_its_token
     assert_eq!(r["ok"], true, "{r}");
     ids[0] = r["participant"].as_str().unwrap().to_owned();
 
+    // A call that ended for her without her leaving (its document deleted) counts no more.
+    let owner = server.token(&did("alice"), SCOPES);
+    let deleted = server
+        .client
+        .delete(server.url(&format!("/v1/docs/call/{}", rooms[1])))
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(left_event(&mut alice, &rooms[1]).await["reason"], "removed");
+    let r = alice
+        .request(json!({"op": "call.join", "room": rooms[0]}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    ids[1] = r["participant"].as_str().unwrap().to_owned();
+
     // A token for the same DID without `read:call`: she leaves both calls, and is told.
     let narrower = server.token(&did("alice"), &["read:posts"]);
     let r = alice
         .request(json!({"op": "auth", "token": narrower}))
         .await;
     assert_eq!(r["ok"], true, "{r}");
-    for (room, id) in [(&rooms[1], &ids[1]), (&rooms[2], &ids[0])] {
+    for (room, id) in [(&rooms[0], &ids[1]), (&rooms[2], &ids[0])] {
         assert_eq!(
             left_event(&mut alice, room).await,
             json!({"call": room, "event": "left", "participant": id, "reason": "removed"})

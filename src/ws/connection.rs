@@ -785,11 +785,23 @@ impl Session {
     ) -> Result<Option<Value>, Failure> {
         let caller = self.permit(Access::Read, CALL_TYPE)?;
         let max_calls = self.app.config.ws.max_calls;
-        if self.calls.len() >= max_calls && !self.calls.contains_key(&args.room.to_string()) {
-            return Err(Failure(
-                "too_many_calls",
-                format!("a connection is in at most {max_calls} calls at once"),
-            ));
+        let room = args.room.to_string();
+        if self.calls.len() >= max_calls && !self.calls.contains_key(&room) {
+            // Rooms that removed this connection (an ICE timeout, lost access) are still listed
+            // here: they count no more.
+            let conn_id = self.outbox.conn_id;
+            if let Ok(live) = ractor::call!(self.app.calls, |reply| CallsMsg::Memberships {
+                conn_id,
+                reply
+            }) {
+                self.calls.retain(|room, _| live.contains(room));
+            }
+            if self.calls.len() >= max_calls {
+                return Err(Failure(
+                    "too_many_calls",
+                    format!("a connection is in at most {max_calls} calls at once"),
+                ));
+            }
         }
         let doc = self.app.store.get(&caller, CALL_TYPE, args.room).await?;
         let settings = RoomSettings {
@@ -803,7 +815,6 @@ impl Session {
                 .and_then(Value::as_u64)
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         };
-        let room = args.room.to_string();
         let joined = ractor::call!(self.app.calls, |reply| CallsMsg::Join {
             room: room.clone(),
             settings,

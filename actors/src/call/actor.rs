@@ -127,6 +127,12 @@ pub enum CallsMsg {
     },
     /// A room reports that a connection is no longer its member.
     Departed { room: String, conn_id: u64 },
+    /// The rooms the connection is a member of (joined or joining): a connection's own list
+    /// also holds rooms that removed it (ICE timeout, lost access, a failed session).
+    Memberships {
+        conn_id: u64,
+        reply: RpcReplyPort<Vec<String>>,
+    },
     /// The room's document changed or was deleted: members who lost read access are removed.
     DocumentChanged { room: String, deleted: bool },
     /// Rooms and members, for metrics and tests.
@@ -294,6 +300,15 @@ impl Actor for Calls {
                     entry.actor.stop(Some("empty".into()));
                     metrics::gauge!("vibe_call_rooms").decrement(1);
                 }
+            }
+            CallsMsg::Memberships { conn_id, reply } => {
+                let rooms = state
+                    .rooms
+                    .iter()
+                    .filter(|(_, entry)| entry.members.contains_key(&conn_id))
+                    .map(|(room, _)| room.clone())
+                    .collect();
+                let _ = reply.send(rooms);
             }
             CallsMsg::DocumentChanged { room, deleted } => {
                 let Some(entry) = state.rooms.get(&room) else {
