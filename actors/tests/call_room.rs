@@ -944,6 +944,39 @@ fn a_receiver_gets_one_simulcast_layer_and_switches_on_a_keyframe_of_the_one_it_
     assert!(after.len() - switch >= 10, "l keeps flowing");
 }
 
+/// An answer the server's session refuses (here: one without the offer's m-lines) spends the
+/// offer; its track changes are offered again, and once answered the media flows — they were
+/// left half-negotiated, never offered again, and the participant never received those tracks.
+#[test]
+fn a_refused_answer_gets_the_changes_offered_again() {
+    let mut sim = Sim::call(&[A, B]);
+    sim.peer(A).held_offers = Some(Vec::new());
+    sim.join(C).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.peers[0]
+            .held_offers
+            .as_ref()
+            .is_some_and(|h| !h.is_empty())
+    });
+    let held = sim.peer(A).held_offers.take().unwrap();
+    let mut elsewhere = Rtc::builder().build(sim.now);
+    let answer = elsewhere
+        .sdp_api()
+        .accept_offer(SdpOffer::from_sdp_string(&held[0]).unwrap())
+        .unwrap()
+        .to_sdp_string();
+    let no_media = &answer[..answer.find("m=").unwrap()];
+    let a = sim.id(A);
+    let refused = sim.room.sdp(sim.now, a, None, SdpKind::Answer, no_media);
+    assert!(
+        matches!(refused, Err(CallError::InvalidSdp(_))),
+        "{refused:?}"
+    );
+    // A new offer of C's tracks comes, A answers it, and everyone receives everyone.
+    sim.drive_room();
+    sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+}
+
 #[test]
 fn on_glare_the_server_yields_and_offers_its_changes_again() {
     let mut sim = Sim::call(&[A, B]);

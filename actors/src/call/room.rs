@@ -456,23 +456,15 @@ impl Room {
                 let Some(rtc) = p.rtc.as_mut() else {
                     return Err(CallError::NotInCall);
                 };
-                let answer = rtc
-                    .sdp_api()
-                    .accept_offer(offer)
-                    .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                let accepted = rtc.sdp_api().accept_offer(offer);
+                let connected = rtc.is_connected();
+                // accept_offer rolled back the server's own outstanding offer (also when it
+                // refused this one): offer its changes again after this exchange.
+                p.void_server_offer();
+                let answer = accepted.map_err(|e| CallError::InvalidSdp(e.to_string()))?;
                 p.candidates = candidates;
-                if !rtc.is_connected() {
+                if !connected {
                     p.connect_by = Some(now + self.config.connect_timeout);
-                }
-                // accept_offer rolled back the server's own outstanding offer: offer its
-                // changes again after this exchange.
-                p.pending = None;
-                for track in &mut p.tracks_out {
-                    match track.state {
-                        OutState::Negotiating(_) => track.state = OutState::ToOpen,
-                        OutState::NegotiatingStop(m) => track.state = OutState::ToStop(m),
-                        _ => {}
-                    }
                 }
                 Ok(Some(spread_candidates(&answer.to_sdp_string())))
             }
@@ -490,9 +482,11 @@ impl Room {
                         "no offer of the server is awaiting an answer",
                     ));
                 };
-                rtc.sdp_api()
-                    .accept_answer(pending, answer)
-                    .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                if let Err(e) = rtc.sdp_api().accept_answer(pending, answer) {
+                    // The offer is spent: its changes are offered again.
+                    p.void_server_offer();
+                    return Err(CallError::InvalidSdp(e.to_string()));
+                }
                 if !rtc.is_connected() {
                     p.connect_by = Some(now + self.config.connect_timeout);
                 }
@@ -1092,6 +1086,19 @@ impl Participant {
                 }
                 Output::Transmit(t) => send(t.destination, &t.contents),
                 Output::Event(event) => self.handle_event(event, queue, max_tracks),
+            }
+        }
+    }
+
+    /// The server's outstanding offer is void (the participant's own offer rolled it back, or
+    /// an exchange failed): the track changes it carried are offered again.
+    fn void_server_offer(&mut self) {
+        self.pending = None;
+        for track in &mut self.tracks_out {
+            match track.state {
+                OutState::Negotiating(_) => track.state = OutState::ToOpen,
+                OutState::NegotiatingStop(m) => track.state = OutState::ToStop(m),
+                _ => {}
             }
         }
     }
