@@ -267,6 +267,7 @@ impl Actor for Calls {
                 if let Some(entry) = state.rooms.get_mut(&room) {
                     entry.members.insert(member.outbox.conn_id, member.clone());
                 }
+                let (conn_id, did) = (member.outbox.conn_id, member.did.clone());
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let sent = actor.cast(CallRoomMsg::Join {
                     member,
@@ -278,6 +279,16 @@ impl Actor for Calls {
                     let _ = reply.send(Err(CallError::Unavailable("the room stopped".into())));
                     return Ok(());
                 }
+                // The connection checked access before asking, but a change of the room's
+                // document handled before this member was listed re-checked everyone else only:
+                // check once more now that it is listed (later changes re-check it anyway).
+                let check = state.access.may_join(did, room.clone());
+                let room_actor = actor.clone();
+                tokio::spawn(async move {
+                    if !check.await {
+                        let _ = room_actor.cast(CallRoomMsg::Removed { conn_id });
+                    }
+                });
                 // The room answers without waiting on us; relay its verdict off this actor.
                 tokio::spawn(async move {
                     let verdict = match rx.await {
