@@ -944,6 +944,41 @@ fn a_receiver_gets_one_simulcast_layer_and_switches_on_a_keyframe_of_the_one_it_
     assert!(after.len() - switch >= 10, "l keeps flowing");
 }
 
+/// A publisher that stops sending on an m-line (it makes it `recvonly`) unpublishes that track:
+/// the others are told, and its other track still flows.
+#[test]
+fn a_track_that_stops_sending_is_unpublished_for_the_others() {
+    let mut sim = Sim::call(&[A, B]);
+    let a = sim.id(A);
+    let peer = sim.peer(A);
+    let video = peer.video.unwrap();
+    let mut api = peer.rtc.sdp_api();
+    api.set_direction(video, Direction::RecvOnly);
+    let (offer, pending) = api.apply().unwrap();
+    peer.pending = Some(pending);
+    let answer = sim
+        .room
+        .sdp(sim.now, a, None, SdpKind::Offer, &offer.to_sdp_string())
+        .unwrap()
+        .expect("an answer");
+    sim.peer(A).accept_answer(&answer);
+    sim.drive_room();
+    let unpublished = Signal::Track {
+        participant: a,
+        kind: TrackKind::Video,
+        state: TrackState::Unpublished,
+    };
+    assert!(
+        sim.peer(B).signals.contains(&unpublished),
+        "{:?}",
+        sim.peer(B).signals
+    );
+    let before = sim.peer(B).received_from(A).0;
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.peers[1].received_from(A).0 >= before + 5
+    });
+}
+
 /// An answer the server's session refuses (here: one without the offer's m-lines) spends the
 /// offer; its track changes are offered again, and once answered the media flows — they were
 /// left half-negotiated, never offered again, and the participant never received those tracks.

@@ -202,6 +202,8 @@ impl TrackOut {
 #[allow(clippy::large_enum_variant)]
 enum Propagated {
     TrackOpen(ParticipantId, Mid, MediaKind),
+    /// The source stopped sending on the m-line (it became `recvonly` or `inactive`).
+    TrackClose(ParticipantId, Mid, MediaKind),
     Media(ParticipantId, MediaData),
     /// A subscriber asks for a keyframe of (source, source mid, layer).
     Keyframe(ParticipantId, Mid, Option<Rid>, KeyframeRequestKind),
@@ -627,9 +629,23 @@ impl Room {
                 },
             ));
         }
+        self.stop_forwarding(id, None);
+        if self.speaker == Some(id) {
+            self.speaker = None;
+            for p in &self.participants {
+                self.signals
+                    .push_back((p.id, Signal::Speaker { participant: None }));
+            }
+        }
+    }
+
+    /// The others stop receiving `source`'s track `mid` (None: all its tracks): their m-lines
+    /// for it are stopped at their next negotiation, or never opened.
+    fn stop_forwarding(&mut self, source: ParticipantId, mid: Option<Mid>) {
+        let stopped = |t: &TrackOut| t.source == source && mid.is_none_or(|m| t.source_mid == m);
         for p in &mut self.participants {
             for track in &mut p.tracks_out {
-                if track.source != id {
+                if !stopped(track) {
                     continue;
                 }
                 track.state = match track.state {
@@ -638,14 +654,7 @@ impl Room {
                 };
             }
             p.tracks_out
-                .retain(|t| !(t.source == id && t.state == OutState::ToOpen));
-        }
-        if self.speaker == Some(id) {
-            self.speaker = None;
-            for p in &self.participants {
-                self.signals
-                    .push_back((p.id, Signal::Speaker { participant: None }));
-            }
+                .retain(|t| !(stopped(t) && t.state == OutState::ToOpen));
         }
     }
 
@@ -783,6 +792,17 @@ impl Room {
                         state: TrackState::Published,
                     },
                 );
+            }
+            Propagated::TrackClose(source, mid, kind) => {
+                self.signal_others(
+                    source,
+                    &Signal::Track {
+                        participant: source,
+                        kind: kind.into(),
+                        state: TrackState::Unpublished,
+                    },
+                );
+                self.stop_forwarding(source, Some(mid));
             }
             Propagated::Media(source, data) => self.forward(now, source, data),
             Propagated::Keyframe(source, mid, rid, kind) => {
@@ -1090,6 +1110,33 @@ impl Participant {
         }
     }
 
+    /// Publishes the m-line `mid` to the others if the participant sends on it and it is
+    /// neither the server's nor published already.
+    fn publish(
+        &mut self,
+        mid: Mid,
+        kind: MediaKind,
+        direction: Direction,
+        queue: &mut VecDeque<Propagated>,
+        max_tracks: usize,
+    ) {
+        let ours = self.tracks_out.iter().any(|t| t.mid() == Some(mid));
+        if !ours
+            && direction.is_receiving()
+            && !self.tracks_in.iter().any(|t| t.mid == mid)
+            // Offers are checked; this bounds what renegotiations add up to.
+            && self.tracks_in.len() < max_tracks
+        {
+            self.tracks_in.push(TrackIn {
+                mid,
+                kind,
+                rids: Vec::new(),
+                keyframe_requested: Vec::new(),
+            });
+            queue.push_back(Propagated::TrackOpen(self.id, mid, kind));
+        }
+    }
+
     /// The server's outstanding offer is void (the participant's own offer rolled it back, or
     /// an exchange failed): the track changes it carried are offered again.
     fn void_server_offer(&mut self) {
@@ -1112,20 +1159,23 @@ impl Participant {
                 IceConnectionState::Connected | IceConnectionState::Completed,
             ) => self.connect_by = None,
             Event::MediaAdded(added) => {
-                let ours = self.tracks_out.iter().any(|t| t.mid() == Some(added.mid));
-                if !ours
-                    && added.direction.is_receiving()
-                    && !self.tracks_in.iter().any(|t| t.mid == added.mid)
-                    // Offers are checked, but m-lines once published stay in the list.
-                    && self.tracks_in.len() < max_tracks
-                {
-                    self.tracks_in.push(TrackIn {
-                        mid: added.mid,
-                        kind: added.kind,
-                        rids: Vec::new(),
-                        keyframe_requested: Vec::new(),
-                    });
-                    queue.push_back(Propagated::TrackOpen(self.id, added.mid, added.kind));
+                self.publish(added.mid, added.kind, added.direction, queue, max_tracks);
+            }
+            // A published m-line that stops sending is unpublished; one that starts (again) is
+            // published.
+            Event::MediaChanged(changed) => {
+                match self.tracks_in.iter().position(|t| t.mid == changed.mid) {
+                    Some(i) if !changed.direction.is_receiving() => {
+                        let track = self.tracks_in.remove(i);
+                        queue.push_back(Propagated::TrackClose(self.id, track.mid, track.kind));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let kind = self.rtc.as_ref().and_then(|rtc| rtc.media(changed.mid));
+                        if let Some(kind) = kind.map(|m| m.kind()) {
+                            self.publish(changed.mid, kind, changed.direction, queue, max_tracks);
+                        }
+                    }
                 }
             }
             Event::MediaData(data) if self.tracks_in.iter().any(|t| t.mid == data.mid) => {
