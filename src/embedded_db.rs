@@ -4,6 +4,12 @@
 //!
 //! PostgreSQL refuses to run as root, so as root the cluster is owned by and run as the `postgres`
 //! user; the socket folder is mode 0700, so only that user and root can connect (trust auth).
+//!
+//! One process owns the cluster at a time: the one holding the lock on `<data dir>/postgres.lock`
+//! (the `serve` that started it, or adopted one a crashed run left running). Another vibe process
+//! on the same data dir (`vibe migrate` beside a running server) uses the cluster and leaves it
+//! running. A cluster is initialised in a folder of its own and renamed into place only once its
+//! settings are written, so an interrupted first run never leaves one on PostgreSQL's defaults.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -38,6 +44,11 @@ pub enum EmbeddedDbError {
     Unreachable(PathBuf),
     #[error("data_dir path {0} is too long for a unix socket; use a shorter data_dir")]
     PathTooLong(PathBuf),
+    #[error(
+        "another vibe process owns the embedded PostgreSQL in {0} and it is not running (yet); \
+         try again once that process is up"
+    )]
+    OwnedElsewhere(PathBuf),
     #[error("embedded PostgreSQL: {step} failed: {detail}")]
     Command { step: &'static str, detail: String },
     #[error("embedded PostgreSQL: {0}")]
@@ -53,19 +64,29 @@ pub struct EmbeddedPostgres {
     cluster_dir: PathBuf,
     /// Set when running as root: the `postgres` user's ids.
     run_as: Option<(u32, u32)>,
+    /// The locked `postgres.lock` while this process owns the cluster (None: another process
+    /// does; this one leaves it running).
+    owner: Option<std::fs::File>,
 }
 
 impl EmbeddedPostgres {
     /// Initialises the cluster on first use, starts it (or adopts one a crashed run left behind)
     /// and makes sure the `vibe` database exists.
     pub async fn start(data_dir: &Path) -> Result<Self, EmbeddedDbError> {
-        let bin_dir = find_bin_dir().ok_or(EmbeddedDbError::BinariesNotFound)?;
         std::fs::create_dir_all(data_dir)?;
         let data_dir = std::fs::canonicalize(data_dir)?;
         let cluster_dir = data_dir.join("postgres");
         if cluster_dir.as_os_str().len() > MAX_SOCKET_DIR_LEN {
             return Err(EmbeddedDbError::PathTooLong(cluster_dir));
         }
+        // The binaries of the version that made the cluster, if it exists and they are here: a
+        // newer major version cannot run its files.
+        let made_by = std::fs::read_to_string(cluster_dir.join("PG_VERSION")).ok();
+        let bin_dir = made_by
+            .and_then(|v| bin_dir_of_version(v.trim()))
+            .or_else(find_bin_dir)
+            .ok_or(EmbeddedDbError::BinariesNotFound)?;
+        let owner = take_ownership(&data_dir.join("postgres.lock"))?;
         let run_as = if nix::unistd::geteuid().is_root() {
             let user = nix::unistd::User::from_name("postgres")
                 .ok()
@@ -79,10 +100,15 @@ impl EmbeddedPostgres {
             bin_dir,
             cluster_dir,
             run_as,
+            owner,
         };
-        db.init_if_needed().await?;
-        if !db.is_running().await? {
-            db.pg_ctl_start().await?;
+        if db.owner.is_some() {
+            db.init_if_needed().await?;
+            if !db.is_running().await? {
+                db.pg_ctl_start().await?;
+            }
+        } else if !db.is_running().await? {
+            return Err(EmbeddedDbError::OwnedElsewhere(db.cluster_dir));
         }
         db.ensure_database().await?;
         tracing::info!(cluster = %db.cluster_dir.display(), "embedded PostgreSQL is up");
@@ -123,6 +149,10 @@ impl EmbeddedPostgres {
 
     /// Stops the cluster (fast shutdown: open sessions are ended, committed data is flushed).
     pub async fn stop(self) -> Result<(), EmbeddedDbError> {
+        if self.owner.is_none() {
+            tracing::info!("embedded PostgreSQL left running for the vibe process that owns it");
+            return Ok(());
+        }
         let out = self
             .command("pg_ctl")
             .arg("stop")
@@ -149,11 +179,19 @@ impl EmbeddedPostgres {
         if self.cluster_dir.join("PG_VERSION").exists() {
             return Ok(());
         }
-        std::fs::create_dir_all(&self.cluster_dir)?;
-        set_mode(&self.cluster_dir, 0o700)?;
+        // Made aside and renamed into place once configured. An earlier run's half-made cluster
+        // (here, or one in place with no PG_VERSION yet) is started over.
+        let making = self.cluster_dir.with_extension("init");
+        for dir in [&making, &self.cluster_dir] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+        }
+        std::fs::create_dir_all(&making)?;
+        set_mode(&making, 0o700)?;
         if let Some((uid, gid)) = self.run_as {
             nix::unistd::chown(
-                &self.cluster_dir,
+                &making,
                 Some(nix::unistd::Uid::from_raw(uid)),
                 Some(nix::unistd::Gid::from_raw(gid)),
             )
@@ -162,7 +200,7 @@ impl EmbeddedPostgres {
             let probe = self
                 .command("/bin/sh")
                 .args(["-c", "cd \"$1\"", "sh"])
-                .arg(&self.cluster_dir)
+                .arg(&making)
                 .output()
                 .await?;
             if !probe.status.success() {
@@ -173,7 +211,7 @@ impl EmbeddedPostgres {
         let out = self
             .command("initdb")
             .arg("-D")
-            .arg(&self.cluster_dir)
+            .arg(&making)
             .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
             .output()
             .await?;
@@ -183,10 +221,11 @@ impl EmbeddedPostgres {
                         listen_addresses = ''\n\
                         unix_socket_directories = '.'\n\
                         unix_socket_permissions = 0700\n";
-        let conf = self.cluster_dir.join("postgresql.conf");
+        let conf = making.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf)?;
         text.push_str(settings);
         std::fs::write(&conf, text)?;
+        std::fs::rename(&making, &self.cluster_dir)?;
         Ok(())
     }
 
@@ -213,7 +252,20 @@ impl EmbeddedPostgres {
             .args(["-w", "-t", "120"])
             .output()
             .await?;
-        check("pg_ctl start", out)
+        check("pg_ctl start", out).map_err(|e| match e {
+            // pg_ctl says only "examine the log output": the reason is in the log.
+            EmbeddedDbError::Command { step, detail } => {
+                let log = self.cluster_dir.join("server.log");
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = tail.lines().rev().take(5).collect();
+                let last: Vec<&str> = lines.into_iter().rev().collect();
+                EmbeddedDbError::Command {
+                    step,
+                    detail: format!("{detail}; {}: {}", log.display(), last.join(" | ")),
+                }
+            }
+            other => other,
+        })
     }
 
     async fn ensure_database(&self) -> Result<(), EmbeddedDbError> {
@@ -247,6 +299,35 @@ fn check(step: &'static str, out: Output) -> Result<(), EmbeddedDbError> {
         detail = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     }
     Err(EmbeddedDbError::Command { step, detail })
+}
+
+/// The lock of the cluster's owner, if this process can take it (None: another process holds
+/// it). Held for as long as the file stays open.
+fn take_ownership(path: &Path) -> Result<Option<std::fs::File>, EmbeddedDbError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+/// `/usr/lib/postgresql/<major>/bin` if it holds the binaries (Debian's layout).
+fn bin_dir_of_version(major: &str) -> Option<PathBuf> {
+    if major.is_empty() || !major.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let bin = Path::new("/usr/lib/postgresql").join(major).join("bin");
+    ["pg_ctl", "initdb", "postgres"]
+        .iter()
+        .all(|b| bin.join(b).is_file())
+        .then_some(bin)
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

@@ -1,5 +1,6 @@
 //! `vibe serve` with no database URL: it initialises and starts a private PostgreSQL in its data
-//! dir, serves a write, stops the cluster on SIGTERM, and on the next start still has the write.
+//! dir, serves a write, keeps it running through a `vibe migrate` beside it, stops the cluster on
+//! SIGTERM, and on the next start still has the write.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader};
@@ -126,6 +127,22 @@ async fn serve_without_url_runs_a_private_postgres_that_persists() {
     assert_eq!(r.status(), 201);
     let created: Value = r.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
+
+    // `vibe migrate` beside the running server uses its cluster and leaves it running.
+    let out = vibe(&data_dir).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = client
+        .post(format!("{base}/v1/docs/notes"))
+        .bearer_auth(&token)
+        .json(&json!({"data": {"text": "after a migrate beside it"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "the server's database is still up");
 
     tokio::task::spawn_blocking(move || stop(child))
         .await
