@@ -50,6 +50,9 @@ pub struct Governance {
     /// under `indexes.max_shapes`.
     /// (Shared by clones: they are the same governance.)
     flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Index builds running in the background: aborted at shutdown, which would otherwise wait
+    /// for a long `CREATE INDEX CONCURRENTLY` (the row is set right at the next start).
+    builds: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
 }
 
 /// The index name for a (type, path, kind): stable, so one suggestion is one index.
@@ -93,6 +96,7 @@ impl Governance {
             store,
             config,
             flushing: std::sync::Arc::default(),
+            builds: Arc::default(),
         }
     }
 
@@ -253,13 +257,36 @@ impl Governance {
         if row.is_some() {
             let this = self.clone();
             let (name, definition) = (name.clone(), definition.clone());
-            tokio::spawn(async move { this.build(&name, &definition).await });
+            let mut builds = self
+                .builds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while builds.try_join_next().is_some() {}
+            builds.spawn(async move { this.build(&name, &definition).await });
         }
         self.describe(&name).await
     }
 
     async fn build(&self, name: &str, definition: &str) {
         tracing::info!(index = name, "building a managed index");
+        // An invalid index of this name (a build interrupted or failed before its drop) would
+        // make `IF NOT EXISTS` a no-op and the row `ready` for an index nothing uses.
+        let invalid: Option<bool> = sqlx::query_scalar(
+            "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = $1",
+        )
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await
+        .unwrap_or(None);
+        if invalid == Some(true) {
+            // `name` is one `index_name` made (it came from `approve`).
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {name}"
+            )))
+            .execute(self.pool())
+            .await;
+        }
         // The definition is built from a checked type name and quote-free path segments.
         let built = sqlx::query(sqlx::AssertSqlSafe(definition.to_owned()))
             .execute(self.pool())
@@ -389,7 +416,9 @@ impl Governance {
                     .bind(&name)
                     .fetch_one(self.pool())
                     .await?;
-            if scans > last {
+            // A scan count that moved either way is use: statistics reset (crash recovery, a
+            // failover, `pg_stat_reset`) start it again from zero.
+            if scans != last {
                 sqlx::query(
                     "UPDATE managed_indexes SET last_scans = $2, last_used_at = now() WHERE name = $1",
                 )
@@ -415,26 +444,65 @@ impl Governance {
         Ok(dropped)
     }
 
-    /// With `indexes.auto_create_min_calls` set: approves every suggestion whose shape was
-    /// called at least that often.
+    /// With `indexes.auto_create_min_calls` set: approves the hottest suggestion whose shape
+    /// was called at least that often — one build at a time (each holds a pooled connection
+    /// and they queue on the table's lock), and never one that failed or was dropped as unused
+    /// (call counts do not decay: it would be built again and again; an operator may approve it).
     async fn apply_policy(&self) -> Result<(), GovernanceError> {
         let threshold = self.config.auto_create_min_calls;
         if threshold == 0 {
             return Ok(());
         }
-        for s in self.suggestions().await? {
-            if s.evidence["calls"].as_u64().unwrap_or(0) >= threshold {
-                let path: Vec<String> = s
-                    .path
-                    .trim_start_matches("data.")
-                    .split('.')
-                    .map(str::to_owned)
-                    .collect();
-                if let Some(kind) = IndexKind::parse(&s.kind) {
-                    self.approve(&s.doc_type, &path, kind, "policy").await?;
-                }
-            }
+        let settled: Vec<(String, Vec<String>, String, String)> =
+            sqlx::query_as("SELECT doc_type, path, kind, status FROM managed_indexes")
+                .fetch_all(self.pool())
+                .await?;
+        if settled.iter().any(|(.., status)| status == "building") {
+            return Ok(());
         }
+        for s in self.suggestions().await? {
+            if s.evidence["calls"].as_u64().unwrap_or(0) < threshold {
+                continue;
+            }
+            let Some(path) = s.path.strip_prefix("data.") else {
+                continue;
+            };
+            let path: Vec<String> = path.split('.').map(str::to_owned).collect();
+            let Some(kind) = IndexKind::parse(&s.kind) else {
+                continue;
+            };
+            let refused = settled.iter().any(|(t, p, k, status)| {
+                *t == s.doc_type && *p == path && k == kind.as_str() && status != "ready"
+            });
+            if refused {
+                continue;
+            }
+            self.approve(&s.doc_type, &path, kind, "policy").await?;
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Rows left `building` by a node that stopped mid-build (no session runs the build any
+    /// more): `ready` if the index got built and is valid, else `failed`.
+    async fn settle_interrupted_builds(&self) -> Result<(), GovernanceError> {
+        sqlx::query(
+            "UPDATE managed_indexes m SET \
+               status = CASE WHEN v.valid THEN 'ready' ELSE 'failed' END, \
+               ready_at = CASE WHEN v.valid THEN now() END, \
+               error = CASE WHEN v.valid THEN NULL \
+                            ELSE 'interrupted: the node building it stopped' END \
+             FROM (SELECT b.name, coalesce((SELECT i.indisvalid FROM pg_class c \
+                                            JOIN pg_index i ON i.indexrelid = c.oid \
+                                            WHERE c.relname = b.name), false) AS valid \
+                   FROM managed_indexes b WHERE b.status = 'building') v \
+             WHERE m.name = v.name \
+               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
+                               WHERE a.state = 'active' AND a.pid <> pg_backend_pid() \
+                                 AND strpos(a.query, m.name) > 0)",
+        )
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
@@ -442,25 +510,39 @@ impl Governance {
     /// `prune_interval`, until `stop`.
     pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        if let Err(e) = self.settle_interrupted_builds().await {
+            tracing::warn!(error = %e, "settling interrupted index builds failed");
+        }
         let mut flush = tokio::time::interval(self.config.flush_interval);
         let mut prune = tokio::time::interval(self.config.prune_interval);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The work of a tick races the stop: a prune's `DROP INDEX CONCURRENTLY` can wait
+            // on a long transaction, and shutdown must not.
+            let work = async {
+                tokio::select! {
+                    _ = flush.tick() => {
+                        if let Err(e) = self.flush().await {
+                            tracing::debug!(error = %e, "flushing query shapes failed");
+                        }
+                        if let Err(e) = self.apply_policy().await {
+                            tracing::warn!(error = %e, "the index policy failed");
+                        }
+                    }
+                    _ = prune.tick() => {
+                        if let Err(e) = self.prune().await {
+                            tracing::warn!(error = %e, "pruning managed indexes failed");
+                        }
+                    }
+                }
+            };
             tokio::select! {
-                _ = flush.tick() => {
-                    if let Err(e) = self.flush().await {
-                        tracing::debug!(error = %e, "flushing query shapes failed");
-                    }
-                    if let Err(e) = self.apply_policy().await {
-                        tracing::warn!(error = %e, "the index policy failed");
-                    }
-                }
-                _ = prune.tick() => {
-                    if let Err(e) = self.prune().await {
-                        tracing::warn!(error = %e, "pruning managed indexes failed");
-                    }
-                }
+                () = work => {}
                 () = &mut stop => {
+                    self.builds
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .abort_all();
                     let _ = tokio::time::timeout(Duration::from_secs(2), self.flush()).await;
                     return;
                 }

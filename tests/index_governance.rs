@@ -220,6 +220,15 @@ async fn a_hot_range_query_gets_its_index_and_an_unused_one_goes() {
         (200, &json!([])),
         "used since last check"
     );
+    // Statistics reset (crash recovery, a failover, `pg_stat_reset`) start the count again from
+    // zero: a count below the last one seen is use too, not a reason to drop.
+    sqlx::query("UPDATE managed_indexes SET last_scans = 1000000 WHERE name = $1")
+        .bind(&name)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, body) = post(&s, "/v1/admin/indexes/prune", &admin, None).await;
+    assert_eq!(body["dropped"], json!([]), "a reset count is not disuse");
     // No scans since (unused_after is 0s here): dropped.
     let (_, body) = post(&s, "/v1/admin/indexes/prune", &admin, None).await;
     assert_eq!(body["dropped"], json!([name]));
@@ -273,6 +282,44 @@ async fn the_policy_builds_indexes_past_its_threshold() {
             .contains(r#"COLLATE "C""#),
         "{index}"
     );
+
+    // An index dropped (here by hand, as a prune would) is not built again by the policy, however
+    // hot its shape stays; the next hot path is, with its whole path (a field named `data` too).
+    let pool = s.sql().await;
+    let name = index["name"].as_str().unwrap().to_owned();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {name}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE managed_indexes SET status = 'dropped' WHERE name = $1")
+        .bind(&name)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for i in 0..6 {
+        for path in ["data.name", "data.data.level"] {
+            let (status, body) = call(
+                &s,
+                reqwest::Method::POST,
+                "/v1/query",
+                &user,
+                Some(json!({"type": "items", "where": {path: {"lt": format!("m{i}")}}})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let next = wait_for_index(&s, &admin, |i| i["name"] != name && i["status"] == "ready").await;
+    assert_eq!(next["path"], "data.data.level", "{next}");
+    let (_, body) = get(&s, "/v1/admin/indexes", &admin).await;
+    let dropped = body["indexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap();
+    assert_eq!(dropped["status"], "dropped", "{body}");
+    pool.close().await;
     s.finish().await;
 }
 
