@@ -94,17 +94,44 @@ fn holds(predicate: &Predicate, doc: &DocRef<'_>) -> bool {
     }
 }
 
-/// Numbers by value, as PostgreSQL's numeric: integers exactly, otherwise as doubles (which is
-/// where the two evaluators may differ: beyond 2^53, or past 15 significant digits).
+/// Numbers by value, exactly, as PostgreSQL's numeric compares them: integers as integers,
+/// an integer against a double by the double's exact value (comparing that pair as doubles
+/// instead made the order cyclic beyond 2^53 — 2^53 + 1 above 2^53 as integers, both equal to
+/// the double 2^53 — and a sort may panic on a cyclic order). The evaluators still differ where
+/// a JSON number has more digits than a double holds: here it is read as the nearest double.
 fn compare_numbers(a: &serde_json::Number, b: &serde_json::Number) -> Ordering {
-    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
-        return x.cmp(&y);
+    match (exact_integer(a), exact_integer(b)) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        (Some(x), None) => integer_against_double(x, b.as_f64().unwrap_or(0.0)),
+        (None, Some(y)) => integer_against_double(y, a.as_f64().unwrap_or(0.0)).reverse(),
+        (None, None) => {
+            let (x, y) = (a.as_f64().unwrap_or(0.0), b.as_f64().unwrap_or(0.0));
+            x.partial_cmp(&y).unwrap_or(Ordering::Equal)
+        }
     }
-    if let (Some(x), Some(y)) = (a.as_u64(), b.as_u64()) {
-        return x.cmp(&y);
+}
+
+fn exact_integer(n: &serde_json::Number) -> Option<i128> {
+    n.as_i64()
+        .map(i128::from)
+        .or_else(|| n.as_u64().map(i128::from))
+}
+
+/// `i` against the exact value of the (finite) double `f`.
+fn integer_against_double(i: i128, f: f64) -> Ordering {
+    // 2^127: every double below it in magnitude has its whole part in an i128.
+    const BOUND: f64 = 1.701_411_834_604_692_3e38;
+    if f >= BOUND {
+        return Ordering::Less;
     }
-    let (x, y) = (a.as_f64().unwrap_or(0.0), b.as_f64().unwrap_or(0.0));
-    x.partial_cmp(&y).unwrap_or(Ordering::Equal)
+    if f < -BOUND {
+        return Ordering::Greater;
+    }
+    // A whole double converts exactly; then the fraction decides a tie.
+    match i.cmp(&(f.trunc() as i128)) {
+        Ordering::Equal => 0.0_f64.partial_cmp(&f.fract()).unwrap_or(Ordering::Equal),
+        unequal => unequal,
+    }
 }
 
 /// jsonb equality: numbers by value, arrays element by element, objects key by key.
@@ -217,5 +244,56 @@ pub(super) fn compare_sort_values(field: &Field, a: &Document, b: &Document) -> 
         Field::UpdatedAt => a.updated_at.cmp(&b.updated_at),
         // Not a sort key (the parser refuses it); any consistent order does.
         Field::Parent => a.parent.cmp(&b.parent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn number(v: serde_json::Value) -> serde_json::Number {
+        match v {
+            Value::Number(n) => n,
+            other => panic!("not a number: {other}"),
+        }
+    }
+
+    #[test]
+    fn numbers_compare_exactly_and_in_a_total_order() {
+        // 2^53 + 1 as an integer, 2^53 as a double, 2^53 as an integer: comparing the mixed
+        // pairs as doubles made these a cycle.
+        let above = number(json!(9_007_199_254_740_993_u64));
+        let double = number(json!(9_007_199_254_740_992.0));
+        let integer = number(json!(9_007_199_254_740_992_u64));
+        assert_eq!(compare_numbers(&double, &integer), Ordering::Equal);
+        assert_eq!(compare_numbers(&above, &double), Ordering::Greater);
+        assert_eq!(compare_numbers(&above, &integer), Ordering::Greater);
+        assert_eq!(compare_numbers(&integer, &above), Ordering::Less);
+        // Fractions, signs and the ends of the range.
+        assert_eq!(
+            compare_numbers(&number(json!(2)), &number(json!(2.5))),
+            Ordering::Less
+        );
+        assert_eq!(
+            compare_numbers(&number(json!(-2)), &number(json!(-2.5))),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare_numbers(&number(json!(-3)), &number(json!(-2.5))),
+            Ordering::Less
+        );
+        assert_eq!(
+            compare_numbers(&number(json!(i64::MIN)), &number(json!(-1e300))),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare_numbers(&number(json!(u64::MAX)), &number(json!(1e300))),
+            Ordering::Less
+        );
+        assert_eq!(
+            compare_numbers(&number(json!(1.5)), &number(json!(1.25))),
+            Ordering::Greater
+        );
     }
 }

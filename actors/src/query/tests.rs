@@ -446,3 +446,24 @@ fn parent_is_missing_for_documents_made_under_none() {
         assert!(spec(bad.clone(), "did:key:zA").is_err(), "{bad}");
     }
 }
+
+#[test]
+fn whole_numbers_have_one_canonical_text_however_written() {
+    for (a, b) in [
+        (json!(1.0), json!(1)),
+        (json!(9e15), json!(9_000_000_000_000_000_u64)),
+        (
+            json!(9_007_199_254_740_992.0),
+            json!(9_007_199_254_740_992_u64),
+        ),
+        (json!(1e20), json!(100_000_000_000_000_000_000.0)),
+        (json!(-4e15), json!(-4_000_000_000_000_000_i64)),
+    ] {
+        assert_eq!(canonical_text(&a), canonical_text(&b), "{a} and {b}");
+    }
+    assert_ne!(canonical_text(&json!(1.5)), canonical_text(&json!(1)));
+    assert_ne!(
+        canonical_text(&json!(9_007_199_254_740_993_u64)),
+        canonical_text(&json!(9_007_199_254_740_992.0))
+    );
+}
