@@ -178,6 +178,7 @@ pub struct QueryConfig {
     pub max_clauses: usize,
     pub max_live_queries: usize,
     pub max_window_bytes: usize,
+    pub max_live_bytes: usize,
     pub connections: u32,
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
@@ -503,6 +504,12 @@ impl Config {
         if self.query.max_live_queries == 0 {
             return invalid("query.max_live_queries", "must be at least 1");
         }
+        if self.query.max_live_bytes < self.query.max_window_bytes {
+            return invalid(
+                "query.max_live_bytes",
+                "must be at least query.max_window_bytes (one full window)",
+            );
+        }
         if self.query.max_window_bytes == 0 {
             return invalid("query.max_window_bytes", "must be at least 1");
         }
@@ -744,6 +751,7 @@ mod tests {
             ("database.read_batch_rows", 1001),
             ("identity.registrations_per_hour_per_address", 0),
             ("query.max_window_bytes", 0),
+            ("query.max_live_bytes", 1),
         ] {
             let err = refusal(key, value);
             assert!(err.contains(key), "{err}");

@@ -238,6 +238,8 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         linger: config.ws.linger,
         max_live_queries: config.query.max_live_queries,
         live_queries: Arc::default(),
+        max_live_bytes: config.query.max_live_bytes,
+        live_bytes: Arc::default(),
     };
     let book = store.certificate_book().await?;
     let (realtime, realtime_task) = Actor::spawn(None, Realtime, (realtime_config, position, book))

@@ -178,8 +178,38 @@ pub struct LiveQueryArgs {
     pub replay: ReplayLimit,
     /// Most bytes the window's documents hold (see [`Window`]).
     pub window_bytes: usize,
+    /// The bytes every live query's window of the node keeps, which this one adds its own to
+    /// (see `RealtimeConfig::live_bytes`).
+    pub live_bytes: Arc<AtomicUsize>,
     /// The certificate book as of `start`.
     pub book: CertificateBook,
+}
+
+/// A live query's share of the node's window bytes: kept equal to its window's, and given back
+/// when the query's state drops (it stopped, failed or panicked).
+#[derive(Debug)]
+struct Tally {
+    total: Arc<AtomicUsize>,
+    mine: usize,
+}
+
+impl Tally {
+    fn set(&mut self, bytes: usize) {
+        if bytes > self.mine {
+            self.total.fetch_add(bytes - self.mine, Ordering::Relaxed);
+            metrics::gauge!("vibe_live_query_bytes").increment((bytes - self.mine) as f64);
+        } else {
+            self.total.fetch_sub(self.mine - bytes, Ordering::Relaxed);
+            metrics::gauge!("vibe_live_query_bytes").decrement((self.mine - bytes) as f64);
+        }
+        self.mine = bytes;
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// A certificate change, between the changes before and after it in the feed.
@@ -303,6 +333,8 @@ pub struct LiveQueryState {
     frames: Vec<Bytes>,
     source: Arc<dyn SnapshotSource>,
     book: CertificateBook,
+    /// The window's bytes as counted in the node's total.
+    tally: Tally,
 }
 
 /// Per-connection entries of one live query, in a vector: most live queries have one
@@ -402,6 +434,7 @@ async fn run(
         // its snapshot reload) needs far more room than waiting does.
         Box::pin(state.handle(message)).await?;
         state.flush();
+        state.tally.set(state.window.bytes());
         if page {
             pages.fetch_sub(1, Ordering::Relaxed);
         }
@@ -431,7 +464,12 @@ impl LiveQueryState {
             frames: Vec::new(),
             source: args.source,
             book: args.book,
+            tally: Tally {
+                total: args.live_bytes,
+                mine: 0,
+            },
         });
+        state.tally.set(state.window.bytes());
         for subscriber in args.resync {
             let frame = state.reset_frame(&subscriber.caller, args.start);
             let _ = subscriber.send(frame);

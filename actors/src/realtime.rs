@@ -67,6 +67,12 @@ pub struct RealtimeConfig {
     pub max_live_queries: usize,
     /// How many it runs now (shared by the type actors).
     pub live_queries: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes (as JSON) the windows of all live queries keep together, beyond which no new one
+    /// starts: distinct queries share nothing, so without it one client's many distinct queries
+    /// of large documents each kept a full window.
+    pub max_live_bytes: usize,
+    /// What they keep now (each live query keeps its own share up to date).
+    pub live_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Why a subscription did not start.
@@ -74,6 +80,8 @@ pub struct RealtimeConfig {
 pub enum SubscribeError {
     #[error("this node runs its maximum of {0} live queries")]
     TooManyLiveQueries(usize),
+    #[error("this node's live queries keep their maximum of {0} bytes of documents")]
+    LiveQueryBytes(usize),
     #[error("the live query could not start")]
     Unavailable,
 }
@@ -627,8 +635,9 @@ impl DocTypeState {
         if entry.subscribers.is_empty() {
             entry.idle_generation += 1;
             let generation = entry.idle_generation;
-            let room =
-                self.config.live_queries.load(Ordering::Relaxed) < self.config.max_live_queries / 2;
+            let room = self.config.live_queries.load(Ordering::Relaxed)
+                < self.config.max_live_queries / 2
+                && self.config.live_bytes.load(Ordering::Relaxed) < self.config.max_live_bytes / 2;
             let linger = if linger && room {
                 self.config.linger
             } else {
@@ -729,6 +738,7 @@ impl DocTypeState {
             source: self.config.source.clone(),
             replay: self.config.replay,
             window_bytes: self.config.window_bytes,
+            live_bytes: self.config.live_bytes.clone(),
             book: self.book.clone(),
         };
         let instance = self.next_instance;
@@ -762,6 +772,11 @@ impl DocTypeState {
                 let max = self.config.max_live_queries;
                 if self.config.live_queries.load(Ordering::Relaxed) >= max {
                     let _ = reply.send(Err(SubscribeError::TooManyLiveQueries(max)));
+                    return;
+                }
+                let max_bytes = self.config.max_live_bytes;
+                if self.config.live_bytes.load(Ordering::Relaxed) >= max_bytes {
+                    let _ = reply.send(Err(SubscribeError::LiveQueryBytes(max_bytes)));
                     return;
                 }
                 self.config.live_queries.fetch_add(1, Ordering::Relaxed);

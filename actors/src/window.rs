@@ -94,6 +94,12 @@ impl Window {
         self.budget
     }
 
+    /// The bytes (as JSON) of the documents the window keeps: those it holds and the one past
+    /// them it knows.
+    pub fn bytes(&self) -> usize {
+        self.sizes.iter().sum()
+    }
+
     /// The longest prefix of `docs` within the limit and the budget (at least one document).
     fn fitting(&self) -> usize {
         let mut bytes = 0usize;

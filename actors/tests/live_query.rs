@@ -96,6 +96,7 @@ async fn start_with(
         source: Arc::new(Memory(docs, settled)),
         replay,
         window_bytes: 1 << 20,
+        live_bytes: Arc::default(),
         book: Default::default(),
     };
     vibe_actors::live_query::start(args, |_| {})

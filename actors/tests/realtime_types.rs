@@ -65,7 +65,18 @@ async fn root_holding(
     linger: Duration,
     book: CertificateBook,
 ) -> ActorRef<RealtimeMsg> {
-    let config = RealtimeConfig {
+    let config = config(source, max_live_queries, linger);
+    let args = (config, Cursor::new(2, 0), book);
+    Actor::spawn(None, Realtime, args).await.unwrap().0
+}
+
+/// The tree's settings of these tests.
+fn config(
+    source: Arc<dyn SnapshotSource>,
+    max_live_queries: usize,
+    linger: Duration,
+) -> RealtimeConfig {
+    RealtimeConfig {
         source,
         replay: ReplayLimit {
             events: 16,
@@ -75,9 +86,9 @@ async fn root_holding(
         linger,
         max_live_queries,
         live_queries: Arc::default(),
-    };
-    let args = (config, Cursor::new(2, 0), book);
-    Actor::spawn(None, Realtime, args).await.unwrap().0
+        max_live_bytes: usize::MAX,
+        live_bytes: Arc::default(),
+    }
 }
 
 fn spec(doc_type: &str) -> Arc<QuerySpec> {
@@ -459,6 +470,59 @@ async fn a_second_expiry_with_no_change_between_reaches_a_client_resumed_after_t
         .await
         .expect("the resumed client gets the second expiry's remove");
     assert_eq!(missed, expired);
+    realtime.stop(None);
+}
+
+/// The windows of a node's live queries keep a bounded number of bytes together: past it a new
+/// distinct query is refused (each would keep a copy of its documents: one client's many
+/// distinct queries could hold gigabytes), while subscribing to a running one goes on; once a
+/// query stops, its bytes are given back.
+#[tokio::test]
+async fn live_queries_keep_a_bounded_number_of_bytes_together() {
+    let docs: Vec<Document> = (1..=3).map(|n| doc_by(ALICE, n, json!({}))).collect();
+    let mut config = config(Arc::new(Fixed(docs)), 100, Duration::ZERO);
+    config.max_live_bytes = 1;
+    let live_bytes = config.live_bytes.clone();
+    let realtime = Actor::spawn(
+        None,
+        Realtime,
+        (config, Cursor::new(2, 0), Default::default()),
+    )
+    .await
+    .unwrap()
+    .0;
+    let posts = spec("posts");
+    let (first, mut rx) = subscribe(&realtime, &posts, 1).await;
+    let first = first.unwrap();
+    assert_eq!(
+        next_frame(&mut rx).await["docs"].as_array().map(Vec::len),
+        Some(3)
+    );
+    assert!(
+        live_bytes.load(Ordering::Relaxed) > 0,
+        "the window's bytes are counted"
+    );
+
+    let (refused, _) = subscribe(&realtime, &spec("notes"), 2).await;
+    let refused = refused.unwrap_err();
+    assert!(refused.contains("bytes"), "{refused}");
+    let (shared, _) = subscribe(&realtime, &posts, 3).await;
+    let shared = shared.unwrap();
+    assert_eq!(shared, first, "a running query is shared, not refused");
+
+    unsubscribe(&realtime, &posts, &first, 1);
+    unsubscribe(&realtime, &posts, &shared, 3);
+    until_type_actors(&realtime, 0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while live_bytes.load(Ordering::Relaxed) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped query's bytes are given back"
+        );
+        tokio::task::yield_now().await;
+    }
+    let (admitted, _) = subscribe(&realtime, &spec("notes"), 4).await;
+    admitted.unwrap();
     realtime.stop(None);
 }
 

@@ -673,6 +673,13 @@ impl Session {
                 "too_many_live_queries",
                 format!("this node runs its maximum of {max} distinct live queries"),
             )),
+            Ok(Err(SubscribeError::LiveQueryBytes(max))) => Err(Failure(
+                "too_many_live_queries",
+                format!(
+                    "this node's live queries keep their maximum of {max} bytes of documents; \
+                     subscribe to queries others run, or with a smaller limit"
+                ),
+            )),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "subscription failed");
                 Err(Failure(
