@@ -484,7 +484,8 @@ impl Governance {
     }
 
     /// Rows left `building` by a node that stopped mid-build (no session runs the build any
-    /// more): `ready` if the index got built and is valid, else `failed`.
+    /// more): `ready` if the index got built and is valid, else `failed`. A row approved in the
+    /// last minute is left alone: its build may not have reached the database yet.
     async fn settle_interrupted_builds(&self) -> Result<(), GovernanceError> {
         sqlx::query(
             "UPDATE managed_indexes m SET \
@@ -496,7 +497,7 @@ impl Governance {
                                             JOIN pg_index i ON i.indexrelid = c.oid \
                                             WHERE c.relname = b.name), false) AS valid \
                    FROM managed_indexes b WHERE b.status = 'building') v \
-             WHERE m.name = v.name \
+             WHERE m.name = v.name AND m.created_at < now() - interval '1 minute' \
                AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
                                WHERE a.state = 'active' AND a.pid <> pg_backend_pid() \
                                  AND strpos(a.query, m.name) > 0)",

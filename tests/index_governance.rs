@@ -323,6 +323,98 @@ async fn the_policy_builds_indexes_past_its_threshold() {
     s.finish().await;
 }
 
+/// A managed index bounds the values at its path (a B-tree entry is at most ~2.7 KB): a write
+/// with a larger one is refused with a clear 400, not an internal error, and nothing is written;
+/// other writes go on.
+#[tokio::test]
+async fn a_value_too_large_for_its_index_is_refused_clearly() {
+    let s = TestServer::start().await;
+    let admin = s.token(ALICE, &["admin"]);
+    let writer = s.token(ALICE, &["write:items", "read:items"]);
+    let (status, index) = post(
+        &s,
+        "/v1/admin/indexes",
+        &admin,
+        Some(json!({"type": "items", "path": "data.name", "kind": "string"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{index}");
+    let name = index["name"].as_str().unwrap().to_owned();
+    wait_for(&s, &admin, &name, |i| i["status"] == "ready").await;
+
+    // Random hex: it compresses to about half, still far past the entry's maximum.
+    let huge: String = (0..400)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let (status, body) = post(
+        &s,
+        "/v1/docs/items",
+        &writer,
+        Some(json!({"data": {"name": huge}})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("indexed_value_too_large")),
+        "{body}"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM documents WHERE type = 'items'")
+        .fetch_one(&s.sql().await)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing was written");
+    let (status, body) = post(
+        &s,
+        "/v1/docs/items",
+        &writer,
+        Some(json!({"data": {"name": "short", "other": huge}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    s.finish().await;
+}
+
+/// A build its node stopped in the middle of (the row left `building`, nobody running it) is
+/// settled when a node next starts: `failed` with the reason when no valid index exists, so it
+/// can be approved again — a `building` row was otherwise stuck for good (hidden from
+/// suggestions, ignored by approve and prune).
+#[tokio::test]
+async fn a_build_its_node_stopped_is_settled_at_the_next_start() {
+    let (db_name, db_url) = common::fresh_database().await;
+    let first = TestServer::start_on(&db_url, &[]).await;
+    let pool = first.sql().await;
+    sqlx::query(
+        "INSERT INTO managed_indexes (name, doc_type, path, kind, definition, status, \
+                                      requested_by, created_at) \
+         VALUES ('vibe_auto_00000000000000aa', 'items', '{score}', 'number', 'CREATE …', \
+                 'building', 'did:key:zAlice', now() - interval '2 minutes')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    first.finish().await;
+
+    let second = TestServer::start_on(&db_url, &[]).await;
+    let admin = second.token(ALICE, &["admin"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let settled = loop {
+        let (_, body) = get(&second, "/v1/admin/indexes", &admin).await;
+        let row = body["indexes"][0].clone();
+        if row["status"] != "building" || Instant::now() > deadline {
+            break row;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(settled["status"], "failed", "{settled}");
+    assert!(
+        settled["error"].as_str().unwrap().contains("interrupted"),
+        "{settled}"
+    );
+    pool.close().await;
+    second.finish().await;
+    common::drop_database(&db_name).await;
+}
+
 /// Clients choose the data paths a shape names: `query_shapes` keeps at most
 /// `indexes.max_shapes` rows (past that only known shapes are counted), and a prune forgets the
 /// shapes nobody ran for `indexes.shape_retention`.

@@ -125,6 +125,13 @@ impl From<StoreError> for ApiError {
                 "acl_owner_only",
                 "only the owner may change a document's ACL",
             ),
+            StoreError::IndexedValueTooLarge(reason) => ApiError::bad_request(
+                "indexed_value_too_large",
+                format!(
+                    "a value at a data path with a managed index is too large for the index \
+                     ({reason}); shorten it, or have an operator drop the index"
+                ),
+            ),
             StoreError::Unstorable(reason) => ApiError::bad_request(
                 "invalid_body",
                 format!(

@@ -73,6 +73,10 @@ pub enum StoreError {
     /// Valid JSON that PostgreSQL's `jsonb` cannot hold (a `\u0000` in a string or key).
     #[error("the document holds a value the database cannot store: {0}")]
     Unstorable(String),
+    /// A value at a data path with an expression index is larger than a B-tree entry may be
+    /// (about 2.7 KB after compression).
+    #[error("a value is too large for the index on its data path: {0}")]
+    IndexedValueTooLarge(String),
     #[error("the database is unavailable: {0}")]
     Unavailable(sqlx::Error),
     /// A query ran past `query.statement_timeout` and PostgreSQL cancelled it.
@@ -107,6 +111,10 @@ impl From<sqlx::Error> for StoreError {
             // untranslatable_character: jsonb refuses `\u0000`, which JSON itself allows.
             sqlx::Error::Database(ref db) if db.code().as_deref() == Some("22P05") => {
                 StoreError::Unstorable(db.message().to_owned())
+            }
+            // program_limit_exceeded: what an index entry over the B-tree maximum raises.
+            sqlx::Error::Database(ref db) if db.code().as_deref() == Some("54000") => {
+                StoreError::IndexedValueTooLarge(db.message().to_owned())
             }
             e => StoreError::Database(e),
         }
