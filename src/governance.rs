@@ -116,9 +116,13 @@ impl Governance {
         let held: i64 = sqlx::query_scalar("SELECT count(*) FROM query_shapes")
             .fetch_one(self.pool())
             .await?;
-        let room = held < i64::try_from(self.config.max_shapes).unwrap_or(i64::MAX);
+        // New rows this flush may add: counted down as they are, so one flush of many new
+        // shapes stops at the bound too (not only the next one).
+        let mut room = i64::try_from(self.config.max_shapes)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(held);
         for stats in shapes {
-            let written = sqlx::query(
+            let written: Option<bool> = sqlx::query_scalar(
                 "INSERT INTO query_shapes (shape_id, doc_type, shape, calls, total_ms, buckets) \
                  SELECT md5($1::jsonb::text), $2, $1::jsonb, $3, $4, $5 \
                  WHERE $6 OR EXISTS \
@@ -127,18 +131,22 @@ impl Governance {
                    calls = query_shapes.calls + EXCLUDED.calls, \
                    total_ms = query_shapes.total_ms + EXCLUDED.total_ms, \
                    buckets = ARRAY(SELECT a + b FROM unnest(query_shapes.buckets, EXCLUDED.buckets) AS t(a, b)), \
-                   last_seen = now()",
+                   last_seen = now() \
+                 RETURNING xmax = 0",
             )
             .bind(&stats.shape)
             .bind(&stats.doc_type)
             .bind(stats.calls)
             .bind(stats.total_ms)
             .bind(&stats.buckets)
-            .bind(room)
-            .execute(self.pool())
+            .bind(room > 0)
+            .fetch_optional(self.pool())
             .await?;
-            if written.rows_affected() == 0 {
-                metrics::counter!("vibe_query_shapes_dropped_total").increment(1);
+            match written {
+                // `xmax = 0`: a new row, not an update of one.
+                Some(true) => room -= 1,
+                Some(false) => {}
+                None => metrics::counter!("vibe_query_shapes_dropped_total").increment(1),
             }
         }
         Ok(())

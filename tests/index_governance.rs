@@ -462,6 +462,17 @@ async fn recorded_shapes_are_bounded_and_pruned() {
         .await
         .unwrap();
     assert_eq!(left, vec!["data.a".to_owned()]);
+
+    // One flush of several new shapes stops at the bound too (room for one here).
+    for path in ["d", "e", "f"] {
+        run(path).await;
+    }
+    flush().await;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM query_shapes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 2, "`indexes.max_shapes` holds within one flush");
     pool.close().await;
     s.finish().await;
 }
