@@ -437,8 +437,8 @@ impl Config {
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }
-        if self.http.max_page_size == 0 {
-            return invalid("http.max_page_size", "must be at least 1");
+        if self.http.max_page_size == 0 || self.http.max_page_size > 1000 {
+            return invalid("http.max_page_size", "must be between 1 and 1000");
         }
         if self.http.default_page_size == 0 || self.http.default_page_size > self.http.max_page_size
         {
@@ -752,6 +752,7 @@ mod tests {
             ("identity.registrations_per_hour_per_address", 0),
             ("query.max_window_bytes", 0),
             ("query.max_live_bytes", 1),
+            ("http.max_page_size", 1001),
         ] {
             let err = refusal(key, value);
             assert!(err.contains(key), "{err}");

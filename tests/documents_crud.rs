@@ -237,6 +237,77 @@ async fn merge_patch_follows_rfc_7396() {
     s.finish().await;
 }
 
+/// A merge patch is bounded by the body limit and so is the document it makes: patches adding a
+/// body's worth each cannot grow a document past `http.max_body_bytes` (every event and page
+/// carrying it is sized on that bound).
+#[tokio::test]
+async fn a_patch_cannot_grow_a_document_past_the_body_limit() {
+    let s = TestServer::start_with(&[("http.max_body_bytes", "2000")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let doc = create(&s, &alice, json!({"data": {"a": "x".repeat(1200)}})).await;
+    let url = s.url(&format!("/v1/docs/posts/{}", doc.id));
+    let patch = |body: Value| {
+        s.client
+            .patch(&url)
+            .bearer_auth(&alice)
+            .header("content-type", "application/merge-patch+json")
+            .body(body.to_string())
+            .send()
+    };
+    let r = patch(json!({"data": {"b": "y".repeat(1200)}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let refused: Value = r.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "body_too_large", "{refused}");
+    let kept = fetch(&s, &alice, &url).await;
+    assert_eq!(
+        (kept.rev, kept.data.get("b")),
+        (1, None),
+        "nothing was written"
+    );
+    // A patch that keeps it within the bound goes through.
+    let r = patch(json!({"data": {"a": null, "b": "y".repeat(1200)}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    s.finish().await;
+}
+
+/// A data-only write leaves the stored ACL as it is — also one this version cannot parse (written
+/// in SQL, or by a newer node), which it reads as owner-only and must not write back as such.
+#[tokio::test]
+async fn a_data_only_write_leaves_the_stored_acl_alone() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let doc = create(&s, &alice, json!({"data": {"n": 1}})).await;
+    let sql = s.sql().await;
+    sqlx::query(
+        "UPDATE documents SET acl = '{\"read\": {\"allow\": [\"*\"]}, \"x\": 1}' WHERE id = $1",
+    )
+    .bind(doc.id)
+    .execute(&sql)
+    .await
+    .unwrap();
+    let r = s
+        .client
+        .put(s.url(&format!("/v1/docs/posts/{}", doc.id)))
+        .bearer_auth(&alice)
+        .json(&json!({"data": {"n": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let stored: Value = sqlx::query_scalar("SELECT acl FROM documents WHERE id = $1")
+        .bind(doc.id)
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+    assert_eq!(stored, json!({"read": {"allow": ["*"]}, "x": 1}));
+    sql.close().await;
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn delete_removes_and_respects_if_match() {
     let s = TestServer::start().await;

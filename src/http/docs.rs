@@ -86,11 +86,7 @@ pub(super) async fn replace(
             Ok::<_, ApiError>((body.data, body.acl))
         })
         .await??;
-    let readable = token_reads
-        && app
-            .store
-            .may(crate::acl::Operation::Read, &claims.subject, &doc)
-            .await?;
+    let readable = token_reads && app.store.may_read_written(&claims.subject, &doc).await;
     Ok(written_response(
         readable.then_some(claims.subject.as_str()),
         &doc,
@@ -147,6 +143,16 @@ pub(super) async fn patch(
             json_patch::merge(&mut writable, &patch);
             let data = writable["data"].take();
             check_data(&data)?;
+            // The patch is bounded by the body limit, the document it makes is too: patches
+            // adding a body's worth each would otherwise grow it without end.
+            let limit = app.config.http.max_body_bytes;
+            if json_len(&data) > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the patched document's data would exceed {limit} bytes"),
+                ));
+            }
             if !fields.contains_key("acl") {
                 return Ok((data, None));
             }
@@ -160,11 +166,7 @@ pub(super) async fn patch(
             Ok::<_, ApiError>((data, Some(acl)))
         })
         .await??;
-    let readable = token_reads
-        && app
-            .store
-            .may(crate::acl::Operation::Read, &claims.subject, &doc)
-            .await?;
+    let readable = token_reads && app.store.may_read_written(&claims.subject, &doc).await;
     Ok(written_response(
         readable.then_some(claims.subject.as_str()),
         &doc,
@@ -272,6 +274,24 @@ fn check_type(doc_type: &str) -> Result<(), ApiError> {
             "a type name matches ^[a-z][a-z0-9_.-]{0,63}$",
         ))
     }
+}
+
+/// The length of `value` as compact JSON, counted without building it.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a Value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 fn check_data(data: &serde_json::Value) -> Result<(), ApiError> {

@@ -367,6 +367,19 @@ impl Store {
 
     /// May `caller` perform `op` on `doc`? Loads the caller's certificates only when the rule
     /// tests some.
+    /// Whether the writer of `doc` may read it, for the answer to a write that has committed: a
+    /// failure to tell (the certificates the ACL tests could not be read) counts as no. The
+    /// answer then carries only the id and revision; it is never an error for a write that
+    /// happened (a client would retry it).
+    pub async fn may_read_written(&self, caller: &str, doc: &Document) -> bool {
+        self.may(Operation::Read, caller, doc)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(id = %doc.id, error = %e, "could not tell whether a writer may read");
+                false
+            })
+    }
+
     pub async fn may(
         &self,
         op: Operation,
@@ -420,15 +433,16 @@ impl Store {
         if acl.is_some() && caller != current.owner {
             return Err(StoreError::AclOwnerOnly);
         }
-        let acl = acl.unwrap_or(current.acl);
+        // No ACL given: the stored one stays as it is, not as read here (one this version cannot
+        // parse reads as owner-only, and writing that back would change it silently).
         let row = sqlx::query(concat!(
-            "UPDATE documents SET data = $2, acl = $3, rev = rev + 1, \
+            "UPDATE documents SET data = $2, acl = coalesce($3, acl), rev = rev + 1, \
              updated_at = greatest(now(), updated_at) WHERE id = $1 RETURNING ",
             doc_columns!()
         ))
         .bind(id)
         .bind(&data)
-        .bind(sqlx::types::Json(&acl))
+        .bind(acl.as_ref().map(sqlx::types::Json))
         .fetch_one(&mut *tx)
         .await?;
         let doc = document(&row)?;
@@ -785,14 +799,6 @@ fn by_ids(ids: &[Uuid]) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres
         " FROM documents WHERE id = ANY($1)"
     ))
     .bind(ids)
-}
-
-async fn fetch_by_ids(
-    connection: &mut sqlx::PgConnection,
-    ids: &[Uuid],
-) -> Result<Vec<Document>, StoreError> {
-    let rows = by_ids(ids).fetch_all(connection).await?;
-    rows.iter().map(document).collect()
 }
 
 /// The ACL stored for document `id`. Rows written straight in SQL may carry one this version

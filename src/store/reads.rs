@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 
-use sqlx::PgPool;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::Postgres;
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -59,9 +59,10 @@ impl Grouped for Reads {
         batch: Vec<Pending<Self>>,
     ) -> bool {
         let ids: Vec<Uuid> = batch.iter().map(|read| read.input).collect();
-        let docs = match super::fetch_by_ids(connection, &ids).await {
-            Ok(docs) => docs,
+        let rows = match super::by_ids(&ids).fetch_all(&mut **connection).await {
+            Ok(rows) => rows,
             Err(e) => {
+                let e = StoreError::from(e);
                 let failure = shared_failure(&e);
                 for read in batch {
                     read.reply.send(Err(failure()));
@@ -69,26 +70,38 @@ impl Grouped for Reads {
                 return connection_survives(&e);
             }
         };
+        // Each row decoded on its own: one this version cannot read (a value written in SQL
+        // that JSON here cannot hold) fails the reads of its id only, as a lone read would.
+        let mut found: HashMap<Uuid, Result<Document, StoreError>> =
+            HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let Ok(id) = row.try_get::<Uuid, _>("id") else {
+                continue;
+            };
+            found.insert(id, super::document(row));
+        }
         // How many reads of the batch still want each id: the last one takes the document, the
         // others get a copy.
         let mut wanted: HashMap<Uuid, usize> = HashMap::with_capacity(ids.len());
         for id in &ids {
             *wanted.entry(*id).or_default() += 1;
         }
-        let mut found: HashMap<Uuid, Document> =
-            docs.into_iter().map(|doc| (doc.id, doc)).collect();
         for read in batch {
             let id = read.input;
             let left = wanted.get_mut(&id).map_or(0, |left| {
                 *left -= 1;
                 *left
             });
-            let doc = if left == 0 {
-                found.remove(&id)
+            let answer = if left == 0 {
+                found.remove(&id).transpose()
             } else {
-                found.get(&id).cloned()
+                match found.get(&id) {
+                    Some(Ok(doc)) => Ok(Some(doc.clone())),
+                    Some(Err(e)) => Err(shared_failure(e)()),
+                    None => Ok(None),
+                }
             };
-            read.reply.send(Ok(doc));
+            read.reply.send(answer);
         }
         true
     }
