@@ -80,6 +80,16 @@ async fn a_failed_subscription_frees_its_place() {
     }
     let other = ws.request(json!({"op": "read", "type": "notes"})).await;
     assert_eq!(other["ok"], true, "{other}");
+    // A narrower token ends what it may not read — not the failed one again: its `error` was
+    // its last event, and its `unsub` still answers.
+    let narrower = s.token(ALICE, &["read:notes"]);
+    let reply = ws.request(json!({"op": "auth", "token": narrower})).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(
+        !ws.pending.iter().any(|f| f["sub"] == sub),
+        "no second event: {:?}",
+        ws.pending
+    );
     let unsub = ws.request(json!({"op": "unsub", "sub": sub})).await;
     assert_eq!(unsub["ok"], true, "{unsub}");
     ws.close().await;

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use uuid::Uuid;
-use vibe_actors::acl::{Acl, Operation};
+use vibe_actors::acl::Acl;
 use vibe_actors::call::actor::{CallOp, CallRoomMsg, CallsMsg, Member, RoomSettings};
 use vibe_actors::call::{CallError, ParticipantId, Quality, RoomMode, SdpKind, TrackKind};
 use vibe_actors::change::Cursor;
@@ -520,6 +520,8 @@ impl Session {
         let ended: Vec<(Arc<str>, Failure)> = self
             .subs
             .iter()
+            // One that failed already sent its last event (its `unsub` still answers).
+            .filter(|(_, held)| !held.failed())
             .filter_map(|(sub, held)| {
                 let refused = self.claims(Access::Read, &held.spec.doc_type).err()?;
                 Some((sub.clone(), refused))
@@ -665,7 +667,12 @@ impl Session {
                     gates: Vec::new(),
                 });
                 held.refs += 1;
-                held.gates.push(gate);
+                // The tree hands every later read of the query on this connection the first
+                // one's subscriber: only its gate carries events (one per read grew without
+                // bound with reads and partial `unsub`s).
+                if held.gates.is_empty() {
+                    held.gates.push(gate);
+                }
                 metrics::gauge!("vibe_ws_subscriptions").increment(1.0);
                 Ok(None)
             }
@@ -766,7 +773,7 @@ impl Session {
         // Write access does not reveal content the token (its scopes and attenuations) or the ACL
         // does not let the caller read.
         if self.claims(Access::Read, &args.doc_type).is_ok()
-            && self.app.store.may(Operation::Read, &caller, &doc).await?
+            && self.app.store.may_read_written(&caller, &doc).await
         {
             Ok(Some(json!({"doc": doc.view(Some(&caller))})))
         } else {
