@@ -44,6 +44,16 @@ const LIMITS: AuthorizerLimits = AuthorizerLimits {
 /// runtime thread. Attenuations in use cost tens; this refuses only such joins.
 const MAX_DATALOG_COST: u64 = 20_000;
 
+/// What one `.matches()` (a regular expression, compiled on every evaluation) counts as in
+/// [`datalog_cost`], against 1 for any other operation.
+const REGEX_COST: u64 = 200;
+
+/// The largest token verified (base64 text) and the most blocks it may have: biscuit checks
+/// every block's signature, and builds the engine over all of them, before any check of ours
+/// runs. Tokens minted here take a few hundred bytes, an attenuation a few hundred more.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+const MAX_TOKEN_BLOCKS: usize = 16;
+
 /// Verified tokens remembered per node (a few hundred bytes each).
 const VERIFIED_CACHE_CAPACITY: usize = 16_384;
 
@@ -415,8 +425,7 @@ impl TokenAuthority {
         if let Some(claims) = self.first_sight_of_minted(token, now) {
             return claims;
         }
-        let biscuit =
-            Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
+        let biscuit = self.parse(token)?;
         let claims = match context_claims(&biscuit, now) {
             Some(claims) => claims?,
             None => self.authorize(&biscuit, now, access, doc_type)?,
@@ -498,8 +507,7 @@ impl TokenAuthority {
         if let Some(claims) = self.first_sight_of_minted(token, now) {
             return claims;
         }
-        let biscuit =
-            Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)?;
+        let biscuit = self.parse(token)?;
         let claims = match context_claims(&biscuit, now) {
             Some(claims) => claims?,
             None => match self.authorize(&biscuit, now, Access::Read, None) {
@@ -510,6 +518,22 @@ impl TokenAuthority {
         };
         self.check_revoked(&claims)?;
         Ok(Arc::new(claims))
+    }
+
+    /// `token` parsed and its signatures checked, once it is known to be of a size and a
+    /// number of blocks worth checking ([`MAX_TOKEN_BYTES`], [`MAX_TOKEN_BLOCKS`]).
+    fn parse(&self, token: &str) -> Result<Biscuit, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooComplex);
+        }
+        // Decoding without the signatures is cheap; checking each block's is not.
+        let blocks = biscuit_auth::UnverifiedBiscuit::from_base64(token)
+            .map_err(|_| AuthError::Invalid)?
+            .block_count();
+        if blocks > MAX_TOKEN_BLOCKS {
+            return Err(AuthError::TooComplex);
+        }
+        Biscuit::from_base64(token, self.keypair.public()).map_err(|_| AuthError::Invalid)
     }
 
     /// The claims of a token verified before (None: not remembered). Its only check, the
@@ -627,8 +651,13 @@ fn datalog_cost(facts: &[Fact], rules: &[Rule], checks: &[biscuit_auth::builder:
                 .unwrap_or(0);
             n.saturating_mul(facts.max(1))
         });
-        let ops: usize = r.expressions.iter().map(|e| e.ops.len()).sum();
-        combinations.saturating_mul(1 + ops as u64)
+        let ops = r.expressions.iter().try_fold(0u64, |n, e| {
+            Some(n.saturating_add(expression_cost(&e.ops)?))
+        });
+        match ops {
+            Some(ops) => combinations.saturating_mul(1 + ops),
+            None => u64::MAX,
+        }
     };
     let checks_cost = checks
         .iter()
@@ -638,6 +667,24 @@ fn datalog_cost(facts: &[Fact], rules: &[Rule], checks: &[biscuit_auth::builder:
         n.saturating_add(body_cost(r).saturating_mul(LIMITS.max_iterations))
     });
     checks_cost.saturating_add(rules_cost)
+}
+
+/// The work of an expression: its operations, the bodies of its closures included (`&&` and `||`
+/// keep their right side in one, run at most once), a regular expression weighted by
+/// [`REGEX_COST`]. None when it iterates a set with a closure (`.any()`, `.all()`): the body runs
+/// once per element, and nested ones multiply — a few hundred bytes of token asked for billions
+/// of evaluations, inside one check, where biscuit's time limit never looks.
+fn expression_cost(ops: &[Op]) -> Option<u64> {
+    use biscuit_auth::builder::Binary;
+    ops.iter().try_fold(0u64, |cost, op| {
+        let this = match op {
+            Op::Closure(_, body) => expression_cost(body)?,
+            Op::Binary(Binary::Any | Binary::All) => return None,
+            Op::Binary(Binary::Regex) => REGEX_COST,
+            _ => 1,
+        };
+        Some(cost.saturating_add(this))
+    })
 }
 
 /// The claims of a verified token from its context, as of `now`; None when they must come
@@ -929,6 +976,46 @@ mod tests {
         assert!(matches!(auth.identify(&costly), Err(AuthError::TooComplex)));
         let cheap = with_facts("check if f($a), $a == 7");
         assert!(auth.verify(&cheap, Access::Read, Some("posts")).is_ok());
+        // A set iterated by a closure runs its body per element, nested ones multiply, all inside
+        // one check: refused, however few facts.
+        let attenuate = |code: &str| {
+            let block = biscuit_auth::BlockBuilder::new().code(code).unwrap();
+            biscuit.append(block).unwrap().to_base64().unwrap()
+        };
+        let set: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+        let set = format!("{{{}}}", set.join(","));
+        let nested = attenuate(&format!(
+            "check if {set}.any($a -> {set}.any($b -> {set}.any($c -> $c == -1)))"
+        ));
+        assert!(matches!(
+            auth.verify(&nested, Access::Read, Some("posts")),
+            Err(AuthError::TooComplex)
+        ));
+        assert!(matches!(auth.identify(&nested), Err(AuthError::TooComplex)));
+        // Lazy `&&` / `||` keep a closure too, run once: counted, and cheap.
+        let lazy = attenuate(r#"check if time($t), $t > 2020-01-01T00:00:00Z && true || false"#);
+        assert!(auth.verify(&lazy, Access::Read, Some("posts")).is_ok());
+        // More blocks than any attenuation needs: refused before their signatures are checked.
+        let mut many = biscuit.clone();
+        for _ in 0..MAX_TOKEN_BLOCKS {
+            many = many
+                .append(
+                    biscuit_auth::BlockBuilder::new()
+                        .code("check if true")
+                        .unwrap(),
+                )
+                .unwrap();
+        }
+        let many = many.to_base64().unwrap();
+        assert!(matches!(
+            auth.verify(&many, Access::Read, Some("posts")),
+            Err(AuthError::TooComplex)
+        ));
+        let oversized = format!("{cheap}{}", "A".repeat(MAX_TOKEN_BYTES));
+        assert!(matches!(
+            auth.verify(&oversized, Access::Read, Some("posts")),
+            Err(AuthError::TooComplex)
+        ));
         let failing = with_facts("check if f($a), $a == -1");
         assert!(matches!(
             auth.verify(&failing, Access::Read, Some("posts")),

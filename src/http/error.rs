@@ -181,7 +181,8 @@ impl From<AuthError> for ApiError {
             AuthError::TooComplex => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "token_too_complex",
-                "the token's own checks join more facts than this server evaluates",
+                "the token is larger, has more blocks, or its own checks ask more work (joins, \
+                 set iterations with .any()/.all()) than this server evaluates",
             ),
             AuthError::Restricted => ApiError::new(
                 StatusCode::FORBIDDEN,
