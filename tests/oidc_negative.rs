@@ -856,6 +856,10 @@ async fn withdrawn_consent_revokes_the_apps_tokens_and_connections() {
     // The app can neither see the user's consents nor withdraw them.
     assert_api_error(&apps(access).await, 403, "first_party_only");
     assert_api_error(&withdraw(access).await, 403, "first_party_only");
+    // Nor can a token the operator minted for a tool with narrower scopes.
+    let narrow = server.token(&did, &["read:posts"]);
+    assert_api_error(&apps(&narrow).await, 403, "missing_scope");
+    assert_api_error(&withdraw(&narrow).await, 403, "missing_scope");
 
     // A live connection of the app, with a subscription that is receiving events.
     let mut ws = Ws::connect(&server.base, Some(access)).await;

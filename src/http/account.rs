@@ -157,9 +157,24 @@ fn first_party(app: &App, req: &Request<Incoming>) -> Result<Arc<Claims>, ApiErr
     Ok(claims)
 }
 
+/// [`first_party`] with the scope `*`, as `POST /v1/sessions` gives: one the operator minted for
+/// a tool with narrower scopes may not list or withdraw the user's consents, nor export the key
+/// (it may still end itself, `DELETE /v1/sessions`).
+fn account_owner(app: &App, req: &Request<Incoming>) -> Result<Arc<Claims>, ApiError> {
+    let claims = first_party(app, req)?;
+    if !claims.scopes.contains(&Scope::All) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "missing_scope",
+            "managing the account needs a first-party token with the scope *",
+        ));
+    }
+    Ok(claims)
+}
+
 /// `GET /v1/me/apps`: the apps the user consented to.
 pub(super) async fn apps(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let claims = first_party(app, &req)?;
+    let claims = account_owner(app, &req)?;
     let consents = app
         .identity
         .oauth
@@ -176,7 +191,7 @@ pub(super) async fn revoke_app(
     client_id: &str,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let claims = first_party(app, &req)?;
+    let claims = account_owner(app, &req)?;
     let revoked = app
         .identity
         .oauth
@@ -205,7 +220,7 @@ pub(super) async fn export_key(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let claims = first_party(app, &req)?;
+    let claims = account_owner(app, &req)?;
     let body: Reauthentication = read_json(app, req, JSON).await?;
     let key = app
         .identity
