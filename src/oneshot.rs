@@ -61,6 +61,11 @@ pub enum OneShotError {
     /// The documents `expand` names hold more than `http.max_page_bytes`.
     #[error("the expanded documents exceed {0} bytes; ask for fewer (a smaller limit)")]
     ExpansionTooLarge(usize),
+    /// The documents of a page name more ids to expand than one page expands.
+    #[error(
+        "the page's documents name more than {0} ids to expand; ask for fewer (a smaller limit)"
+    )]
+    TooManyReferences(usize),
 }
 
 /// Runs `request` for the holder of `token` and its `claims` (who may read its type: the
@@ -116,8 +121,12 @@ pub async fn query_page(
             .collect();
         ids.sort();
         ids.dedup();
-        // Bounded: a page holds at most `query.max_limit` documents, each path a list of ids.
-        ids.truncate(app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND);
+        // Bounded, and refused past the bound rather than cut: a cut dropped ids as if the caller
+        // could not read them.
+        let most = app.config.query.max_limit as usize * vibe_actors::query::MAX_EXPAND;
+        if ids.len() > most {
+            return Err(OneShotError::TooManyReferences(most));
+        }
         // The types the token may read (its scopes and its attenuation checks, as a query of
         // each type would be checked), before anything is fetched: documents of the others must
         // not count against the budget either.

@@ -1590,3 +1590,63 @@ async fn a_query_past_its_statement_timeout_is_cancelled() {
     assert_eq!((status, &read["data"]), (200, &json!({"n": 0})));
     s.finish().await;
 }
+
+/// A page's cursor carries its last sort value as stored: a number whose decimal form needs 17
+/// digits reads back from the database as the same double (parsed exactly rounded), so the next
+/// page neither repeats nor skips — it repeated the same document forever.
+#[tokio::test]
+async fn cursors_over_numbers_with_seventeen_digits_move_on() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let mut written = Vec::new();
+    for p in [
+        json!(3.877_489_466_250_714e-9),
+        json!(3.877_489_466_250_714_5e-9),
+        json!(1),
+    ] {
+        let doc = s.post(&alice, "probes", json!({"data": {"p": p}})).await;
+        written.push(doc["id"].as_str().unwrap().to_owned());
+    }
+    let mut listed = Vec::new();
+    let mut cursor = Value::Null;
+    for _ in 0..10 {
+        let mut query = json!({"type": "probes", "sort": "data.p", "limit": 1});
+        if !cursor.is_null() {
+            query["cursor"] = cursor.clone();
+        }
+        let page = query_ok(&s, &alice, &query).await;
+        listed.extend(
+            page["docs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned()),
+        );
+        cursor = page["next"].clone();
+        if cursor.is_null() {
+            break;
+        }
+    }
+    assert_eq!(listed, written, "each once, smallest first");
+    s.finish().await;
+}
+
+/// A page expands at most `query.max_limit` × 4 ids: a page naming more is refused, not cut — a
+/// cut dropped ids from `expanded` as if the caller could not read them.
+#[tokio::test]
+async fn a_page_naming_more_ids_than_it_expands_is_refused() {
+    let s = TestServer::start_with(&[("query.max_limit", "2"), ("query.default_limit", "2")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let named: Vec<String> = (0..9).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    s.post(&alice, "links", json!({"data": {"to": named}}))
+        .await;
+    let query = json!({"type": "links", "expand": ["data.to"]});
+    let (status, answer) = s.query(&alice, &query).await;
+    assert_error(status, &answer, (400, "page_too_large", None), &query);
+    // Eight (2 × 4) are expanded.
+    s.post(&alice, "few", json!({"data": {"to": &named[..8]}}))
+        .await;
+    let page = query_ok(&s, &alice, &json!({"type": "few", "expand": ["data.to"]})).await;
+    assert_eq!(page["expanded"], json!({}), "none of them exists");
+    s.finish().await;
+}

@@ -82,7 +82,8 @@ impl From<crate::oneshot::OneShotError> for ApiError {
                 ApiError::bad_request(code, e.to_string())
             }
             crate::oneshot::OneShotError::Store(e) => e.into(),
-            e @ crate::oneshot::OneShotError::ExpansionTooLarge(_) => {
+            e @ (crate::oneshot::OneShotError::ExpansionTooLarge(_)
+            | crate::oneshot::OneShotError::TooManyReferences(_)) => {
                 ApiError::bad_request("page_too_large", e.to_string())
             }
         }
