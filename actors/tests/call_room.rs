@@ -695,6 +695,27 @@ fn tracks_and_candidates_are_bounded_per_participant() {
     });
 }
 
+/// Participants that connected stay, however their renegotiations fall against their
+/// connection's set-up: an answer exchanged after ICE connected but before DTLS finished set
+/// the connect deadline again, with nothing left to clear it (a whole benchmark room was
+/// removed 15 s after joining).
+#[test]
+fn connected_participants_outlive_the_connect_deadline() {
+    // The second joiner's tracks are offered to the first at each moment of its set-up.
+    for gap in 0..12 {
+        let mut sim = Sim::with_config(RoomConfig {
+            connect_timeout: Duration::from_millis(500),
+            ..RoomConfig::default()
+        });
+        sim.join(A).unwrap();
+        sim.run_for(Duration::from_millis(gap));
+        sim.join(B).unwrap();
+        sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
+        sim.run_for(Duration::from_secs(1));
+        assert_eq!(sim.room.len(), 2, "nobody was removed (gap {gap} ms)");
+    }
+}
+
 /// A participant whose ICE never connects — its offer carries no candidate and none is
 /// trickled, so str0m's own ICE timeout never starts — is removed `connect_timeout` after its
 /// offer, instead of holding its place for as long as its WebSocket stays open.

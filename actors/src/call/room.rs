@@ -152,6 +152,10 @@ struct Participant {
     deadline: Option<Instant>,
     /// Until its ICE connects: when it must have (see [`RoomConfig::connect_timeout`]).
     connect_by: Option<Instant>,
+    /// Its ICE is connected (the last state change said so). The deadline is set and cleared
+    /// on this alone: `Rtc::is_connected` also waits for DTLS, and an exchange between the two
+    /// set a deadline nothing cleared.
+    ice_connected: bool,
     /// Remote candidates its session took.
     candidates: usize,
 }
@@ -297,6 +301,7 @@ impl Room {
             gone: None,
             deadline: None,
             connect_by: None,
+            ice_connected: false,
             candidates: 0,
         };
         let mut answer = None;
@@ -459,13 +464,12 @@ impl Room {
                     return Err(CallError::NotInCall);
                 };
                 let accepted = rtc.sdp_api().accept_offer(offer);
-                let connected = rtc.is_connected();
                 // accept_offer rolled back the server's own outstanding offer (also when it
                 // refused this one): offer its changes again after this exchange.
                 p.void_server_offer();
                 let answer = accepted.map_err(|e| CallError::InvalidSdp(e.to_string()))?;
                 p.candidates = candidates;
-                if !connected {
+                if !p.ice_connected {
                     p.connect_by = Some(now + self.config.connect_timeout);
                 }
                 Ok(Some(spread_candidates(&answer.to_sdp_string())))
@@ -489,7 +493,7 @@ impl Room {
                     p.void_server_offer();
                     return Err(CallError::InvalidSdp(e.to_string()));
                 }
-                if !rtc.is_connected() {
+                if !p.ice_connected {
                     p.connect_by = Some(now + self.config.connect_timeout);
                 }
                 for track in &mut p.tracks_out {
@@ -1155,9 +1159,12 @@ impl Participant {
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                 self.gone = Some(LeaveReason::IceTimeout);
             }
-            Event::IceConnectionStateChange(
-                IceConnectionState::Connected | IceConnectionState::Completed,
-            ) => self.connect_by = None,
+            Event::IceConnectionStateChange(state) => {
+                self.ice_connected = state.is_connected();
+                if self.ice_connected {
+                    self.connect_by = None;
+                }
+            }
             Event::MediaAdded(added) => {
                 self.publish(added.mid, added.kind, added.direction, queue, max_tracks);
             }
