@@ -111,6 +111,12 @@ fn frame_lost(error: &RtcError) -> bool {
 /// would not move.
 const MAX_DUE_TIMEOUTS: usize = 64;
 
+/// Frames forwarded to a session and not yet packetized past which its poll packetizes them
+/// itself, rather than leaving them to the room's timer (str0m refuses a write past 512 waiting
+/// on one m-line). Below it the timer does it, as before: the copies of one frame reach the
+/// socket sooner when the room first hands every subscriber its copy.
+const INLINE_BACKLOG: usize = 64;
+
 pub struct Room {
     config: RoomConfig,
     mode: RoomMode,
@@ -152,6 +158,9 @@ struct Participant {
     deadline: Option<Instant>,
     /// Until its ICE connects: when it must have (see [`RoomConfig::connect_timeout`]).
     connect_by: Option<Instant>,
+    /// Frames written to its session since it last had none waiting to be packetized (as far as
+    /// counted here: each timeout handled is taken to packetize one).
+    unpacketized: usize,
     /// Its ICE is connected (the last state change said so). The deadline is set and cleared
     /// on this alone: `Rtc::is_connected` also waits for DTLS, and an exchange between the two
     /// set a deadline nothing cleared.
@@ -302,6 +311,7 @@ impl Room {
             deadline: None,
             connect_by: None,
             ice_connected: false,
+            unpacketized: 0,
             candidates: 0,
         };
         let mut answer = None;
@@ -713,6 +723,7 @@ impl Room {
             if p.deadline.is_some_and(|d| d > now) {
                 continue;
             }
+            p.unpacketized = p.unpacketized.saturating_sub(1);
             if let Some(rtc) = p.rtc.as_mut()
                 && let Err(e) = rtc.handle_input(Input::Timeout(now))
             {
@@ -901,6 +912,7 @@ impl Room {
                 p.gone = Some(LeaveReason::MediaFailed);
                 continue;
             }
+            p.unpacketized += 1;
             self.stats.forwarded += 1;
         }
         for rid in wanted {
@@ -1090,10 +1102,16 @@ impl Participant {
             };
             match output {
                 // Frames forwarded to this session are packetized on its timeout, which is then
-                // already due: handled here, not after the room's timer message, which waits
-                // behind every datagram already queued (a burst would pile frames up meanwhile).
-                Output::Timeout(t) if t <= now && due < MAX_DUE_TIMEOUTS => {
+                // already due. The room's timer message handles it, but waits behind every
+                // datagram already queued: once a burst has piled up frames, they are
+                // packetized here.
+                Output::Timeout(t)
+                    if t <= now
+                        && self.unpacketized >= INLINE_BACKLOG
+                        && due < MAX_DUE_TIMEOUTS =>
+                {
                     due += 1;
+                    self.unpacketized -= 1;
                     if let Err(e) = rtc.handle_input(Input::Timeout(now)) {
                         if !frame_lost(&e) {
                             tracing::debug!(participant = %self.id, error = %e,
@@ -1105,6 +1123,10 @@ impl Participant {
                     }
                 }
                 Output::Timeout(t) => {
+                    if t > now {
+                        // Nothing waits to be packetized.
+                        self.unpacketized = 0;
+                    }
                     self.deadline = Some(t);
                     return Some(self.connect_by.map_or(t, |c| c.min(t)));
                 }
