@@ -41,10 +41,12 @@ async fn an_undecodable_row_fails_only_its_own_reads_in_a_shared_statement() {
         .await
         .unwrap();
     let first = get(good.clone());
+    // (The feed's reader may wait on the lock too: the read is told by its statement.)
     until("the first read waits on the lock", || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND strpos(query, 'FROM documents WHERE id = $1') > 0",
         )
         .fetch_one(&sql)
         .await
