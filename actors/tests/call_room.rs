@@ -1005,15 +1005,7 @@ fn a_track_that_stops_sending_is_unpublished_for_the_others() {
 /// left half-negotiated, never offered again, and the participant never received those tracks.
 #[test]
 fn a_refused_answer_gets_the_changes_offered_again() {
-    let mut sim = Sim::call(&[A, B]);
-    sim.peer(A).held_offers = Some(Vec::new());
-    sim.join(C).unwrap();
-    sim.run_until(Duration::from_secs(5), |s| {
-        s.peers[0]
-            .held_offers
-            .as_ref()
-            .is_some_and(|h| !h.is_empty())
-    });
+    let mut sim = call_with_an_offer_held_by_a();
     let held = sim.peer(A).held_offers.take().unwrap();
     let mut elsewhere = Rtc::builder().build(sim.now);
     let answer = elsewhere
@@ -1033,10 +1025,10 @@ fn a_refused_answer_gets_the_changes_offered_again() {
     sim.run_until(Duration::from_secs(10), |s| s.all_receive(5));
 }
 
-#[test]
-fn on_glare_the_server_yields_and_offers_its_changes_again() {
+/// A and B in a call that C joins, A holding the server's offer of C's tracks unanswered (as a
+/// client busy with its own offer would).
+fn call_with_an_offer_held_by_a() -> Sim {
     let mut sim = Sim::call(&[A, B]);
-    // A holds the server's offers, as a client busy with its own offer would.
     sim.peer(A).held_offers = Some(Vec::new());
     sim.join(C).unwrap();
     sim.run_until(Duration::from_secs(5), |s| {
@@ -1045,6 +1037,12 @@ fn on_glare_the_server_yields_and_offers_its_changes_again() {
             .as_ref()
             .is_some_and(|h| !h.is_empty())
     });
+    sim
+}
+
+#[test]
+fn on_glare_the_server_yields_and_offers_its_changes_again() {
+    let mut sim = call_with_an_offer_held_by_a();
     // A's own offer (a new audio track) crosses the server's: the server answers it...
     let a = sim.id(A);
     let peer = sim.peer(A);

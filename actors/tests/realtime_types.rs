@@ -27,25 +27,34 @@ use vibe_actors::wire::Document;
 const ALICE: &str = "did:key:zAlice";
 const BOB: &str = "did:key:zBob";
 
-/// Every query's snapshot is empty.
-#[derive(Debug)]
-struct Empty;
+/// A whole snapshot of `docs`, read at a fixed point.
+fn snapshot_of(docs: Vec<Document>) -> Snapshot {
+    Snapshot {
+        docs,
+        cut: false,
+        view: SnapshotView::parse("100:100:").unwrap(),
+        settled: Cursor::new(1, 0),
+    }
+}
 
-impl SnapshotSource for Empty {
+/// Every query's snapshot is `docs`.
+#[derive(Debug)]
+struct Fixed(Vec<Document>);
+
+impl SnapshotSource for Fixed {
     fn load(&self, _spec: Arc<QuerySpec>, _budget: usize) -> BoxFuture<Result<Snapshot, String>> {
-        Box::pin(async move {
-            Ok(Snapshot {
-                docs: Vec::new(),
-                cut: false,
-                view: SnapshotView::parse("100:100:").unwrap(),
-                settled: Cursor::new(1, 0),
-            })
-        })
+        let docs = self.0.clone();
+        Box::pin(async move { Ok(snapshot_of(docs)) })
     }
 }
 
 async fn root(max_live_queries: usize) -> ActorRef<RealtimeMsg> {
-    root_with(Arc::new(Empty), max_live_queries, Duration::ZERO).await
+    root_with(
+        Arc::new(Fixed(Vec::new())),
+        max_live_queries,
+        Duration::ZERO,
+    )
+    .await
 }
 
 /// A root whose live queries load from `source` and, left without subscribers, linger for
@@ -274,7 +283,7 @@ async fn unsubscribing_an_ended_subscription_leaves_its_successor_alone() {
 /// leave a lingering live query behind each time.
 #[tokio::test]
 async fn only_a_connection_that_ended_leaves_its_live_query_lingering() {
-    let realtime = root_with(Arc::new(Empty), 100, Duration::from_secs(3600)).await;
+    let realtime = root_with(Arc::new(Fixed(Vec::new())), 100, Duration::from_secs(3600)).await;
     let (posts, notes) = (spec("posts"), spec("notes"));
     let (unsubscribed, _rx1) = subscribe(&realtime, &posts, 1).await;
     let (disconnected, _rx2) = subscribe(&realtime, &notes, 2).await;
@@ -290,7 +299,7 @@ async fn only_a_connection_that_ended_leaves_its_live_query_lingering() {
 /// for clients that may come back never take the room of live ones.
 #[tokio::test]
 async fn a_node_half_full_of_live_queries_lets_none_linger() {
-    let realtime = root_with(Arc::new(Empty), 4, Duration::from_secs(3600)).await;
+    let realtime = root_with(Arc::new(Fixed(Vec::new())), 4, Duration::from_secs(3600)).await;
     let (posts, notes) = (spec("posts"), spec("notes"));
     let (first, _rx1) = subscribe(&realtime, &posts, 1).await;
     let (second, _rx2) = subscribe(&realtime, &notes, 2).await;
@@ -320,12 +329,7 @@ impl SnapshotSource for Gated {
             if !first {
                 let _open = gate.acquire().await.unwrap();
             }
-            Ok(Snapshot {
-                docs,
-                cut: false,
-                view: SnapshotView::parse("100:100:").unwrap(),
-                settled: Cursor::new(1, 0),
-            })
+            Ok(snapshot_of(docs))
         })
     }
 }
@@ -390,24 +394,6 @@ async fn a_slow_live_query_does_not_hold_up_the_feed() {
     .expect("the lagging query reloads and resets its subscriber");
     assert_eq!(reset["docs"].as_array().map(Vec::len), Some(1), "{reset}");
     realtime.stop(None);
-}
-
-/// Every query's snapshot is `docs`.
-#[derive(Debug)]
-struct Fixed(Vec<Document>);
-
-impl SnapshotSource for Fixed {
-    fn load(&self, _spec: Arc<QuerySpec>, _budget: usize) -> BoxFuture<Result<Snapshot, String>> {
-        let docs = self.0.clone();
-        Box::pin(async move {
-            Ok(Snapshot {
-                docs,
-                cut: false,
-                view: SnapshotView::parse("100:100:").unwrap(),
-                settled: Cursor::new(1, 0),
-            })
-        })
-    }
 }
 
 /// Two certificates that expire with no change routed between them: the second expiry's events
