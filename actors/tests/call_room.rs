@@ -263,6 +263,23 @@ impl Sim {
         Ok(())
     }
 
+    /// Peer `name` offers the server the change `edit` makes to its session, and applies the
+    /// answer.
+    fn offer_change(&mut self, name: u8, edit: impl FnOnce(&mut str0m::change::SdpApi<'_>)) {
+        let id = self.id(name);
+        let peer = self.peer(name);
+        let mut api = peer.rtc.sdp_api();
+        edit(&mut api);
+        let (offer, pending) = api.apply().unwrap();
+        peer.pending = Some(pending);
+        let answer = self
+            .room
+            .sdp(self.now, id, None, SdpKind::Offer, &offer.to_sdp_string())
+            .unwrap()
+            .expect("an answer");
+        self.peer(name).accept_answer(&answer);
+    }
+
     fn drive_room(&mut self) {
         let net = &mut self.net;
         let from = room_addr();
@@ -971,18 +988,8 @@ fn a_receiver_gets_one_simulcast_layer_and_switches_on_a_keyframe_of_the_one_it_
 fn a_track_that_stops_sending_is_unpublished_for_the_others() {
     let mut sim = Sim::call(&[A, B]);
     let a = sim.id(A);
-    let peer = sim.peer(A);
-    let video = peer.video.unwrap();
-    let mut api = peer.rtc.sdp_api();
-    api.set_direction(video, Direction::RecvOnly);
-    let (offer, pending) = api.apply().unwrap();
-    peer.pending = Some(pending);
-    let answer = sim
-        .room
-        .sdp(sim.now, a, None, SdpKind::Offer, &offer.to_sdp_string())
-        .unwrap()
-        .expect("an answer");
-    sim.peer(A).accept_answer(&answer);
+    let video = sim.peer(A).video.unwrap();
+    sim.offer_change(A, |api| api.set_direction(video, Direction::RecvOnly));
     sim.drive_room();
     let unpublished = Signal::Track {
         participant: a,
@@ -1045,17 +1052,9 @@ fn on_glare_the_server_yields_and_offers_its_changes_again() {
     let mut sim = call_with_an_offer_held_by_a();
     // A's own offer (a new audio track) crosses the server's: the server answers it...
     let a = sim.id(A);
-    let peer = sim.peer(A);
-    let mut api = peer.rtc.sdp_api();
-    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-    let (offer, pending) = api.apply().unwrap();
-    peer.pending = Some(pending);
-    let answer = sim
-        .room
-        .sdp(sim.now, a, None, SdpKind::Offer, &offer.to_sdp_string())
-        .unwrap()
-        .expect("an answer");
-    sim.peer(A).accept_answer(&answer);
+    sim.offer_change(A, |api| {
+        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    });
     // ...and A drops the withdrawn offer; answering it now is refused, not applied.
     let stale = sim.peer(A).held_offers.take().unwrap();
     assert_eq!(stale.len(), 1);
