@@ -246,6 +246,11 @@ impl Window {
 /// A document's size as a window counts it: the length of its JSON encoding (what a frame that
 /// carries it costs, near enough). The store counts the same when it loads a window.
 pub fn encoded_len(doc: &Document) -> usize {
+    json_len(doc)
+}
+
+/// The length of `value` as compact JSON, counted without building it.
+pub fn json_len(value: &impl serde::Serialize) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -257,8 +262,9 @@ pub fn encoded_len(doc: &Document) -> usize {
         }
     }
     let mut count = Count(0);
-    // Writing to a counter cannot fail, and a document (plain JSON values) always serializes.
-    let _ = serde_json::to_writer(&mut count, doc);
+    // Writing to a counter cannot fail, and the values counted here (documents, JSON values)
+    // always serialize.
+    let _ = serde_json::to_writer(&mut count, value);
     count.0
 }
 

@@ -146,7 +146,7 @@ pub(super) async fn patch(
             // The patch is bounded by the body limit, the document it makes is too: patches
             // adding a body's worth each would otherwise grow it without end.
             let limit = app.config.http.max_body_bytes;
-            if json_len(&data) > limit {
+            if vibe_actors::window::json_len(&data) > limit {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
@@ -274,24 +274,6 @@ fn check_type(doc_type: &str) -> Result<(), ApiError> {
             "a type name matches ^[a-z][a-z0-9_.-]{0,63}$",
         ))
     }
-}
-
-/// The length of `value` as compact JSON, counted without building it.
-fn json_len(value: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing a Value to a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 fn check_data(data: &serde_json::Value) -> Result<(), ApiError> {
