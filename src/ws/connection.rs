@@ -80,23 +80,22 @@ pub struct Session {
     calls: HashMap<String, ActorRef<CallRoomMsg>>,
 }
 
-/// One subscription a connection holds: its query, how many `read`s of it, and the gates of the
-/// subscribers those reads made (the live query sends through one of them). All close when the
-/// last read is released, before its reply or `error` event is queued: no event of it follows.
+/// One subscription a connection holds: its query, how many `read`s of it, and the gate of the
+/// subscriber the first read made (the tree hands every later read of the query on this
+/// connection that subscriber). It closes when the last read is released, before its reply or
+/// `error` event is queued: no event of it follows.
 #[derive(Debug)]
 struct Held {
     spec: Arc<QuerySpec>,
     refs: usize,
-    gates: Vec<Gate>,
+    gate: Gate,
 }
 
 impl Held {
     /// Its live query failed for good (the client got `subscription_failed`): it no longer
     /// counts against `ws.max_subscriptions`, though `unsub` still answers for it.
     fn failed(&self) -> bool {
-        // Every read of a `sub` shares its live query, which marks the gate it was given (the
-        // first read's): one failed gate is the whole subscription's end.
-        self.gates.iter().any(Gate::failed)
+        self.gate.failed()
     }
 }
 
@@ -149,12 +148,10 @@ impl Session {
     /// Releases every `read` this connection holds of `sub`; see
     /// [`RealtimeMsg::Unsubscribe`] for `linger`.
     fn release_all(&mut self, sub: &Arc<str>, linger: bool) {
-        let Some(Held { spec, refs, gates }) = self.subs.remove(sub) else {
+        let Some(Held { spec, refs, gate }) = self.subs.remove(sub) else {
             return;
         };
-        for gate in &gates {
-            self.outbox.close_gate(gate);
-        }
+        self.outbox.close_gate(&gate);
         metrics::gauge!("vibe_ws_subscriptions").decrement(refs as f64);
         for _ in 0..refs {
             let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
@@ -528,7 +525,7 @@ impl Session {
             })
             .collect();
         for (sub, Failure(code, message)) in ended {
-            // Its gates close first: the `error` event is the subscription's last.
+            // Its gate closes first: the `error` event is the subscription's last.
             self.release_all(&sub, false);
             let frame = vibe_actors::wire::subscription_error(&sub, code, &message);
             let _ = self.outbox.send(Bytes::from(frame));
@@ -661,18 +658,13 @@ impl Session {
         ));
         match reply {
             Ok(Ok(sub)) => {
+                // A later read's gate goes unused: the tree hands it the first read's subscriber.
                 let held = self.subs.entry(sub).or_insert_with(|| Held {
                     spec,
                     refs: 0,
-                    gates: Vec::new(),
+                    gate,
                 });
                 held.refs += 1;
-                // The tree hands every later read of the query on this connection the first
-                // one's subscriber: only its gate carries events (one per read grew without
-                // bound with reads and partial `unsub`s).
-                if held.gates.is_empty() {
-                    held.gates.push(gate);
-                }
                 metrics::gauge!("vibe_ws_subscriptions").increment(1.0);
                 Ok(None)
             }
@@ -909,9 +901,7 @@ impl Session {
             && let Some(ended) = self.subs.remove(sub)
         {
             // Before the reply is queued: no event of the subscription comes after it.
-            for gate in &ended.gates {
-                self.outbox.close_gate(gate);
-            }
+            self.outbox.close_gate(&ended.gate);
         }
         let _ = self.app.realtime.cast(RealtimeMsg::Unsubscribe {
             spec,
