@@ -94,7 +94,7 @@ pub async fn query_page(
     // this request's own statement (the filter only catches a certificate lost since), so it
     // tells nothing the caller could not read.
     let next = if more {
-        docs.last().map(|d| Keyset::after(&spec, d).encode())
+        docs.last().map(|d| Keyset::after(&spec, d).encode(&spec))
     } else {
         None
     };

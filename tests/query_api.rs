@@ -398,6 +398,33 @@ async fn cursors_that_are_not_this_querys_are_invalid_cursor() {
         (400, "invalid_cursor", Some("cursor")),
         &by_time,
     );
+    // Sorts whose values are of the same kinds: the cursor's values would decode for them, and
+    // taking it would start the page at an arbitrary place.
+    for other in [
+        json!({"type": "scores", "sort": "data.score", "cursor": next}),
+        json!({"type": "scores", "sort": "-data.rank", "cursor": next}),
+        json!({"type": "tallies", "sort": "-data.score", "cursor": next}),
+        json!({"type": "scores", "sort": "-data.score", "global": true, "cursor": next}),
+    ] {
+        let (status, answer) = s.query(&token, &other).await;
+        assert_error(
+            status,
+            &answer,
+            (400, "invalid_cursor", Some("cursor")),
+            &other,
+        );
+    }
+    // The same order with another filter and page size goes on from the cursor's position.
+    let narrowed = json!({"type": "scores", "sort": "-data.score", "limit": 5,
+                          "where": {"data.score": {"lt": 2}}, "cursor": next});
+    let rest = query_ok(&s, &token, &narrowed).await;
+    let scores: Vec<&Value> = rest["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["data"]["score"])
+        .collect();
+    assert_eq!(scores, [&json!(1), &json!(0)], "{rest}");
     s.finish().await;
 }
 

@@ -1,15 +1,17 @@
 //! Keyset cursors for one-shot queries: the sort-key values of a page's last document, so the
 //! next page starts strictly after it, whatever was written in between (no offsets, no skipped
-//! or repeated documents). Opaque to clients: base64url of a JSON array.
+//! or repeated documents). Opaque to clients: base64url of a JSON array whose first item is the
+//! query's [signature](Keyset::signature), so a cursor is taken only by the query it came from.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::eval::{DataSortValue, data_sort_value};
-use super::{Field, QueryError, QuerySpec, invalid};
+use super::{Field, QueryError, QuerySpec, Scope, invalid};
 use crate::wire::Document;
 
 /// Longest cursor accepted (four sort keys with 64-byte strings fit many times over).
@@ -70,17 +72,36 @@ impl Keyset {
         Self { values, id: doc.id }
     }
 
-    pub fn encode(&self) -> String {
-        let mut items: Vec<Value> = self
-            .values
-            .iter()
-            .map(|v| match v {
-                KeyValue::Data { rank, number, text } => json!([rank, number, text]),
-                KeyValue::Text(s) => json!(s),
-                KeyValue::Id(id) => json!(id),
-                KeyValue::Time(t) => json!(t.timestamp_micros()),
-            })
-            .collect();
+    /// What a cursor of `spec` carries to be told from another query's: a digest of the type,
+    /// the scope and the sort keys with their directions. Two sorts of one shape (`-data.a`
+    /// and `data.b`) hold values of the same kinds, so the values alone cannot tell them apart.
+    /// The filter and the limit are left out: a position in one order over one set of documents
+    /// stays meaningful when a client narrows the filter or changes the page size between pages.
+    pub fn signature(spec: &QuerySpec) -> String {
+        let mut text = format!("{}\n", spec.doc_type);
+        match &spec.scope {
+            Scope::Own(did) => text.push_str(&format!("own {did}\n")),
+            Scope::Global => text.push_str("global\n"),
+            Scope::Shared(did) => text.push_str(&format!("shared {did}\n")),
+        }
+        for key in &spec.sort {
+            let direction = if key.descending { '-' } else { '+' };
+            text.push_str(&format!("{direction}{}\n", key.field.name()));
+        }
+        let digest = Sha256::digest(text.as_bytes());
+        // 96 bits: a cursor of another query passing for this one by chance is out of reach.
+        URL_SAFE_NO_PAD.encode(&digest[..12])
+    }
+
+    /// The cursor text of this position in `spec`'s order.
+    pub fn encode(&self, spec: &QuerySpec) -> String {
+        let mut items: Vec<Value> = vec![json!(Self::signature(spec))];
+        items.extend(self.values.iter().map(|v| match v {
+            KeyValue::Data { rank, number, text } => json!([rank, number, text]),
+            KeyValue::Text(s) => json!(s),
+            KeyValue::Id(id) => json!(id),
+            KeyValue::Time(t) => json!(t.timestamp_micros()),
+        }));
         items.push(json!(self.id));
         URL_SAFE_NO_PAD.encode(Value::Array(items).to_string())
     }
@@ -103,7 +124,9 @@ impl Keyset {
         if items.iter().any(super::holds_nul) {
             return Err(bad());
         }
-        if items.len() != spec.sort.len() + 1 {
+        if items.len() != spec.sort.len() + 2
+            || items.remove(0).as_str() != Some(Self::signature(spec).as_str())
+        {
             return Err(bad());
         }
         let id = items
