@@ -263,7 +263,7 @@ impl TokenAuthority {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::read_to_string(&path) {
+        match read_secret(&path) {
             Ok(text) => {
                 let private = text
                     .trim()
@@ -808,6 +808,29 @@ fn token_id(biscuit: &Biscuit) -> Result<String, AuthError> {
         .ok_or(AuthError::Invalid)
 }
 
+/// Reads a secret file, refusing one that its group or others may read or write, as sshd and
+/// PostgreSQL refuse such a private key: a key copied in with `cp` under a default umask
+/// (0644) would otherwise go on working while anyone on the machine can take it. The mode is
+/// read from the open file, so it is the mode of what was read.
+pub(crate) fn read_secret(path: &Path) -> std::io::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = std::fs::File::open(path)?;
+    let mode = file.metadata()?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "its mode is {mode:04o}: group or others may read or write it; \
+                 `chmod 600` it (and, were others able to read it, make a new one)"
+            ),
+        ));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    file.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Writes a secret file readable by its owner only, creating its folder with mode 0700.
 pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -867,6 +890,33 @@ mod tests {
             .mint(ALICE, &[Scope::All], Duration::from_secs(60))
             .unwrap();
         assert!(again.verify(&token, Access::Read, Some("posts")).is_ok());
+    }
+
+    #[test]
+    fn a_key_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _auth) = authority();
+        let path = dir.path().join(ROOT_KEY_FILE);
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = TokenAuthority::load_or_create(dir.path()).unwrap_err();
+            assert!(
+                matches!(&error, AuthError::KeyFile { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied),
+                "{mode:o}: {error}"
+            );
+            let message = error.to_string();
+            assert!(message.contains(&format!("{mode:04o}")), "{message}");
+            assert!(message.contains("chmod 600"), "{message}");
+        }
+        // The owner's own bits are the owner's business; 0400 is tighter still.
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(
+                TokenAuthority::load_or_create(dir.path()).is_ok(),
+                "{mode:o}"
+            );
+        }
     }
 
     #[test]

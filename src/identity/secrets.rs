@@ -50,7 +50,7 @@ impl SecretBox {
             path: path.display().to_string(),
             source,
         };
-        let key: Zeroizing<[u8; 32]> = match std::fs::read_to_string(&path) {
+        let key: Zeroizing<[u8; 32]> = match crate::auth::read_secret(&path) {
             Ok(text) => {
                 let mut key = Zeroizing::new([0u8; 32]);
                 hex::decode_to_slice(text.trim(), key.as_mut_slice())
