@@ -442,17 +442,16 @@ impl RoomAccess for StoreRoomAccess {
 }
 
 impl ChangeSink for RealtimeSink {
-    async fn resync(&mut self, position: Cursor) {
+    type ResyncError = StoreError;
+
+    async fn resync(&mut self, position: Cursor) -> Result<(), StoreError> {
         // Read after the new position was: certificate changes past it come again from the
-        // feed, and applying one twice leaves the book as once.
-        let book = match self.store.certificate_book().await {
-            Ok(book) => Some(book),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the certificates again after a resync");
-                None
-            }
-        };
+        // feed, and applying one twice leaves the book as once. Without it (the read failed)
+        // the book would miss the issues and revocations in the skipped range for good: the
+        // listener retries, and publishes nothing past `position` until this succeeds.
+        let book = self.store.certificate_book().await?;
         let _ = self.realtime.cast(RealtimeMsg::Resync { position, book });
+        Ok(())
     }
 
     async fn publish(&mut self, changes: Vec<vibe_actors::change::Change>, position: Cursor) {

@@ -777,3 +777,131 @@ async fn the_tick_keeps_its_generic_plan_setting() {
     pool.close().await;
     common::drop_database(&name).await;
 }
+
+/// What the resync test's sink saw, in order.
+#[derive(Debug, PartialEq)]
+enum SinkEvent {
+    Resync { position: Cursor, succeeded: bool },
+    Publish { changes: usize },
+}
+
+/// A sink whose first `failures` resyncs fail, as a certificate read during an outage would.
+struct FailingResyncs {
+    failures: usize,
+    events: tokio::sync::mpsc::UnboundedSender<SinkEvent>,
+}
+
+impl vibe::feed::listener::ChangeSink for FailingResyncs {
+    type ResyncError = &'static str;
+
+    async fn publish(&mut self, changes: Vec<vibe::feed::Change>, _position: Cursor) {
+        let _ = self.events.send(SinkEvent::Publish {
+            changes: changes.len(),
+        });
+    }
+
+    async fn resync(&mut self, position: Cursor) -> Result<(), &'static str> {
+        let succeeded = self.failures == 0;
+        self.failures = self.failures.saturating_sub(1);
+        let _ = self.events.send(SinkEvent::Resync {
+            position,
+            succeeded,
+        });
+        if succeeded {
+            Ok(())
+        } else {
+            Err("the certificates could not be read")
+        }
+    }
+}
+
+/// A listener that fell behind retention resyncs before it publishes anything past the new
+/// position, and a failed resync is made again at that position (it was given up once: the
+/// node then judged changes with a certificate book missing the skipped range's revocations).
+#[tokio::test]
+async fn a_failed_resync_is_retried_before_anything_past_it_is_published() {
+    use vibe::feed::listener::{FeedListener, FeedWaker, ListenerSettings};
+    let (name, pool) = migrated_pool().await;
+    let feed = Feed::new(pool.clone());
+    let start = feed.head().await.unwrap();
+    let insert = async || {
+        sqlx::query(INSERT)
+            .bind(Uuid::now_v7())
+            .execute(&pool)
+            .await
+            .unwrap();
+    };
+    for _ in 0..3 {
+        insert().await;
+    }
+    let mut cursor = start;
+    assert_eq!(drain(&feed, &mut cursor).await.len(), 3);
+    // `start` loses the tick that cuts its batch: a reader there fell behind retention.
+    sqlx::query("DELETE FROM feed_ticks WHERE tick < (SELECT max(tick) FROM feed_ticks)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    insert().await;
+
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (head, _) = tokio::sync::watch::channel(start);
+    let listener = FeedListener {
+        feed: Feed::new(pool.clone()),
+        listen_pool: pool.clone(),
+        waker: FeedWaker::default(),
+        settings: ListenerSettings {
+            poll_interval: Duration::from_millis(50),
+            min_tick_interval: Duration::ZERO,
+            tick_burst: 1,
+        },
+        position: start,
+        head,
+    };
+    let sink = FailingResyncs {
+        failures: 2,
+        events,
+    };
+    let task = tokio::spawn(listener.run(sink, async {
+        let _ = stopped.await;
+    }));
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), seen.recv())
+            .await
+            .expect("the listener goes on")
+            .expect("the listener holds the sink")
+    };
+    let first = next().await;
+    let SinkEvent::Resync {
+        position,
+        succeeded: false,
+    } = first
+    else {
+        panic!("the first thing the listener does is a (failing) resync: {first:?}");
+    };
+    assert!(position > start, "it skips ahead: {position} after {start}");
+    for succeeded in [false, true] {
+        assert_eq!(
+            next().await,
+            SinkEvent::Resync {
+                position,
+                succeeded
+            },
+            "nothing is published until a resync at the same position succeeds"
+        );
+    }
+    // Reading goes on from there: the insert after the prune (not yet ticked at the head read)
+    // and a new one arrive.
+    insert().await;
+    let mut published = 0;
+    while published < 1 {
+        match next().await {
+            SinkEvent::Publish { changes } => published += changes,
+            other => panic!("one resync is enough: {other:?}"),
+        }
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
+    pool.close().await;
+    common::drop_database(&name).await;
+}

@@ -132,10 +132,11 @@ pub enum RealtimeMsg {
     },
     /// The feed skipped ahead to `position` (changes were lost to this node): every live query
     /// reloads and resets its subscribers. The certificates issued or revoked in the skipped
-    /// changes were lost too: `book` is the book read again (None: it could not be; kept).
+    /// changes were lost too: `book` is the book read again after `position` (the feed reader
+    /// sends this only once it could read one).
     Resync {
         position: Cursor,
-        book: Option<CertificateBook>,
+        book: CertificateBook,
     },
     /// A certificate may have expired: drop expired ones and re-evaluate their subjects.
     ExpireCertificates,
@@ -289,11 +290,9 @@ impl Actor for Realtime {
             }
             RealtimeMsg::Resync { position, book } => {
                 state.position = position;
-                if let Some(book) = book {
-                    state.book = book;
-                    state.expiry_timer = None;
-                    state.schedule_expiry(&myself);
-                }
+                state.book = book;
+                state.expiry_timer = None;
+                state.schedule_expiry(&myself);
                 for t in state.types.values() {
                     let _ = t
                         .actor

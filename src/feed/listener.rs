@@ -56,9 +56,18 @@ pub trait ChangeSink: Send + 'static {
         position: Cursor,
     ) -> impl std::future::Future<Output = ()> + Send;
 
+    /// Why a [`ChangeSink::resync`] could not be made.
+    type ResyncError: std::fmt::Display + Send;
+
     /// The feed lost changes this node had not read yet (it fell behind retention): reading goes
-    /// on from `position`; everything built from the feed must reload.
-    fn resync(&mut self, position: Cursor) -> impl std::future::Future<Output = ()> + Send;
+    /// on from `position`; everything built from the feed must reload. An error (what must be
+    /// read again could not be) is retried with the same `position`, and no change past it is
+    /// published until one succeeds: state carried over the gap (which certificates are held)
+    /// would otherwise judge those changes.
+    fn resync(
+        &mut self,
+        position: Cursor,
+    ) -> impl std::future::Future<Output = Result<(), Self::ResyncError>> + Send;
 }
 
 /// The node's feed reader and what it needs.
@@ -162,7 +171,14 @@ impl FeedListener {
                     match feed.head().await {
                         Ok(new_position) => {
                             position = new_position;
-                            sink.resync(position).await;
+                            while let Err(e) = sink.resync(position).await {
+                                tracing::warn!(error = %e, ?backoff, "resync failed; retrying");
+                                tokio::select! {
+                                    () = tokio::time::sleep(backoff) => {}
+                                    () = &mut stop => return,
+                                }
+                                backoff = (backoff * 2).min(Duration::from_secs(2));
+                            }
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot read the feed head"),
                     }
