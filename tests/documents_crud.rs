@@ -238,8 +238,8 @@ async fn merge_patch_follows_rfc_7396() {
 }
 
 /// A merge patch is bounded by the body limit and so is the document it makes: patches adding a
-/// body's worth each cannot grow a document past `http.max_body_bytes` (every event and page
-/// carrying it is sized on that bound).
+/// body's worth each (to its data or its ACL) cannot grow a document past `http.max_body_bytes`
+/// (every event and page carrying it is sized on that bound).
 #[tokio::test]
 async fn a_patch_cannot_grow_a_document_past_the_body_limit() {
     let s = TestServer::start_with(&[("http.max_body_bytes", "2000")]).await;
@@ -264,6 +264,18 @@ async fn a_patch_cannot_grow_a_document_past_the_body_limit() {
     assert_eq!(
         (kept.rev, kept.data.get("b")),
         (1, None),
+        "nothing was written"
+    );
+    // The ACL counts too: its lists grow by a patch's worth each just as well.
+    let readers: Vec<String> = (0..30).map(|i| format!("did:key:zReader{i:012}")).collect();
+    let r = patch(json!({"acl": {"read": {"allow": readers}}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let kept = fetch(&s, &alice, &url).await;
+    assert_eq!(
+        (kept.rev, kept.acl.read.is_none()),
+        (1, true),
         "nothing was written"
     );
     // A patch that keeps it within the bound goes through.

@@ -141,18 +141,19 @@ pub(super) async fn patch(
         .modify(&claims.subject, doc_type, id, expected_rev, |current| {
             let mut writable = serde_json::json!({ "data": current.data, "acl": current.acl });
             json_patch::merge(&mut writable, &patch);
-            let data = writable["data"].take();
-            check_data(&data)?;
-            // The patch is bounded by the body limit, the document it makes is too: patches
-            // adding a body's worth each would otherwise grow it without end.
+            // The patch is bounded by the body limit, the document it makes is too, as one
+            // created or replaced in a body is: patches adding a body's worth each (to `data`
+            // or to the ACL's lists) would otherwise grow it without end.
             let limit = app.config.http.max_body_bytes;
-            if vibe_actors::window::json_len(&data) > limit {
+            if vibe_actors::window::json_len(&writable) > limit {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
-                    format!("the patched document's data would exceed {limit} bytes"),
+                    format!("the patched document's data and acl would exceed {limit} bytes"),
                 ));
             }
+            let data = writable["data"].take();
+            check_data(&data)?;
             if !fields.contains_key("acl") {
                 return Ok((data, None));
             }
