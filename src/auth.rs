@@ -54,6 +54,9 @@ const REGEX_COST: u64 = 200;
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_TOKEN_BLOCKS: usize = 16;
 
+/// The longest lifetime [`TokenAuthority::mint`] gives a token.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Verified tokens remembered per node (a few hundred bytes each).
 const VERIFIED_CACHE_CAPACITY: usize = 16_384;
 
@@ -70,6 +73,8 @@ pub enum AuthError {
         "invalid scope {0:?}: expected `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`"
     )]
     BadScope(String),
+    #[error("a token may live at most 100 years")]
+    TtlTooLong,
     #[error("invalid subject {0:?}: expected a DID (did:<method>:<id>)")]
     BadSubject(String),
     #[error("token could not be built: {0}")]
@@ -299,7 +304,12 @@ impl TokenAuthority {
         scopes: &[Scope],
         ttl: Duration,
     ) -> Result<String, AuthError> {
-        self.mint_until(subject, scopes, SystemTime::now() + ttl)
+        // `vibe token mint --ttl` takes any duration; configured ones are at most 100 years.
+        let expires_at = SystemTime::now()
+            .checked_add(ttl)
+            .filter(|_| ttl <= MAX_TOKEN_TTL)
+            .ok_or(AuthError::TtlTooLong)?;
+        self.mint_until(subject, scopes, expires_at)
     }
 
     /// Mints a token valid until `expires_at` (biscuit dates have one-second resolution).
@@ -890,6 +900,18 @@ mod tests {
             .mint(ALICE, &[Scope::All], Duration::from_secs(60))
             .unwrap();
         assert!(again.verify(&token, Access::Read, Some("posts")).is_ok());
+    }
+
+    #[test]
+    fn a_lifetime_past_a_century_is_refused_not_a_panic() {
+        let (_dir, auth) = authority();
+        for ttl in [Duration::MAX, MAX_TOKEN_TTL + Duration::from_secs(1)] {
+            assert!(matches!(
+                auth.mint(ALICE, &[Scope::All], ttl),
+                Err(AuthError::TtlTooLong)
+            ));
+        }
+        assert!(auth.mint(ALICE, &[Scope::All], MAX_TOKEN_TTL).is_ok());
     }
 
     #[test]

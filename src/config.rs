@@ -437,6 +437,9 @@ impl Config {
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
         }
+        if self.http.max_page_bytes < 1024 {
+            return invalid("http.max_page_bytes", "must be at least 1024");
+        }
         if self.http.max_page_size == 0 || self.http.max_page_size > 1000 {
             return invalid("http.max_page_size", "must be between 1 and 1000");
         }
@@ -459,8 +462,8 @@ impl Config {
         if self.feed.prune_interval < Duration::from_secs(1) {
             return invalid("feed.prune_interval", "must be at least 1s");
         }
-        if self.feed.max_pages_in_flight == 0 {
-            return invalid("feed.max_pages_in_flight", "must be at least 1");
+        if !(1..=65_536).contains(&self.feed.max_pages_in_flight) {
+            return invalid("feed.max_pages_in_flight", "must be between 1 and 65536");
         }
         if self.ws.max_frame_bytes < 1024 {
             return invalid("ws.max_frame_bytes", "must be at least 1024");
@@ -519,9 +522,6 @@ impl Config {
         if self.query.max_clauses == 0 {
             return invalid("query.max_clauses", "must be at least 1");
         }
-        if self.tokens.default_ttl.is_zero() {
-            return invalid("tokens.default_ttl", "must be longer than zero");
-        }
         let id = &self.identity;
         if !id.issuer.is_empty()
             && (!(id.issuer.starts_with("https://") || id.issuer.starts_with("http://"))
@@ -533,12 +533,19 @@ impl Config {
                 "must be an http(s) URL without a trailing slash, query or fragment",
             );
         }
+        // Longer than any deployment lives, and short enough that adding one to the clock
+        // cannot overflow (a token's expiry, a deadline): beyond it a sign-in would panic.
+        const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
         for (key, d) in [
+            ("database.acquire_timeout", self.database.acquire_timeout),
+            ("http.shutdown_grace", self.http.shutdown_grace),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.body_read_timeout", self.http.body_read_timeout),
+            ("ws.auth_timeout", self.ws.auth_timeout),
             ("ws.attenuation_recheck", self.ws.attenuation_recheck),
             ("ws.write_timeout", self.ws.write_timeout),
             ("query.statement_timeout", self.query.statement_timeout),
+            ("tokens.default_ttl", self.tokens.default_ttl),
             ("identity.access_token_ttl", id.access_token_ttl),
             ("identity.id_token_ttl", id.id_token_ttl),
             ("identity.refresh_token_ttl", id.refresh_token_ttl),
@@ -559,20 +566,36 @@ impl Config {
                 id.signing_key_reload_interval,
             ),
         ] {
-            if d.is_zero() {
-                return invalid(key, "must be longer than zero");
+            if d.is_zero() || d > LONGEST {
+                return invalid(key, "must be longer than zero and at most 100 years");
+            }
+        }
+        // The rest have their own lower bounds (or may be zero).
+        for (key, d) in [
+            ("feed.poll_interval", self.feed.poll_interval),
+            ("feed.min_tick_interval", self.feed.min_tick_interval),
+            ("feed.retention", self.feed.retention),
+            ("feed.prune_interval", self.feed.prune_interval),
+            ("ws.linger", self.ws.linger),
+            ("indexes.flush_interval", self.indexes.flush_interval),
+            ("indexes.prune_interval", self.indexes.prune_interval),
+            ("indexes.unused_after", self.indexes.unused_after),
+            ("indexes.shape_retention", self.indexes.shape_retention),
+            ("identity.signing_key_overlap", id.signing_key_overlap),
+            (
+                "calls.keyframe_request_interval",
+                self.calls.keyframe_request_interval,
+            ),
+            ("calls.connect_timeout", self.calls.connect_timeout),
+        ] {
+            if d > LONGEST {
+                return invalid(key, "must be at most 100 years");
             }
         }
         if id.code_ttl > Duration::from_secs(600) {
             return invalid(
                 "identity.code_ttl",
                 "must be at most 10 minutes (RFC 6749 §4.1.2)",
-            );
-        }
-        if id.refresh_token_absolute_ttl > Duration::from_secs(100 * 365 * 86_400) {
-            return invalid(
-                "identity.refresh_token_absolute_ttl",
-                "must be at most 100 years",
             );
         }
         if id.login_attempts_per_minute == 0 || id.login_attempts_per_minute_per_address == 0 {
@@ -753,9 +776,34 @@ mod tests {
             ("query.max_window_bytes", 0),
             ("query.max_live_bytes", 1),
             ("http.max_page_size", 1001),
+            ("http.max_page_bytes", 0),
+            ("feed.max_pages_in_flight", 1_i64 << 40),
         ] {
             let err = refusal(key, value);
             assert!(err.contains(key), "{err}");
+        }
+    }
+
+    /// Durations that would fail every request (0s) or overflow the clock when added to it (a
+    /// sign-in's token expiry panicked at `400000000000years`) are refused at start.
+    #[test]
+    fn durations_are_longer_than_zero_and_at_most_a_century() {
+        for key in [
+            "database.acquire_timeout",
+            "ws.auth_timeout",
+            "tokens.default_ttl",
+            "identity.session_token_ttl",
+            "identity.access_token_ttl",
+        ] {
+            for value in ["0s", "400000000000years", "101years"] {
+                let err = refusal(key, value);
+                assert!(err.contains(key), "{key} = {value}: {err}");
+            }
+            assert!(with(key, "2h").is_ok(), "{key}");
+        }
+        for key in ["feed.retention", "indexes.unused_after", "ws.linger"] {
+            let err = refusal(key, "101years");
+            assert!(err.contains(key), "{key}: {err}");
         }
     }
 

@@ -33,11 +33,16 @@ const MATCH_BUCKETS: &[f64] = &[
 /// most 1000).
 const BATCH_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
 
-/// Installs the global log subscriber. `RUST_LOG` overrides the configured level.
+/// Installs the global log subscriber, writing to standard error. `RUST_LOG` overrides the
+/// configured level.
 pub fn init_logging(config: &LogConfig) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Standard error, as PostgreSQL and most daemons log: standard output is a command's answer
+    // (`vibe token mint` prints the token there, for `TOKEN=$(vibe token mint …)`).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Json => builder.json().try_init(),

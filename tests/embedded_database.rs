@@ -27,12 +27,13 @@ fn vibe(data_dir: &Path) -> Command {
 fn serve(data_dir: &Path) -> (Child, String) {
     let mut child = vibe(data_dir)
         .arg("serve")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
+    // The log goes to standard error.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
     let base = loop {
         let line = lines
             .next()
@@ -196,4 +197,31 @@ fn invalid_config_fails_at_start_naming_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("http.default_page_size"), "{err}");
+}
+
+/// `vibe token mint` on a new data dir creates the root key and prints the token alone on
+/// standard output, so `TOKEN=$(vibe token mint …)` (the README's first request) holds a token:
+/// the log line about the new key goes to standard error.
+#[test]
+fn a_first_token_mint_prints_only_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vibe(dir.path())
+        .env("VIBE_LOG__FORMAT", "text")
+        .args(["token", "mint", "--sub", "did:key:zAlice", "--scope", "*"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "only the token: {stdout:?}");
+    assert!(
+        lines[0].len() > 100 && !lines[0].contains(' '),
+        "a token: {stdout:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("created token root key"), "{stderr}");
 }
