@@ -314,7 +314,7 @@ async fn every_route_rejects_bad_input_and_changes_nothing() {
             "bad_if_match",
         )
         .token(&alice)
-        .header("if-match", "W/\"x\"")
+        .header("if-match", "\"x\"")
         .json(r#"{"data": {}}"#),
         case(
             "if-match quoted twice",

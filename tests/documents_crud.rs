@@ -143,6 +143,31 @@ async fn replace_with_if_match() {
     assert_eq!(put(Some("*"), 5).await.unwrap().status(), StatusCode::OK);
     let now = fetch(&s, &alice, &url).await;
     assert_eq!((now.rev, &now.data), (4, &json!({"v": 5})));
+
+    // RFC 9110 §13.1.1: a list matches if any of its tags does; a weak tag never matches (a
+    // proxy that compresses responses weakens the ETag it passes on).
+    let r = put(Some("W/\"4\""), 6).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    let r = put(Some("\"9\", W/\"4\""), 6).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    let r = put(Some("\"9\", \"4\""), 6).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = put(Some("\"5\", *"), 7).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "`*` stands alone");
+    let now = fetch(&s, &alice, &url).await;
+    assert_eq!((now.rev, &now.data), (5, &json!({"v": 6})));
+
+    // The Authorization scheme is case-insensitive (RFC 9110 §11.1).
+    for scheme in ["bearer", "BEARER"] {
+        let r = s
+            .client
+            .get(&url)
+            .header("authorization", format!("{scheme} {alice}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
     s.finish().await;
 }
 

@@ -76,15 +76,19 @@ pub(super) async fn replace(
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
-    let expected_rev = if_match(&req)?;
+    let expected_revs = if_match(&req)?;
     let token_reads = check_scope(app, &claims, req.headers(), Access::Read, doc_type).is_ok();
     let body: ReplaceDocument = read_json(app, req, JSON).await?;
     check_data(&body.data)?;
     let doc = app
         .store
-        .modify(&claims.subject, doc_type, id, expected_rev, |_| {
-            Ok::<_, ApiError>((body.data, body.acl))
-        })
+        .modify(
+            &claims.subject,
+            doc_type,
+            id,
+            expected_revs.as_deref(),
+            |_| Ok::<_, ApiError>((body.data, body.acl)),
+        )
         .await??;
     let readable = token_reads && app.store.may_read_written(&claims.subject, &doc).await;
     Ok(written_response(
@@ -103,7 +107,7 @@ pub(super) async fn patch(
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
-    let expected_rev = if_match(&req)?;
+    let expected_revs = if_match(&req)?;
     let token_reads = check_scope(app, &claims, req.headers(), Access::Read, doc_type).is_ok();
     let patch: serde_json::Value = read_json(app, req, MERGE_PATCH).await?;
     let Some(fields) = patch.as_object() else {
@@ -138,34 +142,40 @@ pub(super) async fn patch(
     }
     let doc = app
         .store
-        .modify(&claims.subject, doc_type, id, expected_rev, |current| {
-            let mut writable = serde_json::json!({ "data": current.data, "acl": current.acl });
-            json_patch::merge(&mut writable, &patch);
-            // The patch is bounded by the body limit, the document it makes is too, as one
-            // created or replaced in a body is: patches adding a body's worth each (to `data`
-            // or to the ACL's lists) would otherwise grow it without end.
-            let limit = app.config.http.max_body_bytes;
-            if vibe_actors::window::json_len(&writable) > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the patched document's data and acl would exceed {limit} bytes"),
-                ));
-            }
-            let data = writable["data"].take();
-            check_data(&data)?;
-            if !fields.contains_key("acl") {
-                return Ok((data, None));
-            }
-            // A patch that removes `acl` (sets it to null) restores the default, owner-only ACL.
-            let acl = match writable["acl"].take() {
-                serde_json::Value::Null => serde_json::json!({}),
-                acl => acl,
-            };
-            let acl = serde_json::from_value(acl)
-                .map_err(|e| ApiError::bad_request("invalid_body", format!("acl: {e}")))?;
-            Ok::<_, ApiError>((data, Some(acl)))
-        })
+        .modify(
+            &claims.subject,
+            doc_type,
+            id,
+            expected_revs.as_deref(),
+            |current| {
+                let mut writable = serde_json::json!({ "data": current.data, "acl": current.acl });
+                json_patch::merge(&mut writable, &patch);
+                // The patch is bounded by the body limit, the document it makes is too, as one
+                // created or replaced in a body is: patches adding a body's worth each (to `data`
+                // or to the ACL's lists) would otherwise grow it without end.
+                let limit = app.config.http.max_body_bytes;
+                if vibe_actors::window::json_len(&writable) > limit {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the patched document's data and acl would exceed {limit} bytes"),
+                    ));
+                }
+                let data = writable["data"].take();
+                check_data(&data)?;
+                if !fields.contains_key("acl") {
+                    return Ok((data, None));
+                }
+                // A patch that removes `acl` (sets it to null) restores the default, owner-only ACL.
+                let acl = match writable["acl"].take() {
+                    serde_json::Value::Null => serde_json::json!({}),
+                    acl => acl,
+                };
+                let acl = serde_json::from_value(acl)
+                    .map_err(|e| ApiError::bad_request("invalid_body", format!("acl: {e}")))?;
+                Ok::<_, ApiError>((data, Some(acl)))
+            },
+        )
         .await??;
     let readable = token_reads && app.store.may_read_written(&claims.subject, &doc).await;
     Ok(written_response(
@@ -183,9 +193,9 @@ pub(super) async fn delete(
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Write, doc_type)?;
     let id = parse_id(id)?;
-    let expected_rev = if_match(&req)?;
+    let expected_revs = if_match(&req)?;
     app.store
-        .delete(&claims.subject, doc_type, id, expected_rev)
+        .delete(&claims.subject, doc_type, id, expected_revs.as_deref())
         .await?;
     let mut response = HttpResponse::new(Default::default());
     *response.status_mut() = StatusCode::NO_CONTENT;
@@ -292,27 +302,51 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(id).map_err(|_| ApiError::bad_request("invalid_id", "a document id is a UUID"))
 }
 
-/// `If-Match: "<rev>"` (quotes optional); `*` or no header means any revision.
-fn if_match(req: &Request<Incoming>) -> Result<Option<i64>, ApiError> {
-    let Some(value) = req.headers().get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = value.to_str().unwrap_or("").trim();
-    if text == "*" {
+/// `If-Match` (RFC 9110 §13.1.1): absent or `*`, any revision (None); else the revisions it
+/// lists, one of which must be the current one. A revision is an entity tag (`"3"`) or bare
+/// (`3`). A weak tag (`W/"3"`, as a proxy that compresses responses hands out) never matches
+/// under If-Match's strong comparison: it is kept out of the list, so a header of weak tags
+/// alone answers 412 once the caller's access is checked. Anything else is 400.
+fn if_match(req: &Request<Incoming>) -> Result<Option<Vec<i64>>, ApiError> {
+    let bad = || ApiError::bad_request("bad_if_match", "If-Match takes a revision, e.g. \"3\"");
+    let mut values = req.headers().get_all(header::IF_MATCH).iter().peekable();
+    if values.peek().is_none() {
         return Ok(None);
     }
-    // A revision as an entity tag (`"3"`) or bare (`3`); nothing else passes for one.
-    let rev = text
-        .strip_prefix('"')
-        .and_then(|t| t.strip_suffix('"'))
-        .unwrap_or(text);
-    rev.parse::<i64>()
-        .ok()
-        .filter(|_| rev.bytes().all(|b| b.is_ascii_digit()))
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::bad_request("bad_if_match", "If-Match takes a revision, e.g. \"3\"")
-        })
+    let mut revs = Vec::new();
+    let mut any = false;
+    let mut tags = 0usize;
+    for value in values {
+        for tag in value.to_str().map_err(|_| bad())?.split(',') {
+            let tag = tag.trim();
+            if tag.is_empty() {
+                continue;
+            }
+            tags += 1;
+            if tag == "*" {
+                any = true;
+            } else if let Some(opaque) = tag.strip_prefix("W/") {
+                if !(opaque.len() >= 2 && opaque.starts_with('"') && opaque.ends_with('"')) {
+                    return Err(bad());
+                }
+            } else {
+                let rev = tag
+                    .strip_prefix('"')
+                    .and_then(|t| t.strip_suffix('"'))
+                    .unwrap_or(tag);
+                if rev.is_empty() || !rev.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                revs.push(rev.parse::<i64>().map_err(|_| bad())?);
+            }
+        }
+    }
+    // `*` stands alone (it is not an entity tag to list with others).
+    match (any, tags) {
+        (true, 1) => Ok(None),
+        (true, _) | (false, 0) => Err(bad()),
+        (false, _) => Ok(Some(revs)),
+    }
 }
 
 fn encode_cursor(c: ListCursor) -> String {

@@ -615,9 +615,7 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .and_then(bearer_credentials)
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -626,6 +624,15 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
             )
         })?;
     Ok(token)
+}
+
+/// The token of an `Authorization` value `Bearer <token>`: the scheme compares without regard
+/// to case (RFC 9110 §11.1; `bearer` and `BEARER` are `Bearer`), and the token is what follows
+/// it, trimmed; None for another scheme or an empty token.
+pub(crate) fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Reads a JSON body of one of the `content_types`, bounded by the configured size.

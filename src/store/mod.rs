@@ -412,18 +412,18 @@ impl Store {
         Ok(doc)
     }
 
-    /// Rewrites a document under its row lock: checks write access and `expected_rev`, then asks
+    /// Rewrites a document under its row lock: checks write access and `expected_revs`, then asks
     /// `change` for the new data and, if the request writes it, the new ACL (None keeps it).
     pub async fn modify<E>(
         &self,
         caller: &str,
         doc_type: &str,
         id: Uuid,
-        expected_rev: Option<i64>,
+        expected_revs: Option<&[i64]>,
         change: impl FnOnce(&Document) -> Result<(serde_json::Value, Option<Acl>), E>,
     ) -> Result<Result<Document, E>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current = lock(&mut tx, caller, doc_type, id, expected_rev).await?;
+        let current = lock(&mut tx, caller, doc_type, id, expected_revs).await?;
         let (data, acl) = match change(&current) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
@@ -456,10 +456,10 @@ impl Store {
         caller: &str,
         doc_type: &str,
         id: Uuid,
-        expected_rev: Option<i64>,
+        expected_revs: Option<&[i64]>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        lock(&mut tx, caller, doc_type, id, expected_rev).await?;
+        lock(&mut tx, caller, doc_type, id, expected_revs).await?;
         sqlx::query("DELETE FROM documents WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -657,13 +657,14 @@ impl Store {
     }
 }
 
-/// Locks the row and checks that `caller` may write it at `expected_rev`.
+/// Locks the row and checks that `caller` may write it at one of `expected_revs` (None: at any
+/// revision; an empty list matches none).
 async fn lock(
     tx: &mut sqlx::PgConnection,
     caller: &str,
     doc_type: &str,
     id: Uuid,
-    expected_rev: Option<i64>,
+    expected_revs: Option<&[i64]>,
 ) -> Result<Document, StoreError> {
     let row = sqlx::query(concat!(
         "SELECT ",
@@ -680,8 +681,8 @@ async fn lock(
     if !allowed_in(tx, Operation::Write, caller, &doc.owner, &doc.acl, true).await? {
         return Err(StoreError::Forbidden);
     }
-    if let Some(expected) = expected_rev
-        && expected != doc.rev
+    if let Some(expected) = expected_revs
+        && !expected.contains(&doc.rev)
     {
         return Err(StoreError::RevMismatch { current: doc.rev });
     }

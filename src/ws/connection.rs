@@ -721,18 +721,25 @@ impl Session {
         let doc = match id {
             Some(id) => {
                 let replaced = store
-                    .modify(&caller, &args.doc_type, id, args.rev, |current| {
-                        // Only the owner (who may read the document) may repeat its parent: a
-                        // writer who cannot read it must not learn it by trying candidates.
-                        if parent.is_some() && (current.owner != caller || parent != current.parent)
-                        {
-                            return Err(Failure(
-                                "read_only_field",
-                                "a document's `parent` is set when it is created".into(),
-                            ));
-                        }
-                        Ok((data.clone(), acl.clone()))
-                    })
+                    .modify(
+                        &caller,
+                        &args.doc_type,
+                        id,
+                        args.rev.as_ref().map(std::slice::from_ref),
+                        |current| {
+                            // Only the owner (who may read the document) may repeat its parent: a
+                            // writer who cannot read it must not learn it by trying candidates.
+                            if parent.is_some()
+                                && (current.owner != caller || parent != current.parent)
+                            {
+                                return Err(Failure(
+                                    "read_only_field",
+                                    "a document's `parent` is set when it is created".into(),
+                                ));
+                            }
+                            Ok((data.clone(), acl.clone()))
+                        },
+                    )
                     .await;
                 match replaced {
                     Ok(result) => result?,
@@ -777,7 +784,12 @@ impl Session {
         let caller = self.permit(Access::Write, &args.doc_type)?;
         self.app
             .store
-            .delete(&caller, &args.doc_type, args.doc_id, args.rev)
+            .delete(
+                &caller,
+                &args.doc_type,
+                args.doc_id,
+                args.rev.as_ref().map(std::slice::from_ref),
+            )
             .await?;
         Ok(Some(json!({})))
     }

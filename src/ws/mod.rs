@@ -105,8 +105,8 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
             req.headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| t.trim().to_owned())
+                .and_then(crate::http::bearer_credentials)
+                .map(str::to_owned)
         });
     let config = &app.config.ws;
     let limit = QueueLimit {
