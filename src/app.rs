@@ -33,7 +33,7 @@ pub struct App {
     pub feed_head: watch::Receiver<Cursor>,
     pub(crate) router: matchit::Router<crate::http::Route>,
     next_connection: AtomicU64,
-    shutdown: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
     /// One permit held by each open WebSocket, so shutdown can wait for them to close.
     open_sockets: Arc<Semaphore>,
 }
@@ -53,7 +53,8 @@ pub struct AppParts {
     pub realtime: ActorRef<RealtimeMsg>,
     pub calls: ActorRef<CallsMsg>,
     pub feed_head: watch::Receiver<Cursor>,
-    pub shutdown: watch::Receiver<bool>,
+    /// Turns true when the node begins shutting down.
+    pub draining: watch::Receiver<bool>,
 }
 
 impl App {
@@ -71,7 +72,7 @@ impl App {
             feed_head: parts.feed_head,
             router: crate::http::router(),
             next_connection: AtomicU64::new(1),
-            shutdown: parts.shutdown,
+            draining: parts.draining,
             open_sockets: Arc::new(Semaphore::new(SOCKET_PERMITS as usize)),
         }
     }
@@ -91,9 +92,10 @@ impl App {
         let _ = self.open_sockets.acquire_many(SOCKET_PERMITS).await;
     }
 
-    /// Changes to true when the node begins shutting down.
+    /// Changes to true when the node begins shutting down: what holds a client waiting
+    /// (a WebSocket, a long-poll) answers it then.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.clone()
+        self.draining.clone()
     }
 
     /// Whether `cursor` is past the feed's head: it was never issued (a reader resuming from it

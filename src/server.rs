@@ -129,7 +129,11 @@ pub struct RunningServer {
     app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<()>,
-    /// Tells WebSockets and background tasks the node is stopping.
+    /// Tells what holds a client waiting (WebSockets, long-polls) that the node is stopping:
+    /// sent first, so they answer at once instead of running out the grace period.
+    draining: watch::Sender<bool>,
+    /// Tells background tasks (the feed reader, pruning, governance) to stop: sent once no
+    /// request is left that may need them.
     shutting_down: watch::Sender<bool>,
     background: Vec<JoinHandle<()>>,
     realtime: JoinHandle<()>,
@@ -148,11 +152,14 @@ impl RunningServer {
 
     /// Resolves when the accept loop has ended (after [`RunningServer::shutdown`] began).
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        // WebSockets close with 1001 and long-polls answer with what they have while the
+        // listener stops and in-flight requests finish: nothing waits for the grace period to
+        // run out, and the client of a long-poll gets its cursor rather than a reset.
+        let _ = self.draining.send(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let _ = (&mut self.serving).await;
-        let _ = self.shutting_down.send(true);
         // WebSockets answer the signal with a 1001 close; give them the grace period to do so.
         let grace = self.app.config.http.shutdown_grace;
         if tokio::time::timeout(grace, self.app.sockets_closed())
@@ -161,6 +168,7 @@ impl RunningServer {
         {
             tracing::warn!(?grace, "WebSockets still open after the grace period");
         }
+        let _ = self.shutting_down.send(true);
         for task in self.background.drain(..) {
             let _ = task.await;
         }
@@ -225,6 +233,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     let position = feed.head().await?;
     let (head_tx, feed_head) = watch::channel(position);
     let (shutting_down, shutdown) = watch::channel(false);
+    let (draining, draining_signal) = watch::channel(false);
     let realtime_config = RealtimeConfig {
         source: Arc::new(crate::feed::LiveSnapshots {
             store: store.clone(),
@@ -316,7 +325,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
             realtime,
             calls,
             feed_head,
-            shutdown,
+            draining: draining_signal,
         },
     ));
     background.push(tokio::spawn({
@@ -338,6 +347,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         app,
         stop: Some(stop),
         serving,
+        draining,
         shutting_down,
         background,
         realtime: realtime_task,

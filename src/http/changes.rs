@@ -144,6 +144,8 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
     };
     let deadline = tokio::time::Instant::now() + wait;
     let mut head = app.feed_head.clone();
+    let mut draining = app.shutdown_signal();
+    let mut head_alive = true;
     loop {
         // Marked seen before reading, so a move during the read wakes the wait below.
         head.borrow_and_update();
@@ -194,7 +196,9 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
                 })
             })
             .collect();
-        if !entries.is_empty() || tokio::time::Instant::now() >= deadline {
+        // A node shutting down answers a long-poll with what it has (its cursor goes on
+        // elsewhere) rather than holding it until the connection is cut.
+        if !entries.is_empty() || tokio::time::Instant::now() >= deadline || *draining.borrow() {
             return Ok(json(
                 StatusCode::OK,
                 &Body {
@@ -207,13 +211,30 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         if full {
             continue;
         }
-        // Nothing (visible) yet: wait for this node's feed reader to move, or the deadline (also
-        // when the reader is gone: then only the deadline remains).
-        match tokio::time::timeout_at(deadline, head.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => tokio::time::sleep_until(deadline).await,
-            Err(_) => {}
+        // Nothing (visible) yet: wait for this node's feed reader to move, the deadline (also
+        // when the reader is gone: then only the deadline remains) or the node's shutdown.
+        let _parked = Parked::new();
+        tokio::select! {
+            moved = head.changed(), if head_alive => head_alive = moved.is_ok(),
+            () = tokio::time::sleep_until(deadline) => {}
+            _ = draining.wait_for(|stopping| *stopping) => {}
         }
+    }
+}
+
+/// Counts a long-poll in `vibe_changes_waiting` while it waits for the feed.
+struct Parked;
+
+impl Parked {
+    fn new() -> Self {
+        metrics::gauge!("vibe_changes_waiting").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        metrics::gauge!("vibe_changes_waiting").decrement(1.0);
     }
 }
 
