@@ -205,7 +205,12 @@ impl Claims {
                 _ => return false,
             };
             match selector {
-                TypeSelector::Any => true,
+                // Writing a reserved type is the server acting for the subject (issuing a
+                // certificate is signing a statement with their key): an app given `write:*`
+                // for the user's documents gets it only by naming the type.
+                TypeSelector::Any => {
+                    access != Access::Write || !vibe_actors::doc_type::is_reserved(doc_type)
+                }
                 TypeSelector::Type(t) => t == doc_type,
             }
         })
@@ -954,6 +959,18 @@ mod tests {
         assert!(claims.permits(Access::Read, "posts"));
         assert!(!claims.permits(Access::Read, "notes"));
         assert!(claims.permits(Access::Write, "notes"));
+        // `write:*` stops short of the server's own types: those are named to be granted.
+        assert!(!claims.permits(Access::Write, "vibe.certificate"));
+        let named = Claims {
+            scopes: vec!["write:vibe.certificate".parse().unwrap()],
+            ..(*claims).clone()
+        };
+        assert!(named.permits(Access::Write, "vibe.certificate"));
+        let all = Claims {
+            scopes: vec![Scope::All],
+            ..(*claims).clone()
+        };
+        assert!(all.permits(Access::Write, "vibe.certificate"));
     }
 
     #[test]

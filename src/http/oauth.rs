@@ -1735,6 +1735,9 @@ fn describe_scope(scope: &str) -> String {
         s => match s.split_once(':') {
             Some(("read", "*")) => "read your documents of every type".to_owned(),
             Some(("write", "*")) => "create and change your documents of every type".to_owned(),
+            Some(("write", "vibe.certificate")) => {
+                "issue and revoke certificates in your name (who may see what you share)".to_owned()
+            }
             Some(("read", t)) => format!("read your “{t}” documents"),
             Some(("write", t)) => format!("create and change your “{t}” documents"),
             _ => s.to_owned(),
