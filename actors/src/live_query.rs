@@ -55,6 +55,27 @@ pub struct Snapshot {
     pub settled: Cursor,
 }
 
+impl Snapshot {
+    /// For a shared query, the documents its caller may read under `book` — the node's clock —
+    /// and not only under the database's: a certificate the node dropped as expired still
+    /// counts in the load's SQL while the database's clock is behind, and no later change
+    /// would judge those documents again. A load that knew of more documents than the limit
+    /// and lost one here no longer knows what follows its last: it is marked incomplete.
+    fn admitted(mut self, spec: &QuerySpec, book: &CertificateBook) -> Self {
+        let Scope::Shared(caller) = &spec.scope else {
+            return self;
+        };
+        let loaded = self.docs.len();
+        let held = book.view(caller);
+        self.docs
+            .retain(|d| d.acl.allows(Operation::Read, Some(caller), &d.owner, &held));
+        if self.docs.len() < loaded && loaded > spec.limit as usize {
+            self.cut = true;
+        }
+        self
+    }
+}
+
 /// Where live queries load their windows from (the server's store implements it).
 pub trait SnapshotSource: Send + Sync + std::fmt::Debug + 'static {
     /// The query's documents, stopping once they hold more than `budget` bytes as
@@ -448,7 +469,8 @@ impl LiveQueryState {
             .source
             .load(args.spec.clone(), args.window_bytes)
             .await
-            .map_err(LiveQueryError::Load)?;
+            .map_err(LiveQueryError::Load)?
+            .admitted(&args.spec, &args.book);
         let args = *args;
         let mut state = Box::new(LiveQueryState {
             sub_id: args.sub_id,
@@ -517,9 +539,10 @@ impl LiveQueryState {
                 let spec = self.window.spec().clone();
                 let snapshot = self
                     .source
-                    .load(spec, self.window.budget())
+                    .load(spec.clone(), self.window.budget())
                     .await
-                    .map_err(LiveQueryError::Load)?;
+                    .map_err(LiveQueryError::Load)?
+                    .admitted(&spec, &self.book);
                 self.window = self.window.reload(snapshot.docs, snapshot.cut);
                 self.snapshot = snapshot.view;
                 self.position = position;
@@ -620,9 +643,10 @@ impl LiveQueryState {
         let spec = self.window.spec().clone();
         let snapshot = self
             .source
-            .load(spec, self.window.budget())
+            .load(spec.clone(), self.window.budget())
             .await
-            .map_err(LiveQueryError::Load)?;
+            .map_err(LiveQueryError::Load)?
+            .admitted(&spec, &self.book);
         let old: Vec<Document> = self.window.docs().to_vec();
         self.window = self.window.reload(snapshot.docs, snapshot.cut);
         self.snapshot = snapshot.view;
@@ -682,7 +706,8 @@ impl LiveQueryState {
                 .source
                 .load(self.window.spec().clone(), self.window.budget())
                 .await
-                .map_err(LiveQueryError::Load)?;
+                .map_err(LiveQueryError::Load)?
+                .admitted(self.window.spec(), &self.book);
             self.snapshot = snapshot.view;
             // Changes this load absorbed produce no events: resumes from before it are not exact.
             self.replay_from = self.replay_from.max(snapshot.settled);

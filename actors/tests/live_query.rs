@@ -500,6 +500,50 @@ async fn a_shared_reload_resets_a_subscriber_resumed_from_further_ahead() {
     actor.stop();
 }
 
+/// A shared window holds what its caller may read by the node's certificates, not only by the
+/// load's SQL: when the node drops a certificate as expired while the database's clock is behind
+/// its own, the reload still returns the documents that certificate admitted — they must leave,
+/// as nothing later judges them again. The source here is that database: it counts Bob's
+/// `friend-of` certificate throughout.
+#[tokio::test]
+async fn a_shared_load_keeps_only_what_the_nodes_certificates_admit() {
+    let friends_only = doc(
+        1,
+        json!({"read": {"allow": [[{"issuer": OWNER, "type": "friend-of"}]]}}),
+    );
+    let query = json!({"type": "posts", "shared": true});
+    let actor = start(query, BOB, vec![friends_only.clone()], Cursor::new(2, 0)).await;
+    let mut rx = subscribe(&actor, 1, BOB, None, Cursor::new(2, 0)).await;
+    assert_eq!(
+        next(&mut rx)["docs"],
+        json!([]),
+        "the node's book holds no certificate of Bob's yet"
+    );
+    actor
+        .cast(credentials(BOB, &["friend-of"], Cursor::new(2, 1)))
+        .unwrap();
+    // Handled once a later subscription is answered (one mailbox, in order).
+    let _handled = subscribe(&actor, 2, BOB, None, Cursor::new(2, 0)).await;
+    let added = next(&mut rx);
+    assert_eq!(
+        (added["event"].as_str(), &added["doc"]["id"]),
+        (Some("add"), &json!(friends_only.id)),
+        "{added}"
+    );
+    // The node's clock passed the certificate's expiry; the database's has not.
+    actor
+        .cast(credentials(BOB, &[], Cursor::new(2, 2)))
+        .unwrap();
+    let _handled = subscribe(&actor, 3, BOB, None, Cursor::new(2, 0)).await;
+    let removed = next(&mut rx);
+    assert_eq!(
+        (removed["event"].as_str(), &removed["id"]),
+        (Some("remove"), &json!(friends_only.id)),
+        "{removed}"
+    );
+    actor.stop();
+}
+
 /// Once the connection closes a subscription's gate (`unsub`, a lost permission), nothing more
 /// of the live query reaches its queue: what it sent before stays ahead of the connection's own
 /// next frame (the reply), and nothing comes after, however late the query learns of the end.
