@@ -252,6 +252,7 @@ pub struct IdentityConfig {
     pub login_attempts_per_minute_per_address: u32,
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
+    pub max_certificates_per_issuer: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -600,6 +601,9 @@ impl Config {
         }
         if id.login_attempts_per_minute == 0 || id.login_attempts_per_minute_per_address == 0 {
             return invalid("identity.login_attempts_per_minute", "must be at least 1");
+        }
+        if id.max_certificates_per_issuer == 0 {
+            return invalid("identity.max_certificates_per_issuer", "must be at least 1");
         }
         if id.argon2_memory_kib < 8 || id.argon2_iterations == 0 {
             return invalid(

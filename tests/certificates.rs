@@ -293,3 +293,48 @@ async fn acls_reach_their_owner_only() {
     own.close().await;
     s.finish().await;
 }
+
+/// One account's unexpired certificates are bounded (`identity.max_certificates_per_issuer`):
+/// past it an issue answers 409 `too_many_certificates`; revoking one, or one expiring, makes
+/// room. Others' certificates do not count against it.
+#[tokio::test]
+async fn an_issuer_has_at_most_the_configured_number_of_unexpired_certificates() {
+    let s = TestServer::start_with(&[("identity.max_certificates_per_issuer", "2")]).await;
+    let alice_did = sign_up(&s, "alice").await;
+    let bob_did = sign_up(&s, "bob").await;
+    let alice = first_party_token(&s, "alice").await;
+    let bob = first_party_token(&s, "bob").await;
+    let issue = async |token: &str, subject: &str, cert_type: &str, expires_at: Option<String>| {
+        let mut body = json!({"subject": subject, "type": cert_type});
+        if let Some(at) = expires_at {
+            body["expires_at"] = json!(at);
+        }
+        s.issue_certificate(token, body).await
+    };
+    // One that expires in a moment, one for good: the limit is reached.
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339();
+    let (status, expiring) = issue(&alice, &bob_did, "guest-of", Some(soon)).await;
+    assert_eq!(status, 201, "{expiring}");
+    let (status, kept) = issue(&alice, &bob_did, "friend-of", None).await;
+    assert_eq!(status, 201, "{kept}");
+    let (status, refused) = issue(&alice, &bob_did, "member-of", None).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (409, Some("too_many_certificates")),
+        "{refused}"
+    );
+    // Bob's own certificates are his account's, not Alice's.
+    let (status, answer) = issue(&bob, &alice_did, "friend-of", None).await;
+    assert_eq!(status, 201, "{answer}");
+    // A revocation makes room.
+    assert_eq!(revoke(&s, &alice, kept["id"].as_str().unwrap()).await, 204);
+    let (status, answer) = issue(&alice, &bob_did, "member-of", None).await;
+    assert_eq!(status, 201, "{answer}");
+    // So does an expiry.
+    common::until("the short certificate expired", || async {
+        let (status, _) = issue(&alice, &bob_did, "colleague-of", None).await;
+        status == 201
+    })
+    .await;
+    s.finish().await;
+}

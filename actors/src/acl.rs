@@ -140,16 +140,22 @@ impl Acl {
         })
     }
 
-    /// Does evaluating `op` depend on a certificate of `cert_type` from `issuer`?
-    pub fn tests_certificate(&self, op: Operation, issuer: &str, cert_type: &str) -> bool {
-        self.rule(op).is_some_and(|r| {
-            r.allow.iter().chain(&r.deny).any(|e| match e {
-                Entry::AllOf(ps) => ps
-                    .iter()
-                    .any(|p| p.issuer == issuer && p.cert_type == cert_type),
-                _ => false,
+    /// The certificates (issuer, type) evaluating `op` tests, each once.
+    pub fn tested_certificates(&self, op: Operation) -> Vec<(&str, &str)> {
+        let mut pairs: Vec<(&str, &str)> = self
+            .rule(op)
+            .into_iter()
+            .flat_map(|r| r.allow.iter().chain(&r.deny))
+            .filter_map(|e| match e {
+                Entry::AllOf(ps) => Some(ps),
+                _ => None,
             })
-        })
+            .flatten()
+            .map(|p| (p.issuer.as_str(), p.cert_type.as_str()))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        pairs
     }
 
     /// Is the document readable by everyone (it belongs in the global index)?
@@ -288,8 +294,11 @@ mod tests {
         assert_eq!(serde_json::to_value(&a).unwrap(), v);
         assert!(a.uses_certificates(Operation::Read));
         assert!(!a.uses_certificates(Operation::Write));
-        assert!(a.tests_certificate(Operation::Read, BOB, "member-of"));
-        assert!(!a.tests_certificate(Operation::Read, BOB, "friend-of"));
+        assert_eq!(
+            a.tested_certificates(Operation::Read),
+            [(BOB, "member-of"), (OWNER, "friend-of")]
+        );
+        assert_eq!(a.tested_certificates(Operation::Write), []);
         let one = HeldCertificates(vec![(OWNER.into(), "friend-of".into())]);
         let both = HeldCertificates(vec![
             (OWNER.into(), "friend-of".into()),

@@ -75,6 +75,20 @@ pub(super) async fn issue(app: &App, req: Request<Incoming>) -> Result<HttpRespo
             "expires_at is in the past",
         ));
     }
+    // Checked before signing, not under a lock: concurrent issues may pass it together, which
+    // only overshoots by what is in flight; what it bounds is one account's share of every
+    // node's certificate book.
+    let limit = app.config.identity.max_certificates_per_issuer;
+    if app.store.certificates_issued(issuer).await? >= i64::from(limit) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_certificates",
+            format!(
+                "this account has {limit} unexpired certificates issued; revoke some first \
+                 (identity.max_certificates_per_issuer)"
+            ),
+        ));
+    }
     let id = Uuid::now_v7();
     let issued_at = timestamp(now);
     let expires_at = body.expires_at.map(timestamp);

@@ -322,7 +322,7 @@ impl Store {
     /// The certificates `caller` holds now, as `(issuer, type)`, for ACL predicates.
     pub async fn credentials(&self, caller: &str) -> Result<HeldCertificates, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        credentials_in(&mut conn, caller, false).await
+        credentials_in(&mut conn, caller).await
     }
 
     /// Every valid certificate, for the realtime tree's book (read after the feed head is
@@ -340,6 +340,18 @@ impl Store {
             .iter()
             .filter_map(|(id, owner, data)| Certificate::from_document(*id, owner, data));
         Ok(CertificateBook::new(certificates, Utc::now()))
+    }
+
+    /// How many unexpired certificates `issuer` has issued.
+    pub async fn certificates_issued(&self, issuer: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM documents WHERE type = 'vibe.certificate' AND owner_did = $1 \
+             AND (data ->> 'expires_at' IS NULL \
+                  OR (data ->> 'expires_at')::timestamptz > statement_timestamp())",
+        )
+        .bind(issuer)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Certificates `caller` issued (`issued`) or received, newest first (at most 1000).
@@ -702,7 +714,11 @@ async fn allowed_in(
     lock_certificates: bool,
 ) -> Result<bool, StoreError> {
     if caller != owner && acl.uses_certificates(op) {
-        let held = credentials_in(conn, caller, lock_certificates).await?;
+        // Only the certificates the rule tests: what others issued to the caller is not theirs
+        // to bound, and reading (and locking) all of it on every write would let anyone make
+        // the caller's writes slow by issuing certificates to them.
+        let tested = acl.tested_certificates(op);
+        let held = tested_credentials_in(conn, caller, &tested, lock_certificates).await?;
         return Ok(acl.allows(op, Some(caller), owner, &held));
     }
     Ok(acl.allows(op, Some(caller), owner, &NoCredentials))
@@ -829,16 +845,41 @@ fn document(row: &PgRow) -> Result<Document, StoreError> {
 
 /// The certificates `caller` holds now, as ACL predicates test them; with `lock`, locked
 /// `FOR SHARE` until the transaction on `conn` ends.
+/// The certificates `caller` holds among `tested` (issuer, type) pairs, locked `FOR SHARE`
+/// with `lock`.
+async fn tested_credentials_in(
+    conn: &mut sqlx::PgConnection,
+    caller: &str,
+    tested: &[(&str, &str)],
+    lock: bool,
+) -> Result<HeldCertificates, StoreError> {
+    macro_rules! among_tested {
+        () => {
+            " AND (owner_did, data ->> 'type') IN (SELECT * FROM unnest($2::text[], $3::text[]))"
+        };
+    }
+    let query = if lock {
+        concat!(held_certificates!(), among_tested!(), " FOR SHARE")
+    } else {
+        concat!(held_certificates!(), among_tested!())
+    };
+    let (issuers, types): (Vec<&str>, Vec<&str>) = tested.iter().copied().unzip();
+    let rows: Vec<(String, String)> = sqlx::query_as(query)
+        .bind(caller)
+        .bind(issuers)
+        .bind(types)
+        .fetch_all(conn)
+        .await?;
+    Ok(HeldCertificates(rows))
+}
+
 async fn credentials_in(
     conn: &mut sqlx::PgConnection,
     caller: &str,
-    lock: bool,
 ) -> Result<HeldCertificates, StoreError> {
-    let query = if lock {
-        concat!(held_certificates!(), " FOR SHARE")
-    } else {
-        held_certificates!()
-    };
-    let rows: Vec<(String, String)> = sqlx::query_as(query).bind(caller).fetch_all(conn).await?;
+    let rows: Vec<(String, String)> = sqlx::query_as(held_certificates!())
+        .bind(caller)
+        .fetch_all(conn)
+        .await?;
     Ok(HeldCertificates(rows))
 }
