@@ -240,8 +240,20 @@ impl Store {
     }
 
     /// A trivial round trip, for health checks.
+    /// Whether the database answers. On an idle pooled connection when there is one; else —
+    /// every connection busy (the pool is saturated, the database is not down) or the idle one
+    /// failed (left broken by a database restart, which the next request would only discard) —
+    /// on a connection of its own, so the answer is about the database, not the pool.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        use sqlx::Connection as _;
+        if let Some(mut pooled) = self.pool.try_acquire()
+            && sqlx::query("SELECT 1").execute(&mut *pooled).await.is_ok()
+        {
+            return Ok(());
+        }
+        let mut own = sqlx::PgConnection::connect_with(&self.pool.connect_options()).await?;
+        sqlx::query("SELECT 1").execute(&mut own).await?;
+        let _ = own.close().await;
         Ok(())
     }
 
