@@ -103,8 +103,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let server = vibe::server::start(config).await?;
     wait_for_signal().await?;
-    tracing::info!("shutting down");
-    server.shutdown().await?;
+    tracing::info!("shutting down (a second SIGINT or SIGTERM stops at once)");
+    // A second signal cuts the grace periods short; the embedded database is still stopped.
+    // Were the signal handler unable to wait again, the orderly shutdown simply runs on.
+    let again = async {
+        if wait_for_signal().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    server.shutdown_unless(again).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -150,33 +150,59 @@ impl RunningServer {
         &self.app
     }
 
-    /// Resolves when the accept loop has ended (after [`RunningServer::shutdown`] began).
-    pub async fn shutdown(mut self) -> Result<(), ServerError> {
-        // WebSockets close with 1001 and long-polls answer with what they have while the
-        // listener stops and in-flight requests finish: nothing waits for the grace period to
-        // run out, and the client of a long-poll gets its cursor rather than a reset.
-        let _ = self.draining.send(true);
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+    /// Stops the node in order: see [`RunningServer::shutdown_unless`], never hurried.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.shutdown_unless(std::future::pending()).await
+    }
+
+    /// Stops the node in order — waiting clients told first, in-flight requests and WebSockets
+    /// given `http.shutdown_grace`, then background work, the pool and the embedded database —
+    /// unless `hurry` resolves first (an operator's second Ctrl-C): then what is still running
+    /// is aborted and the embedded database stopped at once, so no exit path leaves it running.
+    pub async fn shutdown_unless(
+        mut self,
+        hurry: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let orderly = async {
+            // WebSockets close with 1001 and long-polls answer with what they have while the
+            // listener stops and in-flight requests finish: nothing waits for the grace period
+            // to run out, and the client of a long-poll gets its cursor rather than a reset.
+            let _ = self.draining.send(true);
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            let _ = (&mut self.serving).await;
+            // WebSockets answer the signal with a 1001 close; give them the grace period.
+            let grace = self.app.config.http.shutdown_grace;
+            if tokio::time::timeout(grace, self.app.sockets_closed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(?grace, "WebSockets still open after the grace period");
+            }
+            let _ = self.shutting_down.send(true);
+            for task in self.background.drain(..) {
+                let _ = task.await;
+            }
+            self.app.realtime.stop(None);
+            let _ = (&mut self.realtime).await;
+            self.app.calls.stop(None);
+            let _ = (&mut self.calls).await;
+            self.app.store.close().await;
+        };
+        let hurried = tokio::select! {
+            () = orderly => false,
+            () = hurry => true,
+        };
+        if hurried {
+            tracing::warn!("stopping now: in-flight requests and background work are cut off");
+            self.serving.abort();
+            for task in self.background.drain(..) {
+                task.abort();
+            }
+            self.app.realtime.stop(None);
+            self.app.calls.stop(None);
         }
-        let _ = (&mut self.serving).await;
-        // WebSockets answer the signal with a 1001 close; give them the grace period to do so.
-        let grace = self.app.config.http.shutdown_grace;
-        if tokio::time::timeout(grace, self.app.sockets_closed())
-            .await
-            .is_err()
-        {
-            tracing::warn!(?grace, "WebSockets still open after the grace period");
-        }
-        let _ = self.shutting_down.send(true);
-        for task in self.background.drain(..) {
-            let _ = task.await;
-        }
-        self.app.realtime.stop(None);
-        let _ = (&mut self.realtime).await;
-        self.app.calls.stop(None);
-        let _ = (&mut self.calls).await;
-        self.app.store.close().await;
         if let Some(db) = self.embedded.take() {
             db.stop().await?;
         }

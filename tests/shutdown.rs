@@ -1,7 +1,8 @@
 //! A node shutting down answers what holds a client waiting at once — a long-poll of
 //! `/v1/changes` gets a 200 with its cursor, a WebSocket a 1001 close — however long
 //! `http.shutdown_grace` is: neither is held until the grace period runs out and its connection
-//! is cut. Its own test binary: it reads the process-wide `vibe_changes_waiting` gauge.
+//! is cut; and an operator's second signal does not wait for in-flight requests at all. Its own
+//! test binary: it reads the process-wide `vibe_changes_waiting` gauge.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -60,5 +61,56 @@ async fn a_shutdown_answers_long_polls_and_closes_websockets_at_once() {
         .expect("nothing holds the shutdown for its grace period")
         .unwrap()
         .unwrap();
+    s.finish().await;
+}
+
+/// An operator's second signal (`hurry`) cuts the grace period short: a request still in flight
+/// (blocked on a row lock here) no longer holds the shutdown for `http.shutdown_grace`.
+#[tokio::test]
+async fn a_hurried_shutdown_does_not_wait_for_in_flight_requests() {
+    let mut s = TestServer::start_with(&[("http.shutdown_grace", "\"60s\"")]).await;
+    let alice = s.token(ALICE, &["*"]);
+    let doc = s.post(&alice, "posts", json!({"data": {"n": 0}})).await;
+    let id = doc["id"].as_str().unwrap().to_owned();
+    let sql = s.sql().await;
+    let mut holder = sql.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM documents WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let blocked = {
+        let request = s
+            .client
+            .put(s.url(&format!("/v1/docs/posts/{id}")))
+            .bearer_auth(&alice)
+            .json(&json!({"data": {"n": 1}}));
+        tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) })
+    };
+    common::until("the replacement waits on the row lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+        waiting >= 1
+    })
+    .await;
+    let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = tokio::spawn(s.server.take().unwrap().shutdown_unless(async {
+        let _ = hurried.await;
+    }));
+    hurry.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), shutdown)
+        .await
+        .expect("a hurried shutdown does not wait out the 60 s grace period")
+        .unwrap()
+        .unwrap();
+    holder.rollback().await.unwrap();
+    // The request either finished once the lock went or was cut off with the server.
+    let _ = blocked.await.unwrap();
+    sql.close().await;
     s.finish().await;
 }
