@@ -303,6 +303,42 @@ async fn subscribers_see_exactly_what_they_may_read() {
         must_deliver[u].insert((sentinel_id, sentinel_rev));
     }
 
+    // Then one sentinel per user for each of the other two subscriptions: a document another
+    // user shares with the user by DID (only the user's shared subscription gets it), and one of
+    // the user's own, written after every shared one (only the user's own subscription gets it;
+    // the shared ones a user wrote are in their own view by then). Once a subscription has its
+    // sentinel, every earlier event of it is in.
+    let mut shared_sentinels = Vec::new();
+    for u in 0..USERS.len() {
+        let author = (u + 1) % USERS.len();
+        let acl = json!({"read": {"allow": [USERS[u]]}});
+        let doc = s
+            .post(
+                &tokens[author],
+                "notes",
+                json!({"data": {"sentinel": "shared"}, "acl": acl}),
+            )
+            .await;
+        let id: Uuid = doc["id"].as_str().unwrap().parse().unwrap();
+        let rev = doc["rev"].as_i64().unwrap();
+        model
+            .docs
+            .insert(id, (author, serde_json::from_value(acl).unwrap(), rev));
+        ever_shared[u].insert((id, rev));
+        must_deliver_shared[u].insert((id, rev));
+        shared_sentinels.push(id);
+    }
+    let mut own_sentinels = Vec::new();
+    for (u, token) in tokens.iter().enumerate() {
+        let doc = s
+            .post(token, "notes", json!({"data": {"sentinel": "own"}}))
+            .await;
+        let id: Uuid = doc["id"].as_str().unwrap().parse().unwrap();
+        let rev = doc["rev"].as_i64().unwrap();
+        model.docs.insert(id, (u, Acl::default(), rev));
+        own_sentinels.push(id);
+    }
+
     let mut total_events = 0usize;
     for (u, ws) in sockets.iter_mut().enumerate() {
         let (global_sub, own_sub, shared_sub) = &subs[u];
@@ -352,24 +388,29 @@ async fn subscribers_see_exactly_what_they_may_read() {
             USERS[u]
         );
 
-        // The shared subscription: what others shared with the user, by DID or certificate.
-        // Its last event may come before the sentinel's; it is complete once it matches the
-        // model (every event it gets is checked on the way).
-        let expected_shared = model.shared_view(u);
+        // The shared subscription: what others shared with the user, by DID or certificate,
+        // read up to its sentinel (every event checked on the way), then the view it made.
         let mut shared = Seen::default();
-        while shared
-            .view
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect::<BTreeSet<_>>()
-            != expected_shared
-        {
+        loop {
             let event = ws.event(shared_sub).await;
             total_events += 1;
             shared.apply(&event);
             let leaked: Vec<_> = shared.received.difference(&ever_shared[u]).collect();
             assert!(leaked.is_empty(), "{}: shared leak {leaked:?}", USERS[u]);
+            if event["doc"]["id"].as_str() == Some(shared_sentinels[u].to_string().as_str()) {
+                break;
+            }
         }
+        assert_eq!(
+            shared
+                .view
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect::<BTreeSet<_>>(),
+            model.shared_view(u),
+            "{}: final shared view",
+            USERS[u]
+        );
         let lost: Vec<_> = must_deliver_shared[u]
             .difference(&shared.received)
             .collect();
@@ -379,17 +420,10 @@ async fn subscribers_see_exactly_what_they_may_read() {
             USERS[u]
         );
 
-        // The own subscription reaches exactly the user's documents (the sentinel write came
-        // after all of them, so their events are in); only their own documents ever appear.
-        let expected_own = model.own_view(u);
+        // The own subscription reaches exactly the user's documents, read up to its sentinel;
+        // only their own documents ever appear.
         let mut own = Seen::default();
-        while own
-            .view
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect::<BTreeSet<_>>()
-            != expected_own
-        {
+        loop {
             let event = ws.event(own_sub).await;
             total_events += 1;
             own.apply(&event);
@@ -400,7 +434,19 @@ async fn subscribers_see_exactly_what_they_may_read() {
                 "{}: another user's document in the own subscription",
                 USERS[u]
             );
+            if event["doc"]["id"].as_str() == Some(own_sentinels[u].to_string().as_str()) {
+                break;
+            }
         }
+        assert_eq!(
+            own.view
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect::<BTreeSet<_>>(),
+            model.own_view(u),
+            "{}: final own view",
+            USERS[u]
+        );
     }
     assert!(
         total_events > OPS,

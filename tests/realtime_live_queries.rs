@@ -112,11 +112,23 @@ async fn events_follow_documents_into_and_out_of_the_result() {
     let event = ws.event(&sub).await;
     assert_eq!(event["doc"]["id"], last["id"]);
 
-    // After unsub, nothing more arrives for it.
+    // After unsub, nothing more arrives for it. Another connection's subscription to the same
+    // query shares its live query, which queues a change's frames for all its subscribers in
+    // one pass: once the witness has its event, a frame leaked to this connection is queued
+    // already, ahead of the pong asked for after it.
+    let mut witness = Ws::connect(&s.base, Some(&alice)).await;
+    let watching = witness
+        .request(json!({"op": "read", "type": "posts", "where": {"data.status": "open"}}))
+        .await;
+    assert_eq!(watching["ok"], true, "{watching}");
     let r = ws.request(json!({"op": "unsub", "sub": sub})).await;
     assert_eq!(r["ok"], true);
-    s.post(&alice, "posts", json!({"data": {"status": "open"}}))
+    let after = s
+        .post(&alice, "posts", json!({"data": {"status": "open"}}))
         .await;
+    let event = witness.event(&watching["sub"]).await;
+    assert_eq!(event["doc"]["id"], after["id"], "{event}");
+    witness.close().await;
     let pong = ws.request(json!({"op": "ping"})).await;
     assert_eq!(pong["pong"], true);
     assert!(
