@@ -223,7 +223,9 @@ async fn two_chromium_pages_decode_each_others_video() {
         String::from_utf8_lossy(&output.stderr)
     );
     let report: Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
-    for page in report["pages"].as_array().unwrap() {
+    let pages = report["pages"].as_array().unwrap();
+    assert_eq!(pages.len(), 2, "both pages report: {report}");
+    for page in pages {
         let frames = page["framesDecoded"].as_array().unwrap();
         assert!(frames[1].as_u64() > frames[0].as_u64(), "{report}");
         assert!(page["audioPackets"].as_u64().unwrap() > 0, "{report}");

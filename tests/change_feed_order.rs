@@ -298,10 +298,12 @@ async fn concurrent_ticks_are_shared_and_each_covers_its_callers_writes() {
             assert!(seen, "a writer's own change is in a batch after its tick");
         }));
     }
-    // Wait until every writer has called `tick` and one of them waits for the lock.
+    // Wait until every writer has called `tick` and one of them waits for the lock (in this
+    // test's database: other tests' ticks take advisory locks too).
     loop {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(&pool)
         .await
@@ -591,7 +593,7 @@ async fn ticks_on_the_listen_connection_get_their_own_ring_with_the_reply() {
         .fetch_one(&mut listener)
         .await
         .unwrap();
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
         .bind(pid)
         .fetch_one(&pool)
         .await

@@ -569,7 +569,7 @@ async fn pagination_has_no_duplicates_or_gaps_under_concurrent_inserts() {
     }
     create(&s, &bob, json!({"data": {"other": true}})).await;
 
-    // Inserts keep arriving while the pages are read.
+    // Inserts keep arriving while the pages are read (and one is made between any two pages).
     let writer = {
         let client = s.client.clone();
         let url = s.url("/v1/docs/posts");
@@ -610,6 +610,8 @@ async fn pagination_has_no_duplicates_or_gaps_under_concurrent_inserts() {
             Some(next) => cursor = Some(next),
             None => break,
         }
+        // At least one insert lands between every two pages, whatever the writer's pace.
+        create(&s, &alice, json!({"data": {"between": seen.len()}})).await;
     }
     writer.await.unwrap();
     let ids: Vec<_> = seen.iter().map(|d| d.id).collect();

@@ -112,6 +112,16 @@ async fn every_subscriber_gets_every_committed_change_once_in_order() {
         "every committed write is one revision"
     );
 
+    // Written after every writer is done: each subscriber's event after the workload's is this
+    // one's, so a duplicate or stray event of the workload would show before it.
+    let sentinel = Uuid::new_v4();
+    sqlx::query("INSERT INTO documents (id, owner_did, type, data) VALUES ($1, $2, 'posts', '{}')")
+        .bind(sentinel)
+        .bind(ALICE)
+        .execute(&pool)
+        .await
+        .unwrap();
+
     for (ws, sub) in &mut subscribers {
         let mut revs: HashMap<Uuid, Vec<i64>> = HashMap::new();
         let mut last: Option<vibe::feed::Cursor> = None;
@@ -136,11 +146,11 @@ async fn every_subscriber_gets_every_committed_change_once_in_order() {
             let expected: Vec<i64> = (1..=finals[id]).collect();
             assert_eq!(seen, &expected, "document {id}");
         }
-        let extra = ws.request(json!({"op": "ping"})).await;
-        assert_eq!(extra["pong"], true);
-        assert!(
-            ws.pending.iter().all(|f| f["sub"] != *sub),
-            "an extra event arrived"
+        let next = ws.event(sub).await;
+        assert_eq!(
+            (next["event"].as_str(), next["doc"]["id"].as_str()),
+            (Some("add"), Some(sentinel.to_string().as_str())),
+            "an extra event arrived before the sentinel"
         );
     }
     pool.close().await;

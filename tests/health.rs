@@ -72,7 +72,7 @@ async fn health_answers_for_the_database_while_the_pool_is_busy() {
     // Every pooled connection broken, as a database restart leaves them: the first check
     // already answers for the database.
     let broken: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
          WHERE datname = current_database() AND pid <> pg_backend_pid() \
          AND application_name <> 'vibe-feed') t",
     )

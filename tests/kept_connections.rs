@@ -60,7 +60,9 @@ async fn a_kept_connection_whose_backend_dies_is_replaced() {
     assert_eq!(before.len(), 2, "one backend per slot: {before:?}");
 
     for pid in &before {
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        // With a timeout it returns once the backend has exited, not when it was signalled:
+        // the request below must find the connection dead.
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
             .bind(pid)
             .fetch_one(&sql)
             .await

@@ -1,6 +1,6 @@
 //! A client that stops reading never slows the others: its bounded outbound queue overflows and
 //! the server closes it (4008), while a healthy subscriber of the same live query gets every
-//! event.
+//! event. Its own test binary: it reads the process-wide `vibe_ws_queue_overflows_total`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -36,41 +36,9 @@ async fn a_stalled_client_is_cut_off_and_the_healthy_one_gets_everything() {
 
     // The stalled connection was closed for overflowing, after whatever fit in its buffers.
     assert_eq!(stalled.closed_with().await, Some(4008));
-    let metrics = s.metrics_text().await;
-    assert!(
-        metrics.contains("vibe_ws_queue_overflows_total"),
-        "{metrics}"
-    );
+    // This binary's only test: the process-wide counter is this one's alone.
+    assert!(s.metric("vibe_ws_queue_overflows_total").await >= 1.0);
     healthy.close().await;
     writer.close().await;
-    s.finish().await;
-}
-
-/// The queue is bounded in bytes as well as frames: a snapshot of a few large documents past
-/// `ws.outbound_queue_bytes` closes the connection (4008) instead of being held in memory; a
-/// smaller `limit` of the same query is served.
-#[tokio::test]
-async fn a_reply_past_the_queues_byte_limit_closes_the_connection() {
-    let s = TestServer::start_with(&[
-        ("http.max_body_bytes", "65536"),
-        ("ws.outbound_queue_bytes", "65536"),
-    ])
-    .await;
-    let alice = s.token(ALICE, &["*"]);
-    let filler = "x".repeat(30_000);
-    for _ in 0..3 {
-        s.post(&alice, "posts", json!({"data": {"filler": filler}}))
-            .await;
-    }
-    let mut small = Ws::connect(&s.base, Some(&alice)).await;
-    let reply = small
-        .request(json!({"op": "read", "type": "posts", "limit": 1}))
-        .await;
-    assert_eq!(reply["docs"].as_array().map(Vec::len), Some(1), "{reply}");
-    let mut large = Ws::connect(&s.base, Some(&alice)).await;
-    large
-        .send(json!({"id": 1, "op": "read", "type": "posts", "limit": 3}))
-        .await;
-    assert_eq!(large.closed_with().await, Some(4008));
     s.finish().await;
 }

@@ -1,6 +1,7 @@
 //! A client that reads slowly is only slowed down itself: while its socket is full, its requests
-//! are still read and run. (Its own test binary: it pushes ~13 MB through loopback, and beside the
-//! tests of tests/slow_client.rs it would slow their healthy reader past its 16-frame queue.)
+//! are still read and run; and a reply larger than the outbound queue's byte bound closes the
+//! connection. (Apart from tests/slow_client.rs: this pushes ~13 MB through loopback, which would
+//! slow that test's healthy reader past its 16-frame queue.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // in tests a failed unwrap is a failed test
 
 mod common;
@@ -66,5 +67,34 @@ async fn a_client_that_does_not_read_still_has_its_requests_run() {
     assert_eq!(added, (0..=writes).collect::<Vec<i64>>());
     stalled.close().await;
     writer.close().await;
+    s.finish().await;
+}
+
+/// The queue is bounded in bytes as well as frames: a snapshot of a few large documents past
+/// `ws.outbound_queue_bytes` closes the connection (4008) instead of being held in memory; a
+/// smaller `limit` of the same query is served.
+#[tokio::test]
+async fn a_reply_past_the_queues_byte_limit_closes_the_connection() {
+    let s = TestServer::start_with(&[
+        ("http.max_body_bytes", "65536"),
+        ("ws.outbound_queue_bytes", "65536"),
+    ])
+    .await;
+    let alice = s.token(ALICE, &["*"]);
+    let filler = "x".repeat(30_000);
+    for _ in 0..3 {
+        s.post(&alice, "posts", json!({"data": {"filler": filler}}))
+            .await;
+    }
+    let mut small = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = small
+        .request(json!({"op": "read", "type": "posts", "limit": 1}))
+        .await;
+    assert_eq!(reply["docs"].as_array().map(Vec::len), Some(1), "{reply}");
+    let mut large = Ws::connect(&s.base, Some(&alice)).await;
+    large
+        .send(json!({"id": 1, "op": "read", "type": "posts", "limit": 3}))
+        .await;
+    assert_eq!(large.closed_with().await, Some(4008));
     s.finish().await;
 }
