@@ -623,7 +623,16 @@ impl Session {
         let max = self.app.config.ws.max_subscriptions;
         // Failed subscriptions stay for their `unsub`, but not without bound.
         if self.subs.values().filter(|held| held.failed()).count() >= max {
-            self.subs.retain(|_, held| !held.failed());
+            let failed: Vec<Arc<str>> = self
+                .subs
+                .iter()
+                .filter(|(_, held)| held.failed())
+                .map(|(sub, _)| sub.clone())
+                .collect();
+            // As an `unsub` would: the gauge counts them until then.
+            for sub in failed {
+                self.release_all(&sub, false);
+            }
         }
         let held: usize = self
             .subs
