@@ -119,6 +119,8 @@ pub enum RealtimeMsg {
     },
     /// Fault injection for tests: make the live query for `spec` fail.
     CrashQuery(QuerySpec),
+    /// Fault injection for tests: make the actor of a document type fail.
+    CrashType(String),
     /// Distinct live queries and subscriptions, for metrics and tests.
     Stats(RpcReplyPort<(usize, usize)>),
     /// Document-type actors running, for tests.
@@ -288,6 +290,11 @@ impl Actor for Realtime {
                     let _ = t.actor.cast(DocTypeMsg::CrashQuery(spec));
                 }
             }
+            RealtimeMsg::CrashType(doc_type) => {
+                if let Some(t) = state.types.get(&doc_type) {
+                    let _ = t.actor.cast(DocTypeMsg::Crash);
+                }
+            }
             RealtimeMsg::Resync { position, book } => {
                 state.position = position;
                 state.book = book;
@@ -429,6 +436,7 @@ pub enum DocTypeMsg {
         linger: bool,
     },
     CrashQuery(QuerySpec),
+    Crash,
     Stats(RpcReplyPort<(usize, usize)>),
     /// The linger after the last unsubscribe ended; `generation` tells stale timers apart.
     Expire {
@@ -495,6 +503,23 @@ pub struct DocTypeState {
     /// Subscriptions handled, and that count when it last told the root it was idle.
     subscribes: u64,
     idle_reported: Option<u64>,
+}
+
+impl Drop for DocTypeState {
+    /// A type actor that stops holding live queries failed (an idle one holds none, and the
+    /// root's shutdown ends their connections first): its queries stop with it, their places in
+    /// `query.max_live_queries` come back, and their subscribers are told, as when one query
+    /// fails for good — else the places were lost for the node's life and the subscribers kept
+    /// counting against their connections' limit, waiting for events that never come.
+    fn drop(&mut self) {
+        for (_, entry) in self.entries.drain() {
+            self.config.live_queries.fetch_sub(1, Ordering::Relaxed);
+            entry.actor.stop();
+            let subscribers: Vec<Arc<Subscriber>> =
+                entry.subscribers.values().map(|(s, _)| s.clone()).collect();
+            fail_subscribers(&entry.sub_id, &subscribers);
+        }
+    }
 }
 
 impl Actor for DocType {
@@ -583,6 +608,7 @@ impl Actor for DocType {
                     let _ = entry.actor.cast(LiveQueryMsg::Crash);
                 }
             }
+            DocTypeMsg::Crash => return Err("crash requested".into()),
             DocTypeMsg::Stats(reply) => {
                 let subs = state.entries.values().map(|e| e.subscribers.len()).sum();
                 let _ = reply.send((state.entries.len(), subs));
@@ -768,17 +794,24 @@ impl DocTypeState {
         let id = match self.ids.get(&spec) {
             Some(id) => *id,
             None => {
-                let max = self.config.max_live_queries;
-                if self.config.live_queries.load(Ordering::Relaxed) >= max {
-                    let _ = reply.send(Err(SubscribeError::TooManyLiveQueries(max)));
-                    return;
-                }
+                // The bytes are a soft bound (a window's are known once it has loaded); the
+                // count is claimed in one step, as type actors subscribe in parallel: a check
+                // and a later add let several pass at `max - 1`.
                 let max_bytes = self.config.max_live_bytes;
                 if self.config.live_bytes.load(Ordering::Relaxed) >= max_bytes {
                     let _ = reply.send(Err(SubscribeError::LiveQueryBytes(max_bytes)));
                     return;
                 }
-                self.config.live_queries.fetch_add(1, Ordering::Relaxed);
+                let max = self.config.max_live_queries;
+                let claimed = self.config.live_queries.fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |n| (n < max).then_some(n + 1),
+                );
+                if claimed.is_err() {
+                    let _ = reply.send(Err(SubscribeError::TooManyLiveQueries(max)));
+                    return;
+                }
                 let id = self.next_id;
                 self.next_id += 1;
                 let sub_id: Arc<str> =

@@ -532,3 +532,23 @@ async fn route(
     ))
     .unwrap();
 }
+
+/// A document-type actor that fails takes its live queries down with it: their subscribers get
+/// `subscription_failed`, and their places in `query.max_live_queries` come back (before, the
+/// node refused every new distinct query once as many had been lost so).
+#[tokio::test]
+async fn a_failed_type_actor_gives_back_its_queries_places() {
+    let realtime = root(1).await;
+    let (first, mut rx) = subscribe(&realtime, &spec("posts"), 1).await;
+    first.unwrap();
+    assert_eq!(next_frame(&mut rx).await["docs"], json!([]));
+    realtime
+        .cast(RealtimeMsg::CrashType("posts".into()))
+        .unwrap();
+    let ended = next_frame(&mut rx).await;
+    assert_eq!(ended["error"]["code"], "subscription_failed", "{ended}");
+    until_type_actors(&realtime, 0).await;
+    let (second, _rx) = subscribe(&realtime, &spec("notes"), 2).await;
+    assert!(second.is_ok(), "the place came back: {second:?}");
+    realtime.stop(None);
+}
