@@ -327,6 +327,51 @@ async fn writes_made_in_sql_are_delivered() {
         (e["event"].as_str(), e["doc"]["id"].as_str()),
         (Some("add"), Some(id.to_string().as_str()))
     );
+
+    // Changing when it was made moves it out of a `createdAt` range: a `remove` there (judged
+    // by its old time, not its new one).
+    let recent = ws
+        .request(json!({"op": "read", "type": "posts",
+                        "where": {"createdAt": {"gte": "2020-01-01T00:00:00Z"}}}))
+        .await;
+    assert_eq!(recent["docs"].as_array().map(Vec::len), Some(1), "{recent}");
+    let recent = recent["sub"].clone();
+    sqlx::query("UPDATE documents SET created_at = '2010-01-01T00:00:00Z' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = ws.event(&recent).await;
+    assert_eq!(
+        (e["event"].as_str(), e["id"].as_str()),
+        (Some("remove"), Some(id.to_string().as_str())),
+        "{e}"
+    );
+
+    // The query over all posts saw a delete and an insert: `remove`, then `add` with the new
+    // time.
+    let mut next = async || {
+        let e = ws.event(&sub).await;
+        let who = e["id"]
+            .as_str()
+            .or(e["doc"]["id"].as_str())
+            .unwrap()
+            .to_owned();
+        (e["event"].as_str().unwrap().to_owned(), who)
+    };
+    assert_eq!(next().await, ("remove".to_owned(), id.to_string()));
+    assert_eq!(next().await, ("add".to_owned(), id.to_string()));
+
+    // A new id in SQL: the old one leaves every window, the new one enters.
+    let renamed = uuid::Uuid::new_v4();
+    sqlx::query("UPDATE documents SET id = $2 WHERE id = $1")
+        .bind(id)
+        .bind(renamed)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(next().await, ("remove".to_owned(), id.to_string()));
+    assert_eq!(next().await, ("add".to_owned(), renamed.to_string()));
     pool.close().await;
     ws.close().await;
     s.finish().await;
