@@ -15,17 +15,6 @@ async fn health(s: &TestServer) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
-/// Backends of the test's database (other than `sql`'s own) waiting on a lock.
-async fn waiting_on_locks(sql: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    .fetch_one(sql)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn health_answers_for_the_database_while_the_pool_is_busy() {
     // Four pooled connections, one kept by the create writer and one by the reader: two for the
@@ -35,12 +24,7 @@ async fn health_answers_for_the_database_while_the_pool_is_busy() {
     let doc = s.post(&alice, "posts", json!({"data": {"n": 0}})).await;
     let id = doc["id"].as_str().unwrap().to_owned();
     let sql = s.sql().await;
-    let mut holder = sql.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM documents WHERE id = $1::uuid FOR UPDATE")
-        .bind(&id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = common::lock_row(&sql, &id).await;
     let blocked: Vec<_> = (0..4)
         .map(|n| {
             let request = s
@@ -51,11 +35,8 @@ async fn health_answers_for_the_database_while_the_pool_is_busy() {
             tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
         })
         .collect();
-    common::until(
-        "two replacements hold the pool's free connections",
-        || async { waiting_on_locks(&sql).await >= 2 },
-    )
-    .await;
+    // Two replacements hold the pool's free connections.
+    common::until_waiting_on_locks(&sql, 2).await;
     let (status, body) = tokio::time::timeout(Duration::from_secs(10), health(&s))
         .await
         .unwrap();

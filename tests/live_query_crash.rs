@@ -63,21 +63,7 @@ async fn a_failed_subscription_frees_its_place() {
     let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
     let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
     let realtime = s.server.as_ref().unwrap().app().realtime.clone();
-    loop {
-        realtime
-            .cast(RealtimeMsg::CrashQuery(spec.clone()))
-            .unwrap();
-        let frame = ws.event(&sub).await;
-        match frame["event"].as_str() {
-            // Restarted: crash the new instance.
-            Some("reset") => continue,
-            Some("error") => {
-                assert_eq!(frame["error"]["code"], "subscription_failed", "{frame}");
-                break;
-            }
-            _ => panic!("unexpected frame {frame}"),
-        }
-    }
+    common::crash_until_failed(&realtime, &spec, &mut ws, &sub).await;
     let other = ws.request(json!({"op": "read", "type": "notes"})).await;
     assert_eq!(other["ok"], true, "{other}");
     // A narrower token ends what it may not read — not the failed one again: its `error` was

@@ -73,12 +73,7 @@ async fn a_hurried_shutdown_does_not_wait_for_in_flight_requests() {
     let doc = s.post(&alice, "posts", json!({"data": {"n": 0}})).await;
     let id = doc["id"].as_str().unwrap().to_owned();
     let sql = s.sql().await;
-    let mut holder = sql.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM documents WHERE id = $1::uuid FOR UPDATE")
-        .bind(&id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = common::lock_row(&sql, &id).await;
     let blocked = {
         let request = s
             .client
@@ -87,17 +82,8 @@ async fn a_hurried_shutdown_does_not_wait_for_in_flight_requests() {
             .json(&json!({"data": {"n": 1}}));
         tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) })
     };
-    common::until("the replacement waits on the row lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&sql)
-        .await
-        .unwrap();
-        waiting >= 1
-    })
-    .await;
+    // The replacement waits on the row lock.
+    common::until_waiting_on_locks(&sql, 1).await;
     let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
     let shutdown = tokio::spawn(s.server.take().unwrap().shutdown_unless(async {
         let _ = hurried.await;

@@ -8,7 +8,6 @@ mod common;
 use common::{ALICE, TestServer, Ws};
 use serde_json::json;
 use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
-use vibe_actors::realtime::RealtimeMsg;
 
 #[tokio::test]
 async fn failed_subscriptions_dropped_for_room_leave_the_gauge() {
@@ -22,16 +21,7 @@ async fn failed_subscriptions_dropped_for_room_leave_the_gauge() {
     let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
     let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
     let realtime = s.server.as_ref().unwrap().app().realtime.clone();
-    loop {
-        realtime
-            .cast(RealtimeMsg::CrashQuery(spec.clone()))
-            .unwrap();
-        let frame = ws.event(&sub).await;
-        if frame["event"] == "error" {
-            break;
-        }
-        assert_eq!(frame["event"], "reset", "{frame}");
-    }
+    common::crash_until_failed(&realtime, &spec, &mut ws, &sub).await;
     // A new `read` drops the failed one (the connection holds at most one failed one).
     let other = ws.request(json!({"op": "read", "type": "notes"})).await;
     assert_eq!(other["ok"], true, "{other}");

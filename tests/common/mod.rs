@@ -238,6 +238,58 @@ where
     }
 }
 
+/// Locks the row of document `id` (`FOR UPDATE`) in a transaction of its own on `sql`: writes of
+/// it wait until the transaction ends (drop or roll it back).
+pub async fn lock_row(sql: &PgPool, id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = sql.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM documents WHERE id = $1::uuid FOR UPDATE")
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// Waits until at least `n` backends of `sql`'s database wait on a lock.
+pub async fn until_waiting_on_locks(sql: &PgPool, n: i64) {
+    until(&format!("{n} backends wait on a lock"), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(sql)
+        .await
+        .unwrap();
+        waiting >= n
+    })
+    .await;
+}
+
+/// Makes the live query `spec` (of `realtime`) crash until its supervisor gives up, reading
+/// `sub`'s frames on `ws` (a `reset` per restart) up to its `subscription_failed` error.
+pub async fn crash_until_failed(
+    realtime: &ractor::ActorRef<vibe_actors::realtime::RealtimeMsg>,
+    spec: &vibe_actors::query::QuerySpec,
+    ws: &mut Ws,
+    sub: &serde_json::Value,
+) {
+    loop {
+        realtime
+            .cast(vibe_actors::realtime::RealtimeMsg::CrashQuery(spec.clone()))
+            .unwrap();
+        let frame = ws.event(sub).await;
+        match frame["event"].as_str() {
+            // Restarted: crash the new instance.
+            Some("reset") => continue,
+            Some("error") => {
+                assert_eq!(frame["error"]["code"], "subscription_failed", "{frame}");
+                return;
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+}
+
 pub const ALICE: &str = "did:key:zAlice";
 pub const BOB: &str = "did:key:zBob";
 pub const CAROL: &str = "did:key:zCarol";
