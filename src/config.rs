@@ -176,6 +176,7 @@ pub struct QueryConfig {
     pub max_limit: u32,
     pub max_depth: usize,
     pub max_clauses: usize,
+    pub max_operand_bytes: usize,
     pub max_live_queries: usize,
     pub max_window_bytes: usize,
     pub max_live_bytes: usize,
@@ -191,6 +192,7 @@ impl QueryConfig {
             max_limit: self.max_limit,
             max_depth: self.max_depth,
             max_clauses: self.max_clauses,
+            max_operand_bytes: self.max_operand_bytes,
         }
     }
 }
@@ -523,6 +525,9 @@ impl Config {
         if self.query.max_clauses == 0 {
             return invalid("query.max_clauses", "must be at least 1");
         }
+        if self.query.max_operand_bytes < 64 {
+            return invalid("query.max_operand_bytes", "must be at least 64");
+        }
         let id = &self.identity;
         if !id.issuer.is_empty()
             && (!(id.issuer.starts_with("https://") || id.issuer.starts_with("http://"))
@@ -539,7 +544,6 @@ impl Config {
         const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
         for (key, d) in [
             ("database.acquire_timeout", self.database.acquire_timeout),
-            ("http.shutdown_grace", self.http.shutdown_grace),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.body_read_timeout", self.http.body_read_timeout),
             ("ws.auth_timeout", self.ws.auth_timeout),
@@ -573,6 +577,7 @@ impl Config {
         }
         // The rest have their own lower bounds (or may be zero).
         for (key, d) in [
+            ("http.shutdown_grace", self.http.shutdown_grace),
             ("feed.poll_interval", self.feed.poll_interval),
             ("feed.min_tick_interval", self.feed.min_tick_interval),
             ("feed.retention", self.feed.retention),
