@@ -2,6 +2,7 @@
 //! the SQL the server compiles (PostgreSQL jsonb semantics), which property tests check.
 
 use std::cmp::Ordering;
+use std::collections::HashSet;
 
 use serde_json::Value;
 
@@ -178,13 +179,28 @@ fn contains(found: &Value, expected: &Value) -> bool {
                 }
             })
         }),
-        (Value::Array(f), Value::Array(e)) => e.iter().all(|ev| {
-            if is_scalar(ev) {
-                f.iter().any(|fv| is_scalar(fv) && json_eq(fv, ev))
+        (Value::Array(f), Value::Array(e)) => {
+            let (scalars, nested): (Vec<&Value>, Vec<&Value>) =
+                e.iter().partition(|ev| is_scalar(ev));
+            // Many scalars are looked up by their canonical text (equal for values jsonb holds
+            // equal, as `json_eq` compares them), not each by a scan of the stored list:
+            // elements × stored elements could be billions. The parser bounds `nested`.
+            let scalars_held = if scalars.len() > 8 {
+                let held: HashSet<String> = f
+                    .iter()
+                    .filter(|fv| is_scalar(fv))
+                    .map(super::canonical_text)
+                    .collect();
+                scalars
+                    .iter()
+                    .all(|ev| held.contains(&super::canonical_text(ev)))
             } else {
-                f.iter().any(|fv| contains(fv, ev))
-            }
-        }),
+                scalars
+                    .iter()
+                    .all(|ev| f.iter().any(|fv| is_scalar(fv) && json_eq(fv, ev)))
+            };
+            scalars_held && nested.iter().all(|ev| f.iter().any(|fv| contains(fv, ev)))
+        }
         _ => false,
     }
 }

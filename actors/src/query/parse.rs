@@ -16,8 +16,11 @@ pub struct QueryLimits {
     pub max_limit: u32,
     /// Nesting of `and` / `or` / `not`; the top-level `where` is depth 1.
     pub max_depth: usize,
-    /// Conditions in one query, counting each value of an `in` / `nin` list.
+    /// Conditions in one query, counting each value of an `in` / `nin` list and each condition
+    /// object inside `and` / `or` / `not`.
     pub max_clauses: usize,
+    /// Bytes (as JSON) all the operands of one query hold together.
+    pub max_operand_bytes: usize,
 }
 
 impl Default for QueryLimits {
@@ -28,6 +31,7 @@ impl Default for QueryLimits {
             max_limit: 1000,
             max_depth: 6,
             max_clauses: 64,
+            max_operand_bytes: 16 * 1024,
         }
     }
 }
@@ -64,7 +68,11 @@ pub(super) fn parse(
     {
         return Err(invalid("where", "strings may not contain \\u0000"));
     }
-    let mut parser = Parser { limits, clauses: 0 };
+    let mut parser = Parser {
+        limits,
+        clauses: 0,
+        operand_bytes: 0,
+    };
     let filter = parser.object(&request.filter, "where", 1)?;
     let sort = sort(request.sort.as_ref())?;
     let limit = request.limit.unwrap_or(limits.default_limit);
@@ -106,7 +114,12 @@ pub(super) fn field(name: &str) -> Result<Field, String> {
                         .into(),
                 );
             };
-            let segments: Vec<String> = rest.split('.').map(str::to_owned).collect();
+            // One past the limit is enough to refuse: a long key is not split whole.
+            let segments: Vec<String> = rest
+                .split('.')
+                .take(MAX_PATH_DEPTH + 1)
+                .map(str::to_owned)
+                .collect();
             if segments.len() > MAX_PATH_DEPTH {
                 return Err(format!("a path has at most {MAX_PATH_DEPTH} segments"));
             }
@@ -124,7 +137,12 @@ pub(super) fn field(name: &str) -> Result<Field, String> {
 struct Parser {
     limits: QueryLimits,
     clauses: usize,
+    operand_bytes: usize,
 }
+
+/// Most objects or lists a `contains` operand holds inside its lists: each is looked for among
+/// all the elements of a stored list, one by one.
+const MAX_CONTAINS_NESTED: usize = 16;
 
 impl Parser {
     /// A `where` object: the conjunction of its entries.
@@ -142,6 +160,11 @@ impl Parser {
                     self.limits.max_depth
                 ),
             ));
+        }
+        // A condition object inside `and` / `or` / `not` counts, so the limit bounds the whole
+        // tree (empty objects and lists of them included), not only its leaves.
+        if depth > 1 {
+            self.count(part, 1)?;
         }
         let mut members = Vec::with_capacity(map.len());
         for (key, value) in map {
@@ -221,6 +244,18 @@ impl Parser {
         part: &str,
     ) -> Result<Filter, QueryError> {
         self.count(part, 1)?;
+        self.operand_bytes = self
+            .operand_bytes
+            .saturating_add(crate::window::json_len(operand));
+        if self.operand_bytes > self.limits.max_operand_bytes {
+            return Err(invalid(
+                part,
+                format!(
+                    "the operands of a query hold at most {} bytes of JSON together",
+                    self.limits.max_operand_bytes
+                ),
+            ));
+        }
         let data_path = || match field {
             Field::Data(path) => Ok(path.clone()),
             other => Err(invalid(
@@ -291,10 +326,19 @@ impl Parser {
                 let exists = Filter::Is(Predicate::Exists(field.clone()));
                 if present { exists } else { exists.negate() }
             }
-            "contains" => Filter::Is(Predicate::Contains(
-                data_path()?,
-                CanonicalValue::new(operand),
-            )),
+            "contains" => {
+                let path = data_path()?;
+                if nested_in_lists(operand) > MAX_CONTAINS_NESTED {
+                    return Err(invalid(
+                        part,
+                        format!(
+                            "a `contains` operand holds at most {MAX_CONTAINS_NESTED} objects or \
+                             lists inside its lists"
+                        ),
+                    ));
+                }
+                Filter::Is(Predicate::Contains(path, CanonicalValue::new(operand)))
+            }
             "startsWith" => {
                 if matches!(
                     field,
@@ -334,6 +378,18 @@ impl Parser {
             ));
         }
         Ok(())
+    }
+}
+
+/// How many objects and lists `value` holds as elements of its lists, at any depth.
+fn nested_in_lists(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|item| usize::from(item.is_array() || item.is_object()) + nested_in_lists(item))
+            .sum(),
+        serde_json::Value::Object(map) => map.values().map(nested_in_lists).sum(),
+        _ => 0,
     }
 }
 

@@ -8,7 +8,8 @@ const LIMITS: QueryLimits = QueryLimits {
     default_limit: 100,
     max_limit: 1000,
     max_depth: 4,
-    max_clauses: 8,
+    max_clauses: 16,
+    max_operand_bytes: 1024,
 };
 
 fn spec(v: serde_json::Value, caller: &str) -> Result<QuerySpec, QueryError> {
@@ -171,8 +172,29 @@ fn invalid_queries_name_the_part() {
             "where.and[0].and[0].and[0].and[0]",
         ),
         (
-            json!({"type": "posts", "where": {"data.a": {"in": [1, 2, 3, 4, 5, 6, 7, 8, 9]}}}),
+            json!({"type": "posts", "where": {"data.a": {"in": (0..17).collect::<Vec<_>>()}}}),
             "where.data.a.in",
+        ),
+        // Condition objects count too: seventeen empty ones are seventeen conditions.
+        (
+            json!({"type": "posts", "where": {"or": vec![json!({}); 17]}}),
+            "where.or[16]",
+        ),
+        (
+            json!({"type": "posts", "where": {"data.a": {"eq": "x".repeat(1100)}}}),
+            "where.data.a.eq",
+        ),
+        (
+            json!({"type": "posts", "where": {"data.a": {"in": ["x".repeat(600), "y".repeat(600)]}}}),
+            "where.data.a.in",
+        ),
+        (
+            json!({"type": "posts", "where": {"data.a": {"contains": (0..17).map(|i| json!([i])).collect::<Vec<_>>()}}}),
+            "where.data.a.contains",
+        ),
+        (
+            json!({"type": "posts", "where": {format!("data{}", ".a".repeat(1000)): 1}}),
+            &*format!("where.data{}", ".a".repeat(1000)),
         ),
         (
             json!({"type": "posts", "sort": ["createdAt", "-createdAt"]}),
@@ -251,6 +273,43 @@ fn boolean_combinations_normalise() {
         .unwrap()
         .filter
     );
+}
+
+/// A `contains` of many scalars (looked up by canonical text, not scanned one by one) holds
+/// exactly when each is in the stored list, numbers compared by value however written.
+#[test]
+fn contains_of_many_scalars_compares_values_as_jsonb_does() {
+    let stored =
+        json!({"a": [12.0, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1e0, "x", true, null, [1], {"k": 1}]});
+    let d = doc("did:key:zA", stored, false);
+    let all: Vec<serde_json::Value> = (1..=12)
+        .map(|n| json!(n))
+        .chain([json!("x"), json!(true), json!(null)])
+        .collect();
+    let matches = |operand: serde_json::Value| {
+        spec(
+            json!({"type": "posts", "where": {"data.a": {"contains": operand}}}),
+            "did:key:zA",
+        )
+        .unwrap()
+        .matches(&d)
+    };
+    assert!(matches(json!(all)));
+    let mut with_nested = all.clone();
+    with_nested.extend([json!([1]), json!({"k": 1})]);
+    assert!(matches(json!(with_nested)));
+    for missing in [
+        json!(13),
+        json!("y"),
+        json!(false),
+        json!(1.5),
+        json!([2]),
+        json!({"k": 2}),
+    ] {
+        let mut operand = all.clone();
+        operand.push(missing.clone());
+        assert!(!matches(json!(operand)), "{missing}");
+    }
 }
 
 #[test]
