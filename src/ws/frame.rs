@@ -73,8 +73,12 @@ const RESERVE_AHEAD: usize = 64 * 1024;
 /// The read side of one connection.
 #[derive(Debug)]
 pub struct Inbound {
-    /// Bytes read and not yet consumed; empty, and unallocated, between messages.
+    /// Bytes read, from `start` on not yet consumed; empty, and unallocated, between messages.
     buffered: Vec<u8>,
+    /// Where the unconsumed bytes begin: frames are consumed by moving it, and the consumed
+    /// prefix is dropped now and then, not after every frame (a read full of tiny control
+    /// frames would otherwise move the rest of the buffer once per frame).
+    start: usize,
     /// A fragmented data message being assembled: (is it text, payload so far).
     partial: Option<(bool, Vec<u8>)>,
     /// A message (its fragments together) may not be longer.
@@ -85,6 +89,7 @@ impl Inbound {
     pub fn new(max_message: usize) -> Self {
         Self {
             buffered: Vec::new(),
+            start: 0,
             partial: None,
             max_message,
         }
@@ -97,13 +102,27 @@ impl Inbound {
 
     /// Bytes waiting for the rest of their frame.
     pub fn buffered(&self) -> usize {
-        self.buffered.len()
+        self.buffered.len() - self.start
+    }
+
+    /// Marks `n` more bytes consumed; releases the buffer once all are, and drops the consumed
+    /// prefix once it is most of the buffer (so each byte moves at most once on average).
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buffered.len() {
+            // Consumed: release the buffer, an idle connection holds none.
+            self.buffered = Vec::new();
+            self.start = 0;
+        } else if self.start * 2 >= self.buffered.len() {
+            self.buffered.drain(..self.start);
+            self.start = 0;
+        }
     }
 
     /// The next whole message, or `None` until more bytes arrive. Pongs are consumed here.
     pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
         loop {
-            let mut cursor = Cursor::new(self.buffered.as_slice());
+            let mut cursor = Cursor::new(&self.buffered[self.start..]);
             let (header, length) = match FrameHeader::parse(&mut cursor) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => return Ok(None),
@@ -131,22 +150,17 @@ impl Inbound {
             }
             // Within max_message, so it fits a usize.
             let end = header_len + length as usize;
-            if self.buffered.len() < end {
+            let available = self.buffered();
+            if available < end {
                 // Room for the rest of this frame at once, not by repeated doubling — up to
                 // RESERVE_AHEAD: the header alone must not make a peer that has not even
                 // authenticated allocate a whole `max_message`; more room comes as bytes do.
-                self.buffered
-                    .reserve((end - self.buffered.len()).min(RESERVE_AHEAD));
+                self.buffered.reserve((end - available).min(RESERVE_AHEAD));
                 return Ok(None);
             }
-            let mut payload = self.buffered[header_len..end].to_vec();
+            let mut payload = self.buffered[self.start + header_len..self.start + end].to_vec();
             unmask(&mut payload, mask);
-            if end == self.buffered.len() {
-                // Consumed: release the buffer, an idle connection holds none.
-                self.buffered = Vec::new();
-            } else {
-                self.buffered.drain(..end);
-            }
+            self.consume(end);
             match header.opcode {
                 OpCode::Control(Control::Ping) => return Ok(Some(Message::Ping(payload))),
                 OpCode::Control(Control::Pong) => continue,
@@ -289,6 +303,42 @@ mod tests {
                 0,
                 "no buffer held between messages"
             );
+        }
+    }
+
+    /// Thousands of frames in one read come out in order, whatever the read sizes, and the
+    /// buffer is released once they are consumed.
+    #[test]
+    fn many_small_frames_in_one_read_come_out_in_order() {
+        let mut wire = Vec::new();
+        for i in 0..3000u32 {
+            wire.extend(client_frame(true, 0xA, b""));
+            if i % 1000 == 999 {
+                wire.extend(client_frame(true, 0x9, &i.to_be_bytes()));
+            }
+        }
+        wire.extend(client_frame(true, 0x1, b"last"));
+        for read in [7, 8192, wire.len()] {
+            let mut inbound = Inbound::new(1024);
+            let mut got = Vec::new();
+            for chunk in wire.chunks(read) {
+                inbound.extend(chunk);
+                while let Some(m) = inbound.next_message().unwrap() {
+                    got.push(m);
+                }
+            }
+            let pings: Vec<Message> = [999u32, 1999, 2999]
+                .iter()
+                .map(|i| Message::Ping(i.to_be_bytes().to_vec()))
+                .collect();
+            assert_eq!(got[..3], pings[..], "read size {read}");
+            assert_eq!(
+                got[3..],
+                [Message::Text(b"last".to_vec())],
+                "read size {read}"
+            );
+            assert_eq!(inbound.buffered(), 0);
+            assert_eq!(inbound.buffered.capacity(), 0, "released");
         }
     }
 
