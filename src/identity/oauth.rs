@@ -383,6 +383,10 @@ fn loopback_ip_without_port(uri: &str) -> Option<url::Url> {
     Some(parsed)
 }
 
+/// Most scopes a client's manifest, or one request, may name: an app asks for its few types,
+/// and every check of a request walks them.
+pub const MAX_SCOPES: usize = 64;
+
 /// Splits and checks a requested scope string against a manifest. Document scopes must be in
 /// the manifest; identity scopes are always allowed.
 pub fn requested_scopes(
@@ -393,7 +397,12 @@ pub fn requested_scopes(
         return Ok(manifest.to_vec());
     };
     let mut scopes: Vec<String> = Vec::new();
-    for s in scope.split(' ').filter(|s| !s.is_empty()) {
+    for (i, s) in scope.split(' ').filter(|s| !s.is_empty()).enumerate() {
+        if i >= MAX_SCOPES {
+            return Err(OAuthError::InvalidScope(format!(
+                "a request names at most {MAX_SCOPES} scopes"
+            )));
+        }
         if !IDENTITY_SCOPES.contains(&s) && !manifest.iter().any(|m| m == s) {
             return Err(OAuthError::InvalidScope(format!(
                 "scope {s:?} is not in this app's manifest"
@@ -426,7 +435,12 @@ pub fn identity_scopes(scopes: &[String]) -> Vec<String> {
 
 fn validate_manifest(scope: &str) -> Result<Vec<String>, OAuthError> {
     let mut scopes = Vec::new();
-    for s in scope.split(' ').filter(|s| !s.is_empty()) {
+    for (i, s) in scope.split(' ').filter(|s| !s.is_empty()).enumerate() {
+        if i >= MAX_SCOPES {
+            return Err(OAuthError::InvalidClientMetadata(format!(
+                "a client names at most {MAX_SCOPES} scopes"
+            )));
+        }
         if IDENTITY_SCOPES.contains(&s) {
             scopes.push(s.to_owned());
             continue;
@@ -1298,5 +1312,21 @@ mod tests {
         assert!(validate_manifest("openid read:posts").is_ok());
         assert!(validate_manifest("*").is_err());
         assert!(validate_manifest("admin").is_err());
+        // At most MAX_SCOPES names, in a manifest and in a request.
+        let names = |n: usize| {
+            (0..n)
+                .map(|i| format!("read:t{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            validate_manifest(&names(MAX_SCOPES)).unwrap().len(),
+            MAX_SCOPES
+        );
+        assert!(validate_manifest(&names(MAX_SCOPES + 1)).is_err());
+        let wide = validate_manifest(&names(MAX_SCOPES)).unwrap();
+        assert!(requested_scopes(Some(&names(MAX_SCOPES)), &wide).is_ok());
+        let repeated = vec!["read:t0"; MAX_SCOPES + 1].join(" ");
+        assert!(requested_scopes(Some(&repeated), &wide).is_err());
     }
 }
