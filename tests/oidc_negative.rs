@@ -2114,3 +2114,58 @@ async fn grants_need_a_covering_consent_even_against_a_racing_withdrawal() {
     }
     server.finish().await;
 }
+
+/// A grant revoked on a node whose access tokens live 15 minutes stays revoked, on every node,
+/// as long as the 2-hour token another node minted from it: the revocation is kept past the
+/// grant's latest recorded access-token expiry, not the revoking node's lifetime (the token
+/// verified again everywhere once the entry was pruned).
+#[tokio::test]
+async fn a_revoked_grant_outlives_its_longest_lived_access_token() {
+    let (name, url) = common::fresh_database().await;
+    let long = TestServer::start_on(&url, &[("identity.access_token_ttl", "\"2h\"")]).await;
+    // Nodes of a cluster share their keys: this one uses the other's data directory.
+    let shared_dir = serde_json::to_string(&long.data_dir.path()).unwrap();
+    let short = TestServer::start_on(
+        &url,
+        &[
+            ("data_dir", &shared_dir),
+            ("identity.access_token_ttl", "\"15m\""),
+        ],
+    )
+    .await;
+    sign_up(&long, "ada").await;
+    let first_party = first_party_token(&long, "ada").await;
+    let client = register_client(&long, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&long, &mut browser, &client, SCOPE, "ada").await;
+    assert_eq!(tokens["expires_in"], 7200, "{tokens}");
+    let minted = chrono::Utc::now();
+
+    let (status, body) = call(
+        short
+            .client
+            .delete(short.url(&format!("/v1/me/apps/{}", client.id)))
+            .bearer_auth(&first_party),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let sql = long.sql().await;
+    let kept_until: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT max(expires_at) FROM token_revocations WHERE revoked LIKE 'grant:%'",
+    )
+    .fetch_one(&sql)
+    .await
+    .unwrap();
+    assert!(
+        kept_until >= minted + chrono::Duration::hours(2),
+        "kept until {kept_until}, the token lives until {}",
+        minted + chrono::Duration::hours(2)
+    );
+    // And a refresh of the revoked grant mints nothing more.
+    let (status, body) = refresh(&short, &client, field(&tokens, "refresh_token")).await;
+    assert_eq!(status, 400, "{body}");
+    sql.close().await;
+    long.finish().await;
+    short.finish().await;
+    common::drop_database(&name).await;
+}

@@ -694,15 +694,16 @@ impl OAuthStore {
         tx: &mut sqlx::PgConnection,
         id: &str,
     ) -> Result<(), OAuthError> {
-        let grants: Vec<(Uuid,)> = sqlx::query_as(
+        let grants: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
             "UPDATE oauth_grants SET revoked_at = now() \
-             WHERE client_id = $1 AND revoked_at IS NULL RETURNING id",
+             WHERE client_id = $1 AND revoked_at IS NULL RETURNING id, access_expires_at",
         )
         .bind(id)
         .fetch_all(&mut *tx)
         .await?;
-        let revoked: Vec<Revoked> = grants.into_iter().map(|(g,)| Revoked::Grant(g)).collect();
-        Revocations::record(tx, &revoked, self.revocation_horizon()).await?;
+        let horizon = self.revocation_horizon(&grants);
+        let revoked: Vec<Revoked> = grants.into_iter().map(|(g, _)| Revoked::Grant(g)).collect();
+        Revocations::record(tx, &revoked, horizon).await?;
         Ok(())
     }
 
@@ -906,16 +907,18 @@ impl OAuthStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        let grants: Vec<(Uuid,)> = sqlx::query_as(
+        let grants: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
             "UPDATE oauth_grants SET revoked_at = now() \
-             WHERE user_did = $1 AND client_id = $2 AND revoked_at IS NULL RETURNING id",
+             WHERE user_did = $1 AND client_id = $2 AND revoked_at IS NULL \
+             RETURNING id, access_expires_at",
         )
         .bind(did)
         .bind(client_id)
         .fetch_all(&mut *tx)
         .await?;
-        let revoked: Vec<Revoked> = grants.into_iter().map(|(g,)| Revoked::Grant(g)).collect();
-        Revocations::record(&mut tx, &revoked, self.revocation_horizon()).await?;
+        let horizon = self.revocation_horizon(&grants);
+        let revoked: Vec<Revoked> = grants.into_iter().map(|(g, _)| Revoked::Grant(g)).collect();
+        Revocations::record(&mut tx, &revoked, horizon).await?;
         tx.commit().await?;
         revocations.sync(&self.pool).await?;
         Ok(deleted > 0 || !revoked.is_empty())
@@ -1174,8 +1177,11 @@ impl OAuthStore {
         expires_at: DateTime<Utc>,
         revocations: &Revocations,
     ) -> Result<(), OAuthError> {
+        // Past its expiry by a margin: a node whose clock is behind the database's still
+        // accepts it a little longer, and the list is read by the database's clock.
+        let kept_until = expires_at + chrono::Duration::seconds(60);
         let mut tx = self.pool.begin().await?;
-        Revocations::record(&mut tx, &[Revoked::Token(token_id.to_owned())], expires_at).await?;
+        Revocations::record(&mut tx, &[Revoked::Token(token_id.to_owned())], kept_until).await?;
         tx.commit().await?;
         revocations.sync(&self.pool).await?;
         Ok(())
@@ -1186,21 +1192,59 @@ impl OAuthStore {
         tx: &mut sqlx::PgConnection,
         grant: Uuid,
     ) -> Result<(), OAuthError> {
-        sqlx::query(
-            "UPDATE oauth_grants SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+        // Its latest access expiry whether or not it was revoked already (a second revocation
+        // keeps the list's entry as long as the first).
+        let expires: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+            "UPDATE oauth_grants SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 \
+             RETURNING access_expires_at",
         )
         .bind(grant)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        Revocations::record(tx, &[Revoked::Grant(grant)], self.revocation_horizon()).await?;
+        let horizon = self.revocation_horizon(&[(grant, expires.flatten())]);
+        Revocations::record(tx, &[Revoked::Grant(grant)], horizon).await?;
         Ok(())
     }
 
-    /// Until when a grant revocation must be kept: no access token of the grant lives longer
-    /// than the access-token lifetime after its last refresh, and refresh tokens stop with the
-    /// grant's revoked_at in the database.
-    fn revocation_horizon(&self) -> DateTime<Utc> {
-        as_ts(self.lifetimes.access_token + Duration::from_secs(60))
+    /// Records that an access token of `grant` valid until `expires_at` is about to be handed
+    /// out, before it is minted: a revocation of the grant is kept until the latest such expiry
+    /// on every node, whatever lifetime the node minting it has. Refused once the grant is
+    /// revoked (a token minted after the revocation's horizon was read would outlive it).
+    pub async fn note_access_token(
+        &self,
+        grant: Uuid,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), OAuthError> {
+        let noted = sqlx::query(
+            "UPDATE oauth_grants \
+             SET access_expires_at = greatest(coalesce(access_expires_at, $2), $2) \
+             WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(grant)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if noted == 0 {
+            return Err(OAuthError::InvalidGrant("the grant was revoked".into()));
+        }
+        Ok(())
+    }
+
+    /// Until when the revocation of `grants` (with their latest access-token expiries) must be
+    /// kept: past the last expiry of any of their access tokens, with a margin for the clocks
+    /// of the nodes checking them (refresh tokens stop with the grant's `revoked_at` in the
+    /// database). A grant with no expiry recorded (its tokens came before the record existed)
+    /// is assumed to have tokens of this node's lifetime, issued now.
+    fn revocation_horizon(&self, grants: &[(Uuid, Option<DateTime<Utc>>)]) -> DateTime<Utc> {
+        const CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
+        let assumed = as_ts(self.lifetimes.access_token);
+        let latest = grants
+            .iter()
+            .map(|(_, expires)| expires.unwrap_or(assumed))
+            .max()
+            .unwrap_or(assumed);
+        latest.max(Utc::now()) + CLOCK_MARGIN
     }
 }
 
