@@ -247,6 +247,8 @@ pub struct IdentityConfig {
     #[serde(with = "humantime_serde")]
     pub signing_key_overlap: Duration,
     #[serde(with = "humantime_serde")]
+    pub signing_key_lead: Duration,
+    #[serde(with = "humantime_serde")]
     pub revocation_poll_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub signing_key_reload_interval: Duration,
@@ -588,6 +590,7 @@ impl Config {
             ("indexes.unused_after", self.indexes.unused_after),
             ("indexes.shape_retention", self.indexes.shape_retention),
             ("identity.signing_key_overlap", id.signing_key_overlap),
+            ("identity.signing_key_lead", id.signing_key_lead),
             (
                 "calls.keyframe_request_interval",
                 self.calls.keyframe_request_interval,

@@ -35,12 +35,14 @@ async fn a_write_on_one_node_reaches_subscribers_on_another() {
     common::drop_database(&name).await;
 }
 
-/// A signing key rotated through one node reaches the other: its JWKS leads with the new key
-/// (the one it signs with) and keeps the old one for the overlap.
+/// A signing key rotated through one node reaches the other: both publish it at once (it leads
+/// the JWKS), and it signs only once `identity.signing_key_lead` has passed — until then the key
+/// it replaces signs on both, so no relying party meets a token signed by a key it has not seen;
+/// `immediate` switches every node within a reload.
 #[tokio::test]
-async fn a_signing_key_rotated_on_one_node_reaches_the_other() {
+async fn a_signing_key_rotated_on_one_node_is_published_before_it_signs() {
     let (name, url) = common::fresh_database().await;
-    let a = TestServer::start_on(&url, &[]).await;
+    let a = TestServer::start_on(&url, &[("identity.signing_key_lead", "\"1h\"")]).await;
     // Nodes of a cluster share the secrets key the signing keys are sealed with: B uses A's
     // data directory.
     let shared_dir = serde_json::to_string(&a.data_dir.path()).unwrap();
@@ -53,19 +55,20 @@ async fn a_signing_key_rotated_on_one_node_reaches_the_other() {
     )
     .await;
     let admin = a.token("did:key:zOperator", &["admin"]);
-    let rotate = async || -> String {
+    let rotate = async |query: &str| -> (String, String) {
         let r = a
             .client
-            .post(a.url("/v1/admin/signing-keys/rotate"))
+            .post(a.url(&format!("/v1/admin/signing-keys/rotate{query}")))
             .bearer_auth(&admin)
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        r.json::<serde_json::Value>().await.unwrap()["kid"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        let body = r.json::<serde_json::Value>().await.unwrap();
+        (
+            body["kid"].as_str().unwrap().to_owned(),
+            body["signs_from"].as_str().unwrap().to_owned(),
+        )
     };
     // (The key set needs no token; one does no harm.)
     let anyone = b.token(ALICE, &["read:posts"]);
@@ -79,20 +82,53 @@ async fn a_signing_key_rotated_on_one_node_reaches_the_other() {
             .map(|k| k["kid"].as_str().unwrap().to_owned())
             .collect()
     };
-    let first = rotate().await;
-    common::until("node B publishes the first key", async || {
-        kids_on_b().await.first() == Some(&first)
+    // The kid of what a node signs now.
+    let signer = |server: &TestServer| -> String {
+        let signing = &server.server.as_ref().unwrap().app().identity.signing;
+        let token = signing.sign(&json!({"sub": "x"})).unwrap();
+        jsonwebtoken::decode_header(&token).unwrap().kid.unwrap()
+    };
+
+    // No key signs yet: the first one signs at once, however long the lead.
+    let (first, _) = rotate("").await;
+    common::until(
+        "node B publishes and signs with the first key",
+        async || kids_on_b().await.first() == Some(&first),
+    )
+    .await;
+    assert_eq!(signer(&a), first);
+    common::until("node B signs with the first key", async || {
+        signer(&b) == first
     })
     .await;
-    let second = rotate().await;
-    common::until("node B leads with the rotated key", async || {
-        kids_on_b().await.first() == Some(&second)
-    })
+
+    // A rotation with the lead: published on both at once, signing on neither yet.
+    let (second, signs_from) = rotate("").await;
+    let signs_from: chrono::DateTime<chrono::Utc> = signs_from.parse().unwrap();
+    assert!(signs_from > chrono::Utc::now() + chrono::Duration::minutes(59));
+    common::until(
+        "node B leads its key set with the waiting key",
+        async || kids_on_b().await.first() == Some(&second),
+    )
     .await;
     assert!(
         kids_on_b().await.contains(&first),
         "the old key stays published"
     );
+    assert_eq!(
+        signer(&a),
+        first,
+        "the old key signs until the new one's time"
+    );
+    assert_eq!(signer(&b), first);
+
+    // `immediate` switches every node within a reload.
+    let (third, _) = rotate("?immediate=true").await;
+    assert_eq!(signer(&a), third);
+    common::until("node B signs with the immediate key", async || {
+        signer(&b) == third
+    })
+    .await;
     a.finish().await;
     b.finish().await;
     common::drop_database(&name).await;

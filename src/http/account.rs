@@ -306,18 +306,35 @@ pub(super) async fn delete_client(
     Ok(super::empty(StatusCode::NO_CONTENT))
 }
 
-/// `POST /v1/admin/signing-keys/rotate`: a new ID-token signing key; the old one stays in the
-/// JWKS for `identity.signing_key_overlap`.
+/// `POST /v1/admin/signing-keys/rotate[?immediate=true]`: a new ID-token signing key, published
+/// at once and signing after `identity.signing_key_lead` (or at once with `immediate`); the old
+/// one signs until then and stays in the JWKS for `identity.signing_key_overlap` after.
 pub(super) async fn rotate_signing_key(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     authorize_admin(app, req.headers())?;
-    let kid = app.identity.signing.rotate().await.map_err(|e| {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Params {
+        #[serde(default)]
+        immediate: bool,
+    }
+    let params: Params = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let lead = if params.immediate {
+        std::time::Duration::ZERO
+    } else {
+        app.config.identity.signing_key_lead
+    };
+    let (kid, signs_from) = app.identity.signing.rotate(lead).await.map_err(|e| {
         tracing::error!(error = %e, "signing key rotation failed");
         ApiError::internal()
     })?;
-    Ok(json(StatusCode::OK, &json!({"kid": kid})))
+    Ok(json(
+        StatusCode::OK,
+        &json!({"kid": kid, "signs_from": signs_from}),
+    ))
 }
 
 fn oauth_error(e: OAuthError) -> ApiError {

@@ -2,10 +2,12 @@
 //! created when first needed (RSA key generation costs CPU-bound milliseconds, which a node that
 //! never signs should not pay at start), sealed in `oidc_signing_keys`, published as the JWKS,
 //! rotated on demand. Private-key operations are aws-lc-rs's (constant-time); keys are stored as
-//! PKCS#8 DER, and keys stored before as PKCS#1 DER still load. The newest unretired key signs; a
-//! retired key stays published for `publish_for` so tokens it signed keep verifying at relying
-//! parties that cache the JWKS. Every node reads the keys again periodically, so a rotation on
-//! one node moves every node to the new key.
+//! PKCS#8 DER, and keys stored before as PKCS#1 DER still load. The newest key whose
+//! `signs_from` has come and that is not retired signs. A rotated key is published `lead` before
+//! it signs (every node reloads within that, and relying parties' cached key sets expire), and
+//! the key it replaces signs until then; a retired key stays published for `publish_for` so
+//! tokens it signed keep verifying at relying parties that cache the JWKS. Every node reads the
+//! keys again periodically, so a rotation on one node moves every node to the new key.
 //!
 //! Invariant: private keys leave this module only sealed; the JWKS holds public parts only.
 
@@ -107,36 +109,63 @@ impl SigningKeys {
             .bind(KEYS_LOCK)
             .execute(&mut *tx)
             .await?;
-        let active: Option<(String,)> =
-            sqlx::query_as("SELECT kid FROM oidc_signing_keys WHERE retired_at IS NULL LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
+        let active: Option<(String,)> = sqlx::query_as(
+            "SELECT kid FROM oidc_signing_keys \
+                 WHERE retired_at IS NULL OR retired_at > now() LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         if active.is_none() {
-            let kid = self.insert_new_key(&mut tx).await?;
+            let kid = self.insert_new_key(&mut tx, chrono::Utc::now()).await?;
             tracing::info!(%kid, "created the first ID token signing key");
         }
         tx.commit().await?;
         self.reload().await
     }
 
-    /// Makes a new key the signing key; the previous one stays published for `publish_for`.
-    pub async fn rotate(&self) -> Result<String, SigningError> {
+    /// Makes a new key, published at once and signing `lead` from now, when the keys signing
+    /// now are retired (they stay published for `publish_for` after that). Returns its id and
+    /// when it signs from. A `lead` of zero switches at once: relying parties that cached the key
+    /// set reject its tokens until they fetch it again (for a compromised key, what one wants).
+    pub async fn rotate(
+        &self,
+        lead: Duration,
+    ) -> Result<(String, chrono::DateTime<chrono::Utc>), SigningError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(KEYS_LOCK)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE oidc_signing_keys SET retired_at = now() WHERE retired_at IS NULL")
-            .execute(&mut *tx)
-            .await?;
-        let kid = self.insert_new_key(&mut tx).await?;
+        // With no key signing yet (none made, or all retired), there is nothing to wait for.
+        let signs_from: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM oidc_signing_keys \
+                                      WHERE signs_from <= now() \
+                                        AND (retired_at IS NULL OR retired_at > now())) \
+                         THEN now() + make_interval(secs => $1) ELSE now() END",
+        )
+        .bind(lead.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await?;
+        // Keys already waiting to sign are passed over too: the newest rotation wins.
+        sqlx::query(
+            "UPDATE oidc_signing_keys SET retired_at = $1 \
+             WHERE retired_at IS NULL OR retired_at > $1",
+        )
+        .bind(signs_from)
+        .execute(&mut *tx)
+        .await?;
+        let kid = self.insert_new_key(&mut tx, signs_from).await?;
         tx.commit().await?;
         self.reload().await?;
-        tracing::info!(%kid, "rotated the ID token signing key");
-        Ok(kid)
+        tracing::info!(%kid, %signs_from, "rotated the ID token signing key");
+        Ok((kid, signs_from))
     }
 
-    async fn insert_new_key(&self, tx: &mut sqlx::PgConnection) -> Result<String, SigningError> {
+    async fn insert_new_key(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        signs_from: chrono::DateTime<chrono::Utc>,
+    ) -> Result<String, SigningError> {
         let private = tokio::task::spawn_blocking(|| KeyPair::generate(KeySize::Rsa2048))
             .await
             .map_err(|e| SigningError::Generate(e.to_string()))?
@@ -147,11 +176,13 @@ impl SigningKeys {
             .map_err(|e| SigningError::Generate(e.to_string()))?;
         let jwk = public_jwk(&kid, &private);
         sqlx::query(
-            "INSERT INTO oidc_signing_keys (kid, sealed_key, public_jwk) VALUES ($1, $2, $3)",
+            "INSERT INTO oidc_signing_keys (kid, sealed_key, public_jwk, signs_from) \
+             VALUES ($1, $2, $3, $4)",
         )
         .bind(&kid)
         .bind(self.secrets.seal(der.as_ref(), kid.as_bytes()))
         .bind(&jwk)
+        .bind(signs_from)
         .execute(tx)
         .await?;
         Ok(kid)
@@ -159,8 +190,12 @@ impl SigningKeys {
 
     /// Re-reads the keys from the database (after a rotation by any node).
     pub async fn reload(&self) -> Result<(), SigningError> {
+        // Newest first: a key waiting to sign leads the key set, and the first key that signs
+        // now is the active one.
         let rows: Vec<(String, Vec<u8>, serde_json::Value, bool)> = sqlx::query_as(
-            "SELECT kid, sealed_key, public_jwk, retired_at IS NULL FROM oidc_signing_keys \
+            "SELECT kid, sealed_key, public_jwk, \
+                    signs_from <= now() AND (retired_at IS NULL OR retired_at > now()) \
+             FROM oidc_signing_keys \
              WHERE retired_at IS NULL OR retired_at > now() - make_interval(secs => $1) \
              ORDER BY created_at DESC",
         )
