@@ -435,21 +435,44 @@ impl Governance {
                 .execute(self.pool())
                 .await?;
             } else if stale {
-                // Managed names only (the WHERE above); the name is one this module made.
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP INDEX CONCURRENTLY IF EXISTS {name}"
-                )))
+                // Claimed first: another node pruning now finds it no longer `ready`, and an
+                // approval of the same index waits for `dropped` — else a drop that waited on a
+                // new build's lock would drop the new index.
+                let claimed = sqlx::query(
+                    "UPDATE managed_indexes SET status = 'dropping' \
+                     WHERE name = $1 AND status = 'ready' AND last_scans = $2",
+                )
+                .bind(&name)
+                .bind(scans)
                 .execute(self.pool())
-                .await?;
-                sqlx::query("UPDATE managed_indexes SET status = 'dropped' WHERE name = $1")
-                    .bind(&name)
-                    .execute(self.pool())
-                    .await?;
+                .await?
+                .rows_affected();
+                if claimed == 0 {
+                    continue;
+                }
+                self.drop_claimed(&name).await?;
                 tracing::info!(index = %name, "dropped an unused managed index");
                 dropped.push(name);
             }
         }
         Ok(dropped)
+    }
+
+    /// Drops managed index `name`, whose row this node set `dropping`, and marks it `dropped`.
+    async fn drop_claimed(&self, name: &str) -> Result<(), GovernanceError> {
+        // Managed names only (callers check); the name is one this module made.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {name}"
+        )))
+        .execute(self.pool())
+        .await?;
+        sqlx::query(
+            "UPDATE managed_indexes SET status = 'dropped' WHERE name = $1 AND status = 'dropping'",
+        )
+        .bind(name)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// With `indexes.auto_create_min_calls` set: approves the hottest suggestion whose shape
@@ -493,7 +516,8 @@ impl Governance {
 
     /// Rows left `building` by a node that stopped mid-build (no session runs the build any
     /// more): `ready` if the index got built and is valid, else `failed`. A row approved in the
-    /// last minute is left alone: its build may not have reached the database yet.
+    /// last minute is left alone: its build may not have reached the database yet. Rows left
+    /// `dropping` are dropped.
     async fn settle_interrupted_builds(&self) -> Result<(), GovernanceError> {
         sqlx::query(
             "UPDATE managed_indexes m SET \
@@ -512,6 +536,15 @@ impl Governance {
         )
         .execute(self.pool())
         .await?;
+        // A drop its node stopped in the middle of: finished (dropping again is harmless if
+        // another node is at it now).
+        let dropping: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM managed_indexes WHERE status = 'dropping'")
+                .fetch_all(self.pool())
+                .await?;
+        for name in dropping.iter().filter(|name| is_managed_name(name)) {
+            self.drop_claimed(name).await?;
+        }
         Ok(())
     }
 

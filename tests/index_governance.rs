@@ -377,7 +377,8 @@ async fn a_value_too_large_for_its_index_is_refused_clearly() {
 /// A build its node stopped in the middle of (the row left `building`, nobody running it) is
 /// settled when a node next starts: `failed` with the reason when no valid index exists, so it
 /// can be approved again — a `building` row was otherwise stuck for good (hidden from
-/// suggestions, ignored by approve and prune).
+/// suggestions, ignored by approve and prune). A drop it stopped in the middle of (the row
+/// claimed `dropping`) is finished.
 #[tokio::test]
 async fn a_build_its_node_stopped_is_settled_at_the_next_start() {
     let (db_name, db_url) = common::fresh_database().await;
@@ -392,19 +393,52 @@ async fn a_build_its_node_stopped_is_settled_at_the_next_start() {
     .execute(&pool)
     .await
     .unwrap();
+    // And a drop it stopped in the middle of: the row claimed (`dropping`), the index still there.
+    sqlx::query("CREATE INDEX vibe_auto_00000000000000bb ON documents ((data ->> 'rank'))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO managed_indexes (name, doc_type, path, kind, definition, status, \
+                                      requested_by) \
+         VALUES ('vibe_auto_00000000000000bb', 'items', '{rank}', 'string', 'CREATE …', \
+                 'dropping', 'policy')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     first.finish().await;
 
     let second = TestServer::start_on(&db_url, &[]).await;
     let admin = second.token(ALICE, &["admin"]);
     let deadline = Instant::now() + Duration::from_secs(15);
-    let settled = loop {
+    let row = |body: &Value, name: &str| {
+        body["indexes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} listed: {body}"))
+    };
+    let (settled, dropped) = loop {
         let (_, body) = get(&second, "/v1/admin/indexes", &admin).await;
-        let row = body["indexes"][0].clone();
-        if row["status"] != "building" || Instant::now() > deadline {
-            break row;
+        let settled = row(&body, "vibe_auto_00000000000000aa");
+        let dropped = row(&body, "vibe_auto_00000000000000bb");
+        let done = settled["status"] != "building" && dropped["status"] != "dropping";
+        if done || Instant::now() > deadline {
+            break (settled, dropped);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    assert_eq!(dropped["status"], "dropped", "{dropped}");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relname = 'vibe_auto_00000000000000bb'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the index its drop was claimed for is gone");
     assert_eq!(settled["status"], "failed", "{settled}");
     assert!(
         settled["error"].as_str().unwrap().contains("interrupted"),
