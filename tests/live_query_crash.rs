@@ -60,10 +60,7 @@ async fn a_failed_subscription_frees_its_place() {
     let sub = reply["sub"].clone();
     let again = ws.request(json!({"op": "read", "type": "posts"})).await;
     assert_eq!(again["sub"], sub, "{again}");
-    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
-    let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
-    let realtime = s.server.as_ref().unwrap().app().realtime.clone();
-    common::crash_until_failed(&realtime, &spec, &mut ws, &sub).await;
+    common::crash_until_failed(&s, json!({"type": "posts"}), ALICE, &mut ws, &sub).await;
     let other = ws.request(json!({"op": "read", "type": "notes"})).await;
     assert_eq!(other["ok"], true, "{other}");
     // A narrower token ends what it may not read — not the failed one again: its `error` was

@@ -7,7 +7,6 @@ mod common;
 
 use common::{ALICE, TestServer, Ws};
 use serde_json::json;
-use vibe_actors::query::{QueryLimits, QueryRequest, QuerySpec};
 
 #[tokio::test]
 async fn failed_subscriptions_dropped_for_room_leave_the_gauge() {
@@ -18,10 +17,7 @@ async fn failed_subscriptions_dropped_for_room_leave_the_gauge() {
     assert_eq!(s.metric("vibe_ws_subscriptions").await, 1.0);
 
     // The live query crashes until its supervisor gives up: the subscription failed.
-    let request: QueryRequest = serde_json::from_value(json!({"type": "posts"})).unwrap();
-    let spec = QuerySpec::parse(&request, ALICE, QueryLimits::default()).unwrap();
-    let realtime = s.server.as_ref().unwrap().app().realtime.clone();
-    common::crash_until_failed(&realtime, &spec, &mut ws, &sub).await;
+    common::crash_until_failed(&s, json!({"type": "posts"}), ALICE, &mut ws, &sub).await;
     // A new `read` drops the failed one (the connection holds at most one failed one).
     let other = ws.request(json!({"op": "read", "type": "notes"})).await;
     assert_eq!(other["ok"], true, "{other}");

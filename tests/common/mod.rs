@@ -265,14 +265,24 @@ pub async fn until_waiting_on_locks(sql: &PgPool, n: i64) {
     .await;
 }
 
-/// Makes the live query `spec` (of `realtime`) crash until its supervisor gives up, reading
-/// `sub`'s frames on `ws` (a `reset` per restart) up to its `subscription_failed` error.
+/// Makes the live query of `query` (a `read` request's query) run for `caller` on `server`
+/// crash until its supervisor gives up, reading `sub`'s frames on `ws` (a `reset` per restart)
+/// up to its `subscription_failed` error.
 pub async fn crash_until_failed(
-    realtime: &ractor::ActorRef<vibe_actors::realtime::RealtimeMsg>,
-    spec: &vibe_actors::query::QuerySpec,
+    server: &TestServer,
+    query: serde_json::Value,
+    caller: &str,
     ws: &mut Ws,
     sub: &serde_json::Value,
 ) {
+    let request: vibe_actors::query::QueryRequest = serde_json::from_value(query).unwrap();
+    let spec = vibe_actors::query::QuerySpec::parse(
+        &request,
+        caller,
+        vibe_actors::query::QueryLimits::default(),
+    )
+    .unwrap();
+    let realtime = server.server.as_ref().unwrap().app().realtime.clone();
     loop {
         realtime
             .cast(vibe_actors::realtime::RealtimeMsg::CrashQuery(spec.clone()))
