@@ -2123,16 +2123,9 @@ async fn grants_need_a_covering_consent_even_against_a_racing_withdrawal() {
 async fn a_revoked_grant_outlives_its_longest_lived_access_token() {
     let (name, url) = common::fresh_database().await;
     let long = TestServer::start_on(&url, &[("identity.access_token_ttl", "\"2h\"")]).await;
-    // Nodes of a cluster share their keys: this one uses the other's data directory.
-    let shared_dir = serde_json::to_string(&long.data_dir.path()).unwrap();
-    let short = TestServer::start_on(
-        &url,
-        &[
-            ("data_dir", &shared_dir),
-            ("identity.access_token_ttl", "\"15m\""),
-        ],
-    )
-    .await;
+    let short = long
+        .another_node(&[("identity.access_token_ttl", "\"15m\"")])
+        .await;
     sign_up(&long, "ada").await;
     let first_party = first_party_token(&long, "ada").await;
     let client = register_client(&long, false, SCOPE).await;

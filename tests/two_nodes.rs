@@ -43,17 +43,10 @@ async fn a_write_on_one_node_reaches_subscribers_on_another() {
 async fn a_signing_key_rotated_on_one_node_is_published_before_it_signs() {
     let (name, url) = common::fresh_database().await;
     let a = TestServer::start_on(&url, &[("identity.signing_key_lead", "\"1h\"")]).await;
-    // Nodes of a cluster share the secrets key the signing keys are sealed with: B uses A's
-    // data directory.
-    let shared_dir = serde_json::to_string(&a.data_dir.path()).unwrap();
-    let b = TestServer::start_on(
-        &url,
-        &[
-            ("data_dir", &shared_dir),
-            ("identity.signing_key_reload_interval", "\"50ms\""),
-        ],
-    )
-    .await;
+    // Nodes of a cluster share the secrets key the signing keys are sealed with.
+    let b = a
+        .another_node(&[("identity.signing_key_reload_interval", "\"50ms\"")])
+        .await;
     let admin = a.token("did:key:zOperator", &["admin"]);
     let rotate = async |query: &str| -> (String, String) {
         let r = a

@@ -67,6 +67,16 @@ impl TestServer {
         Self::start_at(db_name, db_url, overrides).await
     }
 
+    /// Another node of this one's cluster: the same database and the same keys (this node's
+    /// data directory, as nodes of a cluster share their root and secrets keys), with
+    /// `overrides`. Its `finish` leaves the database to this node's owner.
+    pub async fn another_node(&self, overrides: &[(&str, &str)]) -> Self {
+        let shared_dir = serde_json::to_string(&self.data_dir.path()).unwrap();
+        let mut all = vec![("data_dir", shared_dir.as_str())];
+        all.extend_from_slice(overrides);
+        Self::start_on(&self.db_url, &all).await
+    }
+
     /// Starts a server on a database the test owns (it is not dropped by `finish`).
     pub async fn start_on(db_url: &str, overrides: &[(&str, &str)]) -> Self {
         Self::start_at(String::new(), db_url.to_owned(), overrides).await
