@@ -186,7 +186,9 @@ async fn a_lingering_live_query_resumes_its_last_subscriber_exactly() {
 #[tokio::test]
 async fn an_expired_token_ends_the_connection_and_a_fresh_one_resumes() {
     let s = TestServer::start().await;
-    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    // Long enough for the connection and its `read` to come first on a loaded machine (biscuit
+    // dates are whole seconds, so up to one of it is lost).
+    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
     let short = s.token_until(ALICE, &["*"], until);
     let query = json!({"op": "read", "type": "posts", "global": true});
     let mut client = Ws::connect(&s.base, Some(&short)).await;
@@ -287,7 +289,9 @@ async fn a_narrower_auth_ends_the_subscriptions_it_does_not_cover() {
 async fn a_time_limited_attenuation_ends_its_subscriptions_when_it_lapses() {
     let s = TestServer::start_with(&[("ws.attenuation_recheck", "\"200ms\"")]).await;
     let alice = s.token(ALICE, &["*"]);
-    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    // Long enough for the connection and its `read` to come first on a loaded machine (biscuit
+    // dates are whole seconds, so up to one of it is lost).
+    let until = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
     let limited = {
         use biscuit_auth::{Biscuit, builder_ext::BuilderExt};
         let public = s.server.as_ref().unwrap().app().tokens.public_key();

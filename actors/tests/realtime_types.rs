@@ -416,7 +416,7 @@ async fn a_second_expiry_with_no_change_between_reaches_a_client_resumed_after_t
         expires_at: Some(now + chrono::Duration::milliseconds(ms)),
     };
     // The second expiry comes well after the first, so the resume below falls between them.
-    let book = CertificateBook::new([held(90, "a", 300), held(91, "b", 1_500)], now);
+    let book = CertificateBook::new([held(90, "a", 1_000), held(91, "b", 4_000)], now);
     let source = Fixed(vec![first.clone(), second.clone()]);
     let realtime = root_holding(Arc::new(source), 100, Duration::ZERO, book).await;
     let request: QueryRequest =
