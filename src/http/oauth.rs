@@ -661,16 +661,7 @@ pub(super) async fn token(app: &App, req: Request<Incoming>) -> Result<HttpRespo
         Ok(v) => v,
         Err(e) => return Ok(oauth_failure(e, &headers)),
     };
-    let expires_at = SystemTime::now() + app.config.identity.access_token_ttl;
-    if let Err(e) = app
-        .identity
-        .oauth
-        .note_access_token(grant.id, chrono::DateTime::<chrono::Utc>::from(expires_at))
-        .await
-    {
-        return Ok(oauth_failure(e, &headers));
-    }
-    let response = issue_tokens(app, &grant, refresh_token, with_nonce, expires_at)?;
+    let response = issue_tokens(app, &grant, refresh_token, with_nonce)?;
     Ok(no_store(super::json(StatusCode::OK, &response)))
 }
 
@@ -680,10 +671,10 @@ fn issue_tokens(
     grant: &Grant,
     refresh_token: Option<String>,
     with_nonce: bool,
-    expires_at: SystemTime,
 ) -> Result<TokenResponse, ApiError> {
     let config = &app.config.identity;
     let now = SystemTime::now();
+    let expires_at = now + config.access_token_ttl;
     let identity = identity_scopes(&grant.scopes);
     let (access_token, _) = app.tokens.mint_issued(
         &grant.user_did,

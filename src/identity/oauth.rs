@@ -1042,6 +1042,7 @@ impl OAuthStore {
             .bind(grant.id)
             .execute(&mut *tx)
             .await?;
+        self.note_access_token(&mut tx, grant.id).await?;
         // The client is read at redemption, so a registration that dropped `refresh_token`
         // since the authorization request is honoured.
         let refresh = if client.may_refresh() && grant.scopes.iter().any(|s| s == "offline_access")
@@ -1131,6 +1132,7 @@ impl OAuthStore {
             .execute(&mut *tx)
             .await?;
         let next = self.insert_refresh(&mut tx, grant.id).await?;
+        self.note_access_token(&mut tx, grant.id).await?;
         tx.commit().await?;
         Ok((grant, next))
     }
@@ -1206,28 +1208,26 @@ impl OAuthStore {
         Ok(())
     }
 
-    /// Records that an access token of `grant` valid until `expires_at` is about to be handed
-    /// out, before it is minted: a revocation of the grant is kept until the latest such expiry
-    /// on every node, whatever lifetime the node minting it has. Refused once the grant is
-    /// revoked (a token minted after the revocation's horizon was read would outlive it).
-    pub async fn note_access_token(
+    /// Records, in the transaction that redeems a code or rotates a refresh token of `grant`
+    /// (its row locked, not revoked), that an access token of this node's lifetime is about to
+    /// be handed out: a revocation of the grant is kept until the latest such expiry on every
+    /// node, whatever lifetime the node minting it has. In that transaction, not after it: a
+    /// failure here must leave the code or refresh token unused (a retry would look like a
+    /// replay and cost the grant).
+    async fn note_access_token(
         &self,
+        tx: &mut sqlx::PgConnection,
         grant: Uuid,
-        expires_at: DateTime<Utc>,
     ) -> Result<(), OAuthError> {
-        let noted = sqlx::query(
+        sqlx::query(
             "UPDATE oauth_grants \
              SET access_expires_at = greatest(coalesce(access_expires_at, $2), $2) \
-             WHERE id = $1 AND revoked_at IS NULL",
+             WHERE id = $1",
         )
         .bind(grant)
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if noted == 0 {
-            return Err(OAuthError::InvalidGrant("the grant was revoked".into()));
-        }
+        .bind(as_ts(self.lifetimes.access_token))
+        .execute(tx)
+        .await?;
         Ok(())
     }
 
@@ -1235,16 +1235,19 @@ impl OAuthStore {
     /// kept: past the last expiry of any of their access tokens, with a margin for the clocks
     /// of the nodes checking them (refresh tokens stop with the grant's `revoked_at` in the
     /// database). A grant with no expiry recorded (its tokens came before the record existed)
-    /// is assumed to have tokens of this node's lifetime, issued now.
+    /// is assumed to have tokens of this node's lifetime, issued now — as is every grant, at
+    /// least.
     fn revocation_horizon(&self, grants: &[(Uuid, Option<DateTime<Utc>>)]) -> DateTime<Utc> {
         const CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
+        // Never less than this node's own lifetime from now: a node of the previous version
+        // (during a rolling upgrade) mints without recording.
         let assumed = as_ts(self.lifetimes.access_token);
         let latest = grants
             .iter()
-            .map(|(_, expires)| expires.unwrap_or(assumed))
+            .filter_map(|(_, expires)| *expires)
             .max()
-            .unwrap_or(assumed);
-        latest.max(Utc::now()) + CLOCK_MARGIN
+            .map_or(assumed, |recorded| recorded.max(assumed));
+        latest + CLOCK_MARGIN
     }
 }
 
