@@ -458,14 +458,26 @@ impl Governance {
         Ok(dropped)
     }
 
-    /// Drops managed index `name`, whose row this node set `dropping`, and marks it `dropped`.
+    /// Drops managed index `name`, whose row is `dropping`, and marks it `dropped`; a drop that
+    /// fails (a lock wait cancelled, a statement timeout) puts the row back to `ready`, for the
+    /// next prune to try again — `dropping` is taken by neither a prune nor an approval.
     async fn drop_claimed(&self, name: &str) -> Result<(), GovernanceError> {
         // Managed names only (callers check); the name is one this module made.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP INDEX CONCURRENTLY IF EXISTS {name}"
         )))
         .execute(self.pool())
-        .await?;
+        .await;
+        if let Err(e) = dropped {
+            sqlx::query(
+                "UPDATE managed_indexes SET status = 'ready' \
+                 WHERE name = $1 AND status = 'dropping'",
+            )
+            .bind(name)
+            .execute(self.pool())
+            .await?;
+            return Err(e.into());
+        }
         sqlx::query(
             "UPDATE managed_indexes SET status = 'dropped' WHERE name = $1 AND status = 'dropping'",
         )
