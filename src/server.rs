@@ -181,7 +181,8 @@ impl RunningServer {
                 tracing::warn!(?grace, "WebSockets still open after the grace period");
             }
             let _ = self.shutting_down.send(true);
-            for task in self.background.drain(..) {
+            // Awaited in place, not drained: a hurry meanwhile must still find them to abort.
+            for task in &mut self.background {
                 let _ = task.await;
             }
             self.app.realtime.stop(None);

@@ -146,6 +146,7 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
     let mut head = app.feed_head.clone();
     let mut draining = app.shutdown_signal();
     let mut head_alive = true;
+    let mut draining_alive = true;
     loop {
         // Marked seen before reading, so a move during the read wakes the wait below.
         head.borrow_and_update();
@@ -217,7 +218,11 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         tokio::select! {
             moved = head.changed(), if head_alive => head_alive = moved.is_ok(),
             () = tokio::time::sleep_until(deadline) => {}
-            _ = draining.wait_for(|stopping| *stopping) => {}
+            // A dropped sender (a server dropped without `shutdown`) is no signal: without the
+            // guard the loop would read the feed again and again until the deadline.
+            stopping = draining.wait_for(|stopping| *stopping), if draining_alive => {
+                draining_alive = stopping.is_ok();
+            }
         }
     }
 }
