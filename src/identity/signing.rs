@@ -116,11 +116,16 @@ impl SigningKeys {
         .fetch_optional(&mut *tx)
         .await?;
         if active.is_none() {
-            let kid = self.insert_new_key(&mut tx, chrono::Utc::now()).await?;
+            // Signing from the database's now: the node's clock may be ahead of it.
+            let kid = self.insert_new_key(&mut tx, None).await?;
             tracing::info!(%kid, "created the first ID token signing key");
         }
         tx.commit().await?;
-        self.reload().await
+        self.reload().await?;
+        if self.ring().active.is_none() {
+            return Err(SigningError::NoKey);
+        }
+        Ok(())
     }
 
     /// Makes a new key, published at once and signing `lead` from now, when the keys signing
@@ -154,17 +159,18 @@ impl SigningKeys {
         .bind(signs_from)
         .execute(&mut *tx)
         .await?;
-        let kid = self.insert_new_key(&mut tx, signs_from).await?;
+        let kid = self.insert_new_key(&mut tx, Some(signs_from)).await?;
         tx.commit().await?;
         self.reload().await?;
         tracing::info!(%kid, %signs_from, "rotated the ID token signing key");
         Ok((kid, signs_from))
     }
 
+    /// Inserts a new key that signs from `signs_from` (None: the database's now).
     async fn insert_new_key(
         &self,
         tx: &mut sqlx::PgConnection,
-        signs_from: chrono::DateTime<chrono::Utc>,
+        signs_from: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<String, SigningError> {
         let private = tokio::task::spawn_blocking(|| KeyPair::generate(KeySize::Rsa2048))
             .await
@@ -177,7 +183,7 @@ impl SigningKeys {
         let jwk = public_jwk(&kid, &private);
         sqlx::query(
             "INSERT INTO oidc_signing_keys (kid, sealed_key, public_jwk, signs_from) \
-             VALUES ($1, $2, $3, $4)",
+             VALUES ($1, $2, $3, coalesce($4, now()))",
         )
         .bind(&kid)
         .bind(self.secrets.seal(der.as_ref(), kid.as_bytes()))
