@@ -124,8 +124,12 @@ impl Keyset {
         if items.iter().any(super::holds_nul) {
             return Err(bad());
         }
-        if items.len() != spec.sort.len() + 2
-            || items.remove(0).as_str() != Some(Self::signature(spec).as_str())
+        // A cursor of the previous version (no signature) is still taken, so a client paging
+        // through nodes of both during a rolling upgrade goes on; it is checked as it was then.
+        let legacy = items.len() == spec.sort.len() + 1;
+        if !legacy
+            && (items.len() != spec.sort.len() + 2
+                || items.remove(0).as_str() != Some(Self::signature(spec).as_str()))
         {
             return Err(bad());
         }
