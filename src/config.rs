@@ -610,6 +610,13 @@ impl Config {
         if id.login_attempts_per_minute == 0 || id.login_attempts_per_minute_per_address == 0 {
             return invalid("identity.login_attempts_per_minute", "must be at least 1");
         }
+        if id.signing_key_lead < id.signing_key_reload_interval {
+            return invalid(
+                "identity.signing_key_lead",
+                "must be at least identity.signing_key_reload_interval (every node publishes a \
+                 rotated key before it signs; `?immediate=true` switches at once)",
+            );
+        }
         if id.max_certificates_per_issuer == 0 {
             return invalid("identity.max_certificates_per_issuer", "must be at least 1");
         }
@@ -813,6 +820,8 @@ mod tests {
             }
             assert!(with(key, "2h").is_ok(), "{key}");
         }
+        let err = refusal("identity.signing_key_lead", "10s");
+        assert!(err.contains("identity.signing_key_lead"), "{err}");
         for key in ["feed.retention", "indexes.unused_after", "ws.linger"] {
             let err = refusal(key, "101years");
             assert!(err.contains(key), "{key}: {err}");
