@@ -49,6 +49,17 @@ fn serve(data_dir: &Path) -> (Child, String) {
     (child, base)
 }
 
+/// Runs `cmd`, which must succeed (its standard error in the failure); its output.
+fn succeeded(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn stop(mut child: Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -91,26 +102,20 @@ async fn serve_without_url_runs_a_private_postgres_that_persists() {
     let conf = std::fs::read_to_string(cluster.join("postgresql.conf")).unwrap();
     assert!(conf.contains("listen_addresses = ''"));
 
-    let out = vibe(&data_dir)
-        .args([
-            "token",
-            "mint",
-            "--sub",
-            "did:key:zAlice",
-            "--scope",
-            "write:notes",
-            "--scope",
-            "read:notes",
-            "--ttl",
-            "10m",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut out = vibe(&data_dir);
+    out.args([
+        "token",
+        "mint",
+        "--sub",
+        "did:key:zAlice",
+        "--scope",
+        "write:notes",
+        "--scope",
+        "read:notes",
+        "--ttl",
+        "10m",
+    ]);
+    let out = succeeded(&mut out);
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let key = data_dir.join("keys/root.key");
     let mode =
@@ -118,31 +123,23 @@ async fn serve_without_url_runs_a_private_postgres_that_persists() {
     assert_eq!(mode & 0o777, 0o600, "root key is private");
 
     let client = reqwest::Client::new();
-    let r = client
-        .post(format!("{base}/v1/docs/notes"))
-        .bearer_auth(&token)
-        .json(&json!({"data": {"text": "survives restarts"}}))
-        .send()
-        .await
-        .unwrap();
+    let post_note = async |text: &str| {
+        client
+            .post(format!("{base}/v1/docs/notes"))
+            .bearer_auth(&token)
+            .json(&json!({"data": {"text": text}}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = post_note("survives restarts").await;
     assert_eq!(r.status(), 201);
     let created: Value = r.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
 
     // `vibe migrate` beside the running server uses its cluster and leaves it running.
-    let out = vibe(&data_dir).arg("migrate").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = client
-        .post(format!("{base}/v1/docs/notes"))
-        .bearer_auth(&token)
-        .json(&json!({"data": {"text": "after a migrate beside it"}}))
-        .send()
-        .await
-        .unwrap();
+    succeeded(vibe(&data_dir).arg("migrate"));
+    let r = post_note("after a migrate beside it").await;
     assert_eq!(r.status(), 201, "the server's database is still up");
 
     tokio::task::spawn_blocking(move || stop(child))
@@ -205,16 +202,14 @@ fn invalid_config_fails_at_start_naming_the_key() {
 #[test]
 fn a_first_token_mint_prints_only_the_token() {
     let dir = tempfile::tempdir().unwrap();
-    let out = vibe(dir.path())
-        .env("VIBE_LOG__FORMAT", "text")
-        .args(["token", "mint", "--sub", "did:key:zAlice", "--scope", "*"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeded(vibe(dir.path()).env("VIBE_LOG__FORMAT", "text").args([
+        "token",
+        "mint",
+        "--sub",
+        "did:key:zAlice",
+        "--scope",
+        "*",
+    ]));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "only the token: {stdout:?}");
