@@ -131,6 +131,7 @@ pub struct HttpConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    pub trusted_proxies: crate::http::forwarded::TrustedProxies,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -767,6 +768,32 @@ mod tests {
     fn wrong_type_names_the_key() {
         let err = with("http.max_body_bytes", "lots").unwrap_err().to_string();
         assert!(err.contains("max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let err = refusal("http.trusted_proxies", vec!["10.0.0.0/8", "proxy.internal"]);
+        assert!(err.contains("http.trusted_proxies"), "{err}");
+        assert!(err.contains("proxy.internal"), "{err}");
+        // Addresses and networks of both families, as a config file lists them.
+        let config = Config::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Toml::string(r#"http.trusted_proxies = ["10.0.0.0/8", "::1"]"#)),
+        )
+        .unwrap();
+        let from = |peer: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-forwarded-for", "203.0.113.5".parse().unwrap());
+            config
+                .http
+                .trusted_proxies
+                .client_address(peer.parse().unwrap(), &headers)
+                .to_string()
+        };
+        assert_eq!(from("10.2.3.4"), "203.0.113.5");
+        assert_eq!(from("::1"), "203.0.113.5");
+        assert_eq!(from("192.0.2.1"), "192.0.2.1");
     }
 
     #[test]

@@ -1864,6 +1864,53 @@ async fn open_registration_is_limited_per_address() {
     server.finish().await;
 }
 
+/// Behind a reverse proxy listed in `http.trusted_proxies`, each client is limited by the
+/// address the proxy recorded, not the proxy's own: entries the client wrote itself (left of the
+/// proxy's) change nothing, and from a peer that is not listed the header is ignored.
+#[tokio::test]
+async fn per_address_limits_count_the_address_a_trusted_proxy_forwarded() {
+    let metadata = json!({
+        "redirect_uris": ["http://127.0.0.1:9/cb"],
+        "token_endpoint_auth_method": "none",
+        "scope": "openid read:posts",
+    });
+    let register = |server: &TestServer, forwarded_for: &str| {
+        server
+            .client
+            .post(server.url("/oauth/register"))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&metadata)
+    };
+    let limits = [
+        ("identity.open_registration", "true"),
+        ("identity.registrations_per_hour_per_address", "2"),
+    ];
+    let mut behind_proxy = limits.to_vec();
+    behind_proxy.push(("http.trusted_proxies", r#"["10.0.0.0/8", "127.0.0.1"]"#));
+    let server = TestServer::start_with(&behind_proxy).await;
+    for forwarded_for in ["203.0.113.1", "198.51.100.7, 203.0.113.1, 10.0.0.2"] {
+        let (status, body) = call(register(&server, forwarded_for)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // The client's own claim (198.51.100.8, left of what the proxy saw) does not help it.
+    let (status, body) = call(register(&server, "198.51.100.8, 203.0.113.1")).await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_requests")));
+    // Another client behind the same proxy has a budget of its own.
+    let (status, body) = call(register(&server, "203.0.113.2")).await;
+    assert_eq!(status, 201, "{body}");
+    server.finish().await;
+
+    // Without trusted proxies every request counts against the connection's address.
+    let server = TestServer::start_with(&limits).await;
+    for forwarded_for in ["203.0.113.1", "203.0.113.2"] {
+        let (status, body) = call(register(&server, forwarded_for)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = call(register(&server, "203.0.113.3")).await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_requests")));
+    server.finish().await;
+}
+
 /// An app anyone registered does not get errors redirected to its URI before this browser's
 /// user approved it (RFC 9700 §4.11.2: the endpoint must not be an open redirector); once
 /// approved, or for an app the operator registered, errors go back to the app as usual. Its

@@ -7,7 +7,7 @@
 //! Invariant: consents and keys are managed with first-party tokens only (no `client`): an app
 //! can neither read nor withdraw the user's other consents, nor export the user's key.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -34,7 +34,7 @@ struct Credentials {
 /// `POST /v1/accounts`: creates an account and its `did:key`.
 pub(super) async fn sign_up(
     app: &App,
-    peer: SocketAddr,
+    from: IpAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     if !app.config.identity.open_sign_up {
@@ -48,7 +48,7 @@ pub(super) async fn sign_up(
     // Each sign-up costs a password hash: bounded per address like logins.
     app.identity
         .accounts
-        .check_address(peer.ip())
+        .check_address(from)
         .map_err(account_error)?;
     let account = app
         .identity
@@ -65,14 +65,14 @@ pub(super) async fn sign_up(
 /// `POST /v1/sessions`: a first-party token (scope `*`) for the account's own apps and tools.
 pub(super) async fn sign_in(
     app: &App,
-    peer: SocketAddr,
+    from: IpAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let body: Credentials = read_json(app, req, JSON).await?;
     let account = app
         .identity
         .accounts
-        .login(&body.handle, &body.password, peer.ip())
+        .login(&body.handle, &body.password, from)
         .await
         .map_err(account_error)?;
     let expires_at = SystemTime::now() + app.config.identity.session_token_ttl;
@@ -217,7 +217,7 @@ struct Reauthentication {
 /// `POST /v1/me/key`: the user's DID private key as a JWK, after the password is re-entered.
 pub(super) async fn export_key(
     app: &App,
-    peer: SocketAddr,
+    from: IpAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let claims = account_owner(app, &req)?;
@@ -225,7 +225,7 @@ pub(super) async fn export_key(
     let key = app
         .identity
         .accounts
-        .export_key(&claims.subject, &body.password, peer.ip())
+        .export_key(&claims.subject, &body.password, from)
         .await
         .map_err(account_error)?;
     let mut response = json(StatusCode::OK, &key);

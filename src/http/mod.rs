@@ -7,11 +7,12 @@ mod certificates;
 mod changes;
 mod docs;
 pub mod error;
+pub mod forwarded;
 mod oauth;
 mod query;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -314,6 +315,11 @@ async fn handle(
     let request_id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let client_address = app
+        .config
+        .http
+        .trusted_proxies
+        .client_address(peer.ip(), req.headers());
     let matched = app.router.at(&path).map(|m| {
         (
             *m.value,
@@ -326,7 +332,7 @@ async fn handle(
     let (label, result) = match matched {
         Ok((route, params)) => (
             route.pattern(),
-            dispatch(&app, peer, route, &params, req).await,
+            dispatch(&app, client_address, route, &params, req).await,
         ),
         Err(_) => (
             "unmatched",
@@ -358,7 +364,7 @@ async fn handle(
     )
     .record(elapsed.as_secs_f64());
     tracing::debug!(
-        %request_id, %peer, %method, %path, status = status.as_u16(),
+        %request_id, %peer, %client_address, %method, %path, status = status.as_u16(),
         micros = elapsed.as_micros() as u64, "request"
     );
     Ok(response)
@@ -390,7 +396,7 @@ fn request_id(headers: &HeaderMap) -> String {
 
 async fn dispatch(
     app: &Arc<App>,
-    peer: SocketAddr,
+    client_address: IpAddr,
     route: Route,
     params: &[String],
     req: Request<Incoming>,
@@ -434,10 +440,10 @@ async fn dispatch(
         (Route::Authorize, _) => oauth::authorize(app, req).await,
         (Route::EndSession, _) => oauth::end_session(app, req).await,
         (Route::UserInfo, _) => oauth::userinfo(app, req).await,
-        (Route::Login, _) if method == Method::POST => oauth::login(app, peer, req).await,
+        (Route::Login, _) if method == Method::POST => oauth::login(app, client_address, req).await,
         (Route::Consent, _) if method == Method::POST => oauth::consent(app, req).await,
         (Route::Token, _) if method == Method::POST => oauth::token(app, req).await,
-        (Route::Register, _) if method == Method::POST => oauth::register(app, peer, req).await,
+        (Route::Register, _) if method == Method::POST => oauth::register(app, client_address, req).await,
         (Route::RegisteredClient, [client])
             if [Method::GET, Method::PUT, Method::DELETE].contains(&method) =>
         {
@@ -455,9 +461,9 @@ async fn dispatch(
             | Route::Register,
             _,
         ) => Err(method_not_allowed("POST")),
-        (Route::Accounts, _) if method == Method::POST => account::sign_up(app, peer, req).await,
+        (Route::Accounts, _) if method == Method::POST => account::sign_up(app, client_address, req).await,
         (Route::Accounts, _) => Err(method_not_allowed("POST")),
-        (Route::Sessions, _) if method == Method::POST => account::sign_in(app, peer, req).await,
+        (Route::Sessions, _) if method == Method::POST => account::sign_in(app, client_address, req).await,
         (Route::Sessions, _) if method == Method::DELETE => account::sign_out(app, req).await,
         (Route::Sessions, _) => Err(method_not_allowed("POST, DELETE")),
         (Route::Me, _) if method == Method::GET => account::me(app, req).await,
@@ -466,7 +472,7 @@ async fn dispatch(
             account::revoke_app(app, client, req).await
         }
         (Route::MyApp, _) => Err(method_not_allowed("DELETE")),
-        (Route::MyKey, _) if method == Method::POST => account::export_key(app, peer, req).await,
+        (Route::MyKey, _) if method == Method::POST => account::export_key(app, client_address, req).await,
         (Route::MyKey, _) => Err(method_not_allowed("POST")),
         (Route::Certificates, _) => match method {
             Method::GET => certificates::list(app, req).await,

@@ -9,7 +9,7 @@
 //! Errors before the client and redirect URI are known are shown to the user, never redirected.
 //! The pages work without JavaScript; their forms carry a CSRF token bound to a SameSite cookie.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use base64::Engine as _;
@@ -415,7 +415,7 @@ struct LoginForm {
 /// `POST /oauth/login`: the login form.
 pub(super) async fn login(
     app: &App,
-    peer: SocketAddr,
+    from: IpAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let headers = req.headers().clone();
@@ -436,7 +436,7 @@ pub(super) async fn login(
     let account = match app
         .identity
         .accounts
-        .login(&form.handle, &form.password, peer.ip())
+        .login(&form.handle, &form.password, from)
         .await
     {
         Ok(a) => a,
@@ -1169,7 +1169,7 @@ fn parse_form<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
 /// `invalid_redirect_uri` (§3.2.2).
 pub(super) async fn register(
     app: &App,
-    peer: SocketAddr,
+    from: IpAddr,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let with_token = req.headers().contains_key(header::AUTHORIZATION);
@@ -1192,7 +1192,7 @@ pub(super) async fn register(
     } else if app
         .identity
         .registrations
-        .check_key(&crate::identity::rate_limit_key(peer.ip()))
+        .check_key(&crate::identity::rate_limit_key(from))
         .is_err()
     {
         let mut r = oauth_error(
