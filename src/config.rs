@@ -776,11 +776,9 @@ mod tests {
         assert!(err.contains("http.trusted_proxies"), "{err}");
         assert!(err.contains("proxy.internal"), "{err}");
         // Addresses and networks of both families, as a config file lists them.
-        let config = Config::from_figment(
-            Figment::new()
-                .merge(Toml::string(DEFAULT_TOML))
-                .merge(Toml::string(r#"http.trusted_proxies = ["10.0.0.0/8", "::1"]"#)),
-        )
+        let config = Config::from_figment(Figment::new().merge(Toml::string(DEFAULT_TOML)).merge(
+            Toml::string(r#"http.trusted_proxies = ["10.0.0.0/8", "::1"]"#),
+        ))
         .unwrap();
         let from = |peer: &str| {
             let mut headers = http::HeaderMap::new();

@@ -1894,7 +1894,10 @@ async fn per_address_limits_count_the_address_a_trusted_proxy_forwarded() {
     }
     // The client's own claim (198.51.100.8, left of what the proxy saw) does not help it.
     let (status, body) = call(register(&server, "198.51.100.8, 203.0.113.1")).await;
-    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_requests")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_requests"))
+    );
     // Another client behind the same proxy has a budget of its own.
     let (status, body) = call(register(&server, "203.0.113.2")).await;
     assert_eq!(status, 201, "{body}");
@@ -1907,7 +1910,10 @@ async fn per_address_limits_count_the_address_a_trusted_proxy_forwarded() {
         assert_eq!(status, 201, "{body}");
     }
     let (status, body) = call(register(&server, "203.0.113.3")).await;
-    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_requests")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_requests"))
+    );
     server.finish().await;
 }
 

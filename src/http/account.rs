@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
@@ -75,7 +75,13 @@ pub(super) async fn sign_in(
         .login(&body.handle, &body.password, from)
         .await
         .map_err(account_error)?;
-    let expires_at = SystemTime::now() + app.config.identity.session_token_ttl;
+    // A token's expiry is whole seconds: the reply names the instant it really ends.
+    let expires_at = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(
+            (SystemTime::now() + app.config.identity.session_token_ttl)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
     let token = app
         .tokens
         .mint_until(&account.did, &[Scope::All], expires_at)?;

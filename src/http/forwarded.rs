@@ -123,7 +123,10 @@ mod tests {
     #[test]
     fn the_rightmost_untrusted_entry_is_the_client() {
         let trusted = proxies(&["10.0.0.0/8", "127.0.0.1"]);
-        assert_eq!(client(&trusted, "127.0.0.1", &["203.0.113.5"]), "203.0.113.5");
+        assert_eq!(
+            client(&trusted, "127.0.0.1", &["203.0.113.5"]),
+            "203.0.113.5"
+        );
         // The client claimed 198.51.100.1; the proxy appended what it saw.
         assert_eq!(
             client(&trusted, "127.0.0.1", &["198.51.100.1, 203.0.113.5"]),
@@ -131,12 +134,20 @@ mod tests {
         );
         // Two proxies: the edge one (10.1.2.3) forwarded to the local one.
         assert_eq!(
-            client(&trusted, "127.0.0.1", &["198.51.100.1, 203.0.113.5, 10.1.2.3"]),
+            client(
+                &trusted,
+                "127.0.0.1",
+                &["198.51.100.1, 203.0.113.5, 10.1.2.3"]
+            ),
             "203.0.113.5"
         );
         // The same list over repeated header lines.
         assert_eq!(
-            client(&trusted, "127.0.0.1", &["198.51.100.1", "203.0.113.5", "10.1.2.3"]),
+            client(
+                &trusted,
+                "127.0.0.1",
+                &["198.51.100.1", "203.0.113.5", "10.1.2.3"]
+            ),
             "203.0.113.5"
         );
     }
@@ -144,7 +155,10 @@ mod tests {
     #[test]
     fn a_chain_of_trusted_hops_ends_at_its_leftmost_entry() {
         let trusted = proxies(&["10.0.0.0/8"]);
-        assert_eq!(client(&trusted, "10.0.0.1", &["10.9.9.9, 10.0.0.2"]), "10.9.9.9");
+        assert_eq!(
+            client(&trusted, "10.0.0.1", &["10.9.9.9, 10.0.0.2"]),
+            "10.9.9.9"
+        );
         // A trusted proxy that sent no header is itself the client.
         assert_eq!(client(&trusted, "10.0.0.1", &[]), "10.0.0.1");
         assert_eq!(client(&trusted, "10.0.0.1", &[""]), "10.0.0.1");
@@ -170,7 +184,10 @@ mod tests {
             client(&trusted, "fd00::1", &["[2001:db8::7]:4711"]),
             "2001:db8::7"
         );
-        assert_eq!(client(&trusted, "fd00::1", &[" 203.0.113.5:80 "]), "203.0.113.5");
+        assert_eq!(
+            client(&trusted, "fd00::1", &[" 203.0.113.5:80 "]),
+            "203.0.113.5"
+        );
         // An IPv4 proxy reached over a dual-stack socket is still the listed proxy.
         assert_eq!(
             client(&trusted, "::ffff:127.0.0.1", &["::ffff:203.0.113.5"]),

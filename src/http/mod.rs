@@ -443,7 +443,9 @@ async fn dispatch(
         (Route::Login, _) if method == Method::POST => oauth::login(app, client_address, req).await,
         (Route::Consent, _) if method == Method::POST => oauth::consent(app, req).await,
         (Route::Token, _) if method == Method::POST => oauth::token(app, req).await,
-        (Route::Register, _) if method == Method::POST => oauth::register(app, client_address, req).await,
+        (Route::Register, _) if method == Method::POST => {
+            oauth::register(app, client_address, req).await
+        }
         (Route::RegisteredClient, [client])
             if [Method::GET, Method::PUT, Method::DELETE].contains(&method) =>
         {
@@ -461,9 +463,13 @@ async fn dispatch(
             | Route::Register,
             _,
         ) => Err(method_not_allowed("POST")),
-        (Route::Accounts, _) if method == Method::POST => account::sign_up(app, client_address, req).await,
+        (Route::Accounts, _) if method == Method::POST => {
+            account::sign_up(app, client_address, req).await
+        }
         (Route::Accounts, _) => Err(method_not_allowed("POST")),
-        (Route::Sessions, _) if method == Method::POST => account::sign_in(app, client_address, req).await,
+        (Route::Sessions, _) if method == Method::POST => {
+            account::sign_in(app, client_address, req).await
+        }
         (Route::Sessions, _) if method == Method::DELETE => account::sign_out(app, req).await,
         (Route::Sessions, _) => Err(method_not_allowed("POST, DELETE")),
         (Route::Me, _) if method == Method::GET => account::me(app, req).await,
@@ -472,7 +478,9 @@ async fn dispatch(
             account::revoke_app(app, client, req).await
         }
         (Route::MyApp, _) => Err(method_not_allowed("DELETE")),
-        (Route::MyKey, _) if method == Method::POST => account::export_key(app, client_address, req).await,
+        (Route::MyKey, _) if method == Method::POST => {
+            account::export_key(app, client_address, req).await
+        }
         (Route::MyKey, _) => Err(method_not_allowed("POST")),
         (Route::Certificates, _) => match method {
             Method::GET => certificates::list(app, req).await,

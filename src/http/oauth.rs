@@ -371,9 +371,16 @@ async fn approved_by(app: &App, did: &str, client: &Client) -> Result<bool, ApiE
         .map_err(oauth_internal)
 }
 
+/// Whether a sign-in at `auth_time` is recent enough for the request's `max_age` (seconds).
+/// Elapsed time is compared whole, not rounded down to seconds: `max_age=0` then always asks for
+/// a login, as OpenID Connect Core 3.1.2.1 says it must (it is `prompt=login`).
 fn within_max_age(auth_time: DateTime<Utc>, max_age: Option<u64>) -> bool {
     max_age.is_none_or(|m| {
-        (Utc::now() - auth_time).num_seconds() <= i64::try_from(m).unwrap_or(i64::MAX)
+        let limit = i64::try_from(m)
+            .ok()
+            .and_then(chrono::TimeDelta::try_seconds)
+            .unwrap_or(chrono::TimeDelta::MAX);
+        m > 0 && Utc::now() - auth_time <= limit
     })
 }
 
