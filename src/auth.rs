@@ -29,7 +29,8 @@ use crate::identity::revocation::Revocations;
 use minted::{FirstSight, MintedContext, ProofKey};
 
 /// Where the root key lives, relative to the data dir.
-const ROOT_KEY_FILE: &str = "keys/root.key";
+/// The root key's file inside the data dir.
+pub const ROOT_KEY_FILE: &str = "keys/root.key";
 
 /// Datalog budget per verification; generous enough for debug builds (biscuit's 1 ms default is not).
 const LIMITS: AuthorizerLimits = AuthorizerLimits {
@@ -70,7 +71,7 @@ pub enum AuthError {
     #[error("the root key file {0} is not a valid key")]
     BadKeyFile(String),
     #[error(
-        "invalid scope {0:?}: expected `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`"
+        "invalid scope {0:?}: expected `*`, `read:<type>`, `write:<type>`, `read:*`, `write:*` or `admin`"
     )]
     BadScope(String),
     #[error("a token may live at most 100 years")]

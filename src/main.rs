@@ -13,8 +13,8 @@ use vibe::config::Config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Vibe: a realtime backend on PostgreSQL — documents, live queries, identity, files and calls
-/// in one server.
+/// Vibe: a realtime backend on PostgreSQL — documents, live queries, identity and calls in one
+/// server.
 ///
 /// Configuration comes from built-in defaults, then `--config FILE`, then `VIBE_*` environment
 /// variables (e.g. VIBE_LISTEN, VIBE_DATABASE_URL, VIBE_DATA_DIR; DATABASE_URL is honoured too).
@@ -47,13 +47,23 @@ enum TokenCommand {
         /// Subject: the DID the token acts as, e.g. did:key:z6Mk...
         #[arg(long, value_name = "DID")]
         sub: String,
-        /// A scope: `*`, `read:<type>`, `write:<type>`, `read:*` or `write:*`. Repeat for more.
+        /// A scope: `*`, `read:<type>`, `write:<type>`, `read:*`, `write:*`, or `admin` (the
+        /// /v1/admin routes and app registration). Repeat for more.
         #[arg(long = "scope", value_name = "SCOPE", required = true)]
         scopes: Vec<Scope>,
         /// Lifetime, e.g. `30m`, `12h`, `7d` (default: tokens.default_ttl).
-        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        #[arg(long, value_parser = token_ttl, value_name = "DURATION")]
         ttl: Option<Duration>,
     },
+}
+
+/// A `--ttl`: a duration, not zero (a token expired at birth is a mistake, not a request).
+fn token_ttl(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(ttl) if ttl.is_zero() => Err("a token's lifetime must be longer than 0".to_owned()),
+        Ok(ttl) => Ok(ttl),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -89,6 +99,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Mint { sub, scopes, ttl }) => {
             vibe::server::prepare_data_dir(&config)?;
+            let key = config.data_dir.join(vibe::auth::ROOT_KEY_FILE);
+            if !key.exists() {
+                // Most likely the wrong data dir: a running server would refuse this token.
+                tracing::warn!(
+                    path = %key.display(),
+                    "no root key in this data dir: creating one; only a server on this data dir \
+                     accepts the token (set VIBE_DATA_DIR or data_dir to the server's)"
+                );
+            }
             let authority = TokenAuthority::load_or_create(&config.data_dir)?;
             let token = authority.mint(&sub, &scopes, ttl.unwrap_or(config.tokens.default_ttl))?;
             #[allow(clippy::print_stdout)] // the token is this command's output

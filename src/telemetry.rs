@@ -33,6 +33,41 @@ const MATCH_BUCKETS: &[f64] = &[
 /// most 1000).
 const BATCH_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
 
+/// Counters and gauges exported from the start, at zero. A series that first appears at its
+/// first increment shows no `increase()` or `rate()` for it, so an alert on the first feed resync
+/// or revocation sync failure would never fire.
+const COUNTERS: &[&str] = &[
+    "vibe_call_dropped_frames_total",
+    "vibe_call_forwarded_frames_total",
+    "vibe_call_keyframe_requests_total",
+    "vibe_call_receive_drops_total",
+    "vibe_call_room_crashes_total",
+    "vibe_call_send_drops_total",
+    "vibe_call_unrouted_datagrams_total",
+    "vibe_feed_changes_total",
+    "vibe_feed_errors_total",
+    "vibe_feed_resyncs_total",
+    "vibe_feed_ticks_total",
+    "vibe_feed_undecodable_total",
+    "vibe_live_query_lagging_total",
+    "vibe_live_query_restarts_total",
+    "vibe_query_shapes_dropped_total",
+    "vibe_revocations_sync_failures_total",
+    "vibe_ws_events_total",
+    "vibe_ws_queue_overflows_total",
+];
+const GAUGES: &[&str] = &[
+    "vibe_call_participants",
+    "vibe_call_rooms",
+    "vibe_changes_waiting",
+    "vibe_live_queries",
+    "vibe_live_query_bytes",
+    "vibe_store_creates_waiting",
+    "vibe_store_reads_waiting",
+    "vibe_ws_connections",
+    "vibe_ws_subscriptions",
+];
+
 /// Installs the global log subscriber, writing to standard error. `RUST_LOG` overrides the
 /// configured level.
 pub fn init_logging(config: &LogConfig) {
@@ -40,9 +75,11 @@ pub fn init_logging(config: &LogConfig) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
     // Standard error, as PostgreSQL and most daemons log: standard output is a command's answer
     // (`vibe token mint` prints the token there, for `TOKEN=$(vibe token mint …)`).
+    // Colours only for a terminal: a log redirected to a file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Json => builder.json().try_init(),
@@ -83,6 +120,13 @@ pub fn metrics() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            // Adding zero registers a series without moving it.
+            for name in COUNTERS {
+                metrics::counter!(*name).increment(0);
+            }
+            for name in GAUGES {
+                metrics::gauge!(*name).increment(0.0);
             }
             let upkeep = handle.clone();
             std::thread::Builder::new()

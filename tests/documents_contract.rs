@@ -1193,3 +1193,97 @@ async fn an_old_changes_cursor_expires_after_retention() {
     );
     s.finish().await;
 }
+
+/// HEAD is answered as GET without the body (RFC 9110 §9.3.2): the same status, headers and
+/// `Content-Length`, so a load balancer can probe `/health` with it. The WebSocket route, whose GET
+/// is a handshake, does not take it.
+#[tokio::test]
+async fn head_answers_as_get_without_the_body() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let doc = s.post(&alice, "posts", json!({"data": {"n": 1}})).await;
+    let item = s.url(&format!("/v1/docs/posts/{}", doc["id"].as_str().unwrap()));
+    for (url, token) in [
+        (s.url("/health"), None),
+        (s.url("/metrics"), None),
+        (item.clone(), Some(alice.as_str())),
+        (item.clone(), None),
+    ] {
+        let with_token = |request: reqwest::RequestBuilder| match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let get = with_token(s.client.get(&url)).send().await.unwrap();
+        let (get_status, get_etag) = (get.status(), get.headers().get("etag").cloned());
+        let get_body = get.bytes().await.unwrap();
+        let head = with_token(s.client.head(&url)).send().await.unwrap();
+        assert_eq!(head.status(), get_status, "HEAD {url}");
+        assert_eq!(head.headers().get("etag").cloned(), get_etag, "HEAD {url}");
+        if !url.ends_with("/metrics") {
+            // The metrics text moves between the two requests (they are counted).
+            assert_eq!(
+                head.headers()
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok()),
+                Some(get_body.len()),
+                "HEAD {url}"
+            );
+        }
+        assert!(
+            head.bytes().await.unwrap().is_empty(),
+            "HEAD {url} has no body"
+        );
+    }
+    let ws = s.client.head(s.url("/v1/ws")).send().await.unwrap();
+    assert_eq!(ws.status(), 405);
+    assert_eq!(ws.headers().get("allow").unwrap(), "GET");
+    let post_only = s.client.get(s.url("/v1/query")).send().await.unwrap();
+    assert_eq!(post_only.status(), 405);
+    s.finish().await;
+}
+
+/// Every counter and gauge README.md and docs/calls.md name is exported from the start, before
+/// anything moved it: a series that first appears at its first increment shows no `increase()`
+/// for it, so an alert on the first resync or revocation sync failure would never fire.
+#[tokio::test]
+async fn documented_counters_and_gauges_are_exported_from_the_start() {
+    // Histograms appear with their first observation; these gauges are set by a first reading.
+    const OBSERVED_LATER: &[&str] = &[
+        "vibe_http_request_duration_seconds",
+        "vibe_feed_lag_seconds",
+        "vibe_feed_tick_seconds",
+        "vibe_live_query_match_seconds",
+        "vibe_live_query_fanout_seconds",
+        "vibe_store_create_batch_rows",
+        "vibe_store_read_batch_rows",
+        "vibe_call_forward_latency_seconds",
+        "vibe_feed_oldest_xact_age_seconds",
+        "vibe_revocations_synced_timestamp_seconds",
+    ];
+    let docs = [
+        include_str!("../README.md"),
+        include_str!("../docs/calls.md"),
+    ];
+    let documented: BTreeSet<&str> = docs
+        .iter()
+        .flat_map(|text| text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|word| word.starts_with("vibe_") && !OBSERVED_LATER.contains(word))
+        .collect();
+    assert!(documented.len() > 20, "{documented:?}");
+    let s = TestServer::start().await;
+    // The request counter is labelled by route: it exists once a request was counted.
+    let health = s.client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let exported = s.metrics_text().await;
+    let missing: Vec<&&str> = documented
+        .iter()
+        .filter(|name| {
+            !exported.lines().any(|line| {
+                line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))
+            })
+        })
+        .collect();
+    assert!(missing.is_empty(), "not exported yet: {missing:?}");
+    s.finish().await;
+}

@@ -219,4 +219,38 @@ fn a_first_token_mint_prints_only_the_token() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("created token root key"), "{stderr}");
+    // A new key is most often the wrong data dir: the operator is told whose tokens these are.
+    assert!(
+        stderr.contains("only a server on this data dir"),
+        "{stderr}"
+    );
+    // Without the plain-text colours of a terminal: stderr is a pipe here.
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+
+    let mint = |ttl: &str| {
+        vibe(dir.path())
+            .env("VIBE_LOG__FORMAT", "text")
+            .args([
+                "token",
+                "mint",
+                "--sub",
+                "did:key:zAlice",
+                "--scope",
+                "admin",
+            ])
+            .args(["--ttl", ttl])
+            .output()
+            .unwrap()
+    };
+    let again = mint("5m");
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !stderr.contains("creating one"),
+        "the key exists now: {stderr}"
+    );
+    let zero = mint("0s");
+    assert!(!zero.status.success(), "a token expired at birth");
+    let stderr = String::from_utf8_lossy(&zero.stderr);
+    assert!(stderr.contains("longer than 0"), "{stderr}");
 }

@@ -1401,3 +1401,38 @@ async fn expired_forms_and_browser_sessions_sign_no_one_in() {
     pool.close().await;
     server.finish().await;
 }
+
+/// Client authentication's `Basic` scheme is matched without regard to case (RFC 9110 §11.1), as
+/// `Bearer` is: `basic` and `BASIC` authenticate the client; a wrong secret under either does not.
+#[tokio::test]
+async fn the_basic_scheme_of_client_authentication_ignores_case() {
+    use base64::engine::general_purpose::STANDARD;
+    let server = TestServer::start().await;
+    sign_up(&server, "ada").await;
+    let client = register_client(&server, false, SCOPE).await;
+    let mut browser = Browser::new();
+    let tokens = app_tokens(&server, &mut browser, &client, SCOPE, "ada").await;
+    let access = tokens["access_token"].as_str().unwrap();
+    let secret = client.secret.as_deref().unwrap();
+    let introspect = |scheme: &str, secret: &str| {
+        let credentials = STANDARD.encode(format!("{}:{secret}", client.id));
+        server
+            .client
+            .post(server.url("/oauth/introspect"))
+            .header("authorization", format!("{scheme} {credentials}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(serde_urlencoded::to_string([("token", access)]).unwrap())
+    };
+    for scheme in ["Basic", "basic", "BASIC"] {
+        let (status, body) = call(introspect(scheme, secret)).await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+        assert_eq!(body["active"], true, "{scheme}: {body}");
+        let (status, body) = call(introspect(scheme, "not-the-secret")).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{scheme} with a wrong secret: {body}"
+        );
+    }
+    server.finish().await;
+}

@@ -309,7 +309,7 @@ impl Activity {
 async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<HttpResponse, Infallible> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
@@ -329,6 +329,12 @@ async fn handle(
                 .collect::<Vec<_>>(),
         )
     });
+    // HEAD is GET without the body (RFC 9110 §9.3.2): load balancers probe `/health` with it.
+    // Not for the WebSocket route, whose GET is a handshake.
+    let head = method == Method::HEAD && !matches!(matched, Ok((Route::WebSocket, _)));
+    if head {
+        *req.method_mut() = Method::GET;
+    }
     let (label, result) = match matched {
         Ok((route, params)) => (
             route.pattern(),
@@ -344,6 +350,9 @@ async fn handle(
         ),
     };
     let mut response = result.unwrap_or_else(ApiError::into_response);
+    if head {
+        response = without_body(response);
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -368,6 +377,16 @@ async fn handle(
         micros = elapsed.as_micros() as u64, "request"
     );
     Ok(response)
+}
+
+/// The answer to a HEAD: the GET's status and headers, its length, no body.
+fn without_body(response: HttpResponse) -> HttpResponse {
+    let (mut parts, body) = response.into_parts();
+    let length = hyper::body::Body::size_hint(&body).exact().unwrap_or(0);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 /// The method as a metrics label. Any method is a valid request line, so a client inventing
@@ -404,13 +423,14 @@ async fn dispatch(
     let method = req.method().clone();
     match (route, params) {
         (Route::WebSocket, _) if method == Method::GET => crate::ws::upgrade(app.clone(), req),
+        (Route::WebSocket, _) => Err(method_not_allowed("GET")),
         (Route::Changes, _) if method == Method::GET => changes::changes(app, req).await,
         (Route::Query, _) if method == Method::POST => query::query(app, req).await,
         (Route::Query, _) => Err(method_not_allowed("POST")),
         (Route::AdminIndexes, _) => match method {
             Method::GET => admin::list(app, req).await,
             Method::POST => admin::approve(app, req).await,
-            _ => Err(method_not_allowed("GET, POST")),
+            _ => Err(method_not_allowed("GET, HEAD, POST")),
         },
         (Route::AdminSuggestions, _) if method == Method::GET => admin::suggestions(app, req).await,
         (Route::AdminPrune, _) if method == Method::POST => admin::prune(app, req).await,
@@ -420,7 +440,7 @@ async fn dispatch(
         (Route::AdminClients, _) => match method {
             Method::GET => account::list_clients(app, req).await,
             Method::POST => account::register_client(app, req).await,
-            _ => Err(method_not_allowed("GET, POST")),
+            _ => Err(method_not_allowed("GET, HEAD, POST")),
         },
         (Route::AdminClient, [client]) if method == Method::DELETE => {
             account::delete_client(app, client, req).await
@@ -435,7 +455,7 @@ async fn dispatch(
         (Route::Authorize | Route::EndSession | Route::UserInfo, _)
             if method != Method::GET && method != Method::POST =>
         {
-            Err(method_not_allowed("GET, POST"))
+            Err(method_not_allowed("GET, HEAD, POST"))
         }
         (Route::Authorize, _) => oauth::authorize(app, req).await,
         (Route::EndSession, _) => oauth::end_session(app, req).await,
@@ -451,7 +471,7 @@ async fn dispatch(
         {
             oauth::client_configuration(app, client, req).await
         }
-        (Route::RegisteredClient, _) => Err(method_not_allowed("GET, PUT, DELETE")),
+        (Route::RegisteredClient, _) => Err(method_not_allowed("GET, HEAD, PUT, DELETE")),
         (Route::Revoke, _) if method == Method::POST => oauth::revoke(app, req).await,
         (Route::Introspect, _) if method == Method::POST => oauth::introspect(app, req).await,
         (
@@ -485,7 +505,7 @@ async fn dispatch(
         (Route::Certificates, _) => match method {
             Method::GET => certificates::list(app, req).await,
             Method::POST => certificates::issue(app, req).await,
-            _ => Err(method_not_allowed("GET, POST")),
+            _ => Err(method_not_allowed("GET, HEAD, POST")),
         },
         (Route::Certificate, [id]) if method == Method::DELETE => {
             certificates::revoke(app, id, req).await
@@ -496,16 +516,16 @@ async fn dispatch(
         (Route::DocsCollection, [doc_type]) => match method {
             Method::GET => docs::list(app, doc_type, req).await,
             Method::POST => docs::create(app, doc_type, req).await,
-            _ => Err(method_not_allowed("GET, POST")),
+            _ => Err(method_not_allowed("GET, HEAD, POST")),
         },
         (Route::DocsItem, [doc_type, id]) => match method {
             Method::GET => docs::get(app, doc_type, id, req).await,
             Method::PUT => docs::replace(app, doc_type, id, req).await,
             Method::PATCH => docs::patch(app, doc_type, id, req).await,
             Method::DELETE => docs::delete(app, doc_type, id, req).await,
-            _ => Err(method_not_allowed("GET, PUT, PATCH, DELETE")),
+            _ => Err(method_not_allowed("GET, HEAD, PUT, PATCH, DELETE")),
         },
-        _ => Err(method_not_allowed("GET")),
+        _ => Err(method_not_allowed("GET, HEAD")),
     }
 }
 
@@ -629,7 +649,7 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let token = value
         .to_str()
         .ok()
-        .and_then(bearer_credentials)
+        .and_then(|v| credentials(v, "Bearer"))
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -640,13 +660,14 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-/// The token of an `Authorization` value `Bearer <token>`: the scheme compares without regard
-/// to case (RFC 9110 §11.1; `bearer` and `BEARER` are `Bearer`), and the token is what follows
-/// it, trimmed; None for another scheme or an empty token.
-pub(crate) fn bearer_credentials(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+/// The credentials of an `Authorization` value `<scheme> <credentials>` (`Bearer <token>`,
+/// `Basic <base64>`): the scheme compares without regard to case (RFC 9110 §11.1; `bearer` and
+/// `BEARER` are `Bearer`), and the credentials are what follows it, trimmed; None for another
+/// scheme or empty credentials.
+pub(crate) fn credentials<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, credentials) = value.trim_start().split_once([' ', '\t'])?;
+    let credentials = credentials.trim();
+    (given.eq_ignore_ascii_case(scheme) && !credentials.is_empty()).then_some(credentials)
 }
 
 /// Reads a JSON body of one of the `content_types`, bounded by the configured size.

@@ -1126,7 +1126,7 @@ async fn authenticate_client(
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "));
+        .and_then(|v| super::credentials(v, "Basic"));
     let (id, secret) = match basic {
         Some(encoded) => {
             let decoded = STANDARD

@@ -105,7 +105,7 @@ pub fn upgrade(app: Arc<App>, mut req: Request<Incoming>) -> Result<HttpResponse
             req.headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(crate::http::bearer_credentials)
+                .and_then(|v| crate::http::credentials(v, "Bearer"))
                 .map(str::to_owned)
         });
     let config = &app.config.ws;

@@ -290,12 +290,16 @@ impl Room {
         if self.participants.len() >= self.config.max_participants {
             return Err(CallError::RoomFull(self.config.max_participants));
         }
-        let offer = offer.map(|sdp| self.parse_offer(sdp, 0)).transpose()?;
         let id = ParticipantId(self.next_id);
         // A third joiner moves a peer-to-peer room to the SFU — once its own session is set up:
         // a join refused below leaves the room as it was.
         let to_sfu = self.mode == RoomMode::P2p && self.participants.len() >= 2;
         let mode = if to_sfu { RoomMode::Sfu } else { self.mode };
+        // In a peer-to-peer room the server holds no session to offer to, whatever the offer.
+        if mode == RoomMode::P2p && offer.is_some() {
+            return Err(CallError::PeerToPeer);
+        }
+        let offer = offer.map(|sdp| self.parse_offer(sdp, 0)).transpose()?;
         let mut participant = Participant {
             id,
             did: did.clone(),
@@ -341,9 +345,6 @@ impl Room {
                 }
             }
             RoomMode::P2p => {
-                if offer.is_some() {
-                    return Err(CallError::PeerToPeer);
-                }
                 if let Some(first) = self.participants.first() {
                     self.signals.push_back((
                         id,
@@ -1300,8 +1301,12 @@ impl Room {
         if candidates > self.config.max_candidates {
             return Err(CallError::TooManyCandidates(self.config.max_candidates));
         }
-        let offer =
-            SdpOffer::from_sdp_string(sdp).map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+        // The parser's own message dumps its internal state (a pointer offset among it): the
+        // client is told what failed, the detail goes to the log.
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
+            tracing::debug!(error = %e, "an offer's SDP did not parse");
+            CallError::InvalidSdp("the offer is not an SDP session description".to_owned())
+        })?;
         Ok((offer, candidates))
     }
 }
@@ -1385,6 +1390,36 @@ fn choose_layer(quality: Quality, estimate: Option<Bitrate>, layers: &[Rid]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offer_to_a_peer_to_peer_room_is_refused_as_such_whatever_its_text() {
+        let mut room = Room::new(RoomConfig {
+            mode: RoomMode::P2p,
+            ..RoomConfig::default()
+        });
+        for offer in ["v=0\r\n", "not sdp at all"] {
+            let refused = room.join(Instant::now(), "did:key:zA".to_owned(), Some(offer));
+            assert_eq!(refused.err(), Some(CallError::PeerToPeer), "{offer:?}");
+        }
+        assert!(room.participants.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_offer_is_refused_without_the_parsers_internals() {
+        let mut room = Room::new(RoomConfig::default());
+        let refused = room
+            .join(Instant::now(), "did:key:zA".to_owned(), Some("v=0\r\n"))
+            .err();
+        let Some(error) = refused else {
+            panic!("an offer of one line was accepted")
+        };
+        assert_eq!(error.code(), "invalid_sdp");
+        assert_eq!(
+            error.to_string(),
+            "invalid SDP: the offer is not an SDP session description"
+        );
+        assert!(room.participants.is_empty());
+    }
 
     #[test]
     fn an_offers_shape_counts_live_sending_sections_and_candidates() {
