@@ -1287,3 +1287,64 @@ async fn documented_counters_and_gauges_are_exported_from_the_start() {
     assert!(missing.is_empty(), "not exported yet: {missing:?}");
     s.finish().await;
 }
+
+/// A value of the wrong shape is refused with a message that starts with where it sits — the
+/// query parameter, the body's field path, the WebSocket request's field — and names what is
+/// wanted in the API's terms, not a Rust type's.
+#[tokio::test]
+async fn refusals_of_a_bad_value_name_the_field() {
+    let s = TestServer::start().await;
+    let alice = s.token(ALICE, &["*"]);
+    let message_of = |body: &Value| body["error"]["message"].as_str().unwrap_or("").to_owned();
+
+    let r = s
+        .client
+        .get(s.url("/v1/docs/posts?limit=abc"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = answer(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+    assert!(message_of(&body).starts_with("limit: "), "{body}");
+
+    let (status, body) = s.query(&alice, &json!({"type": "posts", "sort": 5})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    let message = message_of(&body);
+    assert!(message.starts_with("sort: "), "{body}");
+    assert!(
+        message.contains("a sort key or a list of sort keys"),
+        "{body}"
+    );
+    assert!(!message.contains("SortRequest"), "{body}");
+
+    let r = s
+        .client
+        .post(s.url("/v1/docs/posts"))
+        .bearer_auth(&alice)
+        .json(&json!({"data": {}, "acl": {"read": ["*"]}}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = answer(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_body"))
+    );
+    assert!(message_of(&body).starts_with("acl.read"), "{body}");
+
+    let mut ws = Ws::connect(&s.base, Some(&alice)).await;
+    let reply = ws
+        .request(json!({"op": "read", "type": "posts", "limit": "ten"}))
+        .await;
+    assert_eq!(reply["error"]["code"], "invalid_request", "{reply}");
+    assert!(message_of(&reply).starts_with("limit: "), "{reply}");
+    ws.close().await;
+    s.finish().await;
+}

@@ -274,12 +274,14 @@ async fn authorize_errors_are_shown_or_redirected_to_the_registered_uri_only() {
     }
 
     // Once both are known, errors go back to the app, with state and iss.
-    let cases: [Case<'_>; 7] = [
+    let cases: [Case<'_>; 8] = [
         (
             &client,
             &[("response_type", Some("token"))],
             "unsupported_response_type",
         ),
+        // Missing, it is a malformed request (RFC 6749 §4.1.2.1).
+        (&client, &[("response_type", None)], "invalid_request"),
         (
             &client,
             &[("response_type", Some("code id_token"))],

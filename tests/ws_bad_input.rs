@@ -63,6 +63,9 @@ async fn bad_requests_get_errors_and_the_connection_lives_on() {
     expect_error(&mut ws, "missing_op", json!(7)).await;
     ws.send(json!({"id": 8, "op": "teleport"})).await;
     expect_error(&mut ws, "unknown_op", json!(8)).await;
+    // An op that is not a string is present, not missing: no op has that name.
+    ws.send(json!({"id": 81, "op": 5})).await;
+    expect_error(&mut ws, "unknown_op", json!(81)).await;
     ws.send(json!({"id": "s", "op": "read"})).await;
     expect_error(&mut ws, "invalid_request", json!("s")).await;
     ws.send(json!({"id": 9, "op": "ping", "extra": true})).await;

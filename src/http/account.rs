@@ -326,8 +326,7 @@ pub(super) async fn rotate_signing_key(
         #[serde(default)]
         immediate: bool,
     }
-    let params: Params = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let params: Params = super::query_params(req.uri(), "invalid_query")?;
     let lead = if params.immediate {
         std::time::Duration::ZERO
     } else {

@@ -135,8 +135,7 @@ struct ListParams {
 /// `GET /v1/certificates?role=issued|received` (default: received).
 pub(super) async fn list(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let claims = permitted(app, req.headers(), Access::Read)?;
-    let params: ListParams = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let params: ListParams = super::query_params(req.uri(), "invalid_query")?;
     let issued = match params.role.as_deref() {
         None | Some("received") => false,
         Some("issued") => true,

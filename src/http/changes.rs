@@ -54,8 +54,7 @@ struct Body {
 }
 
 pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let params: Params = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let params: Params = super::query_params(req.uri(), "invalid_query")?;
     let mut types: Vec<String> = params
         .types
         .as_deref()

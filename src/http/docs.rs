@@ -216,8 +216,7 @@ pub(super) async fn list(
 ) -> Result<HttpResponse, ApiError> {
     check_type(doc_type)?;
     let claims = authorize(app, req.headers(), Access::Read, doc_type)?;
-    let params: ListParams = serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let params: ListParams = super::query_params(req.uri(), "invalid_query")?;
     let http = &app.config.http;
     let limit = params.limit.unwrap_or(http.default_page_size);
     if limit == 0 || limit > http.max_page_size {
@@ -276,7 +275,7 @@ fn document_response(status: StatusCode, doc: &Document, caller: &str) -> HttpRe
     response
 }
 
-fn check_type(doc_type: &str) -> Result<(), ApiError> {
+pub(super) fn check_type(doc_type: &str) -> Result<(), ApiError> {
     if crate::doc_type::is_valid(doc_type) {
         Ok(())
     } else {

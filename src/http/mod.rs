@@ -677,13 +677,40 @@ pub async fn read_json<T: DeserializeOwned>(
     content_types: &[&str],
 ) -> Result<T, ApiError> {
     let bytes = read_body(app, req, content_types).await?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
-            _ => ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}")),
-        }
-    })
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(
+        |e| {
+            use serde_json::error::Category;
+            match e.inner().classify() {
+                Category::Data => ApiError::bad_request("invalid_body", at_path(&e)),
+                _ => ApiError::bad_request(
+                    "bad_json",
+                    format!("the body is not valid JSON: {}", e.inner()),
+                ),
+            }
+        },
+    )
+}
+
+/// A deserialization error's message, led by the field it is about (`limit: invalid digit
+/// found in string`, `acl.read: invalid type: …`) unless it is about the whole value.
+pub(crate) fn at_path<E: std::fmt::Display>(error: &serde_path_to_error::Error<E>) -> String {
+    let path = error.path().to_string();
+    if path == "." {
+        error.inner().to_string()
+    } else {
+        format!("{path}: {}", error.inner())
+    }
+}
+
+/// The request's query string as `T`; a bad one is 400 with `code` and a message naming the
+/// parameter.
+pub(crate) fn query_params<T: DeserializeOwned>(
+    uri: &http::Uri,
+    code: &'static str,
+) -> Result<T, ApiError> {
+    let pairs = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes());
+    serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs))
+        .map_err(|e| ApiError::bad_request(code, at_path(&e)))
 }
 
 /// Reads a body of one of the `content_types`, bounded by the configured size.

@@ -119,8 +119,7 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
     let params: AuthorizeParams = if req.method() == Method::POST {
         parse_form(&read_body(app, req, FORM).await?)?
     } else {
-        serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-            .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?
+        super::query_params(req.uri(), "invalid_request")?
     };
     // Until the client and its redirect URI are known, errors are shown, not redirected: an
     // unchecked redirect would make this an open redirector.
@@ -182,10 +181,31 @@ pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpR
         }
     };
     if params.request.is_some() {
-        return error_to_app(&[("error", "request_not_supported"), ("iss", issuer)]);
+        return error_to_app(&[
+            ("error", "request_not_supported"),
+            (
+                "error_description",
+                "request objects are not supported: send the parameters in the query",
+            ),
+            ("iss", issuer),
+        ]);
     }
     if params.request_uri.is_some() {
-        return error_to_app(&[("error", "request_uri_not_supported"), ("iss", issuer)]);
+        return error_to_app(&[
+            ("error", "request_uri_not_supported"),
+            (
+                "error_description",
+                "request_uri is not supported: send the parameters in the query",
+            ),
+            ("iss", issuer),
+        ]);
+    }
+    // A missing parameter is a malformed request (RFC 6749 §4.1.2.1); another value is one this
+    // provider does not serve.
+    if params.response_type.is_none() {
+        return fail(OAuthError::InvalidRequest(
+            "response_type is required (code)".into(),
+        ));
     }
     if params.response_type.as_deref() != Some("code") {
         return error_to_app(&[
@@ -962,8 +982,7 @@ pub(super) async fn end_session(
     let params: EndSessionParams = if posted {
         parse_form(&read_body(app, req, FORM).await?)?
     } else {
-        serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-            .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?
+        super::query_params(req.uri(), "invalid_request")?
     };
     // An expired hint is accepted (RP-Initiated Logout §2: ID tokens expire long before their
     // users sign out): it only names the app and a user, and counts for nothing unless that

@@ -14,12 +14,8 @@ pub(super) async fn query(app: &App, req: Request<Incoming>) -> Result<HttpRespo
     let claims = bearer(app, req.headers())?;
     let headers = req.headers().clone();
     let request: QueryRequest = read_json(app, req, &["application/json"]).await?;
-    if !crate::doc_type::is_valid(&request.doc_type) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "type: a type name matches ^[a-z][a-z0-9_.-]{0,63}$",
-        ));
-    }
+    // The code every surface gives a bad type name (REST routes, `read`, `readOnce`).
+    super::docs::check_type(&request.doc_type)?;
     check_scope(app, &claims, &headers, Access::Read, &request.doc_type)?;
     let token = super::bearer_token(&headers)?;
     let page = crate::oneshot::query_page(app, token, &claims, &request).await?;

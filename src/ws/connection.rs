@@ -373,8 +373,8 @@ impl From<CallError> for Failure {
 }
 
 fn args<T: DeserializeOwned>(rest: serde_json::Map<String, Value>) -> Result<T, Failure> {
-    serde_json::from_value(Value::Object(rest))
-        .map_err(|e| Failure("invalid_request", e.to_string()))
+    serde_path_to_error::deserialize(Value::Object(rest))
+        .map_err(|e| Failure("invalid_request", crate::http::at_path(&e)))
 }
 
 impl Session {
@@ -409,11 +409,14 @@ impl Session {
         };
         let op = match request.remove("op") {
             Some(Value::String(op)) => op,
-            _ => {
+            None | Some(Value::Null) => {
                 return self.fail(
                     &id,
                     Failure("missing_op", "every request names an `op`".into()),
                 );
+            }
+            Some(_) => {
+                return self.fail(&id, Failure("unknown_op", "`op` is a string".into()));
             }
         };
         let result = match op.as_str() {
@@ -464,7 +467,10 @@ impl Session {
             }
             other => Err(Failure(
                 "unknown_op",
-                format!("unknown op {other:?}: auth, read, readOnce, write, remove, unsub, ping"),
+                format!(
+                    "unknown op {other:?}: auth, read, readOnce, write, remove, unsub, ping, \
+                     call.join, call.sdp, call.ice, call.mute, call.quality, call.leave"
+                ),
             )),
         };
         match result {

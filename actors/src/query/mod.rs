@@ -448,11 +448,38 @@ pub struct QueryRequest {
 }
 
 /// `"sort": "-createdAt"` or `"sort": ["-data.score", "createdAt"]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum SortRequest {
     One(String),
     Many(Vec<String>),
+}
+
+/// By hand rather than `untagged`, whose refusal names the Rust enum instead of what is wanted.
+impl<'de> Deserialize<'de> for SortRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = SortRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sort key or a list of sort keys")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<SortRequest, E> {
+                Ok(SortRequest::One(key.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut keys: A,
+            ) -> Result<SortRequest, A::Error> {
+                // The parse refuses more than 4; the body's size bounds the list until then.
+                let mut all = Vec::new();
+                while let Some(key) = keys.next_element::<String>()? {
+                    all.push(key);
+                }
+                Ok(SortRequest::Many(all))
+            }
+        }
+        deserializer.deserialize_any(Keys)
+    }
 }
 
 impl QuerySpec {
