@@ -1436,3 +1436,39 @@ async fn the_basic_scheme_of_client_authentication_ignores_case() {
     }
     server.finish().await;
 }
+
+/// The browser's endpoints answer a malformed form or query with an error page naming what is
+/// wrong, as a browser shows it, not with JSON.
+#[tokio::test]
+async fn malformed_browser_requests_get_an_error_page() {
+    let server = TestServer::start().await;
+    let form = |path: &str, body: &str| {
+        server
+            .client
+            .post(server.url(path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_owned())
+    };
+    for (request, wanted) in [
+        (form("/oauth/login", "x=1"), "interaction"),
+        (form("/oauth/consent", "x=1"), "interaction"),
+        (
+            server
+                .client
+                .get(server.url("/oauth/authorize?max_age=1&max_age=2")),
+            "max_age",
+        ),
+    ] {
+        let r = request.send().await.unwrap();
+        let status = r.status().as_u16();
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            content_type.starts_with("text/html"),
+            "{content_type}: {body}"
+        );
+        assert!(body.contains(wanted), "the page names `{wanted}`: {body}");
+    }
+    server.finish().await;
+}

@@ -1235,11 +1235,19 @@ async fn account_errors_and_the_exported_key_is_the_dids() {
                 .json(&json!({"password": password})),
         )
     };
-    assert_api_error(
-        &export(&first_party, "not the password").await,
-        401,
-        "invalid_credentials",
+    let (status, wrong) = export(&first_party, "not the password").await;
+    assert_eq!(
+        (
+            status,
+            wrong["error"]["code"].as_str(),
+            wrong["error"]["message"].as_str()
+        ),
+        (401, Some("invalid_credentials"), Some("wrong password")),
+        "the token names the account: only the password can be wrong"
     );
+    // An operator's token for a DID that has no account here.
+    let bare = server.token("did:key:zNoAccount", &["*"]);
+    assert_api_error(&export(&bare, PASSWORD).await, 404, "not_found");
     let r = server
         .client
         .post(server.url("/v1/me/key"))
@@ -1541,6 +1549,7 @@ async fn dynamic_registration_needs_its_token_and_refuses_what_it_cannot_honour(
             "invalid_redirect_uri",
         ),
         (json!({"redirect_uris": []}), "invalid_redirect_uri"),
+        (json!({"client_name": "No URIs"}), "invalid_redirect_uri"),
         (
             json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "post_logout_redirect_uris": ["http://evil.example/x"]}),
             "invalid_redirect_uri",
@@ -1559,10 +1568,6 @@ async fn dynamic_registration_needs_its_token_and_refuses_what_it_cannot_honour(
         ),
         (
             json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "scope": "openid *"}),
-            "invalid_client_metadata",
-        ),
-        (
-            json!({"client_name": "no redirects"}),
             "invalid_client_metadata",
         ),
     ];

@@ -20,7 +20,7 @@ use super::oauth::account_error;
 use super::{ApiError, HttpResponse, authorize_admin, bearer, json, read_json};
 use crate::app::App;
 use crate::auth::{Access, Claims, Scope};
-use crate::identity::oauth::{Client, NewClient, OAuthError};
+use crate::identity::oauth::{Client, OAuthError};
 
 const JSON: &[&str] = &["application/json"];
 
@@ -249,11 +249,13 @@ pub(super) async fn register_client(
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     authorize_admin(app, req.headers())?;
-    let body: NewClient = read_json(app, req, JSON).await?;
+    // The metadata, defaults and answer of `/oauth/register` (RFC 7591).
+    let body: super::oauth::RegistrationRequest = read_json(app, req, JSON).await?;
+    let new = body.into_new_client().map_err(oauth_error)?;
     let registered = app
         .identity
         .oauth
-        .register_client(body, crate::identity::oauth::Registrant::Operator)
+        .register_client(new, crate::identity::oauth::Registrant::Operator)
         .await
         .map_err(oauth_error)?;
     Ok(json(
@@ -262,13 +264,12 @@ pub(super) async fn register_client(
     ))
 }
 
-/// A registered client as RFC 7591 §3.2.1 answers it; the secret appears only here.
+/// A registered client as RFC 7591 §3.2.1 answers it; the secret appears only here, and only
+/// for a confidential client (a public one's answer has no `client_secret` members).
 pub(super) fn registration(client: &Client, secret: Option<String>) -> serde_json::Value {
-    json!({
+    let mut answer = json!({
         "client_id": client.client_id,
-        "client_secret": secret,
         "client_id_issued_at": client.created_at.timestamp(),
-        "client_secret_expires_at": 0,
         "client_name": client.client_name,
         "redirect_uris": client.redirect_uris,
         "post_logout_redirect_uris": client.post_logout_redirect_uris,
@@ -276,7 +277,12 @@ pub(super) fn registration(client: &Client, secret: Option<String>) -> serde_jso
         "token_endpoint_auth_method": client.token_endpoint_auth_method,
         "grant_types": client.grant_types,
         "response_types": ["code"],
-    })
+    });
+    if let Some(secret) = secret {
+        answer["client_secret"] = json!(secret);
+        answer["client_secret_expires_at"] = json!(0);
+    }
+    answer
 }
 
 /// `GET /v1/admin/clients`.
@@ -286,6 +292,8 @@ pub(super) async fn list_clients(
 ) -> Result<HttpResponse, ApiError> {
     authorize_admin(app, req.headers())?;
     let clients = app.identity.oauth.clients().await.map_err(oauth_error)?;
+    // Each in the shape registration answers it (without secrets, which are kept hashed).
+    let clients: Vec<_> = clients.iter().map(|c| registration(c, None)).collect();
     Ok(json(StatusCode::OK, &json!({"clients": clients})))
 }
 

@@ -164,7 +164,15 @@ pub(super) async fn revoke(
         .map_err(|_| ApiError::bad_request("invalid_id", "the id is not a UUID"))?;
     app.store
         .delete(&claims.subject, CERTIFICATE_TYPE, id, None)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no certificate with this id",
+            ),
+            e => e.into(),
+        })?;
     Ok(super::empty(StatusCode::NO_CONTENT))
 }
 

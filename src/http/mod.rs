@@ -708,7 +708,15 @@ pub(crate) fn query_params<T: DeserializeOwned>(
     uri: &http::Uri,
     code: &'static str,
 ) -> Result<T, ApiError> {
-    let pairs = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes());
+    form_params(uri.query().unwrap_or("").as_bytes(), code)
+}
+
+/// [`query_params`] of a form-urlencoded body.
+pub(crate) fn form_params<T: DeserializeOwned>(
+    encoded: &[u8],
+    code: &'static str,
+) -> Result<T, ApiError> {
+    let pairs = form_urlencoded::parse(encoded);
     serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs))
         .map_err(|e| ApiError::bad_request(code, at_path(&e)))
 }

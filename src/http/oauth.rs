@@ -116,10 +116,9 @@ struct AuthorizeParams {
 /// `GET|POST /oauth/authorize`.
 pub(super) async fn authorize(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let headers = req.headers().clone();
-    let params: AuthorizeParams = if req.method() == Method::POST {
-        parse_form(&read_body(app, req, FORM).await?)?
-    } else {
-        super::query_params(req.uri(), "invalid_request")?
+    let params: AuthorizeParams = match browser_params(app, req).await? {
+        Ok(params) => params,
+        Err(page) => return Ok(page),
     };
     // Until the client and its redirect URI are known, errors are shown, not redirected: an
     // unchecked redirect would make this an open redirector.
@@ -446,7 +445,10 @@ pub(super) async fn login(
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     let headers = req.headers().clone();
-    let form: LoginForm = parse_form(&read_body(app, req, FORM).await?)?;
+    let form: LoginForm = match browser_params(app, req).await? {
+        Ok(form) => form,
+        Err(page) => return Ok(page),
+    };
     let Some(interaction) = load_interaction(app, &headers, form.interaction, &form.csrf).await?
     else {
         return Ok(expired_page());
@@ -539,7 +541,10 @@ struct ConsentForm {
 /// `POST /oauth/consent`: the consent form.
 pub(super) async fn consent(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let headers = req.headers().clone();
-    let form: ConsentForm = parse_form(&read_body(app, req, FORM).await?)?;
+    let form: ConsentForm = match browser_params(app, req).await? {
+        Ok(form) => form,
+        Err(page) => return Ok(page),
+    };
     let Some(interaction) = load_interaction(app, &headers, form.interaction, &form.csrf).await?
     else {
         return Ok(expired_page());
@@ -979,10 +984,9 @@ pub(super) async fn end_session(
 ) -> Result<HttpResponse, ApiError> {
     let headers = req.headers().clone();
     let posted = req.method() == Method::POST;
-    let params: EndSessionParams = if posted {
-        parse_form(&read_body(app, req, FORM).await?)?
-    } else {
-        super::query_params(req.uri(), "invalid_request")?
+    let params: EndSessionParams = match browser_params(app, req).await? {
+        Ok(params) => params,
+        Err(page) => return Ok(page),
     };
     // An expired hint is accepted (RP-Initiated Logout §2: ID tokens expire long before their
     // users sign out): it only names the app and a user, and counts for nothing unless that
@@ -1183,9 +1187,22 @@ fn form_decode(s: &str) -> Result<String, OAuthError> {
         .ok_or(OAuthError::InvalidClient)
 }
 
+/// The parameters of a browser's request: a POST's form, else the query. Malformed ones are
+/// answered with an error page, as a browser shows it, not JSON.
+async fn browser_params<T: serde::de::DeserializeOwned>(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<Result<T, HttpResponse>, ApiError> {
+    let parsed = if req.method() == Method::POST {
+        parse_form(&read_body(app, req, FORM).await?)
+    } else {
+        super::query_params(req.uri(), "invalid_request")
+    };
+    Ok(parsed.map_err(|e| error_page(StatusCode::BAD_REQUEST, &e.message)))
+}
+
 fn parse_form<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_urlencoded::from_bytes(body)
-        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+    super::form_params(body, "invalid_request")
 }
 
 /// `POST /oauth/register`: dynamic client registration (RFC 7591). Needs an initial access token
@@ -1365,9 +1382,11 @@ fn registration_failure(e: OAuthError) -> HttpResponse {
 /// RFC 7591 client metadata. Unknown fields are ignored (§2), so no `deny_unknown_fields`.
 /// `client_id` and `client_secret` are read only by an update (RFC 7592 §2.2).
 #[derive(Debug, Deserialize)]
-struct RegistrationRequest {
+pub(super) struct RegistrationRequest {
     client_id: Option<String>,
     client_secret: Option<String>,
+    // Missing is "none": refused as `invalid_redirect_uri` with the other redirect URI faults.
+    #[serde(default)]
     redirect_uris: Vec<String>,
     client_name: Option<String>,
     scope: Option<String>,
@@ -1379,7 +1398,7 @@ struct RegistrationRequest {
 }
 
 impl RegistrationRequest {
-    fn into_new_client(self) -> Result<NewClient, OAuthError> {
+    pub(super) fn into_new_client(self) -> Result<NewClient, OAuthError> {
         let unsupported = |field: &str, values: &[String], supported: &[&str]| match values
             .iter()
             .find(|v| !supported.contains(&v.as_str()))
@@ -1471,7 +1490,7 @@ pub(super) fn account_error(e: AccountError) -> ApiError {
         AccountError::HandleTaken => {
             ApiError::new(StatusCode::CONFLICT, "handle_taken", e.to_string())
         }
-        AccountError::InvalidCredentials => ApiError::new(
+        AccountError::InvalidCredentials | AccountError::WrongPassword => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_credentials",
             e.to_string(),

@@ -39,6 +39,9 @@ pub enum AccountError {
     /// Deliberately vague: does not tell which of handle and password was wrong.
     #[error("wrong handle or password")]
     InvalidCredentials,
+    /// A re-entered password (the account is known: the caller's token names it).
+    #[error("wrong password")]
+    WrongPassword,
     #[error("too many login attempts; retry in {} s", .0.as_secs().max(1))]
     RateLimited(Duration),
     #[error("no such account")]
@@ -210,18 +213,21 @@ impl Accounts {
     ) -> Result<(), AccountError> {
         self.check_address(from)?;
         self.check_account(did)?;
-        let hash: Option<(Option<String>,)> =
+        let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT password_hash FROM users WHERE did = $1")
                 .bind(did)
                 .fetch_optional(&self.pool)
                 .await?;
-        let hash = hash
-            .and_then(|(h,)| h)
-            .unwrap_or_else(|| self.dummy_hash.clone());
+        // The caller's own token names the DID: saying it has no account here tells it nothing
+        // about anyone else (an operator's minted token for a bare DID, say).
+        let Some((hash,)) = row else {
+            return Err(AccountError::NotFound);
+        };
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         if self.verify(password, hash).await? {
             Ok(())
         } else {
-            Err(AccountError::InvalidCredentials)
+            Err(AccountError::WrongPassword)
         }
     }
 

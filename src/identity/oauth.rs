@@ -142,22 +142,19 @@ impl Client {
 /// `authorization_code` alone (RFC 7591 §2).
 pub const GRANT_TYPES: [&str; 2] = ["authorization_code", "refresh_token"];
 
-/// Client metadata for registration (the RFC 7591 names).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Client metadata for registration (the RFC 7591 names), defaults applied (the HTTP edge reads
+/// the request and fills them in).
+#[derive(Debug, Clone)]
 pub struct NewClient {
     pub client_name: String,
     pub redirect_uris: Vec<String>,
-    #[serde(default)]
     pub post_logout_redirect_uris: Vec<String>,
     /// Space-separated manifest, e.g. `"openid profile read:posts write:posts"`.
     pub scope: String,
     /// `client_secret_basic` (default), `client_secret_post` or `none` (a public client).
-    #[serde(default)]
     pub token_endpoint_auth_method: Option<String>,
     /// [`GRANT_TYPES`]; `["authorization_code"]` when absent, as RFC 7591 §2 says. An app that
     /// wants refresh tokens (the `offline_access` scope) registers `refresh_token` too.
-    #[serde(default)]
     pub grant_types: Option<Vec<String>>,
 }
 
