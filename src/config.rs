@@ -652,10 +652,23 @@ fn describe(error: figment::Error) -> String {
                     None => format!(" (from {})", m.name),
                 })
                 .unwrap_or_default();
+            // figment's own wording of these nests backticks (``text` or `json``).
+            let problem = match &e.kind {
+                figment::error::Kind::UnknownVariant(found, expected) => {
+                    format!("`{found}` is not one of {}", expected.join(", "))
+                }
+                figment::error::Kind::UnknownField(found, expected) => {
+                    format!(
+                        "unknown key `{found}` (known here: {})",
+                        expected.join(", ")
+                    )
+                }
+                kind => kind.to_string(),
+            };
             if key.is_empty() {
-                format!("{}{source}", e.kind)
+                format!("{problem}{source}")
             } else {
-                format!("key `{key}`: {}{source}", e.kind)
+                format!("key `{key}`: {problem}{source}")
             }
         })
         .collect::<Vec<_>>()
@@ -797,7 +810,16 @@ mod tests {
     #[test]
     fn unknown_key_is_rejected() {
         let err = with("http.max_bodybytes", 5).unwrap_err().to_string();
-        assert!(err.contains("max_bodybytes"), "{err}");
+        assert!(err.contains("unknown key `max_bodybytes`"), "{err}");
+        assert!(
+            err.contains("max_body_bytes, "),
+            "the known keys are listed: {err}"
+        );
+        let err = with("log.format", "xml").unwrap_err().to_string();
+        assert!(
+            err.contains("key `log.format`: `xml` is not one of text, json"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -822,10 +844,16 @@ mod tests {
             ("http.max_page_size", 1001),
             ("http.max_page_bytes", 0),
             ("feed.max_pages_in_flight", 1_i64 << 40),
+            // A queue that cannot hold one reply of a document of the largest body.
+            ("ws.outbound_queue_bytes", 1024),
         ] {
             let err = refusal(key, value);
             assert!(err.contains(key), "{err}");
         }
+        // OAuth codes live at most 10 minutes (RFC 6749 §4.1.2).
+        let err = refusal("identity.code_ttl", "11m");
+        assert!(err.contains("identity.code_ttl"), "{err}");
+        assert!(with("identity.code_ttl", "10m").is_ok());
     }
 
     /// Durations that would fail every request (0s) or overflow the clock when added to it (a

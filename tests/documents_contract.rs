@@ -812,6 +812,13 @@ async fn changes_parameters_are_bounded_and_pages_default_to_100() {
     let (status, all) = changes(&s, &alice, "since=0&limit=1000").await;
     assert_eq!(status, 200, "limit 1000 is allowed: {all}");
     assert_eq!(ids(&all).len(), 150, "{all}");
+    // A longer wait than 60 s, infinity included, is served as 60 (answered at once here:
+    // there are changes).
+    for wait in ["1e9", "inf"] {
+        let (status, body) = changes(&s, &alice, &format!("since=0&limit=1000&wait={wait}")).await;
+        assert_eq!(status, 200, "wait={wait}: {body}");
+        assert_eq!(ids(&body).len(), 150, "{body}");
+    }
 
     let (status, first) = changes(&s, &alice, "since=0").await;
     assert_eq!(status, 200, "{first}");

@@ -89,7 +89,15 @@ async fn serve_without_url_runs_a_private_postgres_that_persists() {
     })
     .await
     .unwrap();
+    let mode_of = |path: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions())
+            & 0o777
+    };
+    // Others may pass through to the cluster's socket, not list what is there.
+    assert_eq!(mode_of(&data_dir), 0o711, "the data dir");
+    assert_eq!(mode_of(&data_dir.join("keys")), 0o700, "the keys");
     let cluster = data_dir.join("postgres");
+    assert_eq!(mode_of(&cluster), 0o700, "the cluster");
     assert!(
         cluster.join("PG_VERSION").exists(),
         "initdb ran in the data dir"

@@ -1427,6 +1427,7 @@ async fn the_basic_scheme_of_client_authentication_ignores_case() {
         let (status, body) = call(introspect(scheme, secret)).await;
         assert_eq!(status, 200, "{scheme}: {body}");
         assert_eq!(body["active"], true, "{scheme}: {body}");
+        assert_eq!(body["iss"], server.base.as_str(), "{scheme}: {body}");
         let (status, body) = call(introspect(scheme, "not-the-secret")).await;
         assert_eq!(
             (status, body["error"].as_str()),

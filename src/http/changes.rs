@@ -94,10 +94,9 @@ pub(super) async fn changes(app: &App, req: Request<Incoming>) -> Result<HttpRes
         ));
     }
     let wait = match params.wait {
-        // Clamped before converting: `from_secs_f64` panics past `Duration::MAX`.
-        Some(w) if w.is_finite() && w >= 0.0 => {
-            Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64()))
-        }
+        // Clamped before converting: `from_secs_f64` panics past `Duration::MAX`. Infinity is a
+        // longer wait like any other; NaN fails the comparison.
+        Some(w) if w >= 0.0 => Duration::from_secs_f64(w.min(MAX_WAIT.as_secs_f64())),
         Some(_) => {
             return Err(ApiError::bad_request(
                 "invalid_query",

@@ -848,7 +848,11 @@ pub(super) async fn introspect(
     let inactive = || no_store(super::json(StatusCode::OK, &json!({"active": false})));
     let access = || match app.tokens.identify(token) {
         Ok(claims) if claims.client.as_deref() == Some(client.client_id.as_str()) => {
-            access_introspection(&claims, &app.tokens.usable_scopes(token, &claims))
+            access_introspection(
+                &claims,
+                &app.tokens.usable_scopes(token, &claims),
+                &app.identity.issuer,
+            )
         }
         _ => None,
     };
@@ -886,7 +890,11 @@ pub(super) async fn introspect(
 
 /// What introspection says of an access token whose document scopes usable now are `usable`
 /// (None: inactive; its attenuations leave it none).
-fn access_introspection(claims: &Claims, usable: &[Scope]) -> Option<serde_json::Value> {
+fn access_introspection(
+    claims: &Claims,
+    usable: &[Scope],
+    issuer: &str,
+) -> Option<serde_json::Value> {
     if usable.is_empty() && !claims.scopes.is_empty() {
         return None;
     }
@@ -899,6 +907,7 @@ fn access_introspection(claims: &Claims, usable: &[Scope]) -> Option<serde_json:
         "client_id": claims.client,
         "sub": claims.subject,
         "exp": unix(claims.expires_at),
+        "iss": issuer,
     }))
 }
 
