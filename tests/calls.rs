@@ -407,6 +407,63 @@ async fn signalling_refuses_bad_input_and_the_room_keeps_working() {
     server.finish().await;
 }
 
+/// The wire codes of room bounds and modes: an offer to a peer-to-peer room is `peer_to_peer`
+/// whatever its text; a room document's `maxParticipants` is capped by `calls.max_participants`;
+/// remote candidates past `calls.max_candidates` are `too_many_candidates`.
+#[tokio::test]
+async fn room_bounds_and_modes_have_their_wire_codes() {
+    let server = TestServer::start_with(&[
+        ("calls.max_participants", "2"),
+        ("calls.max_candidates", "2"),
+    ])
+    .await;
+    let p2p = create_room(&server, "alice", &[], json!({"mode": "p2p"})).await;
+    let alice_token = server.token(&did("alice"), SCOPES);
+    let mut alice = Ws::connect(&server.base, Some(&alice_token)).await;
+    for sdp in ["v=0\r\n", "not sdp at all"] {
+        let r = alice
+            .request(json!({"op": "call.join", "room": p2p, "sdp": sdp}))
+            .await;
+        assert_eq!(error_code(&r), "peer_to_peer", "{sdp:?} → {r}");
+    }
+
+    let room = create_room(
+        &server,
+        "alice",
+        &["bob", "carol"],
+        json!({"maxParticipants": 100}),
+    )
+    .await;
+    let mut joined = Vec::new();
+    for name in ["alice", "bob"] {
+        let token = server.token(&did(name), SCOPES);
+        let mut ws = Ws::connect(&server.base, Some(&token)).await;
+        let r = ws.request(json!({"op": "call.join", "room": room})).await;
+        assert_eq!(r["ok"], true, "{name}: {r}");
+        joined.push(ws);
+    }
+    let carol_token = server.token(&did("carol"), SCOPES);
+    let mut carol = Ws::connect(&server.base, Some(&carol_token)).await;
+    let r = carol
+        .request(json!({"op": "call.join", "room": room}))
+        .await;
+    assert_eq!(error_code(&r), "room_full", "capped at 2, not 100: {r}");
+
+    let member = &mut joined[0];
+    for n in 1..=3 {
+        let candidate = format!("candidate:{n} 1 udp 2122260223 192.0.2.{n} 5000 typ host");
+        let r = member
+            .request(json!({"op": "call.ice", "room": room, "candidate": candidate}))
+            .await;
+        if n <= 2 {
+            assert_eq!(r["ok"], true, "candidate {n}: {r}");
+        } else {
+            assert_eq!(error_code(&r), "too_many_candidates", "candidate {n}: {r}");
+        }
+    }
+    server.finish().await;
+}
+
 /// A UDP port free for this node's rooms alone: below the ephemeral range, which rooms bound to
 /// "any free port" (the other tests') are given from.
 fn port_of_our_own() -> u16 {

@@ -1346,6 +1346,31 @@ async fn refusals_of_a_bad_value_name_the_field() {
     );
     assert!(message_of(&body).starts_with("acl.read"), "{body}");
 
+    // Bytes after the body's JSON value make it not JSON, whatever they are.
+    for body in [
+        r#"{"data": {}} garbage"#,
+        r#"{"data": {}}{"data": {"x": 2}}"#,
+    ] {
+        let r = s
+            .client
+            .post(s.url("/v1/docs/posts"))
+            .bearer_auth(&alice)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, answer_body) = answer(r).await;
+        assert_eq!(
+            (status, answer_body["error"]["code"].as_str()),
+            (400, Some("bad_json")),
+            "{body}: {answer_body}"
+        );
+    }
+    let (status, listed) = s.get_json(&alice, "/v1/docs/posts").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["docs"], json!([]), "nothing was stored: {listed}");
+
     let mut ws = Ws::connect(&s.base, Some(&alice)).await;
     let reply = ws
         .request(json!({"op": "read", "type": "posts", "limit": "ten"}))

@@ -1423,6 +1423,26 @@ async fn the_basic_scheme_of_client_authentication_ignores_case() {
             .header("content-type", "application/x-www-form-urlencoded")
             .body(serde_urlencoded::to_string([("token", access)]).unwrap())
     };
+    // The scheme with no credentials is a failed authentication, not an absent one.
+    for empty in ["Basic", "basic   "] {
+        let (status, body) = call(
+            server
+                .client
+                .post(server.url("/oauth/introspect"))
+                .header("authorization", empty)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(
+                    serde_urlencoded::to_string([("token", access), ("client_id", &client.id)])
+                        .unwrap(),
+                ),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{empty:?}: {body}"
+        );
+    }
     for scheme in ["Basic", "basic", "BASIC"] {
         let (status, body) = call(introspect(scheme, secret)).await;
         assert_eq!(status, 200, "{scheme}: {body}");
@@ -1471,5 +1491,75 @@ async fn malformed_browser_requests_get_an_error_page() {
         );
         assert!(body.contains(wanted), "the page names `{wanted}`: {body}");
     }
+    server.finish().await;
+}
+
+/// `POST /v1/admin/clients` reads RFC 7591 metadata as `/oauth/register` does (its defaults, and
+/// the answer's shape: no `client_secret` for a public client), but refuses keys that are not
+/// client metadata — a typo would register an app without what it meant to ask for — and ids or
+/// secrets, which the server assigns. `GET /v1/admin/clients` lists in the answer's shape.
+#[tokio::test]
+async fn the_admin_registration_takes_client_metadata_strictly() {
+    let server = TestServer::start().await;
+    let admin = server.token("did:key:zOperator", &["admin"]);
+    let register = |body: Value| {
+        call(
+            server
+                .client
+                .post(server.url("/v1/admin/clients"))
+                .bearer_auth(&admin)
+                .json(&body),
+        )
+    };
+    let uris = json!(["https://notes.example/cb"]);
+    for body in [
+        json!({"redirect_uris": uris, "scopes": "openid read:notes"}),
+        json!({"redirect_uris": uris, "client_id": "mine"}),
+        json!({"redirect_uris": uris, "client_secret": "mine"}),
+    ] {
+        let (status, answer) = register(body.clone()).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (400, Some("invalid_client_metadata")),
+            "{body}: {answer}"
+        );
+    }
+    let (status, answer) = register(json!({"redirect_uris": []})).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_redirect_uri")),
+        "{answer}"
+    );
+    // The defaults of /oauth/register; registered metadata it does not use is taken and ignored.
+    let (status, public) = register(json!({
+        "redirect_uris": uris,
+        "token_endpoint_auth_method": "none",
+        "response_types": ["code"],
+        "logo_uri": "https://notes.example/logo.png",
+    }))
+    .await;
+    assert_eq!(status, 201, "{public}");
+    assert_eq!(public["client_name"], "notes.example", "{public}");
+    assert_eq!(public["scope"], "openid", "{public}");
+    assert!(public.get("client_secret").is_none(), "{public}");
+    let (status, listed) = call(
+        server
+            .client
+            .get(server.url("/v1/admin/clients"))
+            .bearer_auth(&admin),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    let listed = &listed["clients"][0];
+    for key in [
+        "client_id",
+        "client_name",
+        "redirect_uris",
+        "scope",
+        "grant_types",
+    ] {
+        assert_eq!(listed[key], public[key], "{key}: {listed}");
+    }
+    assert!(listed.get("client_secret").is_none(), "{listed}");
     server.finish().await;
 }

@@ -1500,6 +1500,17 @@ async fn introspection_tells_a_client_about_its_own_tokens_as_they_can_be_used()
         (200, json!({"active": false})),
         "a token whose time limit passed is not active"
     );
+    // /v1/me describes a token as introspection does.
+    let me = |token: &str| call(server.client.get(server.url("/v1/me")).bearer_auth(token));
+    let (status, body) = me(&read_only).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["scopes"], json!(["read:posts"]), "{body}");
+    let (status, body) = me(&lapsed).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("token_restricted")),
+        "{body}"
+    );
     server.finish().await;
 }
 
@@ -1694,6 +1705,18 @@ async fn a_registration_is_managed_with_its_own_rotating_token() {
         redirect_uri: "http://127.0.0.1:9/cb".to_owned(),
     };
     let read = |token: &str| call_with_headers(server.client.get(&uri).bearer_auth(token));
+
+    // A read hands out a new registration token in its body: HEAD, which would drop the body,
+    // is refused and leaves the token as it was.
+    let head = server
+        .client
+        .head(&uri)
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 405);
+    assert_eq!(head.headers()["allow"], "GET, PUT, DELETE");
 
     // No token, a made-up one, another client's: all the same 401 with a Bearer challenge.
     for token in [

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::oauth::account_error;
-use super::{ApiError, HttpResponse, authorize_admin, bearer, json, read_json};
+use super::{ApiError, HttpResponse, authorize_admin, json, read_json};
 use crate::app::App;
 use crate::auth::{Access, Claims, Scope};
 use crate::identity::oauth::{Client, OAuthError};
@@ -126,7 +126,21 @@ pub(super) async fn sign_out(app: &App, req: Request<Incoming>) -> Result<HttpRe
 
 /// `GET /v1/me`: who the token speaks for, and for which app.
 pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let claims = bearer(app, req.headers())?;
+    let token = super::bearer_token(req.headers())?;
+    let claims = app.tokens.identify(token)?;
+    // An attenuated token is described by what its checks let it do now, as introspection
+    // describes it; one they leave nothing (a lapsed time limit) is refused.
+    let usable = app.tokens.usable_scopes(token, &claims);
+    if usable.is_empty()
+        && !claims.scopes.is_empty()
+        && app.tokens.verify(token, Access::Account, None).is_err()
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "token_restricted",
+            "this token's own checks allow nothing now",
+        ));
+    }
     let handle = app
         .identity
         .accounts
@@ -140,7 +154,7 @@ pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse
             "did": claims.subject,
             "handle": handle,
             "client_id": claims.client,
-            "scopes": claims.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "scopes": usable.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "identity_scopes": claims.identity_scopes,
             "expires_at": chrono::DateTime::<chrono::Utc>::from(claims.expires_at),
         }),
@@ -249,8 +263,20 @@ pub(super) async fn register_client(
     req: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     authorize_admin(app, req.headers())?;
-    // The metadata, defaults and answer of `/oauth/register` (RFC 7591).
-    let body: super::oauth::RegistrationRequest = read_json(app, req, JSON).await?;
+    // The metadata, defaults and answer of `/oauth/register` (RFC 7591). Unlike that endpoint,
+    // which must ignore metadata it does not know (§2), the operator's is strict: a mistyped
+    // key (`scopes`) would otherwise register an app without what it meant to ask for, and ids
+    // and secrets are the server's to assign.
+    let body: serde_json::Map<String, serde_json::Value> = read_json(app, req, JSON).await?;
+    if let Some(key) = body.keys().find(|k| !CLIENT_METADATA.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(
+            "invalid_client_metadata",
+            format!("`{key}` is not client metadata this server takes (RFC 7591 §2)"),
+        ));
+    }
+    let body: super::oauth::RegistrationRequest =
+        serde_path_to_error::deserialize(serde_json::Value::Object(body))
+            .map_err(|e| ApiError::bad_request("invalid_body", super::at_path(&e)))?;
     let new = body.into_new_client().map_err(oauth_error)?;
     let registered = app
         .identity
@@ -263,6 +289,47 @@ pub(super) async fn register_client(
         &registration(&registered.client, registered.secret),
     ))
 }
+
+/// The client metadata names of RFC 7591 §2, OpenID Connect Dynamic Client Registration §2 and
+/// RP-Initiated Logout: what `POST /v1/admin/clients` takes (those this server does not use are
+/// ignored, as at `/oauth/register`).
+const CLIENT_METADATA: &[&str] = &[
+    "redirect_uris",
+    "token_endpoint_auth_method",
+    "grant_types",
+    "response_types",
+    "client_name",
+    "client_uri",
+    "logo_uri",
+    "scope",
+    "contacts",
+    "tos_uri",
+    "policy_uri",
+    "jwks_uri",
+    "jwks",
+    "software_id",
+    "software_version",
+    "software_statement",
+    "application_type",
+    "sector_identifier_uri",
+    "subject_type",
+    "id_token_signed_response_alg",
+    "id_token_encrypted_response_alg",
+    "id_token_encrypted_response_enc",
+    "userinfo_signed_response_alg",
+    "userinfo_encrypted_response_alg",
+    "userinfo_encrypted_response_enc",
+    "request_object_signing_alg",
+    "request_object_encryption_alg",
+    "request_object_encryption_enc",
+    "token_endpoint_auth_signing_alg",
+    "default_max_age",
+    "require_auth_time",
+    "default_acr_values",
+    "initiate_login_uri",
+    "request_uris",
+    "post_logout_redirect_uris",
+];
 
 /// A registered client as RFC 7591 §3.2.1 answers it; the secret appears only here, and only
 /// for a confidential client (a public one's answer has no `client_secret` members).

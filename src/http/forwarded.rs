@@ -19,19 +19,28 @@ pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
     /// Parses entries that are each an address (`10.0.0.7`, `::1`) or a network in CIDR form
-    /// (`10.0.0.0/8`, `fd00::/8`).
+    /// (`10.0.0.0/8`, `fd00::/8`). IPv4 written as IPv4-mapped IPv6 (`::ffff:10.0.0.5`, as a
+    /// dual-stack socket shows peers) is taken as the IPv4 it is. A network of every address
+    /// (`/0`) is refused: it would trust what any client writes.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
         entries
             .iter()
             .map(|entry| {
                 let entry = entry.as_ref().trim();
-                entry
+                let net = entry
                     .parse::<IpNet>()
                     .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .map(|net| net.trunc())
                     .map_err(|_| {
                         format!("`{entry}` is neither an IP address nor a network like 10.0.0.0/8")
-                    })
+                    })?;
+                let net = canonical_net(net);
+                if net.prefix_len() == 0 {
+                    return Err(format!(
+                        "`{entry}` would trust every address, and so any client's own \
+                         X-Forwarded-For: list the proxies' addresses"
+                    ));
+                }
+                Ok(net)
             })
             .collect::<Result<_, _>>()
             .map(Self)
@@ -79,11 +88,28 @@ impl<'de> Deserialize<'de> for TrustedProxies {
 /// `[2001:db8::1]:4711`), as some proxies write it.
 fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
     let text = std::str::from_utf8(entry).ok()?.trim();
+    // `[2001:db8::7]` without a port, as some proxies write IPv6.
+    let text = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
     let address = text
         .parse::<IpAddr>()
         .or_else(|_| text.parse::<SocketAddr>().map(|s| s.ip()))
         .ok()?;
     Some(canonical(address))
+}
+
+/// A network within `::ffff:0:0/96` (IPv4-mapped) as the IPv4 network it covers; host bits dropped.
+fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+        && let Ok(mapped) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(mapped.trunc());
+    }
+    net.trunc()
 }
 
 /// An IPv4 client reached over an IPv6 socket appears as `::ffff:a.b.c.d`; it is the same client.
@@ -193,6 +219,19 @@ mod tests {
             client(&trusted, "::ffff:127.0.0.1", &["::ffff:203.0.113.5"]),
             "203.0.113.5"
         );
+        // Listed in the mapped form a dual-stack socket shows, it is the same IPv4 proxy.
+        let mapped = proxies(&["::ffff:10.0.0.5", "::ffff:10.1.0.0/112"]);
+        assert_eq!(client(&mapped, "10.0.0.5", &["203.0.113.5"]), "203.0.113.5");
+        assert_eq!(
+            client(&mapped, "::ffff:10.1.2.3", &["203.0.113.6"]),
+            "203.0.113.6"
+        );
+        assert_eq!(client(&mapped, "10.2.0.1", &["203.0.113.7"]), "10.2.0.1");
+        // IPv6 in brackets, with a port or without.
+        assert_eq!(
+            client(&trusted, "fd00::1", &["[2001:db8::8]"]),
+            "2001:db8::8"
+        );
     }
 
     #[test]
@@ -201,6 +240,11 @@ mod tests {
         let error = TrustedProxies::parse(&["10.0.0.0/33"]).unwrap_err();
         assert!(error.contains("10.0.0.0/33"), "{error}");
         assert!(TrustedProxies::parse(&["proxy.internal"]).is_err());
+        // Every address: any client's own entries would be believed.
+        for everyone in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"] {
+            let error = TrustedProxies::parse(&[everyone]).unwrap_err();
+            assert!(error.contains("every address"), "{everyone}: {error}");
+        }
         // Host bits are dropped: 10.1.2.3/8 is the network 10.0.0.0/8.
         assert!(proxies(&["10.1.2.3/8"]).trusts("10.200.0.1".parse().unwrap()));
     }

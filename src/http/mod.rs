@@ -331,7 +331,9 @@ async fn handle(
     });
     // HEAD is GET without the body (RFC 9110 §9.3.2): load balancers probe `/health` with it.
     // Not for the WebSocket route, whose GET is a handshake.
-    let head = method == Method::HEAD && !matches!(matched, Ok((Route::WebSocket, _)));
+    // Nor for a client's registration, whose GET hands out a new access token in its body.
+    let head = method == Method::HEAD
+        && !matches!(matched, Ok((Route::WebSocket | Route::RegisteredClient, _)));
     if head {
         *req.method_mut() = Method::GET;
     }
@@ -471,7 +473,7 @@ async fn dispatch(
         {
             oauth::client_configuration(app, client, req).await
         }
-        (Route::RegisteredClient, _) => Err(method_not_allowed("GET, HEAD, PUT, DELETE")),
+        (Route::RegisteredClient, _) => Err(method_not_allowed("GET, PUT, DELETE")),
         (Route::Revoke, _) if method == Method::POST => oauth::revoke(app, req).await,
         (Route::Introspect, _) if method == Method::POST => oauth::introspect(app, req).await,
         (
@@ -677,18 +679,21 @@ pub async fn read_json<T: DeserializeOwned>(
     content_types: &[&str],
 ) -> Result<T, ApiError> {
     let bytes = read_body(app, req, content_types).await?;
-    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(
-        |e| {
-            use serde_json::error::Category;
-            match e.inner().classify() {
-                Category::Data => ApiError::bad_request("invalid_body", at_path(&e)),
-                _ => ApiError::bad_request(
-                    "bad_json",
-                    format!("the body is not valid JSON: {}", e.inner()),
-                ),
+    // The plain parse first (it also refuses bytes after the value); the path of a bad value is
+    // found again only for its message, so a good body costs no path bookkeeping.
+    serde_json::from_slice(&bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => {
+                let located = serde_path_to_error::deserialize::<_, T>(
+                    &mut serde_json::Deserializer::from_slice(&bytes),
+                );
+                let message = located.err().map_or_else(|| e.to_string(), |e| at_path(&e));
+                ApiError::bad_request("invalid_body", message)
             }
-        },
-    )
+            _ => ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}")),
+        }
+    })
 }
 
 /// A deserialization error's message, led by the field it is about (`limit: invalid digit

@@ -1155,10 +1155,20 @@ async fn authenticate_client(
     body_id: Option<&str>,
     body_secret: Option<&str>,
 ) -> Result<Client, OAuthError> {
-    let basic = headers
+    let authorization = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| super::credentials(v, "Basic"));
+        .and_then(|v| v.to_str().ok());
+    let basic = authorization.and_then(|v| super::credentials(v, "Basic"));
+    // `Basic` with nothing after it is a failed authentication, not an absent one.
+    if basic.is_none()
+        && authorization.is_some_and(|v| {
+            v.split_whitespace()
+                .next()
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("basic"))
+        })
+    {
+        return Err(OAuthError::InvalidClient);
+    }
     let (id, secret) = match basic {
         Some(encoded) => {
             let decoded = STANDARD

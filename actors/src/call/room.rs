@@ -491,8 +491,8 @@ impl Room {
                         "no offer of the server is awaiting an answer",
                     ));
                 }
-                let answer = SdpAnswer::from_sdp_string(sdp)
-                    .map_err(|e| CallError::InvalidSdp(e.to_string()))?;
+                let answer =
+                    SdpAnswer::from_sdp_string(sdp).map_err(|e| unreadable_sdp("answer", &e))?;
                 let p = &mut self.participants[index];
                 let (Some(rtc), Some(pending)) = (p.rtc.as_mut(), p.pending.take()) else {
                     return Err(CallError::NegotiationConflict(
@@ -1301,14 +1301,17 @@ impl Room {
         if candidates > self.config.max_candidates {
             return Err(CallError::TooManyCandidates(self.config.max_candidates));
         }
-        // The parser's own message dumps its internal state (a pointer offset among it): the
-        // client is told what failed, the detail goes to the log.
-        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
-            tracing::debug!(error = %e, "an offer's SDP did not parse");
-            CallError::InvalidSdp("the offer is not an SDP session description".to_owned())
-        })?;
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| unreadable_sdp("offer", &e))?;
         Ok((offer, candidates))
     }
+}
+
+/// An offer or answer the SDP parser could not read. The parser's own message dumps its internal
+/// state (a pointer offset among it): the client is told what failed, the detail goes to the log.
+/// (A description that parses but str0m refuses keeps str0m's reason, which names the fault.)
+fn unreadable_sdp(kind: &str, error: &dyn std::fmt::Display) -> CallError {
+    tracing::debug!(%error, "an {kind}'s SDP did not parse");
+    CallError::InvalidSdp(format!("the {kind} is not an SDP session description"))
 }
 
 /// What an offer's text asks of the room, counted from its lines.
