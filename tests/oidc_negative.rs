@@ -11,52 +11,16 @@
 mod common;
 
 use common::oidc::{
-    AuthRequest, Browser, PASSWORD, Page, RegisteredClient, app_tokens, authorize, authorize_url,
-    first_party_token, pkce, post_as_client, redeem_code, refresh, register_client, sign_up,
-    token_request,
+    AuthRequest, Browser, CHALLENGE, PASSWORD, Page, RegisteredClient, SCOPE, STATE, app_tokens,
+    assert_api_error, assert_error_redirect, assert_oauth_error, authorize, authorize_url, call,
+    call_with_headers, field, first_party_token, list_posts, pkce, post_as_client, redeem_code,
+    refresh, register_client, sign_up, token_request,
 };
 use common::{TestServer, Ws};
 use serde_json::{Value, json};
 
-const SCOPE: &str = "openid profile offline_access read:posts write:posts";
-const STATE: &str = "st-9f2c";
-/// RFC 7636 appendix B: a well-formed S256 challenge.
-const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 /// Not a registered redirect URI of any client here.
 const EVIL_URI: &str = "https://evil.example/cb";
-
-/// Sends a request; returns status and JSON body (Null when the body is empty).
-async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
-    let (status, _, body) = call_with_headers(request).await;
-    (status, body)
-}
-
-/// [`call`], with the response headers.
-async fn call_with_headers(
-    request: reqwest::RequestBuilder,
-) -> (u16, reqwest::header::HeaderMap, Value) {
-    let r = request.send().await.unwrap();
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let text = r.text().await.unwrap();
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-    };
-    (status, headers, body)
-}
-
-/// Lists the caller's posts (needs `read:posts`).
-async fn list_posts(server: &TestServer, token: &str) -> (u16, Value) {
-    call(
-        server
-            .client
-            .get(server.url("/v1/docs/posts"))
-            .bearer_auth(token),
-    )
-    .await
-}
 
 /// Creates a post (needs `write:posts`).
 async fn create_post(server: &TestServer, token: &str) -> (u16, Value) {
@@ -70,30 +34,6 @@ async fn create_post(server: &TestServer, token: &str) -> (u16, Value) {
     .await
 }
 
-/// A Vibe `/v1` error: `{"error": {"code", "message"}}` with this status.
-#[track_caller]
-fn assert_api_error(response: &(u16, Value), status: u16, code: &str) {
-    let (got, body) = response;
-    assert_eq!(
-        (*got, body["error"]["code"].as_str()),
-        (status, Some(code)),
-        "{body}"
-    );
-    assert!(body["error"]["message"].is_string(), "{body}");
-}
-
-/// An OAuth error (RFC 6749 §5.2): `{"error", "error_description"}` with this status.
-#[track_caller]
-fn assert_oauth_error(response: &(u16, Value), status: u16, code: &str) {
-    let (got, body) = response;
-    assert_eq!(
-        (*got, body["error"].as_str()),
-        (status, Some(code)),
-        "{body}"
-    );
-    assert!(body["error_description"].is_string(), "{body}");
-}
-
 /// The provider's HTML error page: 400, and no redirect anywhere.
 #[track_caller]
 fn assert_error_page(page: &Page) {
@@ -104,30 +44,6 @@ fn assert_error_page(page: &Page) {
     );
     assert!(page.body.starts_with("<!doctype html>"), "{page:?}");
     assert!(page.body.contains("Cannot continue"), "{page:?}");
-}
-
-/// A 303 back to the client's redirect URI carrying `error`, the request's state and `iss`.
-#[track_caller]
-fn assert_error_redirect(server: &TestServer, client: &RegisteredClient, page: &Page, error: &str) {
-    assert_eq!(page.status, 303, "{page:?}");
-    let location = page.location.as_deref().unwrap();
-    assert!(
-        location.starts_with(&format!("{}?", client.redirect_uri)),
-        "redirects only to the registered URI: {location}"
-    );
-    let params = page.redirect_params();
-    assert_eq!(
-        params.get("error").map(String::as_str),
-        Some(error),
-        "{location}"
-    );
-    assert_eq!(
-        params.get("state").map(String::as_str),
-        Some(STATE),
-        "{location}"
-    );
-    assert_eq!(params.get("iss"), Some(&server.base), "{location}");
-    assert!(!params.contains_key("code"), "{location}");
 }
 
 /// A valid authorization request's parameters for `client`, with `changes` applied (a value
@@ -225,12 +141,6 @@ async fn update_registration(
             .json(metadata),
     )
     .await
-}
-
-fn field<'a>(body: &'a Value, name: &str) -> &'a str {
-    body[name]
-        .as_str()
-        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::Digest as _;
 
+use serde_json::Value;
+
 use super::TestServer;
 
 pub const PASSWORD: &str = "correct horse battery staple";
@@ -373,4 +375,104 @@ pub async fn app_tokens(
     let (status, body) = redeem_code(server, client, &code, Some(&verifier)).await;
     assert_eq!(status, 200, "code redemption: {body}");
     body
+}
+
+/// The scopes the identity tests' apps register and ask for.
+pub const SCOPE: &str = "openid profile offline_access read:posts write:posts";
+/// The `state` of the identity tests' authorization requests.
+pub const STATE: &str = "st-9f2c";
+/// RFC 7636 appendix B: a well-formed S256 challenge.
+pub const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+
+/// Sends a request; returns status and JSON body (Null when the body is empty).
+pub async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let (status, _, body) = call_with_headers(request).await;
+    (status, body)
+}
+
+/// [`call`], with the response headers.
+pub async fn call_with_headers(
+    request: reqwest::RequestBuilder,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    };
+    (status, headers, body)
+}
+
+/// Lists the caller's posts (needs `read:posts`).
+pub async fn list_posts(server: &TestServer, token: &str) -> (u16, Value) {
+    call(
+        server
+            .client
+            .get(server.url("/v1/docs/posts"))
+            .bearer_auth(token),
+    )
+    .await
+}
+
+/// The string member `name` of a JSON answer; panics naming it when absent.
+pub fn field<'a>(body: &'a Value, name: &str) -> &'a str {
+    body[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+/// A Vibe `/v1` error: `{"error": {"code", "message"}}` with this status.
+#[track_caller]
+pub fn assert_api_error(response: &(u16, Value), status: u16, code: &str) {
+    let (got, body) = response;
+    assert_eq!(
+        (*got, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+/// An OAuth error (RFC 6749 §5.2): `{"error", "error_description"}` with this status.
+#[track_caller]
+pub fn assert_oauth_error(response: &(u16, Value), status: u16, code: &str) {
+    let (got, body) = response;
+    assert_eq!(
+        (*got, body["error"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(body["error_description"].is_string(), "{body}");
+}
+
+/// A 303 back to the client's redirect URI carrying `error`, the request's state and `iss`.
+#[track_caller]
+pub fn assert_error_redirect(
+    server: &TestServer,
+    client: &RegisteredClient,
+    page: &Page,
+    error: &str,
+) {
+    assert_eq!(page.status, 303, "{page:?}");
+    let location = page.location.as_deref().unwrap();
+    assert!(
+        location.starts_with(&format!("{}?", client.redirect_uri)),
+        "redirects only to the registered URI: {location}"
+    );
+    let params = page.redirect_params();
+    assert_eq!(
+        params.get("error").map(String::as_str),
+        Some(error),
+        "{location}"
+    );
+    assert_eq!(
+        params.get("state").map(String::as_str),
+        Some(STATE),
+        "{location}"
+    );
+    assert_eq!(params.get("iss"), Some(&server.base), "{location}");
+    assert!(!params.contains_key("code"), "{location}");
 }
