@@ -314,6 +314,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether the environment variable `VIBE_<key>` is meant for the configuration: its first part
+/// (before `__`) is a top-level key of config/default.toml. Others (`VIBE_TOKEN` holding a token
+/// in a shell, say) are not this program's to refuse; a misspelt key inside a section still is.
+fn names_a_section(key: &str) -> bool {
+    static TOP_LEVEL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let top_level = TOP_LEVEL.get_or_init(|| {
+        Figment::from(Toml::string(DEFAULT_TOML))
+            .extract::<std::collections::BTreeMap<String, figment::value::Value>>()
+            .map(|keys| keys.into_keys().collect())
+            .unwrap_or_default()
+    });
+    let first = key.split("__").next().unwrap_or(key);
+    top_level.iter().any(|k| k.eq_ignore_ascii_case(first))
+}
+
 impl Config {
     /// Loads defaults, then `file` (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -329,7 +344,11 @@ impl Config {
         figment
             // The conventional variable, below the explicit VIBE_ one.
             .merge(Env::raw().only(&["DATABASE_URL"]))
-            .merge(Env::prefixed("VIBE_").split("__"))
+            .merge(
+                Env::prefixed("VIBE_")
+                    .filter(|key| names_a_section(key.as_str()))
+                    .split("__"),
+            )
     }
 
     /// Extracts and validates a configuration from any figment.
@@ -805,6 +824,24 @@ mod tests {
         assert_eq!(from("10.2.3.4"), "203.0.113.5");
         assert_eq!(from("::1"), "203.0.113.5");
         assert_eq!(from("192.0.2.1"), "192.0.2.1");
+    }
+
+    #[test]
+    fn only_vibe_variables_naming_a_section_are_configuration() {
+        for key in [
+            "LISTEN",
+            "listen",
+            "DATA_DIR",
+            "HTTP__MAX_BODY_BYTES",
+            "LOG__FORMAT",
+        ] {
+            assert!(names_a_section(key), "{key}");
+        }
+        // A section's misspelt key still reaches the configuration, to be refused there.
+        assert!(names_a_section("HTTP__MAX_BODYBYTES"));
+        for key in ["TOKEN", "VERSION", "HTTPS__X", ""] {
+            assert!(!names_a_section(key), "{key}");
+        }
     }
 
     #[test]

@@ -72,10 +72,24 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One readable line (with causes), not a debug dump with a backtrace.
-            eprintln!("vibe: {e:#}");
+            eprintln!("vibe: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many messages already end with their
+/// cause's text (`cannot listen on …: Address already in use`), which `{:#}` would repeat.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 fn start(cli: Cli) -> anyhow::Result<()> {
@@ -130,9 +144,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
     };
-    server.shutdown_unless(again).await?;
-    tracing::info!("stopped");
-    Ok(())
+    match server.shutdown_unless(again).await? {
+        vibe::server::Shutdown::Orderly => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        // A supervisor must be able to tell this from a clean stop.
+        vibe::server::Shutdown::CutShort => {
+            anyhow::bail!("stopped at a second signal: in-flight work was cut off")
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

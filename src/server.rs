@@ -152,7 +152,9 @@ impl RunningServer {
 
     /// Stops the node in order: see [`RunningServer::shutdown_unless`], never hurried.
     pub async fn shutdown(self) -> Result<(), ServerError> {
-        self.shutdown_unless(std::future::pending()).await
+        self.shutdown_unless(std::future::pending())
+            .await
+            .map(|_| ())
     }
 
     /// Stops the node in order — waiting clients told first, in-flight requests and WebSockets
@@ -162,7 +164,7 @@ impl RunningServer {
     pub async fn shutdown_unless(
         mut self,
         hurry: impl std::future::Future<Output = ()>,
-    ) -> Result<(), ServerError> {
+    ) -> Result<Shutdown, ServerError> {
         let orderly = async {
             // WebSockets close with 1001 and long-polls answer with what they have while the
             // listener stops and in-flight requests finish: nothing waits for the grace period
@@ -207,8 +209,21 @@ impl RunningServer {
         if let Some(db) = self.embedded.take() {
             db.stop().await?;
         }
-        Ok(())
+        Ok(if hurried {
+            Shutdown::CutShort
+        } else {
+            Shutdown::Orderly
+        })
     }
+}
+
+/// How a node stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Everything in flight finished (or its grace period ran out).
+    Orderly,
+    /// Cut short: what still ran was aborted.
+    CutShort,
 }
 
 /// Starts a node from `config`: data dir, database, migrations, keys, then the listener.
@@ -393,6 +408,14 @@ async fn open_identity(
     let id = &config.identity;
     let secrets = Arc::new(secrets::SecretBox::load_or_create(&config.data_dir)?);
     let issuer = if id.issuer.is_empty() {
+        if local_addr.ip().is_unspecified() {
+            // No client reaches 0.0.0.0: discovery would send every relying party nowhere.
+            tracing::warn!(
+                %local_addr,
+                "identity.issuer is empty and the listener is on every address: OpenID discovery \
+                 names http://{local_addr}; set identity.issuer to the URL clients reach"
+            );
+        }
         format!("http://{local_addr}")
     } else {
         id.issuer.clone()

@@ -204,6 +204,31 @@ fn invalid_config_fails_at_start_naming_the_key() {
     assert!(err.contains("http.default_page_size"), "{err}");
 }
 
+/// A failed command prints one line naming the error and each cause once (many messages already
+/// end with their cause, which a plain chain print would repeat).
+#[test]
+fn a_failure_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mint = || {
+        vibe(dir.path())
+            .args(["token", "mint", "--sub", "did:key:zAlice", "--scope", "*"])
+            .output()
+            .unwrap()
+    };
+    assert!(mint().status.success(), "the first mint makes the key");
+    let key = dir.path().join("keys/root.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = mint();
+    assert!(!out.status.success(), "a key others may read is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(
+        err.matches("group or others may read or write it").count(),
+        1,
+        "{err}"
+    );
+}
+
 /// `vibe token mint` on a new data dir creates the root key and prints the token alone on
 /// standard output, so `TOKEN=$(vibe token mint …)` (the README's first request) holds a token:
 /// the log line about the new key goes to standard error.
@@ -238,6 +263,8 @@ fn a_first_token_mint_prints_only_the_token() {
     let mint = |ttl: &str| {
         vibe(dir.path())
             .env("VIBE_LOG__FORMAT", "text")
+            // A shell's own variable that happens to start with VIBE_ is not configuration.
+            .env("VIBE_TOKEN", "an earlier token")
             .args([
                 "token",
                 "mint",

@@ -89,11 +89,15 @@ async fn a_hurried_shutdown_does_not_wait_for_in_flight_requests() {
         let _ = hurried.await;
     }));
     hurry.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(20), shutdown)
+    let stopped = tokio::time::timeout(Duration::from_secs(20), shutdown)
         .await
         .expect("a hurried shutdown does not wait out the 60 s grace period")
-        .unwrap()
         .unwrap();
+    assert_eq!(
+        stopped.unwrap(),
+        vibe::server::Shutdown::CutShort,
+        "it says it was cut short"
+    );
     holder.rollback().await.unwrap();
     // The request either finished once the lock went or was cut off with the server.
     let _ = blocked.await.unwrap();

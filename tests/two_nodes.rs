@@ -38,7 +38,7 @@ async fn a_write_on_one_node_reaches_subscribers_on_another() {
 /// A signing key rotated through one node reaches the other: both publish it at once (it leads
 /// the JWKS), and it signs only once `identity.signing_key_lead` has passed — until then the key
 /// it replaces signs on both, so no relying party meets a token signed by a key it has not seen;
-/// `immediate` switches every node within a reload.
+/// `immediate` switches every node within a reload and withdraws the keys it replaces.
 #[tokio::test]
 async fn a_signing_key_rotated_on_one_node_is_published_before_it_signs() {
     let (name, url) = common::fresh_database().await;
@@ -115,11 +115,16 @@ async fn a_signing_key_rotated_on_one_node_is_published_before_it_signs() {
     );
     assert_eq!(signer(&b), first);
 
-    // `immediate` switches every node within a reload.
+    // `immediate` (a compromised key) switches every node within a reload, and withdraws the
+    // older keys from every node's key set.
     let (third, _) = rotate("?immediate=true").await;
     assert_eq!(signer(&a), third);
     common::until("node B signs with the immediate key", async || {
         signer(&b) == third
+    })
+    .await;
+    common::until("node B publishes the immediate key alone", async || {
+        kids_on_b().await == [third.clone()]
     })
     .await;
     a.finish().await;

@@ -407,7 +407,8 @@ pub(super) async fn rotate_signing_key(
     } else {
         app.config.identity.signing_key_lead
     };
-    let (kid, signs_from) = app.identity.signing.rotate(lead).await.map_err(|e| {
+    let rotated = app.identity.signing.rotate(lead, params.immediate).await;
+    let (kid, signs_from) = rotated.map_err(|e| {
         tracing::error!(error = %e, "signing key rotation failed");
         ApiError::internal()
     })?;

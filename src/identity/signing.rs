@@ -131,10 +131,13 @@ impl SigningKeys {
     /// Makes a new key, published at once and signing `lead` from now, when the keys signing
     /// now are retired (they stay published for `publish_for` after that). Returns its id and
     /// when it signs from. A `lead` of zero switches at once: relying parties that cached the key
-    /// set reject its tokens until they fetch it again (for a compromised key, what one wants).
+    /// set reject its tokens until they fetch it again. `withdraw` (a compromised key) also takes
+    /// every older key out of the key set at once, so tokens they signed stop verifying as soon
+    /// as relying parties fetch it again.
     pub async fn rotate(
         &self,
         lead: Duration,
+        withdraw: bool,
     ) -> Result<(String, chrono::DateTime<chrono::Utc>), SigningError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -151,14 +154,21 @@ impl SigningKeys {
         .bind(lead.as_secs_f64())
         .fetch_one(&mut *tx)
         .await?;
-        // Keys already waiting to sign are passed over too: the newest rotation wins.
-        sqlx::query(
-            "UPDATE oidc_signing_keys SET retired_at = $1 \
-             WHERE retired_at IS NULL OR retired_at > $1",
-        )
-        .bind(signs_from)
-        .execute(&mut *tx)
-        .await?;
+        // Keys already waiting to sign are passed over too: the newest rotation wins. A withdrawn
+        // key retired at -infinity is past every node's publication window.
+        if withdraw {
+            sqlx::query("UPDATE oidc_signing_keys SET retired_at = '-infinity'")
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE oidc_signing_keys SET retired_at = $1 \
+                 WHERE retired_at IS NULL OR retired_at > $1",
+            )
+            .bind(signs_from)
+            .execute(&mut *tx)
+            .await?;
+        }
         let kid = self.insert_new_key(&mut tx, Some(signs_from)).await?;
         tx.commit().await?;
         self.reload().await?;
