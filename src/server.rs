@@ -54,6 +54,18 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "this node's {file} is not the one the other nodes of this database use: copy \
+         keys/root.key and keys/secrets.key from a node of the cluster into {data_dir}/keys \
+         (with other keys its tokens would not verify on the others, nor its sealed secrets \
+         open there)"
+    )]
+    KeysDiffer {
+        file: &'static str,
+        data_dir: String,
+    },
+    #[error("cannot compare this node's keys with the cluster's: {0}")]
+    ClusterKeys(sqlx::Error),
 }
 
 /// The database a node uses: the configured URL, or the embedded cluster it owns.
@@ -247,6 +259,10 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         store.migrate().await?;
     }
     let tokens = TokenAuthority::load_or_create(&config.data_dir)?;
+    let secrets = Arc::new(crate::identity::secrets::SecretBox::load_or_create(
+        &config.data_dir,
+    )?);
+    check_cluster_keys(&config, &store, &tokens, &secrets).await?;
     // Bind before starting anything that would have to be stopped again if binding fails.
     let tcp = TcpListener::bind(config.listen)
         .await
@@ -258,7 +274,7 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
         addr: config.listen,
         source,
     })?;
-    let identity = open_identity(&config, &store, local_addr).await?;
+    let identity = open_identity(&config, &store, local_addr, secrets).await?;
     tokens
         .revocations()
         .sync(store.pool())
@@ -399,14 +415,51 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
 }
 
 /// Accounts, the provider's state and its signing keys (created on first start).
+/// Every node of a cluster must hold the same token root key and secrets key. The first node to
+/// start on a database records their fingerprints; a node with other keys is refused here, before
+/// it serves anything, instead of splitting the cluster (its tokens refused by the others, the
+/// secrets it seals unreadable there, theirs unreadable here).
+async fn check_cluster_keys(
+    config: &Config,
+    store: &Store,
+    tokens: &TokenAuthority,
+    secrets: &crate::identity::secrets::SecretBox,
+) -> Result<(), ServerError> {
+    use sha2::Digest as _;
+    let root = hex::encode(sha2::Sha256::digest(tokens.public_key().to_bytes()));
+    for (name, file, fingerprint) in [
+        ("root", "keys/root.key", root.as_str()),
+        ("secrets", "keys/secrets.key", secrets.fingerprint()),
+    ] {
+        // The recorded fingerprint: this one if none was (the update only makes RETURNING
+        // answer for a row that exists).
+        let recorded: String = sqlx::query_scalar(
+            "INSERT INTO cluster_keys (name, fingerprint) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING fingerprint",
+        )
+        .bind(name)
+        .bind(fingerprint)
+        .fetch_one(store.pool())
+        .await
+        .map_err(ServerError::ClusterKeys)?;
+        if recorded != fingerprint {
+            return Err(ServerError::KeysDiffer {
+                file,
+                data_dir: config.data_dir.display().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn open_identity(
     config: &Config,
     store: &Store,
     local_addr: SocketAddr,
+    secrets: Arc<crate::identity::secrets::SecretBox>,
 ) -> Result<crate::identity::Identity, ServerError> {
-    use crate::identity::{Accounts, Identity, OAuthStore, SigningKeys, accounts, oauth, secrets};
+    use crate::identity::{Accounts, Identity, OAuthStore, SigningKeys, accounts, oauth};
     let id = &config.identity;
-    let secrets = Arc::new(secrets::SecretBox::load_or_create(&config.data_dir)?);
     let issuer = if id.issuer.is_empty() {
         if local_addr.ip().is_unspecified() {
             // No client reaches 0.0.0.0: discovery would send every relying party nowhere.

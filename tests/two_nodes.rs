@@ -12,7 +12,7 @@ use serde_json::json;
 async fn a_write_on_one_node_reaches_subscribers_on_another() {
     let (name, url) = common::fresh_database().await;
     let a = TestServer::start_on(&url, &[]).await;
-    let b = TestServer::start_on(&url, &[("feed.poll_interval", "\"1h\"")]).await;
+    let b = a.another_node(&[("feed.poll_interval", "\"1h\"")]).await;
     let on_a = a.token(ALICE, &["*"]);
     let on_b = b.token(ALICE, &["*"]);
     let mut ws = Ws::connect(&b.base, Some(&on_b)).await;
@@ -129,5 +129,57 @@ async fn a_signing_key_rotated_on_one_node_is_published_before_it_signs() {
     .await;
     a.finish().await;
     b.finish().await;
+    common::drop_database(&name).await;
+}
+
+/// Every node of a cluster needs the same root and secrets keys: a node started on the
+/// cluster's database with keys of its own is refused at start, naming the file to copy, instead
+/// of splitting the cluster (its tokens refused by the others, its sealed secrets unreadable
+/// there). With the cluster's keys copied in, it starts.
+#[tokio::test]
+async fn a_node_with_other_keys_is_refused_at_start() {
+    use figment::providers::{Format, Serialized, Toml};
+    let (name, url) = common::fresh_database().await;
+    let a = TestServer::start_on(&url, &[]).await;
+    let own_keys = tempfile::tempdir().unwrap();
+    let config = |data_dir: &std::path::Path| {
+        vibe::config::Config::from_figment(
+            figment::Figment::new()
+                .merge(Toml::string(vibe::config::DEFAULT_TOML))
+                .merge(Serialized::default("listen", "127.0.0.1:0"))
+                .merge(Serialized::default("database_url", &url))
+                .merge(Serialized::default("database.max_connections", 4))
+                .merge(Serialized::default(
+                    "data_dir",
+                    data_dir.to_string_lossy().to_string(),
+                )),
+        )
+        .unwrap()
+    };
+    let refusal =
+        |result: Result<vibe::server::RunningServer, vibe::server::ServerError>| match result {
+            Ok(_) => panic!("a node with keys of its own started"),
+            Err(e) => e.to_string(),
+        };
+    // Both keys of its own: the root key is compared first.
+    let error = refusal(vibe::server::start(config(own_keys.path())).await);
+    assert!(error.contains("keys/root.key"), "{error}");
+    // The cluster's root key, a secrets key of its own.
+    std::fs::copy(
+        a.data_dir.path().join("keys/root.key"),
+        own_keys.path().join("keys/root.key"),
+    )
+    .unwrap();
+    let error = refusal(vibe::server::start(config(own_keys.path())).await);
+    assert!(error.contains("keys/secrets.key"), "{error}");
+    // Both of the cluster's.
+    std::fs::copy(
+        a.data_dir.path().join("keys/secrets.key"),
+        own_keys.path().join("keys/secrets.key"),
+    )
+    .unwrap();
+    let b = vibe::server::start(config(own_keys.path())).await.unwrap();
+    b.shutdown().await.unwrap();
+    a.finish().await;
     common::drop_database(&name).await;
 }

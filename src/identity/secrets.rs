@@ -34,6 +34,7 @@ pub enum SecretsError {
 /// Seals and opens secrets with the node's key.
 pub struct SecretBox {
     cipher: XChaCha20Poly1305,
+    fingerprint: String,
 }
 
 impl fmt::Debug for SecretBox {
@@ -70,9 +71,21 @@ impl SecretBox {
     }
 
     pub fn from_key(key: &[u8; 32]) -> Self {
+        use sha2::Digest as _;
+        // One-way (the key is 256 random bits) and apart from any other use of the key.
+        let fingerprint = sha2::Sha256::new()
+            .chain_update(b"vibe secrets key fingerprint\0")
+            .chain_update(key)
+            .finalize();
         Self {
             cipher: XChaCha20Poly1305::new(key.into()),
+            fingerprint: hex::encode(fingerprint),
         }
+    }
+
+    /// Tells this key from another without revealing it: nodes of a cluster compare it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// `nonce || ciphertext` of `secret`, bound to `context`.
