@@ -49,6 +49,12 @@ pub enum EmbeddedDbError {
          try again once that process is up"
     )]
     OwnedElsewhere(PathBuf),
+    #[error(
+        "another vibe process serves from {0} and owns its embedded PostgreSQL: run one server \
+         per data dir (several nodes share a database through database_url, each with its own \
+         data dir holding the cluster's keys)"
+    )]
+    ServedElsewhere(PathBuf),
     #[error("embedded PostgreSQL: {step} failed: {detail}")]
     Command { step: &'static str, detail: String },
     #[error("embedded PostgreSQL: {0}")]
@@ -71,8 +77,10 @@ pub struct EmbeddedPostgres {
 
 impl EmbeddedPostgres {
     /// Initialises the cluster on first use, starts it (or adopts one a crashed run left behind)
-    /// and makes sure the `vibe` database exists.
-    pub async fn start(data_dir: &Path) -> Result<Self, EmbeddedDbError> {
+    /// and makes sure the `vibe` database exists. While another process owns the cluster, a
+    /// `guest` (a one-off command: `vibe migrate`) uses it as it runs; anyone else is refused —
+    /// a second server would lose its database when the owner stops.
+    pub async fn start(data_dir: &Path, guest: bool) -> Result<Self, EmbeddedDbError> {
         std::fs::create_dir_all(data_dir)?;
         let data_dir = std::fs::canonicalize(data_dir)?;
         let cluster_dir = data_dir.join("postgres");
@@ -107,6 +115,8 @@ impl EmbeddedPostgres {
             if !db.is_running().await? {
                 db.pg_ctl_start().await?;
             }
+        } else if !guest {
+            return Err(EmbeddedDbError::ServedElsewhere(data_dir));
         } else if !db.is_running().await? {
             return Err(EmbeddedDbError::OwnedElsewhere(db.cluster_dir));
         }

@@ -104,7 +104,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Serve => serve(config).await,
         Command::Migrate => {
             vibe::server::prepare_data_dir(&config)?;
-            let db = vibe::server::Database::open(&config).await?;
+            let db = vibe::server::Database::open(&config, true).await?;
             let result = db.store.migrate().await;
             db.close().await?;
             result?;

@@ -76,10 +76,11 @@ pub struct Database {
 }
 
 impl Database {
-    /// Connects to `database_url`, or starts the embedded PostgreSQL when it is empty.
-    pub async fn open(config: &Config) -> Result<Self, ServerError> {
+    /// Connects to `database_url`, or starts the embedded PostgreSQL when it is empty. A
+    /// `guest` (a one-off command) may use an embedded cluster another process owns.
+    pub async fn open(config: &Config, guest: bool) -> Result<Self, ServerError> {
         let (options, embedded) = if config.database_url.is_empty() {
-            let db = EmbeddedPostgres::start(&config.data_dir).await?;
+            let db = EmbeddedPostgres::start(&config.data_dir, guest).await?;
             (db.connect_options(), Some(db))
         } else {
             let options: PgConnectOptions = config
@@ -241,7 +242,7 @@ pub enum Shutdown {
 /// Starts a node from `config`: data dir, database, migrations, keys, then the listener.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     prepare_data_dir(&config)?;
-    let db = Database::open(&config).await?;
+    let db = Database::open(&config, false).await?;
     match start_with(config, db.store.clone()).await {
         Ok(mut server) => {
             server.embedded = db.embedded;

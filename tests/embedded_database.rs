@@ -149,6 +149,14 @@ async fn serve_without_url_runs_a_private_postgres_that_persists() {
     succeeded(vibe(&data_dir).arg("migrate"));
     let r = post_note("after a migrate beside it").await;
     assert_eq!(r.status(), 201, "the server's database is still up");
+    // A second server on the same data dir is refused: it would lose its database when the
+    // first one stops.
+    let second = vibe(&data_dir).arg("serve").output().unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("one server per data dir"), "{err}");
+    let r = post_note("after a refused second server").await;
+    assert_eq!(r.status(), 201, "the first server is untouched");
 
     tokio::task::spawn_blocking(move || stop(child))
         .await

@@ -67,7 +67,7 @@ async fn terminated_listener_and_restarted_postgres_lose_nothing() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let pg = EmbeddedPostgres::start(&root.path().join("pg"))
+    let pg = EmbeddedPostgres::start(&root.path().join("pg"), false)
         .await
         .unwrap();
     let url = pg.url();
