@@ -315,8 +315,9 @@ pub enum LogFormat {
 }
 
 /// Whether the environment variable `VIBE_<key>` is meant for the configuration: its first part
-/// (before `__`) is a top-level key of config/default.toml. Others (`VIBE_TOKEN` holding a token
-/// in a shell, say) are not this program's to refuse; a misspelt key inside a section still is.
+/// (before `__`) is a top-level key of config/default.toml, or starts with a section's name and
+/// `_` (`VIBE_LOG_LEVEL`, a misspelt `VIBE_LOG__LEVEL`, is refused as an unknown key rather than
+/// dropped). Others (`VIBE_TOKEN` holding a token in a shell, say) are not this program's.
 fn names_a_section(key: &str) -> bool {
     static TOP_LEVEL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let top_level = TOP_LEVEL.get_or_init(|| {
@@ -325,8 +326,10 @@ fn names_a_section(key: &str) -> bool {
             .map(|keys| keys.into_keys().collect())
             .unwrap_or_default()
     });
-    let first = key.split("__").next().unwrap_or(key);
-    top_level.iter().any(|k| k.eq_ignore_ascii_case(first))
+    let first = key.split("__").next().unwrap_or(key).to_ascii_lowercase();
+    top_level
+        .iter()
+        .any(|k| first == *k || first.starts_with(&format!("{k}_")))
 }
 
 impl Config {
@@ -839,6 +842,9 @@ mod tests {
         }
         // A section's misspelt key still reaches the configuration, to be refused there.
         assert!(names_a_section("HTTP__MAX_BODYBYTES"));
+        // One underscore too few: refused as an unknown key, not dropped.
+        assert!(names_a_section("LOG_LEVEL"));
+        assert!(names_a_section("IDENTITY_ISSUER"));
         for key in ["TOKEN", "VERSION", "HTTPS__X", ""] {
             assert!(!names_a_section(key), "{key}");
         }

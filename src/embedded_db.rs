@@ -50,7 +50,7 @@ pub enum EmbeddedDbError {
     )]
     OwnedElsewhere(PathBuf),
     #[error(
-        "another vibe process serves from {0} and owns its embedded PostgreSQL: run one server \
+        "another vibe process holds the embedded PostgreSQL in {0}: run one server \
          per data dir (several nodes share a database through database_url, each with its own \
          data dir holding the cluster's keys)"
     )]

@@ -84,7 +84,7 @@ fn one_line(error: &anyhow::Error) -> String {
     let mut line = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();
-        if !line.contains(&cause) {
+        if !line.ends_with(&cause) {
             line.push_str(": ");
             line.push_str(&cause);
         }

@@ -55,16 +55,21 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(
-        "this node's {file} is not the one the other nodes of this database use: copy \
+        "this node's {file} is not the one this database's cluster was started with: copy \
          keys/root.key and keys/secrets.key from a node of the cluster into {data_dir}/keys \
          (with other keys its tokens would not verify on the others, nor its sealed secrets \
-         open there)"
+         open there). To replace the cluster's keys on purpose, stop every node, give each the \
+         new keys and run `DELETE FROM cluster_keys` in the database: what the old secrets key \
+         sealed (accounts' keys, ID-token signing keys) no longer opens"
     )]
     KeysDiffer {
         file: &'static str,
         data_dir: String,
     },
-    #[error("cannot compare this node's keys with the cluster's: {0}")]
+    #[error(
+        "cannot compare this node's keys with the cluster's: {0} (with \
+         database.migrate_on_start = false, run `vibe migrate` first)"
+    )]
     ClusterKeys(sqlx::Error),
 }
 
@@ -415,7 +420,6 @@ async fn start_with(config: Config, store: Store) -> Result<RunningServer, Serve
     })
 }
 
-/// Accounts, the provider's state and its signing keys (created on first start).
 /// Every node of a cluster must hold the same token root key and secrets key. The first node to
 /// start on a database records their fingerprints; a node with other keys is refused here, before
 /// it serves anything, instead of splitting the cluster (its tokens refused by the others, the
@@ -428,6 +432,12 @@ async fn check_cluster_keys(
 ) -> Result<(), ServerError> {
     use sha2::Digest as _;
     let root = hex::encode(sha2::Sha256::digest(tokens.public_key().to_bytes()));
+    // Both recorded in one transaction: a first node that dies between them leaves neither.
+    let mut tx = store
+        .pool()
+        .begin()
+        .await
+        .map_err(ServerError::ClusterKeys)?;
     for (name, file, fingerprint) in [
         ("root", "keys/root.key", root.as_str()),
         ("secrets", "keys/secrets.key", secrets.fingerprint()),
@@ -440,7 +450,7 @@ async fn check_cluster_keys(
         )
         .bind(name)
         .bind(fingerprint)
-        .fetch_one(store.pool())
+        .fetch_one(&mut *tx)
         .await
         .map_err(ServerError::ClusterKeys)?;
         if recorded != fingerprint {
@@ -450,9 +460,10 @@ async fn check_cluster_keys(
             });
         }
     }
-    Ok(())
+    tx.commit().await.map_err(ServerError::ClusterKeys)
 }
 
+/// Accounts, the provider's state and its signing keys (created on first start).
 async fn open_identity(
     config: &Config,
     store: &Store,

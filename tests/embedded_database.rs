@@ -151,7 +151,12 @@ async fn serve_without_url_runs_a_private_postgres_that_persists() {
     assert_eq!(r.status(), 201, "the server's database is still up");
     // A second server on the same data dir is refused: it would lose its database when the
     // first one stops.
-    let second = vibe(&data_dir).arg("serve").output().unwrap();
+    let mut second = tokio::process::Command::from(vibe(&data_dir));
+    second.arg("serve").kill_on_drop(true);
+    let second = tokio::time::timeout(std::time::Duration::from_secs(30), second.output())
+        .await
+        .expect("a second server on the data dir is refused, not left running")
+        .unwrap();
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("one server per data dir"), "{err}");

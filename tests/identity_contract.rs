@@ -1446,9 +1446,13 @@ async fn the_admin_registration_takes_client_metadata_strictly() {
         "token_endpoint_auth_method": "none",
         "response_types": ["code"],
         "logo_uri": "https://notes.example/logo.png",
+        "client_name#fr": "Notes en français",
     }))
     .await;
-    assert_eq!(status, 201, "{public}");
+    assert_eq!(
+        status, 201,
+        "a language-tagged name is metadata too: {public}"
+    );
     assert_eq!(public["client_name"], "notes.example", "{public}");
     assert_eq!(public["scope"], "openid", "{public}");
     assert!(public.get("client_secret").is_none(), "{public}");

@@ -407,9 +407,16 @@ async fn a_build_its_node_stopped_is_settled_at_the_next_start() {
     .execute(&pool)
     .await
     .unwrap();
-    // The next node of the cluster (its keys) starts; the first one then stops.
-    let second = first.another_node(&[]).await;
+    // The first node stops; the next one of the cluster (its keys) starts.
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::create_dir(keys.path().join("keys")).unwrap();
+    for file in ["root.key", "secrets.key"] {
+        let from = first.data_dir.path().join("keys").join(file);
+        std::fs::copy(from, keys.path().join("keys").join(file)).unwrap();
+    }
     first.finish().await;
+    let data_dir = serde_json::to_string(&keys.path()).unwrap();
+    let second = TestServer::start_on(&db_url, &[("data_dir", data_dir.as_str())]).await;
 
     let admin = second.token(ALICE, &["admin"]);
     let deadline = Instant::now() + Duration::from_secs(15);

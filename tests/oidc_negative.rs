@@ -1410,17 +1410,6 @@ async fn introspection_tells_a_client_about_its_own_tokens_as_they_can_be_used()
         (200, json!({"active": false})),
         "a token whose time limit passed is not active"
     );
-    // /v1/me describes a token as introspection does.
-    let me = |token: &str| call(server.client.get(server.url("/v1/me")).bearer_auth(token));
-    let (status, body) = me(&read_only).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["scopes"], json!(["read:posts"]), "{body}");
-    let (status, body) = me(&lapsed).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("token_restricted")),
-        "{body}"
-    );
     server.finish().await;
 }
 

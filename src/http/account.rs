@@ -126,21 +126,7 @@ pub(super) async fn sign_out(app: &App, req: Request<Incoming>) -> Result<HttpRe
 
 /// `GET /v1/me`: who the token speaks for, and for which app.
 pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let token = super::bearer_token(req.headers())?;
-    let claims = app.tokens.identify(token)?;
-    // An attenuated token is described by what its checks let it do now, as introspection
-    // describes it; one they leave nothing (a lapsed time limit) is refused.
-    let usable = app.tokens.usable_scopes(token, &claims);
-    if usable.is_empty()
-        && !claims.scopes.is_empty()
-        && app.tokens.verify(token, Access::Account, None).is_err()
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "token_restricted",
-            "this token's own checks allow nothing now",
-        ));
-    }
+    let claims = app.tokens.identify(super::bearer_token(req.headers())?)?;
     let handle = app
         .identity
         .accounts
@@ -154,7 +140,7 @@ pub(super) async fn me(app: &App, req: Request<Incoming>) -> Result<HttpResponse
             "did": claims.subject,
             "handle": handle,
             "client_id": claims.client,
-            "scopes": usable.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "scopes": claims.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "identity_scopes": claims.identity_scopes,
             "expires_at": chrono::DateTime::<chrono::Utc>::from(claims.expires_at),
         }),
@@ -268,7 +254,12 @@ pub(super) async fn register_client(
     // key (`scopes`) would otherwise register an app without what it meant to ask for, and ids
     // and secrets are the server's to assign.
     let body: serde_json::Map<String, serde_json::Value> = read_json(app, req, JSON).await?;
-    if let Some(key) = body.keys().find(|k| !CLIENT_METADATA.contains(&k.as_str())) {
+    // `client_name#fr` and the like: a language-tagged value of a listed name (RFC 7591 §2.2).
+    let untagged = |key: &str| key.split_once('#').map_or(key, |(name, _)| name).to_owned();
+    if let Some(key) = body
+        .keys()
+        .find(|k| !CLIENT_METADATA.contains(&untagged(k).as_str()))
+    {
         return Err(ApiError::bad_request(
             "invalid_client_metadata",
             format!("`{key}` is not client metadata this server takes (RFC 7591 §2)"),
@@ -329,6 +320,10 @@ const CLIENT_METADATA: &[&str] = &[
     "initiate_login_uri",
     "request_uris",
     "post_logout_redirect_uris",
+    "frontchannel_logout_uri",
+    "frontchannel_logout_session_required",
+    "backchannel_logout_uri",
+    "backchannel_logout_session_required",
 ];
 
 /// A registered client as RFC 7591 §3.2.1 answers it; the secret appears only here, and only

@@ -157,9 +157,14 @@ impl SigningKeys {
         // Keys already waiting to sign are passed over too: the newest rotation wins. A withdrawn
         // key retired at -infinity is past every node's publication window.
         if withdraw {
-            sqlx::query("UPDATE oidc_signing_keys SET retired_at = '-infinity'")
-                .execute(&mut *tx)
-                .await?;
+            // Only keys still published: older ones keep the time they were retired.
+            sqlx::query(
+                "UPDATE oidc_signing_keys SET retired_at = '-infinity' \
+                 WHERE retired_at IS NULL OR retired_at > now() - make_interval(secs => $1)",
+            )
+            .bind(self.publish_for.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
         } else {
             sqlx::query(
                 "UPDATE oidc_signing_keys SET retired_at = $1 \
