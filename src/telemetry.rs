@@ -33,39 +33,102 @@ const MATCH_BUCKETS: &[f64] = &[
 /// most 1000).
 const BATCH_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1000.0];
 
-/// Counters and gauges exported from the start, at zero. A series that first appears at its
-/// first increment shows no `increase()` or `rate()` for it, so an alert on the first feed resync
-/// or revocation sync failure would never fire.
-const COUNTERS: &[&str] = &[
-    "vibe_call_dropped_frames_total",
-    "vibe_call_forwarded_frames_total",
-    "vibe_call_keyframe_requests_total",
-    "vibe_call_receive_drops_total",
-    "vibe_call_room_crashes_total",
-    "vibe_call_send_drops_total",
-    "vibe_call_unrouted_datagrams_total",
-    "vibe_feed_changes_total",
-    "vibe_feed_errors_total",
-    "vibe_feed_resyncs_total",
-    "vibe_feed_ticks_total",
-    "vibe_feed_undecodable_total",
-    "vibe_live_query_lagging_total",
-    "vibe_live_query_restarts_total",
-    "vibe_query_shapes_dropped_total",
-    "vibe_revocations_sync_failures_total",
-    "vibe_ws_events_total",
-    "vibe_ws_queue_overflows_total",
+/// Counters and gauges exported from the start, at zero, with their `# HELP` text. A series that
+/// first appears at its first increment shows no `increase()` or `rate()` for it, so an alert on
+/// the first feed resync or revocation sync failure would never fire.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "vibe_call_dropped_frames_total",
+        "Frames a subscriber's session could not take (lost for that subscriber)",
+    ),
+    (
+        "vibe_call_forwarded_frames_total",
+        "Media frames the SFU forwarded",
+    ),
+    (
+        "vibe_call_keyframe_requests_total",
+        "Keyframe requests sent to publishers",
+    ),
+    (
+        "vibe_call_receive_drops_total",
+        "Datagrams dropped because a room's queue was full",
+    ),
+    (
+        "vibe_call_room_crashes_total",
+        "Call room actors that failed",
+    ),
+    (
+        "vibe_call_send_drops_total",
+        "Datagrams the SFU could not send",
+    ),
+    (
+        "vibe_call_unrouted_datagrams_total",
+        "Datagrams that matched no participant",
+    ),
+    (
+        "vibe_feed_changes_total",
+        "Document changes this node read from the change feed",
+    ),
+    ("vibe_feed_errors_total", "Failed reads of the change feed"),
+    (
+        "vibe_feed_resyncs_total",
+        "Times this node fell behind feed.retention and reloaded every live query (alert on it)",
+    ),
+    ("vibe_feed_ticks_total", "Change-feed ticks this node cut"),
+    (
+        "vibe_feed_undecodable_total",
+        "Document versions written in SQL that JSON here cannot hold",
+    ),
+    (
+        "vibe_live_query_lagging_total",
+        "Live queries that fell 4 pages behind the feed and reloaded",
+    ),
+    (
+        "vibe_live_query_restarts_total",
+        "Live queries restarted after a failure",
+    ),
+    (
+        "vibe_query_shapes_dropped_total",
+        "Query shapes not recorded (the bounded shape table was full)",
+    ),
+    (
+        "vibe_revocations_sync_failures_total",
+        "Failed reads of the revocation list (revoked tokens stay valid here meanwhile)",
+    ),
+    (
+        "vibe_ws_events_total",
+        "Events delivered to WebSocket subscribers",
+    ),
+    (
+        "vibe_ws_queue_overflows_total",
+        "WebSocket connections closed for an overflowing outbound queue",
+    ),
 ];
-const GAUGES: &[&str] = &[
-    "vibe_call_participants",
-    "vibe_call_rooms",
-    "vibe_changes_waiting",
-    "vibe_live_queries",
-    "vibe_live_query_bytes",
-    "vibe_store_creates_waiting",
-    "vibe_store_reads_waiting",
-    "vibe_ws_connections",
-    "vibe_ws_subscriptions",
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "vibe_call_participants",
+        "Participants in this node's call rooms",
+    ),
+    ("vibe_call_rooms", "Call rooms running on this node"),
+    (
+        "vibe_changes_waiting",
+        "Long-polls of /v1/changes waiting for a change",
+    ),
+    ("vibe_live_queries", "Distinct live queries on this node"),
+    (
+        "vibe_live_query_bytes",
+        "Bytes (as JSON) the live queries' windows keep",
+    ),
+    ("vibe_store_creates_waiting", "Creates queued for a writer"),
+    (
+        "vibe_store_reads_waiting",
+        "Reads by id queued for a reader",
+    ),
+    ("vibe_ws_connections", "Open WebSocket connections"),
+    (
+        "vibe_ws_subscriptions",
+        "Live subscriptions across WebSocket connections",
+    ),
 ];
 
 /// Installs the global log subscriber, writing to standard error. `RUST_LOG` overrides the
@@ -122,11 +185,13 @@ pub fn metrics() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             // Adding zero registers a series without moving it.
-            for name in COUNTERS {
-                metrics::counter!(*name).increment(0);
+            for &(name, help) in COUNTERS {
+                metrics::describe_counter!(name, help);
+                metrics::counter!(name).increment(0);
             }
-            for name in GAUGES {
-                metrics::gauge!(*name).increment(0.0);
+            for &(name, help) in GAUGES {
+                metrics::describe_gauge!(name, help);
+                metrics::gauge!(name).increment(0.0);
             }
             let upkeep = handle.clone();
             std::thread::Builder::new()
