@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::{BTreeSet, HashSet};
 
-use common::oidc::sign_up;
+use common::oidc::{assert_api_error, sign_up};
 use common::{ALICE, BOB, CAROL, TestServer, Ws};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -863,11 +863,10 @@ async fn a_token_of_too_many_blocks_is_too_complex() {
         seventeen.len() < 16 * 1024,
         "the block count, not the size, is under test"
     );
-    let (status, body) = s.get_json(&seventeen, &path).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("token_too_complex")),
-        "{body}"
+    assert_api_error(
+        &s.get_json(&seventeen, &path).await,
+        401,
+        "token_too_complex",
     );
     s.finish().await;
 }
@@ -878,11 +877,10 @@ async fn a_token_of_too_many_blocks_is_too_complex() {
 #[tokio::test]
 async fn websocket_upgrade_errors_have_their_codes() {
     let s = TestServer::start().await;
-    let (status, body) = answer(s.client.get(s.url("/v1/ws")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (426, Some("upgrade_required")),
-        "{body}"
+    assert_api_error(
+        &answer(s.client.get(s.url("/v1/ws")).send().await.unwrap()).await,
+        426,
+        "upgrade_required",
     );
     for (what, key, version) in [
         ("no key", None, "13"),
@@ -1192,11 +1190,10 @@ async fn an_old_changes_cursor_expires_after_retention() {
         changes(&s, &alice, &format!("since={old}")).await.0 == 410
     })
     .await;
-    let (status, body) = changes(&s, &alice, &format!("since={old}")).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (410, Some("cursor_expired")),
-        "{body}"
+    assert_api_error(
+        &changes(&s, &alice, &format!("since={old}")).await,
+        410,
+        "cursor_expired",
     );
     s.finish().await;
 }

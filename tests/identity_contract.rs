@@ -250,6 +250,19 @@ async fn revoking_another_clients_token_is_refused_and_revokes_nothing() {
     server.finish().await;
 }
 
+/// The accounts (rows of `users`) matching `condition`, a fixed SQL condition of the test's own.
+async fn accounts(server: &TestServer, condition: &str) -> i64 {
+    let pool = server.sql().await;
+    let count = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM users WHERE {condition}"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    count
+}
+
 /// `DELETE /v1/admin/clients/{id}` (a token with the `admin` scope) removes the app and revokes
 /// every token issued to it — its access token gets 401 `token_revoked`, its WebSocket closes
 /// with 4003, its refresh token is refused — and nothing else: another app's tokens and the
@@ -399,13 +412,11 @@ async fn password_attempts_are_limited_per_address() {
     }
     let r = attempt(&server, "/v1/accounts", "user4", PASSWORD, None).await;
     assert_api_error(&r, 429, "rate_limited");
-    let pool = server.sql().await;
-    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE handle = 'user4'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(created, 0, "a refused sign-up creates no account");
-    pool.close().await;
+    assert_eq!(
+        accounts(&server, "handle = 'user4'").await,
+        0,
+        "a refused sign-up creates no account"
+    );
     server.finish().await;
 }
 
@@ -931,13 +942,11 @@ async fn closed_sign_up_refuses_new_accounts() {
     assert_api_error(&r, 403, "sign_up_closed");
     let r = attempt(&server, "/v1/sessions", "ada", PASSWORD, None).await;
     assert_api_error(&r, 401, "invalid_credentials");
-    let pool = server.sql().await;
-    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE handle IS NOT NULL")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(accounts, 0, "no account was created");
-    pool.close().await;
+    assert_eq!(
+        accounts(&server, "handle IS NOT NULL").await,
+        0,
+        "no account was created"
+    );
     server.finish().await;
 }
 
